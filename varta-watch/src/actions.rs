@@ -1,0 +1,134 @@
+//! What happens for each event: a log line, an export line, metrics, recovery.
+
+use std::sync::Arc;
+
+use varta_common::Status;
+
+use crate::{
+    events::Event,
+    export::Exporter,
+    metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
+    recovery::{NotRun, Recovery},
+};
+
+pub struct Actions {
+    pub metrics: Arc<Metrics>,
+    pub export: Option<Exporter>,
+    pub recovery: Option<Recovery>,
+    /// Start of the observer on its clock: export lines carry ns since then.
+    start_ns: u64,
+    export_errors: u64,
+}
+
+impl Actions {
+    pub fn new(metrics: Arc<Metrics>, export: Option<Exporter>, recovery: Option<Recovery>, start_ns: u64) -> Self {
+        Actions { metrics, export, recovery, start_ns, export_errors: 0 }
+    }
+
+    /// Acts on every event of a batch, then flushes the export file once.
+    pub fn handle_all(&mut self, events: &mut Vec<Event>, now_ns: u64) {
+        let mut follow_ups = Vec::new();
+        for event in events.drain(..) {
+            self.handle(&event, now_ns, &mut follow_ups);
+        }
+        for event in follow_ups {
+            self.handle(&event, now_ns, &mut Vec::new());
+        }
+        self.flush();
+    }
+
+    pub fn flush(&mut self) {
+        if let Some(export) = &mut self.export {
+            if let Err(e) = export.flush() {
+                self.export_error(e);
+            }
+        }
+    }
+
+    fn export_error(&mut self, e: std::io::Error) {
+        // One line for the first failure and then one per thousand: a full disk must not
+        // turn the log into a flood.
+        if self.export_errors % 1000 == 0 {
+            log::warn!("event=export_error error=\"{e}\" failures={}", self.export_errors + 1);
+        }
+        self.export_errors += 1;
+    }
+
+    fn handle(&mut self, event: &Event, now_ns: u64, follow_ups: &mut Vec<Event>) {
+        let m = &self.metrics;
+        match event {
+            Event::Beat { pid, frame } => {
+                m.beats.get_or_create(&PidLabel { pid: *pid }).inc();
+                m.status.get_or_create(&PidLabel { pid: *pid }).set(frame.status as i64);
+            }
+            Event::NewAgent { pid, frame_pid, origin, evicted } => {
+                log::info!(
+                    "event=agent_new pid={pid} frame_pid={frame_pid} transport={} cross_namespace={}",
+                    origin.transport(),
+                    origin.is_cross_namespace()
+                );
+                if let Some(old) = evicted {
+                    m.evicted.inc();
+                    for family in [&m.beats, &m.stalls, &m.exits, &m.criticals] {
+                        family.remove(&PidLabel { pid: *old });
+                    }
+                    m.status.remove(&PidLabel { pid: *old });
+                    log::info!("event=agent_evicted pid={old} for={pid}");
+                }
+            }
+            Event::Critical { pid, frame } => {
+                m.criticals.get_or_create(&PidLabel { pid: *pid }).inc();
+                log::warn!("event=critical pid={pid} nonce={} payload={}", frame.nonce, frame.payload);
+            }
+            Event::Exit { pid, frame, origin } => {
+                m.exits.get_or_create(&PidLabel { pid: *pid }).inc();
+                log::warn!("event=exit pid={pid} payload={} reason=panic_terminal_frame", frame.payload);
+                self.recover(*pid, *origin, follow_ups);
+            }
+            Event::Stall { pid, agent, silent_ms } => {
+                m.stalls.get_or_create(&PidLabel { pid: *pid }).inc();
+                m.status.get_or_create(&PidLabel { pid: *pid }).set(Status::Stall as i64);
+                log::warn!(
+                    "event=stall pid={pid} silent_ms={silent_ms} last_nonce={} last_status={} transport={}",
+                    agent.last_nonce,
+                    agent.status.name(),
+                    agent.origin.transport()
+                );
+                self.recover(*pid, agent.origin, follow_ups);
+            }
+            Event::Resumed { pid } => log::info!("event=agent_resumed pid={pid}"),
+            Event::Restarted { pid } => {
+                m.restarts.inc();
+                log::info!("event=agent_restarted pid={pid} reason=nonce_1");
+            }
+            Event::NonceWrapped { pid } => {
+                m.nonce_wraps.inc();
+                log::info!("event=nonce_wrapped pid={pid}");
+            }
+            Event::Recovery { pid, outcome, detail } => {
+                m.recovery_outcomes.get_or_create(&OutcomeLabel { outcome }).inc();
+                log::info!("event=recovery pid={pid} outcome={outcome} detail=\"{detail}\"");
+            }
+        }
+        let observer_ns = now_ns.saturating_sub(self.start_ns);
+        if let Some(export) = &mut self.export {
+            if let Err(e) = export.record(observer_ns, event) {
+                self.export_error(e);
+            }
+        }
+    }
+
+    fn recover(&mut self, pid: u32, origin: crate::datapath::Origin, follow_ups: &mut Vec<Event>) {
+        let Some(recovery) = &mut self.recovery else { return };
+        match recovery.start(pid, origin) {
+            Ok(()) => log::info!("event=recovery_started pid={pid}"),
+            Err(NotRun::Debounced) => {
+                follow_ups.push(Event::Recovery { pid, outcome: "debounced", detail: "within --recovery-debounce-ms".into() });
+            }
+            Err(NotRun::Refused(reason)) => {
+                self.metrics.recovery_refused.get_or_create(&ReasonLabel { reason }).inc();
+                follow_ups.push(Event::Recovery { pid, outcome: "refused", detail: reason.into() });
+            }
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! The clock stall accounting runs on: CLOCK_MONOTONIC (stops while the host sleeps) or
+//! CLOCK_BOOTTIME (counts suspend, so a host waking up surfaces agents that went silent).
+//! The eBPF program stamps records on the same clock.
+
+use clap::ValueEnum;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClockSource {
+    Monotonic,
+    Boottime,
+}
+
+impl ClockSource {
+    fn clock_id(self) -> libc::clockid_t {
+        match self {
+            ClockSource::Monotonic => libc::CLOCK_MONOTONIC,
+            ClockSource::Boottime => libc::CLOCK_BOOTTIME,
+        }
+    }
+
+    /// Nanoseconds on this clock.
+    pub fn now_ns(self) -> u64 {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid, writable timespec; both clock ids exist on every Linux
+        // this daemon supports, so the call cannot fail.
+        unsafe { libc::clock_gettime(self.clock_id(), &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+
+    /// How far `deadline_ns` on this clock lies ahead of now, as a tokio instant. Tokio's
+    /// timer runs on CLOCK_MONOTONIC; the difference is taken on our clock.
+    pub fn instant_at(self, deadline_ns: u64) -> tokio::time::Instant {
+        let now = self.now_ns();
+        tokio::time::Instant::now() + std::time::Duration::from_nanos(deadline_ns.saturating_sub(now))
+    }
+}

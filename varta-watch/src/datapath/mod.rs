@@ -1,0 +1,69 @@
+//! Where beats come from. Two datapaths deliver the same [`Beat`]s to the same pipeline
+//! (gates, rate limits, tracker): the eBPF socket filter with its ring buffer, and the
+//! userspace fallback that receives and validates every datagram itself.
+
+pub mod ebpf;
+pub mod userspace;
+
+use std::net::SocketAddr;
+
+use varta_common::Frame;
+
+use crate::procfs::PidNs;
+
+/// How an agent reached us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Unix datagram socket: the kernel attested the sender.
+    Uds {
+        /// The sender's pid namespace, when it is not the observer's.
+        foreign_ns: Option<PidNs>,
+    },
+    /// Plaintext UDP: the pid is the sender's claim only.
+    Udp { source: SocketAddr },
+}
+
+impl Origin {
+    pub fn is_cross_namespace(&self) -> bool {
+        matches!(self, Origin::Uds { foreign_ns: Some(_) })
+    }
+
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Origin::Uds { .. } => "uds",
+            Origin::Udp { .. } => "udp",
+        }
+    }
+}
+
+/// A valid, attested frame, ready for the gates and the tracker.
+#[derive(Debug, Clone, Copy)]
+pub struct Beat {
+    /// The pid the agent is tracked under: the attested pid as the observer's namespace sees
+    /// it (for a container agent, its host pid), or the claimed pid for UDP.
+    pub pid: u32,
+    pub frame: Frame,
+    pub origin: Origin,
+    /// Receive time on the configured clock.
+    pub recv_ns: u64,
+}
+
+/// A receive path. `recv` waits for traffic and appends what it accepted; datagrams it
+/// refused are counted in the shared drop counters, never returned.
+pub trait Datapath {
+    /// The `mode` label of `varta_datapath_info`.
+    fn mode(&self) -> &'static str;
+
+    /// Whether per-agent and global rate limits were already applied (in the kernel).
+    fn rate_limits_applied(&self) -> bool;
+
+    /// Waits until beats may be available, then appends every one that is.
+    fn recv(&mut self, out: &mut Vec<Beat>) -> impl Future<Output = std::io::Result<()>>;
+
+    /// Appends what is already queued, without waiting: run before deciding on stalls, so a
+    /// beat that arrived just in time is never missed.
+    fn drain(&mut self, out: &mut Vec<Beat>);
+
+    /// New rate limits (SIGHUP reload).
+    fn set_limits(&mut self, limits: &crate::config::Limits) -> anyhow::Result<()>;
+}

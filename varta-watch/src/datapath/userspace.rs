@@ -1,0 +1,186 @@
+//! The userspace datapath: `recvmmsg(2)` on the UDS (with SCM_CREDENTIALS) and the UDP
+//! socket, the full VLP decode, and sender attestation. Every wake-up drains every socket
+//! until it would block, so a junk flood cannot starve honest frames queued behind it.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::UdpSocket,
+    os::{fd::AsFd, unix::net::UnixDatagram},
+    sync::Arc,
+};
+
+use tokio::io::unix::AsyncFd;
+use varta_common::{DropReason, FRAME_LEN, Frame};
+
+use super::{Beat, Datapath, Origin};
+use crate::{
+    clock::ClockSource,
+    config::Limits,
+    drops::DropCounters,
+    pidfd::ExitWatcher,
+    procfs::{self, PidNs, Sender},
+    sock::RecvBatch,
+};
+
+const BATCH: usize = 64;
+
+pub struct UserspaceDatapath {
+    uds: AsyncFd<UnixDatagram>,
+    udp: Option<AsyncFd<UdpSocket>>,
+    batch: RecvBatch,
+    clock: ClockSource,
+    drops: Arc<DropCounters>,
+    attest: Attestor,
+}
+
+impl UserspaceDatapath {
+    pub fn new(uds: UnixDatagram, udp: Option<UdpSocket>, clock: ClockSource, drops: Arc<DropCounters>) -> io::Result<Self> {
+        Ok(UserspaceDatapath {
+            uds: crate::readiness::readable(uds)?,
+            udp: udp.map(|s| crate::readiness::readable(s)).transpose()?,
+            batch: RecvBatch::new(BATCH),
+            clock,
+            drops,
+            attest: Attestor::new(procfs::pid_ns(None)?),
+        })
+    }
+
+    /// Receives from one socket until it would block.
+    fn drain_socket(&mut self, udp: bool, out: &mut Vec<Beat>) -> io::Result<()> {
+        loop {
+            let fd = match (udp, &self.udp) {
+                (false, _) => self.uds.get_ref().as_fd(),
+                (true, Some(s)) => s.get_ref().as_fd(),
+                (true, None) => return Ok(()),
+            };
+            let n = match self.batch.recv(fd) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let now = self.clock.now_ns();
+            for i in 0..n {
+                let d = self.batch.get(i);
+                let raw: Option<&[u8; FRAME_LEN]> = if d.truncated { None } else { d.bytes.try_into().ok() };
+                let Some(raw) = raw else {
+                    self.drops.add(DropReason::Length);
+                    continue;
+                };
+                let frame = match Frame::decode(raw) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        self.drops.add(DropReason::from_decode(e));
+                        log::debug!("event=decode_error transport={} kind={}", if udp { "udp" } else { "uds" }, e.name());
+                        continue;
+                    }
+                };
+                let beat = if udp {
+                    let Some(source) = d.source else { continue };
+                    Ok(Beat { pid: frame.pid, frame, origin: Origin::Udp { source }, recv_ns: now })
+                } else {
+                    self.attest.check(d.sender_pid, &frame).map(|(pid, foreign_ns)| Beat {
+                        pid,
+                        frame,
+                        origin: Origin::Uds { foreign_ns },
+                        recv_ns: now,
+                    })
+                };
+                match beat {
+                    Ok(beat) => out.push(beat),
+                    Err(reason) => self.drops.add(reason),
+                }
+            }
+            if n < BATCH {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Datapath for UserspaceDatapath {
+    fn mode(&self) -> &'static str {
+        "userspace"
+    }
+
+    fn rate_limits_applied(&self) -> bool {
+        false
+    }
+
+    async fn recv(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
+        tokio::select! {
+            exited = self.attest.exits.exited() => {
+                self.attest.forget(exited);
+                return Ok(());
+            }
+            guard = self.uds.readable() => guard?.clear_ready(),
+            guard = async { self.udp.as_ref().expect("guarded").readable().await }, if self.udp.is_some() => guard?.clear_ready(),
+        }
+        // Readiness was cleared before receiving: a datagram arriving meanwhile re-arms it.
+        self.drain_socket(false, out)?;
+        self.drain_socket(true, out)
+    }
+
+    fn drain(&mut self, out: &mut Vec<Beat>) {
+        for udp in [false, true] {
+            if let Err(e) = self.drain_socket(udp, out) {
+                log::warn!("event=receive_error error={e}");
+            }
+        }
+    }
+
+    fn set_limits(&mut self, _limits: &Limits) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// Most senders whose namespace is cached at once (each holds a pidfd until it exits).
+const SENDER_CACHE: usize = 65_536;
+
+/// Checks that a frame's pid is its sender's, as the kernel attests the sender.
+struct Attestor {
+    own_ns: PidNs,
+    /// What /proc said of each sender, forgotten when its process exits.
+    senders: HashMap<u32, Sender>,
+    exits: ExitWatcher,
+}
+
+impl Attestor {
+    fn new(own_ns: PidNs) -> Self {
+        Attestor { own_ns, senders: HashMap::new(), exits: ExitWatcher::new() }
+    }
+
+    /// `(tracked pid, the sender's namespace when foreign)`, or why the frame is refused.
+    fn check(&mut self, sender_pid: Option<u32>, frame: &Frame) -> Result<(u32, Option<PidNs>), DropReason> {
+        // Without credentials nothing can be attested.
+        let pid = sender_pid.ok_or(DropReason::Spoof)?;
+        let sender = match self.senders.get(&pid) {
+            Some(sender) => Some(*sender),
+            None => self.learn(pid),
+        };
+        match sender {
+            // Same namespace: the attested pid itself.
+            Some(s) if s.ns == self.own_ns => (frame.pid == pid).then_some((pid, None)),
+            // A container agent frames its pid inside its own namespace.
+            Some(s) => (frame.pid == s.own_pid).then_some((pid, Some(s.ns))),
+            // Already gone (a one-shot sender): the kernel-attested pid is all we know.
+            None => (frame.pid == pid).then_some((pid, None)),
+        }
+        .ok_or(DropReason::Spoof)
+    }
+
+    /// Reads a sender's namespace and `NSpid` and caches them until it exits.
+    fn learn(&mut self, pid: u32) -> Option<Sender> {
+        let pidfd = ExitWatcher::open(pid).ok()?;
+        let sender = procfs::sender(pid).ok()?;
+        if self.senders.len() < SENDER_CACHE && self.exits.watch(pid, pidfd).is_ok() {
+            self.senders.insert(pid, sender);
+        }
+        Some(sender)
+    }
+
+    fn forget(&mut self, pid: u32) {
+        self.senders.remove(&pid);
+    }
+}

@@ -1,0 +1,45 @@
+//! Admission gates both datapaths share: the pid namespace gate and the pid_max gate.
+
+use std::time::{Duration, Instant};
+
+use varta_common::DropReason;
+
+use crate::{datapath::Beat, procfs};
+
+/// pid_max is re-read at most this often, and only when a beat arrives (no timer).
+const PID_MAX_REFRESH: Duration = Duration::from_secs(5);
+
+pub struct Gates {
+    allow_cross_namespace: bool,
+    pid_max: u32,
+    pid_max_read_at: Instant,
+}
+
+impl Gates {
+    pub fn new(allow_cross_namespace: bool) -> Self {
+        Gates { allow_cross_namespace, pid_max: read_pid_max(), pid_max_read_at: Instant::now() }
+    }
+
+    pub fn pid_max(&self) -> u32 {
+        self.pid_max
+    }
+
+    pub fn check(&mut self, beat: &Beat) -> Result<(), DropReason> {
+        if beat.origin.is_cross_namespace() && !self.allow_cross_namespace {
+            return Err(DropReason::Namespace);
+        }
+        if self.pid_max_read_at.elapsed() >= PID_MAX_REFRESH {
+            self.pid_max = read_pid_max();
+            self.pid_max_read_at = Instant::now();
+        }
+        if beat.frame.pid > self.pid_max {
+            return Err(DropReason::PidMax);
+        }
+        Ok(())
+    }
+}
+
+fn read_pid_max() -> u32 {
+    // Without /proc the gate cannot know the limit and stays open.
+    procfs::pid_max().unwrap_or(u32::MAX)
+}

@@ -1,0 +1,195 @@
+//! Prometheus metrics, updated as events happen. Drop and decode counters are collected at
+//! scrape time from the daemon's counters plus, with the eBPF datapath, the program's
+//! per-CPU counters.
+
+use std::{
+    fmt,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
+    metrics::{
+        MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge, gauge::Gauge,
+    },
+    registry::Registry,
+};
+use varta_common::{DecodeError, DropReason};
+
+use crate::drops::DropCounters;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PidLabel {
+    pub pid: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignalLabel {
+    pub signal: &'static str,
+}
+
+/// Reads the eBPF program's drop counters, summed over CPUs.
+pub type KernelDrops = Box<dyn Fn() -> Option<[u64; DropReason::COUNT]> + Send + Sync>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub beats: Family<PidLabel, Counter>,
+    pub stalls: Family<PidLabel, Counter>,
+    pub status: Family<PidLabel, Gauge>,
+    pub exits: Family<PidLabel, Counter>,
+    pub criticals: Family<PidLabel, Counter>,
+    pub recovery_outcomes: Family<OutcomeLabel, Counter>,
+    pub recovery_refused: Family<ReasonLabel, Counter>,
+    pub prom_auth_failures: Counter,
+    pub evicted: Counter,
+    pub restarts: Counter,
+    pub nonce_wraps: Counter,
+    pub pids_tracked: Gauge,
+    pub pid_max: Gauge,
+    pub signals: Family<SignalLabel, Counter>,
+    pub rcvbuf_bytes: Gauge,
+    kernel_drops: Arc<Mutex<Option<KernelDrops>>>,
+}
+
+impl Metrics {
+    pub fn new(drops: Arc<DropCounters>, datapath: &'static str, capacity: usize) -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            beats: Family::default(),
+            stalls: Family::default(),
+            status: Family::default(),
+            exits: Family::default(),
+            criticals: Family::default(),
+            recovery_outcomes: Family::default(),
+            recovery_refused: Family::default(),
+            prom_auth_failures: Counter::default(),
+            evicted: Counter::default(),
+            restarts: Counter::default(),
+            nonce_wraps: Counter::default(),
+            pids_tracked: Gauge::default(),
+            pid_max: Gauge::default(),
+            signals: Family::default(),
+            rcvbuf_bytes: Gauge::default(),
+            kernel_drops: Arc::default(),
+            registry: Registry::default(),
+        };
+        registry.register("varta_beats", "Accepted beats per agent", m.beats.clone());
+        registry.register("varta_stalls", "Stalls surfaced per agent", m.stalls.clone());
+        registry.register("varta_status", "Last status per agent (0 ok, 1 degraded, 2 critical, 3 stall)", m.status.clone());
+        registry.register("varta_exits", "Panic-terminal frames (agent dying) per agent", m.exits.clone());
+        registry.register("varta_criticals", "Critical beats per agent", m.criticals.clone());
+        registry.register("varta_recovery_outcomes", "Recovery commands by outcome", m.recovery_outcomes.clone());
+        registry.register("varta_recovery_refused", "Recoveries refused, by reason", m.recovery_refused.clone());
+        registry.register("varta_prom_auth_failures", "Scrapes refused for a missing or wrong bearer token", m.prom_auth_failures.clone());
+        registry.register("varta_tracker_evicted", "Agents evicted to make room for new ones", m.evicted.clone());
+        registry.register("varta_agent_restarts", "Agents that started a new session (nonce 1) under a known pid", m.restarts.clone());
+        registry.register("varta_nonce_wrap", "Agents whose nonce wrapped past u64::MAX", m.nonce_wraps.clone());
+        registry.register("varta_watch_pids_tracked", "Agents tracked now", m.pids_tracked.clone());
+        registry.register("varta_pid_max_current", "The kernel's pid_max as last read", m.pid_max.clone());
+        registry.register("varta_signals_received", "Signals handled, by signal", m.signals.clone());
+        registry.register("varta_observer_uds_rcvbuf_bytes", "SO_RCVBUF the kernel granted the observer socket", m.rcvbuf_bytes.clone());
+        let info = Family::<ModeLabel, Gauge>::default();
+        info.get_or_create(&ModeLabel { mode: datapath }).set(1);
+        registry.register("varta_datapath_info", "The active datapath (label mode: ebpf or userspace)", info);
+        let capacity_gauge = Gauge::<i64>::default();
+        capacity_gauge.set(capacity as i64);
+        registry.register("varta_tracker_capacity", "Most agents tracked at once", capacity_gauge);
+        registry.register_collector(Box::new(DropCollector {
+            drops,
+            kernel: m.kernel_drops.clone(),
+            started: Instant::now(),
+        }));
+        Metrics { registry, ..m }
+    }
+
+    /// Adds the eBPF program's counters to every drop and decode metric.
+    pub fn set_kernel_drops(&self, read: KernelDrops) {
+        self.kernel_drops.lock().expect("poisoned").replace(read);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+struct DropCollector {
+    drops: Arc<DropCounters>,
+    kernel: Arc<Mutex<Option<KernelDrops>>>,
+    started: Instant,
+}
+
+impl fmt::Debug for DropCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DropCollector")
+    }
+}
+
+impl Collector for DropCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let mut counts = self.drops.snapshot();
+        if let Some(read) = self.kernel.lock().expect("poisoned").as_ref() {
+            if let Some(kernel) = read() {
+                for (c, k) in counts.iter_mut().zip(kernel) {
+                    *c += k;
+                }
+            }
+        }
+        let count = |r: DropReason| counts[r.index()];
+
+        let mut family = encoder.encode_descriptor("varta_decode_errors", "Frames that failed to decode, by kind", None, MetricType::Counter)?;
+        for e in DecodeError::ALL {
+            ConstCounter::new(count(DropReason::from_decode(e))).encode(family.encode_family(&[("kind", e.name())])?)?;
+        }
+
+        let mut family = encoder.encode_descriptor("varta_frames_dropped", "Datagrams not accepted, by reason", None, MetricType::Counter)?;
+        let mut by_reason: Vec<(&str, u64)> = Vec::new();
+        for r in DropReason::ALL {
+            match by_reason.iter_mut().find(|(name, _)| *name == r.name()) {
+                Some((_, n)) => *n += count(r),
+                None => by_reason.push((r.name(), count(r))),
+            }
+        }
+        for (reason, n) in by_reason {
+            ConstCounter::new(n).encode(family.encode_family(&[("reason", reason)])?)?;
+        }
+
+        let mut family = encoder.encode_descriptor("varta_rate_limited", "Beats dropped by a rate limit", None, MetricType::Counter)?;
+        for (reason, r) in [("per_pid", DropReason::RatePerPid), ("global", DropReason::RateGlobal)] {
+            ConstCounter::new(count(r)).encode(family.encode_family(&[("reason", reason)])?)?;
+        }
+
+        // The incumbent's names for the same counts, so existing dashboards keep working.
+        for (name, help, r) in [
+            ("varta_frame_auth_failures", "Frames whose pid is not the attested sender's (= frames_dropped{reason=\"spoof\"})", DropReason::Spoof),
+            ("varta_frame_namespace_mismatch", "Frames from another pid namespace refused (= frames_dropped{reason=\"namespace\"})", DropReason::Namespace),
+            ("varta_frame_rejected_pid_above_max", "Frames with a pid above pid_max (= frames_dropped{reason=\"pid_max\"})", DropReason::PidMax),
+            ("varta_tracker_capacity_exceeded", "New agents refused with the tracker full (= frames_dropped{reason=\"capacity\"})", DropReason::Capacity),
+            ("varta_truncated_datagrams", "Datagrams of the wrong length (= frames_dropped{reason=\"length\"})", DropReason::Length),
+        ] {
+            let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(count(r)).encode(metric)?;
+        }
+
+        let uptime = encoder.encode_descriptor("varta_watch_uptime_seconds", "Seconds since the observer started", None, MetricType::Gauge)?;
+        ConstGauge::new(self.started.elapsed().as_secs_f64()).encode(uptime)
+    }
+}

@@ -1,0 +1,99 @@
+//! The pipeline every beat takes after its datapath accepted it, whichever datapath that
+//! is: namespace and pid_max gates, rate limits (unless the kernel applied them), the
+//! tracker; and the stall deadlines. It produces [`Event`]s; `actions` acts on them.
+
+use std::sync::Arc;
+
+use varta_common::Status;
+
+use crate::{
+    config::{Config, Limits},
+    datapath::Beat,
+    drops::DropCounters,
+    events::Event,
+    gates::Gates,
+    ratelimit::RateLimiter,
+    tracker::{Accepted, Stalled, Tracker},
+};
+
+pub struct Observer {
+    tracker: Tracker,
+    gates: Gates,
+    /// `None` when the datapath applies rate limits itself (in the kernel).
+    limiter: Option<RateLimiter>,
+    drops: Arc<DropCounters>,
+    stalled: Vec<Stalled>,
+}
+
+impl Observer {
+    pub fn new(config: &Config, drops: Arc<DropCounters>, kernel_rate_limits: bool, now_ns: u64) -> Self {
+        Observer {
+            tracker: Tracker::new(config.tracker_capacity, config.eviction, config.limits.threshold_ns()),
+            gates: Gates::new(config.allow_cross_namespace),
+            limiter: (!kernel_rate_limits).then(|| RateLimiter::new(config.limits.clone(), config.tracker_capacity, now_ns)),
+            drops,
+            stalled: Vec::new(),
+        }
+    }
+
+    pub fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+
+    pub fn pid_max(&self) -> u32 {
+        self.gates.pid_max()
+    }
+
+    pub fn set_limits(&mut self, limits: &Limits) {
+        self.tracker.set_threshold_ns(limits.threshold_ns());
+        if let Some(limiter) = &mut self.limiter {
+            limiter.set_limits(limits.clone());
+        }
+    }
+
+    /// Runs one beat through the gates, the rate limits and the tracker.
+    pub fn admit(&mut self, beat: &Beat, events: &mut Vec<Event>) {
+        let admitted = self.gates.check(beat).and_then(|()| match &mut self.limiter {
+            Some(limiter) => limiter.check(beat.pid, beat.recv_ns),
+            None => Ok(()),
+        });
+        let accepted = admitted.and_then(|()| self.tracker.record(beat.pid, &beat.frame, beat.origin, beat.recv_ns));
+        let accepted = match accepted {
+            Ok(a) => a,
+            Err(reason) => {
+                self.drops.add(reason);
+                return;
+            }
+        };
+        let (pid, frame) = (beat.pid, beat.frame);
+        match accepted {
+            Accepted::New { evicted } => {
+                events.push(Event::NewAgent { pid, frame_pid: frame.pid, origin: beat.origin, evicted })
+            }
+            Accepted::Resumed => events.push(Event::Resumed { pid }),
+            Accepted::Restarted => events.push(Event::Restarted { pid }),
+            Accepted::Wrapped => events.push(Event::NonceWrapped { pid }),
+            Accepted::Beat => {}
+        }
+        events.push(Event::Beat { pid, frame });
+        if frame.is_panic_terminal() {
+            events.push(Event::Exit { pid, frame, origin: beat.origin });
+        } else if frame.status == Status::Critical {
+            events.push(Event::Critical { pid, frame });
+        }
+    }
+
+    /// When the next stall may come due.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.tracker.next_deadline()
+    }
+
+    /// Surfaces the stalls due at `now_ns`.
+    pub fn expire(&mut self, now_ns: u64, events: &mut Vec<Event>) {
+        self.tracker.expire(now_ns, &mut self.stalled);
+        for s in self.stalled.drain(..) {
+            let silent_ms = now_ns.saturating_sub(s.agent.last_beat_ns) / 1_000_000;
+            events.push(Event::Stall { pid: s.pid, agent: s.agent, silent_ms });
+        }
+    }
+}

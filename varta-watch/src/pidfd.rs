@@ -1,0 +1,50 @@
+//! Tells when a process exits, through a pidfd per watched process: caches and kernel
+//! verdicts keyed by pid die with the process, so a reused pid never inherits them.
+
+use std::{
+    io,
+    os::fd::{FromRawFd, OwnedFd},
+};
+
+use tokio::sync::mpsc;
+
+/// Watches processes; `exited()` yields each watched pid once its process is gone.
+pub struct ExitWatcher {
+    tx: mpsc::UnboundedSender<u32>,
+    rx: mpsc::UnboundedReceiver<u32>,
+}
+
+impl ExitWatcher {
+    pub fn new() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        ExitWatcher { tx, rx }
+    }
+
+    /// Opens a pidfd for `pid` now. Call it before reading anything about the process from
+    /// /proc: if the pid is reused between the two, both refer to the same new process.
+    pub fn open(pid: u32) -> io::Result<OwnedFd> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just returned this fd to us and nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// Reports `pid` through `exited()` when the process behind `pidfd` exits.
+    pub fn watch(&self, pid: u32, pidfd: OwnedFd) -> io::Result<()> {
+        let fd = crate::readiness::readable(pidfd)?;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            // A pidfd becomes readable when its process exits.
+            let _ = fd.readable().await;
+            let _ = tx.send(pid);
+        });
+        Ok(())
+    }
+
+    pub async fn exited(&mut self) -> u32 {
+        self.rx.recv().await.expect("the watcher holds a sender")
+    }
+}

@@ -1,0 +1,67 @@
+//! What the daemon reads from /proc: pid namespaces, `NSpid`, `pid_max`.
+
+use std::{fs, io, os::unix::fs::MetadataExt};
+
+/// A process's pid namespace, as the device and inode of `/proc/<pid>/ns/pid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PidNs {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+pub fn pid_ns(pid: Option<u32>) -> io::Result<PidNs> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/ns/pid"),
+        None => "/proc/self/ns/pid".to_owned(),
+    };
+    let meta = fs::metadata(path)?;
+    Ok(PidNs { dev: meta.dev(), ino: meta.ino() })
+}
+
+/// The process's pids from the outermost namespace visible to us to its own (`NSpid`).
+pub fn ns_pids(pid: u32) -> io::Result<Vec<u32>> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no NSpid line"))?;
+    line.split_whitespace()
+        .map(|p| p.parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad NSpid")))
+        .collect()
+}
+
+/// What the observer knows of a sender it cannot take at its word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sender {
+    pub ns: PidNs,
+    /// The sender's pid inside its own pid namespace: what an honest frame carries.
+    pub own_pid: u32,
+}
+
+pub fn sender(pid: u32) -> io::Result<Sender> {
+    let ns = pid_ns(Some(pid))?;
+    let own_pid = *ns_pids(pid)?.last().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "empty NSpid"))?;
+    Ok(Sender { ns, own_pid })
+}
+
+pub fn pid_max() -> io::Result<u32> {
+    fs::read_to_string("/proc/sys/kernel/pid_max")?
+        .trim()
+        .parse()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "unparsable pid_max"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_its_own_sender() {
+        let me = std::process::id();
+        let s = sender(me).unwrap();
+        assert_eq!(s.ns, pid_ns(None).unwrap());
+        // In our own namespace our innermost pid is the pid we see.
+        assert_eq!(s.own_pid, me);
+        assert!(pid_max().unwrap() >= 2);
+    }
+}

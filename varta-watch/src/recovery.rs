@@ -1,0 +1,164 @@
+//! Recovery commands for stalled and dying agents: argv with `{pid}` substituted, no shell,
+//! a cleared environment unless asked otherwise, debounced per pid, killed at the timeout,
+//! and always reaped (a pidfd tells when the child exits; waitpid collects it).
+
+use std::{
+    collections::HashMap,
+    os::unix::process::CommandExt,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+
+use crate::{config::RecoveryConfig, datapath::Origin, pidfd::ExitWatcher};
+
+/// A finished recovery: `(pid, outcome, detail)`.
+pub type Outcome = (u32, &'static str, String);
+
+pub struct Recovery {
+    config: RecoveryConfig,
+    last_run: HashMap<u32, Instant>,
+    running: usize,
+    tx: mpsc::UnboundedSender<Outcome>,
+    rx: mpsc::UnboundedReceiver<Outcome>,
+}
+
+/// Why a recovery did not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotRun {
+    Debounced,
+    Refused(&'static str),
+}
+
+impl Recovery {
+    pub fn new(config: RecoveryConfig) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Recovery { config, last_run: HashMap::new(), running: 0, tx, rx }
+    }
+
+    pub fn set_config(&mut self, config: RecoveryConfig) {
+        self.config = config;
+    }
+
+    pub fn running(&self) -> usize {
+        self.running
+    }
+
+    /// The argv for `pid`: `{pid}` replaced, or the pid appended when no argument has it.
+    pub fn argv(template: &[String], pid: u32) -> Vec<String> {
+        let pid = pid.to_string();
+        let mut argv: Vec<String> = template.iter().map(|a| a.replace("{pid}", &pid)).collect();
+        if !template.iter().any(|a| a.contains("{pid}")) {
+            argv.push(pid);
+        }
+        argv
+    }
+
+    /// Starts the recovery command for `pid` unless refused or debounced.
+    pub fn start(&mut self, pid: u32, origin: Origin) -> Result<(), NotRun> {
+        match origin {
+            Origin::Udp { .. } if !self.config.allow_udp => return Err(NotRun::Refused("unauthenticated_transport")),
+            Origin::Uds { foreign_ns: Some(_) } if !self.config.allow_cross_namespace => {
+                return Err(NotRun::Refused("cross_namespace"));
+            }
+            _ => {}
+        }
+        let now = Instant::now();
+        if self.last_run.get(&pid).is_some_and(|t| now.duration_since(*t) < self.config.debounce) {
+            return Err(NotRun::Debounced);
+        }
+        self.last_run.insert(pid, now);
+        if self.last_run.len() > 4096 {
+            let debounce = self.config.debounce;
+            self.last_run.retain(|_, t| now.duration_since(*t) < debounce);
+        }
+        let argv = Self::argv(&self.config.argv, pid);
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        if !self.config.inherit_env {
+            cmd.env_clear().env("PATH", "/usr/bin:/bin");
+        }
+        cmd.envs(self.config.env.iter().map(|(k, v)| (k, v)));
+        // Its own process group: a timeout kills whatever the command started too.
+        cmd.process_group(0);
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = self.tx.send((pid, "spawn_failed", format!("{}: {e}", argv[0])));
+                return Ok(());
+            }
+        };
+        self.running += 1;
+        let tx = self.tx.clone();
+        let timeout = self.config.timeout;
+        tokio::spawn(async move {
+            let (outcome, detail) = supervise(child, timeout).await;
+            let _ = tx.send((pid, outcome, detail));
+        });
+        Ok(())
+    }
+
+    /// The next finished recovery.
+    pub async fn finished(&mut self) -> Outcome {
+        let outcome = self.rx.recv().await.expect("the recovery holds a sender");
+        if outcome.1 != "spawn_failed" {
+            self.running -= 1;
+        }
+        outcome
+    }
+}
+
+/// Waits for the child, killing its process group at the timeout; always reaps it.
+async fn supervise(mut child: std::process::Child, timeout: Option<Duration>) -> (&'static str, String) {
+    let exited = async {
+        match ExitWatcher::open(child.id()).and_then(|fd| crate::readiness::readable(fd)) {
+            Ok(fd) => {
+                let _ = fd.readable().await;
+            }
+            // No pidfd (old kernel): poll, slowly, until it is done.
+            Err(_) => loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+            },
+        }
+    };
+    let timed_out = match timeout {
+        Some(t) => tokio::time::timeout(t, exited).await.is_err(),
+        None => {
+            exited.await;
+            false
+        }
+    };
+    if timed_out {
+        // SAFETY: kill(2) on the child's own process group (created at spawn); the child is
+        // not reaped yet, so its pid cannot have been reused.
+        unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+    }
+    // The child has exited (or was just killed): wait() returns promptly and reaps it.
+    let status = tokio::task::spawn_blocking(move || child.wait()).await;
+    match (timed_out, status) {
+        (true, _) => ("timeout", format!("killed after {} ms", timeout.unwrap_or_default().as_millis())),
+        (false, Ok(Ok(st))) if st.success() => ("success", "exit 0".into()),
+        (false, Ok(Ok(st))) => ("failure", st.to_string()),
+        (false, Ok(Err(e))) => ("failure", e.to_string()),
+        (false, Err(e)) => ("failure", e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn pid_substitution_or_append() {
+        assert_eq!(Recovery::argv(&s(&["systemctl", "restart", "app@{pid}"]), 42), s(&["systemctl", "restart", "app@42"]));
+        assert_eq!(Recovery::argv(&s(&["/bin/kill", "-9"]), 42), s(&["/bin/kill", "-9", "42"]));
+    }
+}

@@ -1,0 +1,214 @@
+//! Socket system calls std does not offer: a Unix datagram socket with SO_PASSCRED and
+//! a chosen receive buffer, and batched receive with `recvmmsg(2)` and SCM_CREDENTIALS.
+//! All of this module's unsafe code is plain FFI over buffers it owns.
+
+use std::{
+    io,
+    mem::{size_of, zeroed},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::{
+        fd::{AsRawFd, BorrowedFd},
+        unix::{fs::PermissionsExt, net::UnixDatagram},
+    },
+    path::Path,
+};
+
+/// Binds a Unix datagram socket at `path` (replacing a stale socket file), sets its mode,
+/// asks for sender credentials and sizes its receive buffer (0 keeps the kernel default).
+/// Returns the socket and the receive buffer the kernel granted.
+pub fn bind_uds(path: &Path, mode: u32, rcvbuf: u32) -> io::Result<(UnixDatagram, u32)> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let sock = UnixDatagram::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    sock.set_nonblocking(true)?;
+    setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PASSCRED, 1)?;
+    if rcvbuf > 0 {
+        let want = rcvbuf.min(i32::MAX as u32) as i32;
+        // SO_RCVBUFFORCE passes rmem_max when we hold CAP_NET_ADMIN; otherwise fall back.
+        if setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, want).is_err() {
+            setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, want)?;
+        }
+    }
+    let granted = getsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF)?;
+    Ok((sock, granted.max(0) as u32))
+}
+
+fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: `value` is a live i32 and the length passed is its size.
+    let rc = unsafe {
+        libc::setsockopt(fd, level, name, (&value as *const i32).cast(), size_of::<i32>() as libc::socklen_t)
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+fn getsockopt_int(fd: i32, level: i32, name: i32) -> io::Result<i32> {
+    let mut value = 0i32;
+    let mut len = size_of::<i32>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are live and writable, `len` holds the size of `value`.
+    let rc = unsafe { libc::getsockopt(fd, level, name, (&mut value as *mut i32).cast(), &mut len) };
+    if rc == 0 { Ok(value) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Datagrams longer than a frame are still read whole enough to know they are too long.
+const SLOT_BYTES: usize = 64;
+const CMSG_BYTES: usize = 64;
+
+/// One received datagram.
+#[derive(Debug)]
+pub struct Datagram<'a> {
+    pub bytes: &'a [u8],
+    /// Longer than the slot: its tail was cut.
+    pub truncated: bool,
+    /// The sender's pid as the kernel attests it (Unix sockets with SO_PASSCRED).
+    pub sender_pid: Option<u32>,
+    /// The source address (UDP).
+    pub source: Option<SocketAddr>,
+}
+
+/// Buffers for one `recvmmsg(2)` call: a whole queue drained in few system calls.
+pub struct RecvBatch {
+    data: Vec<[u8; SLOT_BYTES]>,
+    control: Vec<[u64; CMSG_BYTES / 8]>,
+    names: Vec<libc::sockaddr_storage>,
+    iov: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+    received: usize,
+}
+
+// SAFETY: the raw pointers inside `iov` and `headers` point into this struct's own heap
+// buffers, which move with it; nothing else aliases them.
+unsafe impl Send for RecvBatch {}
+
+impl RecvBatch {
+    pub fn new(capacity: usize) -> Self {
+        // SAFETY: sockaddr_storage and mmsghdr are plain C structs for which all-zero is valid.
+        let (names, headers) = unsafe { (vec![zeroed(); capacity], vec![zeroed(); capacity]) };
+        RecvBatch {
+            data: vec![[0; SLOT_BYTES]; capacity],
+            control: vec![[0; CMSG_BYTES / 8]; capacity],
+            names,
+            iov: vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; capacity],
+            headers,
+            received: 0,
+        }
+    }
+
+    /// Receives up to the batch's capacity without blocking; `WouldBlock` when the queue is
+    /// empty.
+    pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        let n = self.data.len();
+        for i in 0..n {
+            self.iov[i] = libc::iovec { iov_base: self.data[i].as_mut_ptr().cast(), iov_len: SLOT_BYTES };
+            let hdr = &mut self.headers[i].msg_hdr;
+            hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+            hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdr.msg_iov = &mut self.iov[i];
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = self.control[i].as_mut_ptr().cast();
+            hdr.msg_controllen = CMSG_BYTES;
+            hdr.msg_flags = 0;
+            self.headers[i].msg_len = 0;
+        }
+        // SAFETY: every header points at buffers owned by `self` that outlive the call, with
+        // their true lengths; the vector length bounds `vlen`.
+        let rc = unsafe {
+            libc::recvmmsg(
+                fd.as_raw_fd(),
+                self.headers.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            self.received = 0;
+            return Err(io::Error::last_os_error());
+        }
+        self.received = rc as usize;
+        Ok(self.received)
+    }
+
+    pub fn get(&self, i: usize) -> Datagram<'_> {
+        assert!(i < self.received);
+        let hdr = &self.headers[i];
+        let len = (hdr.msg_len as usize).min(SLOT_BYTES);
+        Datagram {
+            bytes: &self.data[i][..len],
+            truncated: hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+            sender_pid: self.credentials(i),
+            source: self.source(i),
+        }
+    }
+
+    fn credentials(&self, i: usize) -> Option<u32> {
+        let hdr = &self.headers[i].msg_hdr;
+        // SAFETY: the CMSG_* macros walk the control buffer the kernel filled for this
+        // header, within `msg_controllen`; a ucred payload is read unaligned.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_CREDENTIALS {
+                    let cred = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::ucred);
+                    return u32::try_from(cred.pid).ok().filter(|&p| p != 0);
+                }
+                cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
+            }
+        }
+        None
+    }
+
+    fn source(&self, i: usize) -> Option<SocketAddr> {
+        let name = &self.names[i];
+        match name.ss_family as i32 {
+            libc::AF_INET => {
+                // SAFETY: the family says the storage holds a sockaddr_in.
+                let sin = unsafe { &*(name as *const libc::sockaddr_storage as *const libc::sockaddr_in) };
+                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says the storage holds a sockaddr_in6.
+                let sin6 = unsafe { &*(name as *const libc::sockaddr_storage as *const libc::sockaddr_in6) };
+                let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                Some(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sin6.sin6_port), 0, 0)))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn batch_receive_reports_credentials_and_truncation() {
+        let dir = std::env::temp_dir().join(format!("varta-sock-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let (sock, granted) = bind_uds(&path, 0o600, 0).unwrap();
+        assert!(granted > 0);
+        let client = UnixDatagram::unbound().unwrap();
+        client.send_to(&[1u8; 32], &path).unwrap();
+        client.send_to(&[2u8; 100], &path).unwrap();
+        let mut batch = RecvBatch::new(8);
+        assert_eq!(batch.recv(sock.as_fd()).unwrap(), 2);
+        let first = batch.get(0);
+        assert_eq!((first.bytes.len(), first.truncated), (32, false));
+        assert_eq!(first.sender_pid, Some(std::process::id()));
+        assert!(batch.get(1).truncated);
+        assert_eq!(batch.recv(sock.as_fd()).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,306 @@
+//! Every agent the observer knows: bounded, O(1) by pid, with the per-agent nonce rules,
+//! the stall state machine and the eviction policies.
+//!
+//! Nonces: a beat must carry a nonce above the agent's last one (duplicates and replays are
+//! dropped). After u64::MAX - 1 the nonce may wrap to 0. A beat with nonce 1 after a higher
+//! nonce is a new session (the agent restarted under the same pid, or its pid was reused):
+//! accepted and counted as a restart. The panic-terminal frame (Critical, nonce u64::MAX)
+//! marks the agent dead: no stall follows until it beats again in a new session.
+
+use std::collections::{HashMap, VecDeque};
+
+use varta_common::{DropReason, Frame, Status};
+
+use crate::{
+    cli::EvictionPolicy,
+    datapath::Origin,
+    stall::{Entry, StallQueue},
+};
+
+/// Below this the nonce counts as wrapped around rather than replayed, when the last one
+/// was within the same distance of u64::MAX.
+const WRAP_WINDOW: u64 = 1 << 32;
+
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub last_nonce: u64,
+    pub last_beat_ns: u64,
+    pub first_beat_ns: u64,
+    pub status: Status,
+    pub payload: u32,
+    pub origin: Origin,
+    /// The pid in the agent's own frames (differs from the tracked pid across namespaces).
+    pub frame_pid: u32,
+    pub stalled: bool,
+    /// Sent the panic-terminal frame.
+    pub dead: bool,
+    generation: u64,
+    queued: bool,
+}
+
+/// What a beat did to the tracker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// A new agent; it may have taken the place of `evicted`.
+    New { evicted: Option<u32> },
+    Beat,
+    /// A beat from an agent surfaced as stalled: the stall is over.
+    Resumed,
+    /// Nonce 1 after a higher nonce: a new session under the same pid.
+    Restarted,
+    /// The nonce wrapped past u64::MAX.
+    Wrapped,
+}
+
+/// An agent whose silence passed the threshold.
+#[derive(Debug, Clone)]
+pub struct Stalled {
+    pub pid: u32,
+    pub agent: Agent,
+}
+
+pub struct Tracker {
+    agents: HashMap<u32, Agent>,
+    capacity: usize,
+    policy: EvictionPolicy,
+    threshold_ns: u64,
+    deadlines: StallQueue,
+    /// Stalled or dead agents, oldest first: the strict policy's eviction candidates.
+    evictable: VecDeque<(u32, u64)>,
+    next_generation: u64,
+}
+
+impl Tracker {
+    pub fn new(capacity: usize, policy: EvictionPolicy, threshold_ns: u64) -> Self {
+        Tracker {
+            agents: HashMap::with_capacity(capacity),
+            capacity,
+            policy,
+            threshold_ns,
+            deadlines: StallQueue::default(),
+            evictable: VecDeque::new(),
+            next_generation: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.agents.len()
+    }
+
+    pub fn get(&self, pid: u32) -> Option<&Agent> {
+        self.agents.get(&pid)
+    }
+
+    pub fn agents(&self) -> impl Iterator<Item = (&u32, &Agent)> {
+        self.agents.iter()
+    }
+
+    /// A new threshold applies to deadlines computed from now on.
+    pub fn set_threshold_ns(&mut self, threshold_ns: u64) {
+        self.threshold_ns = threshold_ns;
+    }
+
+    pub fn record(&mut self, pid: u32, frame: &Frame, origin: Origin, now_ns: u64) -> Result<Accepted, DropReason> {
+        let threshold = self.threshold_ns;
+        if let Some(agent) = self.agents.get_mut(&pid) {
+            if std::mem::discriminant(&agent.origin) != std::mem::discriminant(&origin) {
+                return Err(DropReason::OriginConflict);
+            }
+            let outcome = if frame.nonce > agent.last_nonce {
+                Accepted::Beat
+            } else if frame.nonce < WRAP_WINDOW && agent.last_nonce >= u64::MAX - WRAP_WINDOW && agent.last_nonce != u64::MAX {
+                Accepted::Wrapped
+            } else if frame.nonce == 1 && agent.last_nonce > 1 {
+                Accepted::Restarted
+            } else {
+                return Err(DropReason::Replay);
+            };
+            let outcome = if agent.stalled && outcome == Accepted::Beat { Accepted::Resumed } else { outcome };
+            agent.last_nonce = frame.nonce;
+            agent.last_beat_ns = now_ns;
+            agent.status = frame.status;
+            agent.payload = frame.payload;
+            agent.origin = origin;
+            agent.frame_pid = frame.pid;
+            agent.stalled = false;
+            agent.dead = frame.is_panic_terminal();
+            if agent.dead {
+                self.evictable.push_back((pid, agent.generation));
+            } else if !agent.queued {
+                agent.queued = true;
+                let entry = Entry { deadline_ns: now_ns + threshold, pid, generation: agent.generation };
+                self.deadlines.push(entry);
+            }
+            return Ok(outcome);
+        }
+
+        let evicted = if self.agents.len() >= self.capacity { Some(self.evict().ok_or(DropReason::Capacity)?) } else { None };
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let dead = frame.is_panic_terminal();
+        self.agents.insert(
+            pid,
+            Agent {
+                last_nonce: frame.nonce,
+                last_beat_ns: now_ns,
+                first_beat_ns: now_ns,
+                status: frame.status,
+                payload: frame.payload,
+                origin,
+                frame_pid: frame.pid,
+                stalled: false,
+                dead,
+                generation,
+                queued: !dead,
+            },
+        );
+        if dead {
+            self.evictable.push_back((pid, generation));
+        } else {
+            self.deadlines.push(Entry { deadline_ns: now_ns + threshold, pid, generation });
+        }
+        Ok(Accepted::New { evicted })
+    }
+
+    /// When the earliest stall may come due, if any agent is being watched.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.deadlines.peek().map(|e| e.deadline_ns)
+    }
+
+    /// Surfaces every agent whose silence passed the threshold at `now_ns`, once per silence.
+    pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Stalled>) {
+        while let Some(entry) = self.deadlines.pop_due(now_ns) {
+            let threshold = self.threshold_ns;
+            let Some(agent) = self.live(entry) else { continue };
+            agent.queued = false;
+            if agent.stalled || agent.dead {
+                continue;
+            }
+            let deadline = agent.last_beat_ns + threshold;
+            if deadline > now_ns {
+                agent.queued = true;
+                self.deadlines.push(Entry { deadline_ns: deadline, ..entry });
+                continue;
+            }
+            agent.stalled = true;
+            let stalled = Stalled { pid: entry.pid, agent: agent.clone() };
+            self.evictable.push_back((entry.pid, entry.generation));
+            out.push(stalled);
+        }
+    }
+
+    fn live(&mut self, entry: Entry) -> Option<&mut Agent> {
+        self.agents.get_mut(&entry.pid).filter(|a| a.generation == entry.generation)
+    }
+
+    /// Makes room for one agent, by policy; the evicted pid.
+    fn evict(&mut self) -> Option<u32> {
+        while let Some((pid, generation)) = self.evictable.pop_front() {
+            if self.agents.get(&pid).is_some_and(|a| a.generation == generation && (a.stalled || a.dead)) {
+                self.agents.remove(&pid);
+                return Some(pid);
+            }
+        }
+        if self.policy == EvictionPolicy::Strict {
+            return None;
+        }
+        // Balanced: the agent silent longest. Entries may sit early (beats do not move
+        // them): refresh the earliest until it is exact, then it is the true oldest.
+        while let Some(entry) = self.deadlines.pop() {
+            let threshold = self.threshold_ns;
+            let Some(agent) = self.live(entry) else { continue };
+            let deadline = agent.last_beat_ns + threshold;
+            if deadline != entry.deadline_ns {
+                self.deadlines.push(Entry { deadline_ns: deadline, ..entry });
+                continue;
+            }
+            self.agents.remove(&entry.pid);
+            return Some(entry.pid);
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: u64 = 1_000;
+
+    fn frame(pid: u32, nonce: u64) -> Frame {
+        Frame { status: Status::Ok, pid, timestamp: 0, nonce, payload: 0 }
+    }
+
+    const UDS: Origin = Origin::Uds { foreign_ns: None };
+
+    fn stalls(t: &mut Tracker, now: u64) -> Vec<u32> {
+        let mut out = Vec::new();
+        t.expire(now, &mut out);
+        out.into_iter().map(|s| s.pid).collect()
+    }
+
+    #[test]
+    fn one_stall_per_silence_and_rearm_on_beat() {
+        let mut t = Tracker::new(8, EvictionPolicy::Strict, T);
+        t.record(10, &frame(10, 1), UDS, 0).unwrap();
+        assert_eq!(t.next_deadline(), Some(T));
+        t.record(10, &frame(10, 2), UDS, 500).unwrap();
+        assert!(stalls(&mut t, T).is_empty(), "the beat at 500 moved the deadline");
+        assert_eq!(t.next_deadline(), Some(500 + T));
+        assert_eq!(stalls(&mut t, 1500), vec![10]);
+        assert!(stalls(&mut t, 10_000).is_empty(), "exactly once per silence");
+        assert_eq!(t.next_deadline(), None, "nothing to wake up for");
+        assert_eq!(t.record(10, &frame(10, 3), UDS, 20_000), Ok(Accepted::Resumed));
+        assert_eq!(stalls(&mut t, 20_000 + T), vec![10]);
+    }
+
+    #[test]
+    fn nonce_rules() {
+        let mut t = Tracker::new(8, EvictionPolicy::Strict, T);
+        t.record(10, &frame(10, 5), UDS, 0).unwrap();
+        assert_eq!(t.record(10, &frame(10, 5), UDS, 1), Err(DropReason::Replay));
+        assert_eq!(t.record(10, &frame(10, 4), UDS, 1), Err(DropReason::Replay));
+        assert_eq!(t.record(10, &frame(10, 1), UDS, 2), Ok(Accepted::Restarted));
+        assert_eq!(t.record(10, &frame(10, 1), UDS, 3), Err(DropReason::Replay), "duplicate of the session start");
+        assert_eq!(t.record(10, &frame(10, u64::MAX - 1), UDS, 4), Ok(Accepted::Beat));
+        assert_eq!(t.record(10, &frame(10, 0), UDS, 5), Ok(Accepted::Wrapped));
+        assert_eq!(t.record(10, &frame(10, 1), UDS, 6), Ok(Accepted::Beat));
+        let udp = Origin::Udp { source: "127.0.0.1:9".parse().unwrap() };
+        assert_eq!(t.record(10, &frame(10, 7), udp, 7), Err(DropReason::OriginConflict));
+    }
+
+    #[test]
+    fn panic_terminal_suppresses_the_stall() {
+        let mut t = Tracker::new(8, EvictionPolicy::Strict, T);
+        t.record(10, &frame(10, 1), UDS, 0).unwrap();
+        let terminal = Frame { status: Status::Critical, nonce: u64::MAX, ..frame(10, 0) };
+        t.record(10, &terminal, UDS, 10).unwrap();
+        assert!(t.get(10).unwrap().dead);
+        assert!(stalls(&mut t, 100 * T).is_empty());
+        assert_eq!(t.record(10, &frame(10, 1), UDS, 200 * T), Ok(Accepted::Restarted));
+        assert_eq!(stalls(&mut t, 201 * T), vec![10]);
+    }
+
+    #[test]
+    fn strict_evicts_only_stalled_agents() {
+        let mut t = Tracker::new(2, EvictionPolicy::Strict, T);
+        t.record(10, &frame(10, 1), UDS, 0).unwrap();
+        t.record(11, &frame(11, 1), UDS, 500).unwrap();
+        assert_eq!(t.record(12, &frame(12, 1), UDS, 600), Err(DropReason::Capacity));
+        assert_eq!(stalls(&mut t, 1200), vec![10]);
+        assert_eq!(t.record(12, &frame(12, 1), UDS, 1200), Ok(Accepted::New { evicted: Some(10) }));
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn balanced_evicts_the_agent_silent_longest() {
+        let mut t = Tracker::new(2, EvictionPolicy::Balanced, T);
+        t.record(10, &frame(10, 1), UDS, 0).unwrap();
+        t.record(11, &frame(11, 1), UDS, 100).unwrap();
+        t.record(10, &frame(10, 2), UDS, 200).unwrap();
+        // 11 is now the one silent longest, although 10's queue entry is older.
+        assert_eq!(t.record(12, &frame(12, 1), UDS, 300), Ok(Accepted::New { evicted: Some(11) }));
+        assert!(t.get(11).is_none());
+        assert_eq!(stalls(&mut t, 200 + T), vec![10]);
+    }
+}

@@ -1,0 +1,132 @@
+//! Installs what the eBPF build and the tests need, once, and caches it.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::status;
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Where installed tools are cached across checkouts of the project.
+fn cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    base.join("varta-ebpf")
+}
+
+/// `rustup run nightly <program>`, with the stable toolchain's overrides removed.
+pub fn nightly(program: &str) -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", program]);
+    for var in ["RUSTUP_TOOLCHAIN", "CARGO", "RUSTC", "RUSTDOC", "RUSTC_WRAPPER", "CARGO_MANIFEST_DIR"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn capture(cmd: &mut Command) -> Result<String> {
+    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Nightly with rust-src (for `-Z build-std=core`).
+fn ensure_nightly() -> Result<()> {
+    let have_nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !have_nightly {
+        eprintln!("xtask: installing the nightly toolchain");
+        status(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let components = capture(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
+    if !components.lines().any(|c| c.starts_with("rust-src")) {
+        eprintln!("xtask: adding rust-src to nightly");
+        status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    Ok(())
+}
+
+/// bpf-linker built against the nightly toolchain's own libLLVM (Debian has no matching
+/// LLVM): its major version must equal rustc's. Cached per nightly version.
+pub fn ensure_bpf_linker() -> Result<PathBuf> {
+    ensure_nightly()?;
+    let verbose = capture(&mut nightly("rustc").arg("-vV"))?;
+    let field = |name: &str| {
+        verbose.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).map(str::to_owned)
+    };
+    let llvm = field("LLVM version:").context("rustc -vV shows no LLVM version")?;
+    let llvm_major = llvm.split('.').next().unwrap_or_default().to_owned();
+    let commit = field("commit-hash:").unwrap_or_else(|| "unknown".into());
+    let root = cache_dir().join(format!("bpf-linker-{BPF_LINKER_VERSION}-{}", &commit[..commit.len().min(12)]));
+    let bin = root.join("bin");
+    if bin.join("bpf-linker").exists() {
+        return Ok(bin);
+    }
+
+    let sysroot = PathBuf::from(capture(&mut nightly("rustc").args(["--print", "sysroot"]))?.trim());
+    let libllvm = std::fs::read_dir(sysroot.join("lib"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("libLLVM.so.{llvm_major}")))
+        })
+        .with_context(|| format!("no libLLVM.so.{llvm_major}* in {}/lib", sysroot.display()))?;
+    let prefix = root.join("llvm-prefix");
+    let lib = prefix.join("lib");
+    std::fs::create_dir_all(&lib)?;
+    for name in ["libLLVM.so".into(), libllvm.file_name().unwrap().to_owned()] {
+        let link = lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&libllvm, &link)?;
+    }
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {llvm} (a few minutes, once)");
+    status(
+        nightly("cargo")
+            .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", &format!("llvm-{llvm_major}")])
+            .arg("--root")
+            .arg(&root)
+            .env("LLVM_PREFIX", &prefix),
+    )?;
+    Ok(bin)
+}
+
+/// Debian packages the tests use, installed when missing (CI runs as root on a fresh box).
+pub fn ensure_test_packages() -> Result<()> {
+    let wanted: &[(&str, &str)] = &[("unshare", "util-linux")];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(bin, _)| !which(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !crate::is_root() {
+        bail!("missing Debian packages {missing:?}: install them (apt-get install {})", missing.join(" "));
+    }
+    eprintln!("xtask: installing {missing:?}");
+    status(Command::new("apt-get").arg("update").arg("-q"))?;
+    status(Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn which(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false)
+}
