@@ -229,6 +229,7 @@ async fn serve<D: Datapath>(
         if stop {
             datapath.drain(&mut beats);
         }
+        metrics.delivered.inc_by(beats.len() as u64);
         for beat in beats.drain(..) {
             observer.admit(&beat, &mut events);
         }

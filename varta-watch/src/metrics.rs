@@ -65,6 +65,7 @@ pub struct Metrics {
     pub pid_max: Gauge,
     pub signals: Family<SignalLabel, Counter>,
     pub rcvbuf_bytes: Gauge,
+    pub delivered: Counter,
     kernel_drops: Arc<Mutex<Option<KernelDrops>>>,
 }
 
@@ -87,6 +88,7 @@ impl Metrics {
             pid_max: Gauge::default(),
             signals: Family::default(),
             rcvbuf_bytes: Gauge::default(),
+            delivered: Counter::default(),
             kernel_drops: Arc::default(),
             registry: Registry::default(),
         };
@@ -104,6 +106,7 @@ impl Metrics {
         registry.register("varta_watch_pids_tracked", "Agents tracked now", m.pids_tracked.clone());
         registry.register("varta_pid_max_current", "The kernel's pid_max as last read", m.pid_max.clone());
         registry.register("varta_signals_received", "Signals handled, by signal", m.signals.clone());
+        registry.register("varta_datapath_beats_delivered", "Valid, attested frames the datapath handed to the daemon's pipeline", m.delivered.clone());
         registry.register("varta_observer_uds_rcvbuf_bytes", "SO_RCVBUF the kernel granted the observer socket", m.rcvbuf_bytes.clone());
         let info = Family::<ModeLabel, Gauge>::default();
         info.get_or_create(&ModeLabel { mode: datapath }).set(1);

@@ -1,0 +1,167 @@
+//! The command line as an operator meets it: incumbent unit files, bad flags, metrics access.
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use varta_e2e::{Daemon, bin, scratch};
+
+/// Every flag of the incumbent varta-watch 0.2.0, with a plausible value, as a unit file
+/// would carry them; the ones without an effect here must each warn exactly once.
+#[test]
+fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
+    let dir = scratch("unit-file");
+    let key = dir.join("key.hex");
+    std::fs::write(&key, "00".repeat(32)).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "a".repeat(64)).unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let export = dir.join("export.tsv");
+    let k = key.to_str().unwrap();
+    let implemented: Vec<String> = [
+        "--threshold-ms", "2000", "--socket-mode", "0660", "--uds-rcvbuf-bytes", "262144",
+        "--udp-port", "0", "--udp-bind-addr", "127.0.0.1", "--i-accept-plaintext-udp",
+        "--plaintext-udp-i-accept-recovery-on-unauthenticated-transport",
+        "--tracker-capacity", "512", "--tracker-eviction-policy", "balanced",
+        "--max-beat-rate", "50", "--global-beat-rate", "4000", "--global-beat-burst", "8000",
+        "--allow-cross-namespace-agents", "--clock-source", "boottime",
+        "--recovery-exec", "/bin/true {pid}", "--recovery-debounce-ms", "2000", "--recovery-timeout-ms", "5000",
+        "--recovery-env", "A=1", "--recovery-env", "B=2", "--recovery-inherit-env",
+        "--shutdown-grace-ms", "1000", "--signal-handler-mode", "direct",
+        "--export-file", export.to_str().unwrap(),
+        "--prom-token-file", token.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let ignored: Vec<(&str, Option<&str>)> = vec![
+        ("--read-timeout-ms", Some("100")),
+        ("--eviction-scan-window", Some("256")),
+        ("--strict-namespace-check", None),
+        ("--key-file", Some(k)),
+        ("--accepted-key-file", Some(k)),
+        ("--master-key-file", Some(k)),
+        ("--i-accept-secure-udp-non-loopback", None),
+        ("--secure-udp-i-accept-recovery-on-unauthenticated-transport", None),
+        ("--recovery-capture-stdio", None),
+        ("--recovery-capture-bytes", Some("4096")),
+        ("--recovery-audit-file", Some("/tmp/varta-audit")),
+        ("--recovery-audit-max-bytes", Some("1048576")),
+        ("--recovery-audit-sync-every", Some("1")),
+        ("--audit-fsync-budget-ms", Some("50")),
+        ("--audit-sync-interval-ms", Some("0")),
+        ("--audit-rotation-budget-ms", Some("50")),
+        ("--export-file-max-bytes", Some("1048576")),
+        ("--export-file-sync-every", Some("0")),
+        ("--prom-rate-limit-per-sec", Some("5")),
+        ("--prom-rate-limit-burst", Some("10")),
+        ("--iteration-budget-ms", Some("10")),
+        ("--scrape-budget-ms", Some("10")),
+        ("--heartbeat-file", Some("/tmp/varta-hb")),
+        ("--self-watchdog-secs", Some("10")),
+        ("--hw-watchdog", Some("/dev/null-watchdog")),
+        ("--inject-wedge-ms", Some("0")),
+    ];
+    let mut b = Daemon::builder("unit-file", "userspace").args(implemented);
+    for (flag, value) in &ignored {
+        b = b.arg(*flag);
+        if let Some(v) = value {
+            b = b.arg(*v);
+        }
+    }
+    let d = b.start();
+    for (flag, _) in &ignored {
+        let n = d.count_logs(&["event=flag_ignored", &format!("flag={flag} ")]);
+        assert_eq!(n, 1, "{flag} warned {n} times:\n{}", d.log_text());
+    }
+    assert_eq!(d.count_logs(&["event=flag_ignored"]), ignored.len());
+    assert_eq!(d.count_logs(&["level=error"]), 0, "{}", d.log_text());
+    let (code, body) = d.get_metrics(Some(&"a".repeat(64)));
+    assert_eq!(code, 200);
+    assert!(body.contains("varta_tracker_capacity 512"));
+    let (st, _) = d.stop();
+    assert!(st.success());
+}
+
+fn run_flags(args: &[&str]) -> (i32, String) {
+    let out = Command::new(bin()).args(args).stdin(Stdio::null()).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_flags_give_one_line_naming_the_flag_and_exit_2() {
+    let dir = scratch("bad-flags");
+    let sock = dir.join("s.sock");
+    let s = sock.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--socket", s, "--threshold-ms", "abc"], "--threshold-ms"),
+        (&["--socket", s, "--threshold-ms", "0"], "--threshold-ms"),
+        (&["--socket", s], "--threshold-ms"),
+        (&["--threshold-ms", "100"], "--socket"),
+        (&["--socket", s, "--threshold-ms", "100", "--tracker-eviction-policy", "lru"], "--tracker-eviction-policy"),
+        (&["--socket", s, "--threshold-ms", "100", "--clock-source", "realtime"], "--clock-source"),
+        (&["--socket", s, "--threshold-ms", "100", "--socket-mode", "999"], "--socket-mode"),
+        (&["--socket", s, "--threshold-ms", "100", "--tracker-capacity", "0"], "--tracker-capacity"),
+        (&["--socket", s, "--threshold-ms", "100", "--udp-port", "9999"], "--udp-port"),
+        (&["--socket", s, "--threshold-ms", "100", "--recovery-env", "NOEQUALS"], "--recovery-env"),
+        (&["--socket", s, "--threshold-ms", "100", "--prom-addr", "0.0.0.0:9100"], "--prom-addr"),
+        (&["--socket", s, "--threshold-ms", "100", "--prom-addr", "nonsense"], "--prom-addr"),
+        (&["--socket", s, "--threshold-ms", "100", "--datapath", "xdp"], "--datapath"),
+        (&["--socket", s, "--threshold-ms", "100", "--no-such-flag"], "--no-such-flag"),
+        (&["--socket", s, "--threshold-ms", "100", "--global-beat-burst", "0"], "--global-beat-burst"),
+        (&["--socket", s, "--threshold-ms", "100", "--prom-token-file", "/nonexistent"], "--prom-token-file"),
+    ];
+    for (args, flag) in cases {
+        let (code, stderr) = run_flags(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: not one line: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: does not name {flag}: {stderr}");
+    }
+    assert!(!sock.exists(), "no socket was bound");
+}
+
+#[test]
+fn metrics_token_is_enforced_and_failures_counted() {
+    let dir = scratch("token");
+    let token = dir.join("token");
+    std::fs::write(&token, "s3cret-token-0123456789\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let d = Daemon::builder("token", "userspace")
+        .args(["--threshold-ms", "1000", "--prom-token-file", token.to_str().unwrap()])
+        .start();
+    assert_eq!(d.get_metrics(None).0, 401);
+    assert_eq!(d.get_metrics(Some("wrong-token-0123456789")).0, 401);
+    let (code, body) = d.get_metrics(Some("s3cret-token-0123456789"));
+    assert_eq!(code, 200);
+    assert!(body.contains("varta_prom_auth_failures_total 2"), "{body}");
+
+    // A token readable by others is refused at start-up.
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let (code, stderr) = run_flags(&["--socket", dir.join("x.sock").to_str().unwrap(), "--threshold-ms", "1", "--prom-token-file", token.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--prom-token-file") && stderr.contains("0600"), "{stderr}");
+}
+
+#[test]
+fn beat_and_agent_subcommands_reach_the_observer() {
+    let d = Daemon::builder("subcommands", "userspace").args(["--threshold-ms", "5000"]).start();
+    let st = Command::new(bin()).args(["beat", "--status", "degraded", "--payload", "7", "--socket"]).arg(&d.socket).status().unwrap();
+    assert!(st.success());
+    d.wait_log("event=agent_new", Duration::from_secs(5)).expect("the one-shot beat was tracked");
+    // Without an observer: a clear error, not a panic.
+    let out = Command::new(bin()).args(["beat", "--socket", "/nonexistent/varta.sock"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/varta.sock"), "{err}");
+}
+
+#[test]
+fn shutdown_after_secs_exits_cleanly_and_removes_the_socket() {
+    let d = Daemon::builder("shutdown-after", "userspace").args(["--threshold-ms", "1000", "--shutdown-after-secs", "1"]).start();
+    let socket = d.socket.clone();
+    assert!(socket.exists());
+    let st = d.wait_exit(Duration::from_secs(5)).expect("exited by itself");
+    assert!(st.success());
+    assert!(!socket.exists());
+}
