@@ -57,6 +57,8 @@ pub struct Daemon {
     pub prom: Option<SocketAddr>,
     lines: Arc<Mutex<Vec<String>>>,
     client: UnixDatagram,
+    /// Reaped through `wait_exit_status`: never signal that pid again.
+    reaped: std::sync::atomic::AtomicBool,
 }
 
 pub struct DaemonBuilder {
@@ -65,6 +67,7 @@ pub struct DaemonBuilder {
     args: Vec<String>,
     metrics: bool,
     wrapper: Vec<String>,
+    world_writable: bool,
 }
 
 impl DaemonBuilder {
@@ -80,6 +83,12 @@ impl DaemonBuilder {
 
     pub fn no_metrics(mut self) -> Self {
         self.metrics = false;
+        self
+    }
+
+    /// The socket directory is writable by anyone (for a daemon run as another user).
+    pub fn world_writable(mut self) -> Self {
+        self.world_writable = true;
         self
     }
 
@@ -105,6 +114,9 @@ impl DaemonBuilder {
     pub fn spawn(self) -> Daemon {
         let dir = scratch(&self.name);
         let socket = dir.join("varta.sock");
+        if self.world_writable {
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        }
         let mut cmd = match self.wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -128,7 +140,15 @@ impl DaemonBuilder {
                 sink.lock().unwrap().push(line);
             }
         });
-        Daemon { child: Some(child), dir, socket, prom: None, lines, client: UnixDatagram::unbound().unwrap() }
+        Daemon {
+            child: Some(child),
+            dir,
+            socket,
+            prom: None,
+            lines,
+            client: UnixDatagram::unbound().unwrap(),
+            reaped: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 }
 
@@ -140,6 +160,7 @@ impl Daemon {
             args: Vec::new(),
             metrics: true,
             wrapper: Vec::new(),
+            world_writable: false,
         }
     }
 
@@ -240,6 +261,25 @@ impl Daemon {
         (st, t.elapsed())
     }
 
+    /// Waits for the daemon to exit on its own, keeping its log readable.
+    pub fn wait_exit_status(&self, timeout: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + timeout;
+        let pid = self.pid() as i32;
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid on our own child with a live status slot.
+            let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if rc == pid {
+                self.reaped.store(true, std::sync::atomic::Ordering::Relaxed);
+                return Some(std::os::unix::process::ExitStatusExt::from_raw(status));
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits for the daemon to exit on its own.
     pub fn wait_exit(mut self, timeout: Duration) -> Option<ExitStatus> {
         let end = Instant::now() + timeout;
@@ -259,7 +299,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Some(mut c) = self.child.take().filter(|_| !self.reaped.load(std::sync::atomic::Ordering::Relaxed)) {
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -21,7 +21,8 @@ fn timestamp() -> u64 {
 
 pub fn beat(args: &BeatArgs) -> Result<()> {
     let (status, nonce) = if args.panic { (Status::Critical, NONCE_TERMINAL) } else { (status(args.status), args.nonce) };
-    let frame = Frame { status, pid: std::process::id(), timestamp: timestamp(), nonce, payload: args.payload };
+    let pid = args.pid.unwrap_or_else(std::process::id);
+    let frame = Frame { status, pid, timestamp: timestamp(), nonce, payload: args.payload };
     let sock = UnixDatagram::unbound().context("creating a socket")?;
     sock.send_to(&frame.encode(), &args.socket).with_context(|| format!("sending to {}", args.socket.display()))?;
     Ok(())

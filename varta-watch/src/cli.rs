@@ -53,6 +53,9 @@ pub struct BeatArgs {
     /// Send the panic-terminal frame (Critical, nonce u64::MAX) instead.
     #[arg(long)]
     pub panic: bool,
+    /// Frame this pid instead of our own (to see a forged frame refused).
+    #[arg(long)]
+    pub pid: Option<u32>,
 }
 
 #[derive(Debug, Args)]
