@@ -11,7 +11,8 @@ fn main() {
         Some(path) => {
             let path = PathBuf::from(path);
             println!("cargo:rerun-if-changed={}", path.display());
-            fs::copy(&path, &out).unwrap_or_else(|e| panic!("copying eBPF object {}: {e}", path.display()));
+            fs::copy(&path, &out)
+                .unwrap_or_else(|e| panic!("copying eBPF object {}: {e}", path.display()));
         }
         None => fs::write(&out, []).expect("writing empty eBPF object"),
     }

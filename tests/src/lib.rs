@@ -23,7 +23,11 @@ pub fn bin() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let bin = target.join("debug/varta-watch");
-    assert!(bin.exists(), "{} is missing: run the tests with `cargo xtask test`", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo xtask test`",
+        bin.display()
+    );
     bin
 }
 
@@ -106,7 +110,10 @@ impl DaemonBuilder {
             panic!("daemon did not become ready; log:\n{}", d.log_text());
         };
         let mut d = d;
-        d.prom = ready.split_whitespace().find_map(|kv| kv.strip_prefix("metrics=")).and_then(|a| a.parse().ok());
+        d.prom = ready
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("metrics="))
+            .and_then(|a| a.parse().ok());
         d
     }
 
@@ -115,7 +122,8 @@ impl DaemonBuilder {
         let dir = scratch(&self.name);
         let socket = dir.join("varta.sock");
         if self.world_writable {
-            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+                .unwrap();
         }
         let mut cmd = match self.wrapper.split_first() {
             Some((first, rest)) => {
@@ -125,11 +133,16 @@ impl DaemonBuilder {
             }
             None => Command::new(bin()),
         };
-        cmd.arg("--socket").arg(&socket).args(["--datapath", &self.datapath]);
+        cmd.arg("--socket")
+            .arg(&socket)
+            .args(["--datapath", &self.datapath]);
         if self.metrics {
             cmd.args(["--prom-addr", "127.0.0.1:0"]);
         }
-        cmd.args(&self.args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         cmd.env("VARTA_LOG", "info");
         let mut child = cmd.spawn().expect("starting varta-watch");
         let stderr = child.stderr.take().unwrap();
@@ -180,7 +193,11 @@ impl Daemon {
     pub fn wait_log_all(&self, parts: &[&str], timeout: Duration) -> Option<String> {
         let end = Instant::now() + timeout;
         loop {
-            if let Some(l) = self.logs().into_iter().find(|l| parts.iter().all(|p| l.contains(p))) {
+            if let Some(l) = self
+                .logs()
+                .into_iter()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+            {
                 return Some(l);
             }
             if Instant::now() > end {
@@ -195,19 +212,35 @@ impl Daemon {
     }
 
     pub fn count_logs(&self, parts: &[&str]) -> usize {
-        self.logs().iter().filter(|l| parts.iter().all(|p| l.contains(p))).count()
+        self.logs()
+            .iter()
+            .filter(|l| parts.iter().all(|p| l.contains(p)))
+            .count()
     }
 
     /// GET /metrics (optionally with a bearer token): (status code, body).
     pub fn get_metrics(&self, token: Option<&str>) -> (u16, String) {
         let addr = self.prom.expect("daemon started with metrics");
         let mut s = TcpStream::connect(addr).unwrap();
-        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").unwrap();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut resp = String::new();
         s.read_to_string(&mut resp).unwrap();
-        let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let code = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         (code, body)
     }
 
@@ -241,7 +274,12 @@ impl Daemon {
     /// Starts `varta-watch agent` beating every `interval_ms`.
     pub fn agent(&self, interval_ms: u64) -> Child {
         Command::new(bin())
-            .args(["agent", "--interval-ms", &interval_ms.to_string(), "--socket"])
+            .args([
+                "agent",
+                "--interval-ms",
+                &interval_ms.to_string(),
+                "--socket",
+            ])
             .arg(&self.socket)
             .stderr(Stdio::null())
             .spawn()
@@ -270,7 +308,8 @@ impl Daemon {
             // SAFETY: waitpid on our own child with a live status slot.
             let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
             if rc == pid {
-                self.reaped.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.reaped
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 return Some(std::os::unix::process::ExitStatusExt::from_raw(status));
             }
             if Instant::now() > end {
@@ -299,7 +338,11 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take().filter(|_| !self.reaped.load(std::sync::atomic::Ordering::Relaxed)) {
+        if let Some(mut c) = self
+            .child
+            .take()
+            .filter(|_| !self.reaped.load(std::sync::atomic::Ordering::Relaxed))
+        {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -318,7 +361,14 @@ pub fn parse_metrics(body: &str) -> HashMap<String, f64> {
 }
 
 pub fn frame(pid: u32, nonce: u64) -> [u8; 32] {
-    Frame { status: Status::Ok, pid, timestamp: 1, nonce, payload: 0 }.encode()
+    Frame {
+        status: Status::Ok,
+        pid,
+        timestamp: 1,
+        nonce,
+        payload: 0,
+    }
+    .encode()
 }
 
 pub fn kill(child: &mut Child, sig: i32) {
@@ -333,7 +383,10 @@ pub fn reap(mut child: Child) {
 
 /// The conformance vectors (a copy lives in varta-common/data).
 pub fn vectors() -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../varta-common/data/vlp-v0.2-vectors.json")).unwrap()
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../varta-common/data/vlp-v0.2-vectors.json"),
+    )
+    .unwrap()
 }
 
 /// `(expected decode error, wire bytes)` for every decode-error vector.
@@ -346,8 +399,14 @@ pub fn decode_error_vectors() -> Vec<(String, Vec<u8>)> {
             let at = chunk.find(&format!("\"{name}\": \""))? + name.len() + 5;
             Some(chunk[at..].split('"').next()?.to_owned())
         };
-        let (err, wire) = (field("expected_decode_error").unwrap(), field("wire_hex").unwrap());
-        let bytes = (0..wire.len()).step_by(2).map(|i| u8::from_str_radix(&wire[i..i + 2], 16).unwrap()).collect();
+        let (err, wire) = (
+            field("expected_decode_error").unwrap(),
+            field("wire_hex").unwrap(),
+        );
+        let bytes = (0..wire.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&wire[i..i + 2], 16).unwrap())
+            .collect();
         out.push((err, bytes));
     }
     out

@@ -20,17 +20,50 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
     let export = dir.join("export.tsv");
     let k = key.to_str().unwrap();
     let implemented: Vec<String> = [
-        "--threshold-ms", "2000", "--socket-mode", "0660", "--uds-rcvbuf-bytes", "262144",
-        "--udp-port", "0", "--udp-bind-addr", "127.0.0.1", "--i-accept-plaintext-udp",
+        "--threshold-ms",
+        "2000",
+        "--socket-mode",
+        "0660",
+        "--uds-rcvbuf-bytes",
+        "262144",
+        "--udp-port",
+        "0",
+        "--udp-bind-addr",
+        "127.0.0.1",
+        "--i-accept-plaintext-udp",
         "--plaintext-udp-i-accept-recovery-on-unauthenticated-transport",
-        "--tracker-capacity", "512", "--tracker-eviction-policy", "balanced",
-        "--max-beat-rate", "50", "--global-beat-rate", "4000", "--global-beat-burst", "8000",
-        "--allow-cross-namespace-agents", "--clock-source", "boottime",
-        "--recovery-exec", "/bin/true {pid}", "--recovery-debounce-ms", "2000", "--recovery-timeout-ms", "5000",
-        "--recovery-env", "A=1", "--recovery-env", "B=2", "--recovery-inherit-env",
-        "--shutdown-grace-ms", "1000", "--signal-handler-mode", "direct",
-        "--export-file", export.to_str().unwrap(),
-        "--prom-token-file", token.to_str().unwrap(),
+        "--tracker-capacity",
+        "512",
+        "--tracker-eviction-policy",
+        "balanced",
+        "--max-beat-rate",
+        "50",
+        "--global-beat-rate",
+        "4000",
+        "--global-beat-burst",
+        "8000",
+        "--allow-cross-namespace-agents",
+        "--clock-source",
+        "boottime",
+        "--recovery-exec",
+        "/bin/true {pid}",
+        "--recovery-debounce-ms",
+        "2000",
+        "--recovery-timeout-ms",
+        "5000",
+        "--recovery-env",
+        "A=1",
+        "--recovery-env",
+        "B=2",
+        "--recovery-inherit-env",
+        "--shutdown-grace-ms",
+        "1000",
+        "--signal-handler-mode",
+        "direct",
+        "--export-file",
+        export.to_str().unwrap(),
+        "--prom-token-file",
+        token.to_str().unwrap(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -43,7 +76,10 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
         ("--accepted-key-file", Some(k)),
         ("--master-key-file", Some(k)),
         ("--i-accept-secure-udp-non-loopback", None),
-        ("--secure-udp-i-accept-recovery-on-unauthenticated-transport", None),
+        (
+            "--secure-udp-i-accept-recovery-on-unauthenticated-transport",
+            None,
+        ),
         ("--recovery-capture-stdio", None),
         ("--recovery-capture-bytes", Some("4096")),
         ("--recovery-audit-file", Some("/tmp/varta-audit")),
@@ -85,8 +121,15 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
 }
 
 fn run_flags(args: &[&str]) -> (i32, String) {
-    let out = Command::new(bin()).args(args).stdin(Stdio::null()).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -99,24 +142,130 @@ fn bad_flags_give_one_line_naming_the_flag_and_exit_2() {
         (&["--socket", s, "--threshold-ms", "0"], "--threshold-ms"),
         (&["--socket", s], "--threshold-ms"),
         (&["--threshold-ms", "100"], "--socket"),
-        (&["--socket", s, "--threshold-ms", "100", "--tracker-eviction-policy", "lru"], "--tracker-eviction-policy"),
-        (&["--socket", s, "--threshold-ms", "100", "--clock-source", "realtime"], "--clock-source"),
-        (&["--socket", s, "--threshold-ms", "100", "--socket-mode", "999"], "--socket-mode"),
-        (&["--socket", s, "--threshold-ms", "100", "--tracker-capacity", "0"], "--tracker-capacity"),
-        (&["--socket", s, "--threshold-ms", "100", "--udp-port", "9999"], "--udp-port"),
-        (&["--socket", s, "--threshold-ms", "100", "--recovery-env", "NOEQUALS"], "--recovery-env"),
-        (&["--socket", s, "--threshold-ms", "100", "--prom-addr", "0.0.0.0:9100"], "--prom-addr"),
-        (&["--socket", s, "--threshold-ms", "100", "--prom-addr", "nonsense"], "--prom-addr"),
-        (&["--socket", s, "--threshold-ms", "100", "--datapath", "xdp"], "--datapath"),
-        (&["--socket", s, "--threshold-ms", "100", "--no-such-flag"], "--no-such-flag"),
-        (&["--socket", s, "--threshold-ms", "100", "--global-beat-burst", "0"], "--global-beat-burst"),
-        (&["--socket", s, "--threshold-ms", "100", "--prom-token-file", "/nonexistent"], "--prom-token-file"),
+        (
+            &[
+                "--socket",
+                s,
+                "--threshold-ms",
+                "100",
+                "--tracker-eviction-policy",
+                "lru",
+            ],
+            "--tracker-eviction-policy",
+        ),
+        (
+            &[
+                "--socket",
+                s,
+                "--threshold-ms",
+                "100",
+                "--clock-source",
+                "realtime",
+            ],
+            "--clock-source",
+        ),
+        (
+            &[
+                "--socket",
+                s,
+                "--threshold-ms",
+                "100",
+                "--socket-mode",
+                "999",
+            ],
+            "--socket-mode",
+        ),
+        (
+            &[
+                "--socket",
+                s,
+                "--threshold-ms",
+                "100",
+                "--tracker-capacity",
+                "0",
+            ],
+            "--tracker-capacity",
+        ),
+        (
+            &["--socket", s, "--threshold-ms", "100", "--udp-port", "9999"],
+            "--udp-port",
+        ),
+        (
+            &[
+                "--socket",
+                s,
+                "--threshold-ms",
+                "100",
+                "--recovery-env",
+                "NOEQUALS",
+            ],
+            "--recovery-env",
+        ),
+        (
+            &[
+                "--socket",
+                s,
+                "--threshold-ms",
+                "100",
+                "--prom-addr",
+                "0.0.0.0:9100",
+            ],
+            "--prom-addr",
+        ),
+        (
+            &[
+                "--socket",
+                s,
+                "--threshold-ms",
+                "100",
+                "--prom-addr",
+                "nonsense",
+            ],
+            "--prom-addr",
+        ),
+        (
+            &["--socket", s, "--threshold-ms", "100", "--datapath", "xdp"],
+            "--datapath",
+        ),
+        (
+            &["--socket", s, "--threshold-ms", "100", "--no-such-flag"],
+            "--no-such-flag",
+        ),
+        (
+            &[
+                "--socket",
+                s,
+                "--threshold-ms",
+                "100",
+                "--global-beat-burst",
+                "0",
+            ],
+            "--global-beat-burst",
+        ),
+        (
+            &[
+                "--socket",
+                s,
+                "--threshold-ms",
+                "100",
+                "--prom-token-file",
+                "/nonexistent",
+            ],
+            "--prom-token-file",
+        ),
     ];
     for (args, flag) in cases {
         let (code, stderr) = run_flags(args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{args:?}: not one line: {stderr}");
-        assert!(stderr.contains(flag), "{args:?}: does not name {flag}: {stderr}");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: not one line: {stderr}"
+        );
+        assert!(
+            stderr.contains(flag),
+            "{args:?}: does not name {flag}: {stderr}"
+        );
     }
     assert!(!sock.exists(), "no socket was bound");
 }
@@ -128,7 +277,12 @@ fn metrics_token_is_enforced_and_failures_counted() {
     std::fs::write(&token, "s3cret-token-0123456789\n").unwrap();
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let d = Daemon::builder("token", "userspace")
-        .args(["--threshold-ms", "1000", "--prom-token-file", token.to_str().unwrap()])
+        .args([
+            "--threshold-ms",
+            "1000",
+            "--prom-token-file",
+            token.to_str().unwrap(),
+        ])
         .start();
     assert_eq!(d.get_metrics(None).0, 401);
     assert_eq!(d.get_metrics(Some("wrong-token-0123456789")).0, 401);
@@ -138,19 +292,39 @@ fn metrics_token_is_enforced_and_failures_counted() {
 
     // A token readable by others is refused at start-up.
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    let (code, stderr) = run_flags(&["--socket", dir.join("x.sock").to_str().unwrap(), "--threshold-ms", "1", "--prom-token-file", token.to_str().unwrap()]);
+    let (code, stderr) = run_flags(&[
+        "--socket",
+        dir.join("x.sock").to_str().unwrap(),
+        "--threshold-ms",
+        "1",
+        "--prom-token-file",
+        token.to_str().unwrap(),
+    ]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("--prom-token-file") && stderr.contains("0600"), "{stderr}");
+    assert!(
+        stderr.contains("--prom-token-file") && stderr.contains("0600"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn beat_and_agent_subcommands_reach_the_observer() {
-    let d = Daemon::builder("subcommands", "userspace").args(["--threshold-ms", "5000"]).start();
-    let st = Command::new(bin()).args(["beat", "--status", "degraded", "--payload", "7", "--socket"]).arg(&d.socket).status().unwrap();
+    let d = Daemon::builder("subcommands", "userspace")
+        .args(["--threshold-ms", "5000"])
+        .start();
+    let st = Command::new(bin())
+        .args(["beat", "--status", "degraded", "--payload", "7", "--socket"])
+        .arg(&d.socket)
+        .status()
+        .unwrap();
     assert!(st.success());
-    d.wait_log("event=agent_new", Duration::from_secs(5)).expect("the one-shot beat was tracked");
+    d.wait_log("event=agent_new", Duration::from_secs(5))
+        .expect("the one-shot beat was tracked");
     // Without an observer: a clear error, not a panic.
-    let out = Command::new(bin()).args(["beat", "--socket", "/nonexistent/varta.sock"]).output().unwrap();
+    let out = Command::new(bin())
+        .args(["beat", "--socket", "/nonexistent/varta.sock"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/varta.sock"), "{err}");
@@ -158,10 +332,14 @@ fn beat_and_agent_subcommands_reach_the_observer() {
 
 #[test]
 fn shutdown_after_secs_exits_cleanly_and_removes_the_socket() {
-    let d = Daemon::builder("shutdown-after", "userspace").args(["--threshold-ms", "1000", "--shutdown-after-secs", "1"]).start();
+    let d = Daemon::builder("shutdown-after", "userspace")
+        .args(["--threshold-ms", "1000", "--shutdown-after-secs", "1"])
+        .start();
     let socket = d.socket.clone();
     assert!(socket.exists());
-    let st = d.wait_exit(Duration::from_secs(5)).expect("exited by itself");
+    let st = d
+        .wait_exit(Duration::from_secs(5))
+        .expect("exited by itself");
     assert!(st.success());
     assert!(!socket.exists());
 }

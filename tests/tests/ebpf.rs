@@ -17,16 +17,37 @@ fn hex(b: &[u8]) -> String {
 
 /// Runs the sender to completion: (frames sent, sender pid, elapsed seconds).
 fn send(target: &str, args: &[&str]) -> (u64, u32, f64) {
-    let out = Command::new(SENDER).arg(target).args(args).stderr(Stdio::inherit()).output().unwrap();
+    let out = Command::new(SENDER)
+        .arg(target)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    let field = |k: &str| text.split_whitespace().find_map(|kv| kv.strip_prefix(k)).unwrap().to_owned();
-    (field("sent=").parse().unwrap(), field("pid=").parse().unwrap(), field("elapsed_ns=").parse::<f64>().unwrap() / 1e9)
+    let field = |k: &str| {
+        text.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(k))
+            .unwrap()
+            .to_owned()
+    };
+    (
+        field("sent=").parse().unwrap(),
+        field("pid=").parse().unwrap(),
+        field("elapsed_ns=").parse::<f64>().unwrap() / 1e9,
+    )
 }
 
 fn ebpf_daemon(name: &str, args: &[&str]) -> Daemon {
-    let d = Daemon::builder(name, "ebpf").args(args.iter().copied()).start();
-    assert_eq!(d.metric("varta_datapath_info{mode=\"ebpf\"}"), 1.0, "{}", d.log_text());
+    let d = Daemon::builder(name, "ebpf")
+        .args(args.iter().copied())
+        .start();
+    assert_eq!(
+        d.metric("varta_datapath_info{mode=\"ebpf\"}"),
+        1.0,
+        "{}",
+        d.log_text()
+    );
     d
 }
 
@@ -45,7 +66,13 @@ fn junk_flood_from_several_processes_is_counted_exactly_in_the_kernel_needs_root
     // One process per payload, all at once.
     let children: Vec<_> = payloads
         .iter()
-        .map(|(_, bytes)| Command::new(SENDER).args([&socket, "hex", &EACH.to_string(), &hex(bytes)]).stdout(Stdio::null()).spawn().unwrap())
+        .map(|(_, bytes)| {
+            Command::new(SENDER)
+                .args([&socket, "hex", &EACH.to_string(), &hex(bytes)])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
         .collect();
     for mut c in children {
         assert!(c.wait().unwrap().success());
@@ -54,19 +81,36 @@ fn junk_flood_from_several_processes_is_counted_exactly_in_the_kernel_needs_root
     for (name, _) in &payloads {
         *expected.entry(name.clone()).or_insert(0u64) += EACH;
     }
-    let total_decode: u64 = expected.iter().filter(|(k, _)| *k != "Length").map(|(_, v)| v).sum();
-    d.wait_metric("varta_frames_dropped_total{reason=\"decode\"}", Duration::from_secs(5), |v| v >= total_decode as f64);
+    let total_decode: u64 = expected
+        .iter()
+        .filter(|(k, _)| *k != "Length")
+        .map(|(_, v)| v)
+        .sum();
+    d.wait_metric(
+        "varta_frames_dropped_total{reason=\"decode\"}",
+        Duration::from_secs(5),
+        |v| v >= total_decode as f64,
+    );
     let m = d.metrics();
     for (name, n) in &expected {
         let sample = if name == "Length" {
             "varta_frames_dropped_total{reason=\"length\"}".to_owned()
         } else {
-            format!("varta_decode_errors_total{{kind=\"{}\"}}", varta_e2e::snake(name))
+            format!(
+                "varta_decode_errors_total{{kind=\"{}\"}}",
+                varta_e2e::snake(name)
+            )
         };
         assert_eq!(m[&sample], *n as f64, "{sample}");
     }
-    assert_eq!(m["varta_frames_dropped_total{reason=\"decode\"}"], total_decode as f64);
-    assert_eq!(m["varta_datapath_beats_delivered_total"], 0.0, "no junk reached userspace");
+    assert_eq!(
+        m["varta_frames_dropped_total{reason=\"decode\"}"],
+        total_decode as f64
+    );
+    assert_eq!(
+        m["varta_datapath_beats_delivered_total"], 0.0,
+        "no junk reached userspace"
+    );
 }
 
 #[test]
@@ -77,15 +121,29 @@ fn spoof_over_uds_is_dropped_in_the_kernel_needs_root() {
     let d = ebpf_daemon("kernel-spoof", &["--threshold-ms", "1000"]);
     let agent = d.agent(100);
     let victim = agent.id();
-    d.wait_metric(&format!("varta_beats_total{{pid=\"{victim}\"}}"), Duration::from_secs(5), |v| v >= 1.0);
+    d.wait_metric(
+        &format!("varta_beats_total{{pid=\"{victim}\"}}"),
+        Duration::from_secs(5),
+        |v| v >= 1.0,
+    );
     let delivered = d.metric("varta_datapath_beats_delivered_total");
-    let (sent, _, _) = send(d.socket.to_str().unwrap(), &["forge", "200", &victim.to_string()]);
-    let spoofs = d.wait_metric("varta_frames_dropped_total{reason=\"spoof\"}", Duration::from_secs(5), |v| v >= sent as f64);
+    let (sent, _, _) = send(
+        d.socket.to_str().unwrap(),
+        &["forge", "200", &victim.to_string()],
+    );
+    let spoofs = d.wait_metric(
+        "varta_frames_dropped_total{reason=\"spoof\"}",
+        Duration::from_secs(5),
+        |v| v >= sent as f64,
+    );
     assert_eq!(spoofs, 200.0);
     // Only the agent's own beats (one per 100 ms) reached userspace, none of the 200.
     let after = d.metric("varta_datapath_beats_delivered_total");
     assert!(after - delivered < 20.0, "{delivered} -> {after}");
-    assert_eq!(d.metric("varta_frames_dropped_total{reason=\"replay\"}"), 0.0);
+    assert_eq!(
+        d.metric("varta_frames_dropped_total{reason=\"replay\"}"),
+        0.0
+    );
     reap(agent);
 }
 
@@ -95,17 +153,34 @@ fn per_agent_rate_limit_holds_within_5_percent_needs_root() {
         return;
     }
     const RATE: f64 = 200.0;
-    let d = ebpf_daemon("rate-per-pid", &["--threshold-ms", "5000", "--max-beat-rate", "200", "--global-beat-rate", "0"]);
+    let d = ebpf_daemon(
+        "rate-per-pid",
+        &[
+            "--threshold-ms",
+            "5000",
+            "--max-beat-rate",
+            "200",
+            "--global-beat-rate",
+            "0",
+        ],
+    );
     let (sent, pid, secs) = send(d.socket.to_str().unwrap(), &["flood", "0", "2000"]);
     let beats = format!("varta_beats_total{{pid=\"{pid}\"}}");
     std::thread::sleep(Duration::from_millis(200));
     let admitted = d.metric(&beats);
     let expected = RATE + RATE * secs; // one second of burst, then the rate
     let error = (admitted - expected).abs() / expected;
-    println!("per-agent: sent {sent} in {secs:.3}s, admitted {admitted}, expected {expected:.0}, error {:.2}%", error * 100.0);
+    println!(
+        "per-agent: sent {sent} in {secs:.3}s, admitted {admitted}, expected {expected:.0}, error {:.2}%",
+        error * 100.0
+    );
     assert!(error < 0.05, "admitted {admitted}, expected {expected:.0}");
     let limited = d.metric("varta_rate_limited_total{reason=\"per_pid\"}");
-    assert_eq!(limited + admitted, sent as f64, "every frame admitted or counted");
+    assert_eq!(
+        limited + admitted,
+        sent as f64,
+        "every frame admitted or counted"
+    );
 }
 
 #[test]
@@ -116,28 +191,58 @@ fn global_rate_limit_holds_within_5_percent_needs_root() {
     const RATE: f64 = 1000.0;
     let d = ebpf_daemon(
         "rate-global",
-        &["--threshold-ms", "5000", "--max-beat-rate", "0", "--global-beat-rate", "1000", "--global-beat-burst", "1000"],
+        &[
+            "--threshold-ms",
+            "5000",
+            "--max-beat-rate",
+            "0",
+            "--global-beat-rate",
+            "1000",
+            "--global-beat-burst",
+            "1000",
+        ],
     );
     let socket = d.socket.to_str().unwrap().to_owned();
     let started = std::time::Instant::now();
     let senders: Vec<_> = (0..3)
-        .map(|_| Command::new(SENDER).args([&socket, "flood", "0", "2000"]).stdout(Stdio::piped()).spawn().unwrap())
+        .map(|_| {
+            Command::new(SENDER)
+                .args([&socket, "flood", "0", "2000"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
         .collect();
     let mut sent = 0u64;
     for s in senders {
         let out = s.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        sent += text.split_whitespace().find_map(|kv| kv.strip_prefix("sent=")).unwrap().parse::<u64>().unwrap();
+        sent += text
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("sent="))
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
     }
     let secs = started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(200));
     let m = d.metrics();
-    let admitted: f64 = m.iter().filter(|(k, _)| k.starts_with("varta_beats_total{")).map(|(_, v)| v).sum();
+    let admitted: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("varta_beats_total{"))
+        .map(|(_, v)| v)
+        .sum();
     let expected = RATE + RATE * secs;
     let error = (admitted - expected).abs() / expected;
-    println!("global: sent {sent} in {secs:.3}s from 3 processes, admitted {admitted}, expected {expected:.0}, error {:.2}%", error * 100.0);
+    println!(
+        "global: sent {sent} in {secs:.3}s from 3 processes, admitted {admitted}, expected {expected:.0}, error {:.2}%",
+        error * 100.0
+    );
     assert!(error < 0.05, "admitted {admitted}, expected {expected:.0}");
-    assert_eq!(m["varta_rate_limited_total{reason=\"global\"}"] + admitted, sent as f64);
+    assert_eq!(
+        m["varta_rate_limited_total{reason=\"global\"}"] + admitted,
+        sent as f64
+    );
 }
 
 #[test]
@@ -145,17 +250,35 @@ fn ring_buffer_overflow_is_counted_needs_root() {
     if !ebpf_enabled("ring_buffer_overflow_needs_root") {
         return;
     }
-    let d = ebpf_daemon("ring-overflow", &["--threshold-ms", "5000", "--max-beat-rate", "0", "--global-beat-rate", "0"]);
+    let d = ebpf_daemon(
+        "ring-overflow",
+        &[
+            "--threshold-ms",
+            "5000",
+            "--max-beat-rate",
+            "0",
+            "--global-beat-rate",
+            "0",
+        ],
+    );
     // A daemon that cannot drain (stopped) and a burst larger than the ring.
     d.signal(libc::SIGSTOP);
     let (sent, _, _) = send(d.socket.to_str().unwrap(), &["flood", "40000"]);
     d.signal(libc::SIGCONT);
-    let full = d.wait_metric("varta_frames_dropped_total{reason=\"ringbuf_full\"}", Duration::from_secs(5), |v| v > 0.0);
+    let full = d.wait_metric(
+        "varta_frames_dropped_total{reason=\"ringbuf_full\"}",
+        Duration::from_secs(5),
+        |v| v > 0.0,
+    );
     std::thread::sleep(Duration::from_millis(300));
     let delivered = d.metric("varta_datapath_beats_delivered_total");
     println!("ring overflow: sent {sent}, delivered {delivered}, ringbuf_full {full}");
     assert!(full > 0.0);
-    assert_eq!(delivered + full, sent as f64, "every frame delivered or counted, none lost silently");
+    assert_eq!(
+        delivered + full,
+        sent as f64,
+        "every frame delivered or counted, none lost silently"
+    );
 }
 
 #[test]
@@ -167,26 +290,48 @@ fn plaintext_udp_junk_is_counted_in_the_kernel_and_beats_carry_the_source_needs_
     let port = free_udp_port();
     let d = ebpf_daemon(
         "udp",
-        &["--threshold-ms", "1000", "--udp-port", &port.to_string(), "--udp-bind-addr", "127.0.0.1", "--i-accept-plaintext-udp", "--allow-cross-namespace-agents", "--clock-source", "boottime"],
+        &[
+            "--threshold-ms",
+            "1000",
+            "--udp-port",
+            &port.to_string(),
+            "--udp-bind-addr",
+            "127.0.0.1",
+            "--i-accept-plaintext-udp",
+            "--allow-cross-namespace-agents",
+            "--clock-source",
+            "boottime",
+        ],
     );
     let target = format!("udp:127.0.0.1:{port}");
     for (_, wire) in decode_error_vectors() {
         send(&target, &["hex", "10", &hex(&wire)]);
     }
     send(&target, &["hex", "10", "0102"]);
-    d.wait_metric("varta_frames_dropped_total{reason=\"decode\"}", Duration::from_secs(5), |v| v >= 90.0);
+    d.wait_metric(
+        "varta_frames_dropped_total{reason=\"decode\"}",
+        Duration::from_secs(5),
+        |v| v >= 90.0,
+    );
     let m = d.metrics();
     assert_eq!(m["varta_frames_dropped_total{reason=\"decode\"}"], 90.0);
     assert_eq!(m["varta_frames_dropped_total{reason=\"length\"}"], 10.0);
     assert_eq!(m["varta_datapath_beats_delivered_total"], 0.0);
     // A valid UDP beat is tracked under its claimed pid.
     let (_, pid, _) = send(&target, &["flood", "3"]);
-    d.wait_log_all(&["event=agent_new", &format!("pid={pid}"), "transport=udp"], Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("{}", d.log_text()));
+    d.wait_log_all(
+        &["event=agent_new", &format!("pid={pid}"), "transport=udp"],
+        Duration::from_secs(5),
+    )
+    .unwrap_or_else(|| panic!("{}", d.log_text()));
 }
 
 fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -194,22 +339,62 @@ fn without_privileges_ebpf_fails_with_the_reason_and_auto_falls_back_needs_root(
     if !ebpf_enabled("without_privileges_needs_root") {
         return;
     }
-    let nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"];
-    let d = Daemon::builder("unprivileged-ebpf", "ebpf").world_writable().wrapped(nobody).args(["--threshold-ms", "500"]).spawn();
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ];
+    let d = Daemon::builder("unprivileged-ebpf", "ebpf")
+        .world_writable()
+        .wrapped(nobody)
+        .args(["--threshold-ms", "500"])
+        .spawn();
     let status = d.wait_exit_status(Duration::from_secs(10));
     assert_eq!(status.and_then(|s| s.code()), Some(1));
-    let line = d.wait_log("missing privilege", Duration::from_secs(1)).unwrap_or_else(|| panic!("{}", d.log_text()));
-    assert!(line.contains("CAP_BPF") && line.contains("CAP_NET_ADMIN") && line.contains("--datapath ebpf"), "{line}");
-    assert_eq!(d.count_logs(&["level=error"]), 1, "one line: {}", d.log_text());
+    let line = d
+        .wait_log("missing privilege", Duration::from_secs(1))
+        .unwrap_or_else(|| panic!("{}", d.log_text()));
+    assert!(
+        line.contains("CAP_BPF")
+            && line.contains("CAP_NET_ADMIN")
+            && line.contains("--datapath ebpf"),
+        "{line}"
+    );
+    assert_eq!(
+        d.count_logs(&["level=error"]),
+        1,
+        "one line: {}",
+        d.log_text()
+    );
 
     // auto: one fallback line, then a working observer on the userspace datapath.
-    let d = Daemon::builder("unprivileged-auto", "auto").world_writable().wrapped(nobody).args(["--threshold-ms", "500"]).start();
-    let fallback = d.wait_log("event=datapath_fallback", Duration::from_secs(1)).unwrap();
-    assert!(fallback.contains("missing privilege CAP_BPF and CAP_NET_ADMIN"), "{fallback}");
+    let d = Daemon::builder("unprivileged-auto", "auto")
+        .world_writable()
+        .wrapped(nobody)
+        .args(["--threshold-ms", "500"])
+        .start();
+    let fallback = d
+        .wait_log("event=datapath_fallback", Duration::from_secs(1))
+        .unwrap();
+    assert!(
+        fallback.contains("missing privilege CAP_BPF and CAP_NET_ADMIN"),
+        "{fallback}"
+    );
     assert_eq!(d.metric("varta_datapath_info{mode=\"userspace\"}"), 1.0);
     let agent = d.agent(50);
     let pid = agent.id();
-    d.wait_log_all(&["event=agent_new", &format!("pid={pid}")], Duration::from_secs(5)).unwrap();
+    d.wait_log_all(
+        &["event=agent_new", &format!("pid={pid}")],
+        Duration::from_secs(5),
+    )
+    .unwrap();
     reap(agent);
-    d.wait_log_all(&["event=stall", &format!("pid={pid}")], Duration::from_secs(3)).unwrap_or_else(|| panic!("{}", d.log_text()));
+    d.wait_log_all(
+        &["event=stall", &format!("pid={pid}")],
+        Duration::from_secs(3),
+    )
+    .unwrap_or_else(|| panic!("{}", d.log_text()));
 }

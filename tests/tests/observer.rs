@@ -40,20 +40,33 @@ on_both_datapaths!(
 const THRESHOLD_MS: u64 = 600;
 
 fn agent_stall_fires_once_and_rearms(datapath: &str) {
-    let d = Daemon::builder("stall", datapath).args(["--threshold-ms", &THRESHOLD_MS.to_string()]).start();
+    let d = Daemon::builder("stall", datapath)
+        .args(["--threshold-ms", &THRESHOLD_MS.to_string()])
+        .start();
     let mut agent = d.agent(50);
     let pid = agent.id();
     let beats = format!("varta_beats_total{{pid=\"{pid}\"}}");
     let stalls = format!("varta_stalls_total{{pid=\"{pid}\"}}");
-    assert!(d.wait_metric(&beats, Duration::from_secs(5), |v| v >= 3.0) >= 3.0, "agent tracked");
+    assert!(
+        d.wait_metric(&beats, Duration::from_secs(5), |v| v >= 3.0) >= 3.0,
+        "agent tracked"
+    );
     assert_eq!(d.metric("varta_watch_pids_tracked"), 1.0);
 
     // Silence (SIGSTOP): exactly one stall, within threshold + 250 ms of the last beat.
     kill(&mut agent, libc::SIGSTOP);
     let stopped = Instant::now();
-    let line = d.wait_log_all(&["event=stall", &format!("pid={pid}")], Duration::from_secs(5)).expect("stall surfaced");
+    let line = d
+        .wait_log_all(
+            &["event=stall", &format!("pid={pid}")],
+            Duration::from_secs(5),
+        )
+        .expect("stall surfaced");
     let latency = stopped.elapsed();
-    assert!(latency <= Duration::from_millis(THRESHOLD_MS + 250), "stall after {latency:?}: {line}");
+    assert!(
+        latency <= Duration::from_millis(THRESHOLD_MS + 250),
+        "stall after {latency:?}: {line}"
+    );
     assert_eq!(d.metric(&stalls), 1.0);
     std::thread::sleep(Duration::from_millis(THRESHOLD_MS * 2));
     assert_eq!(d.metric(&stalls), 1.0, "one stall per silence");
@@ -61,7 +74,11 @@ fn agent_stall_fires_once_and_rearms(datapath: &str) {
 
     // It beats again: the stall re-arms.
     kill(&mut agent, libc::SIGCONT);
-    d.wait_log_all(&["event=agent_resumed", &format!("pid={pid}")], Duration::from_secs(5)).expect("resumed");
+    d.wait_log_all(
+        &["event=agent_resumed", &format!("pid={pid}")],
+        Duration::from_secs(5),
+    )
+    .expect("resumed");
     // Killed for good: one more stall.
     let killed = Instant::now();
     reap(agent);
@@ -73,7 +90,9 @@ fn agent_stall_fires_once_and_rearms(datapath: &str) {
 }
 
 fn decode_error_vectors_are_counted_and_nothing_tracked(datapath: &str) {
-    let d = Daemon::builder("decode", datapath).args(["--threshold-ms", "1000"]).start();
+    let d = Daemon::builder("decode", datapath)
+        .args(["--threshold-ms", "1000"])
+        .start();
     let vectors = decode_error_vectors();
     assert_eq!(vectors.len(), 9);
     for (_, wire) in &vectors {
@@ -87,21 +106,38 @@ fn decode_error_vectors_are_counted_and_nothing_tracked(datapath: &str) {
     for (err, _) in &vectors {
         *expected.entry(snake(err)).or_insert(0.0) += 1.0;
     }
-    d.wait_metric("varta_frames_dropped_total{reason=\"length\"}", Duration::from_secs(5), |v| v >= 4.0);
-    d.wait_metric("varta_frames_dropped_total{reason=\"decode\"}", Duration::from_secs(5), |v| v >= 9.0);
+    d.wait_metric(
+        "varta_frames_dropped_total{reason=\"length\"}",
+        Duration::from_secs(5),
+        |v| v >= 4.0,
+    );
+    d.wait_metric(
+        "varta_frames_dropped_total{reason=\"decode\"}",
+        Duration::from_secs(5),
+        |v| v >= 9.0,
+    );
     let m = d.metrics();
     for (kind, n) in &expected {
-        assert_eq!(m.get(&format!("varta_decode_errors_total{{kind=\"{kind}\"}}")), Some(n), "{kind}");
+        assert_eq!(
+            m.get(&format!("varta_decode_errors_total{{kind=\"{kind}\"}}")),
+            Some(n),
+            "{kind}"
+        );
     }
     assert_eq!(m["varta_frames_dropped_total{reason=\"decode\"}"], 9.0);
     assert_eq!(m["varta_frames_dropped_total{reason=\"length\"}"], 4.0);
     assert_eq!(m["varta_watch_pids_tracked"], 0.0);
-    assert_eq!(m["varta_datapath_beats_delivered_total"], 0.0, "nothing was handed to the pipeline");
+    assert_eq!(
+        m["varta_datapath_beats_delivered_total"], 0.0,
+        "nothing was handed to the pipeline"
+    );
     assert!(!m.keys().any(|k| k.starts_with("varta_beats_total")));
 }
 
 fn forged_pid_is_a_spoof_and_the_real_agent_is_untouched(datapath: &str) {
-    let d = Daemon::builder("spoof", datapath).args(["--threshold-ms", "5000"]).start();
+    let d = Daemon::builder("spoof", datapath)
+        .args(["--threshold-ms", "5000"])
+        .start();
     let agent = d.agent(50);
     let pid = agent.id();
     let beats = format!("varta_beats_total{{pid=\"{pid}\"}}");
@@ -110,19 +146,28 @@ fn forged_pid_is_a_spoof_and_the_real_agent_is_untouched(datapath: &str) {
     for nonce in 0..5 {
         d.send(&frame(pid, 1_000_000 + nonce));
     }
-    d.wait_metric("varta_frames_dropped_total{reason=\"spoof\"}", Duration::from_secs(5), |v| v >= 5.0);
+    d.wait_metric(
+        "varta_frames_dropped_total{reason=\"spoof\"}",
+        Duration::from_secs(5),
+        |v| v >= 5.0,
+    );
     let before = d.metric(&beats);
     std::thread::sleep(Duration::from_millis(300));
     let m = d.metrics();
     assert_eq!(m["varta_frames_dropped_total{reason=\"spoof\"}"], 5.0);
     assert_eq!(m["varta_frame_auth_failures_total"], 5.0);
-    assert_eq!(m["varta_frames_dropped_total{reason=\"replay\"}"], 0.0, "the agent's own nonces still count");
+    assert_eq!(
+        m["varta_frames_dropped_total{reason=\"replay\"}"], 0.0,
+        "the agent's own nonces still count"
+    );
     assert!(m[&beats] > before, "the real agent keeps beating");
     reap(agent);
 }
 
 fn replayed_nonce_is_dropped(datapath: &str) {
-    let d = Daemon::builder("replay", datapath).args(["--threshold-ms", "5000"]).start();
+    let d = Daemon::builder("replay", datapath)
+        .args(["--threshold-ms", "5000"])
+        .start();
     let me = std::process::id();
     d.send(&frame(me, 7));
     d.send(&frame(me, 7));
@@ -130,7 +175,11 @@ fn replayed_nonce_is_dropped(datapath: &str) {
     d.send(&frame(me, 8));
     let beats = format!("varta_beats_total{{pid=\"{me}\"}}");
     d.wait_metric(&beats, Duration::from_secs(5), |v| v >= 2.0);
-    d.wait_metric("varta_frames_dropped_total{reason=\"replay\"}", Duration::from_secs(5), |v| v >= 2.0);
+    d.wait_metric(
+        "varta_frames_dropped_total{reason=\"replay\"}",
+        Duration::from_secs(5),
+        |v| v >= 2.0,
+    );
     let m = d.metrics();
     assert_eq!(m[&beats], 2.0);
     assert_eq!(m["varta_frames_dropped_total{reason=\"replay\"}"], 2.0);
@@ -139,28 +188,65 @@ fn replayed_nonce_is_dropped(datapath: &str) {
 fn capacity_strict_and_balanced(datapath: &str) {
     for policy in ["strict", "balanced"] {
         let d = Daemon::builder(&format!("capacity-{policy}"), datapath)
-            .args(["--threshold-ms", "700", "--tracker-capacity", "2", "--tracker-eviction-policy", policy])
+            .args([
+                "--threshold-ms",
+                "700",
+                "--tracker-capacity",
+                "2",
+                "--tracker-eviction-policy",
+                policy,
+            ])
             .start();
         let a = d.agent(50);
-        d.wait_log_all(&["event=agent_new", &format!("pid={}", a.id())], Duration::from_secs(5)).unwrap();
+        d.wait_log_all(
+            &["event=agent_new", &format!("pid={}", a.id())],
+            Duration::from_secs(5),
+        )
+        .unwrap();
         let b = d.agent(50);
-        d.wait_log_all(&["event=agent_new", &format!("pid={}", b.id())], Duration::from_secs(5)).unwrap();
+        d.wait_log_all(
+            &["event=agent_new", &format!("pid={}", b.id())],
+            Duration::from_secs(5),
+        )
+        .unwrap();
         let c = d.agent(50);
         let c_pid = c.id();
         if policy == "strict" {
             // Nothing stalled: the third agent is refused.
-            d.wait_metric("varta_frames_dropped_total{reason=\"capacity\"}", Duration::from_secs(5), |v| v >= 1.0);
+            d.wait_metric(
+                "varta_frames_dropped_total{reason=\"capacity\"}",
+                Duration::from_secs(5),
+                |v| v >= 1.0,
+            );
             assert_eq!(d.metric("varta_watch_pids_tracked"), 2.0);
-            assert_eq!(d.metric(&format!("varta_beats_total{{pid=\"{c_pid}\"}}")), 0.0);
+            assert_eq!(
+                d.metric(&format!("varta_beats_total{{pid=\"{c_pid}\"}}")),
+                0.0
+            );
             // Once one agent has stalled, it makes room.
             let a_pid = a.id();
             reap(a);
-            d.wait_log_all(&["event=agent_evicted", &format!("pid={a_pid}"), &format!("for={c_pid}")], Duration::from_secs(5))
-                .unwrap_or_else(|| panic!("a stalled agent is evicted for the new one:\n{}", d.log_text()));
+            d.wait_log_all(
+                &[
+                    "event=agent_evicted",
+                    &format!("pid={a_pid}"),
+                    &format!("for={c_pid}"),
+                ],
+                Duration::from_secs(5),
+            )
+            .unwrap_or_else(|| {
+                panic!(
+                    "a stalled agent is evicted for the new one:\n{}",
+                    d.log_text()
+                )
+            });
         } else {
             // Balanced: the agent silent longest makes room at once.
-            d.wait_log_all(&["event=agent_evicted", &format!("for={c_pid}")], Duration::from_secs(5))
-                .unwrap_or_else(|| panic!("balanced evicts the oldest:\n{}", d.log_text()));
+            d.wait_log_all(
+                &["event=agent_evicted", &format!("for={c_pid}")],
+                Duration::from_secs(5),
+            )
+            .unwrap_or_else(|| panic!("balanced evicts the oldest:\n{}", d.log_text()));
             reap(a);
         }
         assert_eq!(d.metric("varta_watch_pids_tracked"), 2.0);
@@ -174,27 +260,57 @@ fn recovery_runs_times_out_and_debounces(datapath: &str) {
     let dir = varta_e2e::scratch(&format!("recovery-script-{datapath}"));
     let script = dir.join("recover.sh");
     let out = dir.join("recovered");
-    std::fs::write(&script, format!("#!/bin/sh\necho \"$1 $FOO $HOME\" >> {}\n[ \"$2\" = hang ] && sleep 30\nexit 0\n", out.display())).unwrap();
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$1 $FOO $HOME\" >> {}\n[ \"$2\" = hang ] && sleep 30\nexit 0\n",
+            out.display()
+        ),
+    )
+    .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 
     // Runs with the pid, a clean environment plus --recovery-env; debounced per pid.
     let d = Daemon::builder("recovery", datapath)
-        .args(["--threshold-ms", "300", "--recovery-debounce-ms", "60000", "--recovery-env", "FOO=bar"])
+        .args([
+            "--threshold-ms",
+            "300",
+            "--recovery-debounce-ms",
+            "60000",
+            "--recovery-env",
+            "FOO=bar",
+        ])
         .arg("--recovery-exec")
         .arg(format!("{} {{pid}}", script.display()))
         .start();
     let me = std::process::id();
     d.send(&frame(me, 1));
-    d.wait_log_all(&["event=recovery ", &format!("pid={me}"), "outcome=success"], Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("recovery ran:\n{}", d.log_text()));
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), format!("{me} bar \n"), "pid substituted, env cleared");
+    d.wait_log_all(
+        &["event=recovery ", &format!("pid={me}"), "outcome=success"],
+        Duration::from_secs(5),
+    )
+    .unwrap_or_else(|| panic!("recovery ran:\n{}", d.log_text()));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        format!("{me} bar \n"),
+        "pid substituted, env cleared"
+    );
     // A second stall of the same pid within the debounce window does not run it again.
     d.send(&frame(me, 2));
-    d.wait_log_all(&["event=recovery ", &format!("pid={me}"), "outcome=debounced"], Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("debounced:\n{}", d.log_text()));
+    d.wait_log_all(
+        &["event=recovery ", &format!("pid={me}"), "outcome=debounced"],
+        Duration::from_secs(5),
+    )
+    .unwrap_or_else(|| panic!("debounced:\n{}", d.log_text()));
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 1);
-    assert_eq!(d.metric("varta_recovery_outcomes_total{outcome=\"success\"}"), 1.0);
-    assert_eq!(d.metric("varta_recovery_outcomes_total{outcome=\"debounced\"}"), 1.0);
+    assert_eq!(
+        d.metric("varta_recovery_outcomes_total{outcome=\"success\"}"),
+        1.0
+    );
+    assert_eq!(
+        d.metric("varta_recovery_outcomes_total{outcome=\"debounced\"}"),
+        1.0
+    );
     drop(d);
 
     // A hanging command is killed at the timeout, and reaped.
@@ -205,11 +321,18 @@ fn recovery_runs_times_out_and_debounces(datapath: &str) {
         .start();
     d.send(&frame(me, 1));
     let started = Instant::now();
-    d.wait_log_all(&["event=recovery ", "outcome=timeout"], Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("timeout:\n{}", d.log_text()));
+    d.wait_log_all(
+        &["event=recovery ", "outcome=timeout"],
+        Duration::from_secs(5),
+    )
+    .unwrap_or_else(|| panic!("timeout:\n{}", d.log_text()));
     assert!(started.elapsed() < Duration::from_secs(3));
-    let children = std::fs::read_to_string(format!("/proc/{}/task/{}/children", d.pid(), d.pid())).unwrap_or_default();
-    assert!(children.trim().is_empty(), "no child left, zombie or alive: {children}");
+    let children = std::fs::read_to_string(format!("/proc/{}/task/{}/children", d.pid(), d.pid()))
+        .unwrap_or_default();
+    assert!(
+        children.trim().is_empty(),
+        "no child left, zombie or alive: {children}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -217,21 +340,62 @@ fn export_file_and_metrics_after_a_scripted_scenario(datapath: &str) {
     let dir = varta_e2e::scratch(&format!("export-file-{datapath}"));
     let export = dir.join("events.tsv");
     let d = Daemon::builder("export", datapath)
-        .args(["--threshold-ms", "400", "--export-file", export.to_str().unwrap()])
+        .args([
+            "--threshold-ms",
+            "400",
+            "--export-file",
+            export.to_str().unwrap(),
+        ])
         .start();
     let me = std::process::id();
     use varta_common::{Frame, Status};
-    d.send(&Frame { status: Status::Ok, pid: me, timestamp: 5, nonce: 1, payload: 10 }.encode());
-    d.send(&Frame { status: Status::Degraded, pid: me, timestamp: 6, nonce: 2, payload: 20 }.encode());
-    d.send(&Frame { status: Status::Ok, pid: me, timestamp: 7, nonce: 2, payload: 30 }.encode()); // replay
+    d.send(
+        &Frame {
+            status: Status::Ok,
+            pid: me,
+            timestamp: 5,
+            nonce: 1,
+            payload: 10,
+        }
+        .encode(),
+    );
+    d.send(
+        &Frame {
+            status: Status::Degraded,
+            pid: me,
+            timestamp: 6,
+            nonce: 2,
+            payload: 20,
+        }
+        .encode(),
+    );
+    d.send(
+        &Frame {
+            status: Status::Ok,
+            pid: me,
+            timestamp: 7,
+            nonce: 2,
+            payload: 30,
+        }
+        .encode(),
+    ); // replay
     d.send(&[1, 2, 3]); // wrong length
-    d.wait_log_all(&["event=stall", &format!("pid={me}")], Duration::from_secs(5)).unwrap();
+    d.wait_log_all(
+        &["event=stall", &format!("pid={me}")],
+        Duration::from_secs(5),
+    )
+    .unwrap();
 
     // The metrics, line by line (every varta_ sample but uptime and the rcvbuf size).
     let (_, body) = d.get_metrics(None);
     let mut lines: Vec<&str> = body
         .lines()
-        .filter(|l| l.starts_with("varta_") && !l.starts_with("varta_watch_uptime") && !l.starts_with("varta_observer_uds_rcvbuf") && !l.starts_with("varta_pid_max_current"))
+        .filter(|l| {
+            l.starts_with("varta_")
+                && !l.starts_with("varta_watch_uptime")
+                && !l.starts_with("varta_observer_uds_rcvbuf")
+                && !l.starts_with("varta_pid_max_current")
+        })
         .collect();
     lines.sort();
     let mut expected: Vec<String> = vec![
@@ -256,11 +420,33 @@ fn export_file_and_metrics_after_a_scripted_scenario(datapath: &str) {
         "varta_agent_restarts_total 0".into(),
         "varta_nonce_wrap_total 0".into(),
     ];
-    for kind in ["bad_magic", "bad_version", "bad_crc", "bad_status", "stall_on_wire", "bad_pid", "bad_timestamp", "bad_nonce"] {
+    for kind in [
+        "bad_magic",
+        "bad_version",
+        "bad_crc",
+        "bad_status",
+        "stall_on_wire",
+        "bad_pid",
+        "bad_timestamp",
+        "bad_nonce",
+    ] {
         expected.push(format!("varta_decode_errors_total{{kind=\"{kind}\"}} 0"));
     }
-    for reason in ["decode", "spoof", "namespace", "pid_max", "rate_per_pid", "rate_global", "capacity", "origin_conflict", "ringbuf_full", "attest_pending"] {
-        expected.push(format!("varta_frames_dropped_total{{reason=\"{reason}\"}} 0"));
+    for reason in [
+        "decode",
+        "spoof",
+        "namespace",
+        "pid_max",
+        "rate_per_pid",
+        "rate_global",
+        "capacity",
+        "origin_conflict",
+        "ringbuf_full",
+        "attest_pending",
+    ] {
+        expected.push(format!(
+            "varta_frames_dropped_total{{reason=\"{reason}\"}} 0"
+        ));
     }
     expected.sort();
     assert_eq!(lines, expected);
@@ -290,18 +476,44 @@ fn export_file_and_metrics_after_a_scripted_scenario(datapath: &str) {
 }
 
 fn critical_and_panic_terminal_are_surfaced_at_once(datapath: &str) {
-    let d = Daemon::builder("critical", datapath).args(["--threshold-ms", "500"]).start();
-    let status = Command::new(bin()).args(["beat", "--status", "critical", "--payload", "9", "--socket"]).arg(&d.socket).status().unwrap();
+    let d = Daemon::builder("critical", datapath)
+        .args(["--threshold-ms", "500"])
+        .start();
+    let status = Command::new(bin())
+        .args(["beat", "--status", "critical", "--payload", "9", "--socket"])
+        .arg(&d.socket)
+        .status()
+        .unwrap();
     assert!(status.success());
-    let line = d.wait_log("event=critical", Duration::from_millis(500)).expect("critical surfaced at once");
+    let line = d
+        .wait_log("event=critical", Duration::from_millis(500))
+        .expect("critical surfaced at once");
     assert!(line.contains("payload=9"), "{line}");
 
     // The panic-terminal frame: an exit event at once, and no stall for that death.
     let me = std::process::id();
     d.send(&frame(me, 1));
-    d.send(&varta_common::Frame { status: varta_common::Status::Critical, pid: me, timestamp: 1, nonce: u64::MAX, payload: 0 }.encode());
-    d.wait_log_all(&["event=exit", &format!("pid={me}")], Duration::from_millis(500)).expect("exit surfaced at once");
+    d.send(
+        &varta_common::Frame {
+            status: varta_common::Status::Critical,
+            pid: me,
+            timestamp: 1,
+            nonce: u64::MAX,
+            payload: 0,
+        }
+        .encode(),
+    );
+    d.wait_log_all(
+        &["event=exit", &format!("pid={me}")],
+        Duration::from_millis(500),
+    )
+    .expect("exit surfaced at once");
     std::thread::sleep(Duration::from_millis(1200));
-    assert_eq!(d.count_logs(&["event=stall", &format!("pid={me}")]), 0, "{}", d.log_text());
+    assert_eq!(
+        d.count_logs(&["event=stall", &format!("pid={me}")]),
+        0,
+        "{}",
+        d.log_text()
+    );
     assert_eq!(d.metric(&format!("varta_exits_total{{pid=\"{me}\"}}")), 1.0);
 }

@@ -72,7 +72,11 @@ impl DropReason {
     /// The decode error this reason stands for, if it is one.
     pub const fn decode_error(self) -> Option<DecodeError> {
         let i = self as usize;
-        if i >= 1 && i <= 8 { Some(DecodeError::ALL[i - 1]) } else { None }
+        if i >= 1 && i <= 8 {
+            Some(DecodeError::ALL[i - 1])
+        } else {
+            None
+        }
     }
 
     /// The `reason` label of `varta_frames_dropped_total`; every decode error is `decode`

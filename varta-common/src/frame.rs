@@ -149,7 +149,13 @@ impl Frame {
         if nonce == NONCE_TERMINAL && !matches!(status, Status::Critical) {
             return Err(DecodeError::BadNonce);
         }
-        Ok(Frame { status, pid, timestamp, nonce, payload: read_u32(buf, 24) })
+        Ok(Frame {
+            status,
+            pid,
+            timestamp,
+            nonce,
+            payload: read_u32(buf, 24),
+        })
     }
 }
 
@@ -194,22 +200,44 @@ mod tests {
 
     #[test]
     fn panic_terminal_is_valid_only_with_critical() {
-        let f = Frame { status: Status::Critical, pid: 7, timestamp: 0, nonce: u64::MAX, payload: 0 };
+        let f = Frame {
+            status: Status::Critical,
+            pid: 7,
+            timestamp: 0,
+            nonce: u64::MAX,
+            payload: 0,
+        };
         assert_eq!(Frame::decode(&f.encode()), Ok(f));
         assert!(f.is_panic_terminal());
-        let g = Frame { status: Status::Degraded, ..f };
+        let g = Frame {
+            status: Status::Degraded,
+            ..f
+        };
         assert_eq!(Frame::decode(&g.encode()), Err(DecodeError::BadNonce));
     }
 
     #[test]
     fn first_failure_wins() {
         // Bad magic and bad CRC together: magic is checked first.
-        let mut buf = Frame { status: Status::Ok, pid: 9, timestamp: 1, nonce: 1, payload: 0 }.encode();
+        let mut buf = Frame {
+            status: Status::Ok,
+            pid: 9,
+            timestamp: 1,
+            nonce: 1,
+            payload: 0,
+        }
+        .encode();
         buf[0] = 0;
         buf[31] ^= 1;
         assert_eq!(Frame::decode(&buf), Err(DecodeError::BadMagic));
         // Stall status with a correct CRC and a bad pid: StallOnWire precedes BadPid.
-        let f = Frame { status: Status::Stall, pid: 0, timestamp: 1, nonce: 1, payload: 0 };
+        let f = Frame {
+            status: Status::Stall,
+            pid: 0,
+            timestamp: 1,
+            nonce: 1,
+            payload: 0,
+        };
         assert_eq!(Frame::decode(&f.encode()), Err(DecodeError::StallOnWire));
     }
 }

@@ -8,8 +8,18 @@ fn valid_frame() -> impl Strategy<Value = Frame> {
         |(status, pid, timestamp, nonce, payload)| {
             let status = Status::from_u8(status).unwrap();
             // u64::MAX is a valid nonce only as the Critical panic-terminal marker.
-            let nonce = if nonce == u64::MAX && status != Status::Critical { 0 } else { nonce };
-            Frame { status, pid, timestamp, nonce, payload }
+            let nonce = if nonce == u64::MAX && status != Status::Critical {
+                0
+            } else {
+                nonce
+            };
+            Frame {
+                status,
+                pid,
+                timestamp,
+                nonce,
+                payload,
+            }
         },
     )
 }

@@ -6,7 +6,9 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_hdr_start_off, bpf_pidns_info},
+    bindings::{
+        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_hdr_start_off, bpf_pidns_info,
+    },
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_ns_current_pid_tgid, bpf_ktime_get_boot_ns,
         bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_skb_load_bytes_relative,
@@ -79,7 +81,9 @@ fn count(reason: DropReason) {
 
 #[inline(always)]
 fn receive(ctx: &SkBuffContext, transport: u8, payload_offset: u32) {
-    let Some(cfg) = VARTA_CONFIG.get(0) else { return };
+    let Some(cfg) = VARTA_CONFIG.get(0) else {
+        return;
+    };
     if ctx.len() != payload_offset + FRAME_LEN as u32 {
         count(DropReason::Length);
         return;
@@ -88,7 +92,12 @@ fn receive(ctx: &SkBuffContext, transport: u8, payload_offset: u32) {
     // SAFETY: `raw` is a FRAME_LEN-byte stack buffer and the length is the constant
     // FRAME_LEN, which the check above proved is present in the packet.
     let loaded = unsafe {
-        bpf_skb_load_bytes(ctx.skb.skb as *const _, payload_offset, raw.as_mut_ptr() as *mut _, FRAME_LEN as u32)
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            payload_offset,
+            raw.as_mut_ptr() as *mut _,
+            FRAME_LEN as u32,
+        )
     };
     if loaded != 0 {
         count(DropReason::Length);
@@ -121,7 +130,12 @@ fn receive(ctx: &SkBuffContext, transport: u8, payload_offset: u32) {
         let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
         // SAFETY: `ns` is a writable bpf_pidns_info of exactly the size passed.
         let same_ns = unsafe {
-            bpf_get_ns_current_pid_tgid(cfg.pidns_dev, cfg.pidns_ino, &mut ns, size_of::<bpf_pidns_info>() as u32)
+            bpf_get_ns_current_pid_tgid(
+                cfg.pidns_dev,
+                cfg.pidns_ino,
+                &mut ns,
+                size_of::<bpf_pidns_info>() as u32,
+            )
         } == 0;
         if same_ns {
             if ns.tgid != frame.pid {
@@ -158,9 +172,19 @@ fn receive(ctx: &SkBuffContext, transport: u8, payload_offset: u32) {
             None => {
                 // First beat of this agent: its bucket starts full, minus this beat.
                 urgent = true;
-                let interval = if cfg.per_pid_rate == 0 { 0 } else { 1_000_000_000 / cfg.per_pid_rate as u64 };
-                let burst = if cfg.per_pid_burst == 0 { 1 } else { cfg.per_pid_burst as u64 };
-                let fresh = Bucket { tat_ns: now.saturating_sub(interval * burst) + interval };
+                let interval = if cfg.per_pid_rate == 0 {
+                    0
+                } else {
+                    1_000_000_000 / cfg.per_pid_rate as u64
+                };
+                let burst = if cfg.per_pid_burst == 0 {
+                    1
+                } else {
+                    cfg.per_pid_burst as u64
+                };
+                let fresh = Bucket {
+                    tat_ns: now.saturating_sub(interval * burst) + interval,
+                };
                 let _ = VARTA_BUCKETS.insert(agent_key, fresh, 0);
             }
         }
@@ -198,7 +222,11 @@ fn receive(ctx: &SkBuffContext, transport: u8, payload_offset: u32) {
     if !urgent && VARTA_EVENTS.query(BPF_RB_AVAIL_DATA as u64) > cfg.wakeup_watermark as u64 {
         urgent = true;
     }
-    let flags = if urgent { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    let flags = if urgent {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
     entry.submit(flags as u64);
 }
 
@@ -216,9 +244,18 @@ enum Attestation {
 fn attest_foreign(ctx: &SkBuffContext, host_tgid: u32, frame_pid: u32, now: u64) -> Attestation {
     match VARTA_VERDICTS.get_ptr_mut(host_tgid) {
         None => {
-            let pending = Verdict { state: VERDICT_PENDING, ns_pid: 0, asked_ns: now };
+            let pending = Verdict {
+                state: VERDICT_PENDING,
+                ns_pid: 0,
+                asked_ns: now,
+            };
             let _ = VARTA_VERDICTS.insert(host_tgid, pending, 0);
-            info!(ctx, "cross-namespace sender tgid {} framing pid {}: asking the daemon", host_tgid, frame_pid);
+            info!(
+                ctx,
+                "cross-namespace sender tgid {} framing pid {}: asking the daemon",
+                host_tgid,
+                frame_pid
+            );
             Attestation::Verify
         }
         Some(verdict) => {
@@ -246,7 +283,9 @@ fn attest_foreign(ctx: &SkBuffContext, host_tgid: u32, frame_pid: u32, now: u64)
 fn load_udp_source(ctx: &SkBuffContext, transport: u8, record: &mut BeatRecord) {
     let mut port = [0u8; 2];
     // SAFETY: 2-byte stack buffer, constant length; the UDP header precedes the payload.
-    if unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, 0, port.as_mut_ptr() as *mut _, 2) } == 0 {
+    if unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, 0, port.as_mut_ptr() as *mut _, 2) }
+        == 0
+    {
         record.src_port = u16::from_be_bytes(port);
     }
     let start = bpf_hdr_start_off::BPF_HDR_START_NET;
@@ -254,9 +293,21 @@ fn load_udp_source(ctx: &SkBuffContext, transport: u8, record: &mut BeatRecord) 
     // constants no larger than it; offsets are the source-address fields of IPv4 and IPv6.
     unsafe {
         if transport == TRANSPORT_UDP4 {
-            bpf_skb_load_bytes_relative(ctx.skb.skb as *const _, 12, record.src_addr.as_mut_ptr() as *mut _, 4, start);
+            bpf_skb_load_bytes_relative(
+                ctx.skb.skb as *const _,
+                12,
+                record.src_addr.as_mut_ptr() as *mut _,
+                4,
+                start,
+            );
         } else {
-            bpf_skb_load_bytes_relative(ctx.skb.skb as *const _, 8, record.src_addr.as_mut_ptr() as *mut _, 16, start);
+            bpf_skb_load_bytes_relative(
+                ctx.skb.skb as *const _,
+                8,
+                record.src_addr.as_mut_ptr() as *mut _,
+                16,
+                start,
+            );
         }
     }
 }

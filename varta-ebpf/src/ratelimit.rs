@@ -37,7 +37,9 @@ pub fn take(tat: *mut u64, now: u64, rate: u32, burst: u32) -> bool {
     if before + interval > now {
         // Another CPU took the last token between our load and our add: give it back.
         // SAFETY: see above.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(tat, interval.wrapping_neg()) };
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(tat, interval.wrapping_neg())
+        };
         return false;
     }
     true

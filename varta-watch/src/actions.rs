@@ -21,8 +21,19 @@ pub struct Actions {
 }
 
 impl Actions {
-    pub fn new(metrics: Arc<Metrics>, export: Option<Exporter>, recovery: Option<Recovery>, start_ns: u64) -> Self {
-        Actions { metrics, export, recovery, start_ns, export_errors: 0 }
+    pub fn new(
+        metrics: Arc<Metrics>,
+        export: Option<Exporter>,
+        recovery: Option<Recovery>,
+        start_ns: u64,
+    ) -> Self {
+        Actions {
+            metrics,
+            export,
+            recovery,
+            start_ns,
+            export_errors: 0,
+        }
     }
 
     /// Acts on every event of a batch, then flushes the export file once.
@@ -38,18 +49,21 @@ impl Actions {
     }
 
     pub fn flush(&mut self) {
-        if let Some(export) = &mut self.export {
-            if let Err(e) = export.flush() {
-                self.export_error(e);
-            }
+        if let Some(export) = &mut self.export
+            && let Err(e) = export.flush()
+        {
+            self.export_error(e);
         }
     }
 
     fn export_error(&mut self, e: std::io::Error) {
         // One line for the first failure and then one per thousand: a full disk must not
         // turn the log into a flood.
-        if self.export_errors % 1000 == 0 {
-            log::warn!("event=export_error error=\"{e}\" failures={}", self.export_errors + 1);
+        if self.export_errors.is_multiple_of(1000) {
+            log::warn!(
+                "event=export_error error=\"{e}\" failures={}",
+                self.export_errors + 1
+            );
         }
         self.export_errors += 1;
     }
@@ -59,9 +73,16 @@ impl Actions {
         match event {
             Event::Beat { pid, frame } => {
                 m.beats.get_or_create(&PidLabel { pid: *pid }).inc();
-                m.status.get_or_create(&PidLabel { pid: *pid }).set(frame.status as i64);
+                m.status
+                    .get_or_create(&PidLabel { pid: *pid })
+                    .set(frame.status as i64);
             }
-            Event::NewAgent { pid, frame_pid, origin, evicted } => {
+            Event::NewAgent {
+                pid,
+                frame_pid,
+                origin,
+                evicted,
+            } => {
                 log::info!(
                     "event=agent_new pid={pid} frame_pid={frame_pid} transport={} cross_namespace={}",
                     origin.transport(),
@@ -78,16 +99,29 @@ impl Actions {
             }
             Event::Critical { pid, frame } => {
                 m.criticals.get_or_create(&PidLabel { pid: *pid }).inc();
-                log::warn!("event=critical pid={pid} nonce={} payload={}", frame.nonce, frame.payload);
+                log::warn!(
+                    "event=critical pid={pid} nonce={} payload={}",
+                    frame.nonce,
+                    frame.payload
+                );
             }
             Event::Exit { pid, frame, origin } => {
                 m.exits.get_or_create(&PidLabel { pid: *pid }).inc();
-                log::warn!("event=exit pid={pid} payload={} reason=panic_terminal_frame", frame.payload);
+                log::warn!(
+                    "event=exit pid={pid} payload={} reason=panic_terminal_frame",
+                    frame.payload
+                );
                 self.recover(*pid, *origin, follow_ups);
             }
-            Event::Stall { pid, agent, silent_ms } => {
+            Event::Stall {
+                pid,
+                agent,
+                silent_ms,
+            } => {
                 m.stalls.get_or_create(&PidLabel { pid: *pid }).inc();
-                m.status.get_or_create(&PidLabel { pid: *pid }).set(Status::Stall as i64);
+                m.status
+                    .get_or_create(&PidLabel { pid: *pid })
+                    .set(Status::Stall as i64);
                 log::warn!(
                     "event=stall pid={pid} silent_ms={silent_ms} last_nonce={} last_status={} transport={}",
                     agent.last_nonce,
@@ -105,29 +139,48 @@ impl Actions {
                 m.nonce_wraps.inc();
                 log::info!("event=nonce_wrapped pid={pid}");
             }
-            Event::Recovery { pid, outcome, detail } => {
-                m.recovery_outcomes.get_or_create(&OutcomeLabel { outcome }).inc();
+            Event::Recovery {
+                pid,
+                outcome,
+                detail,
+            } => {
+                m.recovery_outcomes
+                    .get_or_create(&OutcomeLabel { outcome })
+                    .inc();
                 log::info!("event=recovery pid={pid} outcome={outcome} detail=\"{detail}\"");
             }
         }
         let observer_ns = now_ns.saturating_sub(self.start_ns);
-        if let Some(export) = &mut self.export {
-            if let Err(e) = export.record(observer_ns, event) {
-                self.export_error(e);
-            }
+        if let Some(export) = &mut self.export
+            && let Err(e) = export.record(observer_ns, event)
+        {
+            self.export_error(e);
         }
     }
 
     fn recover(&mut self, pid: u32, origin: crate::datapath::Origin, follow_ups: &mut Vec<Event>) {
-        let Some(recovery) = &mut self.recovery else { return };
+        let Some(recovery) = &mut self.recovery else {
+            return;
+        };
         match recovery.start(pid, origin) {
             Ok(()) => log::info!("event=recovery_started pid={pid}"),
             Err(NotRun::Debounced) => {
-                follow_ups.push(Event::Recovery { pid, outcome: "debounced", detail: "within --recovery-debounce-ms".into() });
+                follow_ups.push(Event::Recovery {
+                    pid,
+                    outcome: "debounced",
+                    detail: "within --recovery-debounce-ms".into(),
+                });
             }
             Err(NotRun::Refused(reason)) => {
-                self.metrics.recovery_refused.get_or_create(&ReasonLabel { reason }).inc();
-                follow_ups.push(Event::Recovery { pid, outcome: "refused", detail: reason.into() });
+                self.metrics
+                    .recovery_refused
+                    .get_or_create(&ReasonLabel { reason })
+                    .inc();
+                follow_ups.push(Event::Recovery {
+                    pid,
+                    outcome: "refused",
+                    detail: reason.into(),
+                });
             }
         }
     }

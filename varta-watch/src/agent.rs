@@ -16,15 +16,29 @@ fn status(s: WireStatus) -> Status {
 }
 
 fn timestamp() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 pub fn beat(args: &BeatArgs) -> Result<()> {
-    let (status, nonce) = if args.panic { (Status::Critical, NONCE_TERMINAL) } else { (status(args.status), args.nonce) };
+    let (status, nonce) = if args.panic {
+        (Status::Critical, NONCE_TERMINAL)
+    } else {
+        (status(args.status), args.nonce)
+    };
     let pid = args.pid.unwrap_or_else(std::process::id);
-    let frame = Frame { status, pid, timestamp: timestamp(), nonce, payload: args.payload };
+    let frame = Frame {
+        status,
+        pid,
+        timestamp: timestamp(),
+        nonce,
+        payload: args.payload,
+    };
     let sock = UnixDatagram::unbound().context("creating a socket")?;
-    sock.send_to(&frame.encode(), &args.socket).with_context(|| format!("sending to {}", args.socket.display()))?;
+    sock.send_to(&frame.encode(), &args.socket)
+        .with_context(|| format!("sending to {}", args.socket.display()))?;
     Ok(())
 }
 
@@ -32,10 +46,19 @@ pub fn agent(args: &AgentArgs) -> Result<()> {
     let sock = UnixDatagram::unbound().context("creating a socket")?;
     let pid = std::process::id();
     for nonce in 1u64.. {
-        let frame = Frame { status: status(args.status), pid, timestamp: timestamp(), nonce, payload: args.payload };
+        let frame = Frame {
+            status: status(args.status),
+            pid,
+            timestamp: timestamp(),
+            nonce,
+            payload: args.payload,
+        };
         if let Err(e) = sock.send_to(&frame.encode(), &args.socket) {
             // The observer may be restarting: keep beating.
-            eprintln!("varta-watch agent: sending to {}: {e}", args.socket.display());
+            eprintln!(
+                "varta-watch agent: sending to {}: {e}",
+                args.socket.display()
+            );
         }
         thread::sleep(Duration::from_millis(args.interval_ms));
     }

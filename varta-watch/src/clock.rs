@@ -22,7 +22,10 @@ impl ClockSource {
 
     /// Nanoseconds on this clock.
     pub fn now_ns(self) -> u64 {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: `ts` is a valid, writable timespec; both clock ids exist on every Linux
         // this daemon supports, so the call cannot fail.
         unsafe { libc::clock_gettime(self.clock_id(), &mut ts) };
@@ -33,6 +36,7 @@ impl ClockSource {
     /// timer runs on CLOCK_MONOTONIC; the difference is taken on our clock.
     pub fn instant_at(self, deadline_ns: u64) -> tokio::time::Instant {
         let now = self.now_ns();
-        tokio::time::Instant::now() + std::time::Duration::from_nanos(deadline_ns.saturating_sub(now))
+        tokio::time::Instant::now()
+            + std::time::Duration::from_nanos(deadline_ns.saturating_sub(now))
     }
 }

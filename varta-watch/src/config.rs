@@ -17,7 +17,10 @@ pub struct ConfigError {
 }
 
 fn bad(flag: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError { flag, message: message.into() }
+    ConfigError {
+        flag,
+        message: message.into(),
+    }
 }
 
 /// Settings the datapaths and the tracker consult on every beat; SIGHUP may change them.
@@ -76,14 +79,26 @@ pub struct Config {
 
 impl Config {
     pub fn from_args(a: &DaemonArgs) -> Result<Config, ConfigError> {
-        let socket = a.socket.clone().ok_or_else(|| bad("--socket", "required: where to bind the observer's socket"))?;
-        let threshold_ms = a.threshold_ms.ok_or_else(|| bad("--threshold-ms", "required: silence before a stall"))?;
+        let socket = a
+            .socket
+            .clone()
+            .ok_or_else(|| bad("--socket", "required: where to bind the observer's socket"))?;
+        let threshold_ms = a
+            .threshold_ms
+            .ok_or_else(|| bad("--threshold-ms", "required: silence before a stall"))?;
         if a.global_beat_rate > 0 && a.global_beat_burst == 0 {
-            return Err(bad("--global-beat-burst", "must be at least 1 while --global-beat-rate is on"));
+            return Err(bad(
+                "--global-beat-burst",
+                "must be at least 1 while --global-beat-rate is on",
+            ));
         }
         let udp = match a.udp_port {
             None => None,
-            Some(_) if !a.i_accept_plaintext_udp && a.compat.key_file.is_none() && a.compat.master_key_file.is_none() => {
+            Some(_)
+                if !a.i_accept_plaintext_udp
+                    && a.compat.key_file.is_none()
+                    && a.compat.master_key_file.is_none() =>
+            {
                 return Err(bad(
                     "--udp-port",
                     "plaintext UDP cannot attest senders; add --i-accept-plaintext-udp to listen anyway",
@@ -98,13 +113,16 @@ impl Config {
             None => None,
             Some(path) => Some(read_token(path)?),
         };
-        if let Some(addr) = a.prom_addr {
-            if prom_token.is_none() && !addr.ip().is_loopback() {
-                return Err(bad(
-                    "--prom-addr",
-                    format!("{addr} is not a loopback address: serving metrics beyond this host needs --prom-token-file"),
-                ));
-            }
+        if let Some(addr) = a.prom_addr
+            && prom_token.is_none()
+            && !addr.ip().is_loopback()
+        {
+            return Err(bad(
+                "--prom-addr",
+                format!(
+                    "{addr} is not a loopback address: serving metrics beyond this host needs --prom-token-file"
+                ),
+            ));
         }
         Ok(Config {
             socket,
@@ -131,6 +149,80 @@ impl Config {
             shutdown_after: a.shutdown_after_secs.map(Duration::from_secs),
             config_file: a.config.clone(),
         })
+    }
+}
+
+impl Config {
+    /// Settings that differ in `new` but only take effect at the next start.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |name, differs: bool| {
+            if differs {
+                changed.push(name);
+            }
+        };
+        check("socket", self.socket != new.socket);
+        check("socket-mode", self.socket_mode != new.socket_mode);
+        check(
+            "uds-rcvbuf-bytes",
+            self.uds_rcvbuf_bytes != new.uds_rcvbuf_bytes,
+        );
+        check("udp-port", self.udp != new.udp);
+        check("datapath", self.datapath != new.datapath);
+        check("clock-source", self.clock != new.clock);
+        check(
+            "tracker-capacity",
+            self.tracker_capacity != new.tracker_capacity,
+        );
+        check("tracker-eviction-policy", self.eviction != new.eviction);
+        check(
+            "allow-cross-namespace-agents",
+            self.allow_cross_namespace != new.allow_cross_namespace,
+        );
+        check("export-file", self.export_file != new.export_file);
+        check("prom-addr", self.prom_addr != new.prom_addr);
+        check("prom-token-file", self.prom_token != new.prom_token);
+        check("signal-handler-mode", self.signal_mode != new.signal_mode);
+        changed
+    }
+
+    /// What a reload changes at run time, as `name=old->new` items.
+    pub fn live_changes(&self, new: &Config) -> Vec<String> {
+        let (a, b) = (&self.limits, &new.limits);
+        let mut changed = Vec::new();
+        for (name, old, new) in [
+            ("threshold-ms", a.threshold_ms, b.threshold_ms),
+            (
+                "max-beat-rate",
+                a.per_pid_rate as u64,
+                b.per_pid_rate as u64,
+            ),
+            (
+                "global-beat-rate",
+                a.global_rate as u64,
+                b.global_rate as u64,
+            ),
+            (
+                "global-beat-burst",
+                a.global_burst as u64,
+                b.global_burst as u64,
+            ),
+        ] {
+            if old != new {
+                changed.push(format!("{name}={old}->{new}"));
+            }
+        }
+        if self.recovery != new.recovery {
+            let show = |r: &Option<RecoveryConfig>| {
+                r.as_ref().map_or("none".to_owned(), |r| r.argv.join(" "))
+            };
+            changed.push(format!(
+                "recovery='{}'->'{}'",
+                show(&self.recovery),
+                show(&new.recovery)
+            ));
+        }
+        changed
     }
 }
 
@@ -161,19 +253,31 @@ fn recovery_config(a: &DaemonArgs) -> Result<Option<RecoveryConfig>, ConfigError
 /// A secret or a command from a file only the observer's user can write or read.
 fn read_private_file(flag: &'static str, path: &PathBuf) -> Result<String, ConfigError> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).map_err(|e| bad(flag, format!("{}: {e}", path.display())))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| bad(flag, format!("{}: {e}", path.display())))?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     if meta.uid() != euid || meta.mode() & 0o077 != 0 {
-        return Err(bad(flag, format!("{} must be owned by uid {euid} with mode 0600", path.display())));
+        return Err(bad(
+            flag,
+            format!(
+                "{} must be owned by uid {euid} with mode 0600",
+                path.display()
+            ),
+        ));
     }
-    std::fs::read_to_string(path).map(|s| s.trim().to_owned()).map_err(|e| bad(flag, format!("{}: {e}", path.display())))
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|e| bad(flag, format!("{}: {e}", path.display())))
 }
 
 fn read_token(path: &PathBuf) -> Result<String, ConfigError> {
     let token = read_private_file("--prom-token-file", path)?;
     if token.len() < 16 || token.chars().any(char::is_whitespace) {
-        return Err(bad("--prom-token-file", "the token must be one word of at least 16 characters"));
+        return Err(bad(
+            "--prom-token-file",
+            "the token must be one word of at least 16 characters",
+        ));
     }
     Ok(token)
 }

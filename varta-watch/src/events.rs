@@ -8,20 +8,49 @@ use crate::{datapath::Origin, tracker::Agent};
 #[derive(Debug, Clone)]
 pub enum Event {
     /// An accepted beat.
-    Beat { pid: u32, frame: Frame },
+    Beat {
+        pid: u32,
+        frame: Frame,
+    },
     /// An agent seen for the first time (it may have replaced an evicted one).
-    NewAgent { pid: u32, frame_pid: u32, origin: Origin, evicted: Option<u32> },
+    NewAgent {
+        pid: u32,
+        frame_pid: u32,
+        origin: Origin,
+        evicted: Option<u32>,
+    },
     /// A Critical beat: surfaced at once.
-    Critical { pid: u32, frame: Frame },
+    Critical {
+        pid: u32,
+        frame: Frame,
+    },
     /// The panic-terminal frame: the agent is dying. No stall follows for this death.
-    Exit { pid: u32, frame: Frame, origin: Origin },
+    Exit {
+        pid: u32,
+        frame: Frame,
+        origin: Origin,
+    },
     /// Silent past the threshold.
-    Stall { pid: u32, agent: Agent, silent_ms: u64 },
+    Stall {
+        pid: u32,
+        agent: Agent,
+        silent_ms: u64,
+    },
     /// A stalled agent beats again.
-    Resumed { pid: u32 },
+    Resumed {
+        pid: u32,
+    },
     /// Nonce 1 again: a new session under the same pid.
-    Restarted { pid: u32 },
-    NonceWrapped { pid: u32 },
+    Restarted {
+        pid: u32,
+    },
+    NonceWrapped {
+        pid: u32,
+    },
     /// A recovery command finished, failed, or was not run.
-    Recovery { pid: u32, outcome: &'static str, detail: String },
+    Recovery {
+        pid: u32,
+        outcome: &'static str,
+        detail: String,
+    },
 }

@@ -23,20 +23,39 @@ fn open(path: &PathBuf) -> io::Result<BufWriter<File>> {
 
 impl Exporter {
     pub fn open(path: PathBuf) -> io::Result<Self> {
-        Ok(Exporter { out: open(&path)?, path, dirty: false })
+        Ok(Exporter {
+            out: open(&path)?,
+            path,
+            dirty: false,
+        })
     }
 
     /// The line for `event`, if it has one.
     pub fn line(observer_ns: u64, event: &Event) -> Option<String> {
         Some(match event {
             Event::Beat { pid, frame } => {
-                format!("{observer_ns}\tbeat\t{pid}\t{}\t{}\t{}", frame.nonce, frame.status.name(), frame.payload)
+                format!(
+                    "{observer_ns}\tbeat\t{pid}\t{}\t{}\t{}",
+                    frame.nonce,
+                    frame.status.name(),
+                    frame.payload
+                )
             }
-            Event::Stall { pid, agent, .. } => format!("{observer_ns}\tstall\t{pid}\t{}\tstall\t-", agent.last_nonce),
+            Event::Stall { pid, agent, .. } => format!(
+                "{observer_ns}\tstall\t{pid}\t{}\tstall\t-",
+                agent.last_nonce
+            ),
             Event::Exit { pid, frame, .. } => {
-                format!("{observer_ns}\texit\t{pid}\t{}\t{}\t{}", frame.nonce, frame.status.name(), frame.payload)
+                format!(
+                    "{observer_ns}\texit\t{pid}\t{}\t{}\t{}",
+                    frame.nonce,
+                    frame.status.name(),
+                    frame.payload
+                )
             }
-            Event::Recovery { pid, outcome, .. } => format!("{observer_ns}\trecovery\t{pid}\t-\t-\t{outcome}"),
+            Event::Recovery { pid, outcome, .. } => {
+                format!("{observer_ns}\trecovery\t{pid}\t-\t-\t{outcome}")
+            }
             _ => return None,
         })
     }

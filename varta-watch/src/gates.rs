@@ -17,7 +17,11 @@ pub struct Gates {
 
 impl Gates {
     pub fn new(allow_cross_namespace: bool) -> Self {
-        Gates { allow_cross_namespace, pid_max: read_pid_max(), pid_max_read_at: Instant::now() }
+        Gates {
+            allow_cross_namespace,
+            pid_max: read_pid_max(),
+            pid_max_read_at: Instant::now(),
+        }
     }
 
     pub fn pid_max(&self) -> u32 {

@@ -19,11 +19,20 @@ struct Scrape {
 }
 
 /// Binds now (so a taken port fails start-up) and serves in a background task.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, token: Option<String>) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    token: Option<String>,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let state = Scrape { metrics, token: token.map(Arc::from) };
-    let app = Router::new().route("/metrics", get(scrape)).with_state(state);
+    let state = Scrape {
+        metrics,
+        token: token.map(Arc::from),
+    };
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             log::error!("event=metrics_server_failed error={e}");
@@ -40,11 +49,23 @@ async fn scrape(State(s): State<Scrape>, headers: HeaderMap) -> Response {
             .and_then(|v| v.strip_prefix("Bearer "));
         if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
             s.metrics.prom_auth_failures.inc();
-            return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], "unauthorized\n").into_response();
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "unauthorized\n",
+            )
+                .into_response();
         }
     }
     let body = s.metrics.encode();
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// Compares without an early exit, so response timing does not reveal a token prefix.

@@ -8,6 +8,7 @@ mod agent;
 mod cli;
 mod clock;
 mod config;
+mod config_file;
 mod datapath;
 mod drops;
 mod events;
@@ -58,12 +59,26 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line that names the flag, not clap's usage block.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
             eprintln!("varta-watch: error: {first}");
             return ExitCode::from(2);
         }
     };
     logger::init();
+    let cli = match (&cli.command, &cli.daemon.config) {
+        (None, Some(path)) => match with_config_file(path) {
+            Ok(cli) => cli,
+            Err(e) => {
+                eprintln!("varta-watch: error: --config: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => cli,
+    };
     let result = match &cli.command {
         Some(Command::Beat(args)) => agent::beat(args),
         Some(Command::Agent(args)) => agent::agent(args),
@@ -78,6 +93,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// The command line again, with the config file's keys in front (flags override them).
+fn with_config_file(path: &std::path::Path) -> Result<Cli, String> {
+    let file_args = config_file::args(path)?;
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    argv.splice(1..1, file_args.into_iter().map(Into::into));
+    Cli::try_parse_from(argv).map_err(|e| {
+        let text = e.to_string();
+        format!(
+            "{}: {}",
+            path.display(),
+            text.lines()
+                .next()
+                .unwrap_or("invalid")
+                .trim_start_matches("error: ")
+        )
+    })
+}
+
+/// SIGHUP: the configuration file read again; the whole file is valid or nothing changes.
+fn reload(running: &Config) -> Result<Config, String> {
+    let path = running
+        .config_file
+        .as_ref()
+        .ok_or("no --config file to re-read")?;
+    let cli = with_config_file(path)?;
+    Config::from_args(&cli.daemon).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 fn daemon(args: &DaemonArgs) -> ExitCode {
     let config = match Config::from_args(args) {
         Ok(config) => config,
@@ -89,27 +132,38 @@ fn daemon(args: &DaemonArgs) -> ExitCode {
     for (flag, why) in args.compat.warnings() {
         log::warn!("event=flag_ignored flag={flag} reason=\"{why}\"");
     }
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
-    let result = runtime.context("starting the runtime").and_then(|rt| rt.block_on(run(config)));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let result = runtime
+        .context("starting the runtime")
+        .and_then(|rt| rt.block_on(run(config)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("event=fatal error=\"{}\"", format!("{e:#}").replace('"', "'"));
+            log::error!(
+                "event=fatal error=\"{}\"",
+                format!("{e:#}").replace('"', "'")
+            );
             ExitCode::FAILURE
         }
     }
 }
 
-async fn run(config: Config) -> Result<()> {
-    let (signals, installed) = signal::install(config.signal_mode).context("installing signal handlers")?;
+async fn run(mut config: Config) -> Result<()> {
+    let (signals, installed) =
+        signal::install(config.signal_mode).context("installing signal handlers")?;
     log::info!(
         "event=signals_installed mode={:?} flags={:#x} restorer={}",
         installed.mode,
         installed.flags,
-        installed.restorer.map_or("none".to_owned(), |r| format!("{r:#x}"))
+        installed
+            .restorer
+            .map_or("none".to_owned(), |r| format!("{r:#x}"))
     );
-    let (uds, granted) = sock::bind_uds(&config.socket, config.socket_mode, config.uds_rcvbuf_bytes)
-        .with_context(|| format!("binding {}", config.socket.display()))?;
+    let (uds, granted) =
+        sock::bind_uds(&config.socket, config.socket_mode, config.uds_rcvbuf_bytes)
+            .with_context(|| format!("binding {}", config.socket.display()))?;
     let udp = config
         .udp
         .map(|addr| {
@@ -123,8 +177,18 @@ async fn run(config: Config) -> Result<()> {
     let ebpf = match config.datapath {
         DatapathMode::Userspace => None,
         DatapathMode::Ebpf | DatapathMode::Auto => {
-            let sockets = (uds.try_clone()?, udp.as_ref().map(UdpSocket::try_clone).transpose()?);
-            match EbpfDatapath::start(sockets.0, sockets.1, config.clock, &config.limits, config.allow_cross_namespace, drops.clone()) {
+            let sockets = (
+                uds.try_clone()?,
+                udp.as_ref().map(UdpSocket::try_clone).transpose()?,
+            );
+            match EbpfDatapath::start(
+                sockets.0,
+                sockets.1,
+                config.clock,
+                &config.limits,
+                config.allow_cross_namespace,
+                drops.clone(),
+            ) {
                 Ok(started) => Some(started),
                 Err(e) if config.datapath == DatapathMode::Ebpf => {
                     let _ = std::fs::remove_file(&config.socket);
@@ -139,10 +203,20 @@ async fn run(config: Config) -> Result<()> {
         }
     };
     let result = match ebpf {
-        Some((datapath, kernel_drops)) => serve(datapath, Some(kernel_drops), &config, signals, drops, granted).await,
+        Some((datapath, kernel_drops)) => {
+            serve(
+                datapath,
+                Some(kernel_drops),
+                &mut config,
+                signals,
+                drops,
+                granted,
+            )
+            .await
+        }
         None => {
             let datapath = UserspaceDatapath::new(uds, udp, config.clock, drops.clone())?;
-            serve(datapath, None, &config, signals, drops, granted).await
+            serve(datapath, None, &mut config, signals, drops, granted).await
         }
     };
     let _ = std::fs::remove_file(&config.socket);
@@ -153,28 +227,44 @@ async fn run(config: Config) -> Result<()> {
 async fn serve<D: Datapath>(
     mut datapath: D,
     kernel_drops: Option<KernelDrops>,
-    config: &Config,
+    config: &mut Config,
     mut signals: Signals,
     drops: Arc<DropCounters>,
     rcvbuf: u32,
 ) -> Result<()> {
     let clock = config.clock;
-    let metrics = Arc::new(Metrics::new(drops.clone(), datapath.mode(), config.tracker_capacity));
+    let metrics = Arc::new(Metrics::new(
+        drops.clone(),
+        datapath.mode(),
+        config.tracker_capacity,
+    ));
     if let Some(read) = kernel_drops {
         metrics.set_kernel_drops(read);
     }
     metrics.rcvbuf_bytes.set(rcvbuf as i64);
     let prom = match config.prom_addr {
-        Some(addr) => Some(http::serve(addr, metrics.clone(), config.prom_token.clone()).await.with_context(|| format!("--prom-addr {addr}"))?),
+        Some(addr) => Some(
+            http::serve(addr, metrics.clone(), config.prom_token.clone())
+                .await
+                .with_context(|| format!("--prom-addr {addr}"))?,
+        ),
         None => None,
     };
     let export = match &config.export_file {
-        Some(path) => Some(Exporter::open(path.clone()).with_context(|| format!("--export-file {}", path.display()))?),
+        Some(path) => Some(
+            Exporter::open(path.clone())
+                .with_context(|| format!("--export-file {}", path.display()))?,
+        ),
         None => None,
     };
     let start_ns = clock.now_ns();
     let mut observer = Observer::new(config, drops, datapath.rate_limits_applied(), start_ns);
-    let mut actions = Actions::new(metrics.clone(), export, config.recovery.clone().map(Recovery::new), start_ns);
+    let mut actions = Actions::new(
+        metrics.clone(),
+        export,
+        config.recovery.clone().map(Recovery::new),
+        start_ns,
+    );
     metrics.pid_max.set(observer.pid_max() as i64);
     log::info!(
         "event=ready pid={} datapath={} socket={} udp={} metrics={} threshold_ms={}",
@@ -186,7 +276,9 @@ async fn serve<D: Datapath>(
         config.limits.threshold_ms,
     );
 
-    let shutdown_at = config.shutdown_after.map(|d| tokio::time::Instant::now() + d);
+    let shutdown_at = config
+        .shutdown_after
+        .map(|d| tokio::time::Instant::now() + d);
     let mut beats: Vec<Beat> = Vec::with_capacity(256);
     let mut events: Vec<Event> = Vec::with_capacity(256);
     loop {
@@ -207,6 +299,9 @@ async fn serve<D: Datapath>(
                                     Ok(()) => log::info!("event=export_reopened"),
                                     Err(e) => log::warn!("event=export_reopen_failed error=\"{e}\""),
                                 }
+                            }
+                            if config.config_file.is_some() {
+                                apply_reload(config, &mut datapath, &mut observer, &mut actions);
                             }
                         }
                         Signal::Usr1 => snapshot(&observer, clock.now_ns()),
@@ -246,6 +341,44 @@ async fn serve<D: Datapath>(
     Ok(())
 }
 
+fn apply_reload<D: Datapath>(
+    config: &mut Config,
+    datapath: &mut D,
+    observer: &mut Observer,
+    actions: &mut Actions,
+) {
+    let new = match reload(config) {
+        Ok(new) => new,
+        Err(e) => {
+            log::warn!("event=reload_rejected reason=\"{}\"", e.replace('"', "'"));
+            return;
+        }
+    };
+    for key in config.restart_only_changes(&new) {
+        log::warn!("event=reload_needs_restart key={key}");
+    }
+    let changed = config.live_changes(&new);
+    if let Err(e) = datapath.set_limits(&new.limits) {
+        log::warn!("event=reload_rejected reason=\"updating the eBPF configuration: {e}\"");
+        return;
+    }
+    observer.set_limits(&new.limits);
+    match (&mut actions.recovery, &new.recovery) {
+        (Some(recovery), Some(cfg)) => recovery.set_config(cfg.clone()),
+        (slot, cfg) => *slot = cfg.clone().map(Recovery::new),
+    }
+    config.limits = new.limits;
+    config.recovery = new.recovery;
+    log::info!(
+        "event=reload changed={}",
+        if changed.is_empty() {
+            "none".to_owned()
+        } else {
+            changed.join(",")
+        }
+    );
+}
+
 /// Waits up to the grace period for running recovery commands, recording their outcomes.
 async fn finish_recoveries(actions: &mut Actions, grace: Duration, now_ns: u64) {
     let deadline = Instant::now() + grace;
@@ -253,11 +386,18 @@ async fn finish_recoveries(actions: &mut Actions, grace: Duration, now_ns: u64) 
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, recovery.finished()).await {
             Ok((pid, outcome, detail)) => {
-                let mut events = vec![Event::Recovery { pid, outcome, detail }];
+                let mut events = vec![Event::Recovery {
+                    pid,
+                    outcome,
+                    detail,
+                }];
                 actions.handle_all(&mut events, now_ns);
             }
             Err(_) => {
-                log::warn!("event=shutdown_recoveries_abandoned running={}", recovery.running());
+                log::warn!(
+                    "event=shutdown_recoveries_abandoned running={}",
+                    recovery.running()
+                );
                 break;
             }
         }
@@ -280,4 +420,3 @@ fn snapshot(observer: &Observer, now_ns: u64) {
         );
     }
 }
-

@@ -12,7 +12,8 @@ use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
     metrics::{
-        MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge, gauge::Gauge,
+        MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
+        gauge::Gauge,
     },
     registry::Registry,
 };
@@ -93,27 +94,95 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("varta_beats", "Accepted beats per agent", m.beats.clone());
-        registry.register("varta_stalls", "Stalls surfaced per agent", m.stalls.clone());
-        registry.register("varta_status", "Last status per agent (0 ok, 1 degraded, 2 critical, 3 stall)", m.status.clone());
-        registry.register("varta_exits", "Panic-terminal frames (agent dying) per agent", m.exits.clone());
-        registry.register("varta_criticals", "Critical beats per agent", m.criticals.clone());
-        registry.register("varta_recovery_outcomes", "Recovery commands by outcome", m.recovery_outcomes.clone());
-        registry.register("varta_recovery_refused", "Recoveries refused, by reason", m.recovery_refused.clone());
-        registry.register("varta_prom_auth_failures", "Scrapes refused for a missing or wrong bearer token", m.prom_auth_failures.clone());
-        registry.register("varta_tracker_evicted", "Agents evicted to make room for new ones", m.evicted.clone());
-        registry.register("varta_agent_restarts", "Agents that started a new session (nonce 1) under a known pid", m.restarts.clone());
-        registry.register("varta_nonce_wrap", "Agents whose nonce wrapped past u64::MAX", m.nonce_wraps.clone());
-        registry.register("varta_watch_pids_tracked", "Agents tracked now", m.pids_tracked.clone());
-        registry.register("varta_pid_max_current", "The kernel's pid_max as last read", m.pid_max.clone());
-        registry.register("varta_signals_received", "Signals handled, by signal", m.signals.clone());
-        registry.register("varta_datapath_beats_delivered", "Valid, attested frames the datapath handed to the daemon's pipeline", m.delivered.clone());
-        registry.register("varta_observer_uds_rcvbuf_bytes", "SO_RCVBUF the kernel granted the observer socket", m.rcvbuf_bytes.clone());
+        registry.register(
+            "varta_stalls",
+            "Stalls surfaced per agent",
+            m.stalls.clone(),
+        );
+        registry.register(
+            "varta_status",
+            "Last status per agent (0 ok, 1 degraded, 2 critical, 3 stall)",
+            m.status.clone(),
+        );
+        registry.register(
+            "varta_exits",
+            "Panic-terminal frames (agent dying) per agent",
+            m.exits.clone(),
+        );
+        registry.register(
+            "varta_criticals",
+            "Critical beats per agent",
+            m.criticals.clone(),
+        );
+        registry.register(
+            "varta_recovery_outcomes",
+            "Recovery commands by outcome",
+            m.recovery_outcomes.clone(),
+        );
+        registry.register(
+            "varta_recovery_refused",
+            "Recoveries refused, by reason",
+            m.recovery_refused.clone(),
+        );
+        registry.register(
+            "varta_prom_auth_failures",
+            "Scrapes refused for a missing or wrong bearer token",
+            m.prom_auth_failures.clone(),
+        );
+        registry.register(
+            "varta_tracker_evicted",
+            "Agents evicted to make room for new ones",
+            m.evicted.clone(),
+        );
+        registry.register(
+            "varta_agent_restarts",
+            "Agents that started a new session (nonce 1) under a known pid",
+            m.restarts.clone(),
+        );
+        registry.register(
+            "varta_nonce_wrap",
+            "Agents whose nonce wrapped past u64::MAX",
+            m.nonce_wraps.clone(),
+        );
+        registry.register(
+            "varta_watch_pids_tracked",
+            "Agents tracked now",
+            m.pids_tracked.clone(),
+        );
+        registry.register(
+            "varta_pid_max_current",
+            "The kernel's pid_max as last read",
+            m.pid_max.clone(),
+        );
+        registry.register(
+            "varta_signals_received",
+            "Signals handled, by signal",
+            m.signals.clone(),
+        );
+        registry.register(
+            "varta_datapath_beats_delivered",
+            "Valid, attested frames the datapath handed to the daemon's pipeline",
+            m.delivered.clone(),
+        );
+        registry.register(
+            "varta_observer_uds_rcvbuf_bytes",
+            "SO_RCVBUF the kernel granted the observer socket",
+            m.rcvbuf_bytes.clone(),
+        );
         let info = Family::<ModeLabel, Gauge>::default();
         info.get_or_create(&ModeLabel { mode: datapath }).set(1);
-        registry.register("varta_datapath_info", "The active datapath (label mode: ebpf or userspace)", info);
+        registry.register(
+            "varta_datapath_info",
+            "The active datapath (label mode: ebpf or userspace)",
+            info,
+        );
         let capacity_gauge = Gauge::<i64>::default();
         capacity_gauge.set(capacity as i64);
-        registry.register("varta_tracker_capacity", "Most agents tracked at once", capacity_gauge);
+        registry.register(
+            "varta_tracker_capacity",
+            "Most agents tracked at once",
+            capacity_gauge,
+        );
         registry.register_collector(Box::new(DropCollector {
             drops,
             kernel: m.kernel_drops.clone(),
@@ -149,21 +218,32 @@ impl fmt::Debug for DropCollector {
 impl Collector for DropCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         let mut counts = self.drops.snapshot();
-        if let Some(read) = self.kernel.lock().expect("poisoned").as_ref() {
-            if let Some(kernel) = read() {
-                for (c, k) in counts.iter_mut().zip(kernel) {
-                    *c += k;
-                }
+        if let Some(read) = self.kernel.lock().expect("poisoned").as_ref()
+            && let Some(kernel) = read()
+        {
+            for (c, k) in counts.iter_mut().zip(kernel) {
+                *c += k;
             }
         }
         let count = |r: DropReason| counts[r.index()];
 
-        let mut family = encoder.encode_descriptor("varta_decode_errors", "Frames that failed to decode, by kind", None, MetricType::Counter)?;
+        let mut family = encoder.encode_descriptor(
+            "varta_decode_errors",
+            "Frames that failed to decode, by kind",
+            None,
+            MetricType::Counter,
+        )?;
         for e in DecodeError::ALL {
-            ConstCounter::new(count(DropReason::from_decode(e))).encode(family.encode_family(&[("kind", e.name())])?)?;
+            ConstCounter::new(count(DropReason::from_decode(e)))
+                .encode(family.encode_family(&[("kind", e.name())])?)?;
         }
 
-        let mut family = encoder.encode_descriptor("varta_frames_dropped", "Datagrams not accepted, by reason", None, MetricType::Counter)?;
+        let mut family = encoder.encode_descriptor(
+            "varta_frames_dropped",
+            "Datagrams not accepted, by reason",
+            None,
+            MetricType::Counter,
+        )?;
         let mut by_reason: Vec<(&str, u64)> = Vec::new();
         for r in DropReason::ALL {
             match by_reason.iter_mut().find(|(name, _)| *name == r.name()) {
@@ -175,24 +255,57 @@ impl Collector for DropCollector {
             ConstCounter::new(n).encode(family.encode_family(&[("reason", reason)])?)?;
         }
 
-        let mut family = encoder.encode_descriptor("varta_rate_limited", "Beats dropped by a rate limit", None, MetricType::Counter)?;
-        for (reason, r) in [("per_pid", DropReason::RatePerPid), ("global", DropReason::RateGlobal)] {
+        let mut family = encoder.encode_descriptor(
+            "varta_rate_limited",
+            "Beats dropped by a rate limit",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, r) in [
+            ("per_pid", DropReason::RatePerPid),
+            ("global", DropReason::RateGlobal),
+        ] {
             ConstCounter::new(count(r)).encode(family.encode_family(&[("reason", reason)])?)?;
         }
 
         // The incumbent's names for the same counts, so existing dashboards keep working.
         for (name, help, r) in [
-            ("varta_frame_auth_failures", "Frames whose pid is not the attested sender's (= frames_dropped{reason=\"spoof\"})", DropReason::Spoof),
-            ("varta_frame_namespace_mismatch", "Frames from another pid namespace refused (= frames_dropped{reason=\"namespace\"})", DropReason::Namespace),
-            ("varta_frame_rejected_pid_above_max", "Frames with a pid above pid_max (= frames_dropped{reason=\"pid_max\"})", DropReason::PidMax),
-            ("varta_tracker_capacity_exceeded", "New agents refused with the tracker full (= frames_dropped{reason=\"capacity\"})", DropReason::Capacity),
-            ("varta_truncated_datagrams", "Datagrams of the wrong length (= frames_dropped{reason=\"length\"})", DropReason::Length),
+            (
+                "varta_frame_auth_failures",
+                "Frames whose pid is not the attested sender's (= frames_dropped{reason=\"spoof\"})",
+                DropReason::Spoof,
+            ),
+            (
+                "varta_frame_namespace_mismatch",
+                "Frames from another pid namespace refused (= frames_dropped{reason=\"namespace\"})",
+                DropReason::Namespace,
+            ),
+            (
+                "varta_frame_rejected_pid_above_max",
+                "Frames with a pid above pid_max (= frames_dropped{reason=\"pid_max\"})",
+                DropReason::PidMax,
+            ),
+            (
+                "varta_tracker_capacity_exceeded",
+                "New agents refused with the tracker full (= frames_dropped{reason=\"capacity\"})",
+                DropReason::Capacity,
+            ),
+            (
+                "varta_truncated_datagrams",
+                "Datagrams of the wrong length (= frames_dropped{reason=\"length\"})",
+                DropReason::Length,
+            ),
         ] {
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(count(r)).encode(metric)?;
         }
 
-        let uptime = encoder.encode_descriptor("varta_watch_uptime_seconds", "Seconds since the observer started", None, MetricType::Gauge)?;
+        let uptime = encoder.encode_descriptor(
+            "varta_watch_uptime_seconds",
+            "Seconds since the observer started",
+            None,
+            MetricType::Gauge,
+        )?;
         ConstGauge::new(self.started.elapsed().as_secs_f64()).encode(uptime)
     }
 }

@@ -26,11 +26,21 @@ pub struct Observer {
 }
 
 impl Observer {
-    pub fn new(config: &Config, drops: Arc<DropCounters>, kernel_rate_limits: bool, now_ns: u64) -> Self {
+    pub fn new(
+        config: &Config,
+        drops: Arc<DropCounters>,
+        kernel_rate_limits: bool,
+        now_ns: u64,
+    ) -> Self {
         Observer {
-            tracker: Tracker::new(config.tracker_capacity, config.eviction, config.limits.threshold_ns()),
+            tracker: Tracker::new(
+                config.tracker_capacity,
+                config.eviction,
+                config.limits.threshold_ns(),
+            ),
             gates: Gates::new(config.allow_cross_namespace),
-            limiter: (!kernel_rate_limits).then(|| RateLimiter::new(config.limits.clone(), config.tracker_capacity, now_ns)),
+            limiter: (!kernel_rate_limits)
+                .then(|| RateLimiter::new(config.limits.clone(), config.tracker_capacity, now_ns)),
             drops,
             stalled: Vec::new(),
         }
@@ -53,11 +63,17 @@ impl Observer {
 
     /// Runs one beat through the gates, the rate limits and the tracker.
     pub fn admit(&mut self, beat: &Beat, events: &mut Vec<Event>) {
-        let admitted = self.gates.check(beat).and_then(|()| match &mut self.limiter {
-            Some(limiter) => limiter.check(beat.pid, beat.recv_ns),
-            None => Ok(()),
+        let admitted = self
+            .gates
+            .check(beat)
+            .and_then(|()| match &mut self.limiter {
+                Some(limiter) => limiter.check(beat.pid, beat.recv_ns),
+                None => Ok(()),
+            });
+        let accepted = admitted.and_then(|()| {
+            self.tracker
+                .record(beat.pid, &beat.frame, beat.origin, beat.recv_ns)
         });
-        let accepted = admitted.and_then(|()| self.tracker.record(beat.pid, &beat.frame, beat.origin, beat.recv_ns));
         let accepted = match accepted {
             Ok(a) => a,
             Err(reason) => {
@@ -67,9 +83,12 @@ impl Observer {
         };
         let (pid, frame) = (beat.pid, beat.frame);
         match accepted {
-            Accepted::New { evicted } => {
-                events.push(Event::NewAgent { pid, frame_pid: frame.pid, origin: beat.origin, evicted })
-            }
+            Accepted::New { evicted } => events.push(Event::NewAgent {
+                pid,
+                frame_pid: frame.pid,
+                origin: beat.origin,
+                evicted,
+            }),
             Accepted::Resumed => events.push(Event::Resumed { pid }),
             Accepted::Restarted => events.push(Event::Restarted { pid }),
             Accepted::Wrapped => events.push(Event::NonceWrapped { pid }),
@@ -77,7 +96,11 @@ impl Observer {
         }
         events.push(Event::Beat { pid, frame });
         if frame.is_panic_terminal() {
-            events.push(Event::Exit { pid, frame, origin: beat.origin });
+            events.push(Event::Exit {
+                pid,
+                frame,
+                origin: beat.origin,
+            });
         } else if frame.status == Status::Critical {
             events.push(Event::Critical { pid, frame });
         }
@@ -93,7 +116,11 @@ impl Observer {
         self.tracker.expire(now_ns, &mut self.stalled);
         for s in self.stalled.drain(..) {
             let silent_ms = now_ns.saturating_sub(s.agent.last_beat_ns) / 1_000_000;
-            events.push(Event::Stall { pid: s.pid, agent: s.agent, silent_ms });
+            events.push(Event::Stall {
+                pid: s.pid,
+                agent: s.agent,
+                silent_ms,
+            });
         }
     }
 }

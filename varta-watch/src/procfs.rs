@@ -15,7 +15,10 @@ pub fn pid_ns(pid: Option<u32>) -> io::Result<PidNs> {
         None => "/proc/self/ns/pid".to_owned(),
     };
     let meta = fs::metadata(path)?;
-    Ok(PidNs { dev: meta.dev(), ino: meta.ino() })
+    Ok(PidNs {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
 }
 
 /// The process's pids from the outermost namespace visible to us to its own (`NSpid`).
@@ -26,7 +29,10 @@ pub fn ns_pids(pid: u32) -> io::Result<Vec<u32>> {
         .find_map(|l| l.strip_prefix("NSpid:"))
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no NSpid line"))?;
     line.split_whitespace()
-        .map(|p| p.parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad NSpid")))
+        .map(|p| {
+            p.parse()
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad NSpid"))
+        })
         .collect()
 }
 
@@ -40,7 +46,9 @@ pub struct Sender {
 
 pub fn sender(pid: u32) -> io::Result<Sender> {
     let ns = pid_ns(Some(pid))?;
-    let own_pid = *ns_pids(pid)?.last().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "empty NSpid"))?;
+    let own_pid = *ns_pids(pid)?
+        .last()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "empty NSpid"))?;
     Ok(Sender { ns, own_pid })
 }
 

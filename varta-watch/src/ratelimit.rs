@@ -14,7 +14,10 @@ struct Bucket {
 
 impl Bucket {
     fn full(burst: u32, now_ns: u64) -> Self {
-        Bucket { tokens: burst as f64, at_ns: now_ns }
+        Bucket {
+            tokens: burst as f64,
+            at_ns: now_ns,
+        }
     }
 
     fn take(&mut self, now_ns: u64, rate: u32, burst: u32) -> bool {
@@ -64,7 +67,10 @@ impl RateLimiter {
                 });
             }
             let burst = l.per_pid_burst();
-            let bucket = self.per_pid.entry(pid).or_insert_with(|| Bucket::full(burst, now_ns));
+            let bucket = self
+                .per_pid
+                .entry(pid)
+                .or_insert_with(|| Bucket::full(burst, now_ns));
             if !bucket.take(now_ns, l.per_pid_rate, burst) {
                 return Err(DropReason::RatePerPid);
             }
@@ -81,7 +87,12 @@ mod tests {
     use super::*;
 
     fn limits(per_pid: u32, global: u32, burst: u32) -> Limits {
-        Limits { threshold_ms: 1000, per_pid_rate: per_pid, global_rate: global, global_burst: burst }
+        Limits {
+            threshold_ms: 1000,
+            per_pid_rate: per_pid,
+            global_rate: global,
+            global_burst: burst,
+        }
     }
 
     #[test]

@@ -34,7 +34,13 @@ pub enum NotRun {
 impl Recovery {
     pub fn new(config: RecoveryConfig) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        Recovery { config, last_run: HashMap::new(), running: 0, tx, rx }
+        Recovery {
+            config,
+            last_run: HashMap::new(),
+            running: 0,
+            tx,
+            rx,
+        }
     }
 
     pub fn set_config(&mut self, config: RecoveryConfig) {
@@ -58,24 +64,36 @@ impl Recovery {
     /// Starts the recovery command for `pid` unless refused or debounced.
     pub fn start(&mut self, pid: u32, origin: Origin) -> Result<(), NotRun> {
         match origin {
-            Origin::Udp { .. } if !self.config.allow_udp => return Err(NotRun::Refused("unauthenticated_transport")),
-            Origin::Uds { foreign_ns: Some(_) } if !self.config.allow_cross_namespace => {
+            Origin::Udp { .. } if !self.config.allow_udp => {
+                return Err(NotRun::Refused("unauthenticated_transport"));
+            }
+            Origin::Uds {
+                foreign_ns: Some(_),
+            } if !self.config.allow_cross_namespace => {
                 return Err(NotRun::Refused("cross_namespace"));
             }
             _ => {}
         }
         let now = Instant::now();
-        if self.last_run.get(&pid).is_some_and(|t| now.duration_since(*t) < self.config.debounce) {
+        if self
+            .last_run
+            .get(&pid)
+            .is_some_and(|t| now.duration_since(*t) < self.config.debounce)
+        {
             return Err(NotRun::Debounced);
         }
         self.last_run.insert(pid, now);
         if self.last_run.len() > 4096 {
             let debounce = self.config.debounce;
-            self.last_run.retain(|_, t| now.duration_since(*t) < debounce);
+            self.last_run
+                .retain(|_, t| now.duration_since(*t) < debounce);
         }
         let argv = Self::argv(&self.config.argv, pid);
         let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         if !self.config.inherit_env {
             cmd.env_clear().env("PATH", "/usr/bin:/bin");
         }
@@ -85,7 +103,9 @@ impl Recovery {
         let child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => {
-                let _ = self.tx.send((pid, "spawn_failed", format!("{}: {e}", argv[0])));
+                let _ = self
+                    .tx
+                    .send((pid, "spawn_failed", format!("{}: {e}", argv[0])));
                 return Ok(());
             }
         };
@@ -110,9 +130,12 @@ impl Recovery {
 }
 
 /// Waits for the child, killing its process group at the timeout; always reaps it.
-async fn supervise(mut child: std::process::Child, timeout: Option<Duration>) -> (&'static str, String) {
+async fn supervise(
+    mut child: std::process::Child,
+    timeout: Option<Duration>,
+) -> (&'static str, String) {
     let exited = async {
-        match ExitWatcher::open(child.id()).and_then(|fd| crate::readiness::readable(fd)) {
+        match ExitWatcher::open(child.id()).and_then(crate::readiness::readable) {
             Ok(fd) => {
                 let _ = fd.readable().await;
             }
@@ -140,7 +163,13 @@ async fn supervise(mut child: std::process::Child, timeout: Option<Duration>) ->
     // The child has exited (or was just killed): wait() returns promptly and reaps it.
     let status = tokio::task::spawn_blocking(move || child.wait()).await;
     match (timed_out, status) {
-        (true, _) => ("timeout", format!("killed after {} ms", timeout.unwrap_or_default().as_millis())),
+        (true, _) => (
+            "timeout",
+            format!(
+                "killed after {} ms",
+                timeout.unwrap_or_default().as_millis()
+            ),
+        ),
         (false, Ok(Ok(st))) if st.success() => ("success", "exit 0".into()),
         (false, Ok(Ok(st))) => ("failure", st.to_string()),
         (false, Ok(Err(e))) => ("failure", e.to_string()),
@@ -158,7 +187,13 @@ mod tests {
 
     #[test]
     fn pid_substitution_or_append() {
-        assert_eq!(Recovery::argv(&s(&["systemctl", "restart", "app@{pid}"]), 42), s(&["systemctl", "restart", "app@42"]));
-        assert_eq!(Recovery::argv(&s(&["/bin/kill", "-9"]), 42), s(&["/bin/kill", "-9", "42"]));
+        assert_eq!(
+            Recovery::argv(&s(&["systemctl", "restart", "app@{pid}"]), 42),
+            s(&["systemctl", "restart", "app@42"])
+        );
+        assert_eq!(
+            Recovery::argv(&s(&["/bin/kill", "-9"]), 42),
+            s(&["/bin/kill", "-9", "42"])
+        );
     }
 }

@@ -18,7 +18,9 @@ use std::{
 /// Returns the socket and the receive buffer the kernel granted.
 pub fn bind_uds(path: &Path, mode: u32, rcvbuf: u32) -> io::Result<(UnixDatagram, u32)> {
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => std::fs::remove_file(path)?,
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            std::fs::remove_file(path)?
+        }
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -35,7 +37,14 @@ pub fn bind_uds(path: &Path, mode: u32, rcvbuf: u32) -> io::Result<(UnixDatagram
     if rcvbuf > 0 {
         let want = rcvbuf.min(i32::MAX as u32) as i32;
         // SO_RCVBUFFORCE passes rmem_max when we hold CAP_NET_ADMIN; otherwise fall back.
-        if setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, want).is_err() {
+        if setsockopt_int(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            want,
+        )
+        .is_err()
+        {
             setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, want)?;
         }
     }
@@ -46,17 +55,32 @@ pub fn bind_uds(path: &Path, mode: u32, rcvbuf: u32) -> io::Result<(UnixDatagram
 fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: `value` is a live i32 and the length passed is its size.
     let rc = unsafe {
-        libc::setsockopt(fd, level, name, (&value as *const i32).cast(), size_of::<i32>() as libc::socklen_t)
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn getsockopt_int(fd: i32, level: i32, name: i32) -> io::Result<i32> {
     let mut value = 0i32;
     let mut len = size_of::<i32>() as libc::socklen_t;
     // SAFETY: `value` and `len` are live and writable, `len` holds the size of `value`.
-    let rc = unsafe { libc::getsockopt(fd, level, name, (&mut value as *mut i32).cast(), &mut len) };
-    if rc == 0 { Ok(value) } else { Err(io::Error::last_os_error()) }
+    let rc =
+        unsafe { libc::getsockopt(fd, level, name, (&mut value as *mut i32).cast(), &mut len) };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Datagrams longer than a frame are still read whole enough to know they are too long.
@@ -97,7 +121,13 @@ impl RecvBatch {
             data: vec![[0; SLOT_BYTES]; capacity],
             control: vec![[0; CMSG_BYTES / 8]; capacity],
             names,
-            iov: vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; capacity],
+            iov: vec![
+                libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0
+                };
+                capacity
+            ],
             headers,
             received: 0,
         }
@@ -108,7 +138,10 @@ impl RecvBatch {
     pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
         let n = self.data.len();
         for i in 0..n {
-            self.iov[i] = libc::iovec { iov_base: self.data[i].as_mut_ptr().cast(), iov_len: SLOT_BYTES };
+            self.iov[i] = libc::iovec {
+                iov_base: self.data[i].as_mut_ptr().cast(),
+                iov_len: SLOT_BYTES,
+            };
             let hdr = &mut self.headers[i].msg_hdr;
             hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
             hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -157,8 +190,11 @@ impl RecvBatch {
         unsafe {
             let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
             while !cmsg.is_null() {
-                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_CREDENTIALS {
-                    let cred = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::ucred);
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET
+                    && (*cmsg).cmsg_type == libc::SCM_CREDENTIALS
+                {
+                    let cred =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::ucred);
                     return u32::try_from(cred.pid).ok().filter(|&p| p != 0);
                 }
                 cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
@@ -172,15 +208,27 @@ impl RecvBatch {
         match name.ss_family as i32 {
             libc::AF_INET => {
                 // SAFETY: the family says the storage holds a sockaddr_in.
-                let sin = unsafe { &*(name as *const libc::sockaddr_storage as *const libc::sockaddr_in) };
+                let sin = unsafe {
+                    &*(name as *const libc::sockaddr_storage as *const libc::sockaddr_in)
+                };
                 let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+                Some(SocketAddr::V4(SocketAddrV4::new(
+                    ip,
+                    u16::from_be(sin.sin_port),
+                )))
             }
             libc::AF_INET6 => {
                 // SAFETY: the family says the storage holds a sockaddr_in6.
-                let sin6 = unsafe { &*(name as *const libc::sockaddr_storage as *const libc::sockaddr_in6) };
+                let sin6 = unsafe {
+                    &*(name as *const libc::sockaddr_storage as *const libc::sockaddr_in6)
+                };
                 let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-                Some(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sin6.sin6_port), 0, 0)))
+                Some(SocketAddr::V6(SocketAddrV6::new(
+                    ip,
+                    u16::from_be(sin6.sin6_port),
+                    0,
+                    0,
+                )))
             }
             _ => None,
         }
@@ -208,7 +256,10 @@ mod tests {
         assert_eq!((first.bytes.len(), first.truncated), (32, false));
         assert_eq!(first.sender_pid, Some(std::process::id()));
         assert!(batch.get(1).truncated);
-        assert_eq!(batch.recv(sock.as_fd()).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(
+            batch.recv(sock.as_fd()).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -29,7 +29,11 @@ impl StallQueue {
 
     /// The earliest entry if it is due at `now_ns`.
     pub fn pop_due(&mut self, now_ns: u64) -> Option<Entry> {
-        if self.peek()?.deadline_ns <= now_ns { self.heap.pop().map(|r| r.0) } else { None }
+        if self.peek()?.deadline_ns <= now_ns {
+            self.heap.pop().map(|r| r.0)
+        } else {
+            None
+        }
     }
 
     pub fn pop(&mut self) -> Option<Entry> {
@@ -45,7 +49,11 @@ mod tests {
     fn pops_in_deadline_order_only_when_due() {
         let mut q = StallQueue::default();
         for (d, pid) in [(30, 3), (10, 1), (20, 2)] {
-            q.push(Entry { deadline_ns: d, pid, generation: 0 });
+            q.push(Entry {
+                deadline_ns: d,
+                pid,
+                generation: 0,
+            });
         }
         assert_eq!(q.pop_due(5), None);
         assert_eq!(q.pop_due(25).map(|e| e.pid), Some(1));

@@ -25,7 +25,6 @@ const WRAP_WINDOW: u64 = 1 << 32;
 pub struct Agent {
     pub last_nonce: u64,
     pub last_beat_ns: u64,
-    pub first_beat_ns: u64,
     pub status: Status,
     pub payload: u32,
     pub origin: Origin,
@@ -42,7 +41,9 @@ pub struct Agent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
     /// A new agent; it may have taken the place of `evicted`.
-    New { evicted: Option<u32> },
+    New {
+        evicted: Option<u32>,
+    },
     Beat,
     /// A beat from an agent surfaced as stalled: the stall is over.
     Resumed,
@@ -87,6 +88,7 @@ impl Tracker {
         self.agents.len()
     }
 
+    #[cfg(test)]
     pub fn get(&self, pid: u32) -> Option<&Agent> {
         self.agents.get(&pid)
     }
@@ -100,7 +102,13 @@ impl Tracker {
         self.threshold_ns = threshold_ns;
     }
 
-    pub fn record(&mut self, pid: u32, frame: &Frame, origin: Origin, now_ns: u64) -> Result<Accepted, DropReason> {
+    pub fn record(
+        &mut self,
+        pid: u32,
+        frame: &Frame,
+        origin: Origin,
+        now_ns: u64,
+    ) -> Result<Accepted, DropReason> {
         let threshold = self.threshold_ns;
         if let Some(agent) = self.agents.get_mut(&pid) {
             if std::mem::discriminant(&agent.origin) != std::mem::discriminant(&origin) {
@@ -108,14 +116,21 @@ impl Tracker {
             }
             let outcome = if frame.nonce > agent.last_nonce {
                 Accepted::Beat
-            } else if frame.nonce < WRAP_WINDOW && agent.last_nonce >= u64::MAX - WRAP_WINDOW && agent.last_nonce != u64::MAX {
+            } else if frame.nonce < WRAP_WINDOW
+                && agent.last_nonce >= u64::MAX - WRAP_WINDOW
+                && agent.last_nonce != u64::MAX
+            {
                 Accepted::Wrapped
             } else if frame.nonce == 1 && agent.last_nonce > 1 {
                 Accepted::Restarted
             } else {
                 return Err(DropReason::Replay);
             };
-            let outcome = if agent.stalled && outcome == Accepted::Beat { Accepted::Resumed } else { outcome };
+            let outcome = if agent.stalled && outcome == Accepted::Beat {
+                Accepted::Resumed
+            } else {
+                outcome
+            };
             agent.last_nonce = frame.nonce;
             agent.last_beat_ns = now_ns;
             agent.status = frame.status;
@@ -128,13 +143,21 @@ impl Tracker {
                 self.evictable.push_back((pid, agent.generation));
             } else if !agent.queued {
                 agent.queued = true;
-                let entry = Entry { deadline_ns: now_ns + threshold, pid, generation: agent.generation };
+                let entry = Entry {
+                    deadline_ns: now_ns + threshold,
+                    pid,
+                    generation: agent.generation,
+                };
                 self.deadlines.push(entry);
             }
             return Ok(outcome);
         }
 
-        let evicted = if self.agents.len() >= self.capacity { Some(self.evict().ok_or(DropReason::Capacity)?) } else { None };
+        let evicted = if self.agents.len() >= self.capacity {
+            Some(self.evict().ok_or(DropReason::Capacity)?)
+        } else {
+            None
+        };
         let generation = self.next_generation;
         self.next_generation += 1;
         let dead = frame.is_panic_terminal();
@@ -143,7 +166,6 @@ impl Tracker {
             Agent {
                 last_nonce: frame.nonce,
                 last_beat_ns: now_ns,
-                first_beat_ns: now_ns,
                 status: frame.status,
                 payload: frame.payload,
                 origin,
@@ -157,7 +179,11 @@ impl Tracker {
         if dead {
             self.evictable.push_back((pid, generation));
         } else {
-            self.deadlines.push(Entry { deadline_ns: now_ns + threshold, pid, generation });
+            self.deadlines.push(Entry {
+                deadline_ns: now_ns + threshold,
+                pid,
+                generation,
+            });
         }
         Ok(Accepted::New { evicted })
     }
@@ -171,7 +197,9 @@ impl Tracker {
     pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Stalled>) {
         while let Some(entry) = self.deadlines.pop_due(now_ns) {
             let threshold = self.threshold_ns;
-            let Some(agent) = self.live(entry) else { continue };
+            let Some(agent) = self.live(entry) else {
+                continue;
+            };
             agent.queued = false;
             if agent.stalled || agent.dead {
                 continue;
@@ -179,24 +207,36 @@ impl Tracker {
             let deadline = agent.last_beat_ns + threshold;
             if deadline > now_ns {
                 agent.queued = true;
-                self.deadlines.push(Entry { deadline_ns: deadline, ..entry });
+                self.deadlines.push(Entry {
+                    deadline_ns: deadline,
+                    ..entry
+                });
                 continue;
             }
             agent.stalled = true;
-            let stalled = Stalled { pid: entry.pid, agent: agent.clone() };
+            let stalled = Stalled {
+                pid: entry.pid,
+                agent: agent.clone(),
+            };
             self.evictable.push_back((entry.pid, entry.generation));
             out.push(stalled);
         }
     }
 
     fn live(&mut self, entry: Entry) -> Option<&mut Agent> {
-        self.agents.get_mut(&entry.pid).filter(|a| a.generation == entry.generation)
+        self.agents
+            .get_mut(&entry.pid)
+            .filter(|a| a.generation == entry.generation)
     }
 
     /// Makes room for one agent, by policy; the evicted pid.
     fn evict(&mut self) -> Option<u32> {
         while let Some((pid, generation)) = self.evictable.pop_front() {
-            if self.agents.get(&pid).is_some_and(|a| a.generation == generation && (a.stalled || a.dead)) {
+            if self
+                .agents
+                .get(&pid)
+                .is_some_and(|a| a.generation == generation && (a.stalled || a.dead))
+            {
                 self.agents.remove(&pid);
                 return Some(pid);
             }
@@ -208,10 +248,15 @@ impl Tracker {
         // them): refresh the earliest until it is exact, then it is the true oldest.
         while let Some(entry) = self.deadlines.pop() {
             let threshold = self.threshold_ns;
-            let Some(agent) = self.live(entry) else { continue };
+            let Some(agent) = self.live(entry) else {
+                continue;
+            };
             let deadline = agent.last_beat_ns + threshold;
             if deadline != entry.deadline_ns {
-                self.deadlines.push(Entry { deadline_ns: deadline, ..entry });
+                self.deadlines.push(Entry {
+                    deadline_ns: deadline,
+                    ..entry
+                });
                 continue;
             }
             self.agents.remove(&entry.pid);
@@ -228,7 +273,13 @@ mod tests {
     const T: u64 = 1_000;
 
     fn frame(pid: u32, nonce: u64) -> Frame {
-        Frame { status: Status::Ok, pid, timestamp: 0, nonce, payload: 0 }
+        Frame {
+            status: Status::Ok,
+            pid,
+            timestamp: 0,
+            nonce,
+            payload: 0,
+        }
     }
 
     const UDS: Origin = Origin::Uds { foreign_ns: None };
@@ -245,12 +296,21 @@ mod tests {
         t.record(10, &frame(10, 1), UDS, 0).unwrap();
         assert_eq!(t.next_deadline(), Some(T));
         t.record(10, &frame(10, 2), UDS, 500).unwrap();
-        assert!(stalls(&mut t, T).is_empty(), "the beat at 500 moved the deadline");
+        assert!(
+            stalls(&mut t, T).is_empty(),
+            "the beat at 500 moved the deadline"
+        );
         assert_eq!(t.next_deadline(), Some(500 + T));
         assert_eq!(stalls(&mut t, 1500), vec![10]);
-        assert!(stalls(&mut t, 10_000).is_empty(), "exactly once per silence");
+        assert!(
+            stalls(&mut t, 10_000).is_empty(),
+            "exactly once per silence"
+        );
         assert_eq!(t.next_deadline(), None, "nothing to wake up for");
-        assert_eq!(t.record(10, &frame(10, 3), UDS, 20_000), Ok(Accepted::Resumed));
+        assert_eq!(
+            t.record(10, &frame(10, 3), UDS, 20_000),
+            Ok(Accepted::Resumed)
+        );
         assert_eq!(stalls(&mut t, 20_000 + T), vec![10]);
     }
 
@@ -261,23 +321,42 @@ mod tests {
         assert_eq!(t.record(10, &frame(10, 5), UDS, 1), Err(DropReason::Replay));
         assert_eq!(t.record(10, &frame(10, 4), UDS, 1), Err(DropReason::Replay));
         assert_eq!(t.record(10, &frame(10, 1), UDS, 2), Ok(Accepted::Restarted));
-        assert_eq!(t.record(10, &frame(10, 1), UDS, 3), Err(DropReason::Replay), "duplicate of the session start");
-        assert_eq!(t.record(10, &frame(10, u64::MAX - 1), UDS, 4), Ok(Accepted::Beat));
+        assert_eq!(
+            t.record(10, &frame(10, 1), UDS, 3),
+            Err(DropReason::Replay),
+            "duplicate of the session start"
+        );
+        assert_eq!(
+            t.record(10, &frame(10, u64::MAX - 1), UDS, 4),
+            Ok(Accepted::Beat)
+        );
         assert_eq!(t.record(10, &frame(10, 0), UDS, 5), Ok(Accepted::Wrapped));
         assert_eq!(t.record(10, &frame(10, 1), UDS, 6), Ok(Accepted::Beat));
-        let udp = Origin::Udp { source: "127.0.0.1:9".parse().unwrap() };
-        assert_eq!(t.record(10, &frame(10, 7), udp, 7), Err(DropReason::OriginConflict));
+        let udp = Origin::Udp {
+            source: "127.0.0.1:9".parse().unwrap(),
+        };
+        assert_eq!(
+            t.record(10, &frame(10, 7), udp, 7),
+            Err(DropReason::OriginConflict)
+        );
     }
 
     #[test]
     fn panic_terminal_suppresses_the_stall() {
         let mut t = Tracker::new(8, EvictionPolicy::Strict, T);
         t.record(10, &frame(10, 1), UDS, 0).unwrap();
-        let terminal = Frame { status: Status::Critical, nonce: u64::MAX, ..frame(10, 0) };
+        let terminal = Frame {
+            status: Status::Critical,
+            nonce: u64::MAX,
+            ..frame(10, 0)
+        };
         t.record(10, &terminal, UDS, 10).unwrap();
         assert!(t.get(10).unwrap().dead);
         assert!(stalls(&mut t, 100 * T).is_empty());
-        assert_eq!(t.record(10, &frame(10, 1), UDS, 200 * T), Ok(Accepted::Restarted));
+        assert_eq!(
+            t.record(10, &frame(10, 1), UDS, 200 * T),
+            Ok(Accepted::Restarted)
+        );
         assert_eq!(stalls(&mut t, 201 * T), vec![10]);
     }
 
@@ -286,9 +365,15 @@ mod tests {
         let mut t = Tracker::new(2, EvictionPolicy::Strict, T);
         t.record(10, &frame(10, 1), UDS, 0).unwrap();
         t.record(11, &frame(11, 1), UDS, 500).unwrap();
-        assert_eq!(t.record(12, &frame(12, 1), UDS, 600), Err(DropReason::Capacity));
+        assert_eq!(
+            t.record(12, &frame(12, 1), UDS, 600),
+            Err(DropReason::Capacity)
+        );
         assert_eq!(stalls(&mut t, 1200), vec![10]);
-        assert_eq!(t.record(12, &frame(12, 1), UDS, 1200), Ok(Accepted::New { evicted: Some(10) }));
+        assert_eq!(
+            t.record(12, &frame(12, 1), UDS, 1200),
+            Ok(Accepted::New { evicted: Some(10) })
+        );
         assert_eq!(t.len(), 2);
     }
 
@@ -299,7 +384,10 @@ mod tests {
         t.record(11, &frame(11, 1), UDS, 100).unwrap();
         t.record(10, &frame(10, 2), UDS, 200).unwrap();
         // 11 is now the one silent longest, although 10's queue entry is older.
-        assert_eq!(t.record(12, &frame(12, 1), UDS, 300), Ok(Accepted::New { evicted: Some(11) }));
+        assert_eq!(
+            t.record(12, &frame(12, 1), UDS, 300),
+            Ok(Accepted::New { evicted: Some(11) })
+        );
         assert!(t.get(11).is_none());
         assert_eq!(stalls(&mut t, 200 + T), vec![10]);
     }

@@ -18,17 +18,29 @@ pub fn build() -> Result<PathBuf> {
     let root = workspace_root();
     // A target directory of its own: nightly and stable fingerprints never evict each other.
     let target_dir = root.join("target").join("ebpf");
-    let path = std::env::join_paths(
-        std::iter::once(linker_dir).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
-    )?;
+    let path = std::env::join_paths(std::iter::once(linker_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))?;
     status(
         toolchain::nightly("cargo")
             .current_dir(&root)
-            .args(["build", "--package", "varta-ebpf", "--release", "--target", TARGET, "-Z", "build-std=core"])
+            .args([
+                "build",
+                "--package",
+                "varta-ebpf",
+                "--release",
+                "--target",
+                TARGET,
+                "-Z",
+                "build-std=core",
+            ])
             .arg("--target-dir")
             .arg(&target_dir)
             .env("PATH", path)
-            .env("CARGO_ENCODED_RUSTFLAGS", ["-Cdebuginfo=2", "-Ctarget-cpu=v3", "-Clink-arg=--btf"].join("\x1f")),
+            .env(
+                "CARGO_ENCODED_RUSTFLAGS",
+                ["-Cdebuginfo=2", "-Ctarget-cpu=v3", "-Clink-arg=--btf"].join("\x1f"),
+            ),
     )
     .context("building the eBPF object")?;
     Ok(target_dir.join(TARGET).join("release").join("varta-ebpf"))

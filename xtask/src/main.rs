@@ -56,13 +56,17 @@ fn main() -> Result<()> {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 /// A stable-toolchain cargo command at the workspace root, with the embedded eBPF object.
 fn cargo(object: &Path) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace_root()).env(ebpf::OBJECT_ENV, object);
+    cmd.current_dir(workspace_root())
+        .env(ebpf::OBJECT_ENV, object);
     cmd
 }
 
@@ -87,7 +91,9 @@ fn build(release: bool) -> Result<PathBuf> {
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// The embedded development configuration: a socket under /run/varta as root, else under
@@ -108,7 +114,12 @@ fn run(release: bool, args: &[String]) -> Result<()> {
         .arg(&socket)
         .args(["--threshold-ms", "2000", "--prom-addr", "127.0.0.1:9100"])
         .args(args);
-    eprintln!("xtask: {} --socket {} --threshold-ms 2000 --prom-addr 127.0.0.1:9100 {}", bin.display(), socket.display(), args.join(" "));
+    eprintln!(
+        "xtask: {} --socket {} --threshold-ms 2000 --prom-addr 127.0.0.1:9100 {}",
+        bin.display(),
+        socket.display(),
+        args.join(" ")
+    );
     let err = exec(cmd);
     Err(err).context("starting varta-watch")
 }
@@ -121,7 +132,11 @@ fn exec(mut cmd: Command) -> std::io::Error {
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
@@ -129,12 +144,28 @@ fn test(args: &[String]) -> Result<()> {
     toolchain::ensure_test_packages()?;
     let object = ebpf::build()?;
     status(cargo(&object).args(["build", "--package", "varta-watch"]))?;
-    status(cargo(&object).args(["test", "--workspace", "--no-fail-fast"]).args(args))?;
+    status(
+        cargo(&object)
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .args(args),
+    )?;
     Ok(())
 }
 
 fn bench() -> Result<()> {
     let object = ebpf::build()?;
     status(cargo(&object).args(["build", "--release", "--package", "varta-watch"]))?;
-    status(cargo(&object).args(["run", "--release", "--package", "varta-e2e", "--bin", "varta-bench", "--"]).arg(target_dir().join("release/varta-watch")))
+    status(
+        cargo(&object)
+            .args([
+                "run",
+                "--release",
+                "--package",
+                "varta-e2e",
+                "--bin",
+                "varta-bench",
+                "--",
+            ])
+            .arg(target_dir().join("release/varta-watch")),
+    )
 }

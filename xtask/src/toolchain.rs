@@ -24,14 +24,24 @@ fn cache_dir() -> PathBuf {
 pub fn nightly(program: &str) -> Command {
     let mut cmd = Command::new("rustup");
     cmd.args(["run", "nightly", program]);
-    for var in ["RUSTUP_TOOLCHAIN", "CARGO", "RUSTC", "RUSTDOC", "RUSTC_WRAPPER", "CARGO_MANIFEST_DIR"] {
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "CARGO",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTC_WRAPPER",
+        "CARGO_MANIFEST_DIR",
+    ] {
         cmd.env_remove(var);
     }
     cmd
 }
 
 fn capture(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", out.status);
     }
@@ -49,12 +59,30 @@ fn ensure_nightly() -> Result<()> {
         .unwrap_or(false);
     if !have_nightly {
         eprintln!("xtask: installing the nightly toolchain");
-        status(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        status(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
-    let components = capture(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
+    let components = capture(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))?;
     if !components.lines().any(|c| c.starts_with("rust-src")) {
         eprintln!("xtask: adding rust-src to nightly");
-        status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     Ok(())
 }
@@ -63,20 +91,27 @@ fn ensure_nightly() -> Result<()> {
 /// LLVM): its major version must equal rustc's. Cached per nightly version.
 pub fn ensure_bpf_linker() -> Result<PathBuf> {
     ensure_nightly()?;
-    let verbose = capture(&mut nightly("rustc").arg("-vV"))?;
+    let verbose = capture(nightly("rustc").arg("-vV"))?;
     let field = |name: &str| {
-        verbose.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).map(str::to_owned)
+        verbose
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .map(str::to_owned)
     };
     let llvm = field("LLVM version:").context("rustc -vV shows no LLVM version")?;
     let llvm_major = llvm.split('.').next().unwrap_or_default().to_owned();
     let commit = field("commit-hash:").unwrap_or_else(|| "unknown".into());
-    let root = cache_dir().join(format!("bpf-linker-{BPF_LINKER_VERSION}-{}", &commit[..commit.len().min(12)]));
+    let root = cache_dir().join(format!(
+        "bpf-linker-{BPF_LINKER_VERSION}-{}",
+        &commit[..commit.len().min(12)]
+    ));
     let bin = root.join("bin");
     if bin.join("bpf-linker").exists() {
         return Ok(bin);
     }
 
-    let sysroot = PathBuf::from(capture(&mut nightly("rustc").args(["--print", "sysroot"]))?.trim());
+    let sysroot = PathBuf::from(capture(nightly("rustc").args(["--print", "sysroot"]))?.trim());
     let libllvm = std::fs::read_dir(sysroot.join("lib"))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
@@ -94,11 +129,23 @@ pub fn ensure_bpf_linker() -> Result<PathBuf> {
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&libllvm, &link)?;
     }
-    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {llvm} (a few minutes, once)");
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {llvm} (a few minutes, once)"
+    );
     status(
         nightly("cargo")
-            .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
-            .args(["--no-default-features", "--features", &format!("llvm-{llvm_major}")])
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{llvm_major}"),
+            ])
             .arg("--root")
             .arg(&root)
             .env("LLVM_PREFIX", &prefix),
@@ -118,11 +165,19 @@ pub fn ensure_test_packages() -> Result<()> {
         return Ok(());
     }
     if !crate::is_root() {
-        bail!("missing Debian packages {missing:?}: install them (apt-get install {})", missing.join(" "));
+        bail!(
+            "missing Debian packages {missing:?}: install them (apt-get install {})",
+            missing.join(" ")
+        );
     }
     eprintln!("xtask: installing {missing:?}");
     status(Command::new("apt-get").arg("update").arg("-q"))?;
-    status(Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 fn which(bin: &str) -> bool {

@@ -38,7 +38,10 @@ fn main() {
     match args[2].as_str() {
         "hex" => {
             let hex = &args[4];
-            let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
             for _ in 0..count {
                 out.send(&bytes);
                 sent += 1;
@@ -47,8 +50,19 @@ fn main() {
         "flood" => {
             let millis: u128 = args.get(4).and_then(|m| m.parse().ok()).unwrap_or(0);
             let mut nonce = 1;
-            while (count > 0 && sent < count) || (count == 0 && started.elapsed().as_millis() < millis) {
-                out.send(&Frame { status: Status::Ok, pid, timestamp: 1, nonce, payload: 0 }.encode());
+            while (count > 0 && sent < count)
+                || (count == 0 && started.elapsed().as_millis() < millis)
+            {
+                out.send(
+                    &Frame {
+                        status: Status::Ok,
+                        pid,
+                        timestamp: 1,
+                        nonce,
+                        payload: 0,
+                    }
+                    .encode(),
+                );
                 nonce += 1;
                 sent += 1;
             }
@@ -56,11 +70,23 @@ fn main() {
         "forge" => {
             let claimed: u32 = args[4].parse().unwrap();
             for nonce in 0..count {
-                out.send(&Frame { status: Status::Ok, pid: claimed, timestamp: 1, nonce: 1_000_000 + nonce, payload: 0 }.encode());
+                out.send(
+                    &Frame {
+                        status: Status::Ok,
+                        pid: claimed,
+                        timestamp: 1,
+                        nonce: 1_000_000 + nonce,
+                        payload: 0,
+                    }
+                    .encode(),
+                );
                 sent += 1;
             }
         }
         other => panic!("unknown mode {other}"),
     }
-    println!("sent={sent} pid={pid} elapsed_ns={}", started.elapsed().as_nanos());
+    println!(
+        "sent={sent} pid={pid} elapsed_ns={}",
+        started.elapsed().as_nanos()
+    );
 }

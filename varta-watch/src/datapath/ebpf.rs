@@ -23,9 +23,9 @@ use tokio::io::unix::AsyncFd;
 use varta_common::{
     DropReason, Frame,
     kernel::{
-        BeatRecord, CLOCK_BOOTTIME, CLOCK_MONOTONIC, FilterConfig, KIND_VERIFY, MAP_CONFIG, MAP_DROPS, MAP_EVENTS,
-        MAP_VERDICTS, RING_BYTES, TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, VERDICT_ALLOW,
-        VERDICT_DENY_NAMESPACE, Verdict,
+        BeatRecord, CLOCK_BOOTTIME, CLOCK_MONOTONIC, FilterConfig, KIND_VERIFY, MAP_CONFIG,
+        MAP_DROPS, MAP_EVENTS, MAP_VERDICTS, RING_BYTES, TRANSPORT_UDP4, TRANSPORT_UDP6,
+        TRANSPORT_UDS, VERDICT_ALLOW, VERDICT_DENY_NAMESPACE, Verdict,
     },
 };
 
@@ -82,12 +82,14 @@ impl EbpfDatapath {
         drops: Arc<DropCounters>,
     ) -> Result<(Self, KernelDrops), Unavailable> {
         preflight()?;
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| Unavailable(format!("loading the eBPF object: {e}")))?;
+        let mut ebpf =
+            Ebpf::load(OBJECT).map_err(|e| Unavailable(format!("loading the eBPF object: {e}")))?;
         let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, log::logger())
             .ok()
             .and_then(|l| crate::readiness::readable(l).ok());
 
-        let own_ns = procfs::pid_ns(None).map_err(|e| Unavailable(format!("reading /proc/self/ns/pid: {e}")))?;
+        let own_ns = procfs::pid_ns(None)
+            .map_err(|e| Unavailable(format!("reading /proc/self/ns/pid: {e}")))?;
         let mut config: Array<MapData, FilterConfig> = take_map(&mut ebpf, MAP_CONFIG)?;
         let filter_config = FilterConfig {
             per_pid_rate: limits.per_pid_rate,
@@ -102,7 +104,9 @@ impl EbpfDatapath {
             },
             wakeup_watermark: RING_BYTES / 4,
         };
-        config.set(0, filter_config, 0).map_err(|e| Unavailable(format!("configuring the filter: {e}")))?;
+        config
+            .set(0, filter_config, 0)
+            .map_err(|e| Unavailable(format!("configuring the filter: {e}")))?;
 
         // Configured before attaching: the first datagram already meets the real settings.
         attach(&mut ebpf, "varta_uds", &uds)?;
@@ -111,7 +115,8 @@ impl EbpfDatapath {
         }
 
         let ring: RingBuf<MapData> = take_map(&mut ebpf, MAP_EVENTS)?;
-        let ring = crate::readiness::readable(ring).map_err(|e| Unavailable(format!("polling the ring buffer: {e}")))?;
+        let ring = crate::readiness::readable(ring)
+            .map_err(|e| Unavailable(format!("polling the ring buffer: {e}")))?;
         let verdicts = take_map(&mut ebpf, MAP_VERDICTS)?;
         let kernel_drops: PerCpuArray<MapData, u64> = take_map(&mut ebpf, MAP_DROPS)?;
         let kernel_drops = Mutex::new(kernel_drops);
@@ -153,23 +158,37 @@ impl EbpfDatapath {
         };
         let origin = match rec.transport {
             TRANSPORT_UDS if rec.kind == KIND_VERIFY => match self.verify(rec.host_tgid, &frame) {
-                Ok(ns) => Origin::Uds { foreign_ns: Some(ns) },
+                Ok(ns) => Origin::Uds {
+                    foreign_ns: Some(ns),
+                },
                 Err(reason) => {
                     self.drops.add(reason);
                     return;
                 }
             },
-            TRANSPORT_UDS if rec.observer_tgid == 0 => {
-                Origin::Uds { foreign_ns: Some(self.foreign.get(&rec.host_tgid).copied().unwrap_or(PidNs { dev: 0, ino: 0 })) }
-            }
+            TRANSPORT_UDS if rec.observer_tgid == 0 => Origin::Uds {
+                foreign_ns: Some(
+                    self.foreign
+                        .get(&rec.host_tgid)
+                        .copied()
+                        .unwrap_or(PidNs { dev: 0, ino: 0 }),
+                ),
+            },
             TRANSPORT_UDS => Origin::Uds { foreign_ns: None },
             TRANSPORT_UDP4 | TRANSPORT_UDP6 => {
                 let ip = if rec.transport == TRANSPORT_UDP4 {
-                    IpAddr::V4(Ipv4Addr::new(rec.src_addr[0], rec.src_addr[1], rec.src_addr[2], rec.src_addr[3]))
+                    IpAddr::V4(Ipv4Addr::new(
+                        rec.src_addr[0],
+                        rec.src_addr[1],
+                        rec.src_addr[2],
+                        rec.src_addr[3],
+                    ))
                 } else {
                     IpAddr::V6(Ipv6Addr::from(rec.src_addr))
                 };
-                Origin::Udp { source: SocketAddr::new(ip, rec.src_port) }
+                Origin::Udp {
+                    source: SocketAddr::new(ip, rec.src_port),
+                }
             }
             other => {
                 log::error!("event=ebpf_record_invalid transport={other}");
@@ -178,16 +197,24 @@ impl EbpfDatapath {
         };
         let pid = match origin {
             Origin::Uds { foreign_ns: None } => rec.observer_tgid,
-            Origin::Uds { foreign_ns: Some(_) } => rec.host_tgid,
+            Origin::Uds {
+                foreign_ns: Some(_),
+            } => rec.host_tgid,
             Origin::Udp { .. } => frame.pid,
         };
-        out.push(Beat { pid, frame, origin, recv_ns: rec.recv_ns });
+        out.push(Beat {
+            pid,
+            frame,
+            origin,
+            recv_ns: rec.recv_ns,
+        });
     }
 
     /// A sender in another pid namespace the kernel has no verdict for: check its frame pid
     /// against its own `NSpid`, and leave the verdict in the kernel for its next frames.
     fn verify(&mut self, tgid: u32, frame: &Frame) -> Result<PidNs, DropReason> {
-        let known = ExitWatcher::open(tgid).and_then(|pidfd| procfs::sender(tgid).map(|s| (pidfd, s)));
+        let known =
+            ExitWatcher::open(tgid).and_then(|pidfd| procfs::sender(tgid).map(|s| (pidfd, s)));
         let Ok((pidfd, sender)) = known else {
             // Gone already: nothing to attest; its next frame (if any) asks again.
             let _ = self.verdicts.remove(&tgid);
@@ -197,8 +224,16 @@ impl EbpfDatapath {
             let _ = self.verdicts.remove(&tgid);
             return Err(DropReason::Spoof);
         }
-        let state = if self.allow_cross_namespace { VERDICT_ALLOW } else { VERDICT_DENY_NAMESPACE };
-        let verdict = Verdict { state, ns_pid: sender.own_pid, asked_ns: 0 };
+        let state = if self.allow_cross_namespace {
+            VERDICT_ALLOW
+        } else {
+            VERDICT_DENY_NAMESPACE
+        };
+        let verdict = Verdict {
+            state,
+            ns_pid: sender.own_pid,
+            asked_ns: 0,
+        };
         if let Err(e) = self.verdicts.insert(tgid, verdict, 0) {
             log::warn!("event=ebpf_verdict_failed tgid={tgid} error=\"{e}\"");
         } else if self.exits.watch(tgid, pidfd).is_ok() {
@@ -208,7 +243,11 @@ impl EbpfDatapath {
             "event=cross_namespace_sender tgid={tgid} own_pid={} frame_pid={} verdict={}",
             sender.own_pid,
             frame.pid,
-            if state == VERDICT_ALLOW { "allow" } else { "deny_namespace" }
+            if state == VERDICT_ALLOW {
+                "allow"
+            } else {
+                "deny_namespace"
+            }
         );
         if frame.pid != sender.own_pid {
             return Err(DropReason::Spoof);
@@ -261,7 +300,9 @@ impl Datapath for EbpfDatapath {
                 if item.len() >= size_of::<BeatRecord>() {
                     // SAFETY: the item holds at least one BeatRecord, written by the
                     // program as a whole; the read copes with any alignment.
-                    records.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const BeatRecord) });
+                    records.push(unsafe {
+                        std::ptr::read_unaligned(item.as_ptr() as *const BeatRecord)
+                    });
                 }
             }
         }
@@ -283,8 +324,13 @@ impl Datapath for EbpfDatapath {
     }
 }
 
-fn take_map<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<M, Unavailable> {
-    let map = ebpf.take_map(name).ok_or_else(|| Unavailable(format!("the eBPF object has no map {name}")))?;
+fn take_map<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<M, Unavailable> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| Unavailable(format!("the eBPF object has no map {name}")))?;
     M::try_from(map).map_err(|e| Unavailable(format!("map {name}: {e}")))
 }
 
@@ -294,23 +340,43 @@ fn attach(ebpf: &mut Ebpf, name: &str, socket: &impl std::os::fd::AsFd) -> Resul
         .ok_or_else(|| Unavailable(format!("the eBPF object has no program {name}")))?
         .try_into()
         .map_err(|e| Unavailable(format!("program {name}: {e}")))?;
-    program.load().map_err(|e| Unavailable(explain_load_error(name, e)))?;
-    program.attach(socket).map_err(|e| Unavailable(format!("attaching {name} to the socket: {e}")))
+    program
+        .load()
+        .map_err(|e| Unavailable(explain_load_error(name, e)))?;
+    program
+        .attach(socket)
+        .map_err(|e| Unavailable(format!("attaching {name} to the socket: {e}")))
 }
 
 /// Turns a verifier rejection into the kernel feature that is missing.
 fn explain_load_error(name: &str, e: ProgramError) -> String {
     let kernel = kernel_release();
-    if let ProgramError::LoadError { io_error, verifier_log } = &e {
+    if let ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = &e
+    {
         let log = verifier_log.to_string();
-        for helper in ["bpf_get_ns_current_pid_tgid", "bpf_get_current_pid_tgid", "bpf_ktime_get_boot_ns"] {
-            if log.contains(&format!("unknown func {helper}")) || log.contains(&format!("{helper}#")) && log.contains("unknown func") {
+        for helper in [
+            "bpf_get_ns_current_pid_tgid",
+            "bpf_get_current_pid_tgid",
+            "bpf_ktime_get_boot_ns",
+        ] {
+            if log.contains(&format!("unknown func {helper}"))
+                || log.contains(&format!("{helper}#")) && log.contains("unknown func")
+            {
                 return format!(
                     "kernel {kernel} does not let socket filters call {helper} (sender attestation needs Linux 6.10 or later)"
                 );
             }
         }
-        let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned();
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_owned();
         return format!("kernel {kernel} refused program {name}: {io_error}; verifier: {last}");
     }
     format!("loading {name} on kernel {kernel}: {e}")
@@ -320,7 +386,8 @@ fn explain_load_error(name: &str, e: ProgramError) -> String {
 fn preflight() -> Result<(), Unavailable> {
     if OBJECT.is_empty() {
         return Err(Unavailable(
-            "this binary was built without the eBPF object (build it with `cargo xtask build`)".into(),
+            "this binary was built without the eBPF object (build it with `cargo xtask build`)"
+                .into(),
         ));
     }
     let missing = missing_capabilities();
@@ -331,16 +398,22 @@ fn preflight() -> Result<(), Unavailable> {
         )));
     }
     let release = kernel_release();
-    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
     let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     if version < (5, 8) {
-        return Err(Unavailable(format!("kernel {release} has no BPF ring buffer (needs Linux 5.8 or later)")));
+        return Err(Unavailable(format!(
+            "kernel {release} has no BPF ring buffer (needs Linux 5.8 or later)"
+        )));
     }
     Ok(())
 }
 
 fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "unknown".into())
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// The capabilities this process lacks for loading and attaching (root has all).
@@ -350,7 +423,11 @@ fn missing_capabilities() -> Vec<&'static str> {
     const CAP_BPF: u32 = 39;
     let effective = std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok()))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
         .unwrap_or(0);
     let has = |cap: u32| effective & (1 << cap) != 0;
     let mut missing = Vec::new();

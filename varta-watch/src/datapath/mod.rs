@@ -25,7 +25,12 @@ pub enum Origin {
 
 impl Origin {
     pub fn is_cross_namespace(&self) -> bool {
-        matches!(self, Origin::Uds { foreign_ns: Some(_) })
+        matches!(
+            self,
+            Origin::Uds {
+                foreign_ns: Some(_)
+            }
+        )
     }
 
     pub fn transport(&self) -> &'static str {

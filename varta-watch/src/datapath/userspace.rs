@@ -35,10 +35,15 @@ pub struct UserspaceDatapath {
 }
 
 impl UserspaceDatapath {
-    pub fn new(uds: UnixDatagram, udp: Option<UdpSocket>, clock: ClockSource, drops: Arc<DropCounters>) -> io::Result<Self> {
+    pub fn new(
+        uds: UnixDatagram,
+        udp: Option<UdpSocket>,
+        clock: ClockSource,
+        drops: Arc<DropCounters>,
+    ) -> io::Result<Self> {
         Ok(UserspaceDatapath {
             uds: crate::readiness::readable(uds)?,
-            udp: udp.map(|s| crate::readiness::readable(s)).transpose()?,
+            udp: udp.map(crate::readiness::readable).transpose()?,
             batch: RecvBatch::new(BATCH),
             clock,
             drops,
@@ -63,7 +68,11 @@ impl UserspaceDatapath {
             let now = self.clock.now_ns();
             for i in 0..n {
                 let d = self.batch.get(i);
-                let raw: Option<&[u8; FRAME_LEN]> = if d.truncated { None } else { d.bytes.try_into().ok() };
+                let raw: Option<&[u8; FRAME_LEN]> = if d.truncated {
+                    None
+                } else {
+                    d.bytes.try_into().ok()
+                };
                 let Some(raw) = raw else {
                     self.drops.add(DropReason::Length);
                     continue;
@@ -72,20 +81,31 @@ impl UserspaceDatapath {
                     Ok(f) => f,
                     Err(e) => {
                         self.drops.add(DropReason::from_decode(e));
-                        log::debug!("event=decode_error transport={} kind={}", if udp { "udp" } else { "uds" }, e.name());
+                        log::debug!(
+                            "event=decode_error transport={} kind={}",
+                            if udp { "udp" } else { "uds" },
+                            e.name()
+                        );
                         continue;
                     }
                 };
                 let beat = if udp {
                     let Some(source) = d.source else { continue };
-                    Ok(Beat { pid: frame.pid, frame, origin: Origin::Udp { source }, recv_ns: now })
-                } else {
-                    self.attest.check(d.sender_pid, &frame).map(|(pid, foreign_ns)| Beat {
-                        pid,
+                    Ok(Beat {
+                        pid: frame.pid,
                         frame,
-                        origin: Origin::Uds { foreign_ns },
+                        origin: Origin::Udp { source },
                         recv_ns: now,
                     })
+                } else {
+                    self.attest
+                        .check(d.sender_pid, &frame)
+                        .map(|(pid, foreign_ns)| Beat {
+                            pid,
+                            frame,
+                            origin: Origin::Uds { foreign_ns },
+                            recv_ns: now,
+                        })
                 };
                 match beat {
                     Ok(beat) => out.push(beat),
@@ -148,11 +168,19 @@ struct Attestor {
 
 impl Attestor {
     fn new(own_ns: PidNs) -> Self {
-        Attestor { own_ns, senders: HashMap::new(), exits: ExitWatcher::new() }
+        Attestor {
+            own_ns,
+            senders: HashMap::new(),
+            exits: ExitWatcher::new(),
+        }
     }
 
     /// `(tracked pid, the sender's namespace when foreign)`, or why the frame is refused.
-    fn check(&mut self, sender_pid: Option<u32>, frame: &Frame) -> Result<(u32, Option<PidNs>), DropReason> {
+    fn check(
+        &mut self,
+        sender_pid: Option<u32>,
+        frame: &Frame,
+    ) -> Result<(u32, Option<PidNs>), DropReason> {
         // Without credentials nothing can be attested.
         let pid = sender_pid.ok_or(DropReason::Spoof)?;
         let sender = match self.senders.get(&pid) {

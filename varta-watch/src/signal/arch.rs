@@ -36,7 +36,7 @@ mod imp {
     }
 
     pub fn restorer() -> usize {
-        varta_restore_rt as usize
+        varta_restore_rt as *const () as usize
     }
 }
 
@@ -52,7 +52,11 @@ mod imp {
     }
 }
 
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64")))]
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "riscv64"
+)))]
 compile_error!("varta-watch's signal module supports x86_64, aarch64 and riscv64 only");
 
 pub use imp::*;

@@ -105,7 +105,11 @@ pub fn install(mode: SignalHandlerMode) -> io::Result<(Signals, Installed)> {
     let wake = unsafe { OwnedFd::from_raw_fd(fd) };
     WAKE_FD.store(wake.as_raw_fd(), Ordering::Relaxed);
 
-    let handled: Vec<i32> = Signal::ALL.iter().map(|s| s.number()).chain([SELF_TEST]).collect();
+    let handled: Vec<i32> = Signal::ALL
+        .iter()
+        .map(|s| s.number())
+        .chain([SELF_TEST])
+        .collect();
     let mask = handled.iter().fold(0u64, |m, s| m | 1 << (s - 1));
     let mut installed = None;
     for &sig in &handled {
@@ -113,13 +117,19 @@ pub fn install(mode: SignalHandlerMode) -> io::Result<(Signals, Installed)> {
             SignalHandlerMode::Direct => raw::install(sig, on_signal, mask)?,
             SignalHandlerMode::Libc => raw::install_libc(sig, on_signal, mask)?,
         };
-        if readback.handler != on_signal as usize {
-            return Err(io::Error::other(format!("signal {sig}: the kernel holds another handler after installing ours")));
+        if readback.handler != on_signal as *const () as usize {
+            return Err(io::Error::other(format!(
+                "signal {sig}: the kernel holds another handler after installing ours"
+            )));
         }
         if mode == SignalHandlerMode::Direct {
             raw::verify_direct(sig, &readback)?;
         }
-        installed = Some(Installed { mode, restorer: readback.restorer(), flags: readback.flags });
+        installed = Some(Installed {
+            mode,
+            restorer: readback.restorer(),
+            flags: readback.flags,
+        });
     }
     raw::ignore(libc::SIGPIPE)?;
     self_test()?;
@@ -133,14 +143,11 @@ fn self_test() -> io::Result<()> {
     let before = DELIVERED[SELF_TEST as usize].load(Ordering::Relaxed);
     raw::raise_on_this_thread(SELF_TEST)?;
     if DELIVERED[SELF_TEST as usize].load(Ordering::Relaxed) != before + 1 {
-        return Err(io::Error::other("signal self-test: the handler did not run"));
+        return Err(io::Error::other(
+            "signal self-test: the handler did not run",
+        ));
     }
     Ok(())
-}
-
-/// How many times `sig` was delivered since start-up.
-pub fn delivered(sig: Signal) -> u64 {
-    DELIVERED[sig.number() as usize].load(Ordering::Relaxed)
 }
 
 impl Signals {
@@ -150,12 +157,21 @@ impl Signals {
             let mut guard = self.wake.readable().await?;
             let mut count = [0u8; 8];
             // SAFETY: reading 8 bytes into a live 8-byte buffer from our eventfd.
-            let n = unsafe { libc::read(self.wake.get_ref().as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+            let n = unsafe {
+                libc::read(
+                    self.wake.get_ref().as_raw_fd(),
+                    count.as_mut_ptr().cast(),
+                    8,
+                )
+            };
             if n < 0 {
                 guard.clear_ready();
             }
             let pending = PENDING.swap(0, Ordering::Relaxed);
-            let signals: Vec<Signal> = Signal::ALL.into_iter().filter(|s| pending & (1 << s.number()) != 0).collect();
+            let signals: Vec<Signal> = Signal::ALL
+                .into_iter()
+                .filter(|s| pending & (1 << s.number()) != 0)
+                .collect();
             if !signals.is_empty() {
                 return Ok(signals);
             }

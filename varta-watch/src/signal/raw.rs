@@ -28,19 +28,27 @@ impl KernelSigaction {
     }
 }
 
-fn rt_sigaction(sig: i32, act: Option<&KernelSigaction>, old: Option<&mut KernelSigaction>) -> io::Result<()> {
+fn rt_sigaction(
+    sig: i32,
+    act: Option<&KernelSigaction>,
+    old: Option<&mut KernelSigaction>,
+) -> io::Result<()> {
     let act = act.map_or(std::ptr::null(), |a| a as *const KernelSigaction);
     let old = old.map_or(std::ptr::null_mut(), |o| o as *mut KernelSigaction);
     // SAFETY: both pointers are null or point to live KernelSigaction values of the layout
     // the kernel expects, and the sigset size matches the kernel's.
     let rc = unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, act, old, KERNEL_SIGSET_BYTES) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Installs `handler` with the raw system call and returns what the kernel reads back.
 pub fn install(sig: i32, handler: extern "C" fn(i32), mask: u64) -> io::Result<KernelSigaction> {
     let act = KernelSigaction {
-        handler: handler as usize,
+        handler: handler as *const () as usize,
         flags: libc::SA_RESTART as u64 | arch::RESTORER_FLAGS,
         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         restorer_field: arch::restorer(),
@@ -51,10 +59,14 @@ pub fn install(sig: i32, handler: extern "C" fn(i32), mask: u64) -> io::Result<K
 }
 
 /// The escape hatch: libc's sigaction (which brings libc's own restorer).
-pub fn install_libc(sig: i32, handler: extern "C" fn(i32), mask: u64) -> io::Result<KernelSigaction> {
+pub fn install_libc(
+    sig: i32,
+    handler: extern "C" fn(i32),
+    mask: u64,
+) -> io::Result<KernelSigaction> {
     // SAFETY: a zeroed libc sigaction is valid; every field we rely on is set below.
     let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-    act.sa_sigaction = handler as usize;
+    act.sa_sigaction = handler as *const () as usize;
     act.sa_flags = libc::SA_RESTART;
     // SAFETY: `act.sa_mask` is a live sigset_t.
     unsafe { libc::sigemptyset(&mut act.sa_mask) };
@@ -82,10 +94,16 @@ pub fn read_back(sig: i32) -> io::Result<KernelSigaction> {
 pub fn verify_direct(sig: i32, got: &KernelSigaction) -> io::Result<()> {
     let want = libc::SA_RESTART as u64 | arch::RESTORER_FLAGS;
     if got.flags & want != want {
-        return Err(io::Error::other(format!("signal {sig}: flags {:#x} lack {want:#x}", got.flags)));
+        return Err(io::Error::other(format!(
+            "signal {sig}: flags {:#x} lack {want:#x}",
+            got.flags
+        )));
     }
     if arch::RESTORER_FLAGS != 0 && got.restorer() != Some(arch::restorer()) {
-        return Err(io::Error::other(format!("signal {sig}: the kernel holds restorer {:?}, not ours", got.restorer())));
+        return Err(io::Error::other(format!(
+            "signal {sig}: the kernel holds restorer {:?}, not ours",
+            got.restorer()
+        )));
     }
     Ok(())
 }
@@ -108,5 +126,9 @@ pub fn raise_on_this_thread(sig: i32) -> io::Result<()> {
         let tid = libc::syscall(libc::SYS_gettid);
         libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, sig)
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

@@ -1,0 +1,86 @@
+//! `--config FILE`: a TOML file with the same keys as the long flags
+//! (`threshold-ms = 2000`, `allow-cross-namespace-agents = true`, `recovery-env = ["A=1"]`).
+//! Its keys become command-line arguments placed before the real ones, so flags override
+//! it; a key whose environment variable is set is left out, so the environment does too.
+
+use std::path::Path;
+
+/// The file as arguments, or a one-line reason it is invalid.
+pub fn args(path: &Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        format!(
+            "{}: {}",
+            path.display(),
+            e.message().lines().next().unwrap_or("invalid TOML")
+        )
+    })?;
+    let mut args = Vec::new();
+    for (key, value) in table {
+        if key == "config" {
+            return Err(format!(
+                "{}: `config` cannot name another file",
+                path.display()
+            ));
+        }
+        let env = format!("VARTA_{}", key.to_ascii_uppercase().replace('-', "_"));
+        if std::env::var_os(&env).is_some() {
+            continue;
+        }
+        let flag = format!("--{key}");
+        let scalar = |v: &toml::Value| match v {
+            toml::Value::String(s) => Ok(s.clone()),
+            toml::Value::Integer(i) => Ok(i.to_string()),
+            other => Err(format!(
+                "{}: {key}: unsupported value {other}",
+                path.display()
+            )),
+        };
+        match &value {
+            toml::Value::Boolean(true) => args.push(flag),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                for item in items {
+                    args.push(flag.clone());
+                    args.push(scalar(item)?);
+                }
+            }
+            v => {
+                args.push(flag);
+                args.push(scalar(v)?);
+            }
+        }
+    }
+    Ok(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_become_flags() {
+        let dir = std::env::temp_dir().join(format!("varta-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "threshold-ms = 1500\nallow-cross-namespace-agents = true\nrecovery-inherit-env = false\nrecovery-env = [\"A=1\", \"B=2\"]\n").unwrap();
+        let got = args(&path).unwrap();
+        assert_eq!(
+            got,
+            [
+                "--allow-cross-namespace-agents",
+                "--recovery-env",
+                "A=1",
+                "--recovery-env",
+                "B=2",
+                "--threshold-ms",
+                "1500"
+            ]
+        );
+        std::fs::write(&path, "threshold-ms = [\n").unwrap();
+        assert!(args(&path).unwrap_err().contains("c.toml"));
+        std::fs::write(&path, "threshold-ms = 1.5\n").unwrap();
+        assert!(args(&path).unwrap_err().contains("threshold-ms"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
