@@ -154,12 +154,13 @@ async fn run(mut config: Config) -> Result<()> {
     let (signals, installed) =
         signal::install(config.signal_mode).context("installing signal handlers")?;
     log::info!(
-        "event=signals_installed mode={:?} flags={:#x} restorer={}",
+        "event=signals_installed mode={:?} flags={:#x} restorer={} self_test=passed rseq_size={}",
         installed.mode,
         installed.flags,
         installed
             .restorer
-            .map_or("none".to_owned(), |r| format!("{r:#x}"))
+            .map_or("none".to_owned(), |r| format!("{r:#x}")),
+        signal::rseq_size()
     );
     let (uds, granted) =
         sock::bind_uds(&config.socket, config.socket_mode, config.uds_rcvbuf_bytes)

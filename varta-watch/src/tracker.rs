@@ -97,9 +97,25 @@ impl Tracker {
         self.agents.iter()
     }
 
-    /// A new threshold applies to deadlines computed from now on.
+    /// A new threshold (reload): every watched agent's deadline moves with it. O(agents),
+    /// once per reload.
     pub fn set_threshold_ns(&mut self, threshold_ns: u64) {
+        if threshold_ns == self.threshold_ns {
+            return;
+        }
         self.threshold_ns = threshold_ns;
+        self.deadlines = StallQueue::default();
+        for (&pid, agent) in &mut self.agents {
+            agent.queued = !agent.stalled && !agent.dead;
+            if agent.queued {
+                let entry = Entry {
+                    deadline_ns: agent.last_beat_ns + threshold_ns,
+                    pid,
+                    generation: agent.generation,
+                };
+                self.deadlines.push(entry);
+            }
+        }
     }
 
     pub fn record(
@@ -312,6 +328,15 @@ mod tests {
             Ok(Accepted::Resumed)
         );
         assert_eq!(stalls(&mut t, 20_000 + T), vec![10]);
+    }
+
+    #[test]
+    fn a_new_threshold_moves_pending_deadlines() {
+        let mut t = Tracker::new(8, EvictionPolicy::Strict, 10 * T);
+        t.record(10, &frame(10, 1), UDS, 0).unwrap();
+        t.set_threshold_ns(T);
+        assert_eq!(t.next_deadline(), Some(T));
+        assert_eq!(stalls(&mut t, T), vec![10]);
     }
 
     #[test]

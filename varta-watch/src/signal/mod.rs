@@ -89,6 +89,18 @@ pub struct Installed {
     pub flags: u64,
 }
 
+/// The size of glibc's restartable-sequence registration for this thread's area: non-zero
+/// when glibc registered rseq (its default), 0 when disabled
+/// (`GLIBC_TUNABLES=glibc.pthread.rseq=0`). Logged at start-up: the kernel aborts an rseq
+/// critical section when it delivers a signal inside it, and our handlers must cope.
+pub fn rseq_size() -> u32 {
+    unsafe extern "C" {
+        static __rseq_size: u32;
+    }
+    // SAFETY: glibc (2.35+) exports this constant and sets it before main.
+    unsafe { __rseq_size }
+}
+
 /// Receives the signals the handlers recorded.
 pub struct Signals {
     wake: AsyncFd<OwnedFd>,
