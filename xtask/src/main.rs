@@ -152,20 +152,21 @@ fn test(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Benchmarks the release build against itself (eBPF vs userspace) and against the
+/// incumbent varta-watch 0.2.0 from crates.io, installed once into the tool cache.
 fn bench() -> Result<()> {
-    let object = ebpf::build()?;
-    status(cargo(&object).args(["build", "--release", "--package", "varta-watch"]))?;
-    status(
-        cargo(&object)
-            .args([
-                "run",
-                "--release",
-                "--package",
-                "varta-e2e",
-                "--bin",
-                "varta-bench",
-                "--",
-            ])
-            .arg(target_dir().join("release/varta-watch")),
-    )
+    let ours = build(true)?;
+    let incumbent = toolchain::ensure_incumbent()?;
+    let mut cmd = cargo(&ebpf::build()?);
+    cmd.args([
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "varta-e2e",
+        "--bin",
+        "varta-bench",
+        "--",
+    ]);
+    status(cmd.arg(ours).arg(incumbent))
 }

@@ -153,6 +153,21 @@ pub fn ensure_bpf_linker() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// The observer we replace, for the benchmark: varta-watch 0.2.0 from crates.io.
+pub fn ensure_incumbent() -> Result<PathBuf> {
+    let root = cache_dir().join("incumbent-varta-watch-0.2.0");
+    let bin = root.join("bin").join("varta-watch");
+    if !bin.exists() {
+        eprintln!("xtask: installing the incumbent varta-watch 0.2.0 for comparison");
+        status(
+            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .args(["install", "varta-watch", "--version", "0.2.0", "--root"])
+                .arg(&root),
+        )?;
+    }
+    Ok(bin)
+}
+
 /// Debian packages the tests use, installed when missing (CI runs as root on a fresh box).
 pub fn ensure_test_packages() -> Result<()> {
     let wanted: &[(&str, &str)] = &[("unshare", "util-linux")];
