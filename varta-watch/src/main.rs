@@ -154,8 +154,8 @@ async fn run(mut config: Config) -> Result<()> {
     let (signals, installed) =
         signal::install(config.signal_mode).context("installing signal handlers")?;
     log::info!(
-        "event=signals_installed mode={:?} flags={:#x} restorer={} self_test=passed rseq_size={}",
-        installed.mode,
+        "event=signals_installed mode={} flags={:#x} restorer={} self_test=passed rseq_size={}",
+        if installed.direct { "direct" } else { "libc" },
         installed.flags,
         installed
             .restorer

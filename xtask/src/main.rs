@@ -149,6 +149,70 @@ fn test(args: &[String]) -> Result<()> {
             .args(["test", "--workspace", "--no-fail-fast"])
             .args(args),
     )?;
+    if args.is_empty() {
+        signal_tests()?;
+    }
+    Ok(())
+}
+
+/// The signal module on every supported architecture: natively, then built for aarch64
+/// and riscv64 (std from source with nightly) and run under qemu-user; each with glibc's
+/// rseq registration at its default and disabled.
+fn signal_tests() -> Result<()> {
+    let root = workspace_root();
+    let native = target_dir().join("debug").join("varta-signal-arch");
+    let mut build = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    status(
+        build
+            .current_dir(&root)
+            .args(["build", "--package", "varta-signal-arch"]),
+    )?;
+    let mut runs = vec![(native, Vec::<String>::new())];
+    for (target, linker, qemu, sysroot) in toolchain::CROSS_TARGETS {
+        let linker_var = format!(
+            "CARGO_TARGET_{}_LINKER",
+            target.to_uppercase().replace('-', "_")
+        );
+        status(
+            toolchain::nightly("cargo")
+                .current_dir(&root)
+                .args([
+                    "build",
+                    "--quiet",
+                    "--package",
+                    "varta-signal-arch",
+                    "--target",
+                    target,
+                ])
+                .args(["-Z", "build-std=std,panic_abort", "--target-dir"])
+                .arg(root.join("target").join("cross"))
+                .env(linker_var, linker),
+        )
+        .with_context(|| format!("building the signal tests for {target}"))?;
+        let bin = root
+            .join("target/cross")
+            .join(target)
+            .join("debug/varta-signal-arch");
+        runs.push((
+            qemu.into(),
+            vec!["-L".into(), sysroot.into(), bin.display().to_string()],
+        ));
+    }
+    for (program, args) in runs {
+        for rseq in ["default", "off"] {
+            eprintln!(
+                "xtask: signal tests: {} {} (rseq {rseq})",
+                program.display(),
+                args.join(" ")
+            );
+            let mut cmd = Command::new(&program);
+            cmd.args(&args);
+            if rseq == "off" {
+                cmd.env("GLIBC_TUNABLES", "glibc.pthread.rseq=0");
+            }
+            status(&mut cmd)?;
+        }
+    }
     Ok(())
 }
 

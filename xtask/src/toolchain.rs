@@ -1,7 +1,7 @@
 //! Installs what the eBPF build and the tests need, once, and caches it.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -168,32 +168,66 @@ pub fn ensure_incumbent() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// Debian packages the tests use, installed when missing (CI runs as root on a fresh box).
+/// Debian packages the tests use, installed when missing (CI runs as root on a fresh box):
+/// `unshare`/`setpriv` for namespace and privilege tests, cross compilers and qemu-user for
+/// the signal tests on aarch64 and riscv64.
 pub fn ensure_test_packages() -> Result<()> {
-    let wanted: &[(&str, &str)] = &[("unshare", "util-linux")];
-    let missing: Vec<&str> = wanted
+    let wanted: &[(&str, &str)] = &[
+        ("/usr/bin/unshare", "util-linux"),
+        ("/usr/bin/setpriv", "util-linux"),
+        ("/usr/bin/qemu-aarch64-static", "qemu-user-static"),
+        ("/usr/bin/qemu-riscv64-static", "qemu-user-static"),
+        ("/usr/bin/aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+        ("/usr/bin/riscv64-linux-gnu-gcc", "gcc-riscv64-linux-gnu"),
+        (
+            "/usr/aarch64-linux-gnu/lib/libc.so",
+            "libc6-dev-arm64-cross",
+        ),
+        (
+            "/usr/riscv64-linux-gnu/lib/libc.so",
+            "libc6-dev-riscv64-cross",
+        ),
+    ];
+    let mut missing: Vec<&str> = wanted
         .iter()
-        .filter(|(bin, _)| !which(bin))
+        .filter(|(path, _)| !Path::new(path).exists())
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
     if !crate::is_root() {
         bail!(
-            "missing Debian packages {missing:?}: install them (apt-get install {})",
+            "missing Debian packages: apt-get install {}",
             missing.join(" ")
         );
     }
-    eprintln!("xtask: installing {missing:?}");
-    status(Command::new("apt-get").arg("update").arg("-q"))?;
+    eprintln!("xtask: installing {}", missing.join(" "));
+    status(Command::new("apt-get").args(["update", "-q"]))?;
     status(
         Command::new("apt-get")
-            .args(["install", "-y", "-q"])
+            .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }
+
+/// A cross target for the signal tests: (rust target, C linker, qemu-user, its sysroot).
+pub const CROSS_TARGETS: [(&str, &str, &str, &str); 2] = [
+    (
+        "aarch64-unknown-linux-gnu",
+        "aarch64-linux-gnu-gcc",
+        "qemu-aarch64-static",
+        "/usr/aarch64-linux-gnu",
+    ),
+    (
+        "riscv64gc-unknown-linux-gnu",
+        "riscv64-linux-gnu-gcc",
+        "qemu-riscv64-static",
+        "/usr/riscv64-linux-gnu",
+    ),
+];
 
 fn which(bin: &str) -> bool {
     std::env::var_os("PATH")
