@@ -228,9 +228,3 @@ pub const CROSS_TARGETS: [(&str, &str, &str, &str); 2] = [
         "/usr/riscv64-linux-gnu",
     ),
 ];
-
-fn which(bin: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-        .unwrap_or(false)
-}
