@@ -46,6 +46,27 @@ pub fn ebpf_enabled(test: &str) -> bool {
     false
 }
 
+/// Generates `<name>::userspace` and `<name>::ebpf_needs_root` tests calling
+/// `<name>(datapath)`; the eBPF one skips (with a reason) only outside CI without root.
+#[macro_export]
+macro_rules! on_both_datapaths {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn userspace() {
+                super::$name("userspace");
+            }
+
+            #[test]
+            fn ebpf_needs_root() {
+                if $crate::ebpf_enabled(concat!(stringify!($name), "::ebpf_needs_root")) {
+                    super::$name("ebpf");
+                }
+            }
+        }
+    )*};
+}
+
 /// A unique scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("varta-e2e-{}-{name}", std::process::id()));

@@ -398,3 +398,74 @@ fn without_privileges_ebpf_fails_with_the_reason_and_auto_falls_back_needs_root(
     )
     .unwrap_or_else(|| panic!("{}", d.log_text()));
 }
+
+fn context_switches(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches"))
+                .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// Beats are drained in batches, not one wake-up each; once every agent has stalled the
+/// daemon sleeps; and a stalled agent's next beat wakes it at once.
+#[test]
+fn batched_drain_idle_sleep_and_prompt_resume_needs_root() {
+    if !ebpf_enabled("batched_drain_idle_sleep_needs_root") {
+        return;
+    }
+    let d = ebpf_daemon("idle", &["--threshold-ms", "300"]);
+    let mut agent = d.agent(2);
+    let pid = agent.id();
+    let beats = format!("varta_beats_total{{pid=\"{pid}\"}}");
+    d.wait_metric(&beats, Duration::from_secs(5), |v| v >= 10.0);
+    let (b0, s0) = (d.metric(&beats), context_switches(d.pid()));
+    std::thread::sleep(Duration::from_secs(1));
+    let (b1, s1) = (d.metric(&beats), context_switches(d.pid()));
+    println!(
+        "watching: {} beats, {} context switches in 1 s",
+        b1 - b0,
+        s1 - s0
+    );
+    assert!(b1 - b0 > 100.0);
+    assert!(
+        (s1 - s0) as f64 <= (b1 - b0) / 3.0,
+        "batched: {} switches for {} beats",
+        s1 - s0,
+        b1 - b0
+    );
+
+    varta_e2e::kill(&mut agent, libc::SIGSTOP);
+    d.wait_log_all(
+        &["event=stall", &format!("pid={pid}")],
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let s2 = context_switches(d.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let s3 = context_switches(d.pid());
+    println!("idle: {} context switches in 1 s", s3 - s2);
+    assert!(s3 - s2 <= 3, "an idle daemon sleeps: {} switches", s3 - s2);
+
+    varta_e2e::kill(&mut agent, libc::SIGCONT);
+    let resumed = std::time::Instant::now();
+    d.wait_log_all(
+        &["event=agent_resumed", &format!("pid={pid}")],
+        Duration::from_secs(2),
+    )
+    .expect("resumed");
+    assert!(
+        resumed.elapsed() < Duration::from_millis(200),
+        "woken at once: {:?}",
+        resumed.elapsed()
+    );
+    reap(agent);
+}

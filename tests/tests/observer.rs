@@ -8,23 +8,7 @@ use std::{
 
 use varta_e2e::{Daemon, bin, decode_error_vectors, frame, kill, reap, snake};
 
-macro_rules! on_both_datapaths {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn userspace() {
-                super::$name("userspace");
-            }
-
-            #[test]
-            fn ebpf_needs_root() {
-                if varta_e2e::ebpf_enabled(concat!(stringify!($name), "::ebpf_needs_root")) {
-                    super::$name("ebpf");
-                }
-            }
-        }
-    )*};
-}
+use varta_e2e::on_both_datapaths;
 
 on_both_datapaths!(
     agent_stall_fires_once_and_rearms,

@@ -7,6 +7,7 @@ pub const MAP_CONFIG: &str = "VARTA_CONFIG";
 pub const MAP_DROPS: &str = "VARTA_DROPS";
 pub const MAP_EVENTS: &str = "VARTA_EVENTS";
 pub const MAP_VERDICTS: &str = "VARTA_VERDICTS";
+pub const MAP_BUCKETS: &str = "VARTA_BUCKETS";
 pub const PROGRAM_NAME: &str = "varta_filter";
 
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).

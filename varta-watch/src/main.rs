@@ -331,6 +331,14 @@ async fn serve<D: Datapath>(
         }
         let now = clock.now_ns();
         observer.expire(now, &mut events);
+        for event in &events {
+            match event {
+                Event::Stall { pid, agent, .. } => datapath.agent_silent(*pid, &agent.origin),
+                Event::Exit { pid, origin, .. } => datapath.agent_silent(*pid, origin),
+                _ => {}
+            }
+        }
+        datapath.set_watching(observer.next_deadline().is_some());
         actions.handle_all(&mut events, now);
         metrics.pids_tracked.set(observer.tracker().len() as i64);
         if stop {

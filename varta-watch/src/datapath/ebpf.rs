@@ -23,9 +23,9 @@ use tokio::io::unix::AsyncFd;
 use varta_common::{
     DropReason, Frame,
     kernel::{
-        BeatRecord, CLOCK_BOOTTIME, CLOCK_MONOTONIC, FilterConfig, KIND_VERIFY, MAP_CONFIG,
-        MAP_DROPS, MAP_EVENTS, MAP_VERDICTS, RING_BYTES, TRANSPORT_UDP4, TRANSPORT_UDP6,
-        TRANSPORT_UDS, VERDICT_ALLOW, VERDICT_DENY_NAMESPACE, Verdict,
+        BeatRecord, Bucket, CLOCK_BOOTTIME, CLOCK_MONOTONIC, FilterConfig, KIND_VERIFY,
+        MAP_BUCKETS, MAP_CONFIG, MAP_DROPS, MAP_EVENTS, MAP_VERDICTS, RING_BYTES, TRANSPORT_UDP4,
+        TRANSPORT_UDP6, TRANSPORT_UDS, VERDICT_ALLOW, VERDICT_DENY_NAMESPACE, Verdict,
     },
 };
 
@@ -42,7 +42,7 @@ use crate::{
 /// The object `cargo xtask build` embedded (empty in a plain `cargo build`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/varta-ebpf.o"));
 
-/// Ordinary beats wait at most this long in the ring buffer.
+/// Ordinary beats wait at most this long in the ring buffer while any agent is watched.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Why the eBPF datapath cannot run here: one line for the log or the error.
@@ -67,8 +67,11 @@ pub struct EbpfDatapath {
     /// Verified senders in other pid namespaces (host tgid -> namespace), until they exit.
     foreign: HashMap<u32, PidNs>,
     exits: ExitWatcher,
-    /// Set once a beat was delivered: from then on the drain timer runs.
-    delivered_any: bool,
+    /// Per-agent token buckets; an agent without one is new to the kernel, and its next
+    /// beat wakes the daemon.
+    buckets: BpfHashMap<MapData, u64, Bucket>,
+    /// Some agent is watched for a stall: ordinary beats are drained on the timer.
+    watching: bool,
 }
 
 impl EbpfDatapath {
@@ -118,6 +121,7 @@ impl EbpfDatapath {
         let ring = crate::readiness::readable(ring)
             .map_err(|e| Unavailable(format!("polling the ring buffer: {e}")))?;
         let verdicts = take_map(&mut ebpf, MAP_VERDICTS)?;
+        let buckets = take_map(&mut ebpf, MAP_BUCKETS)?;
         let kernel_drops: PerCpuArray<MapData, u64> = take_map(&mut ebpf, MAP_DROPS)?;
         let kernel_drops = Mutex::new(kernel_drops);
         let read_drops: KernelDrops = Box::new(move || {
@@ -144,7 +148,8 @@ impl EbpfDatapath {
                 allow_cross_namespace,
                 foreign: HashMap::new(),
                 exits: ExitWatcher::new(),
-                delivered_any: false,
+                buckets,
+                watching: false,
             },
             read_drops,
         ))
@@ -272,7 +277,7 @@ impl Datapath for EbpfDatapath {
     }
 
     async fn recv(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
-        let armed = self.delivered_any;
+        let armed = self.watching;
         tokio::select! {
             tgid = self.exits.exited() => {
                 self.forget(tgid);
@@ -292,7 +297,6 @@ impl Datapath for EbpfDatapath {
     }
 
     fn drain(&mut self, out: &mut Vec<Beat>) {
-        let start = out.len();
         let mut records = Vec::new();
         {
             let ring = self.ring.get_mut();
@@ -309,9 +313,27 @@ impl Datapath for EbpfDatapath {
         for rec in &records {
             self.handle(rec, out);
         }
-        if out.len() > start {
-            self.delivered_any = true;
-        }
+    }
+
+    fn set_watching(&mut self, watching: bool) {
+        self.watching = watching;
+    }
+
+    fn agent_silent(&mut self, pid: u32, origin: &Origin) {
+        // The kernel's key for the agent (see the filter): the tgid over UDS, the transport
+        // and claimed pid over UDP. Forgetting its bucket makes its next beat a first beat.
+        let key = match origin {
+            Origin::Uds { .. } => pid as u64,
+            Origin::Udp { source } => {
+                let transport = if source.is_ipv4() {
+                    TRANSPORT_UDP4
+                } else {
+                    TRANSPORT_UDP6
+                };
+                ((transport as u64) << 32) | pid as u64
+            }
+        };
+        let _ = self.buckets.remove(&key);
     }
 
     fn set_limits(&mut self, limits: &Limits) -> anyhow::Result<()> {

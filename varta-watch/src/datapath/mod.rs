@@ -69,6 +69,13 @@ pub trait Datapath {
     /// beat that arrived just in time is never missed.
     fn drain(&mut self, out: &mut Vec<Beat>);
 
+    /// Whether any agent is being watched for a stall. While none is, the eBPF datapath
+    /// stops its drain timer, so an idle daemon sleeps.
+    fn set_watching(&mut self, _watching: bool) {}
+
+    /// An agent went silent (stall or exit): its next beat must wake the daemon at once.
+    fn agent_silent(&mut self, _pid: u32, _origin: &Origin) {}
+
     /// New rate limits (SIGHUP reload).
     fn set_limits(&mut self, limits: &crate::config::Limits) -> anyhow::Result<()>;
 }
