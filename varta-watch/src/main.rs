@@ -341,6 +341,7 @@ async fn serve<D: Datapath>(
         datapath.set_watching(observer.next_deadline().is_some());
         actions.handle_all(&mut events, now);
         metrics.pids_tracked.set(observer.tracker().len() as i64);
+        metrics.pid_max.set(observer.pid_max() as i64);
         if stop {
             break;
         }
