@@ -170,20 +170,10 @@ fn receive(ctx: &SkBuffContext, transport: u8, payload_offset: u32) {
                 }
             }
             None => {
-                // First beat of this agent: its bucket starts full, minus this beat.
+                // First beat of this agent: wake the daemon for it.
                 urgent = true;
-                let interval = if cfg.per_pid_rate == 0 {
-                    0
-                } else {
-                    1_000_000_000 / cfg.per_pid_rate as u64
-                };
-                let burst = if cfg.per_pid_burst == 0 {
-                    1
-                } else {
-                    cfg.per_pid_burst as u64
-                };
                 let fresh = Bucket {
-                    tat_ns: now.saturating_sub(interval * burst) + interval,
+                    tat_ns: ratelimit::first_beat(now, cfg.per_pid_rate, cfg.per_pid_burst),
                 };
                 let _ = VARTA_BUCKETS.insert(agent_key, fresh, 0);
             }

@@ -14,12 +14,31 @@ use core::{
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
+/// Nanoseconds per token, and the bucket's depth in nanoseconds (at least one token).
+#[inline(always)]
+fn shape(rate: u32, burst: u32) -> (u64, u64) {
+    let interval = if rate == 0 {
+        0
+    } else {
+        NS_PER_SEC / rate as u64
+    };
+    let burst = if burst == 0 { 1 } else { burst as u64 };
+    (interval, interval * burst)
+}
+
+/// The virtual clock of a new agent's bucket: full, minus the beat that created it.
+#[inline(always)]
+pub fn first_beat(now: u64, rate: u32, burst: u32) -> u64 {
+    let (interval, depth) = shape(rate, burst);
+    now.saturating_sub(depth) + interval
+}
+
 /// Takes one token from the bucket whose virtual clock is at `tat`; `false` when empty.
+/// `rate` must not be 0 (a 0 rate means no limit and is not checked at all).
 #[inline(always)]
 pub fn take(tat: *mut u64, now: u64, rate: u32, burst: u32) -> bool {
-    let interval = NS_PER_SEC / rate as u64;
-    let burst = if burst == 0 { 1 } else { burst as u64 };
-    let floor = now.saturating_sub(interval * burst);
+    let (interval, depth) = shape(rate, burst);
+    let floor = now.saturating_sub(depth);
     // SAFETY (every access below): `tat` points into a live BPF map value, 8-byte aligned.
     let mut current = unsafe { read_volatile(tat) };
     if current < floor {
