@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use varta_e2e::{Daemon, bin, ebpf_enabled, is_root};
+use varta_e2e::{Daemon, bin, ebpf_enabled, is_root, reap};
 
 /// `sh` is pid 1 of the new namespace and forks the command, which gets pid 2 there.
 fn in_child_namespace(args: &[String]) -> Child {
@@ -48,7 +48,7 @@ fn cross_namespace_agents(datapath: &str) {
     let d = Daemon::builder("ns-default", datapath)
         .args(["--threshold-ms", "2000"])
         .start();
-    let mut agent = in_child_namespace(&agent_args(&d));
+    let agent = in_child_namespace(&agent_args(&d));
     d.wait_metric(
         "varta_frames_dropped_total{reason=\"namespace\"}",
         Duration::from_secs(5),
@@ -61,15 +61,14 @@ fn cross_namespace_agents(datapath: &str) {
         d.log_text()
     );
     assert!(d.metric("varta_frame_namespace_mismatch_total") >= 3.0);
-    let _ = agent.kill();
-    let _ = agent.wait();
+    reap(agent);
     drop(d);
 
     // Allowed: tracked under its host pid, with its own pid alongside.
     let d = Daemon::builder("ns-allow", datapath)
         .args(["--threshold-ms", "2000", "--allow-cross-namespace-agents"])
         .start();
-    let mut agent = in_child_namespace(&agent_args(&d));
+    let agent = in_child_namespace(&agent_args(&d));
     let line = d
         .wait_log_all(
             &["event=agent_new", "cross_namespace=true"],
@@ -120,8 +119,7 @@ fn cross_namespace_agents(datapath: &str) {
     );
 
     // After the agent exits, a new process that reuses its host pid is verified afresh.
-    let _ = agent.kill();
-    let _ = agent.wait();
+    reap(agent);
     if datapath == "ebpf" {
         let asked =
             |d: &Daemon| d.count_logs(&["event=cross_namespace_sender", &format!("tgid={host} ")]);

@@ -72,8 +72,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(drops: Arc<DropCounters>, datapath: &'static str, capacity: usize) -> Self {
-        let mut registry = Registry::default();
-        let m = Metrics {
+        let mut m = Metrics {
             beats: Family::default(),
             stalls: Family::default(),
             status: Family::default(),
@@ -93,102 +92,103 @@ impl Metrics {
             kernel_drops: Arc::default(),
             registry: Registry::default(),
         };
-        registry.register("varta_beats", "Accepted beats per agent", m.beats.clone());
-        registry.register(
+        m.registry
+            .register("varta_beats", "Accepted beats per agent", m.beats.clone());
+        m.registry.register(
             "varta_stalls",
             "Stalls surfaced per agent",
             m.stalls.clone(),
         );
-        registry.register(
+        m.registry.register(
             "varta_status",
             "Last status per agent (0 ok, 1 degraded, 2 critical, 3 stall)",
             m.status.clone(),
         );
-        registry.register(
+        m.registry.register(
             "varta_exits",
             "Panic-terminal frames (agent dying) per agent",
             m.exits.clone(),
         );
-        registry.register(
+        m.registry.register(
             "varta_criticals",
             "Critical beats per agent",
             m.criticals.clone(),
         );
-        registry.register(
+        m.registry.register(
             "varta_recovery_outcomes",
             "Recovery commands by outcome",
             m.recovery_outcomes.clone(),
         );
-        registry.register(
+        m.registry.register(
             "varta_recovery_refused",
             "Recoveries refused, by reason",
             m.recovery_refused.clone(),
         );
-        registry.register(
+        m.registry.register(
             "varta_prom_auth_failures",
             "Scrapes refused for a missing or wrong bearer token",
             m.prom_auth_failures.clone(),
         );
-        registry.register(
+        m.registry.register(
             "varta_tracker_evicted",
             "Agents evicted to make room for new ones",
             m.evicted.clone(),
         );
-        registry.register(
+        m.registry.register(
             "varta_agent_restarts",
             "Agents that started a new session (nonce 1) under a known pid",
             m.restarts.clone(),
         );
-        registry.register(
+        m.registry.register(
             "varta_nonce_wrap",
             "Agents whose nonce wrapped past u64::MAX",
             m.nonce_wraps.clone(),
         );
-        registry.register(
+        m.registry.register(
             "varta_watch_pids_tracked",
             "Agents tracked now",
             m.pids_tracked.clone(),
         );
-        registry.register(
+        m.registry.register(
             "varta_pid_max_current",
             "The kernel's pid_max as last read",
             m.pid_max.clone(),
         );
-        registry.register(
+        m.registry.register(
             "varta_signals_received",
             "Signals handled, by signal",
             m.signals.clone(),
         );
-        registry.register(
+        m.registry.register(
             "varta_datapath_beats_delivered",
             "Valid, attested frames the datapath handed to the daemon's pipeline",
             m.delivered.clone(),
         );
-        registry.register(
+        m.registry.register(
             "varta_observer_uds_rcvbuf_bytes",
             "SO_RCVBUF the kernel granted the observer socket",
             m.rcvbuf_bytes.clone(),
         );
         let info = Family::<ModeLabel, Gauge>::default();
         info.get_or_create(&ModeLabel { mode: datapath }).set(1);
-        registry.register(
+        m.registry.register(
             "varta_datapath_info",
             "The active datapath (label mode: ebpf or userspace)",
             info,
         );
         let capacity_gauge = Gauge::<i64>::default();
         capacity_gauge.set(capacity as i64);
-        registry.register(
+        m.registry.register(
             "varta_tracker_capacity",
             "Most agents tracked at once",
             capacity_gauge,
         );
-        registry.register_collector(Box::new(DropCollector {
+        m.registry.register_collector(Box::new(DropCollector {
             drops,
             kernel: m.kernel_drops.clone(),
             started: Instant::now(),
         }));
-        Metrics { registry, ..m }
+        m
     }
 
     /// Adds the eBPF program's counters to every drop and decode metric.
