@@ -5,28 +5,12 @@
 
 mod actions;
 mod agent;
-mod cli;
-mod clock;
 mod config;
-mod config_file;
 mod datapath;
-mod drops;
-mod events;
-mod export;
-mod gates;
-mod http;
-mod logger;
-mod metrics;
 mod observer;
-mod pidfd;
-mod procfs;
 mod ratelimit;
-mod readiness;
-mod recovery;
 mod signal;
-mod sock;
-mod stall;
-mod tracker;
+mod sys;
 
 use std::{
     net::UdpSocket,
@@ -40,15 +24,15 @@ use clap::Parser;
 
 use crate::{
     actions::Actions,
-    cli::{Cli, Command, DaemonArgs, DatapathMode},
+    actions::export::Exporter,
+    actions::metrics::{KernelDrops, Metrics, SignalLabel},
+    actions::recovery::Recovery,
     config::Config,
+    config::cli::{Cli, Command, DaemonArgs, DatapathMode},
     datapath::{Beat, Datapath, ebpf::EbpfDatapath, userspace::UserspaceDatapath},
-    drops::DropCounters,
-    events::Event,
-    export::Exporter,
-    metrics::{KernelDrops, Metrics, SignalLabel},
     observer::Observer,
-    recovery::Recovery,
+    observer::drops::DropCounters,
+    observer::events::Event,
     signal::{Signal, Signals},
 };
 
@@ -68,7 +52,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    logger::init();
+    sys::logger::init();
     let cli = match (&cli.command, &cli.daemon.config) {
         (None, Some(path)) => match with_config_file(path) {
             Ok(cli) => cli,
@@ -95,7 +79,7 @@ fn main() -> ExitCode {
 
 /// The command line again, with the config file's keys in front (flags override them).
 fn with_config_file(path: &std::path::Path) -> Result<Cli, String> {
-    let file_args = config_file::args(path)?;
+    let file_args = config::file::args(path)?;
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     argv.splice(1..1, file_args.into_iter().map(Into::into));
     Cli::try_parse_from(argv).map_err(|e| {
@@ -163,7 +147,7 @@ async fn run(mut config: Config) -> Result<()> {
         signal::rseq_size()
     );
     let (uds, granted) =
-        sock::bind_uds(&config.socket, config.socket_mode, config.uds_rcvbuf_bytes)
+        sys::sock::bind_uds(&config.socket, config.socket_mode, config.uds_rcvbuf_bytes)
             .with_context(|| format!("binding {}", config.socket.display()))?;
     let udp = config
         .udp
@@ -245,7 +229,7 @@ async fn serve<D: Datapath>(
     metrics.rcvbuf_bytes.set(rcvbuf as i64);
     let prom = match config.prom_addr {
         Some(addr) => Some(
-            http::serve(addr, metrics.clone(), config.prom_token.clone())
+            actions::http::serve(addr, metrics.clone(), config.prom_token.clone())
                 .await
                 .with_context(|| format!("--prom-addr {addr}"))?,
         ),

@@ -31,12 +31,12 @@ use varta_common::{
 
 use super::{Beat, Datapath, Origin};
 use crate::{
-    clock::ClockSource,
+    actions::metrics::KernelDrops,
     config::Limits,
-    drops::DropCounters,
-    metrics::KernelDrops,
-    pidfd::ExitWatcher,
-    procfs::{self, PidNs},
+    observer::drops::DropCounters,
+    sys::clock::ClockSource,
+    sys::pidfd::ExitWatcher,
+    sys::procfs::{self, PidNs},
 };
 
 /// The object `cargo xtask build` embedded (empty in a plain `cargo build`).
@@ -89,7 +89,7 @@ impl EbpfDatapath {
             Ebpf::load(OBJECT).map_err(|e| Unavailable(format!("loading the eBPF object: {e}")))?;
         let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, log::logger())
             .ok()
-            .and_then(|l| crate::readiness::readable(l).ok());
+            .and_then(|l| crate::sys::readiness::readable(l).ok());
 
         let own_ns = procfs::pid_ns(None)
             .map_err(|e| Unavailable(format!("reading /proc/self/ns/pid: {e}")))?;
@@ -118,7 +118,7 @@ impl EbpfDatapath {
         }
 
         let ring: RingBuf<MapData> = take_map(&mut ebpf, MAP_EVENTS)?;
-        let ring = crate::readiness::readable(ring)
+        let ring = crate::sys::readiness::readable(ring)
             .map_err(|e| Unavailable(format!("polling the ring buffer: {e}")))?;
         let verdicts = take_map(&mut ebpf, MAP_VERDICTS)?;
         let buckets = take_map(&mut ebpf, MAP_BUCKETS)?;

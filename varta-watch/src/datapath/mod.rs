@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use varta_common::Frame;
 
-use crate::procfs::PidNs;
+use crate::sys::procfs::PidNs;
 
 /// How an agent reached us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,12 +15,12 @@ use varta_common::{DropReason, FRAME_LEN, Frame};
 
 use super::{Beat, Datapath, Origin};
 use crate::{
-    clock::ClockSource,
     config::Limits,
-    drops::DropCounters,
-    pidfd::ExitWatcher,
-    procfs::{self, PidNs, Sender},
-    sock::RecvBatch,
+    observer::drops::DropCounters,
+    sys::clock::ClockSource,
+    sys::pidfd::ExitWatcher,
+    sys::procfs::{self, PidNs, Sender},
+    sys::sock::RecvBatch,
 };
 
 const BATCH: usize = 64;
@@ -42,8 +42,8 @@ impl UserspaceDatapath {
         drops: Arc<DropCounters>,
     ) -> io::Result<Self> {
         Ok(UserspaceDatapath {
-            uds: crate::readiness::readable(uds)?,
-            udp: udp.map(crate::readiness::readable).transpose()?,
+            uds: crate::sys::readiness::readable(uds)?,
+            udp: udp.map(crate::sys::readiness::readable).transpose()?,
             batch: RecvBatch::new(BATCH),
             clock,
             drops,

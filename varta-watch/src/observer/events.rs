@@ -3,7 +3,7 @@
 
 use varta_common::Frame;
 
-use crate::{datapath::Origin, tracker::Agent};
+use crate::{datapath::Origin, observer::tracker::Agent};
 
 #[derive(Debug, Clone)]
 pub enum Event {

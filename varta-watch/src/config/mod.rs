@@ -1,11 +1,14 @@
 //! The validated configuration the daemon runs with, built from the command line (and
 //! environment). Every check names the flag it is about.
 
+pub mod cli;
+pub mod file;
+
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
-    cli::{DaemonArgs, DatapathMode, EvictionPolicy, SignalHandlerMode},
-    clock::ClockSource,
+    config::cli::{DaemonArgs, DatapathMode, EvictionPolicy, SignalHandlerMode},
+    sys::clock::ClockSource,
 };
 
 /// A configuration error: `--flag: what is wrong`. Exit code 2.

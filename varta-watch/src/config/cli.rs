@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::clock::ClockSource;
+use crate::sys::clock::ClockSource;
 
 #[derive(Debug, Parser)]
 #[command(

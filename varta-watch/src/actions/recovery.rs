@@ -11,7 +11,7 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use crate::{config::RecoveryConfig, datapath::Origin, pidfd::ExitWatcher};
+use crate::{config::RecoveryConfig, datapath::Origin, sys::pidfd::ExitWatcher};
 
 /// A finished recovery: `(pid, outcome, detail)`.
 pub type Outcome = (u32, &'static str, String);
@@ -135,7 +135,7 @@ async fn supervise(
     timeout: Option<Duration>,
 ) -> (&'static str, String) {
     let exited = async {
-        match ExitWatcher::open(child.id()).and_then(crate::readiness::readable) {
+        match ExitWatcher::open(child.id()).and_then(crate::sys::readiness::readable) {
             Ok(fd) => {
                 let _ = fd.readable().await;
             }

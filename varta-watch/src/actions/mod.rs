@@ -1,14 +1,19 @@
 //! What happens for each event: a log line, an export line, metrics, recovery.
 
+pub mod export;
+pub mod http;
+pub mod metrics;
+pub mod recovery;
+
 use std::sync::Arc;
 
 use varta_common::Status;
 
 use crate::{
-    events::Event,
-    export::Exporter,
-    metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
-    recovery::{NotRun, Recovery},
+    actions::export::Exporter,
+    actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
+    actions::recovery::{NotRun, Recovery},
+    observer::events::Event,
 };
 
 pub struct Actions {

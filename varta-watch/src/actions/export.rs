@@ -8,7 +8,7 @@ use std::{
     path::PathBuf,
 };
 
-use crate::events::Event;
+use crate::observer::events::Event;
 
 pub struct Exporter {
     path: PathBuf,

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use varta_common::DropReason;
 
-use crate::{datapath::Beat, procfs};
+use crate::{datapath::Beat, sys::procfs};
 
 /// pid_max is re-read at most this often, and only when a beat arrives (no timer).
 const PID_MAX_REFRESH: Duration = Duration::from_secs(5);
