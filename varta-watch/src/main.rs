@@ -200,7 +200,13 @@ async fn run(mut config: Config) -> Result<()> {
             .await
         }
         None => {
-            let datapath = UserspaceDatapath::new(uds, udp, config.clock, drops.clone())?;
+            let datapath = UserspaceDatapath::new(
+                uds,
+                udp,
+                config.clock,
+                config.allow_cross_namespace,
+                drops.clone(),
+            )?;
             serve(datapath, None, &mut config, signals, drops, granted).await
         }
     };

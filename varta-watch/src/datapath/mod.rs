@@ -2,6 +2,7 @@
 //! (gates, rate limits, tracker): the eBPF socket filter with its ring buffer, and the
 //! userspace fallback that receives and validates every datagram itself.
 
+pub mod attest;
 pub mod ebpf;
 pub mod userspace;
 

@@ -44,7 +44,7 @@ impl Observer {
                 config.eviction,
                 config.limits.threshold_ns(),
             ),
-            gates: Gates::new(config.allow_cross_namespace),
+            gates: Gates::new(),
             limiter: (!kernel_rate_limits)
                 .then(|| RateLimiter::new(config.limits.clone(), config.tracker_capacity, now_ns)),
             drops,
