@@ -12,7 +12,7 @@ use varta_common::Status;
 use crate::{
     actions::export::Exporter,
     actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
-    actions::recovery::{NotRun, Recovery},
+    actions::recovery::{Finished, NotRun, Outcome, Recovery},
     observer::events::Event,
 };
 
@@ -144,15 +144,20 @@ impl Actions {
                 m.nonce_wraps.inc();
                 log::info!("event=nonce_wrapped pid={pid}");
             }
-            Event::Recovery {
+            Event::Recovery(Finished {
                 pid,
                 outcome,
                 detail,
-            } => {
+            }) => {
                 m.recovery_outcomes
-                    .get_or_create(&OutcomeLabel { outcome })
+                    .get_or_create(&OutcomeLabel {
+                        outcome: outcome.name(),
+                    })
                     .inc();
-                log::info!("event=recovery pid={pid} outcome={outcome} detail=\"{detail}\"");
+                log::info!(
+                    "event=recovery pid={pid} outcome={} detail=\"{detail}\"",
+                    outcome.name()
+                );
             }
         }
         let observer_ns = now_ns.saturating_sub(self.start_ns);
@@ -170,22 +175,22 @@ impl Actions {
         match recovery.start(pid, origin) {
             Ok(()) => log::info!("event=recovery_started pid={pid}"),
             Err(NotRun::Debounced) => {
-                follow_ups.push(Event::Recovery {
+                follow_ups.push(Event::Recovery(Finished {
                     pid,
-                    outcome: "debounced",
+                    outcome: Outcome::Debounced,
                     detail: "within --recovery-debounce-ms".into(),
-                });
+                }));
             }
             Err(NotRun::Refused(reason)) => {
                 self.metrics
                     .recovery_refused
                     .get_or_create(&ReasonLabel { reason })
                     .inc();
-                follow_ups.push(Event::Recovery {
+                follow_ups.push(Event::Recovery(Finished {
                     pid,
-                    outcome: "refused",
+                    outcome: Outcome::Refused,
                     detail: reason.into(),
-                });
+                }));
             }
         }
     }

@@ -72,8 +72,7 @@ pub struct AgentArgs {
     pub payload: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum EvictionPolicy {
     /// Evict only agents already surfaced as stalled.
     Strict,
