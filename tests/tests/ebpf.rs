@@ -407,6 +407,83 @@ fn without_privileges_ebpf_fails_with_the_reason_and_auto_falls_back_needs_root(
     .unwrap_or_else(|| panic!("{}", d.log_text()));
 }
 
+/// The capabilities the eBPF datapath loads with on this kernel, and no more (CAP_NET_ADMIN
+/// is not among them: loading and attaching socket filters does not need it).
+fn least_privilege() -> Vec<&'static str> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let version = (parts.next().unwrap(), parts.next().unwrap());
+    let mut caps = vec!["bpf", "perfmon"];
+    if version < (5, 11) {
+        // BPF maps are charged to RLIMIT_MEMLOCK, raised with this.
+        caps.push("sys_resource");
+    }
+    caps
+}
+
+/// Root limited to exactly `caps` (bounding, inheritable and ambient sets).
+fn with_exactly(caps: &[&str]) -> Vec<String> {
+    let set = std::iter::once("-all".to_owned())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    [
+        "setpriv",
+        "--reuid",
+        "0",
+        "--bounding-set",
+        &set,
+        "--inh-caps",
+        &set,
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain(["--ambient-caps".to_owned(), set.clone()])
+    .collect()
+}
+
+#[test]
+fn least_privilege_loads_and_each_capability_less_falls_back_naming_it_needs_root() {
+    if !ebpf_enabled("least_privilege_needs_root") {
+        return;
+    }
+    let least = least_privilege();
+    for method in ["pid_tgid_helper", "task_read"] {
+        varta_e2e::with_attest(method, || {
+            let d = Daemon::builder("least-privilege", "ebpf")
+                .wrapped(with_exactly(&least))
+                .args(["--threshold-ms", "500"])
+                .start();
+            assert!(
+                d.datapath_info().contains("mode=\"ebpf\""),
+                "{}",
+                d.log_text()
+            );
+        });
+    }
+    for dropped in &least {
+        let fewer: Vec<&str> = least.iter().copied().filter(|c| c != dropped).collect();
+        let d = Daemon::builder(&format!("without-{dropped}"), "auto")
+            .wrapped(with_exactly(&fewer))
+            .args(["--threshold-ms", "500"])
+            .start();
+        let fallback = d
+            .wait_log("event=datapath_fallback", Duration::from_secs(1))
+            .unwrap_or_else(|| panic!("without {dropped}: {}", d.log_text()));
+        let named = format!("CAP_{}", dropped.to_ascii_uppercase());
+        assert!(
+            fallback.contains(&format!("missing capability {named}")),
+            "{fallback}"
+        );
+        assert_eq!(
+            d.datapath_info(),
+            "varta_datapath_info{mode=\"userspace\",attest=\"scm_credentials\"}"
+        );
+    }
+}
+
 fn context_switches(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()

@@ -32,6 +32,37 @@ pub const CAP_PERFMON: Needed = Needed {
 
 pub const NEEDED: [Needed; 2] = [CAP_BPF, CAP_PERFMON];
 
+/// Before Linux 5.11 BPF maps are charged to RLIMIT_MEMLOCK (64 KiB unless raised), and
+/// raising it past its hard limit needs this.
+pub const CAP_SYS_RESOURCE: Needed = Needed {
+    name: "CAP_SYS_RESOURCE",
+    bit: 24,
+    sys_admin_grants: false,
+};
+
+/// What this kernel needs: [`NEEDED`], and [`CAP_SYS_RESOURCE`] where maps are charged to
+/// a memlock limit that cannot be raised without it.
+pub fn needed(kernel: (u32, u32), memlock_hard_limit: u64) -> Vec<Needed> {
+    let mut needed = NEEDED.to_vec();
+    if kernel < (5, 11) && memlock_hard_limit != libc::RLIM_INFINITY {
+        needed.push(CAP_SYS_RESOURCE);
+    }
+    needed
+}
+
+/// The hard RLIMIT_MEMLOCK of this process.
+pub fn memlock_hard_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `limit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(limit.rlim_max)
+}
+
 /// The effective capability set of this process.
 pub fn effective() -> io::Result<u64> {
     #[repr(C)]
@@ -61,11 +92,12 @@ pub fn effective() -> io::Result<u64> {
     Ok(data[0].effective as u64 | (data[1].effective as u64) << 32)
 }
 
-/// The needed capabilities missing from `effective`, in [`NEEDED`] order.
-pub fn missing(effective: u64) -> Vec<Needed> {
+/// The `needed` capabilities missing from `effective`, in order.
+pub fn missing(needed: &[Needed], effective: u64) -> Vec<Needed> {
     let has = |bit: u32| effective & (1 << bit) != 0;
-    NEEDED
-        .into_iter()
+    needed
+        .iter()
+        .copied()
         .filter(|cap| !(has(cap.bit) || (cap.sys_admin_grants && has(CAP_SYS_ADMIN))))
         .collect()
 }
@@ -76,11 +108,22 @@ mod tests {
 
     #[test]
     fn sys_admin_grants_bpf_and_perfmon_and_each_is_named() {
-        assert!(missing(1 << CAP_SYS_ADMIN).is_empty());
-        assert!(missing(1 << 39 | 1 << 38).is_empty());
-        assert_eq!(missing(1 << 39), vec![CAP_PERFMON]);
-        assert_eq!(missing(1 << 38), vec![CAP_BPF]);
-        assert_eq!(missing(0), NEEDED.to_vec());
+        assert!(missing(&NEEDED, 1 << CAP_SYS_ADMIN).is_empty());
+        assert!(missing(&NEEDED, 1 << 39 | 1 << 38).is_empty());
+        assert_eq!(missing(&NEEDED, 1 << 39), vec![CAP_PERFMON]);
+        assert_eq!(missing(&NEEDED, 1 << 38), vec![CAP_BPF]);
+        assert_eq!(missing(&NEEDED, 0), NEEDED.to_vec());
+    }
+
+    #[test]
+    fn memlock_charging_kernels_need_sys_resource_unless_the_limit_is_unlimited() {
+        assert_eq!(needed((6, 18), 64 << 10), NEEDED.to_vec());
+        assert_eq!(needed((5, 11), 64 << 10), NEEDED.to_vec());
+        assert_eq!(needed((5, 10), libc::RLIM_INFINITY), NEEDED.to_vec());
+        let old = needed((5, 10), 64 << 10);
+        assert_eq!(old.last(), Some(&CAP_SYS_RESOURCE));
+        let all = 1 << CAP_SYS_ADMIN | 1 << 39 | 1 << 38;
+        assert_eq!(missing(&old, all), vec![CAP_SYS_RESOURCE]);
     }
 
     #[test]

@@ -51,12 +51,24 @@ pub fn preflight() -> Result<(), Unavailable> {
     }
     let effective = caps::effective()
         .map_err(|e| Unavailable(format!("reading this process's capabilities: {e}")))?;
-    let missing = caps::missing(effective);
+    let memlock = caps::memlock_hard_limit()
+        .map_err(|e| Unavailable(format!("reading RLIMIT_MEMLOCK: {e}")))?;
+    let needed = caps::needed(kernel_version(), memlock);
+    let missing = caps::missing(&needed, effective);
     if !missing.is_empty() {
         let names: Vec<_> = missing.iter().map(|c| c.name).collect();
-        let all: Vec<_> = caps::NEEDED.iter().map(|c| c.name).collect();
+        let all: Vec<_> = needed.iter().map(|c| c.name).collect();
+        let memlock_note = if missing.contains(&caps::CAP_SYS_RESOURCE) {
+            format!(
+                "; kernel {} charges BPF maps to RLIMIT_MEMLOCK, {} KiB here",
+                kernel_release(),
+                memlock / 1024
+            )
+        } else {
+            String::new()
+        };
         return Err(Unavailable(format!(
-            "missing capability {} (run as root, or grant {})",
+            "missing capability {} (run as root, or grant {}){memlock_note}",
             names.join(" and "),
             all.join(", ")
         )));
@@ -167,11 +179,19 @@ fn explain(e: ProgramError) -> String {
     else {
         return e.to_string();
     };
-    let log = verifier_log.to_string();
-    if let Some(helper) = refused_helper(&log) {
+    explain_refusal(io_error, &verifier_log.to_string())
+}
+
+fn explain_refusal(io_error: &std::io::Error, log: &str) -> String {
+    if let Some(helper) = refused_helper(log) {
         return format!("socket filters may not call {helper} on this kernel");
     }
-    match verifier_reason(&log) {
+    match verifier_reason(log) {
+        // Without CAP_PERFMON in the initial user namespace the verifier applies the rules
+        // for unprivileged programs (the capability check above saw only our namespace).
+        Some(line) if line.contains("!root") => format!(
+            "the verifier applied its unprivileged rules (CAP_PERFMON is missing in the initial user namespace): {line}"
+        ),
         Some(line) => format!("the verifier refused it ({io_error}): {line}"),
         None => format!("the kernel refused it: {io_error}"),
     }
@@ -202,6 +222,15 @@ fn verifier_reason(log: &str) -> Option<&str> {
         .map(str::trim)
         .rev()
         .find(|l| !l.is_empty() && !STATISTICS.iter().any(|s| l.starts_with(s)))
+}
+
+/// (major, minor) of the running kernel.
+fn kernel_version() -> (u32, u32) {
+    let release = kernel_release();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse().ok());
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 pub fn kernel_release() -> String {
@@ -250,5 +279,21 @@ mod tests {
             Some("R1 pointer arithmetic on fp prohibited, null-check it first")
         );
         assert_eq!(verifier_reason("processed 1 insns\n"), None);
+    }
+
+    #[test]
+    fn permission_denied_names_what_is_missing() {
+        let denied = std::io::Error::from_raw_os_error(libc::EACCES);
+        // 6.18 with CAP_BPF but without CAP_PERFMON.
+        let log = "R5 tried to add from different maps, paths or scalars, pointer arithmetic with it prohibited for !root\n\
+                   processed 30 insns (limit 1000000) max_states_per_insn 0 total_states 2 peak_states 2 mark_read 1\n";
+        let reason = explain_refusal(&denied, log);
+        assert!(reason.contains("CAP_PERFMON"), "{reason}");
+        assert!(!reason.contains("processed"), "{reason}");
+        let helper = explain_refusal(&denied, "unknown func bpf_get_ns_current_pid_tgid#120\n");
+        assert_eq!(
+            helper,
+            "socket filters may not call bpf_get_ns_current_pid_tgid on this kernel"
+        );
     }
 }
