@@ -15,7 +15,7 @@ exec </dev/console >/dev/console 2>&1
 
 say() { echo "@@vm:$*"; }
 finish() { say end; sync; poweroff -f; }
-say begin kernel=$(uname -r) arch=$(uname -m)
+say begin kernel=$(uname -r) arch=$(uname -m) memlock=$(ulimit -l)
 [ "$vm_mode" = probe ] && finish
 
 ip link set lo up

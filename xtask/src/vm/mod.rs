@@ -92,6 +92,7 @@ pub fn run(names: &[String], full: bool) -> Result<()> {
             .find(|(a, _, _)| *a == spec.arch)
             .expect("built above");
         let log = logs.join(format!("{}-serial.log", spec.name));
+        let caps = scenario::least_privilege(spec.version);
         eprintln!(
             "xtask: vm-test {}: booting {} ({}, {})",
             spec.name,
@@ -104,11 +105,11 @@ pub fn run(names: &[String], full: bool) -> Result<()> {
             *accel,
             &kernel.image,
             initrd,
-            &scenario::cmdline(),
+            &scenario::cmdline(&caps),
             DEADLINE,
             &log,
         )?;
-        row.report = scenario::judge(&boot.serial);
+        row.report = scenario::judge(&boot.serial, &caps);
         if boot.ending == Ending::TimedOut {
             row.report
                 .problems

@@ -4,9 +4,9 @@
 
 use std::collections::HashMap;
 
-/// The capability set the daemon is started with in the least-privilege run; each one is
-/// then removed in turn and must be named in the fallback reason.
-pub const MIN_CAPS: [&str; 3] = ["bpf", "net_admin", "perfmon"];
+/// The least privilege the daemon loads with everywhere: loading and attaching (CAP_BPF,
+/// CAP_NET_ADMIN) and the verifier's privileged rules and kernel reads (CAP_PERFMON).
+const BASE_CAPS: [&str; 3] = ["bpf", "net_admin", "perfmon"];
 const SPOOF: u64 = 50;
 const JUNK: u64 = 40;
 const SHORT: u64 = 10;
@@ -15,12 +15,23 @@ const FLOOD: u64 = 500;
 const RATE: u64 = 50;
 const THRESHOLD_MS: u64 = 1000;
 
+/// The capability set a kernel (major, minor) needs: before 5.11 BPF maps are charged to
+/// RLIMIT_MEMLOCK (64 KiB for a process that nothing raised), which only CAP_SYS_RESOURCE
+/// lifts. The daemon is started with exactly this set, then with each one removed.
+pub fn least_privilege(version: (u32, u32)) -> Vec<&'static str> {
+    let mut caps = BASE_CAPS.to_vec();
+    if version < (5, 11) {
+        caps.push("sys_resource");
+    }
+    caps
+}
+
 /// Kernel command-line parameters that become `/init`'s environment.
-pub fn cmdline() -> String {
+pub fn cmdline(caps: &[&str]) -> String {
     format!(
         "vm_mode=scenario vm_caps={} vm_spoof={SPOOF} vm_junk={JUNK} vm_short={SHORT} \
          vm_flood={FLOOD} vm_rate={RATE} vm_threshold={THRESHOLD_MS}",
-        MIN_CAPS.join(",")
+        caps.join(",")
     )
 }
 
@@ -144,7 +155,7 @@ fn get(f: Option<&HashMap<String, String>>, key: &str) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-pub fn judge(serial: &[String]) -> Report {
+pub fn judge(serial: &[String], caps: &[&str]) -> Report {
     let g = Guest::new(serial);
     let mut r = Report {
         release: get(g.mark("begin", None).as_ref(), "kernel"),
@@ -269,11 +280,11 @@ pub fn judge(serial: &[String]) -> Report {
         let why = get(event(&all, "datapath_fallback"), "reason");
         p.push(format!(
             "with exactly {}: datapath={with_all} (reason: {why})",
-            cap_names(&MIN_CAPS)
+            cap_names(caps)
         ));
     }
     r.fallback_reason_ok = true;
-    for cap in MIN_CAPS {
+    for cap in caps {
         let log = g.log(&format!("log.no_{cap}"));
         let reason = get(event(&log, "datapath_fallback"), "reason");
         let named = cap_names(&[cap]);
@@ -323,6 +334,6 @@ mod tests {
     fn markers_are_found_after_escape_codes() {
         let serial = vec!["\x1b[?25l@@vm:begin kernel=6.1.0-56-amd64 arch=x86_64".to_owned()];
         assert!(reached_init(&serial));
-        assert_eq!(judge(&serial).release, "6.1.0-56-amd64");
+        assert_eq!(judge(&serial, &BASE_CAPS).release, "6.1.0-56-amd64");
     }
 }
