@@ -111,9 +111,11 @@ pub fn run(names: &[String], full: bool) -> Result<()> {
         )?;
         row.report = scenario::judge(&boot.serial, &caps);
         if boot.ending == Ending::TimedOut {
-            row.report
-                .problems
-                .insert(0, format!("hung: killed after {:.0} s", boot.seconds));
+            row.report.problems = vec![format!(
+                "hung: killed after {:.0} s; the guest's last line: {}",
+                boot.seconds,
+                scenario::progress(&boot.serial)
+            )];
         }
         let verdict = if row.report.problems.is_empty() {
             "PASS".to_owned()

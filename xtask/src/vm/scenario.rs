@@ -73,6 +73,17 @@ fn markers(serial: &[String]) -> Vec<(&str, &str)> {
         .collect()
 }
 
+/// The guest's last marker line before its metrics and logs: how far a hung guest got.
+pub fn progress(serial: &[String]) -> String {
+    markers(serial)
+        .iter()
+        .rev()
+        .find(|(tag, _)| !tag.starts_with("log") && !matches!(*tag, "metric" | "main"))
+        .map_or("nothing (init not reached)".into(), |(tag, text)| {
+            format!("{tag} {text}")
+        })
+}
+
 pub fn reached_init(serial: &[String]) -> bool {
     markers(serial).iter().any(|(tag, _)| *tag == "begin")
 }
@@ -304,8 +315,11 @@ pub fn judge(serial: &[String], caps: &[&str]) -> Report {
 }
 
 fn expect(p: &mut Vec<String>, what: &str, got: Option<f64>, want: Option<f64>) {
-    if got.is_none() || got != want {
-        p.push(format!("{what}: {got:?}, expected {want:?}"));
+    match (got, want) {
+        (_, None) => p.push(format!("{what}: the sender did not report")),
+        (None, Some(w)) => p.push(format!("{what}: no such metric, expected {w}")),
+        (Some(g), Some(w)) if g != w => p.push(format!("{what}: {g}, expected {w}")),
+        _ => {}
     }
 }
 
