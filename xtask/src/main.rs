@@ -2,6 +2,7 @@
 
 mod ebpf;
 mod toolchain;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -43,6 +44,16 @@ enum Task {
     },
     /// Run the benchmarks and print their figures.
     Bench,
+    /// Boot Debian's kernels under qemu and prove the datapath in each (default: the
+    /// x86_64 set 5.10, 6.1, 6.12).
+    VmTest {
+        /// Comma-separated: 5.10, 6.1, 6.12, arm64-6.12.
+        #[arg(long, value_delimiter = ',')]
+        kernels: Vec<String>,
+        /// Every kernel, arm64 included.
+        #[arg(long)]
+        full: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -52,6 +63,7 @@ fn main() -> Result<()> {
         Task::Run { release, args } => run(release, &args),
         Task::Test { args } => test(&args),
         Task::Bench => bench(),
+        Task::VmTest { kernels, full } => vm::run(&kernels, full),
     }
 }
 
@@ -151,7 +163,27 @@ fn test(args: &[String]) -> Result<()> {
     )?;
     if args.is_empty() {
         signal_tests()?;
+        vm_tests()?;
     }
+    Ok(())
+}
+
+/// The x86_64 VM matrix. Under CI it must run; elsewhere it is skipped, with the reason,
+/// when qemu is missing and cannot be installed (not root).
+fn vm_tests() -> Result<()> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    if !ci && !is_root() && !Path::new("/usr/bin/qemu-system-x86_64").exists() {
+        eprintln!(
+            "xtask: skipping the VM tests: qemu-system-x86 is not installed and installing it needs root (CI runs them)"
+        );
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    vm::run(&vm::default_kernels(), false)?;
+    eprintln!(
+        "xtask: VM tests took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
