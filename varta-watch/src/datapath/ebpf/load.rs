@@ -184,7 +184,12 @@ fn explain(e: ProgramError) -> String {
 
 fn explain_refusal(io_error: &std::io::Error, log: &str) -> String {
     if let Some(helper) = refused_helper(log) {
-        return format!("socket filters may not call {helper} on this kernel");
+        let since = if helper.contains("pid_tgid") {
+            " (Linux 6.10 or later allows it)"
+        } else {
+            ""
+        };
+        return format!("socket filters may not call {helper} on this kernel{since}");
     }
     match verifier_reason(log) {
         // Without CAP_PERFMON in the initial user namespace the verifier applies the rules
@@ -293,7 +298,7 @@ mod tests {
         let helper = explain_refusal(&denied, "unknown func bpf_get_ns_current_pid_tgid#120\n");
         assert_eq!(
             helper,
-            "socket filters may not call bpf_get_ns_current_pid_tgid on this kernel"
+            "socket filters may not call bpf_get_ns_current_pid_tgid on this kernel (Linux 6.10 or later allows it)"
         );
     }
 }
