@@ -3,38 +3,59 @@
 //! Every test here needs root (CAP_BPF + CAP_NET_ADMIN); CI runs them as root.
 
 use std::{
+    collections::HashMap,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use varta_e2e::{Daemon, decode_error_vectors, ebpf_enabled, reap};
+use varta_e2e::{Daemon, EBPF, Proc, decode_error_vectors, hex_encode, log_field, require_root};
 
-const SENDER: &str = env!("CARGO_BIN_EXE_varta-sender");
+/// The sender, started with its summary line (`sent= pid= elapsed_ns=`) piped.
+fn sender(target: &str, args: &[&str]) -> Proc {
+    Proc::spawn(
+        Command::new(env!("CARGO_BIN_EXE_varta-sender"))
+            .arg(target)
+            .args(args)
+            .stdout(Stdio::piped()),
+    )
+}
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+/// What a sender reported when it finished: (frames sent, its pid, elapsed seconds).
+fn summary(sender: Proc) -> (u64, u32, f64) {
+    let out = sender.output();
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    (
+        log_field(&line, "sent").parse().unwrap(),
+        log_field(&line, "pid").parse().unwrap(),
+        log_field(&line, "elapsed_ns").parse::<f64>().unwrap() / 1e9,
+    )
 }
 
 /// Runs the sender to completion: (frames sent, sender pid, elapsed seconds).
 fn send(target: &str, args: &[&str]) -> (u64, u32, f64) {
-    let out = Command::new(SENDER)
-        .arg(target)
-        .args(args)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
-    let field = |k: &str| {
-        text.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(k))
-            .unwrap()
-            .to_owned()
-    };
-    (
-        field("sent=").parse().unwrap(),
-        field("pid=").parse().unwrap(),
-        field("elapsed_ns=").parse::<f64>().unwrap() / 1e9,
+    summary(sender(target, args))
+}
+
+/// Waits until the beats of every agent plus the frames counted as `reason` account for
+/// `sent` frames (the ring buffer is drained); returns (beats, `reason` count).
+#[track_caller]
+fn wait_accounted(d: &Daemon, sent: u64, beats_of: &str, reason: &str) -> (f64, f64) {
+    d.wait_metrics(
+        &format!("{sent} frames admitted ({beats_of}) or counted as {reason}"),
+        Duration::from_secs(10),
+        |m: &HashMap<String, f64>| {
+            let beats: f64 = m
+                .iter()
+                .filter(|(k, _)| k.starts_with(beats_of))
+                .map(|(_, v)| v)
+                .sum();
+            let counted = m.get(reason).copied().unwrap_or(0.0);
+            if beats + counted >= sent as f64 {
+                Ok((beats, counted))
+            } else {
+                Err(format!("{beats} admitted + {counted} counted"))
+            }
+        },
     )
 }
 
@@ -53,9 +74,7 @@ fn ebpf_daemon(name: &str, args: &[&str]) -> Daemon {
 
 #[test]
 fn junk_flood_from_several_processes_is_counted_exactly_in_the_kernel_needs_root() {
-    if !ebpf_enabled("junk_flood_needs_root") {
-        return;
-    }
+    require_root!(EBPF);
     let d = ebpf_daemon("junk-flood", &["--threshold-ms", "1000"]);
     let socket = d.socket.to_str().unwrap().to_owned();
     const EACH: u64 = 500;
@@ -66,16 +85,10 @@ fn junk_flood_from_several_processes_is_counted_exactly_in_the_kernel_needs_root
     // One process per payload, all at once.
     let children: Vec<_> = payloads
         .iter()
-        .map(|(_, bytes)| {
-            Command::new(SENDER)
-                .args([&socket, "hex", &EACH.to_string(), &hex(bytes)])
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
+        .map(|(_, bytes)| sender(&socket, &["hex", &EACH.to_string(), &hex_encode(bytes)]))
         .collect();
-    for mut c in children {
-        assert!(c.wait().unwrap().success());
+    for c in children {
+        summary(c);
     }
     let mut expected = std::collections::HashMap::new();
     for (name, _) in &payloads {
@@ -88,8 +101,8 @@ fn junk_flood_from_several_processes_is_counted_exactly_in_the_kernel_needs_root
         .sum();
     d.wait_metric(
         "varta_frames_dropped_total{reason=\"decode\"}",
+        total_decode as f64,
         Duration::from_secs(5),
-        |v| v >= total_decode as f64,
     );
     let m = d.metrics();
     for (name, n) in &expected {
@@ -115,16 +128,21 @@ fn junk_flood_from_several_processes_is_counted_exactly_in_the_kernel_needs_root
 
 #[test]
 fn spoof_over_uds_is_dropped_in_the_kernel_needs_root() {
-    if !ebpf_enabled("spoof_over_uds_needs_root") {
-        return;
-    }
+    require_root!(EBPF);
     let d = ebpf_daemon("kernel-spoof", &["--threshold-ms", "1000"]);
     let agent = d.agent(100);
-    let victim = agent.id();
+    let victim = agent.pid();
     d.wait_metric(
         &format!("varta_beats_total{{pid=\"{victim}\"}}"),
+        1.0,
         Duration::from_secs(5),
-        |v| v >= 1.0,
+    );
+    // The victim falls silent (alive, stopped): once it has stalled, none of its beats is
+    // still on its way, and nothing else may reach userspace.
+    agent.signal(libc::SIGSTOP);
+    d.wait_log_all(
+        &["event=stall", &format!("pid={victim}")],
+        Duration::from_secs(5),
     );
     let delivered = d.metric("varta_datapath_beats_delivered_total");
     let (sent, _, _) = send(
@@ -133,25 +151,22 @@ fn spoof_over_uds_is_dropped_in_the_kernel_needs_root() {
     );
     let spoofs = d.wait_metric(
         "varta_frames_dropped_total{reason=\"spoof\"}",
+        sent as f64,
         Duration::from_secs(5),
-        |v| v >= sent as f64,
     );
     assert_eq!(spoofs, 200.0);
-    // Only the agent's own beats (one per 100 ms) reached userspace, none of the 200.
+    // None of the 200 reached userspace.
     let after = d.metric("varta_datapath_beats_delivered_total");
-    assert!(after - delivered < 20.0, "{delivered} -> {after}");
+    assert_eq!(after, delivered, "{delivered} -> {after}");
     assert_eq!(
         d.metric("varta_frames_dropped_total{reason=\"replay\"}"),
         0.0
     );
-    reap(agent);
 }
 
 #[test]
 fn per_agent_rate_limit_holds_within_5_percent_needs_root() {
-    if !ebpf_enabled("per_agent_rate_limit_needs_root") {
-        return;
-    }
+    require_root!(EBPF);
     const RATE: f64 = 200.0;
     let d = ebpf_daemon(
         "rate-per-pid",
@@ -166,8 +181,12 @@ fn per_agent_rate_limit_holds_within_5_percent_needs_root() {
     );
     let (sent, pid, secs) = send(d.socket.to_str().unwrap(), &["flood", "0", "2000"]);
     let beats = format!("varta_beats_total{{pid=\"{pid}\"}}");
-    std::thread::sleep(Duration::from_millis(200));
-    let admitted = d.metric(&beats);
+    let (admitted, limited) = wait_accounted(
+        &d,
+        sent,
+        &beats,
+        "varta_rate_limited_total{reason=\"per_pid\"}",
+    );
     let expected = RATE + RATE * secs; // one second of burst, then the rate
     let error = (admitted - expected).abs() / expected;
     println!(
@@ -175,7 +194,6 @@ fn per_agent_rate_limit_holds_within_5_percent_needs_root() {
         error * 100.0
     );
     assert!(error < 0.05, "admitted {admitted}, expected {expected:.0}");
-    let limited = d.metric("varta_rate_limited_total{reason=\"per_pid\"}");
     assert_eq!(
         limited + admitted,
         sent as f64,
@@ -185,9 +203,7 @@ fn per_agent_rate_limit_holds_within_5_percent_needs_root() {
 
 #[test]
 fn global_rate_limit_holds_within_5_percent_needs_root() {
-    if !ebpf_enabled("global_rate_limit_needs_root") {
-        return;
-    }
+    require_root!(EBPF);
     const RATE: f64 = 1000.0;
     let d = ebpf_daemon(
         "rate-global",
@@ -205,33 +221,16 @@ fn global_rate_limit_holds_within_5_percent_needs_root() {
     let socket = d.socket.to_str().unwrap().to_owned();
     let started = std::time::Instant::now();
     let senders: Vec<_> = (0..3)
-        .map(|_| {
-            Command::new(SENDER)
-                .args([&socket, "flood", "0", "2000"])
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
+        .map(|_| sender(&socket, &["flood", "0", "2000"]))
         .collect();
-    let mut sent = 0u64;
-    for s in senders {
-        let out = s.wait_with_output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        sent += text
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix("sent="))
-            .unwrap()
-            .parse::<u64>()
-            .unwrap();
-    }
+    let sent: u64 = senders.into_iter().map(|s| summary(s).0).sum();
     let secs = started.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_millis(200));
-    let m = d.metrics();
-    let admitted: f64 = m
-        .iter()
-        .filter(|(k, _)| k.starts_with("varta_beats_total{"))
-        .map(|(_, v)| v)
-        .sum();
+    let (admitted, limited) = wait_accounted(
+        &d,
+        sent,
+        "varta_beats_total{",
+        "varta_rate_limited_total{reason=\"global\"}",
+    );
     let expected = RATE + RATE * secs;
     let error = (admitted - expected).abs() / expected;
     println!(
@@ -239,17 +238,12 @@ fn global_rate_limit_holds_within_5_percent_needs_root() {
         error * 100.0
     );
     assert!(error < 0.05, "admitted {admitted}, expected {expected:.0}");
-    assert_eq!(
-        m["varta_rate_limited_total{reason=\"global\"}"] + admitted,
-        sent as f64
-    );
+    assert_eq!(limited + admitted, sent as f64);
 }
 
 #[test]
 fn ring_buffer_overflow_is_counted_needs_root() {
-    if !ebpf_enabled("ring_buffer_overflow_needs_root") {
-        return;
-    }
+    require_root!(EBPF);
     let d = ebpf_daemon(
         "ring-overflow",
         &[
@@ -265,13 +259,12 @@ fn ring_buffer_overflow_is_counted_needs_root() {
     d.signal(libc::SIGSTOP);
     let (sent, _, _) = send(d.socket.to_str().unwrap(), &["flood", "40000"]);
     d.signal(libc::SIGCONT);
-    let full = d.wait_metric(
+    let (delivered, full) = wait_accounted(
+        &d,
+        sent,
+        "varta_datapath_beats_delivered_total",
         "varta_frames_dropped_total{reason=\"ringbuf_full\"}",
-        Duration::from_secs(5),
-        |v| v > 0.0,
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let delivered = d.metric("varta_datapath_beats_delivered_total");
     println!("ring overflow: sent {sent}, delivered {delivered}, ringbuf_full {full}");
     assert!(full > 0.0);
     assert_eq!(
@@ -283,9 +276,7 @@ fn ring_buffer_overflow_is_counted_needs_root() {
 
 #[test]
 fn plaintext_udp_junk_is_counted_in_the_kernel_and_beats_carry_the_source_needs_root() {
-    if !ebpf_enabled("plaintext_udp_needs_root") {
-        return;
-    }
+    require_root!(EBPF);
     // Every feature on at once: this load also proves the verifier accepts both programs.
     let port = free_udp_port();
     let d = ebpf_daemon(
@@ -305,13 +296,13 @@ fn plaintext_udp_junk_is_counted_in_the_kernel_and_beats_carry_the_source_needs_
     );
     let target = format!("udp:127.0.0.1:{port}");
     for (_, wire) in decode_error_vectors() {
-        send(&target, &["hex", "10", &hex(&wire)]);
+        send(&target, &["hex", "10", &hex_encode(&wire)]);
     }
     send(&target, &["hex", "10", "0102"]);
     d.wait_metric(
         "varta_frames_dropped_total{reason=\"decode\"}",
+        90.0,
         Duration::from_secs(5),
-        |v| v >= 90.0,
     );
     let m = d.metrics();
     assert_eq!(m["varta_frames_dropped_total{reason=\"decode\"}"], 90.0);
@@ -322,8 +313,7 @@ fn plaintext_udp_junk_is_counted_in_the_kernel_and_beats_carry_the_source_needs_
     d.wait_log_all(
         &["event=agent_new", &format!("pid={pid}"), "transport=udp"],
         Duration::from_secs(5),
-    )
-    .unwrap_or_else(|| panic!("{}", d.log_text()));
+    );
 }
 
 fn free_udp_port() -> u16 {
@@ -336,9 +326,7 @@ fn free_udp_port() -> u16 {
 
 #[test]
 fn without_privileges_ebpf_fails_with_the_reason_and_auto_falls_back_needs_root() {
-    if !ebpf_enabled("without_privileges_needs_root") {
-        return;
-    }
+    require_root!(EBPF);
     let nobody = [
         "setpriv",
         "--reuid=65534",
@@ -347,16 +335,13 @@ fn without_privileges_ebpf_fails_with_the_reason_and_auto_falls_back_needs_root(
         "--inh-caps=-all",
         "--bounding-set=-all",
     ];
-    let d = Daemon::builder("unprivileged-ebpf", "ebpf")
+    let mut d = Daemon::builder("unprivileged-ebpf", "ebpf")
         .world_writable()
         .wrapped(nobody)
         .args(["--threshold-ms", "500"])
         .spawn();
-    let status = d.wait_exit_status(Duration::from_secs(10));
-    assert_eq!(status.and_then(|s| s.code()), Some(1));
-    let line = d
-        .wait_log("missing privilege", Duration::from_secs(1))
-        .unwrap_or_else(|| panic!("{}", d.log_text()));
+    assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(1));
+    let line = d.wait_log("missing privilege", Duration::from_secs(5));
     assert!(
         line.contains("CAP_BPF")
             && line.contains("CAP_NET_ADMIN")
@@ -376,27 +361,17 @@ fn without_privileges_ebpf_fails_with_the_reason_and_auto_falls_back_needs_root(
         .wrapped(nobody)
         .args(["--threshold-ms", "500"])
         .start();
-    let fallback = d
-        .wait_log("event=datapath_fallback", Duration::from_secs(1))
-        .unwrap();
+    let fallback = d.wait_log("event=datapath_fallback", Duration::from_secs(5));
     assert!(
         fallback.contains("missing privilege CAP_BPF and CAP_NET_ADMIN"),
         "{fallback}"
     );
     assert_eq!(d.metric("varta_datapath_info{mode=\"userspace\"}"), 1.0);
     let agent = d.agent(50);
-    let pid = agent.id();
-    d.wait_log_all(
-        &["event=agent_new", &format!("pid={pid}")],
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    reap(agent);
-    d.wait_log_all(
-        &["event=stall", &format!("pid={pid}")],
-        Duration::from_secs(3),
-    )
-    .unwrap_or_else(|| panic!("{}", d.log_text()));
+    let pid = format!("pid={}", agent.pid());
+    d.wait_log_all(&["event=agent_new", &pid], Duration::from_secs(5));
+    drop(agent);
+    d.wait_log_all(&["event=stall", &pid], Duration::from_secs(5));
 }
 
 fn context_switches(pid: u32) -> u64 {
@@ -414,58 +389,57 @@ fn context_switches(pid: u32) -> u64 {
         .sum()
 }
 
+/// The daemon's drain timer while an agent is watched (`datapath/ebpf.rs`).
+const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Beats are drained in batches, not one wake-up each; once every agent has stalled the
-/// daemon sleeps; and a stalled agent's next beat wakes it at once.
+/// daemon sleeps (its drain timer is off); and a stalled agent's next beat wakes it by
+/// itself (with the timer off nothing else would). The figures are `cargo xtask bench`'s.
 #[test]
 fn batched_drain_idle_sleep_and_prompt_resume_needs_root() {
-    if !ebpf_enabled("batched_drain_idle_sleep_needs_root") {
-        return;
-    }
+    require_root!(EBPF);
     let d = ebpf_daemon("idle", &["--threshold-ms", "300"]);
-    let mut agent = d.agent(2);
-    let pid = agent.id();
+    let agent = d.agent(2);
+    let pid = agent.pid();
     let beats = format!("varta_beats_total{{pid=\"{pid}\"}}");
-    d.wait_metric(&beats, Duration::from_secs(5), |v| v >= 10.0);
+    d.wait_metric(&beats, 10.0, Duration::from_secs(5));
+    // Measurement windows: nothing may scrape (wake) the daemon during them.
+    let window = Duration::from_secs(1);
     let (b0, s0) = (d.metric(&beats), context_switches(d.pid()));
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(window);
     let (b1, s1) = (d.metric(&beats), context_switches(d.pid()));
     println!(
-        "watching: {} beats, {} context switches in 1 s",
+        "watching: {} beats, {} context switches in {window:?}",
         b1 - b0,
         s1 - s0
     );
-    assert!(b1 - b0 > 100.0);
+    assert!(b1 - b0 > 100.0, "the agent beats");
     assert!(
-        (s1 - s0) as f64 <= (b1 - b0) / 3.0,
+        ((s1 - s0) as f64) < b1 - b0,
         "batched: {} switches for {} beats",
         s1 - s0,
         b1 - b0
     );
 
-    varta_e2e::kill(&mut agent, libc::SIGSTOP);
+    agent.signal(libc::SIGSTOP);
     d.wait_log_all(
         &["event=stall", &format!("pid={pid}")],
         Duration::from_secs(5),
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    );
     let s2 = context_switches(d.pid());
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(window);
     let s3 = context_switches(d.pid());
-    println!("idle: {} context switches in 1 s", s3 - s2);
-    assert!(s3 - s2 <= 3, "an idle daemon sleeps: {} switches", s3 - s2);
+    let ticks = (window.as_millis() / DRAIN_INTERVAL.as_millis()) as u64;
+    println!("idle: {} context switches in {window:?}", s3 - s2);
+    assert!(
+        s3 - s2 < ticks,
+        "an idle daemon sleeps: {} switches, the drain timer alone would make {ticks}",
+        s3 - s2
+    );
 
-    varta_e2e::kill(&mut agent, libc::SIGCONT);
-    let resumed = std::time::Instant::now();
+    agent.signal(libc::SIGCONT);
     d.wait_log_all(
         &["event=agent_resumed", &format!("pid={pid}")],
-        Duration::from_secs(2),
-    )
-    .expect("resumed");
-    assert!(
-        resumed.elapsed() < Duration::from_millis(200),
-        "woken at once: {:?}",
-        resumed.elapsed()
+        Duration::from_secs(5),
     );
-    reap(agent);
 }

@@ -35,7 +35,11 @@ fn frame_vectors() {
                 assert_eq!(Frame::decode(&buf), Ok(frame), "{id}: decode");
                 roundtrips += 1;
             }
-            FrameVector::DecodeError { id, error: name, wire } => {
+            FrameVector::DecodeError {
+                id,
+                error: name,
+                wire,
+            } => {
                 let buf: [u8; 32] = wire.try_into().unwrap();
                 assert_eq!(Frame::decode(&buf), Err(error(&name)), "{id}");
                 errors += 1;

@@ -3,11 +3,7 @@
 //! a valid frame with one field replaced and the CRC resealed, so the checks behind the CRC
 //! are exercised, not just the CRC.
 
-use proptest::{
-    prelude::*,
-    strategy::ValueTree,
-    test_runner::TestRunner,
-};
+use proptest::{prelude::*, strategy::ValueTree, test_runner::TestRunner};
 use varta_common::{FRAME_LEN, Frame, Status, frame::seal};
 
 fn valid_frame() -> impl Strategy<Value = Frame> {
@@ -112,7 +108,11 @@ fn datagrams_cover_every_length_weighted_on_32_and_near_valid() {
     }
     let missing: Vec<usize> = (0..=64).filter(|&l| by_len[l] == 0).collect();
     assert!(missing.is_empty(), "lengths never generated: {missing:?}");
-    assert!(by_len[FRAME_LEN] * 2 > N, "32 bytes in {} of {N}", by_len[FRAME_LEN]);
+    assert!(
+        by_len[FRAME_LEN] * 2 > N,
+        "32 bytes in {} of {N}",
+        by_len[FRAME_LEN]
+    );
     assert!(accepted * 10 > N, "accepted {accepted} of {N}");
     assert!(rejected * 10 > N, "rejected {rejected} of {N}");
 }

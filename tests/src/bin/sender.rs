@@ -37,11 +37,7 @@ fn main() {
     let mut sent = 0u64;
     match args[2].as_str() {
         "hex" => {
-            let hex = &args[4];
-            let bytes: Vec<u8> = (0..hex.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-                .collect();
+            let bytes = varta_e2e::hex_decode(&args[4]);
             for _ in 0..count {
                 out.send(&bytes);
                 sent += 1;
