@@ -1,5 +1,6 @@
 //! `varta-watch` as a real process: start it, read its log, scrape its metrics, wait for
-//! either, and stop it. Dropping a `Daemon` kills and reaps it and removes its directory.
+//! either, and stop it. Dropping a `Daemon` kills and reaps it (a `Proc`) and removes its
+//! directory (a `Scratch`).
 
 use std::{
     collections::HashMap,
@@ -7,7 +8,7 @@ use std::{
     net::{SocketAddr, TcpStream},
     os::unix::net::UnixDatagram,
     path::PathBuf,
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -15,7 +16,7 @@ use std::{
 use crate::{Proc, bin, log_field, log_has, parse_metrics, scratch, wait_for};
 
 pub struct Daemon {
-    child: Option<Child>,
+    process: Proc,
     pub dir: crate::Scratch,
     pub socket: PathBuf,
     /// `--export-file`, when started with [`DaemonBuilder::export_file`].
@@ -109,8 +110,8 @@ impl DaemonBuilder {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         cmd.env("VARTA_LOG", "info");
-        let mut child = cmd.spawn().expect("starting varta-watch");
-        let stderr = child.stderr.take().unwrap();
+        let mut process = Proc::spawn(&mut cmd);
+        let stderr = process.take_stderr().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
         std::thread::spawn(move || {
@@ -119,7 +120,7 @@ impl DaemonBuilder {
             }
         });
         Daemon {
-            child: Some(child),
+            process,
             dir,
             socket,
             export,
@@ -147,7 +148,7 @@ impl Daemon {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("the daemon is not reaped").id()
+        self.process.pid()
     }
 
     pub fn logs(&self) -> Vec<String> {
@@ -285,8 +286,7 @@ impl Daemon {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child, which has not been reaped (`pid` checks).
-        unsafe { libc::kill(self.pid() as i32, sig) };
+        self.process.signal(sig);
     }
 
     /// SIGTERM, then waits for the exit. The log, and the directory with the export file,
@@ -300,29 +300,16 @@ impl Daemon {
     /// Waits for the daemon to exit (on its own, or as asked), and reaps it.
     #[track_caller]
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let child = self.child.as_mut().expect("the daemon is not reaped");
-        let status = wait_for("the daemon to exit", timeout, || {
-            child
+        wait_for("the daemon to exit", timeout, || {
+            self.process
                 .try_wait()
-                .unwrap()
                 .ok_or_else(|| "still running".to_owned())
-        });
-        self.child = None;
-        status
+        })
     }
 
     /// The export file's content (the daemon was started with `export_file`).
     pub fn export_text(&self) -> String {
         let path = self.export.as_ref().expect("started with export_file()");
         std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }

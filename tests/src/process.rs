@@ -21,6 +21,11 @@ impl Proc {
         }
     }
 
+    /// Its piped stderr, to read from another thread.
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.as_mut()?.stderr.take()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child().id()
     }
@@ -32,6 +37,16 @@ impl Proc {
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child, which has not been reaped (we hold it).
         unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
+    /// Reaps it if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("not yet reaped");
+        let status = child
+            .try_wait()
+            .unwrap_or_else(|e| panic!("waiting for {}: {e}", self.what))?;
+        self.child = None;
+        Some(status)
     }
 
     /// Waits for it to exit by itself (a process that ends on its own, e.g. a sender).

@@ -5,8 +5,6 @@
 
 use std::{net::UdpSocket, os::unix::net::UnixDatagram, time::Instant};
 
-use varta_common::{Frame, Status};
-
 enum Out {
     Uds(UnixDatagram, String),
     Udp(UdpSocket),
@@ -49,16 +47,7 @@ fn main() {
             while (count > 0 && sent < count)
                 || (count == 0 && started.elapsed().as_millis() < millis)
             {
-                out.send(
-                    &Frame {
-                        status: Status::Ok,
-                        pid,
-                        timestamp: 1,
-                        nonce,
-                        payload: 0,
-                    }
-                    .encode(),
-                );
+                out.send(&varta_e2e::frame(pid, nonce));
                 nonce += 1;
                 sent += 1;
             }
@@ -66,16 +55,7 @@ fn main() {
         "forge" => {
             let claimed: u32 = args[4].parse().unwrap();
             for nonce in 0..count {
-                out.send(
-                    &Frame {
-                        status: Status::Ok,
-                        pid: claimed,
-                        timestamp: 1,
-                        nonce: 1_000_000 + nonce,
-                        payload: 0,
-                    }
-                    .encode(),
-                );
+                out.send(&varta_e2e::frame(claimed, 1_000_000 + nonce));
                 sent += 1;
             }
         }
