@@ -79,6 +79,20 @@ impl DaemonBuilder {
         d
     }
 
+    /// Starts the daemon on the eBPF datapath and checks that is the one it runs.
+    #[track_caller]
+    pub fn start_ebpf(self) -> Daemon {
+        assert_eq!(self.datapath, "ebpf");
+        let d = self.start();
+        assert_eq!(
+            d.metric("varta_datapath_info{mode=\"ebpf\"}"),
+            1.0,
+            "{}",
+            d.log_text()
+        );
+        d
+    }
+
     /// Starts the daemon without waiting.
     pub fn spawn(self) -> Daemon {
         let dir = scratch(&self.name);

@@ -5,6 +5,7 @@
 
 mod daemon;
 mod process;
+pub mod sender;
 #[path = "../../varta-common/tests/support/vectors.rs"]
 pub mod vectors;
 
@@ -23,13 +24,18 @@ use varta_common::{Frame, Status};
 
 /// The daemon binary: `VARTA_WATCH_BIN`, else the workspace's debug build.
 pub fn bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("VARTA_WATCH_BIN") {
-        return PathBuf::from(p);
+    match std::env::var_os("VARTA_WATCH_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => target_bin("varta-watch"),
     }
+}
+
+/// A binary of the workspace's debug build.
+pub fn target_bin(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let bin = target.join("debug/varta-watch");
+    let bin = target.join("debug").join(name);
     assert!(
         bin.exists(),
         "{} is missing: run the tests with `cargo xtask test`",
