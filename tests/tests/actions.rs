@@ -214,7 +214,13 @@ fn export_file_and_metrics_after_a_scripted_scenario(datapath: &str) {
     // Observer-relative timestamps, in order; the stall comes a threshold after the last beat.
     let ns: Vec<u64> = rows.iter().map(|r| r[0].parse().unwrap()).collect();
     assert!(ns.windows(2).all(|w| w[0] <= w[1]));
-    assert!(ns[2] - ns[1] >= 400_000_000);
+    // (Beats are stamped when processed, the stall from the kernel's receive time: on eBPF
+    // a beat drained late can make this gap shorter than the threshold; see the report.)
+    assert!(
+        ns[2] - ns[1] >= 400_000_000,
+        "stall {} ns after the last beat:\n{text}",
+        ns[2] - ns[1]
+    );
 }
 
 /// The position of the first log line with every one of `parts`, if any.
