@@ -32,6 +32,24 @@ fn wait_accounted(d: &Daemon, sent: u64, beats_of: &str, reason: &str) -> (f64, 
     )
 }
 
+/// A limit of `rate` a second with a burst of one second's worth, over `secs`: admitted
+/// within 5% of that, and every frame sent either admitted or counted as limited.
+#[track_caller]
+fn assert_rate(what: &str, rate: f64, secs: f64, sent: u64, admitted: f64, limited: f64) {
+    let expected = rate + rate * secs;
+    let error = (admitted - expected).abs() / expected;
+    println!(
+        "{what}: sent {sent} in {secs:.3}s, admitted {admitted}, expected {expected:.0}, error {:.2}%",
+        error * 100.0
+    );
+    assert!(error < 0.05, "admitted {admitted}, expected {expected:.0}");
+    assert_eq!(
+        limited + admitted,
+        sent as f64,
+        "every frame admitted or counted"
+    );
+}
+
 #[test]
 fn per_agent_rate_limit_holds_within_5_percent_needs_root() {
     require_root!(EBPF);
@@ -54,18 +72,7 @@ fn per_agent_rate_limit_holds_within_5_percent_needs_root() {
         &beats,
         "varta_rate_limited_total{reason=\"per_pid\"}",
     );
-    let expected = RATE + RATE * secs; // one second of burst, then the rate
-    let error = (admitted - expected).abs() / expected;
-    println!(
-        "per-agent: sent {sent} in {secs:.3}s, admitted {admitted}, expected {expected:.0}, error {:.2}%",
-        error * 100.0
-    );
-    assert!(error < 0.05, "admitted {admitted}, expected {expected:.0}");
-    assert_eq!(
-        limited + admitted,
-        sent as f64,
-        "every frame admitted or counted"
-    );
+    assert_rate("per-agent", RATE, secs, sent, admitted, limited);
 }
 
 #[test]
@@ -97,14 +104,7 @@ fn global_rate_limit_holds_within_5_percent_needs_root() {
         "varta_beats_total{",
         "varta_rate_limited_total{reason=\"global\"}",
     );
-    let expected = RATE + RATE * secs;
-    let error = (admitted - expected).abs() / expected;
-    println!(
-        "global: sent {sent} in {secs:.3}s from 3 processes, admitted {admitted}, expected {expected:.0}, error {:.2}%",
-        error * 100.0
-    );
-    assert!(error < 0.05, "admitted {admitted}, expected {expected:.0}");
-    assert_eq!(limited + admitted, sent as f64);
+    assert_rate("global (3 processes)", RATE, secs, sent, admitted, limited);
 }
 
 #[test]
