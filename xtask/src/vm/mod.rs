@@ -20,8 +20,8 @@ use scenario::Report;
 /// 19 s under TCG on an idle machine; this leaves room for a busy one.
 const DEADLINE: Duration = Duration::from_secs(180);
 
-/// The kernels `cargo xtask test` runs under CI: the x86_64 set.
-pub fn default_kernels() -> Vec<String> {
+/// The default selection: the x86_64 set.
+fn default_kernels() -> Vec<String> {
     ALL.iter()
         .filter(|k| k.arch == Arch::Amd64)
         .map(|k| k.name.to_owned())

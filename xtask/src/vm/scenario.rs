@@ -142,6 +142,15 @@ impl<'a> Guest<'a> {
             .collect()
     }
 
+    /// The labels of the first sample of metric NAME that is set to 1.
+    fn labels(&self, name: &str) -> Option<HashMap<String, String>> {
+        self.metrics
+            .iter()
+            .filter(|(_, v)| **v == 1.0)
+            .find_map(|(k, _)| k.strip_prefix(name)?.strip_prefix('{')?.strip_suffix('}'))
+            .map(|labels| fields(&labels.replace("\",", "\" ")))
+    }
+
     fn metric(&self, sample: &str) -> Option<f64> {
         self.metrics.get(sample).copied()
     }
@@ -190,6 +199,18 @@ pub fn judge(serial: &[String], caps: &[&str]) -> Report {
     if r.datapath != "ebpf" {
         let why = get(event(&main, "datapath_fallback"), "reason");
         p.push(format!("datapath={} (reason: {why})", r.datapath));
+    } else if r.attest == "-" {
+        p.push("the ready line names no attest= method".into());
+    }
+    // The metric says what the ready line says.
+    let info = g.labels("varta_datapath_info");
+    for (key, said) in [("mode", &r.datapath), ("attest", &r.attest)] {
+        let exported = get(info.as_ref(), key);
+        if said != "-" && exported != *said {
+            p.push(format!(
+                "varta_datapath_info{{{key}}} is {exported}, the ready line says {said}"
+            ));
+        }
     }
 
     let agent = get(g.mark("agent", None).as_ref(), "pid");
@@ -342,6 +363,17 @@ mod tests {
         assert_eq!(f["reason"], "no CAP_BPF here");
         assert_eq!(f["event"], "datapath_fallback");
         assert_eq!(f.len(), 5);
+    }
+
+    #[test]
+    fn metric_labels_are_fields() {
+        let serial = vec![
+            "@@vm:metric varta_datapath_info{mode=\"userspace\",attest=\"none\"} 0".to_owned(),
+            "@@vm:metric varta_datapath_info{mode=\"ebpf\",attest=\"task_read\"} 1".to_owned(),
+        ];
+        let labels = Guest::new(&serial).labels("varta_datapath_info").unwrap();
+        assert_eq!(labels["mode"], "ebpf");
+        assert_eq!(labels["attest"], "task_read");
     }
 
     #[test]
