@@ -42,12 +42,14 @@ pub fn ebpf_enabled(test: &str) -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true") || is_root() {
         return true;
     }
-    eprintln!("skipping {test}: eBPF tests need root (CAP_BPF + CAP_NET_ADMIN); CI runs them");
+    eprintln!("skipping {test}: eBPF tests need root (CAP_BPF + CAP_PERFMON); CI runs them");
     false
 }
 
-/// Generates `<name>::userspace` and `<name>::ebpf_needs_root` tests calling
-/// `<name>(datapath)`; the eBPF one skips (with a reason) only outside CI without root.
+/// Generates `<name>::userspace`, `<name>::ebpf_needs_root` (the attestation the kernel
+/// allows, chosen by the daemon) and `<name>::ebpf_task_read_needs_root` (forced to
+/// task_read) tests calling `<name>(datapath)`; the eBPF ones skip (with a reason) only
+/// outside CI without root.
 #[macro_export]
 macro_rules! on_both_datapaths {
     ($($name:ident),* $(,)?) => {$(
@@ -63,13 +65,37 @@ macro_rules! on_both_datapaths {
                     super::$name("ebpf");
                 }
             }
+
+            #[test]
+            fn ebpf_task_read_needs_root() {
+                if $crate::ebpf_enabled(concat!(stringify!($name), "::ebpf_task_read_needs_root")) {
+                    $crate::with_attest("task_read", || super::$name("ebpf"));
+                }
+            }
         }
     )*};
 }
 
+thread_local! {
+    /// The eBPF attestation method the daemons this test thread starts must use.
+    static ATTEST: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `test` with every eBPF daemon it starts forced to attestation `method`
+/// (`VARTA_EBPF_ATTEST`: pid_tgid_helper or task_read).
+pub fn with_attest(method: &'static str, test: impl FnOnce()) {
+    ATTEST.with(|a| a.set(Some(method)));
+    test();
+    ATTEST.with(|a| a.set(None));
+}
+
 /// A unique scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("varta-e2e-{}-{name}", std::process::id()));
+    // A test run under `with_attest` runs beside the same test without it.
+    let attest = ATTEST
+        .with(|a| a.get())
+        .map_or(String::new(), |m| format!("-{m}"));
+    let dir = std::env::temp_dir().join(format!("varta-e2e-{}-{name}{attest}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -125,11 +151,21 @@ impl DaemonBuilder {
 
     /// Starts the daemon and waits for its `event=ready` line.
     pub fn start(self) -> Daemon {
+        let ebpf = self.datapath != "userspace";
         let d = self.spawn();
         let ready = d.wait_log("event=ready", Duration::from_secs(20));
         let Some(ready) = ready else {
             panic!("daemon did not become ready; log:\n{}", d.log_text());
         };
+        if let Some(method) = ATTEST.with(|a| a.get())
+            && ebpf
+        {
+            assert!(
+                ready.contains(&format!(" datapath=ebpf attest={method} ")),
+                "not on the eBPF datapath with {method} attestation: {ready}\n{}",
+                d.log_text()
+            );
+        }
         let mut d = d;
         d.prom = ready
             .split_whitespace()
@@ -165,6 +201,9 @@ impl DaemonBuilder {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         cmd.env("VARTA_LOG", "info");
+        if let Some(method) = ATTEST.with(|a| a.get()) {
+            cmd.env("VARTA_EBPF_ATTEST", method);
+        }
         let mut child = cmd.spawn().expect("starting varta-watch");
         let stderr = child.stderr.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -208,6 +247,25 @@ impl Daemon {
 
     pub fn log_text(&self) -> String {
         self.logs().join("\n")
+    }
+
+    /// The `varta_datapath_info` sample this daemon exports, from its `event=ready` line.
+    pub fn datapath_info(&self) -> String {
+        let ready = self
+            .wait_log("event=ready", Duration::ZERO)
+            .expect("started");
+        let field = |k: &str| {
+            ready
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix(k))
+                .unwrap_or_else(|| panic!("no {k} in {ready}"))
+                .to_owned()
+        };
+        format!(
+            "varta_datapath_info{{mode=\"{}\",attest=\"{}\"}}",
+            field("datapath="),
+            field("attest=")
+        )
     }
 
     /// The first log line containing every one of `parts`, waiting up to `timeout`.

@@ -1,13 +1,45 @@
-//! What only the eBPF datapath does: drops in the kernel, exact in-kernel counters, rate
-//! limits and ring-buffer overflow in the kernel, and the fallback without privileges.
-//! Every test here needs root (CAP_BPF + CAP_NET_ADMIN); CI runs them as root.
+//! What only the eBPF datapath does, with either attestation method: drops in the kernel,
+//! exact in-kernel counters, rate limits and ring-buffer overflow in the kernel, UDP, and
+//! the batched drain. Every test here needs root (CAP_BPF + CAP_PERFMON); CI runs them as root.
 
 use std::{
     process::{Command, Stdio},
     time::Duration,
 };
 
-use varta_e2e::{Daemon, decode_error_vectors, ebpf_enabled, reap};
+use varta_e2e::{Daemon, decode_error_vectors, reap};
+
+/// Each scenario twice: with the attestation the daemon picks on this kernel, and forced to
+/// task_read (`VARTA_EBPF_ATTEST`), so both methods meet every assertion.
+macro_rules! on_both_attestations {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn ebpf_needs_root() {
+                if varta_e2e::ebpf_enabled(concat!(stringify!($name), "::ebpf_needs_root")) {
+                    super::$name();
+                }
+            }
+
+            #[test]
+            fn ebpf_task_read_needs_root() {
+                if varta_e2e::ebpf_enabled(concat!(stringify!($name), "::ebpf_task_read_needs_root")) {
+                    varta_e2e::with_attest("task_read", super::$name);
+                }
+            }
+        }
+    )*};
+}
+
+on_both_attestations!(
+    junk_flood_from_several_processes_is_counted_exactly_in_the_kernel,
+    spoof_over_uds_is_dropped_in_the_kernel,
+    per_agent_rate_limit_holds_within_5_percent,
+    global_rate_limit_holds_within_5_percent,
+    ring_buffer_overflow_is_counted,
+    plaintext_udp_junk_is_counted_in_the_kernel_and_beats_carry_the_source,
+    batched_drain_idle_sleep_and_prompt_resume,
+);
 
 const SENDER: &str = env!("CARGO_BIN_EXE_varta-sender");
 
@@ -42,20 +74,13 @@ fn ebpf_daemon(name: &str, args: &[&str]) -> Daemon {
     let d = Daemon::builder(name, "ebpf")
         .args(args.iter().copied())
         .start();
-    assert_eq!(
-        d.metric("varta_datapath_info{mode=\"ebpf\"}"),
-        1.0,
-        "{}",
-        d.log_text()
-    );
+    let info = d.datapath_info();
+    assert!(info.contains("{mode=\"ebpf\","), "{info}\n{}", d.log_text());
+    assert_eq!(d.metric(&info), 1.0, "{}", d.log_text());
     d
 }
 
-#[test]
-fn junk_flood_from_several_processes_is_counted_exactly_in_the_kernel_needs_root() {
-    if !ebpf_enabled("junk_flood_needs_root") {
-        return;
-    }
+fn junk_flood_from_several_processes_is_counted_exactly_in_the_kernel() {
     let d = ebpf_daemon("junk-flood", &["--threshold-ms", "1000"]);
     let socket = d.socket.to_str().unwrap().to_owned();
     const EACH: u64 = 500;
@@ -113,11 +138,7 @@ fn junk_flood_from_several_processes_is_counted_exactly_in_the_kernel_needs_root
     );
 }
 
-#[test]
-fn spoof_over_uds_is_dropped_in_the_kernel_needs_root() {
-    if !ebpf_enabled("spoof_over_uds_needs_root") {
-        return;
-    }
+fn spoof_over_uds_is_dropped_in_the_kernel() {
     let d = ebpf_daemon("kernel-spoof", &["--threshold-ms", "1000"]);
     let agent = d.agent(100);
     let victim = agent.id();
@@ -147,11 +168,7 @@ fn spoof_over_uds_is_dropped_in_the_kernel_needs_root() {
     reap(agent);
 }
 
-#[test]
-fn per_agent_rate_limit_holds_within_5_percent_needs_root() {
-    if !ebpf_enabled("per_agent_rate_limit_needs_root") {
-        return;
-    }
+fn per_agent_rate_limit_holds_within_5_percent() {
     const RATE: f64 = 200.0;
     let d = ebpf_daemon(
         "rate-per-pid",
@@ -183,11 +200,7 @@ fn per_agent_rate_limit_holds_within_5_percent_needs_root() {
     );
 }
 
-#[test]
-fn global_rate_limit_holds_within_5_percent_needs_root() {
-    if !ebpf_enabled("global_rate_limit_needs_root") {
-        return;
-    }
+fn global_rate_limit_holds_within_5_percent() {
     const RATE: f64 = 1000.0;
     let d = ebpf_daemon(
         "rate-global",
@@ -245,11 +258,7 @@ fn global_rate_limit_holds_within_5_percent_needs_root() {
     );
 }
 
-#[test]
-fn ring_buffer_overflow_is_counted_needs_root() {
-    if !ebpf_enabled("ring_buffer_overflow_needs_root") {
-        return;
-    }
+fn ring_buffer_overflow_is_counted() {
     let d = ebpf_daemon(
         "ring-overflow",
         &[
@@ -281,11 +290,7 @@ fn ring_buffer_overflow_is_counted_needs_root() {
     );
 }
 
-#[test]
-fn plaintext_udp_junk_is_counted_in_the_kernel_and_beats_carry_the_source_needs_root() {
-    if !ebpf_enabled("plaintext_udp_needs_root") {
-        return;
-    }
+fn plaintext_udp_junk_is_counted_in_the_kernel_and_beats_carry_the_source() {
     // Every feature on at once: this load also proves the verifier accepts both programs.
     let port = free_udp_port();
     let d = ebpf_daemon(
@@ -334,71 +339,6 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
-#[test]
-fn without_privileges_ebpf_fails_with_the_reason_and_auto_falls_back_needs_root() {
-    if !ebpf_enabled("without_privileges_needs_root") {
-        return;
-    }
-    let nobody = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-    ];
-    let d = Daemon::builder("unprivileged-ebpf", "ebpf")
-        .world_writable()
-        .wrapped(nobody)
-        .args(["--threshold-ms", "500"])
-        .spawn();
-    let status = d.wait_exit_status(Duration::from_secs(10));
-    assert_eq!(status.and_then(|s| s.code()), Some(1));
-    let line = d
-        .wait_log("missing privilege", Duration::from_secs(1))
-        .unwrap_or_else(|| panic!("{}", d.log_text()));
-    assert!(
-        line.contains("CAP_BPF")
-            && line.contains("CAP_NET_ADMIN")
-            && line.contains("--datapath ebpf"),
-        "{line}"
-    );
-    assert_eq!(
-        d.count_logs(&["level=error"]),
-        1,
-        "one line: {}",
-        d.log_text()
-    );
-
-    // auto: one fallback line, then a working observer on the userspace datapath.
-    let d = Daemon::builder("unprivileged-auto", "auto")
-        .world_writable()
-        .wrapped(nobody)
-        .args(["--threshold-ms", "500"])
-        .start();
-    let fallback = d
-        .wait_log("event=datapath_fallback", Duration::from_secs(1))
-        .unwrap();
-    assert!(
-        fallback.contains("missing privilege CAP_BPF and CAP_NET_ADMIN"),
-        "{fallback}"
-    );
-    assert_eq!(d.metric("varta_datapath_info{mode=\"userspace\"}"), 1.0);
-    let agent = d.agent(50);
-    let pid = agent.id();
-    d.wait_log_all(
-        &["event=agent_new", &format!("pid={pid}")],
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    reap(agent);
-    d.wait_log_all(
-        &["event=stall", &format!("pid={pid}")],
-        Duration::from_secs(3),
-    )
-    .unwrap_or_else(|| panic!("{}", d.log_text()));
-}
-
 fn context_switches(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
@@ -416,11 +356,7 @@ fn context_switches(pid: u32) -> u64 {
 
 /// Beats are drained in batches, not one wake-up each; once every agent has stalled the
 /// daemon sleeps; and a stalled agent's next beat wakes it at once.
-#[test]
-fn batched_drain_idle_sleep_and_prompt_resume_needs_root() {
-    if !ebpf_enabled("batched_drain_idle_sleep_needs_root") {
-        return;
-    }
+fn batched_drain_idle_sleep_and_prompt_resume() {
     let d = ebpf_daemon("idle", &["--threshold-ms", "300"]);
     let mut agent = d.agent(2);
     let pid = agent.id();

@@ -171,3 +171,11 @@ fn cross_namespace_agents_ebpf_needs_root() {
     }
     cross_namespace_agents("ebpf");
 }
+
+#[test]
+fn cross_namespace_agents_ebpf_task_read_needs_root() {
+    if !ebpf_enabled("cross_namespace_agents_ebpf_task_read_needs_root") {
+        return;
+    }
+    varta_e2e::with_attest("task_read", || cross_namespace_agents("ebpf"));
+}

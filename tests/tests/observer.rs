@@ -382,11 +382,13 @@ fn export_file_and_metrics_after_a_scripted_scenario(datapath: &str) {
         })
         .collect();
     lines.sort();
+    let info = d.datapath_info();
+    assert!(info.contains(&format!("{{mode=\"{datapath}\",")), "{info}");
     let mut expected: Vec<String> = vec![
         format!("varta_beats_total{{pid=\"{me}\"}} 2"),
         format!("varta_stalls_total{{pid=\"{me}\"}} 1"),
         format!("varta_status{{pid=\"{me}\"}} 3"),
-        format!("varta_datapath_info{{mode=\"{datapath}\"}} 1"),
+        format!("{info} 1"),
         "varta_datapath_beats_delivered_total 3".into(),
         "varta_frame_auth_failures_total 0".into(),
         "varta_frame_namespace_mismatch_total 0".into(),

@@ -27,8 +27,9 @@ pub struct PidLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ModeLabel {
+pub struct DatapathLabels {
     pub mode: &'static str,
+    pub attest: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,7 +72,12 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(drops: Arc<DropCounters>, datapath: &'static str, capacity: usize) -> Self {
+    pub fn new(
+        drops: Arc<DropCounters>,
+        datapath: &'static str,
+        attest: &'static str,
+        capacity: usize,
+    ) -> Self {
         let mut m = Metrics {
             beats: Family::default(),
             stalls: Family::default(),
@@ -169,11 +175,15 @@ impl Metrics {
             "SO_RCVBUF the kernel granted the observer socket",
             m.rcvbuf_bytes.clone(),
         );
-        let info = Family::<ModeLabel, Gauge>::default();
-        info.get_or_create(&ModeLabel { mode: datapath }).set(1);
+        let info = Family::<DatapathLabels, Gauge>::default();
+        info.get_or_create(&DatapathLabels {
+            mode: datapath,
+            attest,
+        })
+        .set(1);
         m.registry.register(
             "varta_datapath_info",
-            "The active datapath (label mode: ebpf or userspace)",
+            "The active datapath (mode: ebpf or userspace) and how it attests senders (attest: pid_tgid_helper, task_read or scm_credentials)",
             info,
         );
         let capacity_gauge = Gauge::<i64>::default();

@@ -32,6 +32,7 @@ pub async fn serve<D: Datapath>(
     let metrics = Arc::new(Metrics::new(
         drops.clone(),
         datapath.mode(),
+        datapath.attest(),
         config.tracker_capacity,
     ));
     if let Some(read) = kernel_drops {
@@ -55,7 +56,7 @@ pub async fn serve<D: Datapath>(
     };
     let clock = config.clock;
     let start_ns = clock.now_ns();
-    let observer = Observer::new(config, drops, datapath.rate_limits_applied(), start_ns);
+    let observer = Observer::new(config, drops, datapath.rate_limits_applied());
     let actions = Actions::new(
         metrics.clone(),
         export,
@@ -64,9 +65,10 @@ pub async fn serve<D: Datapath>(
     );
     metrics.pid_max.set(observer.pid_max() as i64);
     log::info!(
-        "event=ready pid={} datapath={} socket={} udp={} metrics={} threshold_ms={}",
+        "event=ready pid={} datapath={} attest={} socket={} udp={} metrics={} threshold_ms={}",
         std::process::id(),
         datapath.mode(),
+        datapath.attest(),
         config.socket.display(),
         config.udp.map_or("-".to_owned(), |a| a.to_string()),
         prom.map_or("-".to_owned(), |a| a.to_string()),

@@ -60,6 +60,9 @@ pub trait Datapath {
     /// The `mode` label of `varta_datapath_info`.
     fn mode(&self) -> &'static str;
 
+    /// How senders are attested: the `attest` label of `varta_datapath_info`.
+    fn attest(&self) -> &'static str;
+
     /// Whether per-agent and global rate limits were already applied (in the kernel).
     fn rate_limits_applied(&self) -> bool;
 

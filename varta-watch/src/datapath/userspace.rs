@@ -131,6 +131,10 @@ impl Datapath for UserspaceDatapath {
         "userspace"
     }
 
+    fn attest(&self) -> &'static str {
+        "scm_credentials"
+    }
+
     fn rate_limits_applied(&self) -> bool {
         false
     }

@@ -32,12 +32,7 @@ pub struct Observer {
 }
 
 impl Observer {
-    pub fn new(
-        config: &Config,
-        drops: Arc<DropCounters>,
-        kernel_rate_limits: bool,
-        now_ns: u64,
-    ) -> Self {
+    pub fn new(config: &Config, drops: Arc<DropCounters>, kernel_rate_limits: bool) -> Self {
         Observer {
             tracker: Tracker::new(
                 config.tracker_capacity,
@@ -46,7 +41,7 @@ impl Observer {
             ),
             gates: Gates::new(),
             limiter: (!kernel_rate_limits)
-                .then(|| RateLimiter::new(config.limits.clone(), config.tracker_capacity, now_ns)),
+                .then(|| RateLimiter::new(config.limits.clone(), config.tracker_capacity)),
             drops,
             stalled: Vec::new(),
         }
