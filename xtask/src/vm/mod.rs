@@ -92,7 +92,6 @@ pub fn run(names: &[String], full: bool) -> Result<()> {
             .find(|(a, _, _)| *a == spec.arch)
             .expect("built above");
         let log = logs.join(format!("{}-serial.log", spec.name));
-        let caps = scenario::least_privilege(spec.version);
         eprintln!(
             "xtask: vm-test {}: booting {} ({}, {})",
             spec.name,
@@ -105,11 +104,11 @@ pub fn run(names: &[String], full: bool) -> Result<()> {
             *accel,
             &kernel.image,
             initrd,
-            &scenario::cmdline(&caps),
+            &scenario::cmdline(),
             DEADLINE,
             &log,
         )?;
-        row.report = scenario::judge(&boot.serial, &caps);
+        row.report = scenario::judge(&boot.serial);
         if boot.ending == Ending::TimedOut {
             row.report.problems = vec![format!(
                 "hung: killed after {:.0} s; the guest's last line: {}",
@@ -127,12 +126,13 @@ pub fn run(names: &[String], full: bool) -> Result<()> {
             )
         };
         println!(
-            "xtask: vm-test {} ({}, {}, {}, {:.1} s): {verdict}",
+            "xtask: vm-test {} ({}, {}, {}, {:.1} s, least privilege {}): {verdict}",
             spec.name,
             row.report.release,
             spec.arch.uname(),
             accel.name(),
-            boot.seconds
+            boot.seconds,
+            or_dash(&row.report.least_privilege),
         );
         rows.push(row);
     }

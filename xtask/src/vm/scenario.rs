@@ -4,9 +4,6 @@
 
 use std::collections::HashMap;
 
-/// The least privilege the daemon loads with everywhere: loading and attaching (CAP_BPF,
-/// CAP_NET_ADMIN) and the verifier's privileged rules and kernel reads (CAP_PERFMON).
-const BASE_CAPS: [&str; 3] = ["bpf", "net_admin", "perfmon"];
 const SPOOF: u64 = 50;
 const JUNK: u64 = 40;
 const SHORT: u64 = 10;
@@ -15,23 +12,11 @@ const FLOOD: u64 = 500;
 const RATE: u64 = 50;
 const THRESHOLD_MS: u64 = 1000;
 
-/// The capability set a kernel (major, minor) needs: before 5.11 BPF maps are charged to
-/// RLIMIT_MEMLOCK (64 KiB for a process that nothing raised), which only CAP_SYS_RESOURCE
-/// lifts. The daemon is started with exactly this set, then with each one removed.
-pub fn least_privilege(version: (u32, u32)) -> Vec<&'static str> {
-    let mut caps = BASE_CAPS.to_vec();
-    if version < (5, 11) {
-        caps.push("sys_resource");
-    }
-    caps
-}
-
 /// Kernel command-line parameters that become `/init`'s environment.
-pub fn cmdline(caps: &[&str]) -> String {
+pub fn cmdline() -> String {
     format!(
-        "vm_mode=scenario vm_caps={} vm_spoof={SPOOF} vm_junk={JUNK} vm_short={SHORT} \
-         vm_flood={FLOOD} vm_rate={RATE} vm_threshold={THRESHOLD_MS}",
-        caps.join(",")
+        "vm_mode=scenario vm_spoof={SPOOF} vm_junk={JUNK} vm_short={SHORT} \
+         vm_flood={FLOOD} vm_rate={RATE} vm_threshold={THRESHOLD_MS}"
     )
 }
 
@@ -100,6 +85,8 @@ pub struct Report {
     pub stall: bool,
     pub sigterm: Option<i32>,
     pub fallback_reason_ok: bool,
+    /// The capabilities the daemon said it needs (CAP_BPF,CAP_PERFMON, ...).
+    pub least_privilege: String,
     /// Everything that is not as it must be; empty = pass.
     pub problems: Vec<String>,
 }
@@ -175,7 +162,7 @@ fn get(f: Option<&HashMap<String, String>>, key: &str) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-pub fn judge(serial: &[String], caps: &[&str]) -> Report {
+pub fn judge(serial: &[String]) -> Report {
     let g = Guest::new(serial);
     let mut r = Report {
         release: get(g.mark("begin", None).as_ref(), "kernel"),
@@ -306,29 +293,8 @@ pub fn judge(serial: &[String], caps: &[&str]) -> Report {
         p.push(format!("SIGTERM exit status {:?}", r.sigterm));
     }
 
-    let all = g.log("log.all");
-    let with_all = get(event(&all, "ready"), "datapath");
-    if with_all != "ebpf" {
-        let why = get(event(&all, "datapath_fallback"), "reason");
-        p.push(format!(
-            "with exactly {}: datapath={with_all} (reason: {why})",
-            cap_names(caps)
-        ));
-    }
-    r.fallback_reason_ok = true;
-    for cap in caps {
-        let log = g.log(&format!("log.no_{cap}"));
-        let reason = get(event(&log, "datapath_fallback"), "reason");
-        let named = cap_names(&[cap]);
-        let userspace = get(event(&log, "ready"), "datapath") == "userspace";
-        if !userspace || !reason.contains(&named) {
-            r.fallback_reason_ok = false;
-            p.push(format!(
-                "without {named}: datapath={}, reason does not name it: {reason}",
-                get(event(&log, "ready"), "datapath")
-            ));
-        }
-    }
+    least_privilege(&g, &mut r);
+    let p = &mut r.problems;
     if !g.marks.iter().any(|(t, _)| *t == "end") {
         p.push("the scenario did not finish".into());
     }
@@ -344,11 +310,52 @@ fn expect(p: &mut Vec<String>, what: &str, got: Option<f64>, want: Option<f64>) 
     }
 }
 
-fn cap_names(caps: &[&str]) -> String {
-    caps.iter()
-        .map(|c| format!("CAP_{}", c.to_ascii_uppercase()))
-        .collect::<Vec<_>>()
-        .join(",")
+/// The least-privilege runs: the set the daemon names when it holds no capability must be
+/// enough (exactly that set loads the eBPF datapath) and each of it necessary (removed, the
+/// daemon falls back and names it).
+fn least_privilege(g: &Guest<'_>, r: &mut Report) {
+    let none = g.log("log.none");
+    let named = capability_names(&get(event(&none, "datapath_fallback"), "reason"));
+    r.least_privilege = named.join(",");
+    r.fallback_reason_ok = !named.is_empty();
+    let p = &mut r.problems;
+    if named.is_empty() {
+        p.push("without capabilities the daemon named none it needs".into());
+        return;
+    }
+    let all = g.log("log.all");
+    let with_all = get(event(&all, "ready"), "datapath");
+    if with_all != "ebpf" {
+        let why = get(event(&all, "datapath_fallback"), "reason");
+        p.push(format!(
+            "with exactly {}: datapath={with_all} (reason: {why})",
+            r.least_privilege
+        ));
+    }
+    for cap in &named {
+        let short = cap.trim_start_matches("CAP_").to_ascii_lowercase();
+        let log = g.log(&format!("log.no_{short}"));
+        let reason = get(event(&log, "datapath_fallback"), "reason");
+        let datapath = get(event(&log, "ready"), "datapath");
+        if datapath != "userspace" || !capability_names(&reason).contains(cap) {
+            r.fallback_reason_ok = false;
+            p.push(format!(
+                "without {cap}: datapath={datapath}, reason does not name it: {reason}"
+            ));
+        }
+    }
+}
+
+/// The `CAP_*` names a text mentions, sorted, once each (as init.sh derives them too).
+fn capability_names(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = text
+        .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+        .filter(|w| w.starts_with("CAP_") && w.len() > 4)
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 #[cfg(test)]
@@ -366,6 +373,17 @@ mod tests {
     }
 
     #[test]
+    fn capability_names_are_found_once_each() {
+        assert_eq!(
+            capability_names(
+                "missing capability CAP_BPF, CAP_PERFMON (or grant CAP_BPF, CAP_PERFMON)"
+            ),
+            ["CAP_BPF", "CAP_PERFMON"]
+        );
+        assert!(capability_names("Permission denied; CAP_ alone").is_empty());
+    }
+
+    #[test]
     fn metric_labels_are_fields() {
         let serial = vec![
             "@@vm:metric varta_datapath_info{mode=\"userspace\",attest=\"none\"} 0".to_owned(),
@@ -380,6 +398,6 @@ mod tests {
     fn markers_are_found_after_escape_codes() {
         let serial = vec!["\x1b[?25l@@vm:begin kernel=6.1.0-56-amd64 arch=x86_64".to_owned()];
         assert!(reached_init(&serial));
-        assert_eq!(judge(&serial, &BASE_CAPS).release, "6.1.0-56-amd64");
+        assert_eq!(judge(&serial).release, "6.1.0-56-amd64");
     }
 }
