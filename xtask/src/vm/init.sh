@@ -94,7 +94,8 @@ caps_run() {
     dump log.$1 /tmp/$1.log
 }
 caps_run none none
-need=$(grep -m1 event=datapath_fallback /tmp/none.log | grep -o 'CAP_[A-Z_]*' | sort -u |
+# The capabilities named as missing: outside the parentheses (inside is the set to grant).
+need=$(grep -m1 event=datapath_fallback /tmp/none.log | sed 's/([^)]*)//g' | grep -o 'CAP_[A-Z_]*' | sort -u |
     sed 's/^CAP_//' | tr 'A-Z\n' 'a-z,' | sed 's/,$//')
 caps_run all ${need:-none}
 for c in $(echo $need | tr , ' '); do

@@ -2,6 +2,7 @@
 //! kernels under qemu, each guest running the same scenario (see init.sh and scenario.rs).
 //! One verdict line per kernel, then a table.
 
+mod guest;
 mod initramfs;
 mod kernels;
 mod qemu;
@@ -113,7 +114,7 @@ pub fn run(names: &[String], full: bool) -> Result<()> {
             row.report.problems = vec![format!(
                 "hung: killed after {:.0} s; the guest's last line: {}",
                 boot.seconds,
-                scenario::progress(&boot.serial)
+                guest::progress(&boot.serial)
             )];
         }
         let verdict = if row.report.problems.is_empty() {
