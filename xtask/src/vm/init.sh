@@ -2,8 +2,7 @@
 # /init of a VM-runner guest. It only acts and waits for events; the host judges. Every line
 # for the host starts with "@@vm:<tag> " (serial lines may begin with escape codes). The
 # figures come from the kernel command line (unknown name=value parameters become init's
-# environment): vm_mode, vm_caps, vm_spoof, vm_junk, vm_short, vm_flood, vm_rate,
-# vm_threshold.
+# environment): vm_mode, vm_spoof, vm_junk, vm_short, vm_flood, vm_rate, vm_threshold.
 /bin/busybox mount -t proc proc /proc
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -80,7 +79,8 @@ wait $D
 say sigterm rc=$?
 dump main /tmp/main.log
 
-# Least privilege: exactly vm_caps, then each one removed in turn.
+# Least privilege: the set the daemon names when it has no capability at all, then exactly
+# that set, then each one of it removed in turn.
 caps_run() {
     : >/tmp/$1.log
     varta-caps --keep $2 -- varta-watch --socket /run/varta/$1.sock --threshold-ms $vm_threshold \
@@ -93,9 +93,13 @@ caps_run() {
     say caps name=$1 keep=$2 ready_rc=$r sigterm_rc=$?
     dump log.$1 /tmp/$1.log
 }
-caps_run all $vm_caps
-for c in $(echo $vm_caps | tr , ' '); do
-    keep=$(echo ",$vm_caps," | sed "s/,$c,/,/; s/^,//; s/,\$//")
+caps_run none none
+# The capabilities named as missing: outside the parentheses (inside is the set to grant).
+need=$(grep -m1 event=datapath_fallback /tmp/none.log | sed 's/([^)]*)//g' | grep -o 'CAP_[A-Z_]*' | sort -u |
+    sed 's/^CAP_//' | tr 'A-Z\n' 'a-z,' | sed 's/,$//')
+caps_run all ${need:-none}
+for c in $(echo $need | tr , ' '); do
+    keep=$(echo ",$need," | sed "s/,$c,/,/; s/^,//; s/,\$//")
     caps_run no_$c ${keep:-none}
 done
 finish

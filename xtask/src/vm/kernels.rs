@@ -45,8 +45,6 @@ impl Arch {
 #[derive(Debug, Clone, Copy)]
 pub struct KernelSpec {
     pub name: &'static str,
-    /// (major, minor) of the series, for the rules that depend on it.
-    pub version: (u32, u32),
     pub arch: Arch,
     pub suite: &'static str,
 }
@@ -54,25 +52,21 @@ pub struct KernelSpec {
 pub const ALL: [KernelSpec; 4] = [
     KernelSpec {
         name: "5.10",
-        version: (5, 10),
         arch: Arch::Amd64,
         suite: "bullseye",
     },
     KernelSpec {
         name: "6.1",
-        version: (6, 1),
         arch: Arch::Amd64,
         suite: "bookworm",
     },
     KernelSpec {
         name: "6.12",
-        version: (6, 12),
         arch: Arch::Amd64,
         suite: "trixie",
     },
     KernelSpec {
         name: "arm64-6.12",
-        version: (6, 12),
         arch: Arch::Arm64,
         suite: "trixie",
     },

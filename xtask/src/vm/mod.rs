@@ -2,6 +2,7 @@
 //! kernels under qemu, each guest running the same scenario (see init.sh and scenario.rs).
 //! One verdict line per kernel, then a table.
 
+mod guest;
 mod initramfs;
 mod kernels;
 mod qemu;
@@ -20,8 +21,8 @@ use scenario::Report;
 /// 19 s under TCG on an idle machine; this leaves room for a busy one.
 const DEADLINE: Duration = Duration::from_secs(180);
 
-/// The kernels `cargo xtask test` runs under CI: the x86_64 set.
-pub fn default_kernels() -> Vec<String> {
+/// The default selection: the x86_64 set.
+fn default_kernels() -> Vec<String> {
     ALL.iter()
         .filter(|k| k.arch == Arch::Amd64)
         .map(|k| k.name.to_owned())
@@ -92,7 +93,6 @@ pub fn run(names: &[String], full: bool) -> Result<()> {
             .find(|(a, _, _)| *a == spec.arch)
             .expect("built above");
         let log = logs.join(format!("{}-serial.log", spec.name));
-        let caps = scenario::least_privilege(spec.version);
         eprintln!(
             "xtask: vm-test {}: booting {} ({}, {})",
             spec.name,
@@ -105,16 +105,16 @@ pub fn run(names: &[String], full: bool) -> Result<()> {
             *accel,
             &kernel.image,
             initrd,
-            &scenario::cmdline(&caps),
+            &scenario::cmdline(),
             DEADLINE,
             &log,
         )?;
-        row.report = scenario::judge(&boot.serial, &caps);
+        row.report = scenario::judge(&boot.serial);
         if boot.ending == Ending::TimedOut {
             row.report.problems = vec![format!(
                 "hung: killed after {:.0} s; the guest's last line: {}",
                 boot.seconds,
-                scenario::progress(&boot.serial)
+                guest::progress(&boot.serial)
             )];
         }
         let verdict = if row.report.problems.is_empty() {
@@ -127,12 +127,13 @@ pub fn run(names: &[String], full: bool) -> Result<()> {
             )
         };
         println!(
-            "xtask: vm-test {} ({}, {}, {}, {:.1} s): {verdict}",
+            "xtask: vm-test {} ({}, {}, {}, {:.1} s, least privilege {}): {verdict}",
             spec.name,
             row.report.release,
             spec.arch.uname(),
             accel.name(),
-            boot.seconds
+            boot.seconds,
+            or_dash(&row.report.least_privilege),
         );
         rows.push(row);
     }

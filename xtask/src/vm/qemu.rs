@@ -166,7 +166,7 @@ pub fn pick_accel(arch: Arch, kernel: &Path, initrd: &Path, log: &Path) -> Accel
         log,
     );
     match probe {
-        Ok(b) if super::scenario::reached_init(&b.serial) => {
+        Ok(b) if super::guest::reached_init(&b.serial) => {
             eprintln!(
                 "xtask: vm: KVM probe reached init in {:.1} s: KVM",
                 b.seconds

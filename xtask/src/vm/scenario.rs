@@ -2,11 +2,8 @@
 //! judgement of what it printed. Expectations that depend on the kernel (attestation
 //! method, datapath) come from the daemon's own lines, never from a table here.
 
-use std::collections::HashMap;
+use super::guest::{Guest, event, fields, get};
 
-/// The least privilege the daemon loads with everywhere: loading and attaching (CAP_BPF,
-/// CAP_NET_ADMIN) and the verifier's privileged rules and kernel reads (CAP_PERFMON).
-const BASE_CAPS: [&str; 3] = ["bpf", "net_admin", "perfmon"];
 const SPOOF: u64 = 50;
 const JUNK: u64 = 40;
 const SHORT: u64 = 10;
@@ -15,77 +12,12 @@ const FLOOD: u64 = 500;
 const RATE: u64 = 50;
 const THRESHOLD_MS: u64 = 1000;
 
-/// The capability set a kernel (major, minor) needs: before 5.11 BPF maps are charged to
-/// RLIMIT_MEMLOCK (64 KiB for a process that nothing raised), which only CAP_SYS_RESOURCE
-/// lifts. The daemon is started with exactly this set, then with each one removed.
-pub fn least_privilege(version: (u32, u32)) -> Vec<&'static str> {
-    let mut caps = BASE_CAPS.to_vec();
-    if version < (5, 11) {
-        caps.push("sys_resource");
-    }
-    caps
-}
-
 /// Kernel command-line parameters that become `/init`'s environment.
-pub fn cmdline(caps: &[&str]) -> String {
+pub fn cmdline() -> String {
     format!(
-        "vm_mode=scenario vm_caps={} vm_spoof={SPOOF} vm_junk={JUNK} vm_short={SHORT} \
-         vm_flood={FLOOD} vm_rate={RATE} vm_threshold={THRESHOLD_MS}",
-        caps.join(",")
+        "vm_mode=scenario vm_spoof={SPOOF} vm_junk={JUNK} vm_short={SHORT} \
+         vm_flood={FLOOD} vm_rate={RATE} vm_threshold={THRESHOLD_MS}"
     )
-}
-
-/// `key=value` fields of a daemon log line or a guest marker line; a value may be quoted
-/// (`reason="..."`). Words without `=` are skipped. The one parser of such lines here.
-pub fn fields(line: &str) -> HashMap<String, String> {
-    let mut out = HashMap::new();
-    let mut rest = line.trim_start();
-    while !rest.is_empty() {
-        let word_end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-        let Some(eq) = rest[..word_end].find('=') else {
-            rest = rest[word_end..].trim_start();
-            continue;
-        };
-        let key = rest[..eq].to_owned();
-        let after = &rest[eq + 1..];
-        let (value, next) = match after.strip_prefix('"') {
-            Some(quoted) => {
-                let end = quoted.find('"').unwrap_or(quoted.len());
-                (&quoted[..end], quoted.get(end + 1..).unwrap_or(""))
-            }
-            None => {
-                let end = after.find(char::is_whitespace).unwrap_or(after.len());
-                (&after[..end], &after[end..])
-            }
-        };
-        out.insert(key, value.to_owned());
-        rest = next.trim_start();
-    }
-    out
-}
-
-/// The guest's `@@vm:<tag> <text>` lines, wherever in a serial line they start.
-fn markers(serial: &[String]) -> Vec<(&str, &str)> {
-    serial
-        .iter()
-        .filter_map(|l| l.split_once("@@vm:").map(|(_, m)| m))
-        .map(|m| m.split_once(' ').unwrap_or((m, "")))
-        .collect()
-}
-
-/// The guest's last marker line before its metrics and logs: how far a hung guest got.
-pub fn progress(serial: &[String]) -> String {
-    markers(serial)
-        .iter()
-        .rev()
-        .find(|(tag, _)| !tag.starts_with("log") && !matches!(*tag, "metric" | "main"))
-        .map_or("nothing (init not reached)".into(), |(tag, text)| {
-            format!("{tag} {text}")
-        })
-}
-
-pub fn reached_init(serial: &[String]) -> bool {
-    markers(serial).iter().any(|(tag, _)| *tag == "begin")
 }
 
 /// One kernel's outcome, as the verdict line and the table show it.
@@ -100,73 +32,13 @@ pub struct Report {
     pub stall: bool,
     pub sigterm: Option<i32>,
     pub fallback_reason_ok: bool,
+    /// The capabilities the daemon said it needs (CAP_BPF,CAP_PERFMON, ...).
+    pub least_privilege: String,
     /// Everything that is not as it must be; empty = pass.
     pub problems: Vec<String>,
 }
 
-struct Guest<'a> {
-    marks: Vec<(&'a str, &'a str)>,
-    metrics: HashMap<String, f64>,
-}
-
-impl<'a> Guest<'a> {
-    fn new(serial: &'a [String]) -> Self {
-        let marks = markers(serial);
-        let metrics = marks
-            .iter()
-            .filter(|(tag, _)| *tag == "metric")
-            .filter(|(_, l)| !l.starts_with('#'))
-            .filter_map(|(_, l)| {
-                let (name, value) = l.rsplit_once(' ')?;
-                Some((name.to_owned(), value.parse().ok()?))
-            })
-            .collect();
-        Self { marks, metrics }
-    }
-
-    /// Fields of the first marker with TAG (and, if given, NAME=name).
-    fn mark(&self, tag: &str, name: Option<&str>) -> Option<HashMap<String, String>> {
-        self.marks
-            .iter()
-            .filter(|(t, _)| *t == tag)
-            .map(|(_, text)| fields(text))
-            .find(|f| name.is_none_or(|n| f.get("name").map(String::as_str) == Some(n)))
-    }
-
-    /// The daemon log of a run (`main`, or `log.<caps run>`).
-    fn log(&self, tag: &str) -> Vec<HashMap<String, String>> {
-        self.marks
-            .iter()
-            .filter(|(t, _)| *t == tag)
-            .map(|(_, text)| fields(text))
-            .collect()
-    }
-
-    fn metric(&self, sample: &str) -> Option<f64> {
-        self.metrics.get(sample).copied()
-    }
-
-    fn sent(&self, tag: &str) -> Option<(f64, String)> {
-        let f = self.mark(tag, None)?;
-        Some((f.get("sent")?.parse().ok()?, f.get("pid")?.clone()))
-    }
-}
-
-fn event<'l>(
-    log: &'l [HashMap<String, String>],
-    name: &str,
-) -> Option<&'l HashMap<String, String>> {
-    log.iter()
-        .find(|f| f.get("event").map(String::as_str) == Some(name))
-}
-
-fn get(f: Option<&HashMap<String, String>>, key: &str) -> String {
-    f.and_then(|f| f.get(key))
-        .cloned()
-        .unwrap_or_else(|| "-".into())
-}
-
-pub fn judge(serial: &[String], caps: &[&str]) -> Report {
+pub fn judge(serial: &[String]) -> Report {
     let g = Guest::new(serial);
     let mut r = Report {
         release: get(g.mark("begin", None).as_ref(), "kernel"),
@@ -190,6 +62,18 @@ pub fn judge(serial: &[String], caps: &[&str]) -> Report {
     if r.datapath != "ebpf" {
         let why = get(event(&main, "datapath_fallback"), "reason");
         p.push(format!("datapath={} (reason: {why})", r.datapath));
+    } else if r.attest == "-" {
+        p.push("the ready line names no attest= method".into());
+    }
+    // The metric says what the ready line says.
+    let info = g.labels("varta_datapath_info");
+    for (key, said) in [("mode", &r.datapath), ("attest", &r.attest)] {
+        let exported = get(info.as_ref(), key);
+        if said != "-" && exported != *said {
+            p.push(format!(
+                "varta_datapath_info{{{key}}} is {exported}, the ready line says {said}"
+            ));
+        }
     }
 
     let agent = get(g.mark("agent", None).as_ref(), "pid");
@@ -237,8 +121,8 @@ pub fn judge(serial: &[String], caps: &[&str]) -> Report {
         }
         None => p.push("the over-rate sender did not report".into()),
     }
-    // Dropped in the kernel: what reached userspace was accepted, none of the spoofs or
-    // over-rate frames.
+    // Dropped in the kernel: every beat delivered to the daemon was accepted there, so none
+    // of the spoofed, junk or over-rate frames reached it.
     let accepted: f64 = g
         .metrics
         .iter()
@@ -248,8 +132,7 @@ pub fn judge(serial: &[String], caps: &[&str]) -> Report {
     let delivered = g
         .metric("varta_datapath_beats_delivered_total")
         .unwrap_or(0.0);
-    let bound = spoof.unwrap_or(0.0).min(rate.unwrap_or(0.0));
-    if delivered - accepted >= bound {
+    if delivered != accepted {
         p.push(format!(
             "{} frames reached userspace and were refused there (delivered {delivered}, accepted {accepted})",
             delivered - accepted
@@ -285,29 +168,8 @@ pub fn judge(serial: &[String], caps: &[&str]) -> Report {
         p.push(format!("SIGTERM exit status {:?}", r.sigterm));
     }
 
-    let all = g.log("log.all");
-    let with_all = get(event(&all, "ready"), "datapath");
-    if with_all != "ebpf" {
-        let why = get(event(&all, "datapath_fallback"), "reason");
-        p.push(format!(
-            "with exactly {}: datapath={with_all} (reason: {why})",
-            cap_names(caps)
-        ));
-    }
-    r.fallback_reason_ok = true;
-    for cap in caps {
-        let log = g.log(&format!("log.no_{cap}"));
-        let reason = get(event(&log, "datapath_fallback"), "reason");
-        let named = cap_names(&[cap]);
-        let userspace = get(event(&log, "ready"), "datapath") == "userspace";
-        if !userspace || !reason.contains(&named) {
-            r.fallback_reason_ok = false;
-            p.push(format!(
-                "without {named}: datapath={}, reason does not name it: {reason}",
-                get(event(&log, "ready"), "datapath")
-            ));
-        }
-    }
+    least_privilege(&g, &mut r);
+    let p = &mut r.problems;
     if !g.marks.iter().any(|(t, _)| *t == "end") {
         p.push("the scenario did not finish".into());
     }
@@ -323,11 +185,76 @@ fn expect(p: &mut Vec<String>, what: &str, got: Option<f64>, want: Option<f64>) 
     }
 }
 
-fn cap_names(caps: &[&str]) -> String {
-    caps.iter()
-        .map(|c| format!("CAP_{}", c.to_ascii_uppercase()))
-        .collect::<Vec<_>>()
-        .join(",")
+/// The least-privilege runs: the set the daemon names when it holds no capability must be
+/// enough (exactly that set loads the eBPF datapath) and each of it necessary (removed, the
+/// daemon falls back and names it).
+fn least_privilege(g: &Guest<'_>, r: &mut Report) {
+    let none = g.log("log.none");
+    let named = missing_named(&get(event(&none, "datapath_fallback"), "reason"));
+    r.least_privilege = named.join(",");
+    r.fallback_reason_ok = !named.is_empty();
+    let p = &mut r.problems;
+    if named.is_empty() {
+        p.push("without capabilities the daemon named none it needs".into());
+        return;
+    }
+    let used = get(g.mark("caps", Some("all")).as_ref(), "keep");
+    let expected: Vec<String> = named
+        .iter()
+        .map(|c| c.trim_start_matches("CAP_").to_ascii_lowercase())
+        .collect();
+    if used != expected.join(",") {
+        p.push(format!(
+            "the guest ran with {used}, the daemon named {}",
+            r.least_privilege
+        ));
+    }
+    let all = g.log("log.all");
+    let with_all = get(event(&all, "ready"), "datapath");
+    if with_all != "ebpf" {
+        let why = get(event(&all, "datapath_fallback"), "reason");
+        p.push(format!(
+            "with exactly {}: datapath={with_all} (reason: {why})",
+            r.least_privilege
+        ));
+    }
+    for cap in &named {
+        let short = cap.trim_start_matches("CAP_").to_ascii_lowercase();
+        let log = g.log(&format!("log.no_{short}"));
+        let reason = get(event(&log, "datapath_fallback"), "reason");
+        let datapath = get(event(&log, "ready"), "datapath");
+        if datapath != "userspace" || missing_named(&reason) != [cap.clone()] {
+            r.fallback_reason_ok = false;
+            p.push(format!(
+                "without {cap}: datapath={datapath}, reason does not name it (alone) as missing: {reason}"
+            ));
+        }
+    }
+}
+
+/// The `CAP_*` names a fallback reason gives as missing: those outside its parentheses
+/// (inside, it lists the whole set to grant), sorted, once each.
+fn missing_named(reason: &str) -> Vec<String> {
+    let mut depth = 0usize;
+    let outside: String = reason
+        .chars()
+        .map(|c| {
+            match c {
+                '(' => depth += 1,
+                ')' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            if depth == 0 { c } else { ' ' }
+        })
+        .collect();
+    let mut names: Vec<String> = outside
+        .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+        .filter(|w| w.starts_with("CAP_") && w.len() > 4)
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 #[cfg(test)]
@@ -335,19 +262,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fields_take_quoted_values_and_skip_plain_words() {
-        let f = fields(
-            "\x1b[0mts=1.2 level=warn event=datapath_fallback datapath=userspace reason=\"no CAP_BPF here\" x",
+    fn the_missing_capabilities_are_those_named_outside_parentheses() {
+        assert_eq!(
+            missing_named(
+                "missing capability CAP_PERFMON and CAP_BPF (or grant CAP_BPF, CAP_PERFMON, CAP_SYS_RESOURCE)"
+            ),
+            ["CAP_BPF", "CAP_PERFMON"]
         );
-        assert_eq!(f["reason"], "no CAP_BPF here");
-        assert_eq!(f["event"], "datapath_fallback");
-        assert_eq!(f.len(), 5);
+        assert!(missing_named("Permission denied (grant CAP_BPF); CAP_ alone").is_empty());
+    }
+
+    /// What the 6.12 guest printed in a passing run (its marker lines).
+    const PASSING: &str = include_str!("testdata/serial-6.12.log");
+
+    fn judged(edit: impl Fn(&str) -> String) -> Report {
+        let serial: Vec<String> = PASSING.lines().map(&edit).collect();
+        judge(&serial)
     }
 
     #[test]
-    fn markers_are_found_after_escape_codes() {
-        let serial = vec!["\x1b[?25l@@vm:begin kernel=6.1.0-56-amd64 arch=x86_64".to_owned()];
-        assert!(reached_init(&serial));
-        assert_eq!(judge(&serial, &BASE_CAPS).release, "6.1.0-56-amd64");
+    fn a_passing_run_passes_and_reads_its_figures() {
+        let r = judged(|l| format!("\x1b[?25l{l}"));
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(
+            (r.datapath.as_str(), r.attest.as_str()),
+            ("ebpf", "pid_tgid_helper")
+        );
+        assert_eq!((r.spoof_dropped, r.junk_dropped), (Some(50.0), Some(50.0)));
+        assert_eq!(r.least_privilege, "CAP_BPF,CAP_PERFMON");
+        assert!(r.stall && r.fallback_reason_ok && r.sigterm == Some(0));
+    }
+
+    #[test]
+    fn each_broken_promise_is_a_problem() {
+        let spoof = judged(|l| l.replace("{reason=\"spoof\"} 50", "{reason=\"spoof\"} 49"));
+        assert!(
+            spoof.problems.iter().any(|p| p.contains("spoof")),
+            "{spoof:?}"
+        );
+        let stall = judged(|l| l.replace("event=stall pid=239", "event=stall pid=1"));
+        assert!(!stall.stall && !stall.problems.is_empty());
+        let vague = judged(|l| {
+            if l.starts_with("@@vm:log.no_perfmon") {
+                l.replace("missing capability CAP_PERFMON", "Permission denied")
+            } else {
+                l.to_owned()
+            }
+        });
+        assert!(!vague.fallback_reason_ok, "{vague:?}");
+        let unfinished = judged(|l| l.replace("@@vm:end", ""));
+        assert!(
+            unfinished
+                .problems
+                .iter()
+                .any(|p| p.contains("did not finish"))
+        );
     }
 }
