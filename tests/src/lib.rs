@@ -12,6 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod deploy;
+
 use varta_common::{Frame, Status};
 
 /// The daemon binary: `VARTA_WATCH_BIN`, else the workspace's debug build.

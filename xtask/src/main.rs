@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: everything that is not plain cargo.
 
+mod deploy;
 mod ebpf;
 mod toolchain;
 
@@ -142,6 +143,7 @@ fn is_root() -> bool {
 
 fn test(args: &[String]) -> Result<()> {
     toolchain::ensure_test_packages()?;
+    deploy::ensure_tools()?;
     let object = ebpf::build()?;
     status(cargo(&object).args(["build", "--package", "varta-watch"]))?;
     status(
