@@ -5,7 +5,7 @@ use std::{os::unix::net::UnixDatagram, thread, time::Duration};
 use anyhow::{Context, Result};
 use varta_common::{Frame, Status, frame::NONCE_TERMINAL};
 
-use crate::cli::{AgentArgs, BeatArgs, WireStatus};
+use crate::config::cli::{AgentArgs, BeatArgs, WireStatus};
 
 fn status(s: WireStatus) -> Status {
     match s {

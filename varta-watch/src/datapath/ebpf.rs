@@ -29,14 +29,14 @@ use varta_common::{
     },
 };
 
-use super::{Beat, Datapath, Origin};
+use super::{Beat, Datapath, Origin, attest::Attestation};
 use crate::{
-    clock::ClockSource,
+    actions::metrics::KernelDrops,
     config::Limits,
-    drops::DropCounters,
-    metrics::KernelDrops,
-    pidfd::ExitWatcher,
-    procfs::{self, PidNs},
+    observer::drops::DropCounters,
+    sys::clock::ClockSource,
+    sys::pidfd::ExitWatcher,
+    sys::procfs::{self, PidNs},
 };
 
 /// The object `cargo xtask build` embedded (empty in a plain `cargo build`).
@@ -62,8 +62,7 @@ pub struct EbpfDatapath {
     _udp: Option<UdpSocket>,
     logger: Option<AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>>,
     drops: Arc<DropCounters>,
-    own_ns: PidNs,
-    allow_cross_namespace: bool,
+    attestation: Attestation,
     /// Verified senders in other pid namespaces (host tgid -> namespace), until they exit.
     foreign: HashMap<u32, PidNs>,
     exits: ExitWatcher,
@@ -89,7 +88,7 @@ impl EbpfDatapath {
             Ebpf::load(OBJECT).map_err(|e| Unavailable(format!("loading the eBPF object: {e}")))?;
         let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, log::logger())
             .ok()
-            .and_then(|l| crate::readiness::readable(l).ok());
+            .and_then(|l| crate::sys::readiness::readable(l).ok());
 
         let own_ns = procfs::pid_ns(None)
             .map_err(|e| Unavailable(format!("reading /proc/self/ns/pid: {e}")))?;
@@ -118,7 +117,7 @@ impl EbpfDatapath {
         }
 
         let ring: RingBuf<MapData> = take_map(&mut ebpf, MAP_EVENTS)?;
-        let ring = crate::readiness::readable(ring)
+        let ring = crate::sys::readiness::readable(ring)
             .map_err(|e| Unavailable(format!("polling the ring buffer: {e}")))?;
         let verdicts = take_map(&mut ebpf, MAP_VERDICTS)?;
         let buckets = take_map(&mut ebpf, MAP_BUCKETS)?;
@@ -144,8 +143,7 @@ impl EbpfDatapath {
                 _udp: udp,
                 logger,
                 drops,
-                own_ns,
-                allow_cross_namespace,
+                attestation: Attestation::new(own_ns, allow_cross_namespace),
                 foreign: HashMap::new(),
                 exits: ExitWatcher::new(),
                 buckets,
@@ -225,14 +223,15 @@ impl EbpfDatapath {
             let _ = self.verdicts.remove(&tgid);
             return Err(DropReason::Spoof);
         };
-        if sender.ns == self.own_ns {
+        if sender.ns == self.attestation.own_ns() {
             let _ = self.verdicts.remove(&tgid);
             return Err(DropReason::Spoof);
         }
-        let state = if self.allow_cross_namespace {
-            VERDICT_ALLOW
-        } else {
-            VERDICT_DENY_NAMESPACE
+        // The verdict is about the sender, for all its frames: the namespace policy, and the
+        // one pid it may frame. This frame is then checked like any other.
+        let state = match self.attestation.admits(sender.ns) {
+            Ok(()) => VERDICT_ALLOW,
+            Err(_) => VERDICT_DENY_NAMESPACE,
         };
         let verdict = Verdict {
             state,
@@ -254,10 +253,9 @@ impl EbpfDatapath {
                 "deny_namespace"
             }
         );
-        if frame.pid != sender.own_pid {
-            return Err(DropReason::Spoof);
-        }
-        Ok(sender.ns)
+        self.attestation
+            .check(tgid, Some(&sender), frame.pid)
+            .map(|_| sender.ns)
     }
 
     /// The process behind a verdict exited: its pid may be reused by anyone.

@@ -2,6 +2,7 @@
 //! (gates, rate limits, tracker): the eBPF socket filter with its ring buffer, and the
 //! userspace fallback that receives and validates every datagram itself.
 
+pub mod attest;
 pub mod ebpf;
 pub mod userspace;
 
@@ -9,7 +10,7 @@ use std::net::SocketAddr;
 
 use varta_common::Frame;
 
-use crate::procfs::PidNs;
+use crate::sys::procfs::PidNs;
 
 /// How an agent reached us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,14 +13,17 @@ use std::{
 use tokio::io::unix::AsyncFd;
 use varta_common::{DropReason, FRAME_LEN, Frame};
 
-use super::{Beat, Datapath, Origin};
+use super::{
+    Beat, Datapath, Origin,
+    attest::{Attestation, Attested},
+};
 use crate::{
-    clock::ClockSource,
     config::Limits,
-    drops::DropCounters,
-    pidfd::ExitWatcher,
-    procfs::{self, PidNs, Sender},
-    sock::RecvBatch,
+    observer::drops::DropCounters,
+    sys::clock::ClockSource,
+    sys::pidfd::ExitWatcher,
+    sys::procfs::{self, Sender},
+    sys::sock::RecvBatch,
 };
 
 const BATCH: usize = 64;
@@ -39,15 +42,19 @@ impl UserspaceDatapath {
         uds: UnixDatagram,
         udp: Option<UdpSocket>,
         clock: ClockSource,
+        allow_cross_namespace: bool,
         drops: Arc<DropCounters>,
     ) -> io::Result<Self> {
         Ok(UserspaceDatapath {
-            uds: crate::readiness::readable(uds)?,
-            udp: udp.map(crate::readiness::readable).transpose()?,
+            uds: crate::sys::readiness::readable(uds)?,
+            udp: udp.map(crate::sys::readiness::readable).transpose()?,
             batch: RecvBatch::new(BATCH),
             clock,
             drops,
-            attest: Attestor::new(procfs::pid_ns(None)?),
+            attest: Attestor::new(Attestation::new(
+                procfs::pid_ns(None)?,
+                allow_cross_namespace,
+            )),
         })
     }
 
@@ -100,7 +107,7 @@ impl UserspaceDatapath {
                 } else {
                     self.attest
                         .check(d.sender_pid, &frame)
-                        .map(|(pid, foreign_ns)| Beat {
+                        .map(|Attested { pid, foreign_ns }| Beat {
                             pid,
                             frame,
                             origin: Origin::Uds { foreign_ns },
@@ -158,44 +165,32 @@ impl Datapath for UserspaceDatapath {
 /// Most senders whose namespace is cached at once (each holds a pidfd until it exits).
 const SENDER_CACHE: usize = 65_536;
 
-/// Checks that a frame's pid is its sender's, as the kernel attests the sender.
+/// Caches what /proc says of each sender for the shared [`Attestation`] decision.
 struct Attestor {
-    own_ns: PidNs,
+    decision: Attestation,
     /// What /proc said of each sender, forgotten when its process exits.
     senders: HashMap<u32, Sender>,
     exits: ExitWatcher,
 }
 
 impl Attestor {
-    fn new(own_ns: PidNs) -> Self {
+    fn new(decision: Attestation) -> Self {
         Attestor {
-            own_ns,
+            decision,
             senders: HashMap::new(),
             exits: ExitWatcher::new(),
         }
     }
 
-    /// `(tracked pid, the sender's namespace when foreign)`, or why the frame is refused.
-    fn check(
-        &mut self,
-        sender_pid: Option<u32>,
-        frame: &Frame,
-    ) -> Result<(u32, Option<PidNs>), DropReason> {
+    /// The attested sender, or why the frame is refused.
+    fn check(&mut self, sender_pid: Option<u32>, frame: &Frame) -> Result<Attested, DropReason> {
         // Without credentials nothing can be attested.
         let pid = sender_pid.ok_or(DropReason::Spoof)?;
         let sender = match self.senders.get(&pid) {
             Some(sender) => Some(*sender),
             None => self.learn(pid),
         };
-        match sender {
-            // Same namespace: the attested pid itself.
-            Some(s) if s.ns == self.own_ns => (frame.pid == pid).then_some((pid, None)),
-            // A container agent frames its pid inside its own namespace.
-            Some(s) => (frame.pid == s.own_pid).then_some((pid, Some(s.ns))),
-            // Already gone (a one-shot sender): the kernel-attested pid is all we know.
-            None => (frame.pid == pid).then_some((pid, None)),
-        }
-        .ok_or(DropReason::Spoof)
+        self.decision.check(pid, sender.as_ref(), frame.pid)
     }
 
     /// Reads a sender's namespace and `NSpid` and caches them until it exits.

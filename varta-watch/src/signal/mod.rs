@@ -16,7 +16,7 @@ use std::{
 pub use handlers::{Installed, Signal, rseq_size};
 use tokio::io::unix::AsyncFd;
 
-use crate::cli::SignalHandlerMode;
+use crate::config::cli::SignalHandlerMode;
 
 /// Receives the signals the handlers recorded.
 pub struct Signals {
@@ -35,7 +35,7 @@ pub fn install(mode: SignalHandlerMode) -> io::Result<(Signals, Installed)> {
     let installed = handlers::install(mode == SignalHandlerMode::Direct, wake.as_raw_fd())?;
     Ok((
         Signals {
-            wake: crate::readiness::readable(wake)?,
+            wake: crate::sys::readiness::readable(wake)?,
         },
         installed,
     ))

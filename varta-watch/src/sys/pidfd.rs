@@ -34,7 +34,7 @@ impl ExitWatcher {
 
     /// Reports `pid` through `exited()` when the process behind `pidfd` exits.
     pub fn watch(&self, pid: u32, pidfd: OwnedFd) -> io::Result<()> {
-        let fd = crate::readiness::readable(pidfd)?;
+        let fd = crate::sys::readiness::readable(pidfd)?;
         let tx = self.tx.clone();
         tokio::spawn(async move {
             // A pidfd becomes readable when its process exits.

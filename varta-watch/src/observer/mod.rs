@@ -2,6 +2,12 @@
 //! is: namespace and pid_max gates, rate limits (unless the kernel applied them), the
 //! tracker; and the stall deadlines. It produces [`Event`]s; `actions` acts on them.
 
+pub mod drops;
+pub mod events;
+pub mod gates;
+pub mod stall;
+pub mod tracker;
+
 use std::sync::Arc;
 
 use varta_common::Status;
@@ -9,11 +15,11 @@ use varta_common::Status;
 use crate::{
     config::{Config, Limits},
     datapath::Beat,
-    drops::DropCounters,
-    events::Event,
-    gates::Gates,
+    observer::drops::DropCounters,
+    observer::events::Event,
+    observer::gates::Gates,
+    observer::tracker::{Accepted, Stalled, Tracker},
     ratelimit::RateLimiter,
-    tracker::{Accepted, Stalled, Tracker},
 };
 
 pub struct Observer {
@@ -38,7 +44,7 @@ impl Observer {
                 config.eviction,
                 config.limits.threshold_ns(),
             ),
-            gates: Gates::new(config.allow_cross_namespace),
+            gates: Gates::new(),
             limiter: (!kernel_rate_limits)
                 .then(|| RateLimiter::new(config.limits.clone(), config.tracker_capacity, now_ns)),
             drops,

@@ -3,7 +3,49 @@
 //! Its keys become command-line arguments placed before the real ones, so flags override
 //! it; a key whose environment variable is set is left out, so the environment does too.
 
-use std::path::Path;
+use std::{ffi::OsString, path::Path, process::ExitCode};
+
+use clap::Parser;
+
+use super::cli::Cli;
+
+/// The command line, with `--config`'s keys in front when it names a file. A bad flag or
+/// file is one line on stderr naming it, and exit code 2.
+pub fn parse_command_line() -> Result<Cli, ExitCode> {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("varta-watch: error: {}", first_line(&e));
+            return Err(ExitCode::from(2));
+        }
+    };
+    match (&cli.command, &cli.daemon.config) {
+        (None, Some(path)) => with_file(path).map_err(|e| {
+            eprintln!("varta-watch: error: --config: {e}");
+            ExitCode::from(2)
+        }),
+        _ => Ok(cli),
+    }
+}
+
+/// The command line again, with the file's keys in front (flags override them).
+pub fn with_file(path: &Path) -> Result<Cli, String> {
+    let file_args = args(path)?;
+    let mut argv: Vec<OsString> = std::env::args_os().collect();
+    argv.splice(1..1, file_args.into_iter().map(Into::into));
+    Cli::try_parse_from(argv).map_err(|e| format!("{}: {}", path.display(), first_line(&e)))
+}
+
+/// One line that names the flag, not clap's usage block.
+fn first_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    text.lines()
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ")
+        .to_owned()
+}
 
 /// The file as arguments, or a one-line reason it is invalid.
 pub fn args(path: &Path) -> Result<Vec<String>, String> {

@@ -3,10 +3,8 @@
 //! The eBPF program stamps records on the same clock.
 
 use clap::ValueEnum;
-use serde::Deserialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ClockSource {
     Monotonic,
     Boottime,

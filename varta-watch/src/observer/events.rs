@@ -3,7 +3,7 @@
 
 use varta_common::Frame;
 
-use crate::{datapath::Origin, tracker::Agent};
+use crate::{actions::recovery::Finished, datapath::Origin, observer::tracker::Agent};
 
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -48,9 +48,5 @@ pub enum Event {
         pid: u32,
     },
     /// A recovery command finished, failed, or was not run.
-    Recovery {
-        pid: u32,
-        outcome: &'static str,
-        detail: String,
-    },
+    Recovery(Finished),
 }

@@ -12,9 +12,9 @@ use std::collections::{HashMap, VecDeque};
 use varta_common::{DropReason, Frame, Status};
 
 use crate::{
-    cli::EvictionPolicy,
+    config::cli::EvictionPolicy,
     datapath::Origin,
-    stall::{Entry, StallQueue},
+    observer::stall::{Entry, StallQueue},
 };
 
 /// Below this the nonce counts as wrapped around rather than replayed, when the last one

@@ -10,7 +10,7 @@ use axum::{
     routing::get,
 };
 
-use crate::metrics::Metrics;
+use crate::actions::metrics::Metrics;
 
 #[derive(Clone)]
 struct Scrape {

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::clock::ClockSource;
+use crate::sys::clock::ClockSource;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -72,8 +72,7 @@ pub struct AgentArgs {
     pub payload: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum EvictionPolicy {
     /// Evict only agents already surfaced as stalled.
     Strict,

@@ -1,24 +1,23 @@
-//! Admission gates both datapaths share: the pid namespace gate and the pid_max gate.
+//! The admission gate both datapaths share after attestation: the pid_max gate. (The
+//! namespace policy is part of attestation: `datapath::attest`.)
 
 use std::time::{Duration, Instant};
 
 use varta_common::DropReason;
 
-use crate::{datapath::Beat, procfs};
+use crate::{datapath::Beat, sys::procfs};
 
 /// pid_max is re-read at most this often, and only when a beat arrives (no timer).
 const PID_MAX_REFRESH: Duration = Duration::from_secs(5);
 
 pub struct Gates {
-    allow_cross_namespace: bool,
     pid_max: u32,
     pid_max_read_at: Instant,
 }
 
 impl Gates {
-    pub fn new(allow_cross_namespace: bool) -> Self {
+    pub fn new() -> Self {
         Gates {
-            allow_cross_namespace,
             pid_max: read_pid_max(),
             pid_max_read_at: Instant::now(),
         }
@@ -29,9 +28,6 @@ impl Gates {
     }
 
     pub fn check(&mut self, beat: &Beat) -> Result<(), DropReason> {
-        if beat.origin.is_cross_namespace() && !self.allow_cross_namespace {
-            return Err(DropReason::Namespace);
-        }
         if self.pid_max_read_at.elapsed() >= PID_MAX_REFRESH {
             self.pid_max = read_pid_max();
             self.pid_max_read_at = Instant::now();

@@ -19,7 +19,7 @@ use prometheus_client::{
 };
 use varta_common::{DecodeError, DropReason};
 
-use crate::drops::DropCounters;
+use crate::observer::drops::DropCounters;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PidLabel {

@@ -1,14 +1,19 @@
 //! What happens for each event: a log line, an export line, metrics, recovery.
 
+pub mod export;
+pub mod http;
+pub mod metrics;
+pub mod recovery;
+
 use std::sync::Arc;
 
 use varta_common::Status;
 
 use crate::{
-    events::Event,
-    export::Exporter,
-    metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
-    recovery::{NotRun, Recovery},
+    actions::export::Exporter,
+    actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
+    actions::recovery::{Finished, NotRun, Outcome, Recovery},
+    observer::events::Event,
 };
 
 pub struct Actions {
@@ -139,15 +144,20 @@ impl Actions {
                 m.nonce_wraps.inc();
                 log::info!("event=nonce_wrapped pid={pid}");
             }
-            Event::Recovery {
+            Event::Recovery(Finished {
                 pid,
                 outcome,
                 detail,
-            } => {
+            }) => {
                 m.recovery_outcomes
-                    .get_or_create(&OutcomeLabel { outcome })
+                    .get_or_create(&OutcomeLabel {
+                        outcome: outcome.name(),
+                    })
                     .inc();
-                log::info!("event=recovery pid={pid} outcome={outcome} detail=\"{detail}\"");
+                log::info!(
+                    "event=recovery pid={pid} outcome={} detail=\"{detail}\"",
+                    outcome.name()
+                );
             }
         }
         let observer_ns = now_ns.saturating_sub(self.start_ns);
@@ -165,22 +175,22 @@ impl Actions {
         match recovery.start(pid, origin) {
             Ok(()) => log::info!("event=recovery_started pid={pid}"),
             Err(NotRun::Debounced) => {
-                follow_ups.push(Event::Recovery {
+                follow_ups.push(Event::Recovery(Finished {
                     pid,
-                    outcome: "debounced",
+                    outcome: Outcome::Debounced,
                     detail: "within --recovery-debounce-ms".into(),
-                });
+                }));
             }
             Err(NotRun::Refused(reason)) => {
                 self.metrics
                     .recovery_refused
                     .get_or_create(&ReasonLabel { reason })
                     .inc();
-                follow_ups.push(Event::Recovery {
+                follow_ups.push(Event::Recovery(Finished {
                     pid,
-                    outcome: "refused",
+                    outcome: Outcome::Refused,
                     detail: reason.into(),
-                });
+                }));
             }
         }
     }

@@ -11,17 +11,47 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use crate::{config::RecoveryConfig, datapath::Origin, pidfd::ExitWatcher};
+use crate::{config::RecoveryConfig, datapath::Origin, sys::pidfd::ExitWatcher};
 
-/// A finished recovery: `(pid, outcome, detail)`.
-pub type Outcome = (u32, &'static str, String);
+/// What became of a recovery: run to an end, or not run at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failure,
+    Timeout,
+    SpawnFailed,
+    Debounced,
+    Refused,
+}
+
+impl Outcome {
+    /// The `outcome` label and log value.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+            Outcome::Timeout => "timeout",
+            Outcome::SpawnFailed => "spawn_failed",
+            Outcome::Debounced => "debounced",
+            Outcome::Refused => "refused",
+        }
+    }
+}
+
+/// A recovery command that ended (or could not start) for the agent `pid`.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub pid: u32,
+    pub outcome: Outcome,
+    pub detail: String,
+}
 
 pub struct Recovery {
     config: RecoveryConfig,
     last_run: HashMap<u32, Instant>,
     running: usize,
-    tx: mpsc::UnboundedSender<Outcome>,
-    rx: mpsc::UnboundedReceiver<Outcome>,
+    tx: mpsc::UnboundedSender<Finished>,
+    rx: mpsc::UnboundedReceiver<Finished>,
 }
 
 /// Why a recovery did not start.
@@ -63,16 +93,8 @@ impl Recovery {
 
     /// Starts the recovery command for `pid` unless refused or debounced.
     pub fn start(&mut self, pid: u32, origin: Origin) -> Result<(), NotRun> {
-        match origin {
-            Origin::Udp { .. } if !self.config.allow_udp => {
-                return Err(NotRun::Refused("unauthenticated_transport"));
-            }
-            Origin::Uds {
-                foreign_ns: Some(_),
-            } if !self.config.allow_cross_namespace => {
-                return Err(NotRun::Refused("cross_namespace"));
-            }
-            _ => {}
+        if matches!(origin, Origin::Udp { .. }) && !self.config.allow_udp {
+            return Err(NotRun::Refused("unauthenticated_transport"));
         }
         let now = Instant::now();
         if self
@@ -103,9 +125,11 @@ impl Recovery {
         let child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => {
-                let _ = self
-                    .tx
-                    .send((pid, "spawn_failed", format!("{}: {e}", argv[0])));
+                let _ = self.tx.send(Finished {
+                    pid,
+                    outcome: Outcome::SpawnFailed,
+                    detail: format!("{}: {e}", argv[0]),
+                });
                 return Ok(());
             }
         };
@@ -114,28 +138,29 @@ impl Recovery {
         let timeout = self.config.timeout;
         tokio::spawn(async move {
             let (outcome, detail) = supervise(child, timeout).await;
-            let _ = tx.send((pid, outcome, detail));
+            let _ = tx.send(Finished {
+                pid,
+                outcome,
+                detail,
+            });
         });
         Ok(())
     }
 
     /// The next finished recovery.
-    pub async fn finished(&mut self) -> Outcome {
-        let outcome = self.rx.recv().await.expect("the recovery holds a sender");
-        if outcome.1 != "spawn_failed" {
+    pub async fn finished(&mut self) -> Finished {
+        let finished = self.rx.recv().await.expect("the recovery holds a sender");
+        if finished.outcome != Outcome::SpawnFailed {
             self.running -= 1;
         }
-        outcome
+        finished
     }
 }
 
 /// Waits for the child, killing its process group at the timeout; always reaps it.
-async fn supervise(
-    mut child: std::process::Child,
-    timeout: Option<Duration>,
-) -> (&'static str, String) {
+async fn supervise(mut child: std::process::Child, timeout: Option<Duration>) -> (Outcome, String) {
     let exited = async {
-        match ExitWatcher::open(child.id()).and_then(crate::readiness::readable) {
+        match ExitWatcher::open(child.id()).and_then(crate::sys::readiness::readable) {
             Ok(fd) => {
                 let _ = fd.readable().await;
             }
@@ -164,16 +189,16 @@ async fn supervise(
     let status = tokio::task::spawn_blocking(move || child.wait()).await;
     match (timed_out, status) {
         (true, _) => (
-            "timeout",
+            Outcome::Timeout,
             format!(
                 "killed after {} ms",
                 timeout.unwrap_or_default().as_millis()
             ),
         ),
-        (false, Ok(Ok(st))) if st.success() => ("success", "exit 0".into()),
-        (false, Ok(Ok(st))) => ("failure", st.to_string()),
-        (false, Ok(Err(e))) => ("failure", e.to_string()),
-        (false, Err(e)) => ("failure", e.to_string()),
+        (false, Ok(Ok(st))) if st.success() => (Outcome::Success, "exit 0".into()),
+        (false, Ok(Ok(st))) => (Outcome::Failure, st.to_string()),
+        (false, Ok(Err(e))) => (Outcome::Failure, e.to_string()),
+        (false, Err(e)) => (Outcome::Failure, e.to_string()),
     }
 }
 

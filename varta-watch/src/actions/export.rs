@@ -8,7 +8,7 @@ use std::{
     path::PathBuf,
 };
 
-use crate::events::Event;
+use crate::{actions::recovery::Finished, observer::events::Event};
 
 pub struct Exporter {
     path: PathBuf,
@@ -53,8 +53,8 @@ impl Exporter {
                     frame.payload
                 )
             }
-            Event::Recovery { pid, outcome, .. } => {
-                format!("{observer_ns}\trecovery\t{pid}\t-\t-\t{outcome}")
+            Event::Recovery(Finished { pid, outcome, .. }) => {
+                format!("{observer_ns}\trecovery\t{pid}\t-\t-\t{}", outcome.name())
             }
             _ => return None,
         })

@@ -1,11 +1,18 @@
 //! The validated configuration the daemon runs with, built from the command line (and
 //! environment). Every check names the flag it is about.
 
+pub mod cli;
+pub mod file;
+mod reload;
+
+pub use file::parse_command_line;
+pub use reload::reload;
+
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
-    cli::{DaemonArgs, DatapathMode, EvictionPolicy, SignalHandlerMode},
-    clock::ClockSource,
+    config::cli::{DaemonArgs, DatapathMode, EvictionPolicy, SignalHandlerMode},
+    sys::clock::ClockSource,
 };
 
 /// A configuration error: `--flag: what is wrong`. Exit code 2.
@@ -52,7 +59,6 @@ pub struct RecoveryConfig {
     pub env: Vec<(String, String)>,
     pub inherit_env: bool,
     pub allow_udp: bool,
-    pub allow_cross_namespace: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -152,80 +158,6 @@ impl Config {
     }
 }
 
-impl Config {
-    /// Settings that differ in `new` but only take effect at the next start.
-    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        let mut check = |name, differs: bool| {
-            if differs {
-                changed.push(name);
-            }
-        };
-        check("socket", self.socket != new.socket);
-        check("socket-mode", self.socket_mode != new.socket_mode);
-        check(
-            "uds-rcvbuf-bytes",
-            self.uds_rcvbuf_bytes != new.uds_rcvbuf_bytes,
-        );
-        check("udp-port", self.udp != new.udp);
-        check("datapath", self.datapath != new.datapath);
-        check("clock-source", self.clock != new.clock);
-        check(
-            "tracker-capacity",
-            self.tracker_capacity != new.tracker_capacity,
-        );
-        check("tracker-eviction-policy", self.eviction != new.eviction);
-        check(
-            "allow-cross-namespace-agents",
-            self.allow_cross_namespace != new.allow_cross_namespace,
-        );
-        check("export-file", self.export_file != new.export_file);
-        check("prom-addr", self.prom_addr != new.prom_addr);
-        check("prom-token-file", self.prom_token != new.prom_token);
-        check("signal-handler-mode", self.signal_mode != new.signal_mode);
-        changed
-    }
-
-    /// What a reload changes at run time, as `name=old->new` items.
-    pub fn live_changes(&self, new: &Config) -> Vec<String> {
-        let (a, b) = (&self.limits, &new.limits);
-        let mut changed = Vec::new();
-        for (name, old, new) in [
-            ("threshold-ms", a.threshold_ms, b.threshold_ms),
-            (
-                "max-beat-rate",
-                a.per_pid_rate as u64,
-                b.per_pid_rate as u64,
-            ),
-            (
-                "global-beat-rate",
-                a.global_rate as u64,
-                b.global_rate as u64,
-            ),
-            (
-                "global-beat-burst",
-                a.global_burst as u64,
-                b.global_burst as u64,
-            ),
-        ] {
-            if old != new {
-                changed.push(format!("{name}={old}->{new}"));
-            }
-        }
-        if self.recovery != new.recovery {
-            let show = |r: &Option<RecoveryConfig>| {
-                r.as_ref().map_or("none".to_owned(), |r| r.argv.join(" "))
-            };
-            changed.push(format!(
-                "recovery='{}'->'{}'",
-                show(&self.recovery),
-                show(&new.recovery)
-            ));
-        }
-        changed
-    }
-}
-
 fn recovery_config(a: &DaemonArgs) -> Result<Option<RecoveryConfig>, ConfigError> {
     let command = match (&a.recovery_exec, &a.recovery_exec_file) {
         (Some(cmd), _) => cmd.clone(),
@@ -246,7 +178,6 @@ fn recovery_config(a: &DaemonArgs) -> Result<Option<RecoveryConfig>, ConfigError
         env: a.recovery_env.clone(),
         inherit_env: a.recovery_inherit_env,
         allow_udp: a.plaintext_udp_i_accept_recovery_on_unauthenticated_transport,
-        allow_cross_namespace: a.allow_cross_namespace_agents,
     }))
 }
 

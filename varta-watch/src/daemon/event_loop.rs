@@ -1,0 +1,285 @@
+//! The daemon's event loop, the same for both datapaths: wait for something to happen, run
+//! what arrived through the observer, act on the events, repeat.
+
+use std::{sync::Arc, time::Instant};
+
+use anyhow::{Context, Result};
+
+use crate::{
+    actions::{
+        Actions,
+        export::Exporter,
+        metrics::{KernelDrops, Metrics, SignalLabel},
+        recovery::Recovery,
+    },
+    config::Config,
+    datapath::{Beat, Datapath},
+    observer::{Observer, drops::DropCounters, events::Event},
+    signal::{Signal, Signals},
+    sys::clock::ClockSource,
+};
+
+/// Sets up metrics, the metrics endpoint and the export file, then runs the loop until a
+/// shutdown is asked for, and shuts down.
+pub async fn serve<D: Datapath>(
+    datapath: D,
+    kernel_drops: Option<KernelDrops>,
+    config: &mut Config,
+    signals: Signals,
+    drops: Arc<DropCounters>,
+    rcvbuf: u32,
+) -> Result<()> {
+    let metrics = Arc::new(Metrics::new(
+        drops.clone(),
+        datapath.mode(),
+        config.tracker_capacity,
+    ));
+    if let Some(read) = kernel_drops {
+        metrics.set_kernel_drops(read);
+    }
+    metrics.rcvbuf_bytes.set(rcvbuf as i64);
+    let prom = match config.prom_addr {
+        Some(addr) => Some(
+            crate::actions::http::serve(addr, metrics.clone(), config.prom_token.clone())
+                .await
+                .with_context(|| format!("--prom-addr {addr}"))?,
+        ),
+        None => None,
+    };
+    let export = match &config.export_file {
+        Some(path) => Some(
+            Exporter::open(path.clone())
+                .with_context(|| format!("--export-file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let clock = config.clock;
+    let start_ns = clock.now_ns();
+    let observer = Observer::new(config, drops, datapath.rate_limits_applied(), start_ns);
+    let actions = Actions::new(
+        metrics.clone(),
+        export,
+        config.recovery.clone().map(Recovery::new),
+        start_ns,
+    );
+    metrics.pid_max.set(observer.pid_max() as i64);
+    log::info!(
+        "event=ready pid={} datapath={} socket={} udp={} metrics={} threshold_ms={}",
+        std::process::id(),
+        datapath.mode(),
+        config.socket.display(),
+        config.udp.map_or("-".to_owned(), |a| a.to_string()),
+        prom.map_or("-".to_owned(), |a| a.to_string()),
+        config.limits.threshold_ms,
+    );
+    let mut event_loop = EventLoop {
+        datapath,
+        config,
+        signals,
+        metrics,
+        observer,
+        actions,
+        clock,
+        beats: Vec::with_capacity(256),
+        events: Vec::with_capacity(256),
+    };
+    event_loop.run().await?;
+    event_loop.finish_recoveries().await;
+    event_loop.actions.flush();
+    Ok(())
+}
+
+struct EventLoop<'c, D> {
+    datapath: D,
+    config: &'c mut Config,
+    signals: Signals,
+    metrics: Arc<Metrics>,
+    observer: Observer,
+    actions: Actions,
+    clock: ClockSource,
+    /// Reused between wake-ups: what the datapath delivered, what the observer surfaced.
+    beats: Vec<Beat>,
+    events: Vec<Event>,
+}
+
+impl<D: Datapath> EventLoop<'_, D> {
+    async fn run(&mut self) -> Result<()> {
+        let shutdown_at = self
+            .config
+            .shutdown_after
+            .map(|d| tokio::time::Instant::now() + d);
+        loop {
+            let stop = self.wait(shutdown_at).await?;
+            if stop {
+                // Whatever is queued still counts.
+                self.datapath.drain(&mut self.beats);
+            }
+            self.process();
+            if stop {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Waits for the next thing to happen and takes it in; `true` when the daemon should
+    /// stop after this round.
+    async fn wait(&mut self, shutdown_at: Option<tokio::time::Instant>) -> Result<bool> {
+        let deadline = self.observer.next_deadline();
+        let recovery = self.actions.recovery.as_mut();
+        let has_recovery = recovery.is_some();
+        tokio::select! {
+            received = self.signals.recv() => {
+                let received = received.context("waiting for signals")?;
+                let mut stop = false;
+                for sig in received {
+                    stop |= self.on_signal(sig);
+                }
+                Ok(stop)
+            }
+            received = self.datapath.recv(&mut self.beats) => {
+                received.context("receiving")?;
+                Ok(false)
+            }
+            () = tokio::time::sleep_until(self.clock.instant_at(deadline.unwrap_or(0))), if deadline.is_some() => {
+                // Beats still queued count before any stall is decided.
+                self.datapath.drain(&mut self.beats);
+                Ok(false)
+            }
+            finished = async { recovery.expect("guarded").finished().await }, if has_recovery => {
+                self.events.push(Event::Recovery(finished));
+                Ok(false)
+            }
+            () = tokio::time::sleep_until(shutdown_at.unwrap_or_else(tokio::time::Instant::now)), if shutdown_at.is_some() => {
+                log::info!("event=shutdown reason=shutdown_after_secs");
+                Ok(true)
+            }
+        }
+    }
+
+    /// One signal; `true` for the ones that stop the daemon.
+    fn on_signal(&mut self, sig: Signal) -> bool {
+        self.metrics
+            .signals
+            .get_or_create(&SignalLabel { signal: sig.name() })
+            .inc();
+        match sig {
+            Signal::Term | Signal::Int => {
+                log::info!("event=shutdown signal={}", sig.name());
+                return true;
+            }
+            Signal::Hup => {
+                if let Some(export) = &mut self.actions.export {
+                    match export.reopen() {
+                        Ok(()) => log::info!("event=export_reopened"),
+                        Err(e) => log::warn!("event=export_reopen_failed error=\"{e}\""),
+                    }
+                }
+                if self.config.config_file.is_some() {
+                    self.reload();
+                }
+            }
+            Signal::Usr1 => self.snapshot(),
+        }
+        false
+    }
+
+    /// Runs what arrived through the observer, tells the datapath what that changed, and
+    /// acts on the events.
+    fn process(&mut self) {
+        self.metrics.delivered.inc_by(self.beats.len() as u64);
+        for beat in self.beats.drain(..) {
+            self.observer.admit(&beat, &mut self.events);
+        }
+        let now = self.clock.now_ns();
+        self.observer.expire(now, &mut self.events);
+        for event in &self.events {
+            match event {
+                Event::Stall { pid, agent, .. } => self.datapath.agent_silent(*pid, &agent.origin),
+                Event::Exit { pid, origin, .. } => self.datapath.agent_silent(*pid, origin),
+                _ => {}
+            }
+        }
+        self.datapath
+            .set_watching(self.observer.next_deadline().is_some());
+        self.actions.handle_all(&mut self.events, now);
+        self.metrics
+            .pids_tracked
+            .set(self.observer.tracker().len() as i64);
+        self.metrics.pid_max.set(self.observer.pid_max() as i64);
+    }
+
+    /// SIGHUP with a configuration file: the whole file is valid or nothing changes.
+    fn reload(&mut self) {
+        let new = match crate::config::reload(self.config) {
+            Ok(new) => new,
+            Err(e) => {
+                log::warn!("event=reload_rejected reason=\"{}\"", e.replace('"', "'"));
+                return;
+            }
+        };
+        for key in self.config.restart_only_changes(&new) {
+            log::warn!("event=reload_needs_restart key={key}");
+        }
+        let changed = self.config.live_changes(&new);
+        if let Err(e) = self.datapath.set_limits(&new.limits) {
+            log::warn!("event=reload_rejected reason=\"updating the eBPF configuration: {e}\"");
+            return;
+        }
+        self.observer.set_limits(&new.limits);
+        match (&mut self.actions.recovery, &new.recovery) {
+            (Some(recovery), Some(cfg)) => recovery.set_config(cfg.clone()),
+            (slot, cfg) => *slot = cfg.clone().map(Recovery::new),
+        }
+        self.config.limits = new.limits;
+        self.config.recovery = new.recovery;
+        log::info!(
+            "event=reload changed={}",
+            if changed.is_empty() {
+                "none".to_owned()
+            } else {
+                changed.join(",")
+            }
+        );
+    }
+
+    /// Waits up to the grace period for running recovery commands, recording their outcomes.
+    async fn finish_recoveries(&mut self) {
+        let grace = self.config.shutdown_grace;
+        let deadline = Instant::now() + grace;
+        while let Some(recovery) = self.actions.recovery.as_mut().filter(|r| r.running() > 0) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, recovery.finished()).await {
+                Ok(finished) => {
+                    let mut events = vec![Event::Recovery(finished)];
+                    self.actions.handle_all(&mut events, self.clock.now_ns());
+                }
+                Err(_) => {
+                    log::warn!(
+                        "event=shutdown_recoveries_abandoned running={}",
+                        recovery.running()
+                    );
+                    break;
+                }
+            }
+        }
+    }
+
+    /// SIGUSR1: one line per tracked agent.
+    fn snapshot(&self) {
+        let now_ns = self.clock.now_ns();
+        let tracker = self.observer.tracker();
+        log::info!("event=snapshot agents={}", tracker.len());
+        for (pid, agent) in tracker.agents() {
+            log::info!(
+                "event=snapshot_agent pid={pid} frame_pid={} last_beat_age_ms={} status={} stalled={} dead={} last_nonce={} transport={}",
+                agent.frame_pid,
+                now_ns.saturating_sub(agent.last_beat_ns) / 1_000_000,
+                agent.status.name(),
+                agent.stalled,
+                agent.dead,
+                agent.last_nonce,
+                agent.origin.transport()
+            );
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The observer daemon: start-up (signals, sockets, the datapath the kernel and our
+//! privileges allow), then the event loop, then shutdown.
+
+mod event_loop;
+
+use std::{net::UdpSocket, os::unix::net::UnixDatagram, process::ExitCode, sync::Arc};
+
+use anyhow::{Context, Result};
+
+use crate::{
+    actions::metrics::KernelDrops,
+    config::{Config, cli::DaemonArgs, cli::DatapathMode},
+    datapath::{ebpf::EbpfDatapath, userspace::UserspaceDatapath},
+    observer::drops::DropCounters,
+    signal::{self, Signals},
+};
+
+/// Runs the daemon to its end; the exit code says how it ended.
+pub fn run(args: &DaemonArgs) -> ExitCode {
+    let config = match Config::from_args(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("varta-watch: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for (flag, why) in args.compat.warnings() {
+        log::warn!("event=flag_ignored flag={flag} reason=\"{why}\"");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let result = runtime
+        .context("starting the runtime")
+        .and_then(|rt| rt.block_on(start(config)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!(
+                "event=fatal error=\"{}\"",
+                format!("{e:#}").replace('"', "'")
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The observer's sockets, bound before any datapath is chosen.
+struct Sockets {
+    uds: UnixDatagram,
+    udp: Option<UdpSocket>,
+    /// The receive buffer the kernel granted the UDS.
+    rcvbuf: u32,
+}
+
+async fn start(mut config: Config) -> Result<()> {
+    let signals = install_signals(&config)?;
+    let sockets = bind(&config)?;
+    let drops = Arc::new(DropCounters::default());
+    let result = match start_ebpf(&config, &sockets, &drops) {
+        Ok(Some((datapath, kernel_drops))) => {
+            event_loop::serve(
+                datapath,
+                Some(kernel_drops),
+                &mut config,
+                signals,
+                drops,
+                sockets.rcvbuf,
+            )
+            .await
+        }
+        Ok(None) => {
+            let datapath = UserspaceDatapath::new(
+                sockets.uds,
+                sockets.udp,
+                config.clock,
+                config.allow_cross_namespace,
+                drops.clone(),
+            )?;
+            event_loop::serve(datapath, None, &mut config, signals, drops, sockets.rcvbuf).await
+        }
+        Err(e) => Err(e),
+    };
+    let _ = std::fs::remove_file(&config.socket);
+    result
+}
+
+fn install_signals(config: &Config) -> Result<Signals> {
+    let (signals, installed) =
+        signal::install(config.signal_mode).context("installing signal handlers")?;
+    log::info!(
+        "event=signals_installed mode={} flags={:#x} restorer={} self_test=passed rseq_size={}",
+        if installed.direct { "direct" } else { "libc" },
+        installed.flags,
+        installed
+            .restorer
+            .map_or("none".to_owned(), |r| format!("{r:#x}")),
+        signal::rseq_size()
+    );
+    Ok(signals)
+}
+
+fn bind(config: &Config) -> Result<Sockets> {
+    let (uds, rcvbuf) =
+        crate::sys::sock::bind_uds(&config.socket, config.socket_mode, config.uds_rcvbuf_bytes)
+            .with_context(|| format!("binding {}", config.socket.display()))?;
+    let udp = config
+        .udp
+        .map(|addr| {
+            let sock = UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
+            sock.set_nonblocking(true)?;
+            anyhow::Ok(sock)
+        })
+        .transpose()?;
+    Ok(Sockets { uds, udp, rcvbuf })
+}
+
+/// The eBPF datapath when configured and possible; `None` means the userspace datapath
+/// (after one line saying why, unless it was asked for).
+fn start_ebpf(
+    config: &Config,
+    sockets: &Sockets,
+    drops: &Arc<DropCounters>,
+) -> Result<Option<(EbpfDatapath, KernelDrops)>> {
+    if config.datapath == DatapathMode::Userspace {
+        return Ok(None);
+    }
+    let started = EbpfDatapath::start(
+        sockets.uds.try_clone()?,
+        sockets.udp.as_ref().map(UdpSocket::try_clone).transpose()?,
+        config.clock,
+        &config.limits,
+        config.allow_cross_namespace,
+        drops.clone(),
+    );
+    match started {
+        Ok(started) => Ok(Some(started)),
+        Err(e) if config.datapath == DatapathMode::Ebpf => {
+            let _ = std::fs::remove_file(&config.socket);
+            anyhow::bail!("--datapath ebpf: {e}");
+        }
+        Err(e) => {
+            log::warn!("event=datapath_fallback datapath=userspace reason=\"{e}\"");
+            crate::datapath::ebpf::detach(&sockets.uds, sockets.udp.as_ref());
+            Ok(None)
+        }
+    }
+}

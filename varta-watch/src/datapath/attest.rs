@@ -1,0 +1,127 @@
+//! Is the sender of a Unix datagram who its frame says, and may it be tracked? The one
+//! decision both datapaths ask, whoever attested the sender (SCM_CREDENTIALS in userspace,
+//! the filter's tgid in the kernel).
+//!
+//! The kernel tells us the sender's pid as the observer's pid namespace sees it. A sender in
+//! the same namespace must frame exactly that pid. A sender in another namespace (a
+//! container) frames the pid it sees in its own namespace, the last entry of its `NSpid`;
+//! such a sender is tracked under the attested (host) pid, and only with
+//! `--allow-cross-namespace-agents`. A sender already gone when we look is known only by the
+//! attested pid, so its frame must carry that.
+
+use varta_common::DropReason;
+
+use crate::sys::procfs::{PidNs, Sender};
+
+/// What an accepted sender is tracked as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attested {
+    /// The attested pid, as the observer's namespace sees it.
+    pub pid: u32,
+    /// The sender's pid namespace, when it is not the observer's.
+    pub foreign_ns: Option<PidNs>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Attestation {
+    own_ns: PidNs,
+    allow_cross_namespace: bool,
+}
+
+impl Attestation {
+    pub fn new(own_ns: PidNs, allow_cross_namespace: bool) -> Self {
+        Attestation {
+            own_ns,
+            allow_cross_namespace,
+        }
+    }
+
+    pub fn own_ns(&self) -> PidNs {
+        self.own_ns
+    }
+
+    /// The namespace policy: may a sender living in `ns` be tracked at all?
+    pub fn admits(&self, ns: PidNs) -> Result<(), DropReason> {
+        if ns == self.own_ns || self.allow_cross_namespace {
+            Ok(())
+        } else {
+            Err(DropReason::Namespace)
+        }
+    }
+
+    /// A frame claiming `frame_pid` from the sender the kernel attested as `attested_pid`,
+    /// whose /proc entry said `sender` (`None`: already gone). A spoof is refused before
+    /// the namespace policy is asked.
+    pub fn check(
+        &self,
+        attested_pid: u32,
+        sender: Option<&Sender>,
+        frame_pid: u32,
+    ) -> Result<Attested, DropReason> {
+        let (honest_pid, foreign_ns) = match sender {
+            Some(s) if s.ns != self.own_ns => (s.own_pid, Some(s.ns)),
+            _ => (attested_pid, None),
+        };
+        if frame_pid != honest_pid {
+            return Err(DropReason::Spoof);
+        }
+        if let Some(ns) = foreign_ns {
+            self.admits(ns)?;
+        }
+        Ok(Attested {
+            pid: attested_pid,
+            foreign_ns,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OWN: PidNs = PidNs { dev: 1, ino: 10 };
+    const OTHER: PidNs = PidNs { dev: 1, ino: 20 };
+
+    fn container(own_pid: u32) -> Sender {
+        Sender { ns: OTHER, own_pid }
+    }
+
+    #[test]
+    fn same_namespace_sender_must_frame_its_pid() {
+        let a = Attestation::new(OWN, false);
+        let me = Sender {
+            ns: OWN,
+            own_pid: 500,
+        };
+        assert_eq!(
+            a.check(500, Some(&me), 500),
+            Ok(Attested {
+                pid: 500,
+                foreign_ns: None
+            })
+        );
+        assert_eq!(a.check(500, Some(&me), 501), Err(DropReason::Spoof));
+        assert_eq!(a.check(500, None, 500).map(|x| x.pid), Ok(500), "gone");
+        assert_eq!(a.check(500, None, 7), Err(DropReason::Spoof));
+    }
+
+    #[test]
+    fn container_sender_frames_its_own_pid_and_needs_the_flag() {
+        let strict = Attestation::new(OWN, false);
+        let open = Attestation::new(OWN, true);
+        let c = container(7);
+        assert_eq!(strict.check(900, Some(&c), 7), Err(DropReason::Namespace));
+        assert_eq!(
+            open.check(900, Some(&c), 7),
+            Ok(Attested {
+                pid: 900,
+                foreign_ns: Some(OTHER)
+            })
+        );
+        // Its host pid is not what it frames: a spoof, whatever the policy.
+        assert_eq!(open.check(900, Some(&c), 900), Err(DropReason::Spoof));
+        assert_eq!(strict.check(900, Some(&c), 8), Err(DropReason::Spoof));
+        assert_eq!(strict.admits(OTHER), Err(DropReason::Namespace));
+        assert_eq!(strict.admits(OWN), Ok(()));
+    }
+}
