@@ -104,3 +104,18 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (code, body)
 }
+
+/// `capabilities: add: [...]` of the DaemonSet's container, e.g. ["BPF", "PERFMON"].
+pub fn manifest_capabilities() -> Vec<String> {
+    let ds = deploy_file("kubernetes/daemonset.yaml");
+    let line = ds
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("add: "))
+        .expect("daemonset.yaml adds capabilities");
+    line.trim_matches(['[', ']'])
+        .split(',')
+        .map(|c| c.trim().trim_matches('"').to_owned())
+        .filter(|c| !c.is_empty())
+        .collect()
+}

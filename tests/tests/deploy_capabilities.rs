@@ -5,22 +5,7 @@
 
 use std::time::Duration;
 
-use varta_e2e::{Daemon, deploy::deploy_file, ebpf_enabled};
-
-/// `capabilities: add: [...]` of the DaemonSet's container, e.g. ["BPF", "PERFMON"].
-pub fn manifest_capabilities() -> Vec<String> {
-    let ds = deploy_file("kubernetes/daemonset.yaml");
-    let line = ds
-        .lines()
-        .map(str::trim)
-        .find_map(|l| l.strip_prefix("add: "))
-        .expect("daemonset.yaml adds capabilities");
-    line.trim_matches(['[', ']'])
-        .split(',')
-        .map(|c| c.trim().trim_matches('"').to_owned())
-        .filter(|c| !c.is_empty())
-        .collect()
-}
+use varta_e2e::{Daemon, deploy::manifest_capabilities, ebpf_enabled};
 
 /// setpriv limiting the bounding, inheritable and ambient sets to `caps` (uid 0 keeps
 /// exactly the bounding set as its effective set across exec).

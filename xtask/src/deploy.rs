@@ -78,3 +78,78 @@ pub fn ensure_musl_target() -> Result<()> {
     }
     Ok(())
 }
+
+/// The image's name in local container storage.
+pub const IMAGE: &str = "localhost/varta-watch:dev";
+
+/// Builds the static release binary (musl, eBPF object embedded).
+pub fn static_binary(object: &Path) -> Result<std::path::PathBuf> {
+    ensure_musl_target()?;
+    eprintln!("xtask: building the static varta-watch ({MUSL_TARGET}, release)");
+    crate::status(crate::cargo(object).args([
+        "build",
+        "--quiet",
+        "--release",
+        "--package",
+        "varta-watch",
+        "--target",
+        MUSL_TARGET,
+    ]))?;
+    let bin = crate::target_dir()
+        .join(MUSL_TARGET)
+        .join("release")
+        .join("varta-watch");
+    // A static binary has no program interpreter (PT_INTERP) to resolve at exec.
+    let elf = std::fs::read(&bin)?;
+    if elf.windows(b"/ld-linux".len()).any(|w| w == b"/ld-linux") {
+        bail!("{} is dynamically linked", bin.display());
+    }
+    Ok(bin)
+}
+
+/// `cargo xtask image`: the static binary, then deploy/Containerfile with buildah; prints
+/// the image id and size. Returns the image name and the static binary it holds.
+pub fn image(object: &Path) -> Result<(String, std::path::PathBuf)> {
+    let bin = static_binary(object)?;
+    let root = crate::workspace_root();
+    let context = crate::target_dir().join("image-context");
+    let _ = std::fs::remove_dir_all(&context);
+    std::fs::create_dir_all(&context)?;
+    std::fs::copy(&bin, context.join("varta-watch"))?;
+    std::fs::copy(
+        root.join("deploy/kubernetes/varta.toml"),
+        context.join("varta.toml"),
+    )?;
+    eprintln!("xtask: building image {IMAGE} from deploy/Containerfile (buildah)");
+    let out = Command::new("buildah")
+        .args(["build", "--quiet", "--layers=false", "-f"])
+        .arg(root.join("deploy/Containerfile"))
+        .args(["-t", IMAGE])
+        .arg(&context)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "buildah build failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let inspect = Command::new("podman")
+        .args(["image", "inspect", "--format", "{{.Id}} {{.Size}}", IMAGE])
+        .output()?;
+    if !inspect.status.success() {
+        bail!(
+            "podman image inspect {IMAGE}: {}",
+            String::from_utf8_lossy(&inspect.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    let mut parts = text.split_whitespace();
+    let (id, size) = (parts.next().unwrap_or("?"), parts.next().unwrap_or("0"));
+    let size: u64 = size.parse().unwrap_or(0);
+    println!(
+        "image {IMAGE} id={} size={size} bytes ({:.1} MiB)",
+        &id[..id.len().min(12)],
+        size as f64 / (1024.0 * 1024.0)
+    );
+    Ok((IMAGE.to_owned(), bin))
+}

@@ -44,6 +44,8 @@ enum Task {
     },
     /// Run the benchmarks and print their figures.
     Bench,
+    /// Build the container image (deploy/Containerfile, static binary) and print its id and size.
+    Image,
 }
 
 fn main() -> Result<()> {
@@ -53,6 +55,7 @@ fn main() -> Result<()> {
         Task::Run { release, args } => run(release, &args),
         Task::Test { args } => test(&args),
         Task::Bench => bench(),
+        Task::Image => deploy::image(&ebpf::build()?).map(drop),
     }
 }
 
@@ -146,12 +149,20 @@ fn test(args: &[String]) -> Result<()> {
     deploy::ensure_tools()?;
     let object = ebpf::build()?;
     status(cargo(&object).args(["build", "--package", "varta-watch"]))?;
+    let (image, static_bin) = deploy::image(&object)?;
     status(
         cargo(&object)
             .args(["test", "--workspace", "--no-fail-fast"])
-            .args(args),
+            .args(args)
+            .env("VARTA_IMAGE", image),
     )?;
     if args.is_empty() {
+        eprintln!("xtask: eBPF end-to-end tests again on the image's static binary");
+        status(
+            cargo(&object)
+                .args(["test", "--package", "varta-e2e", "--test", "ebpf"])
+                .env("VARTA_WATCH_BIN", static_bin),
+        )?;
         signal_tests()?;
     }
     Ok(())
