@@ -95,9 +95,16 @@ pub struct DaemonBuilder {
     metrics: bool,
     wrapper: Vec<String>,
     world_writable: bool,
+    env: Vec<(String, String)>,
 }
 
 impl DaemonBuilder {
+    /// Sets an environment variable for the daemon.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
     pub fn arg(mut self, a: impl Into<String>) -> Self {
         self.args.push(a.into());
         self
@@ -166,7 +173,7 @@ impl DaemonBuilder {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        cmd.env("VARTA_LOG", "info");
+        cmd.env("VARTA_LOG", "info").envs(self.env);
         let mut child = cmd.spawn().expect("starting varta-watch");
         let stderr = child.stderr.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -197,6 +204,7 @@ impl Daemon {
             metrics: true,
             wrapper: Vec::new(),
             world_writable: false,
+            env: Vec::new(),
         }
     }
 
