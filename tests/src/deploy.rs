@@ -88,9 +88,21 @@ pub fn varta_names(text: &str) -> std::collections::BTreeSet<String> {
 
 /// GET `path` from `addr` over HTTP/1.0 (so no chunked body to decode): (status, body).
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    http_get_with_token(addr, path, None)
+}
+
+/// [`http_get`] with an optional bearer token.
+pub fn http_get_with_token(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     let code = resp
@@ -118,4 +130,25 @@ pub fn manifest_capabilities() -> Vec<String> {
         .map(|c| c.trim().trim_matches('"').to_owned())
         .filter(|c| !c.is_empty())
         .collect()
+}
+
+/// A metrics token file as the DaemonSet's Secret provides it (64 hex, root's, mode 0400):
+/// (path, token).
+pub fn token_file(dir: &Path) -> (PathBuf, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let token = "5a".repeat(32);
+    let path = dir.join("token");
+    std::fs::write(&path, &token).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+    (path, token)
+}
+
+/// The value of `key` in deploy/kubernetes/varta.toml (quotes removed).
+pub fn manifest_config(key: &str) -> String {
+    deploy_file("kubernetes/varta.toml")
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key} = ")))
+        .unwrap_or_else(|| panic!("varta.toml has no {key}"))
+        .trim_matches('"')
+        .to_owned()
 }

@@ -4,8 +4,9 @@
 //! manifest's, no new privileges, a read-only root filesystem, uid 0. The eBPF datapath must
 //! attach, a beat from a host process must be tracked, and SIGTERM must exit 0.
 //!
-//! Differences from a pod, on purpose: `--network host` with metrics on a free loopback port
-//! (a pod has its own network namespace; this machine has no pod network), and
+//! Differences from a pod, on purpose: `--network host` with metrics on a free port of the
+//! manifest's address (a pod has its own network namespace; this machine has no pod
+//! network), the Secret's token file mounted from a scratch file, and
 //! `--runtime runc` plus explicit ulimits, which this machine needs (see README).
 
 use std::{
@@ -104,6 +105,14 @@ fn the_image_runs_as_the_daemonset_does_attaches_ebpf_tracks_a_host_beat_and_sto
     let caps = deploy::manifest_capabilities();
     let dir = scratch("image");
     let port = deploy::free_port();
+    let token_dir = scratch("image-token");
+    let (token_file, token) = deploy::token_file(&token_dir);
+    let token_mount = deploy::manifest_config("prom-token-file");
+    let ip = deploy::manifest_config("prom-addr")
+        .rsplit_once(':')
+        .unwrap()
+        .0
+        .to_owned();
     let name = format!("varta-test-{}", std::process::id());
     let mut cmd = Command::new("podman");
     cmd.args(["--runtime", "runc", "run", "--rm", "--name", &name])
@@ -127,9 +136,11 @@ fn the_image_runs_as_the_daemonset_does_attaches_ebpf_tracks_a_host_beat_and_sto
             "{}:/etc/varta/varta.toml:ro",
             repo().join("deploy/kubernetes/varta.toml").display()
         ))
+        .arg("--volume")
+        .arg(format!("{}:{token_mount}:ro", token_file.display()))
         .args(["--env", "VARTA_LOG=info", &image])
         .args(["--config", "/etc/varta/varta.toml", "--threshold-ms", "500"])
-        .arg(format!("--prom-addr=127.0.0.1:{port}"))
+        .arg(format!("--prom-addr={ip}:{port}"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -157,7 +168,12 @@ fn the_image_runs_as_the_daemonset_does_attaches_ebpf_tracks_a_host_beat_and_sto
     };
     assert!(ready.contains("datapath=ebpf"), "{}", c.log_text());
     assert!(ready.contains("socket=/run/varta/varta.sock"), "{ready}");
-    let (code, body) = http_get(format!("127.0.0.1:{port}").parse().unwrap(), "/metrics");
+    // What the kubelet probes and Prometheus (with the Secret's token) see.
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(http_get(addr, "/readyz"), (200, "ready\n".to_owned()));
+    assert_eq!(http_get(addr, "/healthz"), (200, "ok\n".to_owned()));
+    assert_eq!(http_get(addr, "/metrics").0, 401);
+    let (code, body) = deploy::http_get_with_token(addr, "/metrics", Some(&token));
     assert_eq!(code, 200);
     assert!(
         body.contains("varta_datapath_info{mode=\"ebpf\"} 1"),
@@ -194,5 +210,6 @@ fn the_image_runs_as_the_daemonset_does_attaches_ebpf_tracks_a_host_beat_and_sto
         c.log_text()
     );
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&token_dir);
     let _ = std::fs::remove_file(dir.with_extension("seccomp.json"));
 }

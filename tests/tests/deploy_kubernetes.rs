@@ -148,15 +148,6 @@ fn servicemonitor_selects_the_service_and_its_metrics_port() {
     assert!(ds.contains("- name: metrics") && ds.contains("containerPort: 9100"));
 }
 
-fn toml_value(key: &str) -> String {
-    deploy_file("kubernetes/varta.toml")
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key} = ")))
-        .unwrap_or_else(|| panic!("varta.toml has no {key}"))
-        .trim_matches('"')
-        .to_owned()
-}
-
 #[test]
 fn configmap_is_varta_toml_and_its_checksum_rolls_the_pods() {
     let toml = deploy_file("kubernetes/varta.toml");
@@ -181,7 +172,9 @@ fn configmap_is_varta_toml_and_its_checksum_rolls_the_pods() {
         "daemonset.yaml's checksum/config must be {sum}"
     );
     // terminationGracePeriodSeconds = shutdown grace + 2 s for drain, flush and detach.
-    let grace_ms: u64 = toml_value("shutdown-grace-ms").parse().unwrap();
+    let grace_ms: u64 = deploy::manifest_config("shutdown-grace-ms")
+        .parse()
+        .unwrap();
     let period: u64 = ds
         .lines()
         .find_map(|l| l.trim().strip_prefix("terminationGracePeriodSeconds: "))
@@ -194,16 +187,47 @@ fn configmap_is_varta_toml_and_its_checksum_rolls_the_pods() {
 
 #[test]
 fn the_daemon_accepts_the_manifest_configuration() {
-    // The harness's --socket and --prom-addr (loopback, a free port) override the file's.
+    if !varta_e2e::is_root() {
+        eprintln!("skipping: the metrics token file must be root's (CI runs as root)");
+        return;
+    }
+    // The file as the pod reads it, with the Secret's file where the DaemonSet mounts it
+    // (here a scratch copy), the socket in a scratch directory and the metrics port free;
+    // the address stays the manifest's (not loopback, so the token is required).
     let config = repo().join("deploy/kubernetes/varta.toml");
+    let ds = deploy_file("kubernetes/daemonset.yaml");
+    let token_path = deploy::manifest_config("prom-token-file");
+    let mount = token_path.rsplit_once('/').unwrap().0;
+    assert!(
+        ds.contains(&format!("mountPath: {mount}")),
+        "the Secret is mounted at {mount}"
+    );
+    let dir = varta_e2e::scratch("k8s-token");
+    let (token_file, token) = deploy::token_file(&dir);
+    let ip = deploy::manifest_config("prom-addr")
+        .rsplit_once(':')
+        .unwrap()
+        .0
+        .to_owned();
     let d = Daemon::builder("k8s-config", "auto")
-        .arg("--config")
-        .arg(config.to_str().unwrap())
+        .no_metrics()
+        .args(["--config", config.to_str().unwrap()])
+        .args(["--prom-token-file", token_file.to_str().unwrap()])
+        .args(["--prom-addr", &format!("{ip}:0")])
         .start();
     let ready = d
         .wait_log("event=ready", Duration::from_secs(1))
         .expect("ready");
     assert!(ready.contains("threshold_ms=5000"), "{ready}");
+    let addr = d.prom.expect("metrics address in the ready line");
+    assert_eq!(deploy::http_get(addr, "/metrics").0, 401);
+    assert_eq!(
+        deploy::http_get_with_token(addr, "/metrics", Some(&token)).0,
+        200
+    );
+    assert_eq!(deploy::http_get(addr, "/readyz").0, 200);
+    assert_eq!(deploy::http_get(addr, "/healthz").0, 200);
     let (st, _) = d.stop();
     assert!(st.success());
+    let _ = std::fs::remove_dir_all(dir);
 }
