@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use varta_e2e::{Daemon, deploy::manifest_capabilities, ebpf_enabled};
+use varta_e2e::{Daemon, EBPF, deploy::manifest_capabilities, require_root};
 
 /// setpriv limiting the bounding, inheritable and ambient sets to `caps` (uid 0 keeps
 /// exactly the bounding set as its effective set across exec).
@@ -27,9 +27,7 @@ fn setpriv(caps: &[String]) -> Vec<String> {
 
 #[test]
 fn the_manifest_capabilities_attach_ebpf_and_each_is_needed_needs_root() {
-    if !ebpf_enabled("manifest_capabilities_needs_root") {
-        return;
-    }
+    require_root!(EBPF);
     let caps = manifest_capabilities();
     assert!(
         !caps.is_empty() && !caps.contains(&"ALL".to_owned()),
@@ -40,7 +38,7 @@ fn the_manifest_capabilities_attach_ebpf_and_each_is_needed_needs_root() {
         .args(["--threshold-ms", "1000"])
         .wrapped(setpriv(&caps))
         .start();
-    let ready = d.wait_log("event=ready", Duration::from_secs(1)).unwrap();
+    let ready = d.wait_log("event=ready", Duration::from_secs(1));
     assert!(
         ready.contains("datapath=ebpf"),
         "with {caps:?}: {}",
@@ -55,15 +53,13 @@ fn the_manifest_capabilities_attach_ebpf_and_each_is_needed_needs_root() {
             .args(["--threshold-ms", "1000"])
             .wrapped(setpriv(&fewer))
             .start();
-        let ready = d.wait_log("event=ready", Duration::from_secs(1)).unwrap();
+        let ready = d.wait_log("event=ready", Duration::from_secs(1));
         assert!(
             ready.contains("datapath=userspace"),
             "without CAP_{missing} the daemon still attached eBPF: CAP_{missing} is not needed\n{}",
             d.log_text()
         );
-        let fallback = d
-            .wait_log("event=datapath_fallback", Duration::from_secs(1))
-            .expect("a fallback line");
+        let fallback = d.wait_log("event=datapath_fallback", Duration::from_secs(1));
         if !fallback.contains(&format!("CAP_{missing}")) {
             unnamed.push(format!("CAP_{missing}: {fallback}"));
         }

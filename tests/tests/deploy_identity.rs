@@ -6,11 +6,11 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
-use varta_e2e::{Daemon, bin, deploy::in_ci, is_root, reap};
+use varta_e2e::{Daemon, Proc, bin, require_root};
 
 const CONTAINER: &str = "4f3c2a1b0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b";
 const POD: &str = "8d3a1e2f-4b5c-4d6e-8f70-91a2b3c4d5e6";
@@ -52,31 +52,23 @@ impl Drop for Cgroups {
 }
 
 /// `varta-watch agent` that first moves itself into `cgroup`.
-fn agent_in(cgroup: &Path, socket: &Path) -> Child {
-    Command::new("sh")
-        .arg("-c")
-        .arg(r#"echo $$ > "$1/cgroup.procs" && exec "$2" agent --interval-ms 50 --socket "$3""#)
-        .args(["sh"])
-        .arg(cgroup)
-        .arg(bin())
-        .arg(socket)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+fn agent_in(cgroup: &Path, socket: &Path) -> Proc {
+    Proc::spawn(
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$1/cgroup.procs" && exec "$2" agent --interval-ms 50 --socket "$3""#)
+            .args(["sh"])
+            .arg(cgroup)
+            .arg(bin())
+            .arg(socket)
+            .stderr(Stdio::inherit()),
+    )
 }
 
 #[test]
-fn agents_are_named_by_container_pod_and_systemd_unit() {
-    let mount = cgroup2_mount();
-    if !is_root() || mount.is_none() {
-        assert!(
-            !in_ci(),
-            "needs root and a cgroup v2 mount (found {mount:?})"
-        );
-        eprintln!("skipping agent identity test: needs root and a cgroup v2 mount");
-        return;
-    }
-    let mount = mount.unwrap();
+fn agents_are_named_by_container_pod_and_systemd_unit_needs_root() {
+    require_root!("creating cgroups");
+    let mount = cgroup2_mount().expect("a cgroup v2 mount in /proc/self/mounts");
     let base = format!("varta-e2e-{}", std::process::id());
     let mut cgroups = Cgroups(Vec::new());
     let kube = cgroups.create(
@@ -91,18 +83,16 @@ fn agents_are_named_by_container_pod_and_systemd_unit() {
         &format!("{base}/system.slice/varta-e2e-worker.service"),
     );
 
-    let d = Daemon::builder("identity", "userspace")
+    let mut d = Daemon::builder("identity", "userspace")
         .args(["--threshold-ms", "300", "--tracker-capacity", "1"])
         .start();
 
     let pod_agent = agent_in(&kube, &d.socket);
-    let pid = pod_agent.id();
-    let new = d
-        .wait_log_all(
-            &["event=agent_new", &format!("pid={pid} ")],
-            Duration::from_secs(10),
-        )
-        .unwrap_or_else(|| panic!("agent not tracked:\n{}", d.log_text()));
+    let pid = pod_agent.pid();
+    let new = d.wait_log_all(
+        &["event=agent_new", &format!("pid={pid}")],
+        Duration::from_secs(10),
+    );
     assert!(
         new.contains(&format!(
             "comm=varta-watch unit=- container_id={CONTAINER} pod_uid={POD}"
@@ -113,13 +103,11 @@ fn agents_are_named_by_container_pod_and_systemd_unit() {
         "varta_agent_info{{pid=\"{pid}\",comm=\"varta-watch\",unit=\"\",container_id=\"{CONTAINER}\",pod_uid=\"{POD}\"}}"
     );
     assert_eq!(d.metric(&info), 1.0, "{}", d.get_metrics(None).1);
-    reap(pod_agent);
-    let stall = d
-        .wait_log_all(
-            &["event=stall", &format!("pid={pid} ")],
-            Duration::from_secs(10),
-        )
-        .expect("stall");
+    drop(pod_agent);
+    let stall = d.wait_log_all(
+        &["event=stall", &format!("pid={pid}")],
+        Duration::from_secs(10),
+    );
     assert!(
         stall.contains(&format!("container_id={CONTAINER} pod_uid={POD}")),
         "{stall}"
@@ -127,13 +115,11 @@ fn agents_are_named_by_container_pod_and_systemd_unit() {
 
     // The stalled agent is evicted for the next one: its info series goes with it.
     let unit_agent = agent_in(&service, &d.socket);
-    let upid = unit_agent.id();
-    let new = d
-        .wait_log_all(
-            &["event=agent_new", &format!("pid={upid} ")],
-            Duration::from_secs(10),
-        )
-        .unwrap_or_else(|| panic!("second agent not tracked:\n{}", d.log_text()));
+    let upid = unit_agent.pid();
+    let new = d.wait_log_all(
+        &["event=agent_new", &format!("pid={upid}")],
+        Duration::from_secs(10),
+    );
     assert!(
         new.contains("comm=varta-watch unit=varta-e2e-worker.service container_id=- pod_uid=-"),
         "{new}"
@@ -150,7 +136,6 @@ fn agents_are_named_by_container_pod_and_systemd_unit() {
         )],
         "{metrics}"
     );
-    reap(unit_agent);
-    let (st, _) = d.stop();
-    assert!(st.success());
+    drop(unit_agent);
+    assert!(d.stop().success());
 }

@@ -11,24 +11,26 @@
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use varta_e2e::{
-    bin,
+    EBPF, Proc, bin,
     deploy::{self, http_get, in_ci, repo},
-    ebpf_enabled, kill, reap, scratch,
+    log_has, require_root, scratch,
 };
 
+/// `podman run` in the foreground; the container is removed when dropped.
 struct Container {
     name: String,
-    run: Option<Child>,
+    run: Option<Proc>,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl Container {
+    /// The first log line having each of `parts` (see `log_has`), or None after `timeout`.
     fn wait_log(&self, parts: &[&str], timeout: Duration) -> Option<String> {
         let end = Instant::now() + timeout;
         loop {
@@ -37,7 +39,7 @@ impl Container {
                 .lock()
                 .unwrap()
                 .iter()
-                .find(|l| parts.iter().all(|p| l.contains(p)))
+                .find(|l| parts.iter().all(|p| log_has(l, p)))
             {
                 return Some(l.clone());
             }
@@ -58,9 +60,7 @@ impl Drop for Container {
         let _ = Command::new("podman")
             .args(["rm", "--force", "--time", "0", &self.name])
             .output();
-        if let Some(c) = self.run.take() {
-            reap(c);
-        }
+        drop(self.run.take());
     }
 }
 
@@ -87,10 +87,9 @@ json.dump(p, open(sys.argv[1], "w"))
 }
 
 #[test]
-fn the_image_runs_as_the_daemonset_does_attaches_ebpf_tracks_a_host_beat_and_stops_on_sigterm() {
-    if !ebpf_enabled("image_runs_as_the_daemonset_does") {
-        return;
-    }
+fn the_image_runs_as_the_daemonset_does_attaches_ebpf_tracks_a_host_beat_and_stops_on_sigterm_needs_root()
+ {
+    require_root!(EBPF);
     let Some(image) = std::env::var_os("VARTA_IMAGE") else {
         assert!(
             !in_ci(),
@@ -144,8 +143,8 @@ fn the_image_runs_as_the_daemonset_does_attaches_ebpf_tracks_a_host_beat_and_sto
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut run = cmd.spawn().expect("starting podman");
-    let stderr = run.stderr.take().unwrap();
+    let mut run = Proc::spawn(&mut cmd);
+    let stderr = run.take_stderr().unwrap();
     let lines = Arc::new(Mutex::new(Vec::new()));
     let sink = lines.clone();
     std::thread::spawn(move || {
@@ -159,7 +158,7 @@ fn the_image_runs_as_the_daemonset_does_attaches_ebpf_tracks_a_host_beat_and_sto
         lines,
     };
     let Some(ready) = c.wait_log(&["event=ready"], Duration::from_secs(60)) else {
-        let exited = c.run.as_mut().unwrap().try_wait().unwrap();
+        let exited = c.run.as_mut().unwrap().try_wait();
         panic!(
             "podman could not run the image ({}); podman said:\n{}",
             exited.map_or("still running".into(), |s| s.to_string()),
@@ -181,35 +180,26 @@ fn the_image_runs_as_the_daemonset_does_attaches_ebpf_tracks_a_host_beat_and_sto
     );
 
     // A host process beats through the bind-mounted directory; the container sees its pid.
-    let mut agent = Command::new(bin())
-        .args(["agent", "--interval-ms", "100", "--socket"])
-        .arg(dir.join("varta.sock"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = agent.id();
-    let tracked = c.wait_log(
-        &["event=agent_new", &format!("pid={pid} ")],
-        Duration::from_secs(10),
+    let agent = Proc::spawn(
+        Command::new(bin())
+            .args(["agent", "--interval-ms", "100", "--socket"])
+            .arg(dir.join("varta.sock"))
+            .stderr(Stdio::null()),
     );
-    kill(&mut agent, libc::SIGKILL);
-    let _ = agent.wait();
+    let pid = format!("pid={}", agent.pid());
+    let tracked = c.wait_log(&["event=agent_new", &pid], Duration::from_secs(10));
+    drop(agent);
     assert!(tracked.is_some(), "beat not tracked:\n{}", c.log_text());
-    c.wait_log(
-        &["event=stall", &format!("pid={pid} ")],
-        Duration::from_secs(10),
-    )
-    .unwrap_or_else(|| panic!("no stall:\n{}", c.log_text()));
+    let stall = c.wait_log(&["event=stall", &pid], Duration::from_secs(10));
+    assert!(stall.is_some(), "no stall:\n{}", c.log_text());
 
     let (ok, out) = deploy::run(Command::new("podman").args(["kill", "--signal", "TERM", &c.name]));
     assert!(ok, "podman kill: {out}");
-    let status = c.run.take().unwrap().wait().unwrap();
+    let status = c.run.take().unwrap().wait();
     assert!(
         status.success(),
         "exit after SIGTERM: {status}\n{}",
         c.log_text()
     );
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_dir_all(&token_dir);
     let _ = std::fs::remove_file(dir.with_extension("seccomp.json"));
 }

@@ -132,7 +132,6 @@ fn every_manifest_passes_the_kubernetes_schema() {
             _ => assert!(!rendered.contains("privileged: true")),
         }
     }
-    let _ = std::fs::remove_dir_all(out_dir);
 }
 
 #[test]
@@ -186,11 +185,8 @@ fn configmap_is_varta_toml_and_its_checksum_rolls_the_pods() {
 }
 
 #[test]
-fn the_daemon_accepts_the_manifest_configuration() {
-    if !varta_e2e::is_root() {
-        eprintln!("skipping: the metrics token file must be root's (CI runs as root)");
-        return;
-    }
+fn the_daemon_accepts_the_manifest_configuration_needs_root() {
+    varta_e2e::require_root!("the metrics token file must be root's");
     // The file as the pod reads it, with the Secret's file where the DaemonSet mounts it
     // (here a scratch copy), the socket in a scratch directory and the metrics port free;
     // the address stays the manifest's (not loopback, so the token is required).
@@ -209,15 +205,13 @@ fn the_daemon_accepts_the_manifest_configuration() {
         .unwrap()
         .0
         .to_owned();
-    let d = Daemon::builder("k8s-config", "auto")
+    let mut d = Daemon::builder("k8s-config", "auto")
         .no_metrics()
         .args(["--config", config.to_str().unwrap()])
         .args(["--prom-token-file", token_file.to_str().unwrap()])
         .args(["--prom-addr", &format!("{ip}:0")])
         .start();
-    let ready = d
-        .wait_log("event=ready", Duration::from_secs(1))
-        .expect("ready");
+    let ready = d.wait_log("event=ready", Duration::from_secs(1));
     assert!(ready.contains("threshold_ms=5000"), "{ready}");
     let addr = d.prom.expect("metrics address in the ready line");
     assert_eq!(deploy::http_get(addr, "/metrics").0, 401);
@@ -227,7 +221,5 @@ fn the_daemon_accepts_the_manifest_configuration() {
     );
     assert_eq!(deploy::http_get(addr, "/readyz").0, 200);
     assert_eq!(deploy::http_get(addr, "/healthz").0, 200);
-    let (st, _) = d.stop();
-    assert!(st.success());
-    let _ = std::fs::remove_dir_all(dir);
+    assert!(d.stop().success());
 }

@@ -6,14 +6,14 @@
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use varta_e2e::{
-    Daemon, deploy,
+    Daemon, Proc, deploy,
     deploy::{deploy_file, have_tool, http_get, repo},
-    frame, kill, reap,
+    frame,
 };
 
 #[test]
@@ -39,18 +39,16 @@ fn exported_names() -> BTreeSet<String> {
         .args(["--threshold-ms", "300"])
         .start();
     let agent = d.agent(50);
-    let pid = agent.id();
+    let pid = agent.pid();
     d.wait_log_all(
         &["event=agent_new", &format!("pid={pid}")],
         Duration::from_secs(10),
-    )
-    .expect("agent tracked");
-    reap(agent);
+    );
+    drop(agent);
     d.wait_log_all(
         &["event=stall", &format!("pid={pid}")],
         Duration::from_secs(10),
-    )
-    .expect("stall surfaced");
+    );
     let me = std::process::id();
     d.send(&frame(me, 1));
     d.send(
@@ -66,18 +64,16 @@ fn exported_names() -> BTreeSet<String> {
     d.wait_log_all(
         &["event=exit", &format!("pid={me}")],
         Duration::from_secs(10),
-    )
-    .expect("exit surfaced");
+    );
     d.send(b"junk");
     // The beat of a live agent: varta_agent_info and friends for a tracked pid.
     let live = d.agent(50);
     d.wait_log_all(
-        &["event=agent_new", &format!("pid={}", live.id())],
+        &["event=agent_new", &format!("pid={}", live.pid())],
         Duration::from_secs(10),
-    )
-    .expect("live agent tracked");
+    );
     let (code, body) = d.get_metrics(None);
-    reap(live);
+    drop(live);
     assert_eq!(code, 200);
     body.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
@@ -100,17 +96,10 @@ fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     }
 }
 
-/// A Prometheus server on loopback; killed and reaped when dropped.
+/// A Prometheus server on loopback (killed and reaped when dropped, as a `Proc`).
 struct Prometheus {
-    child: Child,
+    _process: Proc,
     addr: SocketAddr,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        kill(&mut self.child, libc::SIGTERM);
-        let _ = self.child.wait();
-    }
 }
 
 impl Prometheus {
@@ -145,22 +134,20 @@ fn a_real_prometheus_with_the_shipped_config_sees_a_stall_and_fires_the_alert() 
     if !have_tool("real_prometheus", "prometheus", &["--version"]) {
         return;
     }
-    let d = Daemon::builder("deploy-prometheus", "userspace")
+    let mut d = Daemon::builder("deploy-prometheus", "userspace")
         .args(["--threshold-ms", "300"])
         .start();
     let agent = d.agent(50);
-    let pid = agent.id();
+    let pid = agent.pid();
     d.wait_log_all(
         &["event=agent_new", &format!("pid={pid}")],
         Duration::from_secs(10),
-    )
-    .expect("agent tracked");
-    reap(agent);
+    );
+    drop(agent);
     d.wait_log_all(
         &["event=stall", &format!("pid={pid}")],
         Duration::from_secs(10),
-    )
-    .expect("stall surfaced");
+    );
 
     // The shipped configuration and rules, verbatim; only the targets file is ours.
     let dir = d.dir.join("prometheus");
@@ -177,21 +164,24 @@ fn a_real_prometheus_with_the_shipped_config_sees_a_stall_and_fires_the_alert() 
     let addr: SocketAddr = format!("127.0.0.1:{}", deploy::free_port())
         .parse()
         .unwrap();
-    let child = Command::new("prometheus")
-        .arg(format!(
-            "--config.file={}",
-            dir.join("prometheus.yml").display()
-        ))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address={addr}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting prometheus");
-    let prom = Prometheus { child, addr };
+    let process = Proc::spawn(
+        Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let prom = Prometheus {
+        _process: process,
+        addr,
+    };
     let end = Instant::now() + Duration::from_secs(30);
     while !std::net::TcpStream::connect(addr).is_ok_and(|_| http_get(addr, "/-/ready").0 == 200) {
         assert!(
@@ -225,6 +215,5 @@ fn a_real_prometheus_with_the_shipped_config_sees_a_stall_and_fires_the_alert() 
     });
     assert!(alerts.contains(r#""state":"firing""#), "{alerts}");
     drop(prom);
-    let (st, _) = d.stop();
-    assert!(st.success());
+    assert!(d.stop().success());
 }
