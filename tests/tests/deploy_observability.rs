@@ -120,6 +120,25 @@ impl Prometheus {
     }
 }
 
+/// The first query of the dashboard panel titled `title` (JSON string unescaped).
+fn panel_expr(title: &str) -> String {
+    let dashboard = deploy_file("observability/dashboard.json");
+    let panel = &dashboard[dashboard
+        .find(&format!(r#""title": "{title}""#))
+        .unwrap_or_else(|| panic!("no panel {title}"))..];
+    let expr = &panel[panel.find(r#""expr": ""#).unwrap() + 9..];
+    let mut out = String::new();
+    let mut chars = expr.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return out,
+            '\\' => out.push(chars.next().unwrap()),
+            c => out.push(c),
+        }
+    }
+    panic!("unterminated expr in panel {title}")
+}
+
 fn url_encode(q: &str) -> String {
     q.bytes()
         .map(|b| match b {
@@ -214,6 +233,19 @@ fn a_real_prometheus_with_the_shipped_config_sees_a_stall_and_fires_the_alert() 
         b.contains(r#""alertname":"VartaAgentStalled""#) && b.contains(&format!(r#""pid":"{pid}""#))
     });
     assert!(alerts.contains(r#""state":"firing""#), "{alerts}");
+    assert!(
+        alerts.contains(r#""comm":"varta-watch""#),
+        "the alert names the agent: {alerts}"
+    );
+
+    // The dashboard's "stalled agents by unit and pod" panel, as Grafana would send it.
+    let query = panel_expr("Stalled agents by unit and pod").replace("$instance", ".*");
+    let body = prom.wait_for(
+        &format!("/api/v1/query?query={}", url_encode(&query)),
+        Duration::from_secs(5),
+        |b| b.contains(&format!(r#""pid":"{pid}""#)),
+    );
+    assert!(body.contains(r#""comm":"varta-watch""#), "{body}");
     drop(prom);
     assert!(d.stop().success());
 }
