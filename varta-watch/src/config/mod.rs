@@ -72,6 +72,7 @@ pub struct Config {
     pub uds_rcvbuf_bytes: u32,
     pub udp: Option<SocketAddr>,
     pub datapath: DatapathMode,
+    pub junk_sample_one_in: u32,
     pub clock: ClockSource,
     pub limits: Limits,
     pub tracker_capacity: usize,
@@ -143,6 +144,7 @@ impl Config {
             uds_rcvbuf_bytes: a.receive.uds_rcvbuf_bytes,
             udp,
             datapath: a.receive.datapath,
+            junk_sample_one_in: a.receive.userspace_junk_sample_one_in,
             clock: a.stall.clock_source,
             limits: Limits {
                 threshold_ms,
