@@ -34,9 +34,16 @@ pub struct DaemonBuilder {
     export: bool,
     wrapper: Vec<String>,
     world_writable: bool,
+    env: Vec<(String, String)>,
 }
 
 impl DaemonBuilder {
+    /// Sets an environment variable for the daemon.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
     pub fn arg(mut self, a: impl Into<String>) -> Self {
         self.args.push(a.into());
         self
@@ -130,7 +137,7 @@ impl DaemonBuilder {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        cmd.env("VARTA_LOG", "info");
+        cmd.env("VARTA_LOG", "info").envs(self.env);
         if let Some(method) = forced_attest() {
             cmd.env("VARTA_EBPF_ATTEST", method);
         }
@@ -168,6 +175,7 @@ impl Daemon {
             export: false,
             wrapper: Vec::new(),
             world_writable: false,
+            env: Vec::new(),
         }
     }
 

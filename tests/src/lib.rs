@@ -4,6 +4,7 @@
 //! last; every process it starts is killed and reaped when its guard drops.
 
 mod daemon;
+pub mod deploy;
 mod process;
 pub mod sender;
 #[path = "../../varta-common/tests/support/vectors.rs"]

@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: everything that is not plain cargo.
 
+mod deploy;
 mod ebpf;
 mod toolchain;
 mod vm;
@@ -54,6 +55,8 @@ enum Task {
         #[arg(long)]
         full: bool,
     },
+    /// Build the container image (deploy/Containerfile, static binary) and print its id and size.
+    Image,
 }
 
 fn main() -> Result<()> {
@@ -64,6 +67,7 @@ fn main() -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Bench => bench(),
         Task::VmTest { kernels, full } => vm::run(&kernels, full),
+        Task::Image => deploy::image(&ebpf::build()?).map(drop),
     }
 }
 
@@ -154,14 +158,23 @@ fn is_root() -> bool {
 
 fn test(args: &[String]) -> Result<()> {
     toolchain::ensure_test_packages()?;
+    deploy::ensure_tools()?;
     let object = ebpf::build()?;
     status(cargo(&object).args(["build", "--package", "varta-watch"]))?;
+    let (image, static_bin) = deploy::image(&object)?;
     status(
         cargo(&object)
             .args(["test", "--workspace", "--no-fail-fast"])
-            .args(args),
+            .args(args)
+            .env("VARTA_IMAGE", image),
     )?;
     if args.is_empty() {
+        eprintln!("xtask: eBPF end-to-end tests again on the image's static binary");
+        status(
+            cargo(&object)
+                .args(["test", "--package", "varta-e2e", "--test", "ebpf"])
+                .env("VARTA_WATCH_BIN", static_bin),
+        )?;
         signal_tests()?;
         vm_tests()?;
     }

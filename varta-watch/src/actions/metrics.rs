@@ -26,6 +26,16 @@ pub struct PidLabel {
     pub pid: u32,
 }
 
+/// `varta_agent_info`: an agent named the way operators know it (empty = unknown).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentInfoLabel {
+    pub pid: u32,
+    pub comm: String,
+    pub unit: String,
+    pub container_id: String,
+    pub pod_uid: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DatapathLabels {
     pub mode: &'static str,
@@ -57,6 +67,7 @@ pub struct Metrics {
     pub status: Family<PidLabel, Gauge>,
     pub exits: Family<PidLabel, Counter>,
     pub criticals: Family<PidLabel, Counter>,
+    pub agent_info: Family<AgentInfoLabel, Gauge>,
     pub recovery_outcomes: Family<OutcomeLabel, Counter>,
     pub recovery_refused: Family<ReasonLabel, Counter>,
     pub prom_auth_failures: Counter,
@@ -84,6 +95,7 @@ impl Metrics {
             status: Family::default(),
             exits: Family::default(),
             criticals: Family::default(),
+            agent_info: Family::default(),
             recovery_outcomes: Family::default(),
             recovery_refused: Family::default(),
             prom_auth_failures: Counter::default(),
@@ -114,6 +126,11 @@ impl Metrics {
             "varta_exits",
             "Panic-terminal frames (agent dying) per agent",
             m.exits.clone(),
+        );
+        m.registry.register(
+            "varta_agent_info",
+            "One series per tracked agent: its command, systemd unit, container and pod",
+            m.agent_info.clone(),
         );
         m.registry.register(
             "varta_criticals",

@@ -5,7 +5,7 @@ pub mod http;
 pub mod metrics;
 pub mod recovery;
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use varta_common::Status;
 
@@ -13,7 +13,7 @@ use crate::{
     actions::export::Exporter,
     actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
     actions::recovery::{Finished, NotRun, Outcome, Recovery},
-    observer::events::Event,
+    observer::{events::Event, identity::Identity},
 };
 
 pub struct Actions {
@@ -23,6 +23,8 @@ pub struct Actions {
     /// Start of the observer on its clock: export lines carry ns since then.
     start_ns: u64,
     export_errors: u64,
+    /// Each tracked agent's identity, read once on its first beat.
+    identities: HashMap<u32, Identity>,
 }
 
 impl Actions {
@@ -38,6 +40,7 @@ impl Actions {
             recovery,
             start_ns,
             export_errors: 0,
+            identities: HashMap::new(),
         }
     }
 
@@ -88,11 +91,23 @@ impl Actions {
                 origin,
                 evicted,
             } => {
+                // A pid seen anew (a reused pid verified afresh) may be another program.
+                for gone in evicted.iter().chain([pid]) {
+                    self.forget(*gone);
+                }
+                let m = &self.metrics;
+                // A UDP pid is only a claim: naming it after some local process would mislead.
+                let identity = match origin {
+                    crate::datapath::Origin::Uds { .. } => Identity::read(*pid),
+                    crate::datapath::Origin::Udp { .. } => Identity::default(),
+                };
                 log::info!(
-                    "event=agent_new pid={pid} frame_pid={frame_pid} transport={} cross_namespace={}",
+                    "event=agent_new pid={pid} frame_pid={frame_pid} transport={} cross_namespace={} {identity}",
                     origin.transport(),
                     origin.is_cross_namespace()
                 );
+                m.agent_info.get_or_create(&identity.label(*pid)).set(1);
+                self.identities.insert(*pid, identity);
                 if let Some(old) = evicted {
                     m.evicted.inc();
                     for family in [&m.beats, &m.stalls, &m.exits, &m.criticals] {
@@ -113,8 +128,9 @@ impl Actions {
             Event::Exit { pid, frame, origin } => {
                 m.exits.get_or_create(&PidLabel { pid: *pid }).inc();
                 log::warn!(
-                    "event=exit pid={pid} payload={} reason=panic_terminal_frame",
-                    frame.payload
+                    "event=exit pid={pid} payload={} reason=panic_terminal_frame {}",
+                    frame.payload,
+                    self.identity(*pid)
                 );
                 self.recover(*pid, *origin, follow_ups);
             }
@@ -128,10 +144,11 @@ impl Actions {
                     .get_or_create(&PidLabel { pid: *pid })
                     .set(Status::Stall as i64);
                 log::warn!(
-                    "event=stall pid={pid} silent_ms={silent_ms} last_nonce={} last_status={} transport={}",
+                    "event=stall pid={pid} silent_ms={silent_ms} last_nonce={} last_status={} transport={} {}",
                     agent.last_nonce,
                     agent.status.name(),
-                    agent.origin.transport()
+                    agent.origin.transport(),
+                    self.identity(*pid)
                 );
                 self.recover(*pid, agent.origin, follow_ups);
             }
@@ -168,9 +185,24 @@ impl Actions {
         };
         let observer_ns = at_ns.saturating_sub(self.start_ns);
         if let Some(export) = &mut self.export
-            && let Err(e) = export.record(observer_ns, event)
+            && let Err(e) = export.record(
+                observer_ns,
+                event,
+                event_pid(event).and_then(|p| self.identities.get(&p)),
+            )
         {
             self.export_error(e);
+        }
+    }
+
+    fn identity(&self, pid: u32) -> Identity {
+        self.identities.get(&pid).cloned().unwrap_or_default()
+    }
+
+    /// An agent left the tracker: its identity and info series go with it.
+    fn forget(&mut self, pid: u32) {
+        if let Some(identity) = self.identities.remove(&pid) {
+            self.metrics.agent_info.remove(&identity.label(pid));
         }
     }
 
@@ -199,5 +231,13 @@ impl Actions {
                 }));
             }
         }
+    }
+}
+
+/// The agent a stall or exit is about.
+fn event_pid(event: &Event) -> Option<u32> {
+    match event {
+        Event::Stall { pid, .. } | Event::Exit { pid, .. } => Some(*pid),
+        _ => None,
     }
 }

@@ -5,6 +5,7 @@ use std::{sync::Arc, time::Instant};
 
 use anyhow::{Context, Result};
 
+use super::health::Health;
 use crate::{
     actions::{
         Actions,
@@ -39,9 +40,10 @@ pub async fn serve<D: Datapath>(
         metrics.set_kernel_drops(read);
     }
     metrics.rcvbuf_bytes.set(rcvbuf as i64);
+    let (health, probes) = Health::new();
     let prom = match config.prom_addr {
         Some(addr) => Some(
-            crate::actions::http::serve(addr, metrics.clone(), config.prom_token.clone())
+            crate::actions::http::serve(addr, metrics.clone(), config.prom_token.clone(), probes)
                 .await
                 .with_context(|| format!("--prom-addr {addr}"))?,
         ),
@@ -74,7 +76,9 @@ pub async fn serve<D: Datapath>(
         prom.map_or("-".to_owned(), |a| a.to_string()),
         config.limits.threshold_ms,
     );
+    health.set_ready();
     let mut event_loop = EventLoop {
+        health,
         datapath,
         config,
         signals,
@@ -92,6 +96,7 @@ pub async fn serve<D: Datapath>(
 }
 
 struct EventLoop<'c, D> {
+    health: Health,
     datapath: D,
     config: &'c mut Config,
     signals: Signals,
@@ -113,6 +118,7 @@ impl<D: Datapath> EventLoop<'_, D> {
         loop {
             let stop = self.wait(shutdown_at).await?;
             if stop {
+                self.health.set_stopping();
                 // Whatever is queued still counts.
                 self.datapath.drain(&mut self.beats);
             }
@@ -151,6 +157,8 @@ impl<D: Datapath> EventLoop<'_, D> {
                 self.events.push(Event::Recovery(finished));
                 Ok(false)
             }
+            // /healthz probes and systemd's watchdog, answered only while this loop turns.
+            () = self.health.answer_next() => Ok(false),
             () = tokio::time::sleep_until(shutdown_at.unwrap_or_else(tokio::time::Instant::now)), if shutdown_at.is_some() => {
                 log::info!("event=shutdown reason=shutdown_after_secs");
                 Ok(true)

@@ -2,6 +2,9 @@
 //! privileges allow), then the event loop, then shutdown.
 
 mod event_loop;
+mod health;
+
+pub use health::Probes;
 
 use std::{net::UdpSocket, os::unix::net::UnixDatagram, process::ExitCode, sync::Arc};
 

@@ -5,6 +5,7 @@
 pub mod drops;
 pub mod events;
 pub mod gates;
+pub mod identity;
 pub mod stall;
 pub mod tracker;
 
