@@ -7,6 +7,8 @@ pub mod crc32c;
 pub mod drop;
 pub mod frame;
 pub mod kernel;
+pub mod secure;
 
 pub use drop::DropReason;
 pub use frame::{DecodeError, FRAME_LEN, Frame, Status};
+pub use secure::{SECURE_FRAME_LEN, SECURE_MASTER_FRAME_LEN};

@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use varta_common::{
-    DropReason, FRAME_LEN, Frame, Status,
+    DropReason, FRAME_LEN, Frame, SECURE_FRAME_LEN, SECURE_MASTER_FRAME_LEN, Status,
     kernel::{
         BUCKET_ENTRIES, BeatRecord, Bucket, CLOCK_BOOTTIME, FilterConfig, KIND_BEAT, KIND_VERIFY,
         RING_BYTES, TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, VERDICT_ALLOW,
@@ -66,6 +66,13 @@ pub fn varta_udp(ctx: SkBuffContext) -> i64 {
     } else {
         TRANSPORT_UDP4
     };
+    // Secure frames go up whole, unopened: the daemon holds the keys.
+    let len = ctx.len();
+    if len == UDP_HEADER_LEN + SECURE_FRAME_LEN as u32
+        || len == UDP_HEADER_LEN + SECURE_MASTER_FRAME_LEN as u32
+    {
+        return len as i64;
+    }
     receive(&ctx, transport, UDP_HEADER_LEN);
     0
 }

@@ -169,6 +169,16 @@ impl Metrics {
             "SO_RCVBUF the kernel granted the observer socket",
             m.rcvbuf_bytes.clone(),
         );
+        m.registry.register(
+            "varta_frame_auth_failures",
+            "Secure UDP frames no configured key authenticated",
+            crate::datapath::secure::AUTH_FAILURES.clone(),
+        );
+        m.registry.register(
+            "varta_frame_decrypt_failures",
+            "Authenticated secure UDP frames whose plaintext is not a valid frame of their sender",
+            crate::datapath::secure::DECRYPT_FAILURES.clone(),
+        );
         let info = Family::<ModeLabel, Gauge>::default();
         info.get_or_create(&ModeLabel { mode: datapath }).set(1);
         m.registry.register(

@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
-use super::compat::{CompatArgs, SecureUdpArgs};
+use super::compat::{CompatArgs, RemovedArgs};
 use crate::sys::clock::ClockSource;
 
 #[derive(Debug, Parser)]
@@ -111,6 +111,8 @@ pub struct DaemonArgs {
     #[command(flatten)]
     pub receive: ReceiveArgs,
     #[command(flatten)]
+    pub secure_udp: SecureUdpArgs,
+    #[command(flatten)]
     pub stall: StallArgs,
     #[command(flatten)]
     pub admission: AdmissionArgs,
@@ -121,9 +123,9 @@ pub struct DaemonArgs {
     #[command(flatten)]
     pub observer: ObserverArgs,
     #[command(flatten)]
-    pub secure_udp: SecureUdpArgs,
-    #[command(flatten)]
     pub compat: CompatArgs,
+    #[command(flatten)]
+    pub removed: RemovedArgs,
 }
 
 #[derive(Debug, Args)]
@@ -138,18 +140,42 @@ pub struct ReceiveArgs {
     /// SO_RCVBUF of the socket in bytes (0 = kernel default).
     #[arg(long, default_value_t = 1_048_576)]
     pub uds_rcvbuf_bytes: u32,
-    /// Also listen for plaintext UDP on this port (needs --i-accept-plaintext-udp).
+    /// Also listen on UDP on this port: secure frames with a key flag, plaintext ones with
+    /// --i-accept-plaintext-udp.
     #[arg(long)]
     pub udp_port: Option<u16>,
-    /// Address of the UDP listener.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub udp_bind_addr: std::net::IpAddr,
+    /// Address of the UDP listener [default: 127.0.0.1 with keys, else 0.0.0.0].
+    #[arg(long)]
+    pub udp_bind_addr: Option<std::net::IpAddr>,
     /// Acknowledge that plaintext UDP frames are unauthenticated (anyone can claim any pid).
     #[arg(long)]
     pub i_accept_plaintext_udp: bool,
     /// Where frames are received and validated.
     #[arg(long, value_enum, default_value = "auto")]
     pub datapath: DatapathMode,
+}
+
+/// Secure UDP: ChaCha20-Poly1305 frames (60 bytes shared key, 64 bytes master key), as
+/// the varta-client crate's `secure-udp` feature sends them.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Secure UDP")]
+pub struct SecureUdpArgs {
+    /// Shared key: one 64-hex-digit key (file mode 0600, owned by the observer's user).
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+    /// More shared keys accepted, one per line (zero-downtime rotation; mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub accepted_key_file: Option<PathBuf>,
+    /// Master key (64 hex digits, mode 0600): each agent's key is HKDF-SHA256 of it and its pid.
+    #[arg(long, value_name = "PATH")]
+    pub master_key_file: Option<PathBuf>,
+    /// Allow secure UDP on a non-loopback --udp-bind-addr.
+    #[arg(long)]
+    pub i_accept_secure_udp_non_loopback: bool,
+    /// Allow recovery for agents known only through secure UDP (their pid is the key
+    /// holder's claim, not attested by the kernel).
+    #[arg(long, group = LIVE)]
+    pub secure_udp_i_accept_recovery_on_unauthenticated_transport: bool,
 }
 
 #[derive(Debug, Args)]

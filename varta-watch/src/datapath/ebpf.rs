@@ -71,6 +71,8 @@ pub struct EbpfDatapath {
     buckets: BpfHashMap<MapData, u64, Bucket>,
     /// Some agent is watched for a stall: ordinary beats are drained on the timer.
     watching: bool,
+    /// Reads the secure UDP frames the filter passes up unopened.
+    secure_udp: Option<super::udp::UdpReceiver>,
 }
 
 impl EbpfDatapath {
@@ -148,9 +150,15 @@ impl EbpfDatapath {
                 exits: ExitWatcher::new(),
                 buckets,
                 watching: false,
+                secure_udp: None,
             },
             read_drops,
         ))
+    }
+
+    /// Secure UDP frames are read from the socket, not the ring buffer.
+    pub fn set_secure_udp(&mut self, receiver: super::udp::UdpReceiver) {
+        self.secure_udp = Some(receiver);
     }
 
     fn handle(&mut self, rec: &BeatRecord, out: &mut Vec<Beat>) {
@@ -289,12 +297,16 @@ impl Datapath for EbpfDatapath {
                 return Ok(());
             }
             () = tokio::time::sleep(DRAIN_INTERVAL), if armed => {}
+            ready = async { self.secure_udp.as_ref().expect("guarded").readable().await }, if self.secure_udp.is_some() => ready?,
         }
         self.drain(out);
         Ok(())
     }
 
     fn drain(&mut self, out: &mut Vec<Beat>) {
+        if let Some(Err(e)) = self.secure_udp.as_mut().map(|udp| udp.drain(out)) {
+            log::warn!("event=receive_error transport=udp error={e}");
+        }
         let mut records = Vec::new();
         {
             let ring = self.ring.get_mut();
