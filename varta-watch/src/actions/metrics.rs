@@ -170,11 +170,6 @@ impl Metrics {
             m.rcvbuf_bytes.clone(),
         );
         m.registry.register(
-            "varta_frame_auth_failures",
-            "Secure UDP frames no configured key authenticated",
-            crate::datapath::secure::AUTH_FAILURES.clone(),
-        );
-        m.registry.register(
             "varta_frame_decrypt_failures",
             "Authenticated secure UDP frames whose plaintext is not a valid frame of their sender",
             crate::datapath::secure::DECRYPT_FAILURES.clone(),
@@ -282,7 +277,7 @@ impl Collector for DropCollector {
         for (name, help, r) in [
             (
                 "varta_frame_auth_failures",
-                "Frames whose pid is not the attested sender's (= frames_dropped{reason=\"spoof\"})",
+                "Frames whose pid is not the attested sender's (frames_dropped{reason=\"spoof\"}), plus secure UDP frames no key authenticated",
                 DropReason::Spoof,
             ),
             (
@@ -306,8 +301,13 @@ impl Collector for DropCollector {
                 DropReason::Length,
             ),
         ] {
+            // Secure UDP frames no key authenticated count as authentication failures too.
+            let secure = match r {
+                DropReason::Spoof => crate::datapath::secure::AUTH_FAILURES.get(),
+                _ => 0,
+            };
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            ConstCounter::new(count(r)).encode(metric)?;
+            ConstCounter::new(count(r) + secure).encode(metric)?;
         }
 
         let uptime = encoder.encode_descriptor(

@@ -64,6 +64,10 @@ struct Sockets {
 async fn start(mut config: Config) -> Result<()> {
     let signals = install_signals(&config)?;
     let sockets = bind(&config)?;
+    // Port 0 becomes the port the kernel chose: the ready line names the real address.
+    if let Some(udp) = &sockets.udp {
+        config.udp = Some(udp.local_addr()?);
+    }
     let drops = Arc::new(DropCounters::default());
     let result = match start_ebpf(&config, &sockets, &drops) {
         Ok(Some((mut datapath, kernel_drops))) => {
