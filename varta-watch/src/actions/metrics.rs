@@ -58,6 +58,7 @@ pub struct Metrics {
     pub criticals: Family<PidLabel, Counter>,
     pub recovery_outcomes: Family<OutcomeLabel, Counter>,
     pub recovery_refused: Family<ReasonLabel, Counter>,
+    pub recovery_suppressed: Family<ReasonLabel, Counter>,
     pub prom_auth_failures: Counter,
     pub evicted: Counter,
     pub restarts: Counter,
@@ -80,6 +81,7 @@ impl Metrics {
             criticals: Family::default(),
             recovery_outcomes: Family::default(),
             recovery_refused: Family::default(),
+            recovery_suppressed: Family::default(),
             prom_auth_failures: Counter::default(),
             evicted: Counter::default(),
             restarts: Counter::default(),
@@ -123,6 +125,11 @@ impl Metrics {
             "varta_recovery_refused",
             "Recoveries refused, by reason",
             m.recovery_refused.clone(),
+        );
+        m.registry.register(
+            "varta_recovery_suppressed",
+            "Recoveries not run: a global limit bit (max_running, spawn_rate) or the agent was never seen beating (unknown_agent)",
+            m.recovery_suppressed.clone(),
         );
         m.registry.register(
             "varta_prom_auth_failures",

@@ -226,8 +226,16 @@ pub struct RecoveryArgs {
     #[arg(long, group = LIVE, default_value_t = 1000)]
     pub recovery_debounce_ms: u64,
     /// Kill a recovery command still running after this many ms.
-    #[arg(long, group = LIVE)]
-    pub recovery_timeout_ms: Option<u64>,
+    #[arg(long, group = LIVE, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub recovery_timeout_ms: u64,
+    /// Most recovery commands running at once, all agents together (more are suppressed
+    /// and counted).
+    #[arg(long, group = LIVE, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub recovery_max_concurrent: u32,
+    /// Most recovery commands started per second, all agents together (bursts of one
+    /// second's worth; more are suppressed and counted).
+    #[arg(long, group = LIVE, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub recovery_spawn_rate: u32,
     /// KEY=VALUE added to the recovery command's environment (repeatable).
     #[arg(long, group = LIVE, value_parser = parse_env_pair, value_delimiter = None)]
     pub recovery_env: Vec<(String, String)>,

@@ -65,6 +65,10 @@ pub struct RecoveryConfig {
     pub argv: Vec<String>,
     pub debounce: Duration,
     pub timeout: Option<Duration>,
+    /// Most commands running at once (`--recovery-max-concurrent`).
+    pub max_running: usize,
+    /// Most commands started per second (`--recovery-spawn-rate`).
+    pub spawn_rate: u32,
     pub env: Vec<(String, String)>,
     pub inherit_env: bool,
     pub allow_udp: bool,
@@ -186,13 +190,12 @@ fn recovery_config(a: &RecoveryArgs) -> Result<Option<RecoveryConfig>, ConfigErr
     if argv.is_empty() {
         return Err(bad("--recovery-exec", "empty command"));
     }
-    if a.recovery_timeout_ms == Some(0) {
-        return Err(bad("--recovery-timeout-ms", "must be at least 1"));
-    }
     Ok(Some(RecoveryConfig {
         argv,
         debounce: Duration::from_millis(a.recovery_debounce_ms),
-        timeout: a.recovery_timeout_ms.map(Duration::from_millis),
+        timeout: Some(Duration::from_millis(a.recovery_timeout_ms)),
+        max_running: a.recovery_max_concurrent as usize,
+        spawn_rate: a.recovery_spawn_rate,
         env: a.recovery_env.clone(),
         inherit_env: a.recovery_inherit_env,
         allow_udp: false,
