@@ -155,7 +155,27 @@ fn tampered_frames_are_counted(datapath: &str) {
     d.wait_metric("varta_frames_dropped_total{reason=\"replay\"}", 2.0, WAIT);
 }
 
+/// Secure frames meet the per-agent rate limit on both datapaths (on eBPF the kernel never
+/// sees them, so the daemon applies it).
+fn secure_beats_are_rate_limited(datapath: &str) {
+    let (d, addr) = daemon("secure-rate", datapath, |dir| {
+        vec![
+            "--key-file".into(),
+            key_file(dir, "key", &[KEY_A]),
+            "--max-beat-rate".into(),
+            "5".into(),
+        ]
+    });
+    let mut client = Varta::connect_secure_udp(addr, Key::from_bytes(KEY_A)).unwrap();
+    for _ in 0..50 {
+        let outcome = client.beat(Status::Ok, 0);
+        assert!(matches!(outcome, BeatOutcome::Sent), "{outcome:?}");
+    }
+    d.wait_metric("varta_rate_limited_total{reason=\"per_pid\"}", 1.0, WAIT);
+}
+
 on_both_datapaths!(
+    secure_beats_are_rate_limited,
     shared_key,
     accepted_keys_rotation,
     master_key,

@@ -73,7 +73,9 @@ async fn start(mut config: Config) -> Result<()> {
         Ok(Some((mut datapath, kernel_drops))) => {
             // The filter passes secure-length datagrams up; they are read (or counted) here.
             if let Some(udp) = &sockets.udp {
-                datapath.set_secure_udp(udp_receiver(&config, udp.try_clone()?, &drops)?);
+                let receiver = udp_receiver(&config, udp.try_clone()?, &drops)?
+                    .rate_limit(&config.limits, config.tracker_capacity);
+                datapath.set_secure_udp(receiver);
             }
             event_loop::serve(
                 datapath,

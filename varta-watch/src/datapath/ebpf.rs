@@ -352,6 +352,9 @@ impl Datapath for EbpfDatapath {
         self.filter_config.global_rate = limits.global_rate;
         self.filter_config.global_burst = limits.global_burst;
         self.config.set(0, self.filter_config, 0)?;
+        if let Some(udp) = &mut self.secure_udp {
+            udp.set_limits(limits);
+        }
         Ok(())
     }
 }

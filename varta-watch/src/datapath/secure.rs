@@ -43,8 +43,9 @@ pub enum Refused {
     Decrypt,
     /// A counter not above its session's last one.
     Replay,
-    /// A plaintext frame that does not decode.
-    Plain(DropReason),
+    /// Dropped for a reason both datapaths count (a plaintext frame that does not decode,
+    /// a rate limit).
+    Dropped(DropReason),
 }
 
 impl Refused {
@@ -55,7 +56,7 @@ impl Refused {
             Refused::Auth => _ = AUTH_FAILURES.inc(),
             Refused::Decrypt => _ = DECRYPT_FAILURES.inc(),
             Refused::Replay => drops.add(DropReason::Replay),
-            Refused::Plain(reason) => drops.add(reason),
+            Refused::Dropped(reason) => drops.add(reason),
         }
     }
 }
@@ -82,7 +83,7 @@ impl UdpFrames {
                 let raw = bytes.try_into().expect("FRAME_LEN bytes");
                 Frame::decode(raw).map_err(|e| {
                     log::debug!("event=decode_error transport=udp kind={}", e.name());
-                    Refused::Plain(DropReason::from_decode(e))
+                    Refused::Dropped(DropReason::from_decode(e))
                 })
             }
             (_, Some(secure)) => secure.open(bytes),

@@ -1,13 +1,18 @@
 //! The UDP socket read by the daemon: every datagram on the userspace datapath, and on the
 //! eBPF datapath the secure frames the kernel filter passes up unopened (it consumes the
-//! plaintext ones itself). Each wake-up drains the socket until it would block.
+//! plaintext ones itself). Each wake-up drains the socket until it would block. There the
+//! kernel's rate limits never saw these frames, so the receiver applies the same limits
+//! itself ([`UdpReceiver::rate_limit`]); on the userspace datapath the pipeline does.
 
 use std::{io, net::UdpSocket, os::fd::AsFd, sync::Arc};
 
 use tokio::io::unix::AsyncFd;
 
 use super::{Beat, Origin, secure::UdpFrames};
-use crate::{observer::drops::DropCounters, sys::clock::ClockSource, sys::sock::RecvBatch};
+use crate::{
+    config::Limits, observer::drops::DropCounters, ratelimit::RateLimiter, sys::clock::ClockSource,
+    sys::sock::RecvBatch,
+};
 
 const BATCH: usize = 64;
 
@@ -17,6 +22,7 @@ pub struct UdpReceiver {
     frames: UdpFrames,
     clock: ClockSource,
     drops: Arc<DropCounters>,
+    limiter: Option<RateLimiter>,
 }
 
 impl UdpReceiver {
@@ -32,7 +38,23 @@ impl UdpReceiver {
             frames,
             clock,
             drops,
+            limiter: None,
         })
+    }
+
+    /// Applies the per-agent and global limits here (the eBPF datapath, whose kernel
+    /// limits never see the frames this socket delivers).
+    pub fn rate_limit(mut self, limits: &Limits, max_agents: usize) -> Self {
+        let now = self.clock.now_ns();
+        self.limiter = Some(RateLimiter::new(limits.clone(), max_agents, now));
+        self
+    }
+
+    /// New limits (SIGHUP).
+    pub fn set_limits(&mut self, limits: &Limits) {
+        if let Some(limiter) = &mut self.limiter {
+            limiter.set_limits(limits.clone());
+        }
     }
 
     /// Waits until the socket is readable (and clears the readiness: a datagram arriving
@@ -60,6 +82,14 @@ impl UdpReceiver {
                 } else {
                     self.frames.decode(d.bytes)
                 };
+                let limited =
+                    |frame: varta_common::Frame, limiter: &mut Option<RateLimiter>| match limiter {
+                        Some(limiter) => limiter.check(frame.pid, now).map(|()| frame),
+                        None => Ok(frame),
+                    };
+                let decoded = decoded.and_then(|frame| {
+                    limited(frame, &mut self.limiter).map_err(super::secure::Refused::Dropped)
+                });
                 match decoded {
                     Ok(frame) => out.push(Beat {
                         pid: frame.pid,
