@@ -89,9 +89,15 @@ fn recovery_runs_times_out_and_debounces(datapath: &str) {
 }
 
 fn export_file_and_metrics_after_a_scripted_scenario(datapath: &str) {
+    // Exact counters of junk: no sampling on the userspace datapath.
     let mut d = Daemon::builder("export", datapath)
         .export_file()
-        .args(["--threshold-ms", "400"])
+        .args([
+            "--threshold-ms",
+            "400",
+            "--userspace-junk-sample-one-in",
+            "1",
+        ])
         .start();
     let me = std::process::id();
     use varta_common::{Frame, Status};

@@ -153,6 +153,10 @@ pub struct ReceiveArgs {
     /// Where frames are received and validated.
     #[arg(long, value_enum, default_value = "auto")]
     pub datapath: DatapathMode,
+    /// Userspace datapath: a classic BPF filter drops invalid frames in the kernel and lets
+    /// one in N through to be counted by reason (a power of two; 1 counts every one exactly).
+    #[arg(long, default_value_t = 1024, value_parser = parse_power_of_two)]
+    pub userspace_junk_sample_one_in: u32,
 }
 
 /// Secure UDP: ChaCha20-Poly1305 frames (60 bytes shared key, 64 bytes master key), as
@@ -323,6 +327,13 @@ fn parse_octal(s: &str) -> Result<u32, String> {
         return Err(format!("'{s}' is not a file mode (at most 7777)"));
     }
     Ok(mode)
+}
+
+fn parse_power_of_two(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n.is_power_of_two() => Ok(n),
+        _ => Err(format!("'{s}' is not a power of two (1, 2, 4, ...)")),
+    }
 }
 
 fn parse_env_pair(s: &str) -> Result<(String, String), String> {

@@ -85,6 +85,7 @@ pub struct Config {
     /// Plaintext (32-byte) frames are accepted on UDP.
     pub plaintext_udp: bool,
     pub datapath: DatapathMode,
+    pub junk_sample_one_in: u32,
     pub clock: ClockSource,
     pub limits: Limits,
     pub tracker_capacity: usize,
@@ -157,6 +158,7 @@ impl Config {
             plaintext_udp: udp.is_some() && a.receive.i_accept_plaintext_udp,
             secure,
             datapath: a.receive.datapath,
+            junk_sample_one_in: a.receive.userspace_junk_sample_one_in,
             clock: a.stall.clock_source,
             limits: Limits {
                 threshold_ms,

@@ -97,6 +97,7 @@ async fn start(mut config: Config) -> Result<()> {
                 udp,
                 config.clock,
                 config.allow_cross_namespace,
+                config.junk_sample_one_in,
                 drops.clone(),
             )?;
             event_loop::serve(datapath, None, &mut config, signals, drops, sockets.rcvbuf).await
