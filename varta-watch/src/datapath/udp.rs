@@ -57,6 +57,10 @@ impl UdpReceiver {
         }
     }
 
+    pub fn socket(&self) -> &UdpSocket {
+        self.socket.get_ref()
+    }
+
     /// Waits until the socket is readable (and clears the readiness: a datagram arriving
     /// before the drain re-arms it).
     pub async fn readable(&self) -> io::Result<()> {

@@ -163,7 +163,7 @@ const SENDER_CACHE: usize = 65_536;
 /// Attaches the frame rules as classic BPF to both sockets, so junk is dropped (and one in
 /// `sample_one_in` sampled) before it wakes the daemon. Without it the datapath still
 /// works, at the cost of a wake-up per datagram: a failure is logged, not fatal.
-fn drop_junk_in_kernel(uds: &UnixDatagram, udp: Option<&UdpSocket>, sample_one_in: u32) {
+fn drop_junk_in_kernel(uds: &UnixDatagram, udp: Option<&UdpReceiver>, sample_one_in: u32) {
     let uds_filter = cbpf::program(&cbpf::Layout {
         offset: 0,
         also_accept: &[],
@@ -178,7 +178,7 @@ fn drop_junk_in_kernel(uds: &UnixDatagram, udp: Option<&UdpSocket>, sample_one_i
     });
     let sockets = [
         ("uds", Some(uds.as_fd()), &uds_filter),
-        ("udp", udp.map(|s| s.as_fd()), &udp_filter),
+        ("udp", udp.map(|s| s.socket().as_fd()), &udp_filter),
     ];
     for (name, fd, filter) in sockets {
         let Some(fd) = fd else { continue };
