@@ -95,6 +95,8 @@ fn five_hundred_dying_agents_never_run_more_than_the_cap() {
         suppressed(&d, "max_running"),
         suppressed(&d, "spawn_rate")
     );
+    // 500 deaths in far less than 49 s: the spawn rate (10/s, burst 10) must have bitten.
+    assert!(suppressed(&d, "spawn_rate") > 0.0, "{}", d.log_text());
     assert_eq!(
         started as f64 + limited,
         500.0,
@@ -145,4 +147,30 @@ fn shutdown_kills_recovery_commands_after_the_grace_period() {
         "recovery command {} outlived the daemon",
         running[0]
     );
+}
+
+/// The recovery limits have safe defaults: a command is killed after 30 s, at most 16 run
+/// at once, at most 10 start a second.
+#[test]
+fn recovery_limits_have_safe_defaults() {
+    let out = std::process::Command::new(varta_e2e::bin())
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (flag, default) in [
+        ("--recovery-timeout-ms", "30000"),
+        ("--recovery-max-concurrent", "16"),
+        ("--recovery-spawn-rate", "10"),
+    ] {
+        let at = help
+            .find(flag)
+            .unwrap_or_else(|| panic!("{flag} missing:\n{help}"));
+        let entry = &help[at..];
+        let entry = &entry[..entry[2..].find("\n  -").map_or(entry.len(), |e| e + 2)];
+        assert!(
+            entry.contains(&format!("[default: {default}]")),
+            "{flag}: {entry}"
+        );
+    }
 }
