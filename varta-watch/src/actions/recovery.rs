@@ -211,10 +211,13 @@ async fn supervise(
             Ok(fd) => {
                 let _ = fd.readable().await;
             }
-            // No pidfd (old kernel): poll, slowly, until it is done.
+            // No pidfd (old kernel): poll, slowly, until it is done. try_wait reaps, so
+            // the child leaves `children` under the same lock (kill_all never sees it reaped).
             Err(_) => loop {
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                let mut running = children.lock().expect("poisoned");
                 if matches!(child.try_wait(), Ok(Some(_))) {
+                    running.remove(&child.id());
                     break;
                 }
             },
