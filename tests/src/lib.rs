@@ -246,6 +246,18 @@ pub fn frame(pid: u32, nonce: u64) -> [u8; 32] {
     .encode()
 }
 
+/// The panic-terminal frame of `pid`: Critical with the terminal nonce (the agent dies).
+pub fn panic_terminal_frame(pid: u32) -> [u8; 32] {
+    Frame {
+        status: Status::Critical,
+        pid,
+        timestamp: 1,
+        nonce: varta_common::frame::NONCE_TERMINAL,
+        payload: 0,
+    }
+    .encode()
+}
+
 /// snake_case of a decode error name (`BadMagic` -> `bad_magic`).
 pub fn snake(name: &str) -> String {
     let mut s = String::new();

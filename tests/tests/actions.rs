@@ -171,6 +171,7 @@ fn export_file_and_metrics_after_a_scripted_scenario(datapath: &str) {
         format!("{info} 1"),
         "varta_datapath_beats_delivered_total 3".into(),
         "varta_frame_auth_failures_total 0".into(),
+        "varta_frame_decrypt_failures_total 0".into(),
         "varta_frame_namespace_mismatch_total 0".into(),
         "varta_frame_rejected_pid_above_max_total 0".into(),
         "varta_frames_dropped_total{reason=\"length\"} 1".into(),

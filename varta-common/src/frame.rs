@@ -9,7 +9,10 @@ use crate::crc32c;
 
 pub const FRAME_LEN: usize = 32;
 /// Secure UDP frames (AEAD-wrapped): shared-key and master-key forms, in bytes.
-pub const SECURE_FRAME_LENS: [u32; 2] = [60, 64];
+pub const SECURE_FRAME_LENS: [u32; 2] = [
+    crate::secure::SECURE_FRAME_LEN as u32,
+    crate::secure::SECURE_MASTER_FRAME_LEN as u32,
+];
 /// What precedes the frame in a UDP datagram as a socket filter sees it.
 pub const UDP_HEADER_LEN: u32 = 8;
 pub const MAGIC: [u8; 2] = [0x56, 0x41];

@@ -9,7 +9,9 @@ pub mod drop;
 pub mod filter;
 pub mod frame;
 pub mod ratelimit;
+pub mod secure;
 pub mod wakeup;
 
 pub use drop::DropReason;
 pub use frame::{DecodeError, FRAME_LEN, Frame, Status};
+pub use secure::{SECURE_FRAME_LEN, SECURE_MASTER_FRAME_LEN};

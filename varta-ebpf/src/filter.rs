@@ -13,7 +13,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use varta_common::{
-    DropReason, FRAME_LEN, Frame,
+    DropReason, FRAME_LEN, Frame, SECURE_FRAME_LEN, SECURE_MASTER_FRAME_LEN,
+    frame::UDP_HEADER_LEN,
     filter::{
         BUCKET_ENTRIES, BeatRecord, Bucket, CLOCK_BOOTTIME, FilterConfig, KIND_BEAT, KIND_VERIFY,
         RING_BYTES, TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, VERDICT_ALLOW,
@@ -52,7 +53,6 @@ static VARTA_BUCKETS: LruHashMap<u64, Bucket> = LruHashMap::with_max_entries(BUC
 #[map]
 static VARTA_GLOBAL: Array<Bucket> = Array::with_max_entries(1, 0);
 
-const UDP_HEADER_LEN: u32 = 8;
 const ETH_P_IPV6: u32 = 0x86DD;
 
 #[socket_filter]
@@ -73,6 +73,13 @@ pub fn varta_udp(ctx: SkBuffContext) -> i64 {
     } else {
         TRANSPORT_UDP4
     };
+    // Secure frames go up whole, unopened, on the socket itself: the daemon holds the keys.
+    let len = ctx.len();
+    if len == UDP_HEADER_LEN + SECURE_FRAME_LEN as u32
+        || len == UDP_HEADER_LEN + SECURE_MASTER_FRAME_LEN as u32
+    {
+        return len as i64;
+    }
     finish(try_receive::<attest::Unattested>(
         &ctx,
         transport,

@@ -70,6 +70,7 @@ pub struct Metrics {
     pub agent_info: Family<AgentInfoLabel, Gauge>,
     pub recovery_outcomes: Family<OutcomeLabel, Counter>,
     pub recovery_refused: Family<ReasonLabel, Counter>,
+    pub recovery_suppressed: Family<ReasonLabel, Counter>,
     pub prom_auth_failures: Counter,
     pub evicted: Counter,
     pub restarts: Counter,
@@ -98,6 +99,7 @@ impl Metrics {
             agent_info: Family::default(),
             recovery_outcomes: Family::default(),
             recovery_refused: Family::default(),
+            recovery_suppressed: Family::default(),
             prom_auth_failures: Counter::default(),
             evicted: Counter::default(),
             restarts: Counter::default(),
@@ -148,6 +150,11 @@ impl Metrics {
             m.recovery_refused.clone(),
         );
         m.registry.register(
+            "varta_recovery_suppressed",
+            "Recoveries not run: a global limit bit (max_running, spawn_rate) or the agent was never seen beating (unknown_agent)",
+            m.recovery_suppressed.clone(),
+        );
+        m.registry.register(
             "varta_prom_auth_failures",
             "Scrapes refused for a missing or wrong bearer token",
             m.prom_auth_failures.clone(),
@@ -191,6 +198,11 @@ impl Metrics {
             "varta_observer_uds_rcvbuf_bytes",
             "SO_RCVBUF the kernel granted the observer socket",
             m.rcvbuf_bytes.clone(),
+        );
+        m.registry.register(
+            "varta_frame_decrypt_failures",
+            "Authenticated secure UDP frames whose plaintext is not a valid frame of their sender",
+            crate::datapath::secure::DECRYPT_FAILURES.clone(),
         );
         let info = Family::<DatapathLabels, Gauge>::default();
         info.get_or_create(&DatapathLabels {
@@ -299,7 +311,7 @@ impl Collector for DropCollector {
         for (name, help, r) in [
             (
                 "varta_frame_auth_failures",
-                "Frames whose pid is not the attested sender's (= frames_dropped{reason=\"spoof\"})",
+                "Frames whose pid is not the attested sender's (frames_dropped{reason=\"spoof\"}), plus secure UDP frames no key authenticated",
                 DropReason::Spoof,
             ),
             (
@@ -323,8 +335,13 @@ impl Collector for DropCollector {
                 DropReason::Length,
             ),
         ] {
+            // Secure UDP frames no key authenticated count as authentication failures too.
+            let secure = match r {
+                DropReason::Spoof => crate::datapath::secure::AUTH_FAILURES.get(),
+                _ => 0,
+            };
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            ConstCounter::new(count(r)).encode(metric)?;
+            ConstCounter::new(count(r) + secure).encode(metric)?;
         }
 
         let uptime = encoder.encode_descriptor(

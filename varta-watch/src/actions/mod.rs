@@ -125,14 +125,27 @@ impl Actions {
                     frame.payload
                 );
             }
-            Event::Exit { pid, frame, origin } => {
+            Event::Exit {
+                pid,
+                frame,
+                origin,
+                known,
+            } => {
                 m.exits.get_or_create(&PidLabel { pid: *pid }).inc();
                 log::warn!(
-                    "event=exit pid={pid} payload={} reason=panic_terminal_frame {}",
+                    "event=exit pid={pid} payload={} reason=panic_terminal_frame known={known} {}",
                     frame.payload,
                     self.identity(*pid)
                 );
-                self.recover(*pid, *origin, follow_ups);
+                // Its first frame is its death: nothing ever beat there to be recovered, and
+                // anyone can send that frame; surfaced, not acted on.
+                match known {
+                    true => self.recover(*pid, *origin, follow_ups),
+                    false if self.recovery.is_some() => {
+                        self.suppressed(*pid, "unknown_agent", follow_ups)
+                    }
+                    false => {}
+                }
             }
             Event::Stall {
                 pid,
@@ -206,6 +219,20 @@ impl Actions {
         }
     }
 
+    /// A recovery a global limit (or an unknown agent) kept from running: counted in
+    /// `varta_recovery_suppressed_total{reason}`.
+    fn suppressed(&mut self, pid: u32, reason: &'static str, follow_ups: &mut Vec<Event>) {
+        self.metrics
+            .recovery_suppressed
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        follow_ups.push(Event::Recovery(Finished {
+            pid,
+            outcome: Outcome::Suppressed,
+            detail: reason.into(),
+        }));
+    }
+
     fn recover(&mut self, pid: u32, origin: crate::datapath::Origin, follow_ups: &mut Vec<Event>) {
         let Some(recovery) = &mut self.recovery else {
             return;
@@ -219,6 +246,7 @@ impl Actions {
                     detail: "within --recovery-debounce-ms".into(),
                 }));
             }
+            Err(NotRun::Suppressed(reason)) => self.suppressed(pid, reason, follow_ups),
             Err(NotRun::Refused(reason)) => {
                 self.metrics
                     .recovery_refused

@@ -255,8 +255,11 @@ impl<D: Datapath> EventLoop<'_, D> {
 
     /// Waits up to the grace period for running recovery commands, recording their outcomes.
     async fn finish_recoveries(&mut self) {
+        /// How long killed commands may take to be reaped (a guard; SIGKILL is prompt).
+        const KILL_REAP_GUARD: std::time::Duration = std::time::Duration::from_secs(2);
         let grace = self.config.shutdown_grace;
-        let deadline = Instant::now() + grace;
+        let mut deadline = Instant::now() + grace;
+        let mut deadline_passed = false;
         while let Some(recovery) = self.actions.recovery.as_mut().filter(|r| r.running() > 0) {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, recovery.finished()).await {
@@ -264,12 +267,16 @@ impl<D: Datapath> EventLoop<'_, D> {
                     let mut events = vec![Event::Recovery(finished)];
                     self.actions.handle_all(&mut events, self.clock.now_ns());
                 }
+                Err(_) if deadline_passed => break,
                 Err(_) => {
+                    // Past the grace period: killed, then reaped (their outcomes recorded).
                     log::warn!(
-                        "event=shutdown_recoveries_abandoned running={}",
-                        recovery.running()
+                        "event=shutdown_recoveries_killed running={} grace_ms={}",
+                        recovery.kill_all(),
+                        grace.as_millis()
                     );
-                    break;
+                    deadline_passed = true;
+                    deadline = Instant::now() + KILL_REAP_GUARD;
                 }
             }
         }

@@ -4,6 +4,9 @@
 
 pub mod attest;
 pub mod ebpf;
+pub mod secure;
+pub mod secure_keys;
+pub mod udp;
 pub mod userspace;
 
 use std::net::SocketAddr;

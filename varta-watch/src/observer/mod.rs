@@ -84,6 +84,7 @@ impl Observer {
             }
         };
         let (pid, frame) = (beat.pid, beat.frame);
+        let known = !matches!(accepted, Accepted::New { .. });
         match accepted {
             Accepted::New { evicted } => events.push(Event::NewAgent {
                 pid,
@@ -106,6 +107,7 @@ impl Observer {
                 pid,
                 frame,
                 origin: beat.origin,
+                known,
             });
         } else if frame.status == Status::Critical {
             events.push(Event::Critical { pid, frame });

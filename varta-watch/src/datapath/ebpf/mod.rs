@@ -72,6 +72,8 @@ pub struct EbpfDatapath {
     buckets: BpfHashMap<MapData, u64, Bucket>,
     /// Some agent is watched for a stall: ordinary beats are drained on the timer.
     watching: bool,
+    /// Reads the secure UDP frames the filter passes up unopened.
+    secure_udp: Option<super::udp::UdpReceiver>,
 }
 
 /// The maps the daemon keeps after attaching.
@@ -124,9 +126,15 @@ impl EbpfDatapath {
                 exits: ExitWatcher::new(),
                 buckets: maps.buckets,
                 watching: false,
+                secure_udp: None,
             },
             maps.kernel_drops,
         ))
+    }
+
+    /// Secure UDP frames are read from the socket, not the ring buffer.
+    pub fn set_secure_udp(&mut self, receiver: super::udp::UdpReceiver) {
+        self.secure_udp = Some(receiver);
     }
 }
 
@@ -213,13 +221,17 @@ impl Datapath for EbpfDatapath {
             }
             // Rule 2 of `varta_common::wakeup`: the drain timer runs only while watching.
             () = tokio::time::sleep(DRAIN_INTERVAL), if armed => {}
+            ready = async { self.secure_udp.as_ref().expect("guarded").readable().await }, if self.secure_udp.is_some() => ready?,
         }
-        self.drain_ring(out);
+        self.drain(out);
         Ok(())
     }
 
     /// Rule 3 of `varta_common::wakeup`: called before every stall decision.
     fn drain(&mut self, out: &mut Vec<Beat>) {
+        if let Some(Err(e)) = self.secure_udp.as_mut().map(|udp| udp.drain(out)) {
+            log::warn!("event=receive_error transport=udp error={e}");
+        }
         self.drain_ring(out);
     }
 
@@ -240,6 +252,9 @@ impl Datapath for EbpfDatapath {
     fn set_limits(&mut self, limits: &Limits) -> anyhow::Result<()> {
         set_limits(&mut self.filter_config, limits);
         self.config.set(0, self.filter_config, 0)?;
+        if let Some(udp) = &mut self.secure_udp {
+            udp.set_limits(limits);
+        }
         Ok(())
     }
 }
