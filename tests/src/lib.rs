@@ -1,28 +1,41 @@
 //! Harness for the end-to-end tests: starts `varta-watch` as a real process on a socket of
-//! its own, scrapes its metrics, reads its log lines, and drives agents.
+//! its own, scrapes its metrics, reads its log lines, and drives agents. Every wait here
+//! either gets what it waited for or fails the test naming what it awaited and what it saw
+//! last; every process it starts is killed and reaped when its guard drops.
+
+mod daemon;
+mod process;
+pub mod sender;
+#[path = "../../varta-common/tests/support/vectors.rs"]
+pub mod vectors;
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpStream},
-    os::unix::net::UnixDatagram,
+    ops::Deref,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
+
+pub use daemon::{Daemon, DaemonBuilder};
+pub use process::Proc;
+pub use vectors::{decode_error_vectors, hex_decode, hex_encode};
 
 use varta_common::{Frame, Status};
 
 /// The daemon binary: `VARTA_WATCH_BIN`, else the workspace's debug build.
 pub fn bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("VARTA_WATCH_BIN") {
-        return PathBuf::from(p);
+    match std::env::var_os("VARTA_WATCH_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => target_bin("varta-watch"),
     }
+}
+
+/// A binary of the workspace's debug build.
+pub fn target_bin(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let bin = target.join("debug/varta-watch");
+    let bin = target.join("debug").join(name);
     assert!(
         bin.exists(),
         "{} is missing: run the tests with `cargo xtask test`",
@@ -36,20 +49,52 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Whether eBPF tests run here. Under CI=true they always run (and fail if eBPF cannot
-/// load); elsewhere they are skipped, with the reason printed, when not root.
-pub fn ebpf_enabled(test: &str) -> bool {
-    if std::env::var("CI").is_ok_and(|v| v == "true") || is_root() {
+/// Whether a test that needs root runs here: as root, yes; under CI=true without root it
+/// fails (CI must run it); elsewhere it is skipped with the reason printed. The test's name
+/// must say so (`..._needs_root`).
+pub fn needs_root(test: &str, why: &str) -> bool {
+    assert!(
+        test.ends_with("needs_root"),
+        "{test} needs root ({why}): its name must end in `needs_root`"
+    );
+    if is_root() {
         return true;
     }
-    eprintln!("skipping {test}: eBPF tests need root (CAP_BPF + CAP_PERFMON); CI runs them");
+    assert!(
+        !std::env::var("CI").is_ok_and(|v| v == "true"),
+        "{test} needs root ({why}) and CI=true: CI runs every test, so this fails instead of skipping"
+    );
+    eprintln!("skipping {test}: needs root ({why}); CI runs it");
     false
 }
 
-/// Generates `<name>::userspace`, `<name>::ebpf_needs_root` (the attestation the kernel
-/// allows, chosen by the daemon) and `<name>::ebpf_task_read_needs_root` (forced to
-/// task_read) tests calling `<name>(datapath)`; the eBPF ones skip (with a reason) only
-/// outside CI without root.
+/// The calling function's path, e.g. `ebpf::ring_buffer_overflow_is_counted_needs_root`.
+#[macro_export]
+macro_rules! this_test {
+    () => {{
+        fn f() {}
+        let name = std::any::type_name_of_val(&f);
+        name.strip_suffix("::f").unwrap_or(name)
+    }};
+}
+
+/// Returns from the calling test unless it may run here (see [`needs_root`]).
+#[macro_export]
+macro_rules! require_root {
+    ($why:expr) => {
+        if !$crate::needs_root($crate::this_test!(), $why) {
+            return;
+        }
+    };
+}
+
+/// Why the eBPF datapath needs root.
+pub const EBPF: &str = "the eBPF datapath needs CAP_BPF + CAP_PERFMON";
+
+/// Generates `<name>::userspace`, `<name>::ebpf_needs_root` (the attestation the daemon
+/// picks on this kernel) and `<name>::ebpf_task_read_needs_root` (forced to task_read, see
+/// [`with_attest`]) tests calling `<name>(datapath)`; the eBPF ones run as decided by
+/// [`needs_root`].
 #[macro_export]
 macro_rules! on_both_datapaths {
     ($($name:ident),* $(,)?) => {$(
@@ -61,16 +106,91 @@ macro_rules! on_both_datapaths {
 
             #[test]
             fn ebpf_needs_root() {
-                if $crate::ebpf_enabled(concat!(stringify!($name), "::ebpf_needs_root")) {
-                    super::$name("ebpf");
-                }
+                $crate::require_root!($crate::EBPF);
+                super::$name("ebpf");
             }
 
             #[test]
             fn ebpf_task_read_needs_root() {
-                if $crate::ebpf_enabled(concat!(stringify!($name), "::ebpf_task_read_needs_root")) {
-                    $crate::with_attest("task_read", || super::$name("ebpf"));
-                }
+                $crate::require_root!($crate::EBPF);
+                $crate::with_attest("task_read", || super::$name("ebpf"));
+            }
+        }
+    )*};
+}
+
+/// Polls `check` until it gives `Ok`; after `timeout` fails the test, naming `what` was
+/// awaited and the last value seen (the `Err` that `check` gave last).
+#[track_caller]
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() > end => {
+                panic!("waited {timeout:?} for {what}; last seen: {last}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// The value of `key` in a `key=value` line (a log line, the sender's summary); the test
+/// fails if the line has none.
+#[track_caller]
+pub fn log_field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= in: {line}"))
+}
+
+/// Whether `line` has `part`: a `key=value` part matches a whole field, so `pid=12` does
+/// not match `pid=123`; any other part (with a space, or without `=`) is a substring.
+pub fn log_has(line: &str, part: &str) -> bool {
+    if part.contains('=') && !part.contains(char::is_whitespace) {
+        line.split_whitespace().any(|f| f == part)
+    } else {
+        line.contains(part)
+    }
+}
+
+/// A unique scratch directory for one test, removed when dropped (pass or fail).
+pub struct Scratch(PathBuf);
+
+impl Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// For scenarios that only the eBPF datapath has: generates `<name>::ebpf_needs_root` (the
+/// attestation the daemon picks on this kernel) and `<name>::ebpf_task_read_needs_root`
+/// (forced to task_read) tests calling `<name>()`.
+#[macro_export]
+macro_rules! on_both_attestations {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn ebpf_needs_root() {
+                $crate::require_root!($crate::EBPF);
+                super::$name();
+            }
+
+            #[test]
+            fn ebpf_task_read_needs_root() {
+                $crate::require_root!($crate::EBPF);
+                $crate::with_attest("task_read", super::$name);
             }
         }
     )*};
@@ -82,351 +202,26 @@ thread_local! {
 }
 
 /// Runs `test` with every eBPF daemon it starts forced to attestation `method`
-/// (`VARTA_EBPF_ATTEST`: pid_tgid_helper or task_read).
+/// (`VARTA_EBPF_ATTEST`: pid_tgid_helper or task_read), so each scenario can meet its
+/// assertions with every method on one kernel.
 pub fn with_attest(method: &'static str, test: impl FnOnce()) {
     ATTEST.with(|a| a.set(Some(method)));
     test();
     ATTEST.with(|a| a.set(None));
 }
 
-/// A unique scratch directory for one test.
-pub fn scratch(name: &str) -> PathBuf {
+/// The method [`with_attest`] forces on this thread, if any.
+pub fn forced_attest() -> Option<&'static str> {
+    ATTEST.with(|a| a.get())
+}
+
+pub fn scratch(name: &str) -> Scratch {
     // A test run under `with_attest` runs beside the same test without it.
-    let attest = ATTEST
-        .with(|a| a.get())
-        .map_or(String::new(), |m| format!("-{m}"));
+    let attest = forced_attest().map_or(String::new(), |m| format!("-{m}"));
     let dir = std::env::temp_dir().join(format!("varta-e2e-{}-{name}{attest}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-pub struct Daemon {
-    child: Option<Child>,
-    pub dir: PathBuf,
-    pub socket: PathBuf,
-    pub prom: Option<SocketAddr>,
-    lines: Arc<Mutex<Vec<String>>>,
-    client: UnixDatagram,
-    /// Reaped through `wait_exit_status`: never signal that pid again.
-    reaped: std::sync::atomic::AtomicBool,
-}
-
-pub struct DaemonBuilder {
-    name: String,
-    datapath: String,
-    args: Vec<String>,
-    metrics: bool,
-    wrapper: Vec<String>,
-    world_writable: bool,
-}
-
-impl DaemonBuilder {
-    pub fn arg(mut self, a: impl Into<String>) -> Self {
-        self.args.push(a.into());
-        self
-    }
-
-    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, a: I) -> Self {
-        self.args.extend(a.into_iter().map(Into::into));
-        self
-    }
-
-    pub fn no_metrics(mut self) -> Self {
-        self.metrics = false;
-        self
-    }
-
-    /// The socket directory is writable by anyone (for a daemon run as another user).
-    pub fn world_writable(mut self) -> Self {
-        self.world_writable = true;
-        self
-    }
-
-    /// Runs the daemon under a wrapper command (e.g. setpriv).
-    pub fn wrapped<I: IntoIterator<Item = S>, S: Into<String>>(mut self, w: I) -> Self {
-        self.wrapper = w.into_iter().map(Into::into).collect();
-        self
-    }
-
-    /// Starts the daemon and waits for its `event=ready` line.
-    pub fn start(self) -> Daemon {
-        let ebpf = self.datapath != "userspace";
-        let d = self.spawn();
-        let ready = d.wait_log("event=ready", Duration::from_secs(20));
-        let Some(ready) = ready else {
-            panic!("daemon did not become ready; log:\n{}", d.log_text());
-        };
-        if let Some(method) = ATTEST.with(|a| a.get())
-            && ebpf
-        {
-            assert!(
-                ready.contains(&format!(" datapath=ebpf attest={method} ")),
-                "not on the eBPF datapath with {method} attestation: {ready}\n{}",
-                d.log_text()
-            );
-        }
-        let mut d = d;
-        d.prom = ready
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix("metrics="))
-            .and_then(|a| a.parse().ok());
-        d
-    }
-
-    /// Starts the daemon without waiting.
-    pub fn spawn(self) -> Daemon {
-        let dir = scratch(&self.name);
-        let socket = dir.join("varta.sock");
-        if self.world_writable {
-            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-                .unwrap();
-        }
-        let mut cmd = match self.wrapper.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(bin());
-                c
-            }
-            None => Command::new(bin()),
-        };
-        cmd.arg("--socket")
-            .arg(&socket)
-            .args(["--datapath", &self.datapath]);
-        if self.metrics {
-            cmd.args(["--prom-addr", "127.0.0.1:0"]);
-        }
-        cmd.args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        cmd.env("VARTA_LOG", "info");
-        if let Some(method) = ATTEST.with(|a| a.get()) {
-            cmd.env("VARTA_EBPF_ATTEST", method);
-        }
-        let mut child = cmd.spawn().expect("starting varta-watch");
-        let stderr = child.stderr.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Daemon {
-            child: Some(child),
-            dir,
-            socket,
-            prom: None,
-            lines,
-            client: UnixDatagram::unbound().unwrap(),
-            reaped: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-}
-
-impl Daemon {
-    pub fn builder(name: &str, datapath: &str) -> DaemonBuilder {
-        DaemonBuilder {
-            name: format!("{name}-{datapath}"),
-            datapath: datapath.into(),
-            args: Vec::new(),
-            metrics: true,
-            wrapper: Vec::new(),
-            world_writable: false,
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    pub fn logs(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-
-    pub fn log_text(&self) -> String {
-        self.logs().join("\n")
-    }
-
-    /// The `varta_datapath_info` sample this daemon exports, from its `event=ready` line.
-    pub fn datapath_info(&self) -> String {
-        let ready = self
-            .wait_log("event=ready", Duration::ZERO)
-            .expect("started");
-        let field = |k: &str| {
-            ready
-                .split_whitespace()
-                .find_map(|kv| kv.strip_prefix(k))
-                .unwrap_or_else(|| panic!("no {k} in {ready}"))
-                .to_owned()
-        };
-        format!(
-            "varta_datapath_info{{mode=\"{}\",attest=\"{}\"}}",
-            field("datapath="),
-            field("attest=")
-        )
-    }
-
-    /// The first log line containing every one of `parts`, waiting up to `timeout`.
-    pub fn wait_log_all(&self, parts: &[&str], timeout: Duration) -> Option<String> {
-        let end = Instant::now() + timeout;
-        loop {
-            if let Some(l) = self
-                .logs()
-                .into_iter()
-                .find(|l| parts.iter().all(|p| l.contains(p)))
-            {
-                return Some(l);
-            }
-            if Instant::now() > end {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    pub fn wait_log(&self, part: &str, timeout: Duration) -> Option<String> {
-        self.wait_log_all(&[part], timeout)
-    }
-
-    pub fn count_logs(&self, parts: &[&str]) -> usize {
-        self.logs()
-            .iter()
-            .filter(|l| parts.iter().all(|p| l.contains(p)))
-            .count()
-    }
-
-    /// GET /metrics (optionally with a bearer token): (status code, body).
-    pub fn get_metrics(&self, token: Option<&str>) -> (u16, String) {
-        let addr = self.prom.expect("daemon started with metrics");
-        let mut s = TcpStream::connect(addr).unwrap();
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let code = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (code, body)
-    }
-
-    /// Every sample: `name{labels}` -> value.
-    pub fn metrics(&self) -> HashMap<String, f64> {
-        parse_metrics(&self.get_metrics(None).1)
-    }
-
-    /// One sample, 0 when absent.
-    pub fn metric(&self, sample: &str) -> f64 {
-        self.metrics().get(sample).copied().unwrap_or(0.0)
-    }
-
-    /// Waits until `sample` satisfies `ok`.
-    pub fn wait_metric(&self, sample: &str, timeout: Duration, ok: impl Fn(f64) -> bool) -> f64 {
-        let end = Instant::now() + timeout;
-        loop {
-            let v = self.metric(sample);
-            if ok(v) || Instant::now() > end {
-                return v;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Sends raw bytes from this (test) process.
-    pub fn send(&self, bytes: &[u8]) {
-        self.client.send_to(bytes, &self.socket).unwrap();
-    }
-
-    /// Starts `varta-watch agent` beating every `interval_ms`.
-    pub fn agent(&self, interval_ms: u64) -> Child {
-        Command::new(bin())
-            .args([
-                "agent",
-                "--interval-ms",
-                &interval_ms.to_string(),
-                "--socket",
-            ])
-            .arg(&self.socket)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    }
-
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child, which has not been reaped.
-        unsafe { libc::kill(self.pid() as i32, sig) };
-    }
-
-    /// SIGTERM, then wait: the exit status and how long the exit took.
-    pub fn stop(mut self) -> (ExitStatus, Duration) {
-        let t = Instant::now();
-        self.signal(libc::SIGTERM);
-        let st = self.child.take().unwrap().wait().unwrap();
-        (st, t.elapsed())
-    }
-
-    /// Waits for the daemon to exit on its own, keeping its log readable.
-    pub fn wait_exit_status(&self, timeout: Duration) -> Option<ExitStatus> {
-        let end = Instant::now() + timeout;
-        let pid = self.pid() as i32;
-        loop {
-            let mut status = 0;
-            // SAFETY: waitpid on our own child with a live status slot.
-            let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-            if rc == pid {
-                self.reaped
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                return Some(std::os::unix::process::ExitStatusExt::from_raw(status));
-            }
-            if Instant::now() > end {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Waits for the daemon to exit on its own.
-    pub fn wait_exit(mut self, timeout: Duration) -> Option<ExitStatus> {
-        let end = Instant::now() + timeout;
-        let child = self.child.as_mut().unwrap();
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                self.child = None;
-                return Some(st);
-            }
-            if Instant::now() > end {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self
-            .child
-            .take()
-            .filter(|_| !self.reaped.load(std::sync::atomic::Ordering::Relaxed))
-        {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    Scratch(dir)
 }
 
 pub fn parse_metrics(body: &str) -> HashMap<String, f64> {
@@ -450,47 +245,6 @@ pub fn frame(pid: u32, nonce: u64) -> [u8; 32] {
     .encode()
 }
 
-pub fn kill(child: &mut Child, sig: i32) {
-    // SAFETY: kill(2) on our own, unreaped child.
-    unsafe { libc::kill(child.id() as i32, sig) };
-}
-
-pub fn reap(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// The conformance vectors (a copy lives in varta-common/data).
-pub fn vectors() -> String {
-    std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../varta-common/data/vlp-v0.2-vectors.json"),
-    )
-    .unwrap()
-}
-
-/// `(expected decode error, wire bytes)` for every decode-error vector.
-pub fn decode_error_vectors() -> Vec<(String, Vec<u8>)> {
-    let text = vectors();
-    let mut out = Vec::new();
-    // A dependency-free scan of the JSON: each decode-error object names its error and wire.
-    for chunk in text.split("\"kind\": \"decode_error\"").skip(1) {
-        let field = |name: &str| {
-            let at = chunk.find(&format!("\"{name}\": \""))? + name.len() + 5;
-            Some(chunk[at..].split('"').next()?.to_owned())
-        };
-        let (err, wire) = (
-            field("expected_decode_error").unwrap(),
-            field("wire_hex").unwrap(),
-        );
-        let bytes = (0..wire.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&wire[i..i + 2], 16).unwrap())
-            .collect();
-        out.push((err, bytes));
-    }
-    out
-}
-
 /// snake_case of a decode error name (`BadMagic` -> `bad_magic`).
 pub fn snake(name: &str) -> String {
     let mut s = String::new();
@@ -501,4 +255,27 @@ pub fn snake(name: &str) -> String {
         s.push(c.to_ascii_lowercase());
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    #[should_panic(expected = "waited 20ms for the answer; last seen: 41")]
+    fn a_wait_that_times_out_fails_naming_what_and_the_last_value() {
+        super::wait_for("the answer", Duration::from_millis(20), || {
+            Err::<(), _>("41".to_owned())
+        });
+    }
+
+    #[test]
+    fn key_value_fields_match_whole_fields() {
+        let line = "ts=1 level=info event=stall pid=123 frame_pid=2";
+        assert_eq!(super::log_field(line, "pid"), "123");
+        assert_eq!(super::log_field(line, "frame_pid"), "2");
+        assert!(super::log_has(line, "pid=123"));
+        assert!(!super::log_has(line, "pid=12"));
+        assert!(super::log_has(line, "level=info event"));
+    }
 }

@@ -3,22 +3,22 @@
 //! the kernel's next pid and must not race other tests' processes.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
-use varta_e2e::{Daemon, bin, ebpf_enabled, is_root, reap};
+use varta_e2e::{Daemon, EBPF, Proc, bin, log_field, require_root};
 
 /// `sh` is pid 1 of the new namespace and forks the command, which gets pid 2 there.
-fn in_child_namespace(args: &[String]) -> Child {
+fn in_child_namespace(args: &[String]) -> Proc {
     let script = format!("{} \"$@\"; :", bin().display());
-    Command::new("unshare")
-        .args(["--pid", "--fork", "--kill-child", "sh", "-c", &script, "sh"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("unshare")
+    Proc::spawn(
+        Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child", "sh", "-c", &script, "sh"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null()),
+    )
 }
 
 fn agent_args(d: &Daemon) -> Vec<String> {
@@ -29,14 +29,6 @@ fn agent_args(d: &Daemon) -> Vec<String> {
         "--socket".into(),
         d.socket.display().to_string(),
     ]
-}
-
-fn field(line: &str, key: &str) -> u32 {
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key))
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 /// Serialises the two tests of this file (see the module comment).
@@ -51,8 +43,8 @@ fn cross_namespace_agents(datapath: &str) {
     let agent = in_child_namespace(&agent_args(&d));
     d.wait_metric(
         "varta_frames_dropped_total{reason=\"namespace\"}",
+        3.0,
         Duration::from_secs(5),
-        |v| v >= 3.0,
     );
     assert_eq!(
         d.metric("varta_watch_pids_tracked"),
@@ -61,21 +53,19 @@ fn cross_namespace_agents(datapath: &str) {
         d.log_text()
     );
     assert!(d.metric("varta_frame_namespace_mismatch_total") >= 3.0);
-    reap(agent);
-    drop(d);
+    drop((agent, d));
 
     // Allowed: tracked under its host pid, with its own pid alongside.
     let d = Daemon::builder("ns-allow", datapath)
         .args(["--threshold-ms", "2000", "--allow-cross-namespace-agents"])
         .start();
     let agent = in_child_namespace(&agent_args(&d));
-    let line = d
-        .wait_log_all(
-            &["event=agent_new", "cross_namespace=true"],
-            Duration::from_secs(5),
-        )
-        .unwrap_or_else(|| panic!("{}", d.log_text()));
-    let (host, own) = (field(&line, "pid="), field(&line, "frame_pid="));
+    let line = d.wait_log_all(
+        &["event=agent_new", "cross_namespace=true"],
+        Duration::from_secs(5),
+    );
+    let host: u32 = log_field(&line, "pid").parse().unwrap();
+    let own: u32 = log_field(&line, "frame_pid").parse().unwrap();
     assert_eq!(own, 2, "{line}");
     assert_ne!(host, own);
     let status = std::fs::read_to_string(format!("/proc/{host}/status")).unwrap();
@@ -91,8 +81,8 @@ fn cross_namespace_agents(datapath: &str) {
     );
     d.wait_metric(
         &format!("varta_beats_total{{pid=\"{host}\"}}"),
+        5.0,
         Duration::from_secs(5),
-        |v| v >= 5.0,
     );
     assert_eq!(
         d.metric("varta_frames_dropped_total{reason=\"spoof\"}"),
@@ -100,18 +90,18 @@ fn cross_namespace_agents(datapath: &str) {
     );
 
     // A process in a namespace framing another pid is still a spoof.
-    let mut forger = in_child_namespace(&[
+    in_child_namespace(&[
         "beat".into(),
         "--pid".into(),
         "4242".into(),
         "--socket".into(),
         d.socket.display().to_string(),
-    ]);
-    assert!(forger.wait().unwrap().success());
+    ])
+    .wait_success();
     d.wait_metric(
         "varta_frames_dropped_total{reason=\"spoof\"}",
+        1.0,
         Duration::from_secs(5),
-        |v| v >= 1.0,
     );
     assert_eq!(
         d.metric("varta_frames_dropped_total{reason=\"spoof\"}"),
@@ -119,12 +109,17 @@ fn cross_namespace_agents(datapath: &str) {
     );
 
     // After the agent exits, a new process that reuses its host pid is verified afresh.
-    reap(agent);
+    drop(agent);
     if datapath == "ebpf" {
         let asked =
-            |d: &Daemon| d.count_logs(&["event=cross_namespace_sender", &format!("tgid={host} ")]);
+            |d: &Daemon| d.count_logs(&["event=cross_namespace_sender", &format!("tgid={host}")]);
         assert_eq!(asked(&d), 1);
-        std::thread::sleep(Duration::from_millis(200)); // the daemon sees the exit through its pidfd
+        // The daemon forgets the verdict when the exit shows on its pidfd (no line says so);
+        // the agent's stall comes a whole threshold after that exit.
+        d.wait_log_all(
+            &["event=stall", &format!("pid={host}")],
+            Duration::from_secs(10),
+        );
         let beat = [
             "beat".to_string(),
             "--socket".into(),
@@ -134,15 +129,33 @@ fn cross_namespace_agents(datapath: &str) {
         let before = d.metric(&beats);
         // unshare, its sh and then the beat process take consecutive pids (sometimes one
         // more in between): steer the kernel's next pid so the beat process gets `host`.
+        // Every frame ends up delivered or dropped: wait for each to be handled.
+        let handled = |d: &Daemon| -> f64 {
+            d.metrics()
+                .iter()
+                .filter(|(k, _)| {
+                    k.starts_with("varta_frames_dropped_total{")
+                        || *k == "varta_datapath_beats_delivered_total"
+                })
+                .map(|(_, v)| v)
+                .sum()
+        };
         let landed = (0..40).any(|i| {
             std::fs::write(
                 "/proc/sys/kernel/ns_last_pid",
                 (host - 3 - i % 2).to_string(),
             )
             .unwrap();
-            let mut c = in_child_namespace(&beat);
-            assert!(c.wait().unwrap().success());
-            std::thread::sleep(Duration::from_millis(50));
+            let seen = handled(&d);
+            in_child_namespace(&beat).wait_success();
+            varta_e2e::wait_for("the beat to be handled", Duration::from_secs(5), || {
+                let now = handled(&d);
+                if now > seen {
+                    Ok(())
+                } else {
+                    Err(now.to_string())
+                }
+            });
             asked(&d) > 1 || d.metric(&beats) > before
         });
         assert!(landed, "could not steer a new process onto pid {host}");
@@ -157,25 +170,18 @@ fn cross_namespace_agents(datapath: &str) {
 
 #[test]
 fn cross_namespace_agents_userspace_needs_root() {
-    if !is_root() {
-        eprintln!("skipping: unshare --pid needs root");
-        return;
-    }
+    require_root!("unshare --pid needs CAP_SYS_ADMIN");
     cross_namespace_agents("userspace");
 }
 
 #[test]
 fn cross_namespace_agents_ebpf_needs_root() {
-    if !ebpf_enabled("cross_namespace_agents_ebpf_needs_root") {
-        return;
-    }
+    require_root!(EBPF);
     cross_namespace_agents("ebpf");
 }
 
 #[test]
 fn cross_namespace_agents_ebpf_task_read_needs_root() {
-    if !ebpf_enabled("cross_namespace_agents_ebpf_task_read_needs_root") {
-        return;
-    }
+    require_root!(EBPF);
     varta_e2e::with_attest("task_read", || cross_namespace_agents("ebpf"));
 }

@@ -8,6 +8,10 @@
 use crate::crc32c;
 
 pub const FRAME_LEN: usize = 32;
+/// Secure UDP frames (AEAD-wrapped): shared-key and master-key forms, in bytes.
+pub const SECURE_FRAME_LENS: [u32; 2] = [60, 64];
+/// What precedes the frame in a UDP datagram as a socket filter sees it.
+pub const UDP_HEADER_LEN: u32 = 8;
 pub const MAGIC: [u8; 2] = [0x56, 0x41];
 pub const VERSION: u8 = 2;
 /// With status Critical this nonce marks the panic-terminal frame: the agent is dying.

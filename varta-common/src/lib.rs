@@ -3,6 +3,7 @@
 //! program exchanges with the daemon.
 #![no_std]
 
+pub mod cbpf;
 pub mod crc32c;
 pub mod drop;
 pub mod filter;

@@ -19,15 +19,15 @@ use std::process::ExitCode;
 use crate::config::cli::Command;
 
 fn main() -> ExitCode {
-    let cli = match config::parse_command_line() {
-        Ok(cli) => cli,
+    let line = match config::parse_command_line() {
+        Ok(line) => line,
         Err(code) => return code,
     };
     sys::logger::init();
-    let result = match &cli.command {
+    let result = match &line.cli.command {
         Some(Command::Beat(args)) => agent::beat(args),
         Some(Command::Agent(args)) => agent::agent(args),
-        None => return daemon::run(&cli.daemon),
+        None => return daemon::run(&line),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,8 +15,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use varta_common::{Frame, Status};
-
 struct Sample {
     cpu_s: f64,
     switches: u64,
@@ -72,14 +70,7 @@ fn start(bin: &Path, args: &[&str], socket: &Path) -> Child {
 }
 
 fn junk(socket: &Path) {
-    let mut bad = Frame {
-        status: Status::Ok,
-        pid: 4242,
-        timestamp: 1,
-        nonce: 1,
-        payload: 0,
-    }
-    .encode();
+    let mut bad = varta_e2e::frame(4242, 1);
     bad[31] ^= 0xff;
     let workers: Vec<_> = (0..4)
         .map(|_| {
@@ -98,17 +89,7 @@ fn junk(socket: &Path) {
     let pid = std::process::id();
     let mut nonce = 1;
     while !workers.iter().all(|w| w.is_finished()) {
-        let _ = agent.send_to(
-            &Frame {
-                status: Status::Ok,
-                pid,
-                timestamp: 1,
-                nonce,
-                payload: 0,
-            }
-            .encode(),
-            socket,
-        );
+        let _ = agent.send_to(&varta_e2e::frame(pid, nonce), socket);
         nonce += 1;
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -121,14 +102,7 @@ fn beats(socket: &Path) {
     let s = UnixDatagram::unbound().unwrap();
     let pid = std::process::id();
     for nonce in 1..=400_000u64 {
-        let f = Frame {
-            status: Status::Ok,
-            pid,
-            timestamp: 1,
-            nonce,
-            payload: 0,
-        }
-        .encode();
+        let f = varta_e2e::frame(pid, nonce);
         while s.send_to(&f, socket).is_err() {
             std::thread::yield_now();
         }

@@ -5,8 +5,6 @@
 
 use std::{net::UdpSocket, os::unix::net::UnixDatagram, time::Instant};
 
-use varta_common::{Frame, Status};
-
 enum Out {
     Uds(UnixDatagram, String),
     Udp(UdpSocket),
@@ -37,11 +35,7 @@ fn main() {
     let mut sent = 0u64;
     match args[2].as_str() {
         "hex" => {
-            let hex = &args[4];
-            let bytes: Vec<u8> = (0..hex.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-                .collect();
+            let bytes = varta_e2e::hex_decode(&args[4]);
             for _ in 0..count {
                 out.send(&bytes);
                 sent += 1;
@@ -53,16 +47,7 @@ fn main() {
             while (count > 0 && sent < count)
                 || (count == 0 && started.elapsed().as_millis() < millis)
             {
-                out.send(
-                    &Frame {
-                        status: Status::Ok,
-                        pid,
-                        timestamp: 1,
-                        nonce,
-                        payload: 0,
-                    }
-                    .encode(),
-                );
+                out.send(&varta_e2e::frame(pid, nonce));
                 nonce += 1;
                 sent += 1;
             }
@@ -70,16 +55,7 @@ fn main() {
         "forge" => {
             let claimed: u32 = args[4].parse().unwrap();
             for nonce in 0..count {
-                out.send(
-                    &Frame {
-                        status: Status::Ok,
-                        pid: claimed,
-                        timestamp: 1,
-                        nonce: 1_000_000 + nonce,
-                        payload: 0,
-                    }
-                    .encode(),
-                );
+                out.send(&varta_e2e::frame(claimed, 1_000_000 + nonce));
                 sent += 1;
             }
         }

@@ -33,7 +33,7 @@ impl Exporter {
     /// The line for `event`, if it has one.
     pub fn line(observer_ns: u64, event: &Event) -> Option<String> {
         Some(match event {
-            Event::Beat { pid, frame } => {
+            Event::Beat { pid, frame, .. } => {
                 format!(
                     "{observer_ns}\tbeat\t{pid}\t{}\t{}\t{}",
                     frame.nonce,

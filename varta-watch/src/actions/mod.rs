@@ -76,7 +76,7 @@ impl Actions {
     fn handle(&mut self, event: &Event, now_ns: u64, follow_ups: &mut Vec<Event>) {
         let m = &self.metrics;
         match event {
-            Event::Beat { pid, frame } => {
+            Event::Beat { pid, frame, .. } => {
                 m.beats.get_or_create(&PidLabel { pid: *pid }).inc();
                 m.status
                     .get_or_create(&PidLabel { pid: *pid })
@@ -160,7 +160,13 @@ impl Actions {
                 );
             }
         }
-        let observer_ns = now_ns.saturating_sub(self.start_ns);
+        // A beat is stamped with its receive time: drained in batches, it may be processed
+        // later than it arrived, and the stall deadline counts from its arrival.
+        let at_ns = match event {
+            Event::Beat { recv_ns, .. } => *recv_ns,
+            _ => now_ns,
+        };
+        let observer_ns = at_ns.saturating_sub(self.start_ns);
         if let Some(export) = &mut self.export
             && let Err(e) = export.record(observer_ns, event)
         {

@@ -5,36 +5,34 @@
 
 use std::{ffi::OsString, path::Path, process::ExitCode};
 
-use clap::Parser;
-
-use super::cli::Cli;
+use super::cli::{CommandLine, env_name};
 
 /// The command line, with `--config`'s keys in front when it names a file. A bad flag or
 /// file is one line on stderr naming it, and exit code 2.
-pub fn parse_command_line() -> Result<Cli, ExitCode> {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+pub fn parse_command_line() -> Result<CommandLine, ExitCode> {
+    let line = match CommandLine::parse_from(std::env::args_os()) {
+        Ok(line) => line,
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
             eprintln!("varta-watch: error: {}", first_line(&e));
             return Err(ExitCode::from(2));
         }
     };
-    match (&cli.command, &cli.daemon.config) {
+    match (&line.cli.command, &line.cli.daemon.observer.config) {
         (None, Some(path)) => with_file(path).map_err(|e| {
             eprintln!("varta-watch: error: --config: {e}");
             ExitCode::from(2)
         }),
-        _ => Ok(cli),
+        _ => Ok(line),
     }
 }
 
 /// The command line again, with the file's keys in front (flags override them).
-pub fn with_file(path: &Path) -> Result<Cli, String> {
+pub fn with_file(path: &Path) -> Result<CommandLine, String> {
     let file_args = args(path)?;
     let mut argv: Vec<OsString> = std::env::args_os().collect();
     argv.splice(1..1, file_args.into_iter().map(Into::into));
-    Cli::try_parse_from(argv).map_err(|e| format!("{}: {}", path.display(), first_line(&e)))
+    CommandLine::parse_from(argv).map_err(|e| format!("{}: {}", path.display(), first_line(&e)))
 }
 
 /// One line that names the flag, not clap's usage block.
@@ -65,8 +63,7 @@ pub fn args(path: &Path) -> Result<Vec<String>, String> {
                 path.display()
             ));
         }
-        let env = format!("VARTA_{}", key.to_ascii_uppercase().replace('-', "_"));
-        if std::env::var_os(&env).is_some() {
+        if std::env::var_os(env_name(&key)).is_some() {
             continue;
         }
         let flag = format!("--{key}");

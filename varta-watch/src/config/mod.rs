@@ -2,16 +2,20 @@
 //! environment). Every check names the flag it is about.
 
 pub mod cli;
+mod compat;
 pub mod file;
 mod reload;
+mod settings;
 
+pub use compat::warnings;
 pub use file::parse_command_line;
 pub use reload::reload;
+pub use settings::Settings;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
-    config::cli::{DaemonArgs, DatapathMode, EvictionPolicy, SignalHandlerMode},
+    config::cli::{CommandLine, DatapathMode, EvictionPolicy, RecoveryArgs, SignalHandlerMode},
     sys::clock::ClockSource,
 };
 
@@ -68,6 +72,7 @@ pub struct Config {
     pub uds_rcvbuf_bytes: u32,
     pub udp: Option<SocketAddr>,
     pub datapath: DatapathMode,
+    pub junk_sample_one_in: u32,
     pub clock: ClockSource,
     pub limits: Limits,
     pub tracker_capacity: usize,
@@ -81,45 +86,48 @@ pub struct Config {
     pub signal_mode: SignalHandlerMode,
     pub shutdown_after: Option<Duration>,
     pub config_file: Option<PathBuf>,
+    /// Every setting as given, for the reload diff.
+    pub settings: Settings,
 }
 
 impl Config {
-    pub fn from_args(a: &DaemonArgs) -> Result<Config, ConfigError> {
+    /// The configuration of a parsed daemon command line, checked; every error names its
+    /// flag.
+    pub fn from_command_line(line: &CommandLine) -> Result<Config, ConfigError> {
+        let a = &line.cli.daemon;
         let socket = a
+            .receive
             .socket
             .clone()
             .ok_or_else(|| bad("--socket", "required: where to bind the observer's socket"))?;
         let threshold_ms = a
+            .stall
             .threshold_ms
             .ok_or_else(|| bad("--threshold-ms", "required: silence before a stall"))?;
-        if a.global_beat_rate > 0 && a.global_beat_burst == 0 {
+        if a.admission.global_beat_rate > 0 && a.admission.global_beat_burst == 0 {
             return Err(bad(
                 "--global-beat-burst",
                 "must be at least 1 while --global-beat-rate is on",
             ));
         }
-        let udp = match a.udp_port {
+        let udp = match a.receive.udp_port {
             None => None,
-            Some(_)
-                if !a.i_accept_plaintext_udp
-                    && a.compat.key_file.is_none()
-                    && a.compat.master_key_file.is_none() =>
-            {
+            Some(_) if !a.receive.i_accept_plaintext_udp && !a.secure_udp.has_key() => {
                 return Err(bad(
                     "--udp-port",
                     "plaintext UDP cannot attest senders; add --i-accept-plaintext-udp to listen anyway",
                 ));
             }
             // Secure UDP is not implemented: with keys only, no UDP listener starts (warned).
-            Some(_) if !a.i_accept_plaintext_udp => None,
-            Some(port) => Some(SocketAddr::new(a.udp_bind_addr, port)),
+            Some(_) if !a.receive.i_accept_plaintext_udp => None,
+            Some(port) => Some(SocketAddr::new(a.receive.udp_bind_addr, port)),
         };
-        let recovery = recovery_config(a)?;
-        let prom_token = match &a.prom_token_file {
+        let recovery = recovery_config(&a.recovery)?;
+        let prom_token = match &a.output.prom_token_file {
             None => None,
             Some(path) => Some(read_token(path)?),
         };
-        if let Some(addr) = a.prom_addr
+        if let Some(addr) = a.output.prom_addr
             && prom_token.is_none()
             && !addr.ip().is_loopback()
         {
@@ -132,33 +140,35 @@ impl Config {
         }
         Ok(Config {
             socket,
-            socket_mode: a.socket_mode,
-            uds_rcvbuf_bytes: a.uds_rcvbuf_bytes,
+            socket_mode: a.receive.socket_mode,
+            uds_rcvbuf_bytes: a.receive.uds_rcvbuf_bytes,
             udp,
-            datapath: a.datapath,
-            clock: a.clock_source,
+            datapath: a.receive.datapath,
+            junk_sample_one_in: a.receive.userspace_junk_sample_one_in,
+            clock: a.stall.clock_source,
             limits: Limits {
                 threshold_ms,
-                per_pid_rate: a.max_beat_rate,
-                global_rate: a.global_beat_rate,
-                global_burst: a.global_beat_burst,
+                per_pid_rate: a.admission.max_beat_rate,
+                global_rate: a.admission.global_beat_rate,
+                global_burst: a.admission.global_beat_burst,
             },
-            tracker_capacity: a.tracker_capacity as usize,
-            eviction: a.tracker_eviction_policy,
-            allow_cross_namespace: a.allow_cross_namespace_agents,
+            tracker_capacity: a.admission.tracker_capacity as usize,
+            eviction: a.admission.tracker_eviction_policy,
+            allow_cross_namespace: a.admission.allow_cross_namespace_agents,
             recovery,
-            shutdown_grace: Duration::from_millis(a.shutdown_grace_ms),
-            export_file: a.export_file.clone(),
-            prom_addr: a.prom_addr,
+            shutdown_grace: Duration::from_millis(a.recovery.shutdown_grace_ms),
+            export_file: a.output.export_file.clone(),
+            prom_addr: a.output.prom_addr,
             prom_token,
-            signal_mode: a.signal_handler_mode,
-            shutdown_after: a.shutdown_after_secs.map(Duration::from_secs),
-            config_file: a.config.clone(),
+            signal_mode: a.observer.signal_handler_mode,
+            shutdown_after: a.observer.shutdown_after_secs.map(Duration::from_secs),
+            config_file: a.observer.config.clone(),
+            settings: Settings::from_matches(&line.matches),
         })
     }
 }
 
-fn recovery_config(a: &DaemonArgs) -> Result<Option<RecoveryConfig>, ConfigError> {
+fn recovery_config(a: &RecoveryArgs) -> Result<Option<RecoveryConfig>, ConfigError> {
     let command = match (&a.recovery_exec, &a.recovery_exec_file) {
         (Some(cmd), _) => cmd.clone(),
         (None, Some(path)) => read_private_file("--recovery-exec-file", path)?,

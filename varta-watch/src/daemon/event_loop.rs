@@ -219,10 +219,10 @@ impl<D: Datapath> EventLoop<'_, D> {
                 return;
             }
         };
-        for key in self.config.restart_only_changes(&new) {
+        for key in self.config.settings.restart_only_changes(&new.settings) {
             log::warn!("event=reload_needs_restart key={key}");
         }
-        let changed = self.config.live_changes(&new);
+        let changed = self.config.settings.live_changes(&new.settings);
         if let Err(e) = self.datapath.set_limits(&new.limits) {
             log::warn!("event=reload_rejected reason=\"updating the eBPF configuration: {e}\"");
             return;
@@ -234,6 +234,7 @@ impl<D: Datapath> EventLoop<'_, D> {
         }
         self.config.limits = new.limits;
         self.config.recovery = new.recovery;
+        self.config.settings.adopt_live(&new.settings);
         log::info!(
             "event=reload changed={}",
             if changed.is_empty() {

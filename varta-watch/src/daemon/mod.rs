@@ -9,22 +9,22 @@ use anyhow::{Context, Result};
 
 use crate::{
     actions::metrics::KernelDrops,
-    config::{Config, cli::DaemonArgs, cli::DatapathMode},
+    config::{Config, cli::CommandLine, cli::DatapathMode},
     datapath::{ebpf::EbpfDatapath, userspace::UserspaceDatapath},
     observer::drops::DropCounters,
     signal::{self, Signals},
 };
 
 /// Runs the daemon to its end; the exit code says how it ended.
-pub fn run(args: &DaemonArgs) -> ExitCode {
-    let config = match Config::from_args(args) {
+pub fn run(line: &CommandLine) -> ExitCode {
+    let config = match Config::from_command_line(line) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("varta-watch: error: {e}");
             return ExitCode::from(2);
         }
     };
-    for (flag, why) in args.compat.warnings() {
+    for (flag, why) in crate::config::warnings(&line.matches) {
         log::warn!("event=flag_ignored flag={flag} reason=\"{why}\"");
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -75,6 +75,7 @@ async fn start(mut config: Config) -> Result<()> {
                 sockets.udp,
                 config.clock,
                 config.allow_cross_namespace,
+                config.junk_sample_one_in,
                 drops.clone(),
             )?;
             event_loop::serve(datapath, None, &mut config, signals, drops, sockets.rcvbuf).await

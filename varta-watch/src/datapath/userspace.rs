@@ -11,7 +11,10 @@ use std::{
 };
 
 use tokio::io::unix::AsyncFd;
-use varta_common::{DropReason, FRAME_LEN, Frame};
+use varta_common::{
+    DropReason, FRAME_LEN, Frame, cbpf,
+    frame::{SECURE_FRAME_LENS, UDP_HEADER_LEN},
+};
 
 use super::{
     Beat, Datapath, Origin,
@@ -23,7 +26,7 @@ use crate::{
     sys::clock::ClockSource,
     sys::pidfd::ExitWatcher,
     sys::procfs::{self, Sender},
-    sys::sock::RecvBatch,
+    sys::sock::{self, RecvBatch},
 };
 
 const BATCH: usize = 64;
@@ -43,8 +46,10 @@ impl UserspaceDatapath {
         udp: Option<UdpSocket>,
         clock: ClockSource,
         allow_cross_namespace: bool,
+        junk_sample_one_in: u32,
         drops: Arc<DropCounters>,
     ) -> io::Result<Self> {
+        drop_junk_in_kernel(&uds, udp.as_ref(), junk_sample_one_in);
         Ok(UserspaceDatapath {
             uds: crate::sys::readiness::readable(uds)?,
             udp: udp.map(crate::sys::readiness::readable).transpose()?,
@@ -168,6 +173,39 @@ impl Datapath for UserspaceDatapath {
 
 /// Most senders whose namespace is cached at once (each holds a pidfd until it exits).
 const SENDER_CACHE: usize = 65_536;
+
+/// Attaches the frame rules as classic BPF to both sockets, so junk is dropped (and one in
+/// `sample_one_in` sampled) before it wakes the daemon. Without it the datapath still
+/// works, at the cost of a wake-up per datagram: a failure is logged, not fatal.
+fn drop_junk_in_kernel(uds: &UnixDatagram, udp: Option<&UdpSocket>, sample_one_in: u32) {
+    let uds_filter = cbpf::program(&cbpf::Layout {
+        offset: 0,
+        also_accept: &[],
+        sample_one_in,
+    });
+    // On UDP the filter sees the 8-byte UDP header first; secure frames pass unchecked
+    // (they are authenticated here).
+    let udp_filter = cbpf::program(&cbpf::Layout {
+        offset: UDP_HEADER_LEN,
+        also_accept: &SECURE_FRAME_LENS,
+        sample_one_in,
+    });
+    let sockets = [
+        ("uds", Some(uds.as_fd()), &uds_filter),
+        ("udp", udp.map(|s| s.as_fd()), &udp_filter),
+    ];
+    for (name, fd, filter) in sockets {
+        let Some(fd) = fd else { continue };
+        match sock::attach_classic_filter(fd, filter.insns()) {
+            Ok(()) => log::info!(
+                "event=classic_filter_attached socket={name} instructions={} sample_one_in={}",
+                filter.insns().len(),
+                sample_one_in
+            ),
+            Err(e) => log::warn!("event=classic_filter_failed socket={name} error=\"{e}\""),
+        }
+    }
+}
 
 /// Caches what /proc says of each sender for the shared [`Attestation`] decision.
 struct Attestor {

@@ -7,10 +7,11 @@ use crate::{actions::recovery::Finished, datapath::Origin, observer::tracker::Ag
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// An accepted beat.
+    /// An accepted beat, received at `recv_ns` (on the observer's clock).
     Beat {
         pid: u32,
         frame: Frame,
+        recv_ns: u64,
     },
     /// An agent seen for the first time (it may have replaced an evicted one).
     NewAgent {

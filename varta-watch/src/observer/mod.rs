@@ -95,7 +95,11 @@ impl Observer {
             Accepted::Wrapped => events.push(Event::NonceWrapped { pid }),
             Accepted::Beat => {}
         }
-        events.push(Event::Beat { pid, frame });
+        events.push(Event::Beat {
+            pid,
+            frame,
+            recv_ns: beat.recv_ns,
+        });
         if frame.is_panic_terminal() {
             events.push(Event::Exit {
                 pid,
