@@ -101,7 +101,13 @@ pub fn boot(
         match rx.recv_timeout(left) {
             Ok(line) => {
                 let _ = writeln!(file, "{line}");
+                // After this qemu pauses the guest for good instead of exiting.
+                let paused = line.contains("KVM internal error");
                 serial.push(line);
+                if paused {
+                    let _ = child.kill();
+                    break;
+                }
             }
             // Both pipes closed: qemu is gone.
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -162,7 +168,8 @@ pub fn pick_accel(arch: Arch, kernel: &Path, initrd: &Path, log: &Path) -> Accel
         kernel,
         initrd,
         "vm_mode=probe",
-        Duration::from_secs(15),
+        // A KVM guest reaches init in about a second; a failing one stalls or pauses.
+        Duration::from_secs(8),
         log,
     );
     match probe {
