@@ -175,7 +175,7 @@ fn the_image_runs_as_the_daemonset_does_attaches_ebpf_tracks_a_host_beat_and_sto
     let (code, body) = deploy::http_get_with_token(addr, "/metrics", Some(&token));
     assert_eq!(code, 200);
     assert!(
-        body.contains("varta_datapath_info{mode=\"ebpf\"} 1"),
+        body.contains("varta_datapath_info{mode=\"ebpf\",attest="),
         "{body}"
     );
 
