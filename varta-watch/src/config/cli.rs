@@ -274,6 +274,11 @@ pub struct ObserverArgs {
     /// TOML file with the same keys as the long flags; re-read on SIGHUP.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// The observer's nice value, so it keeps a CPU share on a saturated node (needs
+    /// CAP_SYS_NICE to go below 0; without it the priority stays and one line says so).
+    /// 0 keeps the inherited priority.
+    #[arg(long, default_value_t = -10, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pub observer_nice: i32,
     /// How signal handlers are installed.
     #[arg(long, value_enum, default_value = "direct")]
     pub signal_handler_mode: SignalHandlerMode,
