@@ -169,12 +169,13 @@ pub fn ensure_incumbent() -> Result<PathBuf> {
 }
 
 /// Debian packages the tests use, installed when missing (CI runs as root on a fresh box):
-/// `unshare`/`setpriv` for namespace and privilege tests, cross compilers and qemu-user for
+/// `unshare`/`setpriv` for namespace and privilege tests, tmux to look at `varta-watch top`, cross compilers and qemu-user for
 /// the signal tests on aarch64 and riscv64.
 pub fn ensure_test_packages() -> Result<()> {
     let wanted: &[(&str, &str)] = &[
         ("/usr/bin/unshare", "util-linux"),
         ("/usr/bin/setpriv", "util-linux"),
+        ("/usr/bin/tmux", "tmux"),
         ("/usr/bin/qemu-aarch64-static", "qemu-user-static"),
         ("/usr/bin/qemu-riscv64-static", "qemu-user-static"),
         ("/usr/bin/aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
