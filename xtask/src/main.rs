@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: everything that is not plain cargo.
 
+mod demo;
 mod ebpf;
 mod toolchain;
 
@@ -32,6 +33,14 @@ enum Task {
     Run {
         #[arg(long)]
         release: bool,
+        /// Also start demo agents, wedge one, kill one and let one die with a panic frame:
+        /// a stall, an exit and a recovery within seconds (`varta-watch top` in a tmux
+        /// split when the terminal has tmux). Ctrl-C stops everything.
+        #[arg(long)]
+        demo: bool,
+        /// Run this varta-watch binary instead of building one.
+        #[arg(long)]
+        bin: Option<PathBuf>,
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -49,7 +58,22 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::BuildEbpf => ebpf::build().map(drop),
         Task::Build { release } => build(release).map(drop),
-        Task::Run { release, args } => run(release, &args),
+        Task::Run {
+            release,
+            demo,
+            bin,
+            args,
+        } => {
+            let bin = match bin {
+                Some(bin) => bin,
+                None => build(release)?,
+            };
+            if demo {
+                demo::run(&bin, &args)
+            } else {
+                run(&bin, &args)
+            }
+        }
         Task::Test { args } => test(&args),
         Task::Bench => bench(),
     }
@@ -98,8 +122,7 @@ fn target_dir() -> PathBuf {
 
 /// The embedded development configuration: a socket under /run/varta as root, else under
 /// $XDG_RUNTIME_DIR; metrics on 127.0.0.1:9100; a 2 s stall threshold.
-fn run(release: bool, args: &[String]) -> Result<()> {
-    let bin = build(release)?;
+fn run(bin: &Path, args: &[String]) -> Result<()> {
     let dir = if is_root() {
         PathBuf::from("/run/varta")
     } else {
@@ -109,7 +132,7 @@ fn run(release: bool, args: &[String]) -> Result<()> {
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let socket = dir.join("varta.sock");
-    let mut cmd = Command::new(&bin);
+    let mut cmd = Command::new(bin);
     cmd.arg("--socket")
         .arg(&socket)
         .args(["--threshold-ms", "2000", "--prom-addr", "127.0.0.1:9100"])

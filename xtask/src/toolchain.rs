@@ -153,15 +153,19 @@ pub fn ensure_bpf_linker() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// The observer we replace, for the benchmark: varta-watch 0.2.0 from crates.io.
+/// The observer we replace, for the benchmark: varta-watch 0.2.0 from crates.io, pinned
+/// (`--locked`), with its /metrics endpoint and plaintext UDP (the many-agents scenario)
+/// compiled in.
 pub fn ensure_incumbent() -> Result<PathBuf> {
-    let root = cache_dir().join("incumbent-varta-watch-0.2.0");
+    const FEATURES: &str = "prometheus-exporter,unsafe-plaintext-udp";
+    let root = cache_dir().join("incumbent-varta-watch-0.2.0-metrics-udp");
     let bin = root.join("bin").join("varta-watch");
     if !bin.exists() {
-        eprintln!("xtask: installing the incumbent varta-watch 0.2.0 for comparison");
+        eprintln!("xtask: installing the incumbent varta-watch 0.2.0 ({FEATURES}) for comparison");
         status(
             Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-                .args(["install", "varta-watch", "--version", "0.2.0", "--root"])
+                .args(["install", "varta-watch", "--version", "0.2.0", "--locked"])
+                .args(["--features", FEATURES, "--root"])
                 .arg(&root),
         )?;
     }

@@ -77,6 +77,10 @@ pub struct AgentArgs {
     pub status: WireStatus,
     #[arg(long, default_value_t = 0)]
     pub payload: u32,
+    /// After this many beats, send the panic-terminal frame and exit, as an agent's panic
+    /// hook does (a demo of an agent dying).
+    #[arg(long)]
+    pub panic_after: Option<u64>,
 }
 
 #[derive(Debug, Args)]

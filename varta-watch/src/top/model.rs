@@ -137,8 +137,10 @@ pub struct Row {
     pub stalled: bool,
 }
 
-fn status_name(status: Option<f64>) -> &'static str {
+fn status_name(status: Option<f64>, exits: f64) -> &'static str {
     match status {
+        // Its last frame was the panic-terminal one.
+        Some(2.0) if exits > 0.0 => "EXITED",
         Some(0.0) => "ok",
         Some(1.0) => "degraded",
         Some(2.0) => "critical",
@@ -205,7 +207,7 @@ impl Model {
                     .map(|(_, at, moved)| (now.duration_since(*at).as_secs_f64(), !moved));
                 Row {
                     pid: *pid,
-                    status: status_name(a.status),
+                    status: status_name(a.status, a.exits),
                     age: a.age.map(|s| (s, false)).or(derived),
                     beats: a.beats,
                     stalls: a.stalls,

@@ -137,6 +137,8 @@ pub fn draw(frame: &mut Frame, model: &Model, addr: SocketAddr, now: Instant) {
     let table_rows = rows.iter().map(|r| {
         let style = if r.stalled {
             Style::default().fg(Color::Red).add_modifier(Modifier::BOLD)
+        } else if r.status == "EXITED" {
+            Style::default().fg(Color::Yellow)
         } else {
             Style::default()
         };
