@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: everything that is not plain cargo.
 
+mod bench;
 mod demo;
 mod ebpf;
 mod toolchain;
@@ -50,8 +51,13 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run the benchmarks and print their figures.
-    Bench,
+    /// Benchmark our observer (eBPF and userspace) against the incumbent 0.2.0: figures in
+    /// target/bench/ (results.json, PNG plots) and BENCHMARKS.md. About 3 minutes.
+    Bench {
+        /// More trials, rates and longer steps.
+        #[arg(long)]
+        full: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -75,7 +81,7 @@ fn main() -> Result<()> {
             }
         }
         Task::Test { args } => test(&args),
-        Task::Bench => bench(),
+        Task::Bench { full } => bench::run(full),
     }
 }
 
@@ -87,7 +93,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// A stable-toolchain cargo command at the workspace root, with the embedded eBPF object.
-fn cargo(object: &Path) -> Command {
+pub fn cargo(object: &Path) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(workspace_root())
         .env(ebpf::OBJECT_ENV, object);
@@ -102,7 +108,7 @@ fn status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn build(release: bool) -> Result<PathBuf> {
+pub fn build(release: bool) -> Result<PathBuf> {
     let object = ebpf::build()?;
     let mut cmd = cargo(&object);
     cmd.args(["build", "--package", "varta-watch"]);
@@ -114,7 +120,7 @@ fn build(release: bool) -> Result<PathBuf> {
     Ok(target_dir().join(profile).join("varta-watch"))
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))
@@ -237,23 +243,4 @@ fn signal_tests() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Benchmarks the release build against itself (eBPF vs userspace) and against the
-/// incumbent varta-watch 0.2.0 from crates.io, installed once into the tool cache.
-fn bench() -> Result<()> {
-    let ours = build(true)?;
-    let incumbent = toolchain::ensure_incumbent()?;
-    let mut cmd = cargo(&ebpf::build()?);
-    cmd.args([
-        "run",
-        "--release",
-        "--quiet",
-        "--package",
-        "varta-e2e",
-        "--bin",
-        "varta-bench",
-        "--",
-    ]);
-    status(cmd.arg(ours).arg(incumbent))
 }

@@ -193,6 +193,11 @@ pub fn ensure_test_packages() -> Result<()> {
             "libc6-dev-riscv64-cross",
         ),
     ];
+    install_missing(wanted)
+}
+
+/// apt-get installs the package of every path that does not exist (as root; else names them).
+fn install_missing(wanted: &[(&str, &str)]) -> Result<()> {
     let mut missing: Vec<&str> = wanted
         .iter()
         .filter(|(path, _)| !Path::new(path).exists())
@@ -216,6 +221,14 @@ pub fn ensure_test_packages() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// The font the benchmark's plots are labelled with.
+pub fn ensure_bench_packages() -> Result<()> {
+    install_missing(&[(
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "fonts-dejavu-core",
+    )])
 }
 
 /// A cross target for the signal tests: (rust target, C linker, qemu-user, its sysroot).
