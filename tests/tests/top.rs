@@ -189,6 +189,8 @@ fn top_to_a_pipe_prints_one_plain_snapshot() {
         .find(|l| l.starts_with(&format!("{pid} ")))
         .unwrap_or_else(|| panic!("no row for {pid}:\n{text}"));
     assert_eq!(row.split_whitespace().nth(1), Some("ok"), "{row}");
+    // Its identity, from varta_agent_info.
+    assert!(row.ends_with("comm=varta-watch"), "{row}");
 }
 
 #[test]

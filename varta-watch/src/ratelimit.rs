@@ -1,52 +1,30 @@
-//! Token buckets for the userspace datapath (the eBPF program has its own, in the kernel).
+//! Rate limits of the userspace datapath: the same integer buckets the eBPF filter applies
+//! (`varta_common::ratelimit`), with their clocks in a map here instead of in kernel maps.
 
 use std::collections::HashMap;
 
-use varta_common::DropReason;
+use varta_common::{
+    DropReason,
+    ratelimit::{Limit, is_full},
+};
 
 use crate::config::Limits;
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at_ns: u64,
-}
-
-impl Bucket {
-    fn full(burst: u32, now_ns: u64) -> Self {
-        Bucket {
-            tokens: burst as f64,
-            at_ns: now_ns,
-        }
-    }
-
-    fn take(&mut self, now_ns: u64, rate: u32, burst: u32) -> bool {
-        let elapsed = now_ns.saturating_sub(self.at_ns) as f64 / 1e9;
-        self.tokens = (self.tokens + elapsed * rate as f64).min(burst as f64);
-        self.at_ns = now_ns;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 pub struct RateLimiter {
     limits: Limits,
-    per_pid: HashMap<u32, Bucket>,
-    global: Bucket,
+    /// Each agent's bucket clock (absent: a full bucket).
+    per_pid: HashMap<u32, u64>,
+    global: u64,
     /// Above this many per-agent buckets, full ones are forgotten (they equal a new one).
     max_buckets: usize,
 }
 
 impl RateLimiter {
-    pub fn new(limits: Limits, max_agents: usize, now_ns: u64) -> Self {
+    pub fn new(limits: Limits, max_agents: usize) -> Self {
         RateLimiter {
-            global: Bucket::full(limits.global_burst, now_ns),
             limits,
             per_pid: HashMap::new(),
+            global: 0,
             max_buckets: max_agents * 4 + 1024,
         }
     }
@@ -57,25 +35,17 @@ impl RateLimiter {
 
     pub fn check(&mut self, pid: u32, now_ns: u64) -> Result<(), DropReason> {
         let l = &self.limits;
-        if l.per_pid_rate > 0 {
+        if let Some(limit) = Limit::new(l.per_pid_rate, l.per_pid_burst()) {
             if self.per_pid.len() >= self.max_buckets && !self.per_pid.contains_key(&pid) {
-                let (rate, burst) = (l.per_pid_rate, l.per_pid_burst());
-                self.per_pid.retain(|_, b| {
-                    let mut probe = *b;
-                    probe.take(now_ns, rate, burst);
-                    probe.tokens + 1.0 < burst as f64
-                });
+                self.per_pid.retain(|_, tat| !is_full(*tat, now_ns));
             }
-            let burst = l.per_pid_burst();
-            let bucket = self
-                .per_pid
-                .entry(pid)
-                .or_insert_with(|| Bucket::full(burst, now_ns));
-            if !bucket.take(now_ns, l.per_pid_rate, burst) {
+            if !limit.take(self.per_pid.entry(pid).or_insert(0), now_ns) {
                 return Err(DropReason::RatePerPid);
             }
         }
-        if l.global_rate > 0 && !self.global.take(now_ns, l.global_rate, l.global_burst) {
+        if let Some(limit) = Limit::new(l.global_rate, l.global_burst)
+            && !limit.take(&mut self.global, now_ns)
+        {
             return Err(DropReason::RateGlobal);
         }
         Ok(())
@@ -97,7 +67,7 @@ mod tests {
 
     #[test]
     fn per_pid_bucket_allows_burst_then_rate() {
-        let mut r = RateLimiter::new(limits(10, 0, 0), 8, 0);
+        let mut r = RateLimiter::new(limits(10, 0, 0), 8);
         let admitted = (0..100).filter(|_| r.check(7, 0).is_ok()).count();
         assert_eq!(admitted, 10, "one second of burst");
         assert_eq!(r.check(7, 0), Err(DropReason::RatePerPid));
@@ -108,7 +78,7 @@ mod tests {
 
     #[test]
     fn global_bucket_spans_agents() {
-        let mut r = RateLimiter::new(limits(0, 5, 3), 8, 0);
+        let mut r = RateLimiter::new(limits(0, 5, 3), 8);
         let admitted = (0..10u32).filter(|p| r.check(*p + 2, 0).is_ok()).count();
         assert_eq!(admitted, 3);
         assert_eq!(r.check(99, 0), Err(DropReason::RateGlobal));

@@ -2,8 +2,10 @@
 
 mod bench;
 mod demo;
+mod deploy;
 mod ebpf;
 mod toolchain;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -58,6 +60,18 @@ enum Task {
         #[arg(long)]
         full: bool,
     },
+    /// Boot Debian's kernels under qemu and prove the datapath in each (default: the
+    /// x86_64 set 5.10, 6.1, 6.12).
+    VmTest {
+        /// Comma-separated: 5.10, 6.1, 6.12, arm64-6.12.
+        #[arg(long, value_delimiter = ',')]
+        kernels: Vec<String>,
+        /// Every kernel, arm64 included.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Build the container image (deploy/Containerfile, static binary) and print its id and size.
+    Image,
 }
 
 fn main() -> Result<()> {
@@ -82,6 +96,8 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => test(&args),
         Task::Bench { full } => bench::run(full),
+        Task::VmTest { kernels, full } => vm::run(&kernels, full),
+        Task::Image => deploy::image(&ebpf::build()?).map(drop),
     }
 }
 
@@ -171,16 +187,50 @@ fn is_root() -> bool {
 
 fn test(args: &[String]) -> Result<()> {
     toolchain::ensure_test_packages()?;
+    deploy::ensure_tools()?;
     let object = ebpf::build()?;
     status(cargo(&object).args(["build", "--package", "varta-watch"]))?;
+    let (image, static_bin) = deploy::image(&object)?;
     status(
         cargo(&object)
             .args(["test", "--workspace", "--no-fail-fast"])
-            .args(args),
+            .args(args)
+            .env("VARTA_IMAGE", image),
     )?;
     if args.is_empty() {
+        eprintln!("xtask: eBPF end-to-end tests again on the image's static binary");
+        status(
+            cargo(&object)
+                .args(["test", "--package", "varta-e2e", "--test", "ebpf"])
+                .env("VARTA_WATCH_BIN", static_bin),
+        )?;
         signal_tests()?;
+        vm_tests()?;
     }
+    Ok(())
+}
+
+/// The VM matrix, every kernel (x86_64 and arm64: about two minutes more on a fresh machine,
+/// well inside CI's budget). Under CI it must run; elsewhere it is skipped, with the
+/// reason, when qemu is missing and cannot be installed (not root).
+fn vm_tests() -> Result<()> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let qemu = [
+        "/usr/bin/qemu-system-x86_64",
+        "/usr/bin/qemu-system-aarch64",
+    ];
+    if !ci && !is_root() && !qemu.iter().all(|q| Path::new(q).exists()) {
+        eprintln!(
+            "xtask: skipping the VM tests: qemu-system-x86/qemu-system-arm are not installed and installing them needs root (CI runs them)"
+        );
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    vm::run(&[], true)?;
+    eprintln!(
+        "xtask: VM tests took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! A test sender: `varta-sender <socket|udp:ADDR> <mode> [count] [arg]`.
 //! Modes: `hex HEX` (send one datagram COUNT times), `flood` (valid frames of our own pid
 //! with rising nonces, COUNT of them, or for ARG milliseconds when COUNT is 0), `forge PID`
-//! (one valid frame claiming PID). Prints what it sent and for how long.
+//! (one valid frame claiming PID), `dying` (one beat, then the panic-terminal frame).
+//! Prints what it sent and for how long.
 
 use std::{net::UdpSocket, os::unix::net::UnixDatagram, time::Instant};
 
@@ -58,6 +59,11 @@ fn main() {
                 out.send(&varta_e2e::frame(claimed, 1_000_000 + nonce));
                 sent += 1;
             }
+        }
+        "dying" => {
+            out.send(&varta_e2e::frame(pid, 1));
+            out.send(&varta_e2e::panic_terminal_frame(pid));
+            sent = 2;
         }
         other => panic!("unknown mode {other}"),
     }

@@ -1,6 +1,8 @@
 //! The export file: one tab-separated line per event, in the incumbent's format
 //! `<observer_ns>\t<kind>\t<pid>\t<nonce>\t<status>\t<payload>`, `-` where a column does
-//! not apply. Flushed after every batch of events and at shutdown; SIGHUP reopens it.
+//! not apply; stall and exit lines add four columns after those six: the agent's comm,
+//! systemd unit, container id and pod UID. Flushed after every batch of events and at
+//! shutdown; SIGHUP reopens it.
 
 use std::{
     fs::{File, OpenOptions},
@@ -8,7 +10,10 @@ use std::{
     path::PathBuf,
 };
 
-use crate::{actions::recovery::Finished, observer::events::Event};
+use crate::{
+    actions::recovery::Finished,
+    observer::{events::Event, identity::Identity},
+};
 
 pub struct Exporter {
     path: PathBuf,
@@ -60,9 +65,27 @@ impl Exporter {
         })
     }
 
-    pub fn record(&mut self, observer_ns: u64, event: &Event) -> io::Result<()> {
+    /// Writes `event`'s line; stall and exit lines end with the agent's identity (comm,
+    /// unit, container id, pod UID; `-` when unknown).
+    pub fn record(
+        &mut self,
+        observer_ns: u64,
+        event: &Event,
+        identity: Option<&Identity>,
+    ) -> io::Result<()> {
         if let Some(line) = Self::line(observer_ns, event) {
-            writeln!(self.out, "{line}")?;
+            write!(self.out, "{line}")?;
+            if let (Event::Stall { .. } | Event::Exit { .. }, Some(id)) = (event, identity) {
+                for field in [&id.comm, &id.unit, &id.container_id, &id.pod_uid] {
+                    let field = field.replace(char::is_whitespace, "_");
+                    write!(
+                        self.out,
+                        "\t{}",
+                        if field.is_empty() { "-" } else { &field }
+                    )?;
+                }
+            }
+            writeln!(self.out)?;
             self.dirty = true;
         }
         Ok(())

@@ -1,4 +1,5 @@
-//! GET /metrics, optionally behind a bearer token.
+//! GET /metrics (optionally behind a bearer token), and the probes /healthz (the event
+//! loop answers) and /readyz (socket bound, datapath attached), which need no token.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -10,7 +11,7 @@ use axum::{
     routing::get,
 };
 
-use crate::actions::metrics::Metrics;
+use crate::{actions::metrics::Metrics, daemon::Probes};
 
 #[derive(Clone)]
 struct Scrape {
@@ -23,6 +24,7 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     token: Option<String>,
+    probes: Probes,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
@@ -32,13 +34,38 @@ pub async fn serve(
     };
     let app = Router::new()
         .route("/metrics", get(scrape))
-        .with_state(state);
+        .with_state(state)
+        .merge(
+            Router::new()
+                .route("/healthz", get(healthz))
+                .route("/readyz", get(readyz))
+                .with_state(probes),
+        );
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             log::error!("event=metrics_server_failed error={e}");
         }
     });
     Ok(bound)
+}
+
+async fn healthz(State(p): State<Probes>) -> (StatusCode, &'static str) {
+    if p.alive().await {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "event loop not responding\n",
+        )
+    }
+}
+
+async fn readyz(State(p): State<Probes>) -> (StatusCode, &'static str) {
+    if p.ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
 }
 
 async fn scrape(State(s): State<Scrape>, headers: HeaderMap) -> Response {

@@ -4,6 +4,9 @@
 
 pub mod attest;
 pub mod ebpf;
+pub mod secure;
+pub mod secure_keys;
+pub mod udp;
 pub mod userspace;
 
 use std::net::SocketAddr;
@@ -59,6 +62,9 @@ pub struct Beat {
 pub trait Datapath {
     /// The `mode` label of `varta_datapath_info`.
     fn mode(&self) -> &'static str;
+
+    /// How senders are attested: the `attest` label of `varta_datapath_info`.
+    fn attest(&self) -> &'static str;
 
     /// Whether per-agent and global rate limits were already applied (in the kernel).
     fn rate_limits_applied(&self) -> bool;

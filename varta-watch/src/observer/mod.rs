@@ -5,6 +5,7 @@
 pub mod drops;
 pub mod events;
 pub mod gates;
+pub mod identity;
 pub mod stall;
 pub mod tracker;
 
@@ -32,12 +33,7 @@ pub struct Observer {
 }
 
 impl Observer {
-    pub fn new(
-        config: &Config,
-        drops: Arc<DropCounters>,
-        kernel_rate_limits: bool,
-        now_ns: u64,
-    ) -> Self {
+    pub fn new(config: &Config, drops: Arc<DropCounters>, kernel_rate_limits: bool) -> Self {
         Observer {
             tracker: Tracker::new(
                 config.tracker_capacity,
@@ -46,7 +42,7 @@ impl Observer {
             ),
             gates: Gates::new(),
             limiter: (!kernel_rate_limits)
-                .then(|| RateLimiter::new(config.limits.clone(), config.tracker_capacity, now_ns)),
+                .then(|| RateLimiter::new(config.limits.clone(), config.tracker_capacity)),
             drops,
             stalled: Vec::new(),
         }
@@ -88,6 +84,7 @@ impl Observer {
             }
         };
         let (pid, frame) = (beat.pid, beat.frame);
+        let known = !matches!(accepted, Accepted::New { .. });
         match accepted {
             Accepted::New { evicted } => events.push(Event::NewAgent {
                 pid,
@@ -110,6 +107,7 @@ impl Observer {
                 pid,
                 frame,
                 origin: beat.origin,
+                known,
             });
         } else if frame.status == Status::Critical {
             events.push(Event::Critical { pid, frame });

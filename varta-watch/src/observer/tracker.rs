@@ -37,6 +37,60 @@ pub struct Agent {
     queued: bool,
 }
 
+impl Agent {
+    /// Not yet beating: [`Agent::take`] fills it in.
+    fn new(generation: u64, origin: Origin) -> Self {
+        Agent {
+            last_nonce: 0,
+            last_beat_ns: 0,
+            status: Status::Ok,
+            payload: 0,
+            origin,
+            frame_pid: 0,
+            stalled: false,
+            dead: false,
+            generation,
+            queued: false,
+        }
+    }
+
+    /// What `frame` does to this known agent under the nonce rules, or why it is refused.
+    fn outcome_of(&self, frame: &Frame, origin: &Origin) -> Result<Accepted, DropReason> {
+        if std::mem::discriminant(&self.origin) != std::mem::discriminant(origin) {
+            return Err(DropReason::OriginConflict);
+        }
+        let outcome = if frame.nonce > self.last_nonce {
+            Accepted::Beat
+        } else if frame.nonce < WRAP_WINDOW
+            && self.last_nonce >= u64::MAX - WRAP_WINDOW
+            && self.last_nonce != u64::MAX
+        {
+            Accepted::Wrapped
+        } else if frame.nonce == 1 && self.last_nonce > 1 {
+            Accepted::Restarted
+        } else {
+            return Err(DropReason::Replay);
+        };
+        Ok(if self.stalled && outcome == Accepted::Beat {
+            Accepted::Resumed
+        } else {
+            outcome
+        })
+    }
+
+    /// Takes in an accepted beat.
+    fn take(&mut self, frame: &Frame, origin: Origin, now_ns: u64) {
+        self.last_nonce = frame.nonce;
+        self.last_beat_ns = now_ns;
+        self.status = frame.status;
+        self.payload = frame.payload;
+        self.origin = origin;
+        self.frame_pid = frame.pid;
+        self.stalled = false;
+        self.dead = frame.is_panic_terminal();
+    }
+}
+
 /// What a beat did to the tracker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
@@ -125,83 +179,37 @@ impl Tracker {
         origin: Origin,
         now_ns: u64,
     ) -> Result<Accepted, DropReason> {
-        let threshold = self.threshold_ns;
-        if let Some(agent) = self.agents.get_mut(&pid) {
-            if std::mem::discriminant(&agent.origin) != std::mem::discriminant(&origin) {
-                return Err(DropReason::OriginConflict);
+        let outcome = match self.agents.get(&pid) {
+            Some(agent) => agent.outcome_of(frame, &origin)?,
+            None => {
+                let evicted = self.make_room()?;
+                let generation = self.next_generation;
+                self.next_generation += 1;
+                self.agents.insert(pid, Agent::new(generation, origin));
+                Accepted::New { evicted }
             }
-            let outcome = if frame.nonce > agent.last_nonce {
-                Accepted::Beat
-            } else if frame.nonce < WRAP_WINDOW
-                && agent.last_nonce >= u64::MAX - WRAP_WINDOW
-                && agent.last_nonce != u64::MAX
-            {
-                Accepted::Wrapped
-            } else if frame.nonce == 1 && agent.last_nonce > 1 {
-                Accepted::Restarted
-            } else {
-                return Err(DropReason::Replay);
-            };
-            let outcome = if agent.stalled && outcome == Accepted::Beat {
-                Accepted::Resumed
-            } else {
-                outcome
-            };
-            agent.last_nonce = frame.nonce;
-            agent.last_beat_ns = now_ns;
-            agent.status = frame.status;
-            agent.payload = frame.payload;
-            agent.origin = origin;
-            agent.frame_pid = frame.pid;
-            agent.stalled = false;
-            agent.dead = frame.is_panic_terminal();
-            if agent.dead {
-                self.evictable.push_back((pid, agent.generation));
-            } else if !agent.queued {
-                agent.queued = true;
-                let entry = Entry {
-                    deadline_ns: now_ns + threshold,
-                    pid,
-                    generation: agent.generation,
-                };
-                self.deadlines.push(entry);
-            }
-            return Ok(outcome);
-        }
-
-        let evicted = if self.agents.len() >= self.capacity {
-            Some(self.evict().ok_or(DropReason::Capacity)?)
-        } else {
-            None
         };
-        let generation = self.next_generation;
-        self.next_generation += 1;
-        let dead = frame.is_panic_terminal();
-        self.agents.insert(
-            pid,
-            Agent {
-                last_nonce: frame.nonce,
-                last_beat_ns: now_ns,
-                status: frame.status,
-                payload: frame.payload,
-                origin,
-                frame_pid: frame.pid,
-                stalled: false,
-                dead,
-                generation,
-                queued: !dead,
-            },
-        );
-        if dead {
-            self.evictable.push_back((pid, generation));
-        } else {
+        let agent = self.agents.get_mut(&pid).expect("recorded above");
+        agent.take(frame, origin, now_ns);
+        if agent.dead {
+            self.evictable.push_back((pid, agent.generation));
+        } else if !agent.queued {
+            agent.queued = true;
             self.deadlines.push(Entry {
-                deadline_ns: now_ns + threshold,
+                deadline_ns: now_ns + self.threshold_ns,
                 pid,
-                generation,
+                generation: agent.generation,
             });
         }
-        Ok(Accepted::New { evicted })
+        Ok(outcome)
+    }
+
+    /// Room for one more agent: `Some(evicted pid)` when one had to go.
+    fn make_room(&mut self) -> Result<Option<u32>, DropReason> {
+        if self.agents.len() < self.capacity {
+            return Ok(None);
+        }
+        self.evict().map(Some).ok_or(DropReason::Capacity)
     }
 
     /// When the earliest stall may come due, if any agent is being watched.

@@ -1,8 +1,9 @@
 //! Thin wrappers over the operating system: clocks, pidfds, /proc, socket options,
-//! readiness of raw file descriptors, and the log sink.
+//! readiness of raw file descriptors, the log sink, and service-manager notifications.
 
 pub mod clock;
 pub mod logger;
+pub mod notify;
 pub mod pidfd;
 pub mod procfs;
 pub mod readiness;

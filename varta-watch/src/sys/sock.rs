@@ -1,5 +1,6 @@
 //! Socket system calls std does not offer: a Unix datagram socket with SO_PASSCRED and
-//! a chosen receive buffer, and batched receive with `recvmmsg(2)` and SCM_CREDENTIALS.
+//! a chosen receive buffer, a classic BPF filter, and batched receive with `recvmmsg(2)`
+//! and SCM_CREDENTIALS.
 //! All of this module's unsafe code is plain FFI over buffers it owns.
 
 use std::{
@@ -12,6 +13,8 @@ use std::{
     },
     path::Path,
 };
+
+use varta_common::cbpf::SockFilter;
 
 /// Binds a Unix datagram socket at `path` (replacing a stale socket file), sets its mode,
 /// asks for sender credentials and sizes its receive buffer (0 keeps the kernel default).
@@ -50,6 +53,31 @@ pub fn bind_uds(path: &Path, mode: u32, rcvbuf: u32) -> io::Result<(UnixDatagram
     }
     let granted = getsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF)?;
     Ok((sock, granted.max(0) as u32))
+}
+
+/// Attaches a classic BPF program (`SO_ATTACH_FILTER`) to a socket: any process may do
+/// that to its own socket, without a capability, on every kernel.
+pub fn attach_classic_filter(fd: BorrowedFd<'_>, insns: &[SockFilter]) -> io::Result<()> {
+    let prog = libc::sock_fprog {
+        len: insns.len() as u16,
+        filter: insns.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: `SockFilter` is repr(C) with the layout of `struct sock_filter`; `prog` points
+    // at `insns`, which outlive the call, and the kernel copies the program during it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&prog as *const libc::sock_fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
@@ -148,7 +176,8 @@ impl RecvBatch {
             hdr.msg_iov = &mut self.iov[i];
             hdr.msg_iovlen = 1;
             hdr.msg_control = self.control[i].as_mut_ptr().cast();
-            hdr.msg_controllen = CMSG_BYTES;
+            // socklen_t on musl, size_t on glibc.
+            hdr.msg_controllen = CMSG_BYTES as _;
             hdr.msg_flags = 0;
             self.headers[i].msg_len = 0;
         }
@@ -159,7 +188,8 @@ impl RecvBatch {
                 fd.as_raw_fd(),
                 self.headers.as_mut_ptr(),
                 n as libc::c_uint,
-                libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+                // unsigned on musl, int on glibc.
+                (libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) as _,
                 std::ptr::null_mut(),
             )
         };

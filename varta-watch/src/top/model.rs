@@ -13,8 +13,9 @@ use super::scrape::Sample;
 /// `varta_status` of a stalled agent.
 const STATUS_STALL: f64 = 3.0;
 
-/// Identity labels of `varta_agent_info`, in the order shown.
-const IDENTITY: [&str; 3] = ["comm", "unit", "pod"];
+/// Identity labels of `varta_agent_info`, in the order shown (`pod` for observers that
+/// name it so).
+const IDENTITY: [&str; 5] = ["comm", "unit", "pod", "pod_uid", "container_id"];
 
 /// The incumbent's drop counters, under the reason names of our `varta_frames_dropped`.
 const INCUMBENT_DROPS: [(&str, &str); 5] = [
@@ -98,9 +99,14 @@ fn identity(m: &Sample) -> String {
     IDENTITY
         .iter()
         .filter_map(|k| {
-            m.label(k)
-                .filter(|v| !v.is_empty())
-                .map(|v| format!("{k}={v}"))
+            let v = m.label(k).filter(|v| !v.is_empty())?;
+            // A container id is recognisable by its first 12 hex digits, as docker shows it.
+            let v = if *k == "container_id" {
+                &v[..v.len().min(12)]
+            } else {
+                v
+            };
+            Some(format!("{k}={v}"))
         })
         .collect::<Vec<_>>()
         .join(" ")
@@ -237,7 +243,7 @@ mod tests {
         varta_watch_pids_tracked 2\nvarta_beats_total{pid=\"10\"} 5\n\
         varta_beats_total{pid=\"11\"} 7\nvarta_status{pid=\"10\"} 0\nvarta_status{pid=\"11\"} 3\n\
         varta_stalls_total{pid=\"11\"} 1\nvarta_exits_total{pid=\"10\"} 0\n\
-        varta_agent_info{pid=\"10\",comm=\"nginx\",unit=\"nginx.service\",pod=\"\"} 1\n\
+        varta_agent_info{pid=\"10\",comm=\"nginx\",unit=\"nginx.service\",container_id=\"0123456789abcdef\",pod_uid=\"\"} 1\n\
         varta_frames_dropped_total{reason=\"spoof\"} 2\nvarta_frames_dropped_total{reason=\"length\"} 0\n\
         varta_frame_auth_failures_total 2\n";
 
@@ -254,7 +260,10 @@ mod tests {
             Some(vec![pair("mode", "ebpf"), pair("attest", "pidfd")])
         );
         assert_eq!(s.tracked, Some(2.0));
-        assert_eq!(s.agents[&10].identity, "comm=nginx unit=nginx.service");
+        assert_eq!(
+            s.agents[&10].identity,
+            "comm=nginx unit=nginx.service container_id=0123456789ab"
+        );
         assert_eq!(s.total_stalls(), 1.0);
         // Ours: the drops by reason, not counted again under the incumbent's names.
         assert_eq!(s.drops.get("spoof"), Some(&2.0));
