@@ -4,8 +4,8 @@
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpStream},
+    io::{BufRead, BufReader},
+    net::SocketAddr,
     os::unix::net::UnixDatagram,
     path::PathBuf,
     process::{Command, ExitStatus, Stdio},
@@ -244,27 +244,7 @@ impl Daemon {
     /// GET /metrics (optionally with a bearer token): (status code, body).
     pub fn get_metrics(&self, token: Option<&str>) -> (u16, String) {
         let addr = self.prom.expect("daemon started with metrics");
-        let mut s = TcpStream::connect(addr).unwrap();
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let code = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (code, body)
+        crate::deploy::http_get_with_token(addr, "/metrics", token)
     }
 
     /// Every sample: `name{labels}` -> value.

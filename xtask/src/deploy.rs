@@ -25,28 +25,7 @@ pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// Installs, when missing, everything the deploy tests run; one `xtask:` line per step.
 pub fn ensure_tools() -> Result<()> {
-    let mut missing: Vec<&str> = PACKAGES
-        .iter()
-        .filter(|(path, _)| !Path::new(path).exists())
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    missing.dedup();
-    if !missing.is_empty() {
-        if !crate::is_root() {
-            bail!(
-                "missing Debian packages: apt-get install {}",
-                missing.join(" ")
-            );
-        }
-        eprintln!("xtask: installing {} (deploy tests)", missing.join(" "));
-        status(Command::new("apt-get").args(["update", "-q"]))?;
-        status(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-    }
+    crate::toolchain::install_missing(PACKAGES)?;
     let have_validator = Command::new("kubernetes-validate")
         .arg("--version")
         .output()

@@ -222,7 +222,7 @@ pub fn ensure_vm_packages(arm64: bool) -> Result<()> {
 }
 
 /// Installs the package of every (path, package) whose path is missing, one line per step.
-fn install_missing(wanted: &[(&str, &str)]) -> Result<()> {
+pub fn install_missing(wanted: &[(&str, &str)]) -> Result<()> {
     let mut missing: Vec<&str> = wanted
         .iter()
         .filter(|(path, _)| !Path::new(path).exists())

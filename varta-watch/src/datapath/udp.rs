@@ -49,21 +49,14 @@ impl UdpReceiver {
 
     /// Receives until the socket would block, appending every accepted beat.
     pub fn drain(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
-        loop {
-            let n = match self.batch.recv(self.socket.get_ref().as_fd()) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            let now = self.clock.now_ns();
-            for i in 0..n {
-                let d = self.batch.get(i);
-                let Some(source) = d.source else { continue };
+        let (frames, drops) = (&mut self.frames, &self.drops);
+        self.batch
+            .drain(self.socket.get_ref().as_fd(), self.clock, |d, now| {
+                let Some(source) = d.source else { return };
                 let decoded = if d.truncated {
                     Err(super::secure::Refused::Length)
                 } else {
-                    self.frames.decode(d.bytes)
+                    frames.decode(d.bytes)
                 };
                 match decoded {
                     Ok(frame) => out.push(Beat {
@@ -73,12 +66,8 @@ impl UdpReceiver {
                         recv_ns: now,
                         rate_limited: false,
                     }),
-                    Err(refused) => refused.count(&self.drops),
+                    Err(refused) => refused.count(drops),
                 }
-            }
-            if n < BATCH {
-                return Ok(());
-            }
-        }
+            })
     }
 }

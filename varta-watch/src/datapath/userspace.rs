@@ -65,25 +65,11 @@ impl UserspaceDatapath {
 
     /// Receives from the Unix socket until it would block.
     fn drain_uds(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
-        loop {
-            let n = match self.batch.recv(self.uds.get_ref().as_fd()) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            let now = self.clock.now_ns();
-            for i in 0..n {
-                let d = self.batch.get(i);
-                let frame = match decode_plain(d.bytes, d.truncated) {
-                    Ok(frame) => frame,
-                    Err(reason) => {
-                        self.drops.add(reason);
-                        continue;
-                    }
-                };
-                let beat =
-                    self.attest
+        let (attest, drops) = (&mut self.attest, &self.drops);
+        self.batch
+            .drain(self.uds.get_ref().as_fd(), self.clock, |d, now| {
+                let beat = decode_plain(d.bytes, d.truncated).and_then(|frame| {
+                    attest
                         .check(d.sender_pid, &frame)
                         .map(|Attested { pid, foreign_ns }| Beat {
                             pid,
@@ -91,16 +77,13 @@ impl UserspaceDatapath {
                             origin: Origin::Uds { foreign_ns },
                             recv_ns: now,
                             rate_limited: false,
-                        });
+                        })
+                });
                 match beat {
                     Ok(beat) => out.push(beat),
-                    Err(reason) => self.drops.add(reason),
+                    Err(reason) => drops.add(reason),
                 }
-            }
-            if n < BATCH {
-                return Ok(());
-            }
-        }
+            })
     }
 }
 

@@ -16,6 +16,8 @@ use std::{
 
 use varta_common::cbpf::SockFilter;
 
+use crate::sys::clock::ClockSource;
+
 /// Binds a Unix datagram socket at `path` (replacing a stale socket file), sets its mode,
 /// asks for sender credentials and sizes its receive buffer (0 keeps the kernel default).
 /// Returns the socket and the receive buffer the kernel granted.
@@ -163,7 +165,32 @@ impl RecvBatch {
 
     /// Receives up to the batch's capacity without blocking; `WouldBlock` when the queue is
     /// empty.
-    pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
+    /// Receives until the socket would block, handing each datagram to `each` with the
+    /// time its batch was received on `clock`.
+    pub fn drain(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        clock: ClockSource,
+        mut each: impl FnMut(Datagram<'_>, u64),
+    ) -> io::Result<()> {
+        loop {
+            let n = match self.recv(fd) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let now = clock.now_ns();
+            for i in 0..n {
+                each(self.get(i), now);
+            }
+            if n < self.data.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
         let n = self.data.len();
         for i in 0..n {
             self.iov[i] = libc::iovec {
