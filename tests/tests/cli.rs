@@ -18,6 +18,7 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
     std::fs::write(&token, "a".repeat(64)).unwrap();
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let export = dir.join("export.tsv");
+    let audit = dir.join("audit.tsv");
     let k = key.to_str().unwrap();
     let implemented: Vec<String> = [
         "--threshold-ms",
@@ -64,6 +65,19 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
         export.to_str().unwrap(),
         "--prom-token-file",
         token.to_str().unwrap(),
+        "--recovery-capture-stdio",
+        "--recovery-capture-bytes",
+        "4096",
+        "--recovery-audit-file",
+        audit.to_str().unwrap(),
+        "--recovery-audit-max-bytes",
+        "1048576",
+        "--recovery-audit-sync-every",
+        "1",
+        "--export-file-max-bytes",
+        "1048576",
+        "--export-file-sync-every",
+        "0",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -80,16 +94,9 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
             "--secure-udp-i-accept-recovery-on-unauthenticated-transport",
             None,
         ),
-        ("--recovery-capture-stdio", None),
-        ("--recovery-capture-bytes", Some("4096")),
-        ("--recovery-audit-file", Some("/tmp/varta-audit")),
-        ("--recovery-audit-max-bytes", Some("1048576")),
-        ("--recovery-audit-sync-every", Some("1")),
         ("--audit-fsync-budget-ms", Some("50")),
         ("--audit-sync-interval-ms", Some("0")),
         ("--audit-rotation-budget-ms", Some("50")),
-        ("--export-file-max-bytes", Some("1048576")),
-        ("--export-file-sync-every", Some("0")),
         ("--prom-rate-limit-per-sec", Some("5")),
         ("--prom-rate-limit-burst", Some("10")),
         ("--iteration-budget-ms", Some("10")),

@@ -1,32 +1,24 @@
 //! The export file: one tab-separated line per event, in the incumbent's format
 //! `<observer_ns>\t<kind>\t<pid>\t<nonce>\t<status>\t<payload>`, `-` where a column does
-//! not apply. Flushed after every batch of events and at shutdown; SIGHUP reopens it.
+//! not apply. The lines of a batch of events go to the file's writer thread together (see
+//! `sink`: O_NOFOLLOW, mode 0600, rotation, fdatasync cadence, SIGHUP reopens it).
 
-use std::{
-    fs::{File, OpenOptions},
-    io::{self, BufWriter, Write},
-    path::PathBuf,
+use crate::{
+    actions::recovery::Finished,
+    actions::sink::{FileMetrics, Sink, SinkOptions},
+    observer::events::Event,
 };
 
-use crate::{actions::recovery::Finished, observer::events::Event};
-
 pub struct Exporter {
-    path: PathBuf,
-    out: BufWriter<File>,
-    dirty: bool,
-}
-
-fn open(path: &PathBuf) -> io::Result<BufWriter<File>> {
-    let file = OpenOptions::new().create(true).append(true).open(path)?;
-    Ok(BufWriter::with_capacity(64 * 1024, file))
+    sink: Sink,
+    batch: Vec<u8>,
 }
 
 impl Exporter {
-    pub fn open(path: PathBuf) -> io::Result<Self> {
+    pub fn open(opts: SinkOptions, metrics: FileMetrics) -> std::io::Result<Self> {
         Ok(Exporter {
-            out: open(&path)?,
-            path,
-            dirty: false,
+            sink: Sink::open("export", opts, metrics)?,
+            batch: Vec::new(),
         })
     }
 
@@ -60,26 +52,22 @@ impl Exporter {
         })
     }
 
-    pub fn record(&mut self, observer_ns: u64, event: &Event) -> io::Result<()> {
+    pub fn record(&mut self, observer_ns: u64, event: &Event) {
         if let Some(line) = Self::line(observer_ns, event) {
-            writeln!(self.out, "{line}")?;
-            self.dirty = true;
+            self.batch.extend_from_slice(line.as_bytes());
+            self.batch.push(b'\n');
         }
-        Ok(())
     }
 
-    pub fn flush(&mut self) -> io::Result<()> {
-        if self.dirty {
-            self.out.flush()?;
-            self.dirty = false;
-        }
-        Ok(())
+    /// Hands the batch's lines to the writer (never waits).
+    pub fn flush(&mut self) {
+        let batch = std::mem::take(&mut self.batch);
+        self.sink.write(batch);
     }
 
-    /// Log rotation: flush, then continue in a fresh file at the same path.
-    pub fn reopen(&mut self) -> io::Result<()> {
-        self.out.flush()?;
-        self.out = open(&self.path)?;
-        Ok(())
+    /// Log rotation: continue in a fresh file at the same path.
+    pub fn reopen(&mut self) {
+        self.flush();
+        self.sink.reopen();
     }
 }

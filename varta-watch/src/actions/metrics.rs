@@ -67,6 +67,8 @@ pub struct Metrics {
     pub signals: Family<SignalLabel, Counter>,
     pub rcvbuf_bytes: Gauge,
     pub delivered: Counter,
+    /// The export and audit files (`sink`).
+    pub files: crate::actions::sink::FileMetrics,
     kernel_drops: Arc<Mutex<Option<KernelDrops>>>,
 }
 
@@ -89,6 +91,7 @@ impl Metrics {
             signals: Family::default(),
             rcvbuf_bytes: Gauge::default(),
             delivered: Counter::default(),
+            files: Default::default(),
             kernel_drops: Arc::default(),
             registry: Registry::default(),
         };
@@ -169,6 +172,7 @@ impl Metrics {
             "SO_RCVBUF the kernel granted the observer socket",
             m.rcvbuf_bytes.clone(),
         );
+        m.files.register(&mut m.registry);
         let info = Family::<ModeLabel, Gauge>::default();
         info.get_or_create(&ModeLabel { mode: datapath }).set(1);
         m.registry.register(

@@ -1,15 +1,19 @@
 //! What happens for each event: a log line, an export line, metrics, recovery.
 
+pub mod audit;
+mod capture;
 pub mod export;
 pub mod http;
 pub mod metrics;
 pub mod recovery;
+pub mod sink;
 
 use std::sync::Arc;
 
 use varta_common::Status;
 
 use crate::{
+    actions::audit::Audit,
     actions::export::Exporter,
     actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
     actions::recovery::{Finished, NotRun, Outcome, Recovery},
@@ -20,9 +24,9 @@ pub struct Actions {
     pub metrics: Arc<Metrics>,
     pub export: Option<Exporter>,
     pub recovery: Option<Recovery>,
+    pub audit: Option<Audit>,
     /// Start of the observer on its clock: export lines carry ns since then.
     start_ns: u64,
-    export_errors: u64,
 }
 
 impl Actions {
@@ -30,14 +34,15 @@ impl Actions {
         metrics: Arc<Metrics>,
         export: Option<Exporter>,
         recovery: Option<Recovery>,
+        audit: Option<Audit>,
         start_ns: u64,
     ) -> Self {
         Actions {
             metrics,
             export,
             recovery,
+            audit,
             start_ns,
-            export_errors: 0,
         }
     }
 
@@ -53,24 +58,21 @@ impl Actions {
         self.flush();
     }
 
+    /// Hands the batch's export lines to the file's writer.
     pub fn flush(&mut self) {
-        if let Some(export) = &mut self.export
-            && let Err(e) = export.flush()
-        {
-            self.export_error(e);
+        if let Some(export) = &mut self.export {
+            export.flush();
         }
     }
 
-    fn export_error(&mut self, e: std::io::Error) {
-        // One line for the first failure and then one per thousand: a full disk must not
-        // turn the log into a flood.
-        if self.export_errors.is_multiple_of(1000) {
-            log::warn!(
-                "event=export_error error=\"{e}\" failures={}",
-                self.export_errors + 1
-            );
+    /// SIGHUP: the export and audit files are closed and opened again at their paths.
+    pub fn reopen_files(&mut self) {
+        if let Some(export) = &mut self.export {
+            export.reopen();
         }
-        self.export_errors += 1;
+        if let Some(audit) = &mut self.audit {
+            audit.reopen();
+        }
     }
 
     fn handle(&mut self, event: &Event, now_ns: u64, follow_ups: &mut Vec<Event>) {
@@ -116,7 +118,7 @@ impl Actions {
                     "event=exit pid={pid} payload={} reason=panic_terminal_frame",
                     frame.payload
                 );
-                self.recover(*pid, *origin, follow_ups);
+                self.recover(*pid, *origin, now_ns, follow_ups);
             }
             Event::Stall {
                 pid,
@@ -133,7 +135,7 @@ impl Actions {
                     agent.status.name(),
                     agent.origin.transport()
                 );
-                self.recover(*pid, agent.origin, follow_ups);
+                self.recover(*pid, agent.origin, now_ns, follow_ups);
             }
             Event::Resumed { pid } => log::info!("event=agent_resumed pid={pid}"),
             Event::Restarted { pid } => {
@@ -144,11 +146,17 @@ impl Actions {
                 m.nonce_wraps.inc();
                 log::info!("event=nonce_wrapped pid={pid}");
             }
-            Event::Recovery(Finished {
-                pid,
-                outcome,
-                detail,
-            }) => {
+            Event::Recovery(
+                finished @ Finished {
+                    pid,
+                    outcome,
+                    detail,
+                    ..
+                },
+            ) => {
+                if let Some(audit) = &mut self.audit {
+                    audit.finished(now_ns.saturating_sub(self.start_ns), finished);
+                }
                 m.recovery_outcomes
                     .get_or_create(&OutcomeLabel {
                         outcome: outcome.name(),
@@ -167,24 +175,37 @@ impl Actions {
             _ => now_ns,
         };
         let observer_ns = at_ns.saturating_sub(self.start_ns);
-        if let Some(export) = &mut self.export
-            && let Err(e) = export.record(observer_ns, event)
-        {
-            self.export_error(e);
+        if let Some(export) = &mut self.export {
+            export.record(observer_ns, event);
         }
     }
 
-    fn recover(&mut self, pid: u32, origin: crate::datapath::Origin, follow_ups: &mut Vec<Event>) {
+    fn recover(
+        &mut self,
+        pid: u32,
+        origin: crate::datapath::Origin,
+        now_ns: u64,
+        follow_ups: &mut Vec<Event>,
+    ) {
         let Some(recovery) = &mut self.recovery else {
             return;
         };
         match recovery.start(pid, origin) {
-            Ok(()) => log::info!("event=recovery_started pid={pid}"),
+            Ok(child) => {
+                log::info!(
+                    "event=recovery_started pid={pid} child={}",
+                    child.map_or("-".to_owned(), |c| c.to_string())
+                );
+                if let (Some(audit), Some(child)) = (&mut self.audit, child) {
+                    audit.spawned(now_ns.saturating_sub(self.start_ns), pid, child);
+                }
+            }
             Err(NotRun::Debounced) => {
                 follow_ups.push(Event::Recovery(Finished {
                     pid,
                     outcome: Outcome::Debounced,
                     detail: "within --recovery-debounce-ms".into(),
+                    run: None,
                 }));
             }
             Err(NotRun::Refused(reason)) => {
@@ -196,6 +217,7 @@ impl Actions {
                     pid,
                     outcome: Outcome::Refused,
                     detail: reason.into(),
+                    run: None,
                 }));
             }
         }

@@ -44,6 +44,8 @@ pub struct Finished {
     pub pid: u32,
     pub outcome: Outcome,
     pub detail: String,
+    /// The command's run, when it started (for the audit record).
+    pub run: Option<crate::actions::audit::Run>,
 }
 
 pub struct Recovery {
@@ -91,8 +93,9 @@ impl Recovery {
         argv
     }
 
-    /// Starts the recovery command for `pid` unless refused or debounced.
-    pub fn start(&mut self, pid: u32, origin: Origin) -> Result<(), NotRun> {
+    /// Starts the recovery command for `pid` unless refused or debounced; the child's pid
+    /// when it started.
+    pub fn start(&mut self, pid: u32, origin: Origin) -> Result<Option<u32>, NotRun> {
         if matches!(origin, Origin::Udp { .. }) && !self.config.allow_udp {
             return Err(NotRun::Refused("unauthenticated_transport"));
         }
@@ -116,35 +119,51 @@ impl Recovery {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        crate::actions::capture::prepare(&mut cmd, self.config.capture_bytes);
         if !self.config.inherit_env {
             cmd.env_clear().env("PATH", "/usr/bin:/bin");
         }
         cmd.envs(self.config.env.iter().map(|(k, v)| (k, v)));
         // Its own process group: a timeout kills whatever the command started too.
         cmd.process_group(0);
-        let child = match cmd.spawn() {
+        let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => {
                 let _ = self.tx.send(Finished {
                     pid,
                     outcome: Outcome::SpawnFailed,
                     detail: format!("{}: {e}", argv[0]),
+                    run: None,
                 });
-                return Ok(());
+                return Ok(None);
             }
         };
         self.running += 1;
         let tx = self.tx.clone();
         let timeout = self.config.timeout;
+        let child_pid = child.id();
+        let capture = crate::actions::capture::start(&mut child, self.config.capture_bytes);
+        let started = Instant::now();
         tokio::spawn(async move {
-            let (outcome, detail) = supervise(child, timeout).await;
+            let (outcome, detail, status) = supervise(child, timeout).await;
+            let output = match capture {
+                Some(c) => Some(c.finish().await),
+                None => None,
+            };
+            let run = crate::actions::audit::Run {
+                child: child_pid,
+                status,
+                elapsed: started.elapsed(),
+                output,
+            };
             let _ = tx.send(Finished {
                 pid,
                 outcome,
                 detail,
+                run: Some(run),
             });
         });
-        Ok(())
+        Ok(Some(child_pid))
     }
 
     /// The next finished recovery.
@@ -158,7 +177,10 @@ impl Recovery {
 }
 
 /// Waits for the child, killing its process group at the timeout; always reaps it.
-async fn supervise(mut child: std::process::Child, timeout: Option<Duration>) -> (Outcome, String) {
+async fn supervise(
+    mut child: std::process::Child,
+    timeout: Option<Duration>,
+) -> (Outcome, String, Option<std::process::ExitStatus>) {
     let exited = async {
         match ExitWatcher::open(child.id()).and_then(crate::sys::readiness::readable) {
             Ok(fd) => {
@@ -187,7 +209,8 @@ async fn supervise(mut child: std::process::Child, timeout: Option<Duration>) ->
     }
     // The child has exited (or was just killed): wait() returns promptly and reaps it.
     let status = tokio::task::spawn_blocking(move || child.wait()).await;
-    match (timed_out, status) {
+    let exit = status.as_ref().ok().and_then(|s| s.as_ref().ok()).copied();
+    let (outcome, detail) = match (timed_out, status) {
         (true, _) => (
             Outcome::Timeout,
             format!(
@@ -199,7 +222,8 @@ async fn supervise(mut child: std::process::Child, timeout: Option<Duration>) ->
         (false, Ok(Ok(st))) => (Outcome::Failure, st.to_string()),
         (false, Ok(Err(e))) => (Outcome::Failure, e.to_string()),
         (false, Err(e)) => (Outcome::Failure, e.to_string()),
-    }
+    };
+    (outcome, detail, exit)
 }
 
 #[cfg(test)]

@@ -218,14 +218,41 @@ pub struct RecoveryArgs {
     /// At shutdown, wait this long (ms) for running recovery commands before killing them.
     #[arg(long, default_value_t = 5000)]
     pub shutdown_grace_ms: u64,
+    /// Keep the recovery command's stdout and stderr (up to --recovery-capture-bytes) for
+    /// its audit record.
+    #[arg(long, group = LIVE)]
+    pub recovery_capture_stdio: bool,
+    /// Bytes of a recovery command's output kept with --recovery-capture-stdio.
+    #[arg(long, group = LIVE, default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub recovery_capture_bytes: u64,
+    /// Append one tab-separated record per recovery spawn and outcome to this file (mode
+    /// 0600, not through a symlink; SIGHUP reopens it).
+    #[arg(long, value_name = "PATH")]
+    pub recovery_audit_file: Option<PathBuf>,
+    /// Rotate the audit file before it grows past this size, keeping 5 generations.
+    #[arg(long, value_name = "N", requires = "recovery_audit_file",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub recovery_audit_max_bytes: Option<u64>,
+    /// fdatasync the audit file every N records (0: only at shutdown), off the event loop.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub recovery_audit_sync_every: u64,
 }
 
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Export and metrics")]
 pub struct OutputArgs {
-    /// Append one tab-separated line per event to this file.
+    /// Append one tab-separated line per event to this file (mode 0600, not through a
+    /// symlink; SIGHUP reopens it).
     #[arg(long)]
     pub export_file: Option<PathBuf>,
+    /// Rotate the export file before it grows past this size, keeping 5 generations.
+    #[arg(long, value_name = "N", requires = "export_file",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub export_file_max_bytes: Option<u64>,
+    /// fdatasync the export file every N lines (0: only at shutdown), off the event loop.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub export_file_sync_every: u64,
     /// Serve Prometheus metrics on GET /metrics at this address.
     #[arg(long)]
     pub prom_addr: Option<SocketAddr>,

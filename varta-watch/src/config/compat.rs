@@ -54,21 +54,6 @@ pub struct CompatArgs {
     /// a cross-namespace agent is dropped and counted, never fatal to the observer
     #[arg(long)]
     strict_namespace_check: bool,
-    /// recovery output is not captured; the command inherits /dev/null
-    #[arg(long)]
-    recovery_capture_stdio: bool,
-    /// recovery output is not captured; the command inherits /dev/null
-    #[arg(long, value_name = "N")]
-    recovery_capture_bytes: Option<u64>,
-    /// the recovery audit log is not implemented; outcomes go to the log, the export file and varta_recovery_outcomes_total
-    #[arg(long, value_name = "PATH")]
-    recovery_audit_file: Option<PathBuf>,
-    /// the recovery audit log is not implemented; outcomes go to the log, the export file and varta_recovery_outcomes_total
-    #[arg(long, value_name = "N")]
-    recovery_audit_max_bytes: Option<u64>,
-    /// the recovery audit log is not implemented; outcomes go to the log, the export file and varta_recovery_outcomes_total
-    #[arg(long, value_name = "N")]
-    recovery_audit_sync_every: Option<u64>,
     /// the recovery audit log is not implemented; outcomes go to the log, the export file and varta_recovery_outcomes_total
     #[arg(long, value_name = "MS")]
     audit_fsync_budget_ms: Option<u64>,
@@ -78,12 +63,6 @@ pub struct CompatArgs {
     /// the recovery audit log is not implemented; outcomes go to the log, the export file and varta_recovery_outcomes_total
     #[arg(long, value_name = "MS")]
     audit_rotation_budget_ms: Option<u64>,
-    /// the export file is not rotated here; rotate it externally and send SIGHUP to reopen it
-    #[arg(long, value_name = "N")]
-    export_file_max_bytes: Option<u64>,
-    /// the export file is flushed after every batch of events and at shutdown
-    #[arg(long, value_name = "N")]
-    export_file_sync_every: Option<u64>,
     /// /metrics is not rate-limited; protect it with --prom-token-file
     #[arg(long, value_name = "N")]
     prom_rate_limit_per_sec: Option<u32>,

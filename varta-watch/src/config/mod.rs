@@ -15,6 +15,7 @@ pub use settings::Settings;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
+    actions::sink::SinkOptions,
     config::cli::{CommandLine, DatapathMode, EvictionPolicy, RecoveryArgs, SignalHandlerMode},
     sys::clock::ClockSource,
 };
@@ -63,6 +64,8 @@ pub struct RecoveryConfig {
     pub env: Vec<(String, String)>,
     pub inherit_env: bool,
     pub allow_udp: bool,
+    /// Bytes of output kept for the audit record (`--recovery-capture-stdio`).
+    pub capture_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -80,7 +83,8 @@ pub struct Config {
     pub allow_cross_namespace: bool,
     pub recovery: Option<RecoveryConfig>,
     pub shutdown_grace: Duration,
-    pub export_file: Option<PathBuf>,
+    pub export_file: Option<SinkOptions>,
+    pub audit_file: Option<SinkOptions>,
     pub prom_addr: Option<SocketAddr>,
     pub prom_token: Option<String>,
     pub signal_mode: SignalHandlerMode,
@@ -157,7 +161,20 @@ impl Config {
             allow_cross_namespace: a.admission.allow_cross_namespace_agents,
             recovery,
             shutdown_grace: Duration::from_millis(a.recovery.shutdown_grace_ms),
-            export_file: a.output.export_file.clone(),
+            export_file: a.output.export_file.clone().map(|path| SinkOptions {
+                path,
+                max_bytes: a.output.export_file_max_bytes,
+                sync_every: a.output.export_file_sync_every,
+            }),
+            audit_file: a
+                .recovery
+                .recovery_audit_file
+                .clone()
+                .map(|path| SinkOptions {
+                    path,
+                    max_bytes: a.recovery.recovery_audit_max_bytes,
+                    sync_every: a.recovery.recovery_audit_sync_every,
+                }),
             prom_addr: a.output.prom_addr,
             prom_token,
             signal_mode: a.observer.signal_handler_mode,
@@ -188,6 +205,9 @@ fn recovery_config(a: &RecoveryArgs) -> Result<Option<RecoveryConfig>, ConfigErr
         env: a.recovery_env.clone(),
         inherit_env: a.recovery_inherit_env,
         allow_udp: a.plaintext_udp_i_accept_recovery_on_unauthenticated_transport,
+        capture_bytes: a
+            .recovery_capture_stdio
+            .then_some(a.recovery_capture_bytes as usize),
     }))
 }
 

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use crate::{
     actions::{
         Actions,
+        audit::Audit,
         export::Exporter,
         metrics::{KernelDrops, Metrics, SignalLabel},
         recovery::Recovery,
@@ -47,9 +48,16 @@ pub async fn serve<D: Datapath>(
         None => None,
     };
     let export = match &config.export_file {
-        Some(path) => Some(
-            Exporter::open(path.clone())
-                .with_context(|| format!("--export-file {}", path.display()))?,
+        Some(opts) => Some(
+            Exporter::open(opts.clone(), metrics.files.clone())
+                .with_context(|| format!("--export-file {}", opts.path.display()))?,
+        ),
+        None => None,
+    };
+    let audit = match &config.audit_file {
+        Some(opts) => Some(
+            Audit::open(opts.clone(), metrics.files.clone())
+                .with_context(|| format!("--recovery-audit-file {}", opts.path.display()))?,
         ),
         None => None,
     };
@@ -60,6 +68,7 @@ pub async fn serve<D: Datapath>(
         metrics.clone(),
         export,
         config.recovery.clone().map(Recovery::new),
+        audit,
         start_ns,
     );
     metrics.pid_max.set(observer.pid_max() as i64);
@@ -168,12 +177,7 @@ impl<D: Datapath> EventLoop<'_, D> {
                 return true;
             }
             Signal::Hup => {
-                if let Some(export) = &mut self.actions.export {
-                    match export.reopen() {
-                        Ok(()) => log::info!("event=export_reopened"),
-                        Err(e) => log::warn!("event=export_reopen_failed error=\"{e}\""),
-                    }
-                }
+                self.actions.reopen_files();
                 if self.config.config_file.is_some() {
                     self.reload();
                 }
