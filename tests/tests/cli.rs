@@ -19,6 +19,7 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let export = dir.join("export.tsv");
     let audit = dir.join("audit.tsv");
+    let heartbeat = dir.join("heartbeat");
     let k = key.to_str().unwrap();
     let implemented: Vec<String> = [
         "--threshold-ms",
@@ -78,6 +79,14 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
         "1048576",
         "--export-file-sync-every",
         "0",
+        "--heartbeat-file",
+        heartbeat.to_str().unwrap(),
+        "--self-watchdog-secs",
+        "10",
+        "--hw-watchdog",
+        "/dev/null",
+        "--inject-wedge-ms",
+        "0",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -101,10 +110,6 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
         ("--prom-rate-limit-burst", Some("10")),
         ("--iteration-budget-ms", Some("10")),
         ("--scrape-budget-ms", Some("10")),
-        ("--heartbeat-file", Some("/tmp/varta-hb")),
-        ("--self-watchdog-secs", Some("10")),
-        ("--hw-watchdog", Some("/dev/null-watchdog")),
-        ("--inject-wedge-ms", Some("0")),
     ];
     let mut b = Daemon::builder("unit-file", "userspace").args(implemented);
     for (flag, value) in &ignored {

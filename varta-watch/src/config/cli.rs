@@ -95,6 +95,14 @@ pub enum DatapathMode {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// `ts=... level=... event=... key=value ...`
+    Text,
+    /// `{"ts":...,"level":"...","event":"...",...}`
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SignalHandlerMode {
     /// Raw rt_sigaction(2) with the daemon's own restorer.
     Direct,
@@ -273,6 +281,23 @@ pub struct ObserverArgs {
     /// Exit cleanly after this many seconds (tests).
     #[arg(long)]
     pub shutdown_after_secs: Option<u64>,
+    /// Abort (for a supervisor to restart the observer) when its event loop has made no
+    /// progress for this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub self_watchdog_secs: Option<u64>,
+    /// Rewrite this file with `ts=<unix time> progress=<loop rounds>` at most once a second.
+    #[arg(long, value_name = "PATH")]
+    pub heartbeat_file: Option<PathBuf>,
+    /// Kick this watchdog device (e.g. /dev/watchdog) while the event loop runs; write the
+    /// magic `V` at a clean shutdown.
+    #[arg(long, value_name = "PATH")]
+    pub hw_watchdog: Option<PathBuf>,
+    /// Test hook: block the event loop this long once, when it first takes in beats.
+    #[arg(long, value_name = "MS")]
+    pub inject_wedge_ms: Option<u64>,
+    /// Log lines as `key=value` text, or one JSON object per line for log shippers.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
 }
 
 /// The environment variable a daemon flag may also come from: `--max-beat-rate` is

@@ -75,18 +75,6 @@ pub struct CompatArgs {
     /// scrapes are served by their own task and cannot stall the receive path
     #[arg(long, value_name = "MS")]
     scrape_budget_ms: Option<u64>,
-    /// there is no polling loop: the daemon is event-driven
-    #[arg(long, value_name = "PATH")]
-    heartbeat_file: Option<PathBuf>,
-    /// the systemd/self watchdog is not implemented
-    #[arg(long, value_name = "SECS")]
-    self_watchdog_secs: Option<u64>,
-    /// the hardware watchdog is not implemented
-    #[arg(long, value_name = "PATH")]
-    hw_watchdog: Option<PathBuf>,
-    /// test hook of the incumbent's polling loop
-    #[arg(long, value_name = "MS")]
-    inject_wedge_ms: Option<u64>,
 }
 
 /// `(--flag, why it has no effect)` for every such flag that was given, on the command

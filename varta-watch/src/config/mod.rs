@@ -68,6 +68,15 @@ pub struct RecoveryConfig {
     pub capture_bytes: Option<usize>,
 }
 
+/// The observer's own liveness (`daemon::liveness`).
+#[derive(Debug, Clone, Default)]
+pub struct LivenessConfig {
+    pub self_watchdog: Option<Duration>,
+    pub heartbeat_file: Option<PathBuf>,
+    pub hw_watchdog: Option<PathBuf>,
+    pub inject_wedge: Option<Duration>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub socket: PathBuf,
@@ -90,6 +99,7 @@ pub struct Config {
     pub signal_mode: SignalHandlerMode,
     pub shutdown_after: Option<Duration>,
     pub config_file: Option<PathBuf>,
+    pub liveness: LivenessConfig,
     /// Every setting as given, for the reload diff.
     pub settings: Settings,
 }
@@ -180,6 +190,12 @@ impl Config {
             signal_mode: a.observer.signal_handler_mode,
             shutdown_after: a.observer.shutdown_after_secs.map(Duration::from_secs),
             config_file: a.observer.config.clone(),
+            liveness: LivenessConfig {
+                self_watchdog: a.observer.self_watchdog_secs.map(Duration::from_secs),
+                heartbeat_file: a.observer.heartbeat_file.clone(),
+                hw_watchdog: a.observer.hw_watchdog.clone(),
+                inject_wedge: a.observer.inject_wedge_ms.map(Duration::from_millis),
+            },
             settings: Settings::from_matches(&line.matches),
         })
     }

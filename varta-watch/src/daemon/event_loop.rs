@@ -61,6 +61,7 @@ pub async fn serve<D: Datapath>(
         ),
         None => None,
     };
+    let liveness = super::liveness::Liveness::start(&config.liveness)?;
     let clock = config.clock;
     let start_ns = clock.now_ns();
     let observer = Observer::new(config, drops, datapath.rate_limits_applied(), start_ns);
@@ -88,13 +89,17 @@ pub async fn serve<D: Datapath>(
         metrics,
         observer,
         actions,
+        liveness,
         clock,
         beats: Vec::with_capacity(256),
         events: Vec::with_capacity(256),
     };
-    event_loop.run().await?;
+    let result = event_loop.run().await;
+    event_loop.liveness.disarm();
+    result?;
     event_loop.finish_recoveries().await;
     event_loop.actions.flush();
+    event_loop.liveness.finish();
     Ok(())
 }
 
@@ -105,6 +110,7 @@ struct EventLoop<'c, D> {
     metrics: Arc<Metrics>,
     observer: Observer,
     actions: Actions,
+    liveness: super::liveness::Liveness,
     clock: ClockSource,
     /// Reused between wake-ups: what the datapath delivered, what the observer surfaced.
     beats: Vec<Beat>,
@@ -123,7 +129,9 @@ impl<D: Datapath> EventLoop<'_, D> {
                 // Whatever is queued still counts.
                 self.datapath.drain(&mut self.beats);
             }
+            let took_beats = !self.beats.is_empty();
             self.process();
+            self.liveness.round(took_beats);
             if stop {
                 return Ok(());
             }
@@ -136,6 +144,7 @@ impl<D: Datapath> EventLoop<'_, D> {
         let deadline = self.observer.next_deadline();
         let recovery = self.actions.recovery.as_mut();
         let has_recovery = recovery.is_some();
+        let tick = self.liveness.next_wake();
         tokio::select! {
             received = self.signals.recv() => {
                 let received = received.context("waiting for signals")?;
@@ -158,6 +167,8 @@ impl<D: Datapath> EventLoop<'_, D> {
                 self.events.push(Event::Recovery(finished));
                 Ok(false)
             }
+            // Liveness is watched: an idle loop still goes round.
+            () = tokio::time::sleep(tick.unwrap_or_default()), if tick.is_some() => Ok(false),
             () = tokio::time::sleep_until(shutdown_at.unwrap_or_else(tokio::time::Instant::now)), if shutdown_at.is_some() => {
                 log::info!("event=shutdown reason=shutdown_after_secs");
                 Ok(true)

@@ -2,6 +2,7 @@
 //! privileges allow), then the event loop, then shutdown.
 
 mod event_loop;
+mod liveness;
 
 use std::{net::UdpSocket, os::unix::net::UnixDatagram, process::ExitCode, sync::Arc};
 
