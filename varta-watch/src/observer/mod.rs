@@ -7,6 +7,8 @@ pub mod events;
 pub mod gates;
 pub mod stall;
 pub mod tracker;
+#[cfg(test)]
+mod tracker_props;
 
 use std::sync::Arc;
 

@@ -6,6 +6,11 @@
 //! nonce is a new session (the agent restarted under the same pid, or its pid was reused):
 //! accepted and counted as a restart. The panic-terminal frame (Critical, nonce u64::MAX)
 //! marks the agent dead: no stall follows until it beats again in a new session.
+//!
+//! Bounds: at most `capacity` agents; a new agent when full evicts one by policy or is
+//! dropped (`capacity`). The eviction queue holds at most one entry per agent (so at most
+//! `capacity`); the deadline heap holds one entry per watched agent plus stale entries of
+//! evicted agents, and is rebuilt from the agents when it passes twice the capacity.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -35,6 +40,8 @@ pub struct Agent {
     pub dead: bool,
     generation: u64,
     queued: bool,
+    /// Has an entry in the eviction queue.
+    evictable: bool,
 }
 
 impl Agent {
@@ -51,6 +58,7 @@ impl Agent {
             dead: false,
             generation,
             queued: false,
+            evictable: false,
         }
     }
 
@@ -147,6 +155,17 @@ impl Tracker {
         self.agents.get(&pid)
     }
 
+    /// Lengths of the eviction queue and the deadline heap (for the invariants' tests).
+    #[cfg(test)]
+    pub fn queue_lens(&self) -> (usize, usize) {
+        (self.evictable.len(), self.deadlines.len())
+    }
+
+    #[cfg(test)]
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub fn agents(&self) -> impl Iterator<Item = (&u32, &Agent)> {
         self.agents.iter()
     }
@@ -158,6 +177,12 @@ impl Tracker {
             return;
         }
         self.threshold_ns = threshold_ns;
+        self.rebuild_deadlines();
+    }
+
+    /// The deadline heap anew from the agents: one entry per watched agent. O(agents).
+    fn rebuild_deadlines(&mut self) {
+        let threshold_ns = self.threshold_ns;
         self.deadlines = StallQueue::default();
         for (&pid, agent) in &mut self.agents {
             agent.queued = !agent.stalled && !agent.dead;
@@ -192,7 +217,10 @@ impl Tracker {
         let agent = self.agents.get_mut(&pid).expect("recorded above");
         agent.take(frame, origin, now_ns);
         if agent.dead {
-            self.evictable.push_back((pid, agent.generation));
+            if !agent.evictable {
+                agent.evictable = true;
+                self.evictable.push_back((pid, agent.generation));
+            }
         } else if !agent.queued {
             agent.queued = true;
             self.deadlines.push(Entry {
@@ -200,6 +228,9 @@ impl Tracker {
                 pid,
                 generation: agent.generation,
             });
+            if self.deadlines.len() > 2 * self.capacity {
+                self.rebuild_deadlines();
+            }
         }
         Ok(outcome)
     }
@@ -242,7 +273,10 @@ impl Tracker {
                 pid: entry.pid,
                 agent: agent.clone(),
             };
-            self.evictable.push_back((entry.pid, entry.generation));
+            if !agent.evictable {
+                agent.evictable = true;
+                self.evictable.push_back((entry.pid, entry.generation));
+            }
             out.push(stalled);
         }
     }
@@ -256,11 +290,15 @@ impl Tracker {
     /// Makes room for one agent, by policy; the evicted pid.
     fn evict(&mut self) -> Option<u32> {
         while let Some((pid, generation)) = self.evictable.pop_front() {
-            if self
+            let Some(agent) = self
                 .agents
-                .get(&pid)
-                .is_some_and(|a| a.generation == generation && (a.stalled || a.dead))
-            {
+                .get_mut(&pid)
+                .filter(|a| a.generation == generation)
+            else {
+                continue;
+            };
+            agent.evictable = false;
+            if agent.stalled || agent.dead {
                 self.agents.remove(&pid);
                 return Some(pid);
             }
