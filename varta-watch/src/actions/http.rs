@@ -1,4 +1,5 @@
-//! GET /metrics, optionally behind a bearer token.
+//! GET /metrics, optionally behind a bearer token; connections bounded in number and time
+//! (`http_conn`).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -24,7 +25,14 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     token: Option<String>,
 ) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    // Connections beyond the accepted few wait here, in the kernel (see `http_conn`).
+    let listener = socket.listen(1024)?;
     let bound = listener.local_addr()?;
     let state = Scrape {
         metrics,
@@ -34,6 +42,7 @@ pub async fn serve(
         .route("/metrics", get(scrape))
         .with_state(state);
     tokio::spawn(async move {
+        let listener = crate::actions::http_conn::LimitedListener::new(listener);
         if let Err(e) = axum::serve(listener, app).await {
             log::error!("event=metrics_server_failed error={e}");
         }

@@ -4,6 +4,7 @@ pub mod audit;
 mod capture;
 pub mod export;
 pub mod http;
+mod http_conn;
 pub mod metrics;
 pub mod recovery;
 pub mod sink;

@@ -55,6 +55,14 @@ struct Sockets {
 }
 
 async fn start(mut config: Config) -> Result<()> {
+    let fds = crate::sys::fdlimit::raise().context("raising RLIMIT_NOFILE")?;
+    log::info!(
+        "event=fd_limit soft={} hard={} reserve={} watcher_budget={}",
+        fds.soft,
+        fds.hard,
+        crate::sys::fdlimit::RESERVE,
+        fds.watch_budget
+    );
     let signals = install_signals(&config)?;
     let sockets = bind(&config)?;
     let drops = Arc::new(DropCounters::default());
