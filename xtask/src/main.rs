@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: everything that is not plain cargo.
 
 mod ebpf;
+mod fuzz;
 mod toolchain;
 
 use std::{
@@ -43,6 +44,12 @@ enum Task {
     },
     /// Run the benchmarks and print their figures.
     Bench,
+    /// Run each cargo-fuzz target in fuzz/ for a while (installs nightly cargo-fuzz).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 20)]
+        secs: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -52,6 +59,7 @@ fn main() -> Result<()> {
         Task::Run { release, args } => run(release, &args),
         Task::Test { args } => test(&args),
         Task::Bench => bench(),
+        Task::Fuzz { secs } => fuzz::run(std::time::Duration::from_secs(secs)),
     }
 }
 
@@ -151,6 +159,12 @@ fn test(args: &[String]) -> Result<()> {
     )?;
     if args.is_empty() {
         signal_tests()?;
+        // Bounded fuzzing belongs to the full run in CI; elsewhere `cargo xtask fuzz`.
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            fuzz::run(std::time::Duration::from_secs(20))?;
+        } else {
+            eprintln!("xtask: fuzz targets run under CI=true, or with `cargo xtask fuzz`");
+        }
     }
     Ok(())
 }
