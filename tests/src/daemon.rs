@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{Proc, bin, log_field, log_has, parse_metrics, scratch, wait_for};
+use crate::{Proc, bin, forced_attest, log_field, log_has, parse_metrics, scratch, wait_for};
 
 pub struct Daemon {
     process: Proc,
@@ -34,9 +34,16 @@ pub struct DaemonBuilder {
     export: bool,
     wrapper: Vec<String>,
     world_writable: bool,
+    env: Vec<(String, String)>,
 }
 
 impl DaemonBuilder {
+    /// Sets an environment variable for the daemon.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
     pub fn arg(mut self, a: impl Into<String>) -> Self {
         self.args.push(a.into());
         self
@@ -73,8 +80,18 @@ impl DaemonBuilder {
     /// Starts the daemon and waits for its `event=ready` line.
     #[track_caller]
     pub fn start(self) -> Daemon {
+        let ebpf = self.datapath != "userspace";
         let mut d = self.spawn();
         let ready = d.wait_log("event=ready", Duration::from_secs(20));
+        if let Some(method) = forced_attest()
+            && ebpf
+        {
+            assert!(
+                log_has(&ready, "datapath=ebpf") && log_has(&ready, &format!("attest={method}")),
+                "not on the eBPF datapath with {method} attestation: {ready}\n{}",
+                d.log_text()
+            );
+        }
         d.prom = log_field(&ready, "metrics").parse().ok();
         d
     }
@@ -84,12 +101,9 @@ impl DaemonBuilder {
     pub fn start_ebpf(self) -> Daemon {
         assert_eq!(self.datapath, "ebpf");
         let d = self.start();
-        assert_eq!(
-            d.metric("varta_datapath_info{mode=\"ebpf\"}"),
-            1.0,
-            "{}",
-            d.log_text()
-        );
+        let info = d.datapath_info();
+        assert!(info.contains("{mode=\"ebpf\","), "{info}\n{}", d.log_text());
+        assert_eq!(d.metric(&info), 1.0, "{}", d.log_text());
         d
     }
 
@@ -123,7 +137,10 @@ impl DaemonBuilder {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        cmd.env("VARTA_LOG", "info");
+        cmd.env("VARTA_LOG", "info").envs(self.env);
+        if let Some(method) = forced_attest() {
+            cmd.env("VARTA_EBPF_ATTEST", method);
+        }
         let mut process = Proc::spawn(&mut cmd);
         let stderr = process.take_stderr().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -158,6 +175,7 @@ impl Daemon {
             export: false,
             wrapper: Vec::new(),
             world_writable: false,
+            env: Vec::new(),
         }
     }
 
@@ -211,6 +229,16 @@ impl Daemon {
     #[track_caller]
     pub fn wait_log(&self, part: &str, timeout: Duration) -> String {
         self.wait_log_all(&[part], timeout)
+    }
+
+    /// The `varta_datapath_info` sample this daemon exports, from its `event=ready` line.
+    pub fn datapath_info(&self) -> String {
+        let ready = self.wait_log("event=ready", Duration::ZERO);
+        format!(
+            "varta_datapath_info{{mode=\"{}\",attest=\"{}\"}}",
+            log_field(&ready, "datapath"),
+            log_field(&ready, "attest")
+        )
     }
 
     /// GET /metrics (optionally with a bearer token): (status code, body).

@@ -4,6 +4,7 @@
 //! last; every process it starts is killed and reaped when its guard drops.
 
 mod daemon;
+pub mod deploy;
 mod process;
 pub mod sender;
 #[path = "../../varta-common/tests/support/vectors.rs"]
@@ -89,10 +90,12 @@ macro_rules! require_root {
 }
 
 /// Why the eBPF datapath needs root.
-pub const EBPF: &str = "the eBPF datapath needs CAP_BPF + CAP_NET_ADMIN";
+pub const EBPF: &str = "the eBPF datapath needs CAP_BPF + CAP_PERFMON";
 
-/// Generates `<name>::userspace` and `<name>::ebpf_needs_root` tests calling
-/// `<name>(datapath)`; the eBPF one runs as decided by [`needs_root`].
+/// Generates `<name>::userspace`, `<name>::ebpf_needs_root` (the attestation the daemon
+/// picks on this kernel) and `<name>::ebpf_task_read_needs_root` (forced to task_read, see
+/// [`with_attest`]) tests calling `<name>(datapath)`; the eBPF ones run as decided by
+/// [`needs_root`].
 #[macro_export]
 macro_rules! on_both_datapaths {
     ($($name:ident),* $(,)?) => {$(
@@ -106,6 +109,12 @@ macro_rules! on_both_datapaths {
             fn ebpf_needs_root() {
                 $crate::require_root!($crate::EBPF);
                 super::$name("ebpf");
+            }
+
+            #[test]
+            fn ebpf_task_read_needs_root() {
+                $crate::require_root!($crate::EBPF);
+                $crate::with_attest("task_read", || super::$name("ebpf"));
             }
         }
     )*};
@@ -166,8 +175,51 @@ impl Drop for Scratch {
     }
 }
 
+/// For scenarios that only the eBPF datapath has: generates `<name>::ebpf_needs_root` (the
+/// attestation the daemon picks on this kernel) and `<name>::ebpf_task_read_needs_root`
+/// (forced to task_read) tests calling `<name>()`.
+#[macro_export]
+macro_rules! on_both_attestations {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn ebpf_needs_root() {
+                $crate::require_root!($crate::EBPF);
+                super::$name();
+            }
+
+            #[test]
+            fn ebpf_task_read_needs_root() {
+                $crate::require_root!($crate::EBPF);
+                $crate::with_attest("task_read", super::$name);
+            }
+        }
+    )*};
+}
+
+thread_local! {
+    /// The eBPF attestation method the daemons this test thread starts must use.
+    static ATTEST: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `test` with every eBPF daemon it starts forced to attestation `method`
+/// (`VARTA_EBPF_ATTEST`: pid_tgid_helper or task_read), so each scenario can meet its
+/// assertions with every method on one kernel.
+pub fn with_attest(method: &'static str, test: impl FnOnce()) {
+    ATTEST.with(|a| a.set(Some(method)));
+    test();
+    ATTEST.with(|a| a.set(None));
+}
+
+/// The method [`with_attest`] forces on this thread, if any.
+pub fn forced_attest() -> Option<&'static str> {
+    ATTEST.with(|a| a.get())
+}
+
 pub fn scratch(name: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("varta-e2e-{}-{name}", std::process::id()));
+    // A test run under `with_attest` runs beside the same test without it.
+    let attest = forced_attest().map_or(String::new(), |m| format!("-{m}"));
+    let dir = std::env::temp_dir().join(format!("varta-e2e-{}-{name}{attest}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     Scratch(dir)
@@ -189,6 +241,18 @@ pub fn frame(pid: u32, nonce: u64) -> [u8; 32] {
         pid,
         timestamp: 1,
         nonce,
+        payload: 0,
+    }
+    .encode()
+}
+
+/// The panic-terminal frame of `pid`: Critical with the terminal nonce (the agent dies).
+pub fn panic_terminal_frame(pid: u32) -> [u8; 32] {
+    Frame {
+        status: Status::Critical,
+        pid,
+        timestamp: 1,
+        nonce: varta_common::frame::NONCE_TERMINAL,
         payload: 0,
     }
     .encode()

@@ -146,16 +146,32 @@ fn export_file_and_metrics_after_a_scripted_scenario(datapath: &str) {
                 && !l.starts_with("varta_watch_uptime")
                 && !l.starts_with("varta_observer_uds_rcvbuf")
                 && !l.starts_with("varta_pid_max_current")
+                && !l.starts_with("varta_agent_info")
         })
         .collect();
     lines.sort();
+    let info = d.datapath_info();
+    assert!(info.contains(&format!("{{mode=\"{datapath}\",")), "{info}");
+    // The agent (this test process) named by its command (deploy_identity checks the rest).
+    let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let agent_info: Vec<&str> = body
+        .lines()
+        .filter(|l| l.starts_with("varta_agent_info"))
+        .collect();
+    assert_eq!(agent_info.len(), 1, "{body}");
+    assert!(
+        agent_info[0].contains(&format!("pid=\"{me}\",comm=\"{}\"", comm.trim_end())),
+        "{}",
+        agent_info[0]
+    );
     let mut expected: Vec<String> = vec![
         format!("varta_beats_total{{pid=\"{me}\"}} 2"),
         format!("varta_stalls_total{{pid=\"{me}\"}} 1"),
         format!("varta_status{{pid=\"{me}\"}} 3"),
-        format!("varta_datapath_info{{mode=\"{datapath}\"}} 1"),
+        format!("{info} 1"),
         "varta_datapath_beats_delivered_total 3".into(),
         "varta_frame_auth_failures_total 0".into(),
+        "varta_frame_decrypt_failures_total 0".into(),
         "varta_frame_namespace_mismatch_total 0".into(),
         "varta_frame_rejected_pid_above_max_total 0".into(),
         "varta_frames_dropped_total{reason=\"length\"} 1".into(),
@@ -206,7 +222,13 @@ fn export_file_and_metrics_after_a_scripted_scenario(datapath: &str) {
 
     let text = d.export_text();
     let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split('\t').collect()).collect();
-    let shape: Vec<Vec<&str>> = rows.iter().map(|r| r[1..].to_vec()).collect();
+    // The incumbent's six columns; a stall adds the agent's comm, unit, container, pod.
+    let shape: Vec<Vec<&str>> = rows.iter().map(|r| r[1..r.len().min(6)].to_vec()).collect();
+    assert_eq!(rows[2].len(), 10, "{text}");
+    assert!(
+        rows[2][6] != "-",
+        "the stall names the agent's comm: {text}"
+    );
     let me = me.to_string();
     assert_eq!(
         shape,

@@ -14,6 +14,7 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
     let dir = scratch("unit-file");
     let key = dir.join("key.hex");
     std::fs::write(&key, "00".repeat(32)).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let token = dir.join("token");
     std::fs::write(&token, "a".repeat(64)).unwrap();
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -34,6 +35,14 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
         "127.0.0.1",
         "--i-accept-plaintext-udp",
         "--plaintext-udp-i-accept-recovery-on-unauthenticated-transport",
+        "--key-file",
+        k,
+        "--accepted-key-file",
+        k,
+        "--master-key-file",
+        k,
+        "--i-accept-secure-udp-non-loopback",
+        "--secure-udp-i-accept-recovery-on-unauthenticated-transport",
         "--tracker-capacity",
         "512",
         "--tracker-eviction-policy",
@@ -95,14 +104,6 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
         ("--read-timeout-ms", Some("100")),
         ("--eviction-scan-window", Some("256")),
         ("--strict-namespace-check", None),
-        ("--key-file", Some(k)),
-        ("--accepted-key-file", Some(k)),
-        ("--master-key-file", Some(k)),
-        ("--i-accept-secure-udp-non-loopback", None),
-        (
-            "--secure-udp-i-accept-recovery-on-unauthenticated-transport",
-            None,
-        ),
         ("--audit-fsync-budget-ms", Some("50")),
         ("--audit-sync-interval-ms", Some("0")),
         ("--audit-rotation-budget-ms", Some("50")),
@@ -125,6 +126,13 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
     }
     assert_eq!(d.count_logs(&["event=flag_ignored"]), ignored.len());
     assert_eq!(d.count_logs(&["level=error"]), 0, "{}", d.log_text());
+    // Like the incumbent: plaintext UDP is announced as unauthenticated at start.
+    assert_eq!(
+        d.count_logs(&["event=plaintext_udp_unauthenticated"]),
+        1,
+        "{}",
+        d.log_text()
+    );
     let (code, body) = d.get_metrics(Some(&"a".repeat(64)));
     assert_eq!(code, 200);
     assert!(body.contains("varta_tracker_capacity 512"));
@@ -351,4 +359,103 @@ fn shutdown_after_secs_exits_cleanly_and_removes_the_socket() {
     // It exits by itself.
     assert!(d.wait_exit(Duration::from_secs(10)).success());
     assert!(!socket.exists());
+}
+
+/// What operators of the incumbent rely on at start-up: removed flags exit 2 with the
+/// migration hint, UDP plus recovery needs the transport's opt-in, key files must be private
+/// regular files, secure UDP stays on loopback unless told otherwise.
+#[test]
+fn incumbent_start_up_refusals_exit_2_naming_the_flag() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("start-up-refusals");
+    let sock = dir.join("s.sock");
+    let s = sock.to_str().unwrap();
+    let key = |name: &str, text: &str, mode: u32| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let good = key("good.hex", &"00".repeat(32), 0o600);
+    let world = key("world.hex", &"00".repeat(32), 0o644);
+    let short = key("short.hex", "0011", 0o600);
+    let link = dir.join("link.hex");
+    std::os::unix::fs::symlink(&good, &link).unwrap();
+    let link = link.to_str().unwrap();
+    let base = ["--socket", s, "--threshold-ms", "100"];
+    let udp = ["--udp-port", "0"];
+    let cases: Vec<(Vec<&str>, &str, &str)> = vec![
+        (
+            vec!["--recovery-cmd", "/bin/true"],
+            "--recovery-cmd",
+            "use --recovery-exec",
+        ),
+        (
+            vec!["--i-accept-shell-risk"],
+            "--i-accept-shell-risk",
+            "use --recovery-exec",
+        ),
+        (
+            vec!["--key-env", "VARTA_KEY"],
+            "--key-env",
+            "use --key-file",
+        ),
+        (
+            [
+                &udp[..],
+                &["--i-accept-plaintext-udp", "--recovery-exec", "/bin/true"],
+            ]
+            .concat(),
+            "--plaintext-udp-i-accept-recovery-on-unauthenticated-transport",
+            "recovery",
+        ),
+        (
+            [
+                &udp[..],
+                &["--key-file", &good, "--recovery-exec", "/bin/true"],
+            ]
+            .concat(),
+            "--secure-udp-i-accept-recovery-on-unauthenticated-transport",
+            "recovery",
+        ),
+        (
+            [&udp[..], &["--key-file", &world]].concat(),
+            "--key-file",
+            "mode 0600",
+        ),
+        (
+            [&udp[..], &["--master-key-file", link]].concat(),
+            "--master-key-file",
+            "symlink",
+        ),
+        (
+            [&udp[..], &["--accepted-key-file", &short]].concat(),
+            "--accepted-key-file",
+            "64 hex digits",
+        ),
+        (
+            [
+                &udp[..],
+                &["--key-file", &good, "--udp-bind-addr", "0.0.0.0"],
+            ]
+            .concat(),
+            "--udp-bind-addr",
+            "--i-accept-secure-udp-non-loopback",
+        ),
+    ];
+    for (extra, flag, hint) in cases {
+        let args = [&base[..], &extra[..]].concat();
+        let (code, stderr) = run_flags(&args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: not one line: {stderr}"
+        );
+        assert!(
+            stderr.contains(flag) && stderr.contains(hint),
+            "{args:?}: does not name {flag} with {hint:?}: {stderr}"
+        );
+    }
+    assert!(!sock.exists(), "no socket was bound");
 }

@@ -1,17 +1,22 @@
-//! What only the eBPF datapath does: drops in the kernel, exact in-kernel counters, and the
-//! fallback without privileges. Every test here needs root (CAP_BPF + CAP_NET_ADMIN); CI
-//! runs them as root. Rate limits, ring overflow and wake-ups are in `ebpf_limits.rs`.
+//! What only the eBPF datapath does, with either attestation method: drops in the kernel,
+//! exact in-kernel counters, UDP. Every test here needs root (CAP_BPF + CAP_PERFMON); CI runs
+//! them as root. Rate limits, ring overflow and wake-ups are in `ebpf_limits.rs`, who may
+//! load the datapath in `privileges.rs`.
 
 use std::time::Duration;
 
 use varta_e2e::{
-    Daemon, EBPF, decode_error_vectors, hex_encode, require_root,
+    Daemon, decode_error_vectors, hex_encode,
     sender::{send, sender, summary},
 };
 
-#[test]
-fn junk_flood_from_several_processes_is_counted_exactly_in_the_kernel_needs_root() {
-    require_root!(EBPF);
+varta_e2e::on_both_attestations!(
+    junk_flood_from_several_processes_is_counted_exactly_in_the_kernel,
+    spoof_over_uds_is_dropped_in_the_kernel,
+    plaintext_udp_junk_is_counted_in_the_kernel_and_beats_carry_the_source,
+);
+
+fn junk_flood_from_several_processes_is_counted_exactly_in_the_kernel() {
     let d = Daemon::builder("junk-flood", "ebpf")
         .args(["--threshold-ms", "1000"])
         .start_ebpf();
@@ -65,9 +70,7 @@ fn junk_flood_from_several_processes_is_counted_exactly_in_the_kernel_needs_root
     );
 }
 
-#[test]
-fn spoof_over_uds_is_dropped_in_the_kernel_needs_root() {
-    require_root!(EBPF);
+fn spoof_over_uds_is_dropped_in_the_kernel() {
     let d = Daemon::builder("kernel-spoof", "ebpf")
         .args(["--threshold-ms", "1000"])
         .start_ebpf();
@@ -105,9 +108,7 @@ fn spoof_over_uds_is_dropped_in_the_kernel_needs_root() {
     );
 }
 
-#[test]
-fn plaintext_udp_junk_is_counted_in_the_kernel_and_beats_carry_the_source_needs_root() {
-    require_root!(EBPF);
+fn plaintext_udp_junk_is_counted_in_the_kernel_and_beats_carry_the_source() {
     // Every feature on at once: this load also proves the verifier accepts both programs.
     let port = free_udp_port();
     let d = Daemon::builder("udp", "ebpf")
@@ -152,54 +153,4 @@ fn free_udp_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-#[test]
-fn without_privileges_ebpf_fails_with_the_reason_and_auto_falls_back_needs_root() {
-    require_root!(EBPF);
-    let nobody = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-    ];
-    let mut d = Daemon::builder("unprivileged-ebpf", "ebpf")
-        .world_writable()
-        .wrapped(nobody)
-        .args(["--threshold-ms", "500"])
-        .spawn();
-    assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(1));
-    let line = d.wait_log("missing privilege", Duration::from_secs(5));
-    assert!(
-        line.contains("CAP_BPF")
-            && line.contains("CAP_NET_ADMIN")
-            && line.contains("--datapath ebpf"),
-        "{line}"
-    );
-    assert_eq!(
-        d.count_logs(&["level=error"]),
-        1,
-        "one line: {}",
-        d.log_text()
-    );
-
-    // auto: one fallback line, then a working observer on the userspace datapath.
-    let d = Daemon::builder("unprivileged-auto", "auto")
-        .world_writable()
-        .wrapped(nobody)
-        .args(["--threshold-ms", "500"])
-        .start();
-    let fallback = d.wait_log("event=datapath_fallback", Duration::from_secs(5));
-    assert!(
-        fallback.contains("missing privilege CAP_BPF and CAP_NET_ADMIN"),
-        "{fallback}"
-    );
-    assert_eq!(d.metric("varta_datapath_info{mode=\"userspace\"}"), 1.0);
-    let agent = d.agent(50);
-    let pid = format!("pid={}", agent.pid());
-    d.wait_log_all(&["event=agent_new", &pid], Duration::from_secs(5));
-    drop(agent);
-    d.wait_log_all(&["event=stall", &pid], Duration::from_secs(5));
 }

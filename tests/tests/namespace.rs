@@ -179,3 +179,9 @@ fn cross_namespace_agents_ebpf_needs_root() {
     require_root!(EBPF);
     cross_namespace_agents("ebpf");
 }
+
+#[test]
+fn cross_namespace_agents_ebpf_task_read_needs_root() {
+    require_root!(EBPF);
+    varta_e2e::with_attest("task_read", || cross_namespace_agents("ebpf"));
+}

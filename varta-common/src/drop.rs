@@ -3,80 +3,90 @@
 
 use crate::frame::DecodeError;
 
-#[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
     /// Datagram length other than 32 bytes.
-    Length = 0,
-    BadMagic = 1,
-    BadVersion = 2,
-    BadCrc = 3,
-    BadStatus = 4,
-    StallOnWire = 5,
-    BadPid = 6,
-    BadTimestamp = 7,
-    BadNonce = 8,
+    Length,
+    /// The frame failed VLP v0.2 decoding.
+    Decode(DecodeError),
     /// The frame's pid is not the kernel-attested sender's.
-    Spoof = 9,
+    Spoof,
     /// Sender in another pid namespace without `--allow-cross-namespace-agents`.
-    Namespace = 10,
+    Namespace,
     /// Frame pid above the kernel's pid_max.
-    PidMax = 11,
-    RatePerPid = 12,
-    RateGlobal = 13,
+    PidMax,
+    RatePerPid,
+    RateGlobal,
     /// Tracker full and nothing evictable.
-    Capacity = 14,
+    Capacity,
     /// Nonce not above the agent's last one (duplicate or replay).
-    Replay = 15,
+    Replay,
     /// A pid first seen on one transport beating on another.
-    OriginConflict = 16,
+    OriginConflict,
     /// The eBPF ring buffer had no room for the record.
-    RingbufFull = 17,
+    RingbufFull,
     /// Cross-namespace sender whose identity the daemon has not verified yet.
-    AttestPending = 18,
+    AttestPending,
 }
 
+/// The reasons after the decode errors, in index order.
+const AFTER_DECODE: [DropReason; 10] = [
+    DropReason::Spoof,
+    DropReason::Namespace,
+    DropReason::PidMax,
+    DropReason::RatePerPid,
+    DropReason::RateGlobal,
+    DropReason::Capacity,
+    DropReason::Replay,
+    DropReason::OriginConflict,
+    DropReason::RingbufFull,
+    DropReason::AttestPending,
+];
+
+/// Index of the first reason after the decode errors.
+const AFTER_DECODE_START: usize = 1 + DecodeError::COUNT;
+
 impl DropReason {
-    pub const COUNT: usize = 19;
+    pub const COUNT: usize = AFTER_DECODE_START + AFTER_DECODE.len();
 
-    pub const ALL: [DropReason; Self::COUNT] = [
-        DropReason::Length,
-        DropReason::BadMagic,
-        DropReason::BadVersion,
-        DropReason::BadCrc,
-        DropReason::BadStatus,
-        DropReason::StallOnWire,
-        DropReason::BadPid,
-        DropReason::BadTimestamp,
-        DropReason::BadNonce,
-        DropReason::Spoof,
-        DropReason::Namespace,
-        DropReason::PidMax,
-        DropReason::RatePerPid,
-        DropReason::RateGlobal,
-        DropReason::Capacity,
-        DropReason::Replay,
-        DropReason::OriginConflict,
-        DropReason::RingbufFull,
-        DropReason::AttestPending,
-    ];
+    /// Every reason in index order (`ALL[r.index()] == r`): length, the decode errors in their
+    /// normative order, then the rest.
+    pub const ALL: [DropReason; Self::COUNT] = {
+        let mut all = [DropReason::Length; Self::COUNT];
+        let mut i = 0;
+        while i < DecodeError::COUNT {
+            all[1 + i] = DropReason::Decode(DecodeError::ALL[i]);
+            i += 1;
+        }
+        let mut j = 0;
+        while j < AFTER_DECODE.len() {
+            all[AFTER_DECODE_START + j] = AFTER_DECODE[j];
+            j += 1;
+        }
+        all
+    };
 
+    /// The slot of this reason in the kernel's and the daemon's counter arrays.
     pub const fn index(self) -> usize {
-        self as usize
+        let after = match self {
+            DropReason::Length => return 0,
+            DropReason::Decode(e) => return 1 + e.index(),
+            DropReason::Spoof => 0,
+            DropReason::Namespace => 1,
+            DropReason::PidMax => 2,
+            DropReason::RatePerPid => 3,
+            DropReason::RateGlobal => 4,
+            DropReason::Capacity => 5,
+            DropReason::Replay => 6,
+            DropReason::OriginConflict => 7,
+            DropReason::RingbufFull => 8,
+            DropReason::AttestPending => 9,
+        };
+        AFTER_DECODE_START + after
     }
 
     pub const fn from_decode(e: DecodeError) -> DropReason {
-        DropReason::ALL[e as usize]
-    }
-
-    /// The decode error this reason stands for, if it is one.
-    pub const fn decode_error(self) -> Option<DecodeError> {
-        let i = self as usize;
-        if i >= 1 && i <= 8 {
-            Some(DecodeError::ALL[i - 1])
-        } else {
-            None
-        }
+        DropReason::Decode(e)
     }
 
     /// The `reason` label of `varta_frames_dropped_total`; every decode error is `decode`
@@ -84,14 +94,7 @@ impl DropReason {
     pub const fn name(self) -> &'static str {
         match self {
             DropReason::Length => "length",
-            DropReason::BadMagic
-            | DropReason::BadVersion
-            | DropReason::BadCrc
-            | DropReason::BadStatus
-            | DropReason::StallOnWire
-            | DropReason::BadPid
-            | DropReason::BadTimestamp
-            | DropReason::BadNonce => "decode",
+            DropReason::Decode(_) => "decode",
             DropReason::Spoof => "spoof",
             DropReason::Namespace => "namespace",
             DropReason::PidMax => "pid_max",
@@ -106,21 +109,31 @@ impl DropReason {
     }
 }
 
+impl From<DecodeError> for DropReason {
+    fn from(e: DecodeError) -> Self {
+        DropReason::Decode(e)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn indices_are_dense_and_decode_errors_line_up() {
+    fn indices_are_dense_and_follow_the_decode_errors() {
         for (i, r) in DropReason::ALL.iter().enumerate() {
-            assert_eq!(r.index(), i);
+            assert_eq!(r.index(), i, "{r:?}");
         }
-        for e in DecodeError::ALL {
+        for (i, e) in DecodeError::ALL.into_iter().enumerate() {
+            assert_eq!(e.index(), i);
             let r = DropReason::from_decode(e);
-            assert_eq!(r.decode_error(), Some(e));
+            assert_eq!(r.index(), 1 + i);
             assert_eq!(r.name(), "decode");
         }
-        assert_eq!(DropReason::Spoof.decode_error(), None);
-        assert_eq!(DropReason::Length.decode_error(), None);
+        // The counters the kernel already wrote keep their meaning: the layout is part of the
+        // kernel boundary.
+        assert_eq!(DropReason::Spoof.index(), 9);
+        assert_eq!(DropReason::AttestPending.index(), 18);
+        assert_eq!(DropReason::COUNT, 19);
     }
 }

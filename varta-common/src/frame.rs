@@ -9,7 +9,10 @@ use crate::crc32c;
 
 pub const FRAME_LEN: usize = 32;
 /// Secure UDP frames (AEAD-wrapped): shared-key and master-key forms, in bytes.
-pub const SECURE_FRAME_LENS: [u32; 2] = [60, 64];
+pub const SECURE_FRAME_LENS: [u32; 2] = [
+    crate::secure::SECURE_FRAME_LEN as u32,
+    crate::secure::SECURE_MASTER_FRAME_LEN as u32,
+];
 /// What precedes the frame in a UDP datagram as a socket filter sees it.
 pub const UDP_HEADER_LEN: u32 = 8;
 pub const MAGIC: [u8; 2] = [0x56, 0x41];
@@ -51,22 +54,25 @@ impl Status {
 }
 
 /// Decode failures in the normative order: the first failing check wins.
-/// The discriminants are the [`crate::DropReason`] indices of the same failures.
+/// [`crate::DropReason::Decode`] carries them; its indices follow from these.
 #[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DecodeError {
-    BadMagic = 1,
-    BadVersion = 2,
-    BadCrc = 3,
-    BadStatus = 4,
-    StallOnWire = 5,
-    BadPid = 6,
-    BadTimestamp = 7,
-    BadNonce = 8,
+    BadMagic,
+    BadVersion,
+    BadCrc,
+    BadStatus,
+    StallOnWire,
+    BadPid,
+    BadTimestamp,
+    BadNonce,
 }
 
 impl DecodeError {
-    pub const ALL: [DecodeError; 8] = [
+    pub const COUNT: usize = 8;
+
+    /// Every error, in the normative order (`ALL[e.index()] == e`).
+    pub const ALL: [DecodeError; Self::COUNT] = [
         DecodeError::BadMagic,
         DecodeError::BadVersion,
         DecodeError::BadCrc,
@@ -76,6 +82,10 @@ impl DecodeError {
         DecodeError::BadTimestamp,
         DecodeError::BadNonce,
     ];
+
+    pub const fn index(self) -> usize {
+        self as usize
+    }
 
     /// snake_case name: the `kind` label of `varta_decode_errors_total`.
     pub const fn name(self) -> &'static str {

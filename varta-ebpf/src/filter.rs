@@ -1,61 +1,77 @@
-//! One program per transport, both in this order (first failure wins, every failure counted):
-//! length, VLP v0.2 decode, sender attestation (UDS only), per-agent and global token
-//! buckets, then a record in the ring buffer. Nothing is ever queued on the socket itself:
-//! the programs return 0, so junk and over-rate frames never wake the daemon.
-
-use core::mem::size_of;
+//! One program per transport, both in this order (first failure wins): length, VLP v0.2
+//! decode, sender attestation (UDS only), per-agent and global token buckets, then a record in
+//! the ring buffer. `try_receive` says why a datagram is refused; `finish` counts it.
 
 use aya_ebpf::{
     bindings::{
-        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_hdr_start_off, bpf_pidns_info,
+        BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_RB_RING_SIZE, bpf_hdr_start_off,
     },
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_ns_current_pid_tgid, bpf_ktime_get_boot_ns,
-        bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_skb_load_bytes_relative,
+        bpf_ktime_get_boot_ns, bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_skb_load_bytes_relative,
     },
     macros::{map, socket_filter},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::info;
 use varta_common::{
-    DropReason, FRAME_LEN, Frame, Status,
-    kernel::{
+    DropReason, FRAME_LEN, Frame, SECURE_FRAME_LEN, SECURE_MASTER_FRAME_LEN,
+    filter::{
         BUCKET_ENTRIES, BeatRecord, Bucket, CLOCK_BOOTTIME, FilterConfig, KIND_BEAT, KIND_VERIFY,
-        RING_BYTES, TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, VERDICT_ALLOW,
+        RING_BYTES, TRACKED_ENTRIES, TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, VERDICT_ALLOW,
         VERDICT_DENY_NAMESPACE, VERDICT_ENTRIES, VERDICT_PENDING, VERIFY_RETRY_NS, Verdict,
+        agent_key,
     },
+    frame::UDP_HEADER_LEN,
+    ratelimit::{Limit, global_applies},
+    wakeup,
 };
 
-use crate::ratelimit;
+use crate::{
+    attest::{self, Attest},
+    ratelimit::MapCell,
+};
 
-#[map(name = "VARTA_CONFIG")]
+// The statics are named as `varta_common::filter::map` names them (the macro's `name = ..`
+// takes only a literal; a varta-watch test checks the object against those names).
+
+#[map]
 static VARTA_CONFIG: Array<FilterConfig> = Array::with_max_entries(1, 0);
 
-#[map(name = "VARTA_DROPS")]
+#[map]
 static VARTA_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT as u32, 0);
 
-#[map(name = "VARTA_EVENTS")]
+#[map]
 static VARTA_EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
-#[map(name = "VARTA_VERDICTS")]
+#[map]
 static VARTA_VERDICTS: LruHashMap<u32, Verdict> = LruHashMap::with_max_entries(VERDICT_ENTRIES, 0);
 
 /// Per-agent token buckets, keyed by `agent_key`. An entry also marks the agent as seen:
 /// the first beat of an agent wakes the daemon at once.
-#[map(name = "VARTA_BUCKETS")]
+#[map]
 static VARTA_BUCKETS: LruHashMap<u64, Bucket> = LruHashMap::with_max_entries(BUCKET_ENTRIES, 0);
 
-#[map(name = "VARTA_GLOBAL")]
+#[map]
 static VARTA_GLOBAL: Array<Bucket> = Array::with_max_entries(1, 0);
 
-const UDP_HEADER_LEN: u32 = 8;
+/// Agents the daemon tracks (written only by the daemon). Not preallocated: it holds as many
+/// entries as the tracker, not its maximum.
+#[map]
+static VARTA_TRACKED: HashMap<u64, u8> =
+    HashMap::with_max_entries(TRACKED_ENTRIES, BPF_F_NO_PREALLOC);
+
 const ETH_P_IPV6: u32 = 0x86DD;
 
 #[socket_filter]
 pub fn varta_uds(ctx: SkBuffContext) -> i64 {
-    receive(&ctx, TRANSPORT_UDS, 0);
-    0
+    finish(try_receive::<attest::PidTgidHelper>(&ctx, TRANSPORT_UDS, 0))
+}
+
+#[socket_filter]
+pub fn varta_uds_task_read(ctx: SkBuffContext) -> i64 {
+    finish(try_receive::<attest::TaskRead>(&ctx, TRANSPORT_UDS, 0))
 }
 
 #[socket_filter]
@@ -66,27 +82,50 @@ pub fn varta_udp(ctx: SkBuffContext) -> i64 {
     } else {
         TRANSPORT_UDP4
     };
-    receive(&ctx, transport, UDP_HEADER_LEN);
+    // Secure frames go up whole, unopened, on the socket itself: the daemon holds the keys.
+    let len = ctx.len();
+    if len == UDP_HEADER_LEN + SECURE_FRAME_LEN as u32
+        || len == UDP_HEADER_LEN + SECURE_MASTER_FRAME_LEN as u32
+    {
+        return len as i64;
+    }
+    finish(try_receive::<attest::Unattested>(
+        &ctx,
+        transport,
+        UDP_HEADER_LEN,
+    ))
+}
+
+/// Where every refused datagram is counted. The program's return value is always 0: nothing
+/// is queued on the socket itself, so junk and over-rate frames never wake the daemon.
+#[inline(always)]
+fn finish(outcome: Result<Accepted, DropReason>) -> i64 {
+    if let Err(reason) = outcome {
+        if let Some(slot) = VARTA_DROPS.get_ptr_mut(reason.index() as u32) {
+            // SAFETY: a per-CPU array slot: no other CPU writes it, and the program is not
+            // re-entered on this CPU while it runs.
+            unsafe { *slot += 1 };
+        }
+    }
     0
 }
 
-#[inline(always)]
-fn count(reason: DropReason) {
-    if let Some(slot) = VARTA_DROPS.get_ptr_mut(reason as u32) {
-        // SAFETY: a per-CPU array slot: no other CPU writes it, and the program is not
-        // re-entered on this CPU while it runs.
-        unsafe { *slot += 1 };
-    }
-}
+/// A datagram handed to the daemon through the ring buffer.
+struct Accepted;
 
 #[inline(always)]
-fn receive(ctx: &SkBuffContext, transport: u8, payload_offset: u32) {
+fn try_receive<A: Attest>(
+    ctx: &SkBuffContext,
+    transport: u8,
+    payload_offset: u32,
+) -> Result<Accepted, DropReason> {
     let Some(cfg) = VARTA_CONFIG.get(0) else {
-        return;
+        // Unreachable: slot 0 of a one-entry array always exists (zeroed until the daemon
+        // writes it, which it does before attaching); the verifier needs the check.
+        return Ok(Accepted);
     };
     if ctx.len() != payload_offset + FRAME_LEN as u32 {
-        count(DropReason::Length);
-        return;
+        return Err(DropReason::Length);
     }
     let mut raw = [0u8; FRAME_LEN];
     // SAFETY: `raw` is a FRAME_LEN-byte stack buffer and the length is the constant
@@ -100,16 +139,9 @@ fn receive(ctx: &SkBuffContext, transport: u8, payload_offset: u32) {
         )
     };
     if loaded != 0 {
-        count(DropReason::Length);
-        return;
+        return Err(DropReason::Length);
     }
-    let frame = match Frame::decode(&raw) {
-        Ok(frame) => frame,
-        Err(e) => {
-            count(DropReason::from_decode(e));
-            return;
-        }
-    };
+    let frame = Frame::decode(&raw)?;
     let now = if cfg.clock == CLOCK_BOOTTIME {
         // SAFETY: helper without arguments.
         unsafe { bpf_ktime_get_boot_ns() }
@@ -120,79 +152,27 @@ fn receive(ctx: &SkBuffContext, transport: u8, payload_offset: u32) {
 
     let mut record_kind = KIND_BEAT;
     let (mut host_tgid, mut observer_tgid) = (0u32, 0u32);
-    // UDP agents are known only by the pid they frame; UDS agents by their real tgid.
-    let mut agent_key = ((transport as u64) << 32) | frame.pid as u64;
     if transport == TRANSPORT_UDS {
-        // A Unix datagram send runs the receiver's filter in the sender's context: the
-        // current task is the sender.
-        host_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        agent_key = host_tgid as u64;
-        let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
-        // SAFETY: `ns` is a writable bpf_pidns_info of exactly the size passed.
-        let same_ns = unsafe {
-            bpf_get_ns_current_pid_tgid(
-                cfg.pidns_dev,
-                cfg.pidns_ino,
-                &mut ns,
-                size_of::<bpf_pidns_info>() as u32,
-            )
-        } == 0;
-        if same_ns {
-            if ns.tgid != frame.pid {
-                count(DropReason::Spoof);
-                return;
-            }
-            observer_tgid = ns.tgid;
-        } else {
-            match attest_foreign(ctx, host_tgid, frame.pid, now) {
-                Attestation::Accept => {}
-                Attestation::Verify => record_kind = KIND_VERIFY,
-                Attestation::Drop(reason) => {
-                    count(reason);
-                    return;
+        let sender = A::sender(cfg)?;
+        host_tgid = sender.host_tgid;
+        match sender.observer_tgid {
+            Some(tgid) if tgid != frame.pid => return Err(DropReason::Spoof),
+            Some(tgid) => observer_tgid = tgid,
+            None => {
+                if attest_foreign(ctx, host_tgid, frame.pid, now)? {
+                    record_kind = KIND_VERIFY;
                 }
             }
         }
     }
 
-    let mut urgent = record_kind == KIND_VERIFY || matches!(frame.status, Status::Critical);
+    let mut new_agent = false;
     if record_kind == KIND_BEAT {
-        match VARTA_BUCKETS.get_ptr_mut(agent_key) {
-            Some(bucket) => {
-                if cfg.per_pid_rate != 0 {
-                    // SAFETY: a map value pointer stays valid for the whole program run
-                    // and `Bucket` is one naturally aligned u64.
-                    let tat = unsafe { &raw mut (*bucket).tat_ns };
-                    if !ratelimit::take(tat, now, cfg.per_pid_rate, cfg.per_pid_burst) {
-                        count(DropReason::RatePerPid);
-                        return;
-                    }
-                }
-            }
-            None => {
-                // First beat of this agent: wake the daemon for it.
-                urgent = true;
-                let fresh = Bucket {
-                    tat_ns: ratelimit::first_beat(now, cfg.per_pid_rate, cfg.per_pid_burst),
-                };
-                let _ = VARTA_BUCKETS.insert(agent_key, fresh, 0);
-            }
-        }
-        if cfg.global_rate != 0 {
-            if let Some(global) = VARTA_GLOBAL.get_ptr_mut(0) {
-                // SAFETY: as above, for the single global bucket.
-                let tat = unsafe { &raw mut (*global).tat_ns };
-                if !ratelimit::take(tat, now, cfg.global_rate, cfg.global_burst) {
-                    count(DropReason::RateGlobal);
-                    return;
-                }
-            }
-        }
+        new_agent = take_tokens(cfg, agent_key(transport, host_tgid, frame.pid), now)?;
     }
 
     let Some(mut entry) = VARTA_EVENTS.reserve::<BeatRecord>(0) else {
-        count(DropReason::RingbufFull);
-        return;
+        return Err(DropReason::RingbufFull);
     };
     let mut record = BeatRecord {
         frame: raw,
@@ -209,29 +189,74 @@ fn receive(ctx: &SkBuffContext, transport: u8, payload_offset: u32) {
         load_udp_source(ctx, transport, &mut record);
     }
     entry.write(record);
-    if !urgent && VARTA_EVENTS.query(BPF_RB_AVAIL_DATA as u64) > cfg.wakeup_watermark as u64 {
-        urgent = true;
-    }
-    let flags = if urgent {
+    let wake = wakeup::wake_now(record_kind == KIND_VERIFY, frame.status, new_agent, || {
+        (
+            VARTA_EVENTS.query(BPF_RB_AVAIL_DATA as u64),
+            VARTA_EVENTS.query(BPF_RB_RING_SIZE as u64),
+        )
+    });
+    entry.submit(if wake {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
-    };
-    entry.submit(flags as u64);
+    } as u64);
+    Ok(Accepted)
 }
 
-enum Attestation {
-    Accept,
-    /// Unknown sender: hand the frame to the daemon to verify.
-    Verify,
-    Drop(DropReason),
+/// The per-agent bucket, then the global one unless the daemon tracks the agent
+/// (`ratelimit::global_applies`). `Ok(true)` for an agent's first beat (it had no bucket: its
+/// bucket is created full, minus this beat).
+#[inline(always)]
+fn take_tokens(cfg: &FilterConfig, key: u64, now: u64) -> Result<bool, DropReason> {
+    let per_agent = Limit::new(cfg.per_pid_rate, cfg.per_pid_burst);
+    let new_agent = match VARTA_BUCKETS.get_ptr_mut(key) {
+        Some(bucket) => {
+            if let Some(limit) = per_agent {
+                // SAFETY: a map value pointer stays valid for the whole program run and
+                // `Bucket` is one naturally aligned u64.
+                let mut tat = unsafe { MapCell::new(&raw mut (*bucket).tat_ns) };
+                if !limit.take(&mut tat, now) {
+                    return Err(DropReason::RatePerPid);
+                }
+            }
+            false
+        }
+        None => {
+            let fresh = Bucket {
+                tat_ns: per_agent.map_or(0, |limit| limit.first_beat(now)),
+            };
+            let _ = VARTA_BUCKETS.insert(key, fresh, 0);
+            true
+        }
+    };
+    // SAFETY: a lookup whose value is only tested for presence.
+    let tracked = unsafe { VARTA_TRACKED.get(&key) }.is_some();
+    if let (true, Some(limit)) = (
+        global_applies(tracked),
+        Limit::new(cfg.global_rate, cfg.global_burst),
+    ) {
+        if let Some(global) = VARTA_GLOBAL.get_ptr_mut(0) {
+            // SAFETY: as above, for the single global bucket.
+            let mut tat = unsafe { MapCell::new(&raw mut (*global).tat_ns) };
+            if !limit.take(&mut tat, now) {
+                return Err(DropReason::RateGlobal);
+            }
+        }
+    }
+    Ok(new_agent)
 }
 
 /// A sender in another pid namespace frames its namespace-local pid, which the kernel cannot
 /// map without walking task structs. The daemon verifies it once (`NSpid` of the host tgid)
 /// and leaves its verdict here; the daemon also removes it when the process exits.
+/// `Ok(true)`: unknown sender, hand the frame to the daemon to verify.
 #[inline(always)]
-fn attest_foreign(ctx: &SkBuffContext, host_tgid: u32, frame_pid: u32, now: u64) -> Attestation {
+fn attest_foreign(
+    ctx: &SkBuffContext,
+    host_tgid: u32,
+    frame_pid: u32,
+    now: u64,
+) -> Result<bool, DropReason> {
     match VARTA_VERDICTS.get_ptr_mut(host_tgid) {
         None => {
             let pending = Verdict {
@@ -246,7 +271,7 @@ fn attest_foreign(ctx: &SkBuffContext, host_tgid: u32, frame_pid: u32, now: u64)
                 host_tgid,
                 frame_pid
             );
-            Attestation::Verify
+            Ok(true)
         }
         Some(verdict) => {
             // SAFETY: a map value pointer stays valid for the whole program run.
@@ -255,15 +280,15 @@ fn attest_foreign(ctx: &SkBuffContext, host_tgid: u32, frame_pid: u32, now: u64)
                 VERDICT_PENDING => {
                     if now.saturating_sub(verdict.asked_ns) > VERIFY_RETRY_NS {
                         verdict.asked_ns = now;
-                        Attestation::Verify
+                        Ok(true)
                     } else {
-                        Attestation::Drop(DropReason::AttestPending)
+                        Err(DropReason::AttestPending)
                     }
                 }
-                _ if verdict.ns_pid != frame_pid => Attestation::Drop(DropReason::Spoof),
-                VERDICT_ALLOW => Attestation::Accept,
-                VERDICT_DENY_NAMESPACE => Attestation::Drop(DropReason::Namespace),
-                _ => Attestation::Drop(DropReason::Spoof),
+                _ if verdict.ns_pid != frame_pid => Err(DropReason::Spoof),
+                VERDICT_ALLOW => Ok(false),
+                VERDICT_DENY_NAMESPACE => Err(DropReason::Namespace),
+                _ => Err(DropReason::Spoof),
             }
         }
     }

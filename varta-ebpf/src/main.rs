@@ -7,9 +7,18 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
+mod attest;
+#[cfg(target_arch = "bpf")]
 mod filter;
 #[cfg(target_arch = "bpf")]
 mod ratelimit;
+
+/// The kernel lets only GPL-compatible programs call GPL-only helpers such as
+/// `bpf_probe_read_kernel`; the daemon's loader passes this section as the program license.
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -1,52 +1,30 @@
-//! Token buckets for the userspace datapath (the eBPF program has its own, in the kernel).
+//! Rate limits of the userspace datapath: the same integer buckets the eBPF filter applies
+//! (`varta_common::ratelimit`), with their clocks in a map here instead of in kernel maps.
 
 use std::collections::HashMap;
 
-use varta_common::DropReason;
+use varta_common::{
+    DropReason,
+    ratelimit::{Limit, global_applies, is_full},
+};
 
 use crate::config::Limits;
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at_ns: u64,
-}
-
-impl Bucket {
-    fn full(burst: u32, now_ns: u64) -> Self {
-        Bucket {
-            tokens: burst as f64,
-            at_ns: now_ns,
-        }
-    }
-
-    fn take(&mut self, now_ns: u64, rate: u32, burst: u32) -> bool {
-        let elapsed = now_ns.saturating_sub(self.at_ns) as f64 / 1e9;
-        self.tokens = (self.tokens + elapsed * rate as f64).min(burst as f64);
-        self.at_ns = now_ns;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 pub struct RateLimiter {
     limits: Limits,
-    per_pid: HashMap<u32, Bucket>,
-    global: Bucket,
+    /// Each agent's bucket clock by agent key (absent: a full bucket).
+    per_agent: HashMap<u64, u64>,
+    global: u64,
     /// Above this many per-agent buckets, full ones are forgotten (they equal a new one).
     max_buckets: usize,
 }
 
 impl RateLimiter {
-    pub fn new(limits: Limits, max_agents: usize, now_ns: u64) -> Self {
+    pub fn new(limits: Limits, max_agents: usize) -> Self {
         RateLimiter {
-            global: Bucket::full(limits.global_burst, now_ns),
             limits,
-            per_pid: HashMap::new(),
+            per_agent: HashMap::new(),
+            global: 0,
             max_buckets: max_agents * 4 + 1024,
         }
     }
@@ -55,27 +33,22 @@ impl RateLimiter {
         self.limits = limits;
     }
 
-    pub fn check(&mut self, pid: u32, now_ns: u64) -> Result<(), DropReason> {
+    /// One beat of the agent `key` (`Beat::agent_key`); `tracked`: the observer tracks it,
+    /// so the global bucket does not apply (`global_applies`).
+    pub fn check(&mut self, key: u64, tracked: bool, now_ns: u64) -> Result<(), DropReason> {
         let l = &self.limits;
-        if l.per_pid_rate > 0 {
-            if self.per_pid.len() >= self.max_buckets && !self.per_pid.contains_key(&pid) {
-                let (rate, burst) = (l.per_pid_rate, l.per_pid_burst());
-                self.per_pid.retain(|_, b| {
-                    let mut probe = *b;
-                    probe.take(now_ns, rate, burst);
-                    probe.tokens + 1.0 < burst as f64
-                });
+        if let Some(limit) = Limit::new(l.per_pid_rate, l.per_pid_burst()) {
+            if self.per_agent.len() >= self.max_buckets && !self.per_agent.contains_key(&key) {
+                self.per_agent.retain(|_, tat| !is_full(*tat, now_ns));
             }
-            let burst = l.per_pid_burst();
-            let bucket = self
-                .per_pid
-                .entry(pid)
-                .or_insert_with(|| Bucket::full(burst, now_ns));
-            if !bucket.take(now_ns, l.per_pid_rate, burst) {
+            if !limit.take(self.per_agent.entry(key).or_insert(0), now_ns) {
                 return Err(DropReason::RatePerPid);
             }
         }
-        if l.global_rate > 0 && !self.global.take(now_ns, l.global_rate, l.global_burst) {
+        if global_applies(tracked)
+            && let Some(limit) = Limit::new(l.global_rate, l.global_burst)
+            && !limit.take(&mut self.global, now_ns)
+        {
             return Err(DropReason::RateGlobal);
         }
         Ok(())
@@ -97,21 +70,43 @@ mod tests {
 
     #[test]
     fn per_pid_bucket_allows_burst_then_rate() {
-        let mut r = RateLimiter::new(limits(10, 0, 0), 8, 0);
-        let admitted = (0..100).filter(|_| r.check(7, 0).is_ok()).count();
+        let mut r = RateLimiter::new(limits(10, 0, 0), 8);
+        let admitted = (0..100).filter(|_| r.check(7, false, 0).is_ok()).count();
         assert_eq!(admitted, 10, "one second of burst");
-        assert_eq!(r.check(7, 0), Err(DropReason::RatePerPid));
-        assert!(r.check(8, 0).is_ok(), "another agent has its own bucket");
-        assert!(r.check(7, 100_000_000).is_ok(), "one token per 100 ms");
-        assert!(r.check(7, 100_000_000).is_err());
+        assert_eq!(r.check(7, false, 0), Err(DropReason::RatePerPid));
+        assert!(
+            r.check(8, false, 0).is_ok(),
+            "another agent has its own bucket"
+        );
+        assert!(
+            r.check(7, false, 100_000_000).is_ok(),
+            "one token per 100 ms"
+        );
+        assert!(r.check(7, false, 100_000_000).is_err());
     }
 
     #[test]
     fn global_bucket_spans_agents() {
-        let mut r = RateLimiter::new(limits(0, 5, 3), 8, 0);
-        let admitted = (0..10u32).filter(|p| r.check(*p + 2, 0).is_ok()).count();
+        let mut r = RateLimiter::new(limits(0, 5, 3), 8);
+        let admitted = (0..10u64)
+            .filter(|p| r.check(*p + 2, false, 0).is_ok())
+            .count();
         assert_eq!(admitted, 3);
-        assert_eq!(r.check(99, 0), Err(DropReason::RateGlobal));
-        assert!(r.check(99, 200_000_000).is_ok());
+        assert_eq!(r.check(99, false, 0), Err(DropReason::RateGlobal));
+        assert!(r.check(99, false, 200_000_000).is_ok());
+    }
+
+    #[test]
+    fn a_tracked_agent_is_not_charged_to_the_drained_global_bucket() {
+        let mut r = RateLimiter::new(limits(10, 5, 3), 8);
+        let flood = (0..1000u64)
+            .filter(|p| r.check(*p + 100, false, 0).is_ok())
+            .count();
+        assert_eq!(flood, 3, "new senders share the global bucket");
+        assert!(
+            r.check(7, true, 0).is_ok(),
+            "an established agent keeps its beat"
+        );
+        assert_eq!(r.check(8, false, 0), Err(DropReason::RateGlobal));
     }
 }

@@ -1,8 +1,12 @@
 //! `cargo xtask <command>`: everything that is not plain cargo.
 
+mod bench;
+mod demo;
+mod deploy;
 mod ebpf;
 mod fuzz;
 mod toolchain;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -33,6 +37,14 @@ enum Task {
     Run {
         #[arg(long)]
         release: bool,
+        /// Also start demo agents, wedge one, kill one and let one die with a panic frame:
+        /// a stall, an exit and a recovery within seconds (`varta-watch top` in a tmux
+        /// split when the terminal has tmux). Ctrl-C stops everything.
+        #[arg(long)]
+        demo: bool,
+        /// Run this varta-watch binary instead of building one.
+        #[arg(long)]
+        bin: Option<PathBuf>,
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -42,8 +54,25 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run the benchmarks and print their figures.
-    Bench,
+    /// Benchmark our observer (eBPF and userspace) against the incumbent 0.2.0: figures in
+    /// target/bench/ (results.json, PNG plots) and BENCHMARKS.md. About 3 minutes.
+    Bench {
+        /// More trials, rates and longer steps.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Boot Debian's kernels under qemu and prove the datapath in each (default: the
+    /// x86_64 set 5.10, 6.1, 6.12).
+    VmTest {
+        /// Comma-separated: 5.10, 6.1, 6.12, arm64-6.12.
+        #[arg(long, value_delimiter = ',')]
+        kernels: Vec<String>,
+        /// Every kernel, arm64 included.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Build the container image (deploy/Containerfile, static binary) and print its id and size.
+    Image,
     /// Run each cargo-fuzz target in fuzz/ for a while (installs nightly cargo-fuzz).
     Fuzz {
         /// Seconds per target.
@@ -56,9 +85,26 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::BuildEbpf => ebpf::build().map(drop),
         Task::Build { release } => build(release).map(drop),
-        Task::Run { release, args } => run(release, &args),
+        Task::Run {
+            release,
+            demo,
+            bin,
+            args,
+        } => {
+            let bin = match bin {
+                Some(bin) => bin,
+                None => build(release)?,
+            };
+            if demo {
+                demo::run(&bin, &args)
+            } else {
+                run(&bin, &args)
+            }
+        }
         Task::Test { args } => test(&args),
-        Task::Bench => bench(),
+        Task::Bench { full } => bench::run(full),
+        Task::VmTest { kernels, full } => vm::run(&kernels, full),
+        Task::Image => deploy::image(&ebpf::build()?).map(drop),
         Task::Fuzz { secs } => fuzz::run(std::time::Duration::from_secs(secs)),
     }
 }
@@ -71,7 +117,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// A stable-toolchain cargo command at the workspace root, with the embedded eBPF object.
-fn cargo(object: &Path) -> Command {
+pub fn cargo(object: &Path) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(workspace_root())
         .env(ebpf::OBJECT_ENV, object);
@@ -86,7 +132,7 @@ fn status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn build(release: bool) -> Result<PathBuf> {
+pub fn build(release: bool) -> Result<PathBuf> {
     let object = ebpf::build()?;
     let mut cmd = cargo(&object);
     cmd.args(["build", "--package", "varta-watch"]);
@@ -98,7 +144,7 @@ fn build(release: bool) -> Result<PathBuf> {
     Ok(target_dir().join(profile).join("varta-watch"))
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))
@@ -106,8 +152,7 @@ fn target_dir() -> PathBuf {
 
 /// The embedded development configuration: a socket under /run/varta as root, else under
 /// $XDG_RUNTIME_DIR; metrics on 127.0.0.1:9100; a 2 s stall threshold.
-fn run(release: bool, args: &[String]) -> Result<()> {
-    let bin = build(release)?;
+fn run(bin: &Path, args: &[String]) -> Result<()> {
     let dir = if is_root() {
         PathBuf::from("/run/varta")
     } else {
@@ -117,7 +162,7 @@ fn run(release: bool, args: &[String]) -> Result<()> {
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let socket = dir.join("varta.sock");
-    let mut cmd = Command::new(&bin);
+    let mut cmd = Command::new(bin);
     cmd.arg("--socket")
         .arg(&socket)
         .args(["--threshold-ms", "2000", "--prom-addr", "127.0.0.1:9100"])
@@ -150,15 +195,25 @@ fn is_root() -> bool {
 
 fn test(args: &[String]) -> Result<()> {
     toolchain::ensure_test_packages()?;
+    deploy::ensure_tools()?;
     let object = ebpf::build()?;
     status(cargo(&object).args(["build", "--package", "varta-watch"]))?;
+    let (image, static_bin) = deploy::image(&object)?;
     status(
         cargo(&object)
             .args(["test", "--workspace", "--no-fail-fast"])
-            .args(args),
+            .args(args)
+            .env("VARTA_IMAGE", image),
     )?;
     if args.is_empty() {
+        eprintln!("xtask: eBPF end-to-end tests again on the image's static binary");
+        status(
+            cargo(&object)
+                .args(["test", "--package", "varta-e2e", "--test", "ebpf"])
+                .env("VARTA_WATCH_BIN", static_bin),
+        )?;
         signal_tests()?;
+        vm_tests()?;
         // Bounded fuzzing belongs to the full run in CI; elsewhere `cargo xtask fuzz`.
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             fuzz::run(std::time::Duration::from_secs(20))?;
@@ -166,6 +221,30 @@ fn test(args: &[String]) -> Result<()> {
             eprintln!("xtask: fuzz targets run under CI=true, or with `cargo xtask fuzz`");
         }
     }
+    Ok(())
+}
+
+/// The VM matrix, every kernel (x86_64 and arm64: about two minutes more on a fresh machine,
+/// well inside CI's budget). Under CI it must run; elsewhere it is skipped, with the
+/// reason, when qemu is missing and cannot be installed (not root).
+fn vm_tests() -> Result<()> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let qemu = [
+        "/usr/bin/qemu-system-x86_64",
+        "/usr/bin/qemu-system-aarch64",
+    ];
+    if !ci && !is_root() && !qemu.iter().all(|q| Path::new(q).exists()) {
+        eprintln!(
+            "xtask: skipping the VM tests: qemu-system-x86/qemu-system-arm are not installed and installing them needs root (CI runs them)"
+        );
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    vm::run(&[], true)?;
+    eprintln!(
+        "xtask: VM tests took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -228,23 +307,4 @@ fn signal_tests() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Benchmarks the release build against itself (eBPF vs userspace) and against the
-/// incumbent varta-watch 0.2.0 from crates.io, installed once into the tool cache.
-fn bench() -> Result<()> {
-    let ours = build(true)?;
-    let incumbent = toolchain::ensure_incumbent()?;
-    let mut cmd = cargo(&ebpf::build()?);
-    cmd.args([
-        "run",
-        "--release",
-        "--quiet",
-        "--package",
-        "varta-e2e",
-        "--bin",
-        "varta-bench",
-        "--",
-    ]);
-    status(cmd.arg(ours).arg(incumbent))
 }

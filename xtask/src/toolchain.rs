@@ -12,7 +12,7 @@ use crate::status;
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Where installed tools are cached across checkouts of the project.
-fn cache_dir() -> PathBuf {
+pub fn cache_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
@@ -173,15 +173,19 @@ pub fn ensure_cargo_fuzz() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// The observer we replace, for the benchmark: varta-watch 0.2.0 from crates.io.
+/// The observer we replace, for the benchmark: varta-watch 0.2.0 from crates.io, pinned
+/// (`--locked`), with its /metrics endpoint and plaintext UDP (the many-agents scenario)
+/// compiled in.
 pub fn ensure_incumbent() -> Result<PathBuf> {
-    let root = cache_dir().join("incumbent-varta-watch-0.2.0");
+    const FEATURES: &str = "prometheus-exporter,unsafe-plaintext-udp";
+    let root = cache_dir().join("incumbent-varta-watch-0.2.0-metrics-udp");
     let bin = root.join("bin").join("varta-watch");
     if !bin.exists() {
-        eprintln!("xtask: installing the incumbent varta-watch 0.2.0 for comparison");
+        eprintln!("xtask: installing the incumbent varta-watch 0.2.0 ({FEATURES}) for comparison");
         status(
             Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-                .args(["install", "varta-watch", "--version", "0.2.0", "--root"])
+                .args(["install", "varta-watch", "--version", "0.2.0", "--locked"])
+                .args(["--features", FEATURES, "--root"])
                 .arg(&root),
         )?;
     }
@@ -189,12 +193,13 @@ pub fn ensure_incumbent() -> Result<PathBuf> {
 }
 
 /// Debian packages the tests use, installed when missing (CI runs as root on a fresh box):
-/// `unshare`/`setpriv` for namespace and privilege tests, cross compilers and qemu-user for
-/// the signal tests on aarch64 and riscv64.
+/// `unshare`/`setpriv` for namespace and privilege tests, tmux to look at `varta-watch top`,
+/// cross compilers and qemu-user for the signal tests on aarch64 and riscv64.
 pub fn ensure_test_packages() -> Result<()> {
     let wanted: &[(&str, &str)] = &[
         ("/usr/bin/unshare", "util-linux"),
         ("/usr/bin/setpriv", "util-linux"),
+        ("/usr/bin/tmux", "tmux"),
         ("/usr/bin/qemu-aarch64-static", "qemu-user-static"),
         ("/usr/bin/qemu-riscv64-static", "qemu-user-static"),
         ("/usr/bin/aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
@@ -208,6 +213,36 @@ pub fn ensure_test_packages() -> Result<()> {
             "libc6-dev-riscv64-cross",
         ),
     ];
+    install_missing(wanted)
+}
+
+/// What the VM runner needs: qemu for each guest architecture, cpio for the initramfs, and
+/// for an arm64 guest the cross compiler (its sysroot holds the guest's shared libraries).
+pub fn ensure_vm_packages(arm64: bool) -> Result<()> {
+    let mut wanted: Vec<(&str, &str)> = vec![
+        ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
+        ("/usr/bin/cpio", "cpio"),
+        ("/usr/bin/dpkg-deb", "dpkg"),
+    ];
+    if arm64 {
+        wanted.extend([
+            ("/usr/bin/qemu-system-aarch64", "qemu-system-arm"),
+            ("/usr/bin/aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+            (
+                "/usr/bin/aarch64-linux-gnu-readelf",
+                "binutils-aarch64-linux-gnu",
+            ),
+            (
+                "/usr/aarch64-linux-gnu/lib/libc.so",
+                "libc6-dev-arm64-cross",
+            ),
+        ]);
+    }
+    install_missing(&wanted)
+}
+
+/// Installs the package of every (path, package) whose path is missing, one line per step.
+fn install_missing(wanted: &[(&str, &str)]) -> Result<()> {
     let mut missing: Vec<&str> = wanted
         .iter()
         .filter(|(path, _)| !Path::new(path).exists())
@@ -233,6 +268,14 @@ pub fn ensure_test_packages() -> Result<()> {
     )
 }
 
+/// The font the benchmark's plots are labelled with.
+pub fn ensure_bench_packages() -> Result<()> {
+    install_missing(&[(
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "fonts-dejavu-core",
+    )])
+}
+
 /// A cross target for the signal tests: (rust target, C linker, qemu-user, its sysroot).
 pub const CROSS_TARGETS: [(&str, &str, &str, &str); 2] = [
     (
@@ -248,3 +291,13 @@ pub const CROSS_TARGETS: [(&str, &str, &str, &str); 2] = [
         "/usr/riscv64-linux-gnu",
     ),
 ];
+
+/// A rustup target of the stable toolchain (the VM runner's arm64 daemon).
+pub fn ensure_rust_target(target: &str) -> Result<()> {
+    let installed = capture(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if installed.lines().any(|t| t.trim() == target) {
+        return Ok(());
+    }
+    eprintln!("xtask: adding the rust target {target}");
+    status(Command::new("rustup").args(["target", "add", target]))
+}

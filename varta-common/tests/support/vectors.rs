@@ -125,3 +125,14 @@ pub fn decode_error_vectors() -> Vec<(String, Vec<u8>)> {
         })
         .collect()
 }
+
+/// The secure-frame vectors (`secure_frame_vectors`), as JSON: shared-key and master-key
+/// seals and the agent-key derivation.
+pub fn secure_vectors() -> Vec<Value> {
+    let v: Value = serde_json::from_str(include_str!("../../data/vlp-v0.2-vectors.json"))
+        .expect("the vectors file is JSON");
+    v["secure_frame_vectors"]
+        .as_array()
+        .expect("secure_frame_vectors is an array")
+        .clone()
+}

@@ -1,12 +1,14 @@
 //! The export file: one tab-separated line per event, in the incumbent's format
 //! `<observer_ns>\t<kind>\t<pid>\t<nonce>\t<status>\t<payload>`, `-` where a column does
-//! not apply. The lines of a batch of events go to the file's writer thread together (see
-//! `sink`: O_NOFOLLOW, mode 0600, rotation, fdatasync cadence, SIGHUP reopens it).
+//! not apply; stall and exit lines add four columns after those six: the agent's comm,
+//! systemd unit, container id and pod UID. The lines of a batch of events go to the
+//! file's writer thread together (see `sink`: O_NOFOLLOW, mode 0600, rotation, fdatasync
+//! cadence, SIGHUP reopens it).
 
 use crate::{
     actions::recovery::Finished,
     actions::sink::{FileMetrics, Sink, SinkOptions},
-    observer::events::Event,
+    observer::{events::Event, identity::Identity},
 };
 
 pub struct Exporter {
@@ -52,9 +54,19 @@ impl Exporter {
         })
     }
 
-    pub fn record(&mut self, observer_ns: u64, event: &Event) {
+    /// Writes `event`'s line; stall and exit lines end with the agent's identity (comm,
+    /// unit, container id, pod UID; `-` when unknown).
+    pub fn record(&mut self, observer_ns: u64, event: &Event, identity: Option<&Identity>) {
         if let Some(line) = Self::line(observer_ns, event) {
             self.batch.extend_from_slice(line.as_bytes());
+            if let (Event::Stall { .. } | Event::Exit { .. }, Some(id)) = (event, identity) {
+                for field in [&id.comm, &id.unit, &id.container_id, &id.pod_uid] {
+                    let field = field.replace(char::is_whitespace, "_");
+                    self.batch.push(b'\t');
+                    self.batch
+                        .extend_from_slice(if field.is_empty() { "-" } else { &field }.as_bytes());
+                }
+            }
             self.batch.push(b'\n');
         }
     }

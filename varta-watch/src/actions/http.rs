@@ -1,5 +1,6 @@
-//! GET /metrics, optionally behind a bearer token; connections bounded in number and time
-//! (`http_conn`).
+//! GET /metrics (optionally behind a bearer token), and the probes /healthz (the event
+//! loop answers) and /readyz (socket bound, datapath attached), which need no token.
+//! Connections are bounded in number and time (`http_conn`).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -11,7 +12,7 @@ use axum::{
     routing::get,
 };
 
-use crate::actions::metrics::Metrics;
+use crate::{actions::metrics::Metrics, daemon::Probes};
 
 #[derive(Clone)]
 struct Scrape {
@@ -24,6 +25,7 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     token: Option<String>,
+    probes: Probes,
 ) -> std::io::Result<SocketAddr> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -40,7 +42,13 @@ pub async fn serve(
     };
     let app = Router::new()
         .route("/metrics", get(scrape))
-        .with_state(state);
+        .with_state(state)
+        .merge(
+            Router::new()
+                .route("/healthz", get(healthz))
+                .route("/readyz", get(readyz))
+                .with_state(probes),
+        );
     tokio::spawn(async move {
         let listener = crate::actions::http_conn::LimitedListener::new(listener);
         if let Err(e) = axum::serve(listener, app).await {
@@ -48,6 +56,25 @@ pub async fn serve(
         }
     });
     Ok(bound)
+}
+
+async fn healthz(State(p): State<Probes>) -> (StatusCode, &'static str) {
+    if p.alive().await {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "event loop not responding\n",
+        )
+    }
+}
+
+async fn readyz(State(p): State<Probes>) -> (StatusCode, &'static str) {
+    if p.ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
 }
 
 async fn scrape(State(s): State<Scrape>, headers: HeaderMap) -> Response {

@@ -26,9 +26,20 @@ pub struct PidLabel {
     pub pid: u32,
 }
 
+/// `varta_agent_info`: an agent named the way operators know it (empty = unknown).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ModeLabel {
+pub struct AgentInfoLabel {
+    pub pid: u32,
+    pub comm: String,
+    pub unit: String,
+    pub container_id: String,
+    pub pod_uid: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DatapathLabels {
     pub mode: &'static str,
+    pub attest: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -56,8 +67,10 @@ pub struct Metrics {
     pub status: Family<PidLabel, Gauge>,
     pub exits: Family<PidLabel, Counter>,
     pub criticals: Family<PidLabel, Counter>,
+    pub agent_info: Family<AgentInfoLabel, Gauge>,
     pub recovery_outcomes: Family<OutcomeLabel, Counter>,
     pub recovery_refused: Family<ReasonLabel, Counter>,
+    pub recovery_suppressed: Family<ReasonLabel, Counter>,
     pub prom_auth_failures: Counter,
     pub evicted: Counter,
     pub restarts: Counter,
@@ -73,15 +86,22 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(drops: Arc<DropCounters>, datapath: &'static str, capacity: usize) -> Self {
+    pub fn new(
+        drops: Arc<DropCounters>,
+        datapath: &'static str,
+        attest: &'static str,
+        capacity: usize,
+    ) -> Self {
         let mut m = Metrics {
             beats: Family::default(),
             stalls: Family::default(),
             status: Family::default(),
             exits: Family::default(),
             criticals: Family::default(),
+            agent_info: Family::default(),
             recovery_outcomes: Family::default(),
             recovery_refused: Family::default(),
+            recovery_suppressed: Family::default(),
             prom_auth_failures: Counter::default(),
             evicted: Counter::default(),
             restarts: Counter::default(),
@@ -113,6 +133,11 @@ impl Metrics {
             m.exits.clone(),
         );
         m.registry.register(
+            "varta_agent_info",
+            "One series per tracked agent: its command, systemd unit, container and pod",
+            m.agent_info.clone(),
+        );
+        m.registry.register(
             "varta_criticals",
             "Critical beats per agent",
             m.criticals.clone(),
@@ -126,6 +151,11 @@ impl Metrics {
             "varta_recovery_refused",
             "Recoveries refused, by reason",
             m.recovery_refused.clone(),
+        );
+        m.registry.register(
+            "varta_recovery_suppressed",
+            "Recoveries not run: a global limit bit (max_running, spawn_rate) or the agent was never seen beating (unknown_agent)",
+            m.recovery_suppressed.clone(),
         );
         m.registry.register(
             "varta_prom_auth_failures",
@@ -173,11 +203,20 @@ impl Metrics {
             m.rcvbuf_bytes.clone(),
         );
         m.files.register(&mut m.registry);
-        let info = Family::<ModeLabel, Gauge>::default();
-        info.get_or_create(&ModeLabel { mode: datapath }).set(1);
+        m.registry.register(
+            "varta_frame_decrypt_failures",
+            "Authenticated secure UDP frames whose plaintext is not a valid frame of their sender",
+            crate::datapath::secure::DECRYPT_FAILURES.clone(),
+        );
+        let info = Family::<DatapathLabels, Gauge>::default();
+        info.get_or_create(&DatapathLabels {
+            mode: datapath,
+            attest,
+        })
+        .set(1);
         m.registry.register(
             "varta_datapath_info",
-            "The active datapath (label mode: ebpf or userspace)",
+            "The active datapath (mode: ebpf or userspace) and how it attests senders (attest: pid_tgid_helper, task_read or scm_credentials)",
             info,
         );
         let capacity_gauge = Gauge::<i64>::default();
@@ -276,7 +315,7 @@ impl Collector for DropCollector {
         for (name, help, r) in [
             (
                 "varta_frame_auth_failures",
-                "Frames whose pid is not the attested sender's (= frames_dropped{reason=\"spoof\"})",
+                "Frames whose pid is not the attested sender's (frames_dropped{reason=\"spoof\"}), plus secure UDP frames no key authenticated",
                 DropReason::Spoof,
             ),
             (
@@ -300,8 +339,13 @@ impl Collector for DropCollector {
                 DropReason::Length,
             ),
         ] {
+            // Secure UDP frames no key authenticated count as authentication failures too.
+            let secure = match r {
+                DropReason::Spoof => crate::datapath::secure::AUTH_FAILURES.get(),
+                _ => 0,
+            };
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            ConstCounter::new(count(r)).encode(metric)?;
+            ConstCounter::new(count(r) + secure).encode(metric)?;
         }
 
         let uptime = encoder.encode_descriptor(

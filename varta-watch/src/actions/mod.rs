@@ -9,7 +9,7 @@ pub mod metrics;
 pub mod recovery;
 pub mod sink;
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use varta_common::Status;
 
@@ -18,7 +18,7 @@ use crate::{
     actions::export::Exporter,
     actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
     actions::recovery::{Finished, NotRun, Outcome, Recovery},
-    observer::events::Event,
+    observer::{events::Event, identity::Identity},
 };
 
 pub struct Actions {
@@ -28,6 +28,8 @@ pub struct Actions {
     pub audit: Option<Audit>,
     /// Start of the observer on its clock: export lines carry ns since then.
     start_ns: u64,
+    /// Each tracked agent's identity, read once on its first beat.
+    identities: HashMap<u32, Identity>,
 }
 
 impl Actions {
@@ -44,6 +46,7 @@ impl Actions {
             recovery,
             audit,
             start_ns,
+            identities: HashMap::new(),
         }
     }
 
@@ -91,11 +94,23 @@ impl Actions {
                 origin,
                 evicted,
             } => {
+                // A pid seen anew (a reused pid verified afresh) may be another program.
+                for gone in evicted.iter().chain([pid]) {
+                    self.forget(*gone);
+                }
+                let m = &self.metrics;
+                // A UDP pid is only a claim: naming it after some local process would mislead.
+                let identity = match origin {
+                    crate::datapath::Origin::Uds { .. } => Identity::read(*pid),
+                    crate::datapath::Origin::Udp { .. } => Identity::default(),
+                };
                 log::info!(
-                    "event=agent_new pid={pid} frame_pid={frame_pid} transport={} cross_namespace={}",
+                    "event=agent_new pid={pid} frame_pid={frame_pid} transport={} cross_namespace={} {identity}",
                     origin.transport(),
                     origin.is_cross_namespace()
                 );
+                m.agent_info.get_or_create(&identity.label(*pid)).set(1);
+                self.identities.insert(*pid, identity);
                 if let Some(old) = evicted {
                     m.evicted.inc();
                     for family in [&m.beats, &m.stalls, &m.exits, &m.criticals] {
@@ -113,13 +128,27 @@ impl Actions {
                     frame.payload
                 );
             }
-            Event::Exit { pid, frame, origin } => {
+            Event::Exit {
+                pid,
+                frame,
+                origin,
+                known,
+            } => {
                 m.exits.get_or_create(&PidLabel { pid: *pid }).inc();
                 log::warn!(
-                    "event=exit pid={pid} payload={} reason=panic_terminal_frame",
-                    frame.payload
+                    "event=exit pid={pid} payload={} reason=panic_terminal_frame known={known} {}",
+                    frame.payload,
+                    self.identity(*pid)
                 );
-                self.recover(*pid, *origin, now_ns, follow_ups);
+                // Its first frame is its death: nothing ever beat there to be recovered, and
+                // anyone can send that frame; surfaced, not acted on.
+                match known {
+                    true => self.recover(*pid, *origin, now_ns, follow_ups),
+                    false if self.recovery.is_some() => {
+                        self.suppressed(*pid, "unknown_agent", follow_ups)
+                    }
+                    false => {}
+                }
             }
             Event::Stall {
                 pid,
@@ -131,10 +160,11 @@ impl Actions {
                     .get_or_create(&PidLabel { pid: *pid })
                     .set(Status::Stall as i64);
                 log::warn!(
-                    "event=stall pid={pid} silent_ms={silent_ms} last_nonce={} last_status={} transport={}",
+                    "event=stall pid={pid} silent_ms={silent_ms} last_nonce={} last_status={} transport={} {}",
                     agent.last_nonce,
                     agent.status.name(),
-                    agent.origin.transport()
+                    agent.origin.transport(),
+                    self.identity(*pid)
                 );
                 self.recover(*pid, agent.origin, now_ns, follow_ups);
             }
@@ -177,8 +207,38 @@ impl Actions {
         };
         let observer_ns = at_ns.saturating_sub(self.start_ns);
         if let Some(export) = &mut self.export {
-            export.record(observer_ns, event);
+            export.record(
+                observer_ns,
+                event,
+                event_pid(event).and_then(|p| self.identities.get(&p)),
+            );
         }
+    }
+
+    fn identity(&self, pid: u32) -> Identity {
+        self.identities.get(&pid).cloned().unwrap_or_default()
+    }
+
+    /// An agent left the tracker: its identity and info series go with it.
+    fn forget(&mut self, pid: u32) {
+        if let Some(identity) = self.identities.remove(&pid) {
+            self.metrics.agent_info.remove(&identity.label(pid));
+        }
+    }
+
+    /// A recovery a global limit (or an unknown agent) kept from running: counted in
+    /// `varta_recovery_suppressed_total{reason}`.
+    fn suppressed(&mut self, pid: u32, reason: &'static str, follow_ups: &mut Vec<Event>) {
+        self.metrics
+            .recovery_suppressed
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        follow_ups.push(Event::Recovery(Finished {
+            pid,
+            outcome: Outcome::Suppressed,
+            detail: reason.into(),
+            run: None,
+        }));
     }
 
     fn recover(
@@ -209,6 +269,7 @@ impl Actions {
                     run: None,
                 }));
             }
+            Err(NotRun::Suppressed(reason)) => self.suppressed(pid, reason, follow_ups),
             Err(NotRun::Refused(reason)) => {
                 self.metrics
                     .recovery_refused
@@ -222,5 +283,13 @@ impl Actions {
                 }));
             }
         }
+    }
+}
+
+/// The agent a stall or exit is about.
+fn event_pid(event: &Event) -> Option<u32> {
+    match event {
+        Event::Stall { pid, .. } | Event::Exit { pid, .. } => Some(*pid),
+        _ => None,
     }
 }

@@ -1,11 +1,18 @@
 //! Recovery commands for stalled and dying agents: argv with `{pid}` substituted, no shell,
 //! a cleared environment unless asked otherwise, debounced per pid, killed at the timeout,
 //! and always reaped (a pidfd tells when the child exits; waitpid collects it).
+//!
+//! Whoever can write to the socket decides when recovery runs, so the host is protected
+//! globally too: at most `max_running` commands at once and at most `spawn_rate` starts a
+//! second (a token bucket of one second's burst); a recovery over either limit is
+//! suppressed and counted, not queued. At shutdown the commands still running after the
+//! grace period are killed ([`Recovery::kill_all`]).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     os::unix::process::CommandExt,
     process::{Command, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -22,6 +29,7 @@ pub enum Outcome {
     SpawnFailed,
     Debounced,
     Refused,
+    Suppressed,
 }
 
 impl Outcome {
@@ -34,6 +42,7 @@ impl Outcome {
             Outcome::SpawnFailed => "spawn_failed",
             Outcome::Debounced => "debounced",
             Outcome::Refused => "refused",
+            Outcome::Suppressed => "suppressed",
         }
     }
 }
@@ -52,6 +61,12 @@ pub struct Recovery {
     config: RecoveryConfig,
     last_run: HashMap<u32, Instant>,
     running: usize,
+    /// Process groups of the commands not yet reaped: a supervisor removes its child before
+    /// reaping it, so every pid here is still ours to kill.
+    children: Arc<Mutex<HashSet<u32>>>,
+    /// Spawn tokens (global rate) and when they were last refilled.
+    tokens: f64,
+    refilled: Instant,
     tx: mpsc::UnboundedSender<Finished>,
     rx: mpsc::UnboundedReceiver<Finished>,
 }
@@ -61,15 +76,20 @@ pub struct Recovery {
 pub enum NotRun {
     Debounced,
     Refused(&'static str),
+    /// A global limit bit: `max_running` or `spawn_rate`.
+    Suppressed(&'static str),
 }
 
 impl Recovery {
     pub fn new(config: RecoveryConfig) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         Recovery {
+            tokens: f64::from(config.spawn_rate),
             config,
             last_run: HashMap::new(),
             running: 0,
+            children: Arc::default(),
+            refilled: Instant::now(),
             tx,
             rx,
         }
@@ -107,6 +127,17 @@ impl Recovery {
         {
             return Err(NotRun::Debounced);
         }
+        if self.running >= self.config.max_running {
+            return Err(NotRun::Suppressed("max_running"));
+        }
+        let rate = f64::from(self.config.spawn_rate);
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(rate.max(1.0));
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            return Err(NotRun::Suppressed("spawn_rate"));
+        }
+        self.tokens -= 1.0;
         self.last_run.insert(pid, now);
         if self.last_run.len() > 4096 {
             let debounce = self.config.debounce;
@@ -139,13 +170,15 @@ impl Recovery {
             }
         };
         self.running += 1;
+        self.children.lock().expect("poisoned").insert(child.id());
         let tx = self.tx.clone();
         let timeout = self.config.timeout;
+        let children = self.children.clone();
         let child_pid = child.id();
         let capture = crate::actions::capture::start(&mut child, self.config.capture_bytes);
         let started = Instant::now();
         tokio::spawn(async move {
-            let (outcome, detail, status) = supervise(child, timeout).await;
+            let (outcome, detail, status) = supervise(child, timeout, children).await;
             let output = match capture {
                 Some(c) => Some(c.finish().await),
                 None => None,
@@ -166,6 +199,16 @@ impl Recovery {
         Ok(Some(child_pid))
     }
 
+    /// Kills every running command's process group (shutdown, after the grace period);
+    /// their supervisors still reap them and report them finished.
+    pub fn kill_all(&self) -> usize {
+        let children = self.children.lock().expect("poisoned");
+        for &child in children.iter() {
+            kill_group(child);
+        }
+        children.len()
+    }
+
     /// The next finished recovery.
     pub async fn finished(&mut self) -> Finished {
         let finished = self.rx.recv().await.expect("the recovery holds a sender");
@@ -180,16 +223,20 @@ impl Recovery {
 async fn supervise(
     mut child: std::process::Child,
     timeout: Option<Duration>,
+    children: Arc<Mutex<HashSet<u32>>>,
 ) -> (Outcome, String, Option<std::process::ExitStatus>) {
     let exited = async {
         match ExitWatcher::open(child.id()).and_then(crate::sys::readiness::readable) {
             Ok(fd) => {
                 let _ = fd.readable().await;
             }
-            // No pidfd (old kernel): poll, slowly, until it is done.
+            // No pidfd (old kernel): poll, slowly, until it is done. try_wait reaps, so
+            // the child leaves `children` under the same lock (kill_all never sees it reaped).
             Err(_) => loop {
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                let mut running = children.lock().expect("poisoned");
                 if matches!(child.try_wait(), Ok(Some(_))) {
+                    running.remove(&child.id());
                     break;
                 }
             },
@@ -202,10 +249,13 @@ async fn supervise(
             false
         }
     };
-    if timed_out {
-        // SAFETY: kill(2) on the child's own process group (created at spawn); the child is
-        // not reaped yet, so its pid cannot have been reused.
-        unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+    // Under the lock: once removed, `kill_all` no longer targets it, so it may be reaped.
+    {
+        let mut running = children.lock().expect("poisoned");
+        if timed_out {
+            kill_group(child.id());
+        }
+        running.remove(&child.id());
     }
     // The child has exited (or was just killed): wait() returns promptly and reaps it.
     let status = tokio::task::spawn_blocking(move || child.wait()).await;
@@ -226,12 +276,77 @@ async fn supervise(
     (outcome, detail, exit)
 }
 
+/// SIGKILL to a recovery command's process group. Only called for a child not reaped yet
+/// (see `children`), so its pid cannot have been reused.
+fn kill_group(child: u32) {
+    // SAFETY: kill(2) has no memory preconditions; the target is the child's own process
+    // group (created at spawn), and the child is not reaped yet.
+    unsafe { libc::kill(-(child as libc::pid_t), libc::SIGKILL) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
+    }
+
+    fn config(max_running: usize, spawn_rate: u32) -> RecoveryConfig {
+        RecoveryConfig {
+            argv: s(&["/bin/sleep", "30"]),
+            debounce: Duration::ZERO,
+            timeout: Some(Duration::from_secs(60)),
+            max_running,
+            spawn_rate,
+            env: Vec::new(),
+            inherit_env: false,
+            allow_udp: false,
+            capture_bytes: None,
+        }
+    }
+
+    const UDS: Origin = Origin::Uds { foreign_ns: None };
+
+    fn on_runtime(f: impl AsyncFnOnce()) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f());
+    }
+
+    /// Kills what is running and waits until every command was reaped.
+    async fn end_all(r: &mut Recovery) {
+        let n = r.kill_all();
+        for _ in 0..n {
+            assert_eq!(r.finished().await.outcome, Outcome::Failure);
+        }
+        assert_eq!(r.running(), 0);
+    }
+
+    #[test]
+    fn the_global_cap_suppresses_and_kill_all_ends_the_commands() {
+        on_runtime(async || {
+            let mut r = Recovery::new(config(2, 100));
+            assert!(matches!(r.start(1, UDS), Ok(Some(_))));
+            assert!(matches!(r.start(2, UDS), Ok(Some(_))));
+            assert_eq!(r.start(3, UDS), Err(NotRun::Suppressed("max_running")));
+            assert_eq!(r.running(), 2);
+            end_all(&mut r).await;
+            assert!(matches!(r.start(3, UDS), Ok(Some(_))));
+            end_all(&mut r).await;
+        });
+    }
+
+    #[test]
+    fn the_global_spawn_rate_suppresses() {
+        on_runtime(async || {
+            let mut r = Recovery::new(config(10, 1));
+            assert!(matches!(r.start(1, UDS), Ok(Some(_))));
+            assert_eq!(r.start(2, UDS), Err(NotRun::Suppressed("spawn_rate")));
+            end_all(&mut r).await;
+        });
     }
 
     #[test]

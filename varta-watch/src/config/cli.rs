@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
-use super::compat::{CompatArgs, SecureUdpArgs};
+use super::compat::{CompatArgs, RemovedArgs};
 use crate::sys::clock::ClockSource;
 
 #[derive(Debug, Parser)]
@@ -35,6 +35,9 @@ pub enum Command {
     Beat(BeatArgs),
     /// Beat at an interval until killed (a demo and test agent).
     Agent(AgentArgs),
+    /// A live view of a running observer's /metrics (ours or the incumbent's); `q` quits.
+    /// With stdout not a terminal, prints one plain snapshot and exits.
+    Top(TopArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -74,6 +77,20 @@ pub struct AgentArgs {
     pub status: WireStatus,
     #[arg(long, default_value_t = 0)]
     pub payload: u32,
+    /// After this many beats, send the panic-terminal frame and exit, as an agent's panic
+    /// hook does (a demo of an agent dying).
+    #[arg(long)]
+    pub panic_after: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// The observer's --prom-addr (the default is what `cargo xtask run` uses).
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    pub addr: SocketAddr,
+    /// File holding the bearer token of the observer's --prom-token-file.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -119,6 +136,8 @@ pub struct DaemonArgs {
     #[command(flatten)]
     pub receive: ReceiveArgs,
     #[command(flatten)]
+    pub secure_udp: SecureUdpArgs,
+    #[command(flatten)]
     pub stall: StallArgs,
     #[command(flatten)]
     pub admission: AdmissionArgs,
@@ -129,9 +148,9 @@ pub struct DaemonArgs {
     #[command(flatten)]
     pub observer: ObserverArgs,
     #[command(flatten)]
-    pub secure_udp: SecureUdpArgs,
-    #[command(flatten)]
     pub compat: CompatArgs,
+    #[command(flatten)]
+    pub removed: RemovedArgs,
 }
 
 #[derive(Debug, Args)]
@@ -146,12 +165,13 @@ pub struct ReceiveArgs {
     /// SO_RCVBUF of the socket in bytes (0 = kernel default).
     #[arg(long, default_value_t = 1_048_576)]
     pub uds_rcvbuf_bytes: u32,
-    /// Also listen for plaintext UDP on this port (needs --i-accept-plaintext-udp).
+    /// Also listen on UDP on this port: secure frames with a key flag, plaintext ones with
+    /// --i-accept-plaintext-udp.
     #[arg(long)]
     pub udp_port: Option<u16>,
-    /// Address of the UDP listener.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub udp_bind_addr: std::net::IpAddr,
+    /// Address of the UDP listener [default: 127.0.0.1 with keys, else 0.0.0.0].
+    #[arg(long)]
+    pub udp_bind_addr: Option<std::net::IpAddr>,
     /// Acknowledge that plaintext UDP frames are unauthenticated (anyone can claim any pid).
     #[arg(long)]
     pub i_accept_plaintext_udp: bool,
@@ -162,6 +182,29 @@ pub struct ReceiveArgs {
     /// one in N through to be counted by reason (a power of two; 1 counts every one exactly).
     #[arg(long, default_value_t = 1024, value_parser = parse_power_of_two)]
     pub userspace_junk_sample_one_in: u32,
+}
+
+/// Secure UDP: ChaCha20-Poly1305 frames (60 bytes shared key, 64 bytes master key), as
+/// the varta-client crate's `secure-udp` feature sends them.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Secure UDP")]
+pub struct SecureUdpArgs {
+    /// Shared key: one 64-hex-digit key (file mode 0600, owned by the observer's user).
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+    /// More shared keys accepted, one per line (zero-downtime rotation; mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub accepted_key_file: Option<PathBuf>,
+    /// Master key (64 hex digits, mode 0600): each agent's key is HKDF-SHA256 of it and its pid.
+    #[arg(long, value_name = "PATH")]
+    pub master_key_file: Option<PathBuf>,
+    /// Allow secure UDP on a non-loopback --udp-bind-addr.
+    #[arg(long)]
+    pub i_accept_secure_udp_non_loopback: bool,
+    /// Allow recovery for agents known only through secure UDP (their pid is the key
+    /// holder's claim, not attested by the kernel).
+    #[arg(long, group = LIVE)]
+    pub secure_udp_i_accept_recovery_on_unauthenticated_transport: bool,
 }
 
 #[derive(Debug, Args)]
@@ -212,8 +255,16 @@ pub struct RecoveryArgs {
     #[arg(long, group = LIVE, default_value_t = 1000)]
     pub recovery_debounce_ms: u64,
     /// Kill a recovery command still running after this many ms.
-    #[arg(long, group = LIVE)]
-    pub recovery_timeout_ms: Option<u64>,
+    #[arg(long, group = LIVE, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub recovery_timeout_ms: u64,
+    /// Most recovery commands running at once, all agents together (more are suppressed
+    /// and counted).
+    #[arg(long, group = LIVE, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub recovery_max_concurrent: u32,
+    /// Most recovery commands started per second, all agents together (bursts of one
+    /// second's worth; more are suppressed and counted).
+    #[arg(long, group = LIVE, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub recovery_spawn_rate: u32,
     /// KEY=VALUE added to the recovery command's environment (repeatable).
     #[arg(long, group = LIVE, value_parser = parse_env_pair, value_delimiter = None)]
     pub recovery_env: Vec<(String, String)>,
@@ -275,6 +326,11 @@ pub struct ObserverArgs {
     /// TOML file with the same keys as the long flags; re-read on SIGHUP.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// The observer's nice value, so it keeps a CPU share on a saturated node (needs
+    /// CAP_SYS_NICE to go below 0; without it the priority stays and one line says so).
+    /// 0 keeps the inherited priority.
+    #[arg(long, default_value_t = -10, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pub observer_nice: i32,
     /// How signal handlers are installed.
     #[arg(long, value_enum, default_value = "direct")]
     pub signal_handler_mode: SignalHandlerMode,

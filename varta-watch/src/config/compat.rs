@@ -9,34 +9,57 @@ use clap::{ArgMatches, Args, parser::ValueSource};
 
 /// Help heading of the flags that are accepted without an effect.
 const NO_EFFECT: &str = "Accepted for compatibility with varta-watch 0.2.0 (no effect)";
-/// Help heading of the secure UDP flags: they decide whether a UDP listener starts.
-const SECURE_UDP: &str = "Secure UDP (not implemented yet)";
-
-/// Secure (AEAD) UDP. Not implemented yet; but a key given without
-/// `--i-accept-plaintext-udp` means no UDP listener starts, which is an effect.
+/// Flags the incumbent removed for security reasons. They are declared (hidden) only so
+/// that giving one exits 2 with the incumbent's migration hint instead of a bare
+/// "unexpected argument".
 #[derive(Debug, Args)]
-#[command(next_help_heading = SECURE_UDP)]
-pub struct SecureUdpArgs {
-    /// secure (AEAD) UDP is not implemented yet; no secure UDP listener is started
-    #[arg(long, value_name = "PATH")]
-    pub key_file: Option<PathBuf>,
-    /// secure (AEAD) UDP is not implemented yet; no secure UDP listener is started
-    #[arg(long, value_name = "PATH")]
-    pub accepted_key_file: Option<PathBuf>,
-    /// secure (AEAD) UDP is not implemented yet; no secure UDP listener is started
-    #[arg(long, value_name = "PATH")]
-    pub master_key_file: Option<PathBuf>,
-    /// secure (AEAD) UDP is not implemented yet; no secure UDP listener is started
-    #[arg(long)]
-    pub i_accept_secure_udp_non_loopback: bool,
-    /// secure (AEAD) UDP is not implemented yet; no secure UDP listener is started
-    #[arg(long)]
-    pub secure_udp_i_accept_recovery_on_unauthenticated_transport: bool,
+#[command(next_help_heading = "Removed by varta-watch 0.2.0")]
+pub struct RemovedArgs {
+    #[arg(long, hide = true, value_name = "CMD")]
+    recovery_cmd: Option<String>,
+    #[arg(long, hide = true, value_name = "PATH")]
+    recovery_cmd_file: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    i_accept_shell_risk: bool,
+    #[arg(long, hide = true, value_name = "VAR")]
+    key_env: Option<String>,
+    #[arg(long, hide = true, value_name = "VAR")]
+    master_key_env: Option<String>,
+    #[arg(long, hide = true, value_name = "VAR")]
+    accepted_key_env: Option<String>,
 }
 
-impl SecureUdpArgs {
-    pub fn has_key(&self) -> bool {
-        self.key_file.is_some() || self.master_key_file.is_some()
+impl RemovedArgs {
+    /// The first removed flag given, and what replaces it (the incumbent's words).
+    pub fn given(&self) -> Option<(&'static str, &'static str)> {
+        const KEY_FILE: &str = "--key-file (mode 0600, owned by the observer UID)";
+        [
+            (
+                self.recovery_cmd.is_some(),
+                "--recovery-cmd",
+                "--recovery-exec",
+            ),
+            (
+                self.recovery_cmd_file.is_some(),
+                "--recovery-cmd-file",
+                "--recovery-exec-file",
+            ),
+            (
+                self.i_accept_shell_risk,
+                "--i-accept-shell-risk",
+                "--recovery-exec",
+            ),
+            (self.key_env.is_some(), "--key-env", KEY_FILE),
+            (self.master_key_env.is_some(), "--master-key-env", KEY_FILE),
+            (
+                self.accepted_key_env.is_some(),
+                "--accepted-key-env",
+                KEY_FILE,
+            ),
+        ]
+        .into_iter()
+        .find(|(given, _, _)| *given)
+        .map(|(_, flag, replacement)| (flag, replacement))
     }
 }
 
@@ -54,13 +77,13 @@ pub struct CompatArgs {
     /// a cross-namespace agent is dropped and counted, never fatal to the observer
     #[arg(long)]
     strict_namespace_check: bool,
-    /// the recovery audit log is not implemented; outcomes go to the log, the export file and varta_recovery_outcomes_total
+    /// the audit and export files are written by threads of their own, off the event loop: no budget to keep
     #[arg(long, value_name = "MS")]
     audit_fsync_budget_ms: Option<u64>,
-    /// the recovery audit log is not implemented; outcomes go to the log, the export file and varta_recovery_outcomes_total
+    /// the audit and export files are written by threads of their own, off the event loop: no budget to keep
     #[arg(long, value_name = "MS")]
     audit_sync_interval_ms: Option<u64>,
-    /// the recovery audit log is not implemented; outcomes go to the log, the export file and varta_recovery_outcomes_total
+    /// the audit and export files are written by threads of their own, off the event loop: no budget to keep
     #[arg(long, value_name = "MS")]
     audit_rotation_budget_ms: Option<u64>,
     /// /metrics is not rate-limited; protect it with --prom-token-file
@@ -82,10 +105,7 @@ pub struct CompatArgs {
 pub fn warnings(matches: &ArgMatches) -> Vec<(String, String)> {
     super::cli::command()
         .get_arguments()
-        .filter(|arg| {
-            arg.get_help_heading()
-                .is_some_and(|h| h == NO_EFFECT || h == SECURE_UDP)
-        })
+        .filter(|arg| arg.get_help_heading().is_some_and(|h| h == NO_EFFECT))
         .filter(|arg| {
             matches!(
                 matches.value_source(arg.get_id().as_str()),

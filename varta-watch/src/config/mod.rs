@@ -4,6 +4,7 @@
 pub mod cli;
 mod compat;
 pub mod file;
+pub mod private_file;
 mod reload;
 mod settings;
 
@@ -16,7 +17,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
     actions::sink::SinkOptions,
-    config::cli::{CommandLine, DatapathMode, EvictionPolicy, RecoveryArgs, SignalHandlerMode},
+    config::cli::{
+        CommandLine, DaemonArgs, DatapathMode, EvictionPolicy, RecoveryArgs, SecureUdpArgs,
+        SignalHandlerMode,
+    },
+    datapath::secure_keys::{self, SecureKeys},
     sys::clock::ClockSource,
 };
 
@@ -61,6 +66,10 @@ pub struct RecoveryConfig {
     pub argv: Vec<String>,
     pub debounce: Duration,
     pub timeout: Option<Duration>,
+    /// Most commands running at once (`--recovery-max-concurrent`).
+    pub max_running: usize,
+    /// Most commands started per second (`--recovery-spawn-rate`).
+    pub spawn_rate: u32,
     pub env: Vec<(String, String)>,
     pub inherit_env: bool,
     pub allow_udp: bool,
@@ -83,6 +92,10 @@ pub struct Config {
     pub socket_mode: u32,
     pub uds_rcvbuf_bytes: u32,
     pub udp: Option<SocketAddr>,
+    /// Secure UDP keys (empty: plaintext only).
+    pub secure: SecureKeys,
+    /// Plaintext (32-byte) frames are accepted on UDP.
+    pub plaintext_udp: bool,
     pub datapath: DatapathMode,
     pub junk_sample_one_in: u32,
     pub clock: ClockSource,
@@ -97,6 +110,7 @@ pub struct Config {
     pub prom_addr: Option<SocketAddr>,
     pub prom_token: Option<String>,
     pub signal_mode: SignalHandlerMode,
+    pub nice: i32,
     pub shutdown_after: Option<Duration>,
     pub config_file: Option<PathBuf>,
     pub liveness: LivenessConfig,
@@ -109,6 +123,12 @@ impl Config {
     /// flag.
     pub fn from_command_line(line: &CommandLine) -> Result<Config, ConfigError> {
         let a = &line.cli.daemon;
+        if let Some((flag, replacement)) = a.removed.given() {
+            return Err(bad(
+                flag,
+                format!("has been removed for security reasons; use {replacement}"),
+            ));
+        }
         let socket = a
             .receive
             .socket
@@ -124,19 +144,12 @@ impl Config {
                 "must be at least 1 while --global-beat-rate is on",
             ));
         }
-        let udp = match a.receive.udp_port {
-            None => None,
-            Some(_) if !a.receive.i_accept_plaintext_udp && !a.secure_udp.has_key() => {
-                return Err(bad(
-                    "--udp-port",
-                    "plaintext UDP cannot attest senders; add --i-accept-plaintext-udp to listen anyway",
-                ));
-            }
-            // Secure UDP is not implemented: with keys only, no UDP listener starts (warned).
-            Some(_) if !a.receive.i_accept_plaintext_udp => None,
-            Some(port) => Some(SocketAddr::new(a.receive.udp_bind_addr, port)),
-        };
-        let recovery = recovery_config(&a.recovery)?;
+        let (udp, secure) = udp_config(a)?;
+        let mut recovery = recovery_config(&a.recovery)?;
+        if let (Some(_), Some(recovery)) = (udp, &mut recovery) {
+            check_udp_recovery(a, !secure.is_empty())?;
+            recovery.allow_udp = true;
+        }
         let prom_token = match &a.output.prom_token_file {
             None => None,
             Some(path) => Some(read_token(path)?),
@@ -157,6 +170,8 @@ impl Config {
             socket_mode: a.receive.socket_mode,
             uds_rcvbuf_bytes: a.receive.uds_rcvbuf_bytes,
             udp,
+            plaintext_udp: udp.is_some() && a.receive.i_accept_plaintext_udp,
+            secure,
             datapath: a.receive.datapath,
             junk_sample_one_in: a.receive.userspace_junk_sample_one_in,
             clock: a.stall.clock_source,
@@ -188,6 +203,7 @@ impl Config {
             prom_addr: a.output.prom_addr,
             prom_token,
             signal_mode: a.observer.signal_handler_mode,
+            nice: a.observer.observer_nice,
             shutdown_after: a.observer.shutdown_after_secs.map(Duration::from_secs),
             config_file: a.observer.config.clone(),
             liveness: LivenessConfig {
@@ -211,44 +227,100 @@ fn recovery_config(a: &RecoveryArgs) -> Result<Option<RecoveryConfig>, ConfigErr
     if argv.is_empty() {
         return Err(bad("--recovery-exec", "empty command"));
     }
-    if a.recovery_timeout_ms == Some(0) {
-        return Err(bad("--recovery-timeout-ms", "must be at least 1"));
-    }
     Ok(Some(RecoveryConfig {
         argv,
         debounce: Duration::from_millis(a.recovery_debounce_ms),
-        timeout: a.recovery_timeout_ms.map(Duration::from_millis),
+        timeout: Some(Duration::from_millis(a.recovery_timeout_ms)),
+        max_running: a.recovery_max_concurrent as usize,
+        spawn_rate: a.recovery_spawn_rate,
         env: a.recovery_env.clone(),
         inherit_env: a.recovery_inherit_env,
-        allow_udp: a.plaintext_udp_i_accept_recovery_on_unauthenticated_transport,
+        allow_udp: false,
         capture_bytes: a
             .recovery_capture_stdio
             .then_some(a.recovery_capture_bytes as usize),
     }))
 }
 
-/// A secret or a command from a file only the observer's user can write or read.
-fn read_private_file(flag: &'static str, path: &PathBuf) -> Result<String, ConfigError> {
-    use std::os::unix::fs::MetadataExt;
-    let meta =
-        std::fs::metadata(path).map_err(|e| bad(flag, format!("{}: {e}", path.display())))?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if meta.uid() != euid || meta.mode() & 0o077 != 0 {
+/// The UDP listener's address and the secure UDP keys.
+fn udp_config(a: &DaemonArgs) -> Result<(Option<SocketAddr>, SecureKeys), ConfigError> {
+    let Some(port) = a.receive.udp_port else {
+        return Ok((None, SecureKeys::default()));
+    };
+    let secure = read_keys(&a.secure_udp)?;
+    if secure.is_empty() && !a.receive.i_accept_plaintext_udp {
         return Err(bad(
-            flag,
+            "--udp-port",
+            "plaintext UDP cannot attest senders; add --i-accept-plaintext-udp to listen anyway, or a --key-file for secure UDP",
+        ));
+    }
+    let default_ip = if secure.is_empty() {
+        std::net::Ipv4Addr::UNSPECIFIED
+    } else {
+        std::net::Ipv4Addr::LOCALHOST
+    };
+    let ip = a.receive.udp_bind_addr.unwrap_or(default_ip.into());
+    if !secure.is_empty() && !ip.is_loopback() && !a.secure_udp.i_accept_secure_udp_non_loopback {
+        return Err(bad(
+            "--udp-bind-addr",
             format!(
-                "{} must be owned by uid {euid} with mode 0600",
-                path.display()
+                "{ip} is not a loopback address: secure UDP beyond this host needs --i-accept-secure-udp-non-loopback"
             ),
         ));
     }
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_owned())
-        .map_err(|e| bad(flag, format!("{}: {e}", path.display())))
+    Ok((Some(SocketAddr::new(ip, port)), secure))
 }
 
-fn read_token(path: &PathBuf) -> Result<String, ConfigError> {
+fn read_keys(a: &SecureUdpArgs) -> Result<SecureKeys, ConfigError> {
+    let mut keys = SecureKeys::default();
+    if let Some(path) = &a.key_file {
+        keys.shared
+            .push(secure_keys::read_key_file(path).map_err(|e| bad("--key-file", e))?);
+    }
+    if let Some(path) = &a.accepted_key_file {
+        keys.shared.extend(
+            secure_keys::read_accepted_keys(path).map_err(|e| bad("--accepted-key-file", e))?,
+        );
+    }
+    if let Some(path) = &a.master_key_file {
+        keys.master =
+            Some(secure_keys::read_key_file(path).map_err(|e| bad("--master-key-file", e))?);
+    }
+    Ok(keys)
+}
+
+/// Recovery for agents whose pid only UDP vouches for runs only with the operator's
+/// explicit opt-in for that transport, checked at start like the incumbent.
+fn check_udp_recovery(a: &DaemonArgs, secure: bool) -> Result<(), ConfigError> {
+    let plaintext_ok = a
+        .recovery
+        .plaintext_udp_i_accept_recovery_on_unauthenticated_transport;
+    let secure_ok = a
+        .secure_udp
+        .secure_udp_i_accept_recovery_on_unauthenticated_transport;
+    if a.receive.i_accept_plaintext_udp && !plaintext_ok {
+        return Err(bad(
+            "--plaintext-udp-i-accept-recovery-on-unauthenticated-transport",
+            "recovery with plaintext UDP lets anyone who can send a datagram trigger it; add this flag to run it anyway",
+        ));
+    }
+    if secure && !secure_ok {
+        return Err(bad(
+            "--secure-udp-i-accept-recovery-on-unauthenticated-transport",
+            "recovery with secure UDP runs for a pid any key holder may claim; add this flag to run it anyway",
+        ));
+    }
+    Ok(())
+}
+
+/// A secret or a command from a file only the observer's user can read.
+fn read_private_file(flag: &'static str, path: &std::path::Path) -> Result<String, ConfigError> {
+    private_file::read_private(path)
+        .map(|text| text.trim().to_owned())
+        .map_err(|e| bad(flag, e))
+}
+
+fn read_token(path: &std::path::Path) -> Result<String, ConfigError> {
     let token = read_private_file("--prom-token-file", path)?;
     if token.len() < 16 || token.chars().any(char::is_whitespace) {
         return Err(bad(

@@ -5,6 +5,7 @@ use std::{sync::Arc, time::Instant};
 
 use anyhow::{Context, Result};
 
+use super::health::Health;
 use crate::{
     actions::{
         Actions,
@@ -33,15 +34,17 @@ pub async fn serve<D: Datapath>(
     let metrics = Arc::new(Metrics::new(
         drops.clone(),
         datapath.mode(),
+        datapath.attest(),
         config.tracker_capacity,
     ));
     if let Some(read) = kernel_drops {
         metrics.set_kernel_drops(read);
     }
     metrics.rcvbuf_bytes.set(rcvbuf as i64);
+    let (health, probes) = Health::new();
     let prom = match config.prom_addr {
         Some(addr) => Some(
-            crate::actions::http::serve(addr, metrics.clone(), config.prom_token.clone())
+            crate::actions::http::serve(addr, metrics.clone(), config.prom_token.clone(), probes)
                 .await
                 .with_context(|| format!("--prom-addr {addr}"))?,
         ),
@@ -64,7 +67,7 @@ pub async fn serve<D: Datapath>(
     let liveness = super::liveness::Liveness::start(&config.liveness)?;
     let clock = config.clock;
     let start_ns = clock.now_ns();
-    let observer = Observer::new(config, drops, datapath.rate_limits_applied(), start_ns);
+    let observer = Observer::new(config, drops);
     let actions = Actions::new(
         metrics.clone(),
         export,
@@ -74,15 +77,18 @@ pub async fn serve<D: Datapath>(
     );
     metrics.pid_max.set(observer.pid_max() as i64);
     log::info!(
-        "event=ready pid={} datapath={} socket={} udp={} metrics={} threshold_ms={}",
+        "event=ready pid={} datapath={} attest={} socket={} udp={} metrics={} threshold_ms={}",
         std::process::id(),
         datapath.mode(),
+        datapath.attest(),
         config.socket.display(),
         config.udp.map_or("-".to_owned(), |a| a.to_string()),
         prom.map_or("-".to_owned(), |a| a.to_string()),
         config.limits.threshold_ms,
     );
+    health.set_ready();
     let mut event_loop = EventLoop {
+        health,
         datapath,
         config,
         signals,
@@ -104,6 +110,7 @@ pub async fn serve<D: Datapath>(
 }
 
 struct EventLoop<'c, D> {
+    health: Health,
     datapath: D,
     config: &'c mut Config,
     signals: Signals,
@@ -126,6 +133,7 @@ impl<D: Datapath> EventLoop<'_, D> {
         loop {
             let stop = self.wait(shutdown_at).await?;
             if stop {
+                self.health.set_stopping();
                 // Whatever is queued still counts.
                 self.datapath.drain(&mut self.beats);
             }
@@ -169,6 +177,8 @@ impl<D: Datapath> EventLoop<'_, D> {
             }
             // Liveness is watched: an idle loop still goes round.
             () = tokio::time::sleep(tick.unwrap_or_default()), if tick.is_some() => Ok(false),
+            // /healthz probes and systemd's watchdog, answered only while this loop turns.
+            () = self.health.answer_next() => Ok(false),
             () = tokio::time::sleep_until(shutdown_at.unwrap_or_else(tokio::time::Instant::now)), if shutdown_at.is_some() => {
                 log::info!("event=shutdown reason=shutdown_after_secs");
                 Ok(true)
@@ -209,6 +219,17 @@ impl<D: Datapath> EventLoop<'_, D> {
         self.observer.expire(now, &mut self.events);
         for event in &self.events {
             match event {
+                Event::NewAgent {
+                    pid,
+                    origin,
+                    evicted,
+                    ..
+                } => {
+                    if let Some(old) = evicted {
+                        self.datapath.agent_untracked(*old);
+                    }
+                    self.datapath.agent_tracked(*pid, origin);
+                }
                 Event::Stall { pid, agent, .. } => self.datapath.agent_silent(*pid, &agent.origin),
                 Event::Exit { pid, origin, .. } => self.datapath.agent_silent(*pid, origin),
                 _ => {}
@@ -260,8 +281,11 @@ impl<D: Datapath> EventLoop<'_, D> {
 
     /// Waits up to the grace period for running recovery commands, recording their outcomes.
     async fn finish_recoveries(&mut self) {
+        /// How long killed commands may take to be reaped (a guard; SIGKILL is prompt).
+        const KILL_REAP_GUARD: std::time::Duration = std::time::Duration::from_secs(2);
         let grace = self.config.shutdown_grace;
-        let deadline = Instant::now() + grace;
+        let mut deadline = Instant::now() + grace;
+        let mut deadline_passed = false;
         while let Some(recovery) = self.actions.recovery.as_mut().filter(|r| r.running() > 0) {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, recovery.finished()).await {
@@ -269,12 +293,16 @@ impl<D: Datapath> EventLoop<'_, D> {
                     let mut events = vec![Event::Recovery(finished)];
                     self.actions.handle_all(&mut events, self.clock.now_ns());
                 }
+                Err(_) if deadline_passed => break,
                 Err(_) => {
+                    // Past the grace period: killed, then reaped (their outcomes recorded).
                     log::warn!(
-                        "event=shutdown_recoveries_abandoned running={}",
-                        recovery.running()
+                        "event=shutdown_recoveries_killed running={} grace_ms={}",
+                        recovery.kill_all(),
+                        grace.as_millis()
                     );
-                    break;
+                    deadline_passed = true;
+                    deadline = Instant::now() + KILL_REAP_GUARD;
                 }
             }
         }

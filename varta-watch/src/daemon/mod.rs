@@ -2,7 +2,10 @@
 //! privileges allow), then the event loop, then shutdown.
 
 mod event_loop;
+mod health;
 mod liveness;
+
+pub use health::Probes;
 
 use std::{net::UdpSocket, os::unix::net::UnixDatagram, process::ExitCode, sync::Arc};
 
@@ -11,7 +14,9 @@ use anyhow::{Context, Result};
 use crate::{
     actions::metrics::KernelDrops,
     config::{Config, cli::CommandLine, cli::DatapathMode},
-    datapath::{ebpf::EbpfDatapath, userspace::UserspaceDatapath},
+    datapath::{
+        ebpf::EbpfDatapath, secure::UdpFrames, udp::UdpReceiver, userspace::UserspaceDatapath,
+    },
     observer::drops::DropCounters,
     signal::{self, Signals},
 };
@@ -28,6 +33,14 @@ pub fn run(line: &CommandLine) -> ExitCode {
     for (flag, why) in crate::config::warnings(&line.matches) {
         log::warn!("event=flag_ignored flag={flag} reason=\"{why}\"");
     }
+    if config.plaintext_udp {
+        log::warn!(
+            "event=plaintext_udp_unauthenticated addr={} reason=\"plaintext UDP frames are unauthenticated: anyone who can reach this port can claim any pid; use --key-file for secure UDP\"",
+            config.udp.map_or("-".to_owned(), |a| a.to_string())
+        );
+    }
+    // Before any thread starts: they inherit it.
+    crate::sys::priority::set_nice(config.nice);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
@@ -65,9 +78,18 @@ async fn start(mut config: Config) -> Result<()> {
     );
     let signals = install_signals(&config)?;
     let sockets = bind(&config)?;
+    // Port 0 becomes the port the kernel chose: the ready line names the real address.
+    if let Some(udp) = &sockets.udp {
+        config.udp = Some(udp.local_addr()?);
+    }
     let drops = Arc::new(DropCounters::default());
     let result = match start_ebpf(&config, &sockets, &drops) {
-        Ok(Some((datapath, kernel_drops))) => {
+        Ok(Some((mut datapath, kernel_drops))) => {
+            // The filter passes secure-length datagrams up; they are read (or counted) here.
+            if let Some(udp) = &sockets.udp {
+                let receiver = udp_receiver(&config, udp.try_clone()?, &drops)?;
+                datapath.set_secure_udp(receiver);
+            }
             event_loop::serve(
                 datapath,
                 Some(kernel_drops),
@@ -79,9 +101,13 @@ async fn start(mut config: Config) -> Result<()> {
             .await
         }
         Ok(None) => {
+            let udp = sockets
+                .udp
+                .map(|udp| udp_receiver(&config, udp, &drops))
+                .transpose()?;
             let datapath = UserspaceDatapath::new(
                 sockets.uds,
-                sockets.udp,
+                udp,
                 config.clock,
                 config.allow_cross_namespace,
                 config.junk_sample_one_in,
@@ -93,6 +119,13 @@ async fn start(mut config: Config) -> Result<()> {
     };
     let _ = std::fs::remove_file(&config.socket);
     result
+}
+
+/// The daemon's reader of the UDP socket (secure frames; plaintext ones too on the
+/// userspace datapath).
+fn udp_receiver(config: &Config, udp: UdpSocket, drops: &Arc<DropCounters>) -> Result<UdpReceiver> {
+    let frames = UdpFrames::new(config.plaintext_udp, config.secure.clone());
+    Ok(UdpReceiver::new(udp, frames, config.clock, drops.clone())?)
 }
 
 fn install_signals(config: &Config) -> Result<Signals> {
@@ -140,6 +173,7 @@ fn start_ebpf(
         sockets.udp.as_ref().map(UdpSocket::try_clone).transpose()?,
         config.clock,
         &config.limits,
+        config.tracker_capacity as u32,
         config.allow_cross_namespace,
         drops.clone(),
     );

@@ -5,7 +5,6 @@
 use std::{
     collections::HashMap,
     io,
-    net::UdpSocket,
     os::{fd::AsFd, unix::net::UnixDatagram},
     sync::Arc,
 };
@@ -19,6 +18,7 @@ use varta_common::{
 use super::{
     Beat, Datapath, Origin,
     attest::{Attestation, Attested},
+    udp::UdpReceiver,
 };
 use crate::{
     config::Limits,
@@ -33,7 +33,7 @@ const BATCH: usize = 64;
 
 pub struct UserspaceDatapath {
     uds: AsyncFd<UnixDatagram>,
-    udp: Option<AsyncFd<UdpSocket>>,
+    udp: Option<UdpReceiver>,
     batch: RecvBatch,
     clock: ClockSource,
     drops: Arc<DropCounters>,
@@ -43,7 +43,7 @@ pub struct UserspaceDatapath {
 impl UserspaceDatapath {
     pub fn new(
         uds: UnixDatagram,
-        udp: Option<UdpSocket>,
+        udp: Option<UdpReceiver>,
         clock: ClockSource,
         allow_cross_namespace: bool,
         junk_sample_one_in: u32,
@@ -52,7 +52,7 @@ impl UserspaceDatapath {
         drop_junk_in_kernel(&uds, udp.as_ref(), junk_sample_one_in);
         Ok(UserspaceDatapath {
             uds: crate::sys::readiness::readable(uds)?,
-            udp: udp.map(crate::sys::readiness::readable).transpose()?,
+            udp,
             batch: RecvBatch::new(BATCH),
             clock,
             drops,
@@ -63,15 +63,10 @@ impl UserspaceDatapath {
         })
     }
 
-    /// Receives from one socket until it would block.
-    fn drain_socket(&mut self, udp: bool, out: &mut Vec<Beat>) -> io::Result<()> {
+    /// Receives from the Unix socket until it would block.
+    fn drain_uds(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
         loop {
-            let fd = match (udp, &self.udp) {
-                (false, _) => self.uds.get_ref().as_fd(),
-                (true, Some(s)) => s.get_ref().as_fd(),
-                (true, None) => return Ok(()),
-            };
-            let n = match self.batch.recv(fd) {
+            let n = match self.batch.recv(self.uds.get_ref().as_fd()) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -80,36 +75,14 @@ impl UserspaceDatapath {
             let now = self.clock.now_ns();
             for i in 0..n {
                 let d = self.batch.get(i);
-                let raw: Option<&[u8; FRAME_LEN]> = if d.truncated {
-                    None
-                } else {
-                    d.bytes.try_into().ok()
-                };
-                let Some(raw) = raw else {
-                    self.drops.add(DropReason::Length);
-                    continue;
-                };
-                let frame = match Frame::decode(raw) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        self.drops.add(DropReason::from_decode(e));
-                        log::debug!(
-                            "event=decode_error transport={} kind={}",
-                            if udp { "udp" } else { "uds" },
-                            e.name()
-                        );
+                let frame = match decode_plain(d.bytes, d.truncated) {
+                    Ok(frame) => frame,
+                    Err(reason) => {
+                        self.drops.add(reason);
                         continue;
                     }
                 };
-                let beat = if udp {
-                    let Some(source) = d.source else { continue };
-                    Ok(Beat {
-                        pid: frame.pid,
-                        frame,
-                        origin: Origin::Udp { source },
-                        recv_ns: now,
-                    })
-                } else {
+                let beat =
                     self.attest
                         .check(d.sender_pid, &frame)
                         .map(|Attested { pid, foreign_ns }| Beat {
@@ -117,8 +90,8 @@ impl UserspaceDatapath {
                             frame,
                             origin: Origin::Uds { foreign_ns },
                             recv_ns: now,
-                        })
-                };
+                            rate_limited: false,
+                        });
                 match beat {
                     Ok(beat) => out.push(beat),
                     Err(reason) => self.drops.add(reason),
@@ -136,8 +109,8 @@ impl Datapath for UserspaceDatapath {
         "userspace"
     }
 
-    fn rate_limits_applied(&self) -> bool {
-        false
+    fn attest(&self) -> &'static str {
+        "scm_credentials"
     }
 
     async fn recv(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
@@ -147,18 +120,22 @@ impl Datapath for UserspaceDatapath {
                 return Ok(());
             }
             guard = self.uds.readable() => guard?.clear_ready(),
-            guard = async { self.udp.as_ref().expect("guarded").readable().await }, if self.udp.is_some() => guard?.clear_ready(),
+            ready = async { self.udp.as_ref().expect("guarded").readable().await }, if self.udp.is_some() => ready?,
         }
         // Readiness was cleared before receiving: a datagram arriving meanwhile re-arms it.
-        self.drain_socket(false, out)?;
-        self.drain_socket(true, out)
+        self.drain_uds(out)?;
+        match &mut self.udp {
+            Some(udp) => udp.drain(out),
+            None => Ok(()),
+        }
     }
 
     fn drain(&mut self, out: &mut Vec<Beat>) {
-        for udp in [false, true] {
-            if let Err(e) = self.drain_socket(udp, out) {
-                log::warn!("event=receive_error error={e}");
-            }
+        if let Err(e) = self.drain_uds(out) {
+            log::warn!("event=receive_error transport=uds error={e}");
+        }
+        if let Some(Err(e)) = self.udp.as_mut().map(|udp| udp.drain(out)) {
+            log::warn!("event=receive_error transport=udp error={e}");
         }
     }
 
@@ -167,13 +144,27 @@ impl Datapath for UserspaceDatapath {
     }
 }
 
+/// A plaintext frame, or why it is refused.
+fn decode_plain(bytes: &[u8], truncated: bool) -> Result<Frame, DropReason> {
+    let raw: Option<&[u8; FRAME_LEN]> = if truncated {
+        None
+    } else {
+        bytes.try_into().ok()
+    };
+    let raw = raw.ok_or(DropReason::Length)?;
+    Frame::decode(raw).map_err(|e| {
+        log::debug!("event=decode_error transport=uds kind={}", e.name());
+        DropReason::from_decode(e)
+    })
+}
+
 /// Most senders whose namespace is cached at once (each holds a pidfd until it exits).
 const SENDER_CACHE: usize = 65_536;
 
 /// Attaches the frame rules as classic BPF to both sockets, so junk is dropped (and one in
 /// `sample_one_in` sampled) before it wakes the daemon. Without it the datapath still
 /// works, at the cost of a wake-up per datagram: a failure is logged, not fatal.
-fn drop_junk_in_kernel(uds: &UnixDatagram, udp: Option<&UdpSocket>, sample_one_in: u32) {
+fn drop_junk_in_kernel(uds: &UnixDatagram, udp: Option<&UdpReceiver>, sample_one_in: u32) {
     let uds_filter = cbpf::program(&cbpf::Layout {
         offset: 0,
         also_accept: &[],
@@ -188,7 +179,7 @@ fn drop_junk_in_kernel(uds: &UnixDatagram, udp: Option<&UdpSocket>, sample_one_i
     });
     let sockets = [
         ("uds", Some(uds.as_fd()), &uds_filter),
-        ("udp", udp.map(|s| s.as_fd()), &udp_filter),
+        ("udp", udp.map(|s| s.socket().as_fd()), &udp_filter),
     ];
     for (name, fd, filter) in sockets {
         let Some(fd) = fd else { continue };

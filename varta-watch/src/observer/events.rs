@@ -30,6 +30,8 @@ pub enum Event {
         pid: u32,
         frame: Frame,
         origin: Origin,
+        /// The agent beat before this frame (a first frame that is a death is not).
+        known: bool,
     },
     /// Silent past the threshold.
     Stall {

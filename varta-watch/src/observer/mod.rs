@@ -5,6 +5,7 @@
 pub mod drops;
 pub mod events;
 pub mod gates;
+pub mod identity;
 pub mod stall;
 pub mod tracker;
 #[cfg(test)]
@@ -12,7 +13,7 @@ mod tracker_props;
 
 use std::sync::Arc;
 
-use varta_common::Status;
+use varta_common::{DropReason, Status};
 
 use crate::{
     config::{Config, Limits},
@@ -27,19 +28,14 @@ use crate::{
 pub struct Observer {
     tracker: Tracker,
     gates: Gates,
-    /// `None` when the datapath applies rate limits itself (in the kernel).
-    limiter: Option<RateLimiter>,
+    /// For the beats no kernel filter rate-limited.
+    limiter: RateLimiter,
     drops: Arc<DropCounters>,
     stalled: Vec<Stalled>,
 }
 
 impl Observer {
-    pub fn new(
-        config: &Config,
-        drops: Arc<DropCounters>,
-        kernel_rate_limits: bool,
-        now_ns: u64,
-    ) -> Self {
+    pub fn new(config: &Config, drops: Arc<DropCounters>) -> Self {
         Observer {
             tracker: Tracker::new(
                 config.tracker_capacity,
@@ -47,8 +43,7 @@ impl Observer {
                 config.limits.threshold_ns(),
             ),
             gates: Gates::new(),
-            limiter: (!kernel_rate_limits)
-                .then(|| RateLimiter::new(config.limits.clone(), config.tracker_capacity, now_ns)),
+            limiter: RateLimiter::new(config.limits.clone(), config.tracker_capacity),
             drops,
             stalled: Vec::new(),
         }
@@ -64,20 +59,22 @@ impl Observer {
 
     pub fn set_limits(&mut self, limits: &Limits) {
         self.tracker.set_threshold_ns(limits.threshold_ns());
-        if let Some(limiter) = &mut self.limiter {
-            limiter.set_limits(limits.clone());
+        self.limiter.set_limits(limits.clone());
+    }
+
+    /// The rate limits, for a beat no kernel filter limited: its own bucket, and the global
+    /// one unless the agent is tracked already (fair admission).
+    fn rate_limit(&mut self, beat: &Beat) -> Result<(), DropReason> {
+        if beat.rate_limited {
+            return Ok(());
         }
+        let tracked = self.tracker.tracks(beat.pid, &beat.origin);
+        self.limiter.check(beat.agent_key(), tracked, beat.recv_ns)
     }
 
     /// Runs one beat through the gates, the rate limits and the tracker.
     pub fn admit(&mut self, beat: &Beat, events: &mut Vec<Event>) {
-        let admitted = self
-            .gates
-            .check(beat)
-            .and_then(|()| match &mut self.limiter {
-                Some(limiter) => limiter.check(beat.pid, beat.recv_ns),
-                None => Ok(()),
-            });
+        let admitted = self.gates.check(beat).and_then(|()| self.rate_limit(beat));
         let accepted = admitted.and_then(|()| {
             self.tracker
                 .record(beat.pid, &beat.frame, beat.origin, beat.recv_ns)
@@ -90,6 +87,7 @@ impl Observer {
             }
         };
         let (pid, frame) = (beat.pid, beat.frame);
+        let known = !matches!(accepted, Accepted::New { .. });
         match accepted {
             Accepted::New { evicted } => events.push(Event::NewAgent {
                 pid,
@@ -112,6 +110,7 @@ impl Observer {
                 pid,
                 frame,
                 origin: beat.origin,
+                known,
             });
         } else if frame.status == Status::Critical {
             events.push(Event::Critical { pid, frame });

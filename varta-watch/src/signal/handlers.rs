@@ -150,10 +150,17 @@ pub fn take_pending() -> Vec<Signal> {
 /// rseq (its default), 0 when disabled (`GLIBC_TUNABLES=glibc.pthread.rseq=0`). The kernel
 /// aborts an rseq critical section when it delivers a signal inside it; the handlers must
 /// be correct either way, and the tests run both.
+#[cfg(target_env = "gnu")]
 pub fn rseq_size() -> u32 {
     unsafe extern "C" {
         static __rseq_size: u32;
     }
     // SAFETY: glibc (2.35+) exports this constant and sets it before main.
     unsafe { __rseq_size }
+}
+
+/// musl (the static container image) never registers rseq.
+#[cfg(not(target_env = "gnu"))]
+pub fn rseq_size() -> u32 {
+    0
 }

@@ -179,7 +179,8 @@ impl RecvBatch {
             hdr.msg_iov = &mut self.iov[i];
             hdr.msg_iovlen = 1;
             hdr.msg_control = self.control[i].as_mut_ptr().cast();
-            hdr.msg_controllen = CMSG_BYTES;
+            // socklen_t on musl, size_t on glibc.
+            hdr.msg_controllen = CMSG_BYTES as _;
             hdr.msg_flags = 0;
             self.headers[i].msg_len = 0;
         }
@@ -190,7 +191,8 @@ impl RecvBatch {
                 fd.as_raw_fd(),
                 self.headers.as_mut_ptr(),
                 n as libc::c_uint,
-                libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+                // unsigned on musl, int on glibc.
+                (libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) as _,
                 std::ptr::null_mut(),
             )
         };

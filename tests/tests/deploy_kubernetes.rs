@@ -1,0 +1,225 @@
+//! deploy/kubernetes*: every manifest passes the Kubernetes OpenAPI schema
+//! (kubernetes-validate, strict), each kustomization lists exactly its files (and renders,
+//! where kubectl is installed), the ConfigMap is varta.toml with the checksum that rolls the
+//! pods, the daemon accepts that configuration, and the grace period covers the shutdown grace.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use varta_e2e::{
+    Daemon,
+    deploy::{self, deploy_file, have_tool, repo},
+};
+
+const KUSTOMIZATIONS: [&str; 3] = [
+    "kubernetes",
+    "kubernetes-scrape-annotations",
+    "kubernetes-privileged",
+];
+
+/// The list under `key:` in a kustomization (`- item` lines, or `- path: item` for patches).
+fn list(kustomization: &str, key: &str) -> Vec<String> {
+    kustomization
+        .lines()
+        .skip_while(|l| l.trim() != format!("{key}:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .map(|i| i.trim_start_matches("path: ").to_owned())
+        .collect()
+}
+
+fn yaml_files(dir: &PathBuf) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn each_kustomization_lists_exactly_its_files() {
+    for k in KUSTOMIZATIONS {
+        let dir = repo().join("deploy").join(k);
+        let text = deploy_file(&format!("{k}/kustomization.yaml"));
+        let mut listed: Vec<String> = list(&text, "resources")
+            .into_iter()
+            .chain(list(&text, "patches"))
+            .filter(|r| !r.starts_with("../"))
+            .collect();
+        listed.sort();
+        assert_eq!(listed, yaml_files(&dir), "{k}/kustomization.yaml");
+        for base in list(&text, "resources")
+            .iter()
+            .filter(|r| r.starts_with("../"))
+        {
+            assert!(
+                dir.join(base).join("kustomization.yaml").exists(),
+                "{k}: {base}"
+            );
+        }
+    }
+}
+
+/// Runs kubernetes-validate --strict on `files`: every resource must pass; the only kinds
+/// without a schema may be `allowed_unknown` (CRDs such as ServiceMonitor, documented in
+/// the README as checked by hand).
+fn validate(files: &[PathBuf], allowed_unknown: &[&str]) -> usize {
+    let (ok, out) = deploy::run(
+        Command::new("kubernetes-validate")
+            .arg("--strict")
+            .args(files),
+    );
+    assert!(ok, "kubernetes-validate failed:\n{out}");
+    let mut passed = 0;
+    for line in out.lines() {
+        if line.contains(" passed for resource ") {
+            passed += 1;
+        } else if line.contains("Couldn't find schema for kind") {
+            assert!(
+                allowed_unknown
+                    .iter()
+                    .any(|k| line.contains(&format!("kind {k} "))),
+                "no schema: {line}"
+            );
+        } else {
+            assert!(line.trim().is_empty(), "kubernetes-validate: {line}\n{out}");
+        }
+    }
+    passed
+}
+
+#[test]
+fn every_manifest_passes_the_kubernetes_schema() {
+    if !have_tool("kubernetes_schema", "kubernetes-validate", &["--version"]) {
+        return;
+    }
+    let base = repo().join("deploy/kubernetes");
+    let mut files: Vec<PathBuf> = yaml_files(&base).iter().map(|f| base.join(f)).collect();
+    files.push(base.join("examples/workload-pod.yaml"));
+    // Namespace, ServiceAccount, ConfigMap, DaemonSet, Service, the example Pod.
+    assert_eq!(validate(&files, &["ServiceMonitor"]), 6);
+
+    // The overlays are patches; what they produce is validated once rendered.
+    let kubectl = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !kubectl {
+        eprintln!(
+            "kubectl is not installed: the overlays are checked by each_kustomization_lists_exactly_its_files only"
+        );
+        return;
+    }
+    let out_dir = varta_e2e::scratch("kustomize");
+    for (k, kinds) in KUSTOMIZATIONS.iter().zip([5, 5, 5]) {
+        let (ok, rendered) = deploy::run(
+            Command::new("kubectl")
+                .arg("kustomize")
+                .arg(repo().join("deploy").join(k)),
+        );
+        assert!(ok, "kubectl kustomize {k}:\n{rendered}");
+        let file = out_dir.join(format!("{k}.yaml"));
+        std::fs::write(&file, &rendered).unwrap();
+        assert_eq!(validate(&[file], &["ServiceMonitor"]), kinds, "{k}");
+        match *k {
+            "kubernetes-privileged" => assert!(rendered.contains("privileged: true")),
+            "kubernetes-scrape-annotations" => {
+                assert!(rendered.contains("prometheus.io/scrape: \"true\""));
+                assert!(!rendered.contains("kind: ServiceMonitor"));
+            }
+            _ => assert!(!rendered.contains("privileged: true")),
+        }
+    }
+}
+
+#[test]
+fn servicemonitor_selects_the_service_and_its_metrics_port() {
+    let sm = deploy_file("kubernetes/servicemonitor.yaml");
+    let svc = deploy_file("kubernetes/service.yaml");
+    let ds = deploy_file("kubernetes/daemonset.yaml");
+    for needle in ["app.kubernetes.io/name: varta-watch", "clusterIP: None"] {
+        assert!(svc.contains(needle), "service.yaml: {needle}");
+    }
+    assert!(sm.contains("app.kubernetes.io/name: varta-watch"));
+    assert!(sm.contains("- port: metrics") && svc.contains("- name: metrics"));
+    assert!(ds.contains("- name: metrics") && ds.contains("containerPort: 9100"));
+}
+
+#[test]
+fn configmap_is_varta_toml_and_its_checksum_rolls_the_pods() {
+    let toml = deploy_file("kubernetes/varta.toml");
+    let cm = deploy_file("kubernetes/configmap.yaml");
+    let embedded: String = cm
+        .lines()
+        .skip_while(|l| !l.contains("varta.toml: |"))
+        .skip(1)
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    assert_eq!(
+        embedded, toml,
+        "configmap.yaml must carry varta.toml verbatim"
+    );
+    let (ok, sum) =
+        deploy::run(Command::new("sha256sum").arg(repo().join("deploy/kubernetes/varta.toml")));
+    assert!(ok);
+    let sum = sum.split_whitespace().next().unwrap();
+    let ds = deploy_file("kubernetes/daemonset.yaml");
+    assert!(
+        ds.contains(&format!("checksum/config: \"{sum}\"")),
+        "daemonset.yaml's checksum/config must be {sum}"
+    );
+    // terminationGracePeriodSeconds = shutdown grace + 2 s for drain, flush and detach.
+    let grace_ms: u64 = deploy::manifest_config("shutdown-grace-ms")
+        .parse()
+        .unwrap();
+    let period: u64 = ds
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("terminationGracePeriodSeconds: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(period, grace_ms.div_ceil(1000) + 2);
+    assert!(ds.contains("terminationMessagePolicy: FallbackToLogsOnError"));
+}
+
+#[test]
+fn the_daemon_accepts_the_manifest_configuration_needs_root() {
+    varta_e2e::require_root!("the metrics token file must be root's");
+    // The file as the pod reads it, with the Secret's file where the DaemonSet mounts it
+    // (here a scratch copy), the socket in a scratch directory and the metrics port free;
+    // the address stays the manifest's (not loopback, so the token is required).
+    let config = repo().join("deploy/kubernetes/varta.toml");
+    let ds = deploy_file("kubernetes/daemonset.yaml");
+    let token_path = deploy::manifest_config("prom-token-file");
+    let mount = token_path.rsplit_once('/').unwrap().0;
+    assert!(
+        ds.contains(&format!("mountPath: {mount}")),
+        "the Secret is mounted at {mount}"
+    );
+    let dir = varta_e2e::scratch("k8s-token");
+    let (token_file, token) = deploy::token_file(&dir);
+    let ip = deploy::manifest_config("prom-addr")
+        .rsplit_once(':')
+        .unwrap()
+        .0
+        .to_owned();
+    let mut d = Daemon::builder("k8s-config", "auto")
+        .no_metrics()
+        .args(["--config", config.to_str().unwrap()])
+        .args(["--prom-token-file", token_file.to_str().unwrap()])
+        .args(["--prom-addr", &format!("{ip}:0")])
+        .start();
+    let ready = d.wait_log("event=ready", Duration::from_secs(1));
+    assert!(ready.contains("threshold_ms=5000"), "{ready}");
+    let addr = d.prom.expect("metrics address in the ready line");
+    assert_eq!(deploy::http_get(addr, "/metrics").0, 401);
+    assert_eq!(
+        deploy::http_get_with_token(addr, "/metrics", Some(&token)).0,
+        200
+    );
+    assert_eq!(deploy::http_get(addr, "/readyz").0, 200);
+    assert_eq!(deploy::http_get(addr, "/healthz").0, 200);
+    assert!(d.stop().success());
+}

@@ -1,0 +1,183 @@
+//! Secure UDP against the real upstream client: `varta-client` 0.2.0 with its `secure-udp`
+//! feature, in each key mode, on both datapaths; tampered and wrong-key frames are counted,
+//! never tracked.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    time::Duration,
+};
+
+use varta_client::{BeatOutcome, BeatTransport, Status, Varta};
+use varta_e2e::{Daemon, log_field, on_both_datapaths, vectors};
+use varta_vlp::crypto::Key;
+
+const KEY_A: [u8; 32] = [0xa1; 32];
+const KEY_B: [u8; 32] = [0xb2; 32];
+const MASTER: [u8; 32] = [0x5e; 32];
+const WAIT: Duration = Duration::from_secs(10);
+
+fn key_file(dir: &Path, name: &str, keys: &[[u8; 32]]) -> String {
+    let path = dir.join(name);
+    let text: String = keys.iter().map(|k| vectors::hex_encode(k) + "\n").collect();
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// A daemon listening for secure UDP with the key flags `keys` makes, and its UDP address.
+fn daemon(name: &str, datapath: &str, keys: impl Fn(&Path) -> Vec<String>) -> (Daemon, SocketAddr) {
+    let dir = varta_e2e::scratch(&format!("{name}-{datapath}-keys"));
+    let b = Daemon::builder(name, datapath)
+        .args(["--threshold-ms", "5000", "--udp-port", "0"])
+        .args(keys(&dir));
+    let d = if datapath == "ebpf" {
+        b.start_ebpf()
+    } else {
+        b.start()
+    };
+    // The key files were read (once) at start.
+    drop(dir);
+    let ready = d.wait_log("event=ready", WAIT);
+    let addr = log_field(&ready, "udp").parse().unwrap();
+    (d, addr)
+}
+
+fn beats_of_this_process(d: &Daemon) -> f64 {
+    let pid = std::process::id();
+    d.metrics()
+        .get(&format!("varta_beats_total{{pid=\"{pid}\"}}"))
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// Sends `n` beats with `client` and waits until the daemon has counted them all.
+fn beat_and_count<T: BeatTransport>(d: &Daemon, client: &mut Varta<T>, n: usize) {
+    let before = beats_of_this_process(d);
+    for _ in 0..n {
+        let outcome = client.beat(Status::Ok, 7);
+        assert!(matches!(outcome, BeatOutcome::Sent), "{outcome:?}");
+    }
+    let pid = std::process::id();
+    d.wait_metric(
+        &format!("varta_beats_total{{pid=\"{pid}\"}}"),
+        before + n as f64,
+        WAIT,
+    );
+}
+
+fn shared_key(datapath: &str) {
+    let (d, addr) = daemon("secure-shared", datapath, |dir| {
+        vec!["--key-file".into(), key_file(dir, "key", &[KEY_A])]
+    });
+    let mut client = Varta::connect_secure_udp(addr, Key::from_bytes(KEY_A)).unwrap();
+    beat_and_count(&d, &mut client, 5);
+    // A client with a key the daemon does not hold is refused and counted, never tracked.
+    let mut stranger = Varta::connect_secure_udp(addr, Key::from_bytes(KEY_B)).unwrap();
+    let before = beats_of_this_process(&d);
+    assert!(matches!(stranger.beat(Status::Ok, 0), BeatOutcome::Sent));
+    d.wait_metric("varta_frame_auth_failures_total", 1.0, WAIT);
+    assert_eq!(beats_of_this_process(&d), before);
+}
+
+fn accepted_keys_rotation(datapath: &str) {
+    let (d, addr) = daemon("secure-rotation", datapath, |dir| {
+        vec![
+            "--key-file".into(),
+            key_file(dir, "key", &[KEY_A]),
+            "--accepted-key-file".into(),
+            key_file(dir, "accepted", &[KEY_B]),
+        ]
+    });
+    let mut old = Varta::connect_secure_udp(addr, Key::from_bytes(KEY_A)).unwrap();
+    beat_and_count(&d, &mut old, 3);
+    let mut new = Varta::connect_secure_udp(addr, Key::from_bytes(KEY_B)).unwrap();
+    beat_and_count(&d, &mut new, 3);
+    assert_eq!(d.metric("varta_frame_auth_failures_total"), 0.0);
+}
+
+fn master_key(datapath: &str) {
+    let (d, addr) = daemon("secure-master", datapath, |dir| {
+        vec![
+            "--master-key-file".into(),
+            key_file(dir, "master", &[MASTER]),
+        ]
+    });
+    let mut client = Varta::connect_secure_udp_with_master(addr, Key::from_bytes(MASTER)).unwrap();
+    beat_and_count(&d, &mut client, 5);
+}
+
+/// Every byte of the conformance vectors' secure frames, flipped, is refused and counted;
+/// the untouched frame is accepted; a replay of it is refused.
+fn tampered_frames_are_counted(datapath: &str) {
+    let secure = vectors::secure_vectors();
+    let shared = secure
+        .iter()
+        .find(|v| v["kind"] == "shared_key_seal")
+        .unwrap();
+    let master = secure
+        .iter()
+        .find(|v| v["kind"] == "master_key_seal")
+        .unwrap();
+    let key = |v: &serde_json::Value, field: &str| -> [u8; 32] {
+        vectors::hex_decode(v[field].as_str().unwrap())
+            .try_into()
+            .unwrap()
+    };
+    let (d, addr) = daemon("secure-tamper", datapath, |dir| {
+        vec![
+            "--key-file".into(),
+            key_file(dir, "key", &[key(shared, "key_hex")]),
+            "--master-key-file".into(),
+            key_file(dir, "master", &[key(master, "master_key_hex")]),
+        ]
+    });
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut sent = 0.0;
+    for v in [shared, master] {
+        let wire = vectors::hex_decode(v["expected_wire_hex"].as_str().unwrap());
+        for i in 0..wire.len() {
+            let mut bad = wire.clone();
+            bad[i] ^= 0x40;
+            sock.send_to(&bad, addr).unwrap();
+            sent += 1.0;
+        }
+    }
+    d.wait_metric("varta_frame_auth_failures_total", sent, WAIT);
+    assert_eq!(d.metric("varta_frame_auth_failures_total"), sent);
+    // The vectors' frames are pid 2: accepted once each, then a replay is refused.
+    for v in [shared, master] {
+        let wire = vectors::hex_decode(v["expected_wire_hex"].as_str().unwrap());
+        sock.send_to(&wire, addr).unwrap();
+        sock.send_to(&wire, addr).unwrap();
+    }
+    d.wait_metric("varta_frames_dropped_total{reason=\"replay\"}", 2.0, WAIT);
+}
+
+/// Secure frames meet the per-agent rate limit on both datapaths (on eBPF the kernel never
+/// sees them, so the daemon applies it).
+fn secure_beats_are_rate_limited(datapath: &str) {
+    let (d, addr) = daemon("secure-rate", datapath, |dir| {
+        vec![
+            "--key-file".into(),
+            key_file(dir, "key", &[KEY_A]),
+            "--max-beat-rate".into(),
+            "5".into(),
+        ]
+    });
+    let mut client = Varta::connect_secure_udp(addr, Key::from_bytes(KEY_A)).unwrap();
+    for _ in 0..50 {
+        let outcome = client.beat(Status::Ok, 0);
+        assert!(matches!(outcome, BeatOutcome::Sent), "{outcome:?}");
+    }
+    d.wait_metric("varta_rate_limited_total{reason=\"per_pid\"}", 1.0, WAIT);
+}
+
+on_both_datapaths!(
+    secure_beats_are_rate_limited,
+    shared_key,
+    accepted_keys_rotation,
+    master_key,
+    tampered_frames_are_counted
+);

@@ -1,0 +1,220 @@
+//! The socket filter object (`varta-ebpf`) and the daemon's side of it: the names the daemon
+//! looks up in the object, the ring-buffer record, the filter's configuration and the
+//! attestation verdicts for cross-namespace senders. One module for the one object, as the
+//! kernel and userspace must agree on every item here.
+
+use crate::frame::FRAME_LEN;
+
+/// The object's programs (the `#[socket_filter]` function names).
+pub mod program {
+    /// Unix datagram socket, attesting with [`super::Attest::PidTgidHelper`].
+    pub const UDS_PID_TGID_HELPER: &str = "varta_uds";
+    /// Unix datagram socket, attesting with [`super::Attest::TaskRead`].
+    pub const UDS_TASK_READ: &str = "varta_uds_task_read";
+    /// The UDP sockets (no sender attestation).
+    pub const UDP: &str = "varta_udp";
+    pub const ALL: [&str; 3] = [UDS_PID_TGID_HELPER, UDS_TASK_READ, UDP];
+}
+
+/// How the UDS program learns who sent a datagram. Both give the sender's host tgid and
+/// whether it lives in the observer's pid namespace; the kernel decides which may load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attest {
+    /// `bpf_get_current_pid_tgid` and `bpf_get_ns_current_pid_tgid`: socket filters may call
+    /// them from Linux 6.10 on.
+    PidTgidHelper,
+    /// `bpf_get_current_task` and `bpf_probe_read_kernel` of `task_struct.tgid` and the
+    /// sender's pid namespace level, at offsets the daemon reads from the kernel's BTF
+    /// ([`TaskOffsets`]). Needs CAP_PERFMON and an observer in the initial pid namespace.
+    TaskRead,
+}
+
+impl Attest {
+    /// Preferred first.
+    pub const ALL: [Attest; 2] = [Attest::PidTgidHelper, Attest::TaskRead];
+
+    /// The `attest` label of `varta_datapath_info` and the `event=ready` line.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Attest::PidTgidHelper => "pid_tgid_helper",
+            Attest::TaskRead => "task_read",
+        }
+    }
+
+    pub const fn uds_program(self) -> &'static str {
+        match self {
+            Attest::PidTgidHelper => program::UDS_PID_TGID_HELPER,
+            Attest::TaskRead => program::UDS_TASK_READ,
+        }
+    }
+}
+
+/// The object's maps. `#[map(name = ..)]` takes only a literal, so the filter's statics carry
+/// these names as their identifiers; a varta-watch test checks the built object against them.
+pub mod map {
+    /// `Array<FilterConfig>`, one entry.
+    pub const CONFIG: &str = "VARTA_CONFIG";
+    /// `PerCpuArray<u64>`, one counter per `DropReason::index`.
+    pub const DROPS: &str = "VARTA_DROPS";
+    /// `RingBuf` of `BeatRecord`s.
+    pub const EVENTS: &str = "VARTA_EVENTS";
+    /// `LruHashMap<u32 host tgid, Verdict>`.
+    pub const VERDICTS: &str = "VARTA_VERDICTS";
+    /// `LruHashMap<u64 agent key, Bucket>`.
+    pub const BUCKETS: &str = "VARTA_BUCKETS";
+    /// `Array<Bucket>`, one entry: the global bucket.
+    pub const GLOBAL: &str = "VARTA_GLOBAL";
+    /// `HashMap<u64 agent key, u8>`: agents the daemon tracks, written only by the daemon;
+    /// the global bucket does not apply to them (`ratelimit::global_applies`).
+    pub const TRACKED: &str = "VARTA_TRACKED";
+    pub const ALL: [&str; 7] = [CONFIG, DROPS, EVENTS, VERDICTS, BUCKETS, GLOBAL, TRACKED];
+}
+
+/// The ring buffer's size in the object, and the least the daemon asks for (a power of two,
+/// a multiple of the page size).
+pub const RING_BYTES: u32 = 1 << 20;
+/// The most the daemon asks for.
+pub const RING_BYTES_MAX: u32 = 64 << 20;
+/// What one record takes in the ring: the record and the ring's 8-byte header, 8-aligned.
+pub const RING_RECORD_BYTES: u32 = (core::mem::size_of::<BeatRecord>() as u32 + 8 + 7) & !7;
+
+/// The ring buffer the daemon asks for at load: room for every tracked agent's whole burst at
+/// once (`capacity` x `burst` records), so agents within their rate cannot overflow it even
+/// all together; a power of two between [`RING_BYTES`] and [`RING_BYTES_MAX`].
+pub const fn ring_bytes(capacity: u32, burst: u32) -> u32 {
+    let want = capacity as u64 * burst as u64 * RING_RECORD_BYTES as u64;
+    if want <= RING_BYTES as u64 {
+        RING_BYTES
+    } else if want >= RING_BYTES_MAX as u64 {
+        RING_BYTES_MAX
+    } else {
+        want.next_power_of_two() as u32
+    }
+}
+/// Most agents whose cross-namespace verdict the kernel remembers (LRU).
+pub const VERDICT_ENTRIES: u32 = 8192;
+/// Most agents whose per-agent token bucket the kernel keeps (LRU).
+pub const BUCKET_ENTRIES: u32 = 16384;
+/// Most tracked agents the kernel knows as such (the daemon's `--tracker-capacity` above
+/// this: the agents beyond it are charged to the global bucket like new senders).
+pub const TRACKED_ENTRIES: u32 = 65536;
+/// A pending verification that got no verdict is asked again after this long.
+pub const VERIFY_RETRY_NS: u64 = 1_000_000_000;
+
+/// `BeatRecord::kind`.
+pub const KIND_BEAT: u8 = 0;
+/// A cross-namespace sender the kernel has no verdict for: the daemon checks the frame pid
+/// against `NSpid` of `host_tgid` and answers in [`map::VERDICTS`].
+pub const KIND_VERIFY: u8 = 1;
+
+/// `BeatRecord::transport`.
+pub const TRANSPORT_UDS: u8 = 0;
+pub const TRANSPORT_UDP4: u8 = 1;
+pub const TRANSPORT_UDP6: u8 = 2;
+
+/// One accepted datagram, kernel to daemon.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BeatRecord {
+    /// The validated 32-byte frame as it came off the wire.
+    pub frame: [u8; FRAME_LEN],
+    /// Kernel receive time on the configured clock (`FilterConfig::clock`).
+    pub recv_ns: u64,
+    /// UDS: the sender's tgid in the initial pid namespace (0 for UDP).
+    pub host_tgid: u32,
+    /// UDS: the sender's tgid in the observer's pid namespace; 0 when the sender lives in
+    /// another pid namespace (or for UDP).
+    pub observer_tgid: u32,
+    pub kind: u8,
+    pub transport: u8,
+    /// UDP source port, host byte order.
+    pub src_port: u16,
+    pub _pad: u32,
+    /// UDP source address: IPv4 in the first 4 bytes, or IPv6.
+    pub src_addr: [u8; 16],
+}
+
+pub const CLOCK_MONOTONIC: u32 = 0;
+pub const CLOCK_BOOTTIME: u32 = 1;
+
+/// The program's run-time configuration: one entry of the [`map::CONFIG`] array, rewritten by
+/// the daemon when its settings change (no program reload).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FilterConfig {
+    /// Beats per second per agent; 0 disables the per-agent limit.
+    pub per_pid_rate: u32,
+    pub per_pid_burst: u32,
+    /// Beats per second from all senders; 0 disables the global limit.
+    pub global_rate: u32,
+    pub global_burst: u32,
+    /// The observer's pid namespace (device and inode of `/proc/self/ns/pid`).
+    pub pidns_dev: u64,
+    pub pidns_ino: u64,
+    pub clock: u32,
+    pub _pad: u32,
+    /// Where [`Attest::TaskRead`] finds the sender's identity (zero with the other method).
+    pub task: TaskOffsets,
+}
+
+/// Byte offsets in the running kernel's structures, from `/sys/kernel/btf/vmlinux`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    /// `task_struct.tgid`: the process id in the initial pid namespace.
+    pub task_tgid: u32,
+    /// `task_struct.thread_pid`: the task's `struct pid`.
+    pub task_thread_pid: u32,
+    /// `pid.level`: 0 in the initial pid namespace, one more per nested namespace.
+    pub pid_level: u32,
+    pub _pad: u32,
+}
+
+/// `Verdict::state`.
+pub const VERDICT_PENDING: u32 = 0;
+/// Verified sender; its beats are accepted (namespace gate open).
+pub const VERDICT_ALLOW: u32 = 1;
+/// Verified sender in another namespace, refused by the namespace gate.
+pub const VERDICT_DENY_NAMESPACE: u32 = 2;
+
+/// What the kernel knows of a cross-namespace sender, keyed by host tgid in [`map::VERDICTS`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Verdict {
+    pub state: u32,
+    /// The sender's pid in its own namespace: the only pid its frames may carry.
+    pub ns_pid: u32,
+    /// When the verification was requested (pending entries are asked again after a while).
+    pub asked_ns: u64,
+}
+
+/// Per-agent and global token bucket state: the virtual clock of
+/// [`crate::ratelimit::Limit`] (zero is a full bucket).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Bucket {
+    pub tat_ns: u64,
+}
+
+/// The key of an agent's bucket in [`map::BUCKETS`]: UDS agents are known by their attested
+/// host tgid, UDP agents only by the transport and the pid they frame.
+pub const fn agent_key(transport: u8, host_tgid: u32, frame_pid: u32) -> u64 {
+    if transport == TRANSPORT_UDS {
+        host_tgid as u64
+    } else {
+        ((transport as u64) << 32) | frame_pid as u64
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain repr(C) structs of integers with explicit padding fields: every bit
+    // pattern is a valid value, so aya may copy them to and from kernel maps.
+    unsafe impl aya::Pod for super::BeatRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FilterConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Verdict {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Bucket {}
+}

@@ -1,0 +1,93 @@
+//! Who sent a Unix datagram. The filter runs in the sender's task context (a Unix datagram
+//! send runs the receiver's filter), so the current task is the sender. Two ways to learn its
+//! identity, one per UDS program; `varta_common::filter::Attest` says which the daemon loaded.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::bpf_pidns_info,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_ns_current_pid_tgid,
+        bpf_probe_read_kernel,
+    },
+};
+use varta_common::{DropReason, filter::FilterConfig};
+
+pub struct Sender {
+    /// The sender's tgid in the initial pid namespace.
+    pub host_tgid: u32,
+    /// Its tgid in the observer's pid namespace; `None` when it lives in another one.
+    pub observer_tgid: Option<u32>,
+}
+
+pub trait Attest {
+    fn sender(cfg: &FilterConfig) -> Result<Sender, DropReason>;
+}
+
+/// Linux 6.10 and later: the pid helpers, which know pid namespaces themselves.
+pub struct PidTgidHelper;
+
+impl Attest for PidTgidHelper {
+    #[inline(always)]
+    fn sender(cfg: &FilterConfig) -> Result<Sender, DropReason> {
+        let host_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
+        // SAFETY: `ns` is a writable bpf_pidns_info of exactly the size passed.
+        let same_ns = unsafe {
+            bpf_get_ns_current_pid_tgid(
+                cfg.pidns_dev,
+                cfg.pidns_ino,
+                &mut ns,
+                size_of::<bpf_pidns_info>() as u32,
+            )
+        } == 0;
+        Ok(Sender {
+            host_tgid,
+            observer_tgid: same_ns.then_some(ns.tgid),
+        })
+    }
+}
+
+/// Any kernel with BTF: reads the current task's fields at offsets from the kernel's BTF. The
+/// daemon uses it only when it runs in the initial pid namespace, where a sender is in the
+/// observer's namespace exactly when its `struct pid` is at level 0, and its tgid there is
+/// its host tgid.
+pub struct TaskRead;
+
+impl Attest for TaskRead {
+    #[inline(always)]
+    fn sender(cfg: &FilterConfig) -> Result<Sender, DropReason> {
+        // A sender whose task cannot be read cannot be attested: refused like a lie.
+        let unreadable = |_| DropReason::Spoof;
+        // SAFETY: helper without arguments.
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        let at = |offset: u32| task.wrapping_add(offset as usize);
+        // SAFETY: bpf_probe_read_kernel copies from any kernel address and fails cleanly
+        // on a bad one; the offsets are the running kernel's, from its BTF.
+        let host_tgid: u32 = unsafe { bpf_probe_read_kernel(at(cfg.task.task_tgid) as *const u32) }
+            .map_err(unreadable)?;
+        // SAFETY: as above.
+        let pid: *const u8 =
+            unsafe { bpf_probe_read_kernel(at(cfg.task.task_thread_pid) as *const *const u8) }
+                .map_err(unreadable)?;
+        // SAFETY: as above.
+        let level: u32 = unsafe {
+            bpf_probe_read_kernel(pid.wrapping_add(cfg.task.pid_level as usize) as *const u32)
+        }
+        .map_err(unreadable)?;
+        Ok(Sender {
+            host_tgid,
+            observer_tgid: (level == 0).then_some(host_tgid),
+        })
+    }
+}
+
+/// The UDP program: its senders are known only by the pid they frame; never asked.
+pub struct Unattested;
+
+impl Attest for Unattested {
+    #[inline(always)]
+    fn sender(_cfg: &FilterConfig) -> Result<Sender, DropReason> {
+        Err(DropReason::Spoof)
+    }
+}

@@ -1,0 +1,307 @@
+//! The eBPF datapath: loads the socket filters, attaches them to the observer's sockets,
+//! configures them through a map, and drains accepted beats from the ring buffer in
+//! batches. When the daemon wakes for them is `varta_common::wakeup`'s policy; rules 2 to 4
+//! of it are applied here.
+
+mod btf;
+mod caps;
+mod load;
+mod ring;
+
+use std::{
+    collections::HashMap,
+    io,
+    net::UdpSocket,
+    os::unix::net::UnixDatagram,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+};
+use tokio::io::unix::AsyncFd;
+use varta_common::{
+    DropReason,
+    filter::{
+        Attest, Bucket, CLOCK_BOOTTIME, CLOCK_MONOTONIC, FilterConfig, Verdict, map, ring_bytes,
+    },
+    wakeup,
+};
+
+pub use load::{Unavailable, detach};
+
+use super::{Beat, Datapath, Origin, attest::Attestation};
+use crate::{
+    actions::metrics::KernelDrops,
+    config::Limits,
+    observer::drops::DropCounters,
+    sys::{
+        clock::ClockSource,
+        pidfd::ExitWatcher,
+        procfs::{self, PidNs},
+    },
+};
+
+/// Rule 2 of `varta_common::wakeup`.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(wakeup::DRAIN_INTERVAL_MS);
+
+type Logger = AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>;
+
+pub struct EbpfDatapath {
+    /// Owns the loaded programs and their maps for as long as the daemon runs.
+    _ebpf: Ebpf,
+    attest: Attest,
+    ring: AsyncFd<RingBuf<MapData>>,
+    config: Array<MapData, FilterConfig>,
+    filter_config: FilterConfig,
+    verdicts: BpfHashMap<MapData, u32, Verdict>,
+    /// The sockets the programs are attached to.
+    _uds: UnixDatagram,
+    _udp: Option<UdpSocket>,
+    logger: Option<Logger>,
+    drops: Arc<DropCounters>,
+    attestation: Attestation,
+    /// Verified senders in other pid namespaces (host tgid -> namespace), until they exit.
+    foreign: HashMap<u32, PidNs>,
+    exits: ExitWatcher,
+    /// Per-agent token buckets; an agent without one is new to the kernel, and its next
+    /// beat wakes the daemon.
+    buckets: BpfHashMap<MapData, u64, Bucket>,
+    /// The agents the tracker holds, as the kernel knows them (exempt from the global
+    /// bucket), and their keys by tracked pid.
+    tracked: BpfHashMap<MapData, u64, u8>,
+    tracked_keys: HashMap<u32, u64>,
+    /// Some agent is watched for a stall: ordinary beats are drained on the timer.
+    watching: bool,
+    /// Reads the secure UDP frames the filter passes up unopened.
+    secure_udp: Option<super::udp::UdpReceiver>,
+}
+
+/// The maps the daemon keeps after attaching.
+struct Maps {
+    ring: AsyncFd<RingBuf<MapData>>,
+    verdicts: BpfHashMap<MapData, u32, Verdict>,
+    buckets: BpfHashMap<MapData, u64, Bucket>,
+    tracked: BpfHashMap<MapData, u64, u8>,
+    kernel_drops: KernelDrops,
+}
+
+impl EbpfDatapath {
+    /// Loads and attaches the programs, or says in one line why that is not possible here.
+    pub fn start(
+        uds: UnixDatagram,
+        udp: Option<UdpSocket>,
+        clock: ClockSource,
+        limits: &Limits,
+        tracker_capacity: u32,
+        allow_cross_namespace: bool,
+        drops: Arc<DropCounters>,
+    ) -> Result<(Self, KernelDrops), Unavailable> {
+        let methods = load::requested_methods()?;
+        load::preflight()?;
+        let ring_bytes = ring_bytes(tracker_capacity, limits.per_pid_burst());
+        let mut ebpf = load::open(ring_bytes)?;
+        log::info!("event=ebpf_ring bytes={ring_bytes} tracker_capacity={tracker_capacity}");
+        let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, log::logger())
+            .ok()
+            .and_then(|l| crate::sys::readiness::readable(l).ok());
+        let own_ns = procfs::pid_ns(None)
+            .map_err(|e| Unavailable(format!("reading /proc/self/ns/pid: {e}")))?;
+        let mut filter_config = initial_config(own_ns, clock, limits);
+        let mut config: Array<MapData, FilterConfig> = take_map(&mut ebpf, map::CONFIG)?;
+        let attest = load::attach_uds(&mut ebpf, &methods, &mut config, &mut filter_config, &uds)?;
+        if let Some(udp) = &udp {
+            load::attach_udp(&mut ebpf, udp)?;
+        }
+        let maps = Maps::take(&mut ebpf)?;
+        Ok((
+            EbpfDatapath {
+                _ebpf: ebpf,
+                attest,
+                ring: maps.ring,
+                config,
+                filter_config,
+                verdicts: maps.verdicts,
+                _uds: uds,
+                _udp: udp,
+                logger,
+                drops,
+                attestation: Attestation::new(own_ns, allow_cross_namespace),
+                foreign: HashMap::new(),
+                exits: ExitWatcher::new(),
+                buckets: maps.buckets,
+                tracked: maps.tracked,
+                tracked_keys: HashMap::new(),
+                watching: false,
+                secure_udp: None,
+            },
+            maps.kernel_drops,
+        ))
+    }
+
+    /// Secure UDP frames are read from the socket, not the ring buffer.
+    pub fn set_secure_udp(&mut self, receiver: super::udp::UdpReceiver) {
+        self.secure_udp = Some(receiver);
+    }
+}
+
+fn initial_config(own_ns: PidNs, clock: ClockSource, limits: &Limits) -> FilterConfig {
+    let mut config = FilterConfig {
+        pidns_dev: own_ns.dev,
+        pidns_ino: own_ns.ino,
+        clock: match clock {
+            ClockSource::Monotonic => CLOCK_MONOTONIC,
+            ClockSource::Boottime => CLOCK_BOOTTIME,
+        },
+        ..FilterConfig::default()
+    };
+    set_limits(&mut config, limits);
+    config
+}
+
+fn set_limits(config: &mut FilterConfig, limits: &Limits) {
+    config.per_pid_rate = limits.per_pid_rate;
+    config.per_pid_burst = limits.per_pid_burst();
+    config.global_rate = limits.global_rate;
+    config.global_burst = limits.global_burst;
+}
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf) -> Result<Maps, Unavailable> {
+        let ring: RingBuf<MapData> = take_map(ebpf, map::EVENTS)?;
+        let ring = crate::sys::readiness::readable(ring)
+            .map_err(|e| Unavailable(format!("polling the ring buffer: {e}")))?;
+        let kernel_drops: PerCpuArray<MapData, u64> = take_map(ebpf, map::DROPS)?;
+        let kernel_drops = Mutex::new(kernel_drops);
+        Ok(Maps {
+            ring,
+            verdicts: take_map(ebpf, map::VERDICTS)?,
+            buckets: take_map(ebpf, map::BUCKETS)?,
+            tracked: take_map(ebpf, map::TRACKED)?,
+            kernel_drops: Box::new(move || {
+                let map = kernel_drops.lock().ok()?;
+                let mut sums = [0u64; DropReason::COUNT];
+                for (i, sum) in sums.iter_mut().enumerate() {
+                    *sum = map.get(&(i as u32), 0).ok()?.iter().sum();
+                }
+                Some(sums)
+            }),
+        })
+    }
+}
+
+fn take_map<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<M, Unavailable> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| Unavailable(format!("the eBPF object has no map {name}")))?;
+    M::try_from(map).map_err(|e| Unavailable(format!("map {name}: {e}")))
+}
+
+impl Datapath for EbpfDatapath {
+    fn mode(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn attest(&self) -> &'static str {
+        self.attest.name()
+    }
+
+    async fn recv(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
+        let armed = self.watching;
+        tokio::select! {
+            tgid = self.exits.exited() => {
+                self.forget(tgid);
+                return Ok(());
+            }
+            guard = self.ring.readable_mut() => guard?.clear_ready(),
+            guard = async { self.logger.as_mut().expect("guarded").readable_mut().await }, if self.logger.is_some() => {
+                let mut guard = guard?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+                return Ok(());
+            }
+            // Rule 2 of `varta_common::wakeup`: the drain timer runs only while watching.
+            () = tokio::time::sleep(DRAIN_INTERVAL), if armed => {}
+            ready = async { self.secure_udp.as_ref().expect("guarded").readable().await }, if self.secure_udp.is_some() => ready?,
+        }
+        self.drain(out);
+        Ok(())
+    }
+
+    /// Rule 3 of `varta_common::wakeup`: called before every stall decision.
+    fn drain(&mut self, out: &mut Vec<Beat>) {
+        if let Some(Err(e)) = self.secure_udp.as_mut().map(|udp| udp.drain(out)) {
+            log::warn!("event=receive_error transport=udp error={e}");
+        }
+        self.drain_ring(out);
+    }
+
+    fn set_watching(&mut self, watching: bool) {
+        self.watching = watching;
+    }
+
+    fn agent_silent(&mut self, pid: u32, origin: &Origin) {
+        // Rule 4 of `varta_common::wakeup`: its next beat is a first beat again.
+        let _ = self.buckets.remove(&origin.agent_key(pid));
+    }
+
+    fn agent_tracked(&mut self, pid: u32, origin: &Origin) {
+        let key = origin.agent_key(pid);
+        match self.tracked.insert(key, 1, 0) {
+            Ok(()) => {
+                self.tracked_keys.insert(pid, key);
+            }
+            // Full (a tracker above TRACKED_ENTRIES): charged to the global bucket like a
+            // new sender, which only costs it beats under a flood.
+            Err(e) => log::debug!("event=ebpf_tracked_failed pid={pid} error=\"{e}\""),
+        }
+    }
+
+    fn agent_untracked(&mut self, pid: u32) {
+        if let Some(key) = self.tracked_keys.remove(&pid) {
+            let _ = self.tracked.remove(&key);
+        }
+    }
+
+    fn set_limits(&mut self, limits: &Limits) -> anyhow::Result<()> {
+        set_limits(&mut self.filter_config, limits);
+        self.config.set(0, self.filter_config, 0)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use varta_common::filter::program;
+
+    use super::load::OBJECT;
+
+    /// The names the daemon looks up are the ones the built object carries (the filter's
+    /// `#[map]` statics cannot take their names from `varta_common`).
+    #[test]
+    fn the_embedded_object_has_the_shared_program_and_map_names() {
+        if OBJECT.is_empty() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI builds with the eBPF object embedded (cargo xtask test)"
+            );
+            eprintln!("skipping: built without the eBPF object (use cargo xtask test)");
+            return;
+        }
+        let object = aya_obj::Object::parse(OBJECT).unwrap();
+        let programs: BTreeSet<&str> = object.programs.keys().map(String::as_str).collect();
+        assert_eq!(programs, BTreeSet::from(program::ALL));
+        let maps: BTreeSet<&str> = object.maps.keys().map(String::as_str).collect();
+        for name in varta_common::filter::map::ALL {
+            assert!(maps.contains(name), "no map {name} in {maps:?}");
+        }
+        assert_eq!(object.license.to_str().unwrap(), "Dual MIT/GPL");
+    }
+}

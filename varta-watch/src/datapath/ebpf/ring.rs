@@ -1,0 +1,165 @@
+//! From ring-buffer records to beats: the record's transport and attestation become the
+//! beat's origin, and a cross-namespace sender the kernel asked about is verified here once
+//! (its verdict goes back to the kernel for its next frames).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use varta_common::{
+    DropReason, Frame,
+    filter::{
+        BeatRecord, KIND_VERIFY, TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, VERDICT_ALLOW,
+        VERDICT_DENY_NAMESPACE, Verdict,
+    },
+};
+
+use super::EbpfDatapath;
+use crate::{
+    datapath::{Beat, Origin},
+    sys::{
+        pidfd::ExitWatcher,
+        procfs::{self, PidNs},
+    },
+};
+
+impl EbpfDatapath {
+    /// Everything in the ring buffer now, as beats.
+    pub(super) fn drain_ring(&mut self, out: &mut Vec<Beat>) {
+        let mut records = Vec::new();
+        {
+            let ring = self.ring.get_mut();
+            while let Some(item) = ring.next() {
+                if item.len() >= size_of::<BeatRecord>() {
+                    // SAFETY: the item holds at least one BeatRecord, written by the
+                    // program as a whole; the read copes with any alignment.
+                    records.push(unsafe {
+                        std::ptr::read_unaligned(item.as_ptr() as *const BeatRecord)
+                    });
+                }
+            }
+        }
+        for rec in &records {
+            self.handle(rec, out);
+        }
+    }
+
+    fn handle(&mut self, rec: &BeatRecord, out: &mut Vec<Beat>) {
+        let Ok(frame) = Frame::decode(&rec.frame) else {
+            // The kernel validated it with the same decoder: this cannot happen.
+            log::error!("event=ebpf_record_invalid transport={}", rec.transport);
+            return;
+        };
+        let origin = match rec.transport {
+            TRANSPORT_UDS if rec.kind == KIND_VERIFY => match self.verify(rec.host_tgid, &frame) {
+                Ok(ns) => Origin::Uds {
+                    foreign_ns: Some(ns),
+                },
+                Err(reason) => {
+                    self.drops.add(reason);
+                    return;
+                }
+            },
+            TRANSPORT_UDS if rec.observer_tgid == 0 => Origin::Uds {
+                foreign_ns: Some(
+                    self.foreign
+                        .get(&rec.host_tgid)
+                        .copied()
+                        .unwrap_or(PidNs { dev: 0, ino: 0 }),
+                ),
+            },
+            TRANSPORT_UDS => Origin::Uds { foreign_ns: None },
+            TRANSPORT_UDP4 | TRANSPORT_UDP6 => {
+                let ip = if rec.transport == TRANSPORT_UDP4 {
+                    IpAddr::V4(Ipv4Addr::new(
+                        rec.src_addr[0],
+                        rec.src_addr[1],
+                        rec.src_addr[2],
+                        rec.src_addr[3],
+                    ))
+                } else {
+                    IpAddr::V6(Ipv6Addr::from(rec.src_addr))
+                };
+                Origin::Udp {
+                    source: SocketAddr::new(ip, rec.src_port),
+                }
+            }
+            other => {
+                log::error!("event=ebpf_record_invalid transport={other}");
+                return;
+            }
+        };
+        let pid = match origin {
+            Origin::Uds { foreign_ns: None } => rec.observer_tgid,
+            Origin::Uds {
+                foreign_ns: Some(_),
+            } => rec.host_tgid,
+            Origin::Udp { .. } => frame.pid,
+        };
+        out.push(Beat {
+            pid,
+            frame,
+            origin,
+            recv_ns: rec.recv_ns,
+            rate_limited: true,
+        });
+    }
+
+    /// A sender in another pid namespace the kernel has no verdict for: check its frame pid
+    /// against its own `NSpid`, and leave the verdict in the kernel for its next frames.
+    fn verify(&mut self, tgid: u32, frame: &Frame) -> Result<PidNs, DropReason> {
+        let known =
+            ExitWatcher::open(tgid).and_then(|pidfd| procfs::sender(tgid).map(|s| (pidfd, s)));
+        let Ok((pidfd, sender)) = known else {
+            // Gone already: nothing to attest; its next frame (if any) asks again.
+            let _ = self.verdicts.remove(&tgid);
+            return Err(DropReason::Spoof);
+        };
+        if sender.ns == self.attestation.own_ns() {
+            let _ = self.verdicts.remove(&tgid);
+            return Err(DropReason::Spoof);
+        }
+        // The verdict is about the sender, for all its frames: the namespace policy, and the
+        // one pid it may frame. This frame is then checked like any other.
+        let state = match self.attestation.admits(sender.ns) {
+            Ok(()) => VERDICT_ALLOW,
+            Err(_) => VERDICT_DENY_NAMESPACE,
+        };
+        let verdict = Verdict {
+            state,
+            ns_pid: sender.own_pid,
+            asked_ns: 0,
+        };
+        // A verdict must die with its process (a reused pid must not inherit it): without a
+        // watcher (the descriptor budget is spent) none is stored, and the sender's next
+        // frame is attested here again.
+        if self.exits.watch(tgid, pidfd).is_err() {
+            return self
+                .attestation
+                .check(tgid, Some(&sender), frame.pid)
+                .map(|_| sender.ns);
+        }
+        if let Err(e) = self.verdicts.insert(tgid, verdict, 0) {
+            log::warn!("event=ebpf_verdict_failed tgid={tgid} error=\"{e}\"");
+        } else {
+            self.foreign.insert(tgid, sender.ns);
+        }
+        log::info!(
+            "event=cross_namespace_sender tgid={tgid} own_pid={} frame_pid={} verdict={}",
+            sender.own_pid,
+            frame.pid,
+            if state == VERDICT_ALLOW {
+                "allow"
+            } else {
+                "deny_namespace"
+            }
+        );
+        self.attestation
+            .check(tgid, Some(&sender), frame.pid)
+            .map(|_| sender.ns)
+    }
+
+    /// The process behind a verdict exited: its pid may be reused by anyone.
+    pub(super) fn forget(&mut self, tgid: u32) {
+        self.foreign.remove(&tgid);
+        let _ = self.verdicts.remove(&tgid);
+    }
+}

@@ -1,0 +1,203 @@
+//! The secure UDP frame decoder: authenticates and decrypts ChaCha20-Poly1305 frames
+//! (60 bytes with a shared key, 64 with a master-derived agent key, see
+//! `varta_common::secure`), decodes the VLP frame inside, and refuses replays.
+//!
+//! The AEAD nonce is `iv_random[8] || iv_counter[4]`; a master-key frame binds its
+//! `agent_pid` prefix as AAD, and its inner frame must carry that pid. Tag checks are the
+//! AEAD crate's (constant time).
+//!
+//! Replay protection: a sender's session is its key and `iv_random`; within a session
+//! `iv_counter` must strictly increase. At most [`SESSIONS`] sessions are remembered; when
+//! full, the session seen least recently is forgotten. A frame replayed from a forgotten
+//! session authenticates again, and is then refused by the tracker's per-agent nonce check
+//! while its agent is tracked.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::LazyLock,
+};
+
+use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag, aead::AeadInPlace};
+use prometheus_client::metrics::counter::Counter;
+use varta_common::{DropReason, FRAME_LEN, Frame, SECURE_FRAME_LEN, SECURE_MASTER_FRAME_LEN};
+
+use super::secure_keys::SecureKeys;
+
+/// Sessions whose last counter is remembered.
+pub const SESSIONS: usize = 65_536;
+
+/// Frames no key authenticated (`varta_frame_auth_failures_total`).
+pub static AUTH_FAILURES: LazyLock<Counter> = LazyLock::new(Counter::default);
+/// Authenticated frames whose plaintext is not a valid VLP frame for their sender
+/// (`varta_frame_decrypt_failures_total`).
+pub static DECRYPT_FAILURES: LazyLock<Counter> = LazyLock::new(Counter::default);
+
+/// Why a secure datagram was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Not a secure frame length, or no secure key for it.
+    Length,
+    /// No key authenticated it.
+    Auth,
+    /// Authenticated, but the frame inside is not valid (or not the prefix's pid).
+    Decrypt,
+    /// A counter not above its session's last one.
+    Replay,
+    /// Dropped for a reason both datapaths count (a plaintext frame that does not decode,
+    /// a rate limit).
+    Dropped(DropReason),
+}
+
+impl Refused {
+    /// Counts the refusal where dashboards look for it.
+    pub fn count(self, drops: &crate::observer::drops::DropCounters) {
+        match self {
+            Refused::Length => drops.add(DropReason::Length),
+            Refused::Auth => _ = AUTH_FAILURES.inc(),
+            Refused::Decrypt => _ = DECRYPT_FAILURES.inc(),
+            Refused::Replay => drops.add(DropReason::Replay),
+            Refused::Dropped(reason) => drops.add(reason),
+        }
+    }
+}
+
+/// What the UDP socket accepts: secure frames when keys are configured, plaintext ones
+/// with `--i-accept-plaintext-udp`; any other datagram is counted by why it was refused.
+#[derive(Debug)]
+pub struct UdpFrames {
+    plaintext: bool,
+    secure: Option<SecureDecoder>,
+}
+
+impl UdpFrames {
+    pub fn new(plaintext: bool, keys: SecureKeys) -> Self {
+        UdpFrames {
+            plaintext,
+            secure: (!keys.is_empty()).then(|| SecureDecoder::new(keys)),
+        }
+    }
+
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<Frame, Refused> {
+        match (bytes.len(), &mut self.secure) {
+            (FRAME_LEN, _) if self.plaintext => {
+                let raw = bytes.try_into().expect("FRAME_LEN bytes");
+                Frame::decode(raw).map_err(|e| {
+                    log::debug!("event=decode_error transport=udp kind={}", e.name());
+                    Refused::Dropped(DropReason::from_decode(e))
+                })
+            }
+            (_, Some(secure)) => secure.open(bytes),
+            _ => Err(Refused::Length),
+        }
+    }
+}
+
+/// A session: which key (0.. shared keys in order, or `MASTER` with the agent pid) and
+/// the sender's `iv_random`.
+type Session = (u32, u32, [u8; 8]);
+const MASTER: u32 = u32::MAX;
+
+#[derive(Debug)]
+pub struct SecureDecoder {
+    keys: SecureKeys,
+    last_counter: HashMap<Session, u32>,
+    /// Sessions by when they were last accepted, oldest first (may hold stale entries,
+    /// skipped on eviction: each accept pushes once).
+    order: VecDeque<(Session, u64)>,
+    seen: HashMap<Session, u64>,
+    tick: u64,
+}
+
+impl SecureDecoder {
+    pub fn new(keys: SecureKeys) -> Self {
+        SecureDecoder {
+            keys,
+            last_counter: HashMap::new(),
+            order: VecDeque::new(),
+            seen: HashMap::new(),
+            tick: 0,
+        }
+    }
+
+    /// The frame inside an authenticated, fresh secure datagram.
+    pub fn open(&mut self, wire: &[u8]) -> Result<Frame, Refused> {
+        let (session_key, body, aad, agent_pid) = match wire.len() {
+            SECURE_FRAME_LEN if !self.keys.shared.is_empty() => (None, wire, &[][..], None),
+            SECURE_MASTER_FRAME_LEN if self.keys.master.is_some() => {
+                let pid = u32::from_le_bytes(wire[..4].try_into().expect("4 bytes"));
+                (Some(pid), &wire[4..], &wire[..4], Some(pid))
+            }
+            _ => return Err(Refused::Length),
+        };
+        let iv_random: [u8; 8] = body[..8].try_into().expect("8 bytes");
+        let counter = u32::from_le_bytes(body[8..12].try_into().expect("4 bytes"));
+        let nonce = Nonce::from_slice(&body[..12]);
+        let tag = Tag::from_slice(&body[12 + FRAME_LEN..]);
+        let sealed: [u8; FRAME_LEN] = body[12..12 + FRAME_LEN].try_into().expect("32 bytes");
+
+        let try_key = |key: &[u8; 32]| {
+            let mut plain = zeroize::Zeroizing::new(sealed);
+            ChaCha20Poly1305::new(key.into())
+                .decrypt_in_place_detached(nonce, aad, plain.as_mut(), tag)
+                .ok()
+                .map(|()| *plain)
+        };
+        let (slot, plain) = match (session_key, &self.keys.master) {
+            (Some(pid), Some(master)) => {
+                let key = SecureKeys::agent_key(master, pid);
+                ((MASTER, pid), try_key(&key).ok_or(Refused::Auth)?)
+            }
+            _ => self
+                .keys
+                .shared
+                .iter()
+                .enumerate()
+                .find_map(|(i, key)| try_key(key).map(|p| ((i as u32, 0), p)))
+                .ok_or(Refused::Auth)?,
+        };
+        let frame = Frame::decode(&plain).map_err(|_| Refused::Decrypt)?;
+        if agent_pid.is_some_and(|pid| pid != frame.pid) {
+            return Err(Refused::Decrypt);
+        }
+        self.fresh((slot.0, slot.1, iv_random), counter)?;
+        Ok(frame)
+    }
+
+    /// Accepts a counter above its session's last one, remembering it.
+    fn fresh(&mut self, session: Session, counter: u32) -> Result<(), Refused> {
+        if self
+            .last_counter
+            .get(&session)
+            .is_some_and(|&last| counter <= last)
+        {
+            return Err(Refused::Replay);
+        }
+        if !self.last_counter.contains_key(&session) && self.last_counter.len() >= SESSIONS {
+            self.evict_one();
+        }
+        self.last_counter.insert(session, counter);
+        self.tick += 1;
+        self.seen.insert(session, self.tick);
+        self.order.push_back((session, self.tick));
+        // Stale entries outnumbering live ones: compact, so `order` stays bounded too.
+        if self.order.len() > 2 * SESSIONS {
+            let seen = &self.seen;
+            self.order.retain(|(s, t)| seen.get(s) == Some(t));
+        }
+        Ok(())
+    }
+
+    fn evict_one(&mut self) {
+        while let Some((session, tick)) = self.order.pop_front() {
+            if self.seen.get(&session) == Some(&tick) {
+                self.seen.remove(&session);
+                self.last_counter.remove(&session);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "secure_tests.rs"]
+mod tests;
