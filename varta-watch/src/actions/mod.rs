@@ -8,6 +8,7 @@ mod http_conn;
 pub mod metrics;
 pub mod recovery;
 pub mod sink;
+mod sink_metrics;
 
 use std::{collections::HashMap, sync::Arc};
 
