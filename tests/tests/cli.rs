@@ -19,6 +19,8 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
     std::fs::write(&token, "a".repeat(64)).unwrap();
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let export = dir.join("export.tsv");
+    let audit = dir.join("audit.tsv");
+    let heartbeat = dir.join("heartbeat");
     let k = key.to_str().unwrap();
     let implemented: Vec<String> = [
         "--threshold-ms",
@@ -73,6 +75,27 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
         export.to_str().unwrap(),
         "--prom-token-file",
         token.to_str().unwrap(),
+        "--recovery-capture-stdio",
+        "--recovery-capture-bytes",
+        "4096",
+        "--recovery-audit-file",
+        audit.to_str().unwrap(),
+        "--recovery-audit-max-bytes",
+        "1048576",
+        "--recovery-audit-sync-every",
+        "1",
+        "--export-file-max-bytes",
+        "1048576",
+        "--export-file-sync-every",
+        "0",
+        "--heartbeat-file",
+        heartbeat.to_str().unwrap(),
+        "--self-watchdog-secs",
+        "10",
+        "--hw-watchdog",
+        "/dev/null",
+        "--inject-wedge-ms",
+        "0",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -81,24 +104,13 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
         ("--read-timeout-ms", Some("100")),
         ("--eviction-scan-window", Some("256")),
         ("--strict-namespace-check", None),
-        ("--recovery-capture-stdio", None),
-        ("--recovery-capture-bytes", Some("4096")),
-        ("--recovery-audit-file", Some("/tmp/varta-audit")),
-        ("--recovery-audit-max-bytes", Some("1048576")),
-        ("--recovery-audit-sync-every", Some("1")),
         ("--audit-fsync-budget-ms", Some("50")),
         ("--audit-sync-interval-ms", Some("0")),
         ("--audit-rotation-budget-ms", Some("50")),
-        ("--export-file-max-bytes", Some("1048576")),
-        ("--export-file-sync-every", Some("0")),
         ("--prom-rate-limit-per-sec", Some("5")),
         ("--prom-rate-limit-burst", Some("10")),
         ("--iteration-budget-ms", Some("10")),
         ("--scrape-budget-ms", Some("10")),
-        ("--heartbeat-file", Some("/tmp/varta-hb")),
-        ("--self-watchdog-secs", Some("10")),
-        ("--hw-watchdog", Some("/dev/null-watchdog")),
-        ("--inject-wedge-ms", Some("0")),
     ];
     let mut b = Daemon::builder("unit-file", "userspace").args(implemented);
     for (flag, value) in &ignored {

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
         Ok(line) => line,
         Err(code) => return code,
     };
-    sys::logger::init();
+    sys::logger::init(line.cli.daemon.observer.log_format);
     let result = match &line.cli.command {
         Some(Command::Beat(args)) => agent::beat(args),
         Some(Command::Agent(args)) => agent::agent(args),

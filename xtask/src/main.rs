@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod deploy;
 mod ebpf;
+mod fuzz;
 mod toolchain;
 mod vm;
 
@@ -72,6 +73,12 @@ enum Task {
     },
     /// Build the container image (deploy/Containerfile, static binary) and print its id and size.
     Image,
+    /// Run each cargo-fuzz target in fuzz/ for a while (installs nightly cargo-fuzz).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 20)]
+        secs: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -98,6 +105,7 @@ fn main() -> Result<()> {
         Task::Bench { full } => bench::run(full),
         Task::VmTest { kernels, full } => vm::run(&kernels, full),
         Task::Image => deploy::image(&ebpf::build()?).map(drop),
+        Task::Fuzz { secs } => fuzz::run(std::time::Duration::from_secs(secs)),
     }
 }
 
@@ -206,6 +214,12 @@ fn test(args: &[String]) -> Result<()> {
         )?;
         signal_tests()?;
         vm_tests()?;
+        // Bounded fuzzing belongs to the full run in CI; elsewhere `cargo xtask fuzz`.
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            fuzz::run(std::time::Duration::from_secs(20))?;
+        } else {
+            eprintln!("xtask: fuzz targets run under CI=true, or with `cargo xtask fuzz`");
+        }
     }
     Ok(())
 }

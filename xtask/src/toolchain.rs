@@ -153,6 +153,26 @@ pub fn ensure_bpf_linker() -> Result<PathBuf> {
     Ok(bin)
 }
 
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz for the fuzz targets in `fuzz/` (run with nightly); its bin directory.
+pub fn ensure_cargo_fuzz() -> Result<PathBuf> {
+    ensure_nightly()?;
+    let root = cache_dir().join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"));
+    let bin = root.join("bin");
+    if !bin.join("cargo-fuzz").exists() {
+        eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (once)");
+        status(
+            nightly("cargo")
+                .args(["install", "cargo-fuzz", "--locked", "--version"])
+                .arg(CARGO_FUZZ_VERSION)
+                .arg("--root")
+                .arg(&root),
+        )?;
+    }
+    Ok(bin)
+}
+
 /// The observer we replace, for the benchmark: varta-watch 0.2.0 from crates.io, pinned
 /// (`--locked`), with its /metrics endpoint and plaintext UDP (the many-agents scenario)
 /// compiled in.

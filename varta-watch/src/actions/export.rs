@@ -1,37 +1,26 @@
 //! The export file: one tab-separated line per event, in the incumbent's format
 //! `<observer_ns>\t<kind>\t<pid>\t<nonce>\t<status>\t<payload>`, `-` where a column does
 //! not apply; stall and exit lines add four columns after those six: the agent's comm,
-//! systemd unit, container id and pod UID. Flushed after every batch of events and at
-//! shutdown; SIGHUP reopens it.
-
-use std::{
-    fs::{File, OpenOptions},
-    io::{self, BufWriter, Write},
-    path::PathBuf,
-};
+//! systemd unit, container id and pod UID. The lines of a batch of events go to the
+//! file's writer thread together (see `sink`: O_NOFOLLOW, mode 0600, rotation, fdatasync
+//! cadence, SIGHUP reopens it).
 
 use crate::{
     actions::recovery::Finished,
+    actions::sink::{FileMetrics, Sink, SinkOptions},
     observer::{events::Event, identity::Identity},
 };
 
 pub struct Exporter {
-    path: PathBuf,
-    out: BufWriter<File>,
-    dirty: bool,
-}
-
-fn open(path: &PathBuf) -> io::Result<BufWriter<File>> {
-    let file = OpenOptions::new().create(true).append(true).open(path)?;
-    Ok(BufWriter::with_capacity(64 * 1024, file))
+    sink: Sink,
+    batch: Vec<u8>,
 }
 
 impl Exporter {
-    pub fn open(path: PathBuf) -> io::Result<Self> {
+    pub fn open(opts: SinkOptions, metrics: FileMetrics) -> std::io::Result<Self> {
         Ok(Exporter {
-            out: open(&path)?,
-            path,
-            dirty: false,
+            sink: Sink::open("export", opts, metrics)?,
+            batch: Vec::new(),
         })
     }
 
@@ -67,42 +56,30 @@ impl Exporter {
 
     /// Writes `event`'s line; stall and exit lines end with the agent's identity (comm,
     /// unit, container id, pod UID; `-` when unknown).
-    pub fn record(
-        &mut self,
-        observer_ns: u64,
-        event: &Event,
-        identity: Option<&Identity>,
-    ) -> io::Result<()> {
+    pub fn record(&mut self, observer_ns: u64, event: &Event, identity: Option<&Identity>) {
         if let Some(line) = Self::line(observer_ns, event) {
-            write!(self.out, "{line}")?;
+            self.batch.extend_from_slice(line.as_bytes());
             if let (Event::Stall { .. } | Event::Exit { .. }, Some(id)) = (event, identity) {
                 for field in [&id.comm, &id.unit, &id.container_id, &id.pod_uid] {
                     let field = field.replace(char::is_whitespace, "_");
-                    write!(
-                        self.out,
-                        "\t{}",
-                        if field.is_empty() { "-" } else { &field }
-                    )?;
+                    self.batch.push(b'\t');
+                    self.batch
+                        .extend_from_slice(if field.is_empty() { "-" } else { &field }.as_bytes());
                 }
             }
-            writeln!(self.out)?;
-            self.dirty = true;
+            self.batch.push(b'\n');
         }
-        Ok(())
     }
 
-    pub fn flush(&mut self) -> io::Result<()> {
-        if self.dirty {
-            self.out.flush()?;
-            self.dirty = false;
-        }
-        Ok(())
+    /// Hands the batch's lines to the writer (never waits).
+    pub fn flush(&mut self) {
+        let batch = std::mem::take(&mut self.batch);
+        self.sink.write(batch);
     }
 
-    /// Log rotation: flush, then continue in a fresh file at the same path.
-    pub fn reopen(&mut self) -> io::Result<()> {
-        self.out.flush()?;
-        self.out = open(&self.path)?;
-        Ok(())
+    /// Log rotation: continue in a fresh file at the same path.
+    pub fn reopen(&mut self) {
+        self.flush();
+        self.sink.reopen();
     }
 }

@@ -1,5 +1,6 @@
 //! GET /metrics (optionally behind a bearer token), and the probes /healthz (the event
 //! loop answers) and /readyz (socket bound, datapath attached), which need no token.
+//! Connections are bounded in number and time (`http_conn`).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -26,7 +27,14 @@ pub async fn serve(
     token: Option<String>,
     probes: Probes,
 ) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    // Connections beyond the accepted few wait here, in the kernel (see `http_conn`).
+    let listener = socket.listen(1024)?;
     let bound = listener.local_addr()?;
     let state = Scrape {
         metrics,
@@ -42,6 +50,7 @@ pub async fn serve(
                 .with_state(probes),
         );
     tokio::spawn(async move {
+        let listener = crate::actions::http_conn::LimitedListener::new(listener);
         if let Err(e) = axum::serve(listener, app).await {
             log::error!("event=metrics_server_failed error={e}");
         }

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub signals: Family<SignalLabel, Counter>,
     pub rcvbuf_bytes: Gauge,
     pub delivered: Counter,
+    /// The export and audit files (`sink`).
+    pub files: crate::actions::sink::FileMetrics,
     kernel_drops: Arc<Mutex<Option<KernelDrops>>>,
 }
 
@@ -109,6 +111,7 @@ impl Metrics {
             signals: Family::default(),
             rcvbuf_bytes: Gauge::default(),
             delivered: Counter::default(),
+            files: Default::default(),
             kernel_drops: Arc::default(),
             registry: Registry::default(),
         };
@@ -199,6 +202,7 @@ impl Metrics {
             "SO_RCVBUF the kernel granted the observer socket",
             m.rcvbuf_bytes.clone(),
         );
+        m.files.register(&mut m.registry);
         m.registry.register(
             "varta_frame_decrypt_failures",
             "Authenticated secure UDP frames whose plaintext is not a valid frame of their sender",

@@ -1,15 +1,21 @@
 //! What happens for each event: a log line, an export line, metrics, recovery.
 
+pub mod audit;
+mod capture;
 pub mod export;
 pub mod http;
+mod http_conn;
 pub mod metrics;
 pub mod recovery;
+pub mod sink;
+mod sink_metrics;
 
 use std::{collections::HashMap, sync::Arc};
 
 use varta_common::Status;
 
 use crate::{
+    actions::audit::Audit,
     actions::export::Exporter,
     actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
     actions::recovery::{Finished, NotRun, Outcome, Recovery},
@@ -20,9 +26,9 @@ pub struct Actions {
     pub metrics: Arc<Metrics>,
     pub export: Option<Exporter>,
     pub recovery: Option<Recovery>,
+    pub audit: Option<Audit>,
     /// Start of the observer on its clock: export lines carry ns since then.
     start_ns: u64,
-    export_errors: u64,
     /// Each tracked agent's identity, read once on its first beat.
     identities: HashMap<u32, Identity>,
 }
@@ -32,14 +38,15 @@ impl Actions {
         metrics: Arc<Metrics>,
         export: Option<Exporter>,
         recovery: Option<Recovery>,
+        audit: Option<Audit>,
         start_ns: u64,
     ) -> Self {
         Actions {
             metrics,
             export,
             recovery,
+            audit,
             start_ns,
-            export_errors: 0,
             identities: HashMap::new(),
         }
     }
@@ -56,24 +63,21 @@ impl Actions {
         self.flush();
     }
 
+    /// Hands the batch's export lines to the file's writer.
     pub fn flush(&mut self) {
-        if let Some(export) = &mut self.export
-            && let Err(e) = export.flush()
-        {
-            self.export_error(e);
+        if let Some(export) = &mut self.export {
+            export.flush();
         }
     }
 
-    fn export_error(&mut self, e: std::io::Error) {
-        // One line for the first failure and then one per thousand: a full disk must not
-        // turn the log into a flood.
-        if self.export_errors.is_multiple_of(1000) {
-            log::warn!(
-                "event=export_error error=\"{e}\" failures={}",
-                self.export_errors + 1
-            );
+    /// SIGHUP: the export and audit files are closed and opened again at their paths.
+    pub fn reopen_files(&mut self) {
+        if let Some(export) = &mut self.export {
+            export.reopen();
         }
-        self.export_errors += 1;
+        if let Some(audit) = &mut self.audit {
+            audit.reopen();
+        }
     }
 
     fn handle(&mut self, event: &Event, now_ns: u64, follow_ups: &mut Vec<Event>) {
@@ -144,7 +148,7 @@ impl Actions {
                 // Its first frame is its death: nothing ever beat there to be recovered, and
                 // anyone can send that frame; surfaced, not acted on.
                 match known {
-                    true => self.recover(*pid, *origin, follow_ups),
+                    true => self.recover(*pid, *origin, now_ns, follow_ups),
                     false if self.recovery.is_some() => {
                         self.suppressed(*pid, "unknown_agent", follow_ups)
                     }
@@ -167,7 +171,7 @@ impl Actions {
                     agent.origin.transport(),
                     self.identity(*pid)
                 );
-                self.recover(*pid, agent.origin, follow_ups);
+                self.recover(*pid, agent.origin, now_ns, follow_ups);
             }
             Event::Resumed { pid } => log::info!("event=agent_resumed pid={pid}"),
             Event::Restarted { pid } => {
@@ -178,11 +182,17 @@ impl Actions {
                 m.nonce_wraps.inc();
                 log::info!("event=nonce_wrapped pid={pid}");
             }
-            Event::Recovery(Finished {
-                pid,
-                outcome,
-                detail,
-            }) => {
+            Event::Recovery(
+                finished @ Finished {
+                    pid,
+                    outcome,
+                    detail,
+                    ..
+                },
+            ) => {
+                if let Some(audit) = &mut self.audit {
+                    audit.finished(now_ns.saturating_sub(self.start_ns), finished);
+                }
                 m.recovery_outcomes
                     .get_or_create(&OutcomeLabel {
                         outcome: outcome.name(),
@@ -201,14 +211,12 @@ impl Actions {
             _ => now_ns,
         };
         let observer_ns = at_ns.saturating_sub(self.start_ns);
-        if let Some(export) = &mut self.export
-            && let Err(e) = export.record(
+        if let Some(export) = &mut self.export {
+            export.record(
                 observer_ns,
                 event,
                 event_pid(event).and_then(|p| self.identities.get(&p)),
-            )
-        {
-            self.export_error(e);
+            );
         }
     }
 
@@ -234,20 +242,36 @@ impl Actions {
             pid,
             outcome: Outcome::Suppressed,
             detail: reason.into(),
+            run: None,
         }));
     }
 
-    fn recover(&mut self, pid: u32, origin: crate::datapath::Origin, follow_ups: &mut Vec<Event>) {
+    fn recover(
+        &mut self,
+        pid: u32,
+        origin: crate::datapath::Origin,
+        now_ns: u64,
+        follow_ups: &mut Vec<Event>,
+    ) {
         let Some(recovery) = &mut self.recovery else {
             return;
         };
         match recovery.start(pid, origin) {
-            Ok(()) => log::info!("event=recovery_started pid={pid}"),
+            Ok(child) => {
+                log::info!(
+                    "event=recovery_started pid={pid} child={}",
+                    child.map_or("-".to_owned(), |c| c.to_string())
+                );
+                if let (Some(audit), Some(child)) = (&mut self.audit, child) {
+                    audit.spawned(now_ns.saturating_sub(self.start_ns), pid, child);
+                }
+            }
             Err(NotRun::Debounced) => {
                 follow_ups.push(Event::Recovery(Finished {
                     pid,
                     outcome: Outcome::Debounced,
                     detail: "within --recovery-debounce-ms".into(),
+                    run: None,
                 }));
             }
             Err(NotRun::Suppressed(reason)) => self.suppressed(pid, reason, follow_ups),
@@ -260,6 +284,7 @@ impl Actions {
                     pid,
                     outcome: Outcome::Refused,
                     detail: reason.into(),
+                    run: None,
                 }));
             }
         }

@@ -53,6 +53,8 @@ pub struct Finished {
     pub pid: u32,
     pub outcome: Outcome,
     pub detail: String,
+    /// The command's run, when it started (for the audit record).
+    pub run: Option<crate::actions::audit::Run>,
 }
 
 pub struct Recovery {
@@ -111,8 +113,9 @@ impl Recovery {
         argv
     }
 
-    /// Starts the recovery command for `pid` unless refused or debounced.
-    pub fn start(&mut self, pid: u32, origin: Origin) -> Result<(), NotRun> {
+    /// Starts the recovery command for `pid` unless refused or debounced; the child's pid
+    /// when it started.
+    pub fn start(&mut self, pid: u32, origin: Origin) -> Result<Option<u32>, NotRun> {
         if matches!(origin, Origin::Udp { .. }) && !self.config.allow_udp {
             return Err(NotRun::Refused("unauthenticated_transport"));
         }
@@ -147,21 +150,23 @@ impl Recovery {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        crate::actions::capture::prepare(&mut cmd, self.config.capture_bytes);
         if !self.config.inherit_env {
             cmd.env_clear().env("PATH", "/usr/bin:/bin");
         }
         cmd.envs(self.config.env.iter().map(|(k, v)| (k, v)));
         // Its own process group: a timeout kills whatever the command started too.
         cmd.process_group(0);
-        let child = match cmd.spawn() {
+        let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => {
                 let _ = self.tx.send(Finished {
                     pid,
                     outcome: Outcome::SpawnFailed,
                     detail: format!("{}: {e}", argv[0]),
+                    run: None,
                 });
-                return Ok(());
+                return Ok(None);
             }
         };
         self.running += 1;
@@ -169,15 +174,29 @@ impl Recovery {
         let tx = self.tx.clone();
         let timeout = self.config.timeout;
         let children = self.children.clone();
+        let child_pid = child.id();
+        let capture = crate::actions::capture::start(&mut child, self.config.capture_bytes);
+        let started = Instant::now();
         tokio::spawn(async move {
-            let (outcome, detail) = supervise(child, timeout, children).await;
+            let (outcome, detail, status) = supervise(child, timeout, children).await;
+            let output = match capture {
+                Some(c) => Some(c.finish().await),
+                None => None,
+            };
+            let run = crate::actions::audit::Run {
+                child: child_pid,
+                status,
+                elapsed: started.elapsed(),
+                output,
+            };
             let _ = tx.send(Finished {
                 pid,
                 outcome,
                 detail,
+                run: Some(run),
             });
         });
-        Ok(())
+        Ok(Some(child_pid))
     }
 
     /// Kills every running command's process group (shutdown, after the grace period);
@@ -205,7 +224,7 @@ async fn supervise(
     mut child: std::process::Child,
     timeout: Option<Duration>,
     children: Arc<Mutex<HashSet<u32>>>,
-) -> (Outcome, String) {
+) -> (Outcome, String, Option<std::process::ExitStatus>) {
     let exited = async {
         match ExitWatcher::open(child.id()).and_then(crate::sys::readiness::readable) {
             Ok(fd) => {
@@ -240,7 +259,8 @@ async fn supervise(
     }
     // The child has exited (or was just killed): wait() returns promptly and reaps it.
     let status = tokio::task::spawn_blocking(move || child.wait()).await;
-    match (timed_out, status) {
+    let exit = status.as_ref().ok().and_then(|s| s.as_ref().ok()).copied();
+    let (outcome, detail) = match (timed_out, status) {
         (true, _) => (
             Outcome::Timeout,
             format!(
@@ -252,7 +272,8 @@ async fn supervise(
         (false, Ok(Ok(st))) => (Outcome::Failure, st.to_string()),
         (false, Ok(Err(e))) => (Outcome::Failure, e.to_string()),
         (false, Err(e)) => (Outcome::Failure, e.to_string()),
-    }
+    };
+    (outcome, detail, exit)
 }
 
 /// SIGKILL to a recovery command's process group. Only called for a child not reaped yet
@@ -281,6 +302,7 @@ mod tests {
             env: Vec::new(),
             inherit_env: false,
             allow_udp: false,
+            capture_bytes: None,
         }
     }
 
@@ -307,12 +329,12 @@ mod tests {
     fn the_global_cap_suppresses_and_kill_all_ends_the_commands() {
         on_runtime(async || {
             let mut r = Recovery::new(config(2, 100));
-            assert_eq!(r.start(1, UDS), Ok(()));
-            assert_eq!(r.start(2, UDS), Ok(()));
+            assert!(matches!(r.start(1, UDS), Ok(Some(_))));
+            assert!(matches!(r.start(2, UDS), Ok(Some(_))));
             assert_eq!(r.start(3, UDS), Err(NotRun::Suppressed("max_running")));
             assert_eq!(r.running(), 2);
             end_all(&mut r).await;
-            assert_eq!(r.start(3, UDS), Ok(()));
+            assert!(matches!(r.start(3, UDS), Ok(Some(_))));
             end_all(&mut r).await;
         });
     }
@@ -321,7 +343,7 @@ mod tests {
     fn the_global_spawn_rate_suppresses() {
         on_runtime(async || {
             let mut r = Recovery::new(config(10, 1));
-            assert_eq!(r.start(1, UDS), Ok(()));
+            assert!(matches!(r.start(1, UDS), Ok(Some(_))));
             assert_eq!(r.start(2, UDS), Err(NotRun::Suppressed("spawn_rate")));
             end_all(&mut r).await;
         });

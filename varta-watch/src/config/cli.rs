@@ -112,6 +112,14 @@ pub enum DatapathMode {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// `ts=... level=... event=... key=value ...`
+    Text,
+    /// `{"ts":...,"level":"...","event":"...",...}`
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SignalHandlerMode {
     /// Raw rt_sigaction(2) with the daemon's own restorer.
     Direct,
@@ -269,14 +277,41 @@ pub struct RecoveryArgs {
     /// At shutdown, wait this long (ms) for running recovery commands before killing them.
     #[arg(long, default_value_t = 5000)]
     pub shutdown_grace_ms: u64,
+    /// Keep the recovery command's stdout and stderr (up to --recovery-capture-bytes) for
+    /// its audit record.
+    #[arg(long, group = LIVE)]
+    pub recovery_capture_stdio: bool,
+    /// Bytes of a recovery command's output kept with --recovery-capture-stdio.
+    #[arg(long, group = LIVE, default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub recovery_capture_bytes: u64,
+    /// Append one tab-separated record per recovery spawn and outcome to this file (mode
+    /// 0600, not through a symlink; SIGHUP reopens it).
+    #[arg(long, value_name = "PATH")]
+    pub recovery_audit_file: Option<PathBuf>,
+    /// Rotate the audit file before it grows past this size, keeping 5 generations.
+    #[arg(long, value_name = "N", requires = "recovery_audit_file",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub recovery_audit_max_bytes: Option<u64>,
+    /// fdatasync the audit file every N records (0: only at shutdown), off the event loop.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub recovery_audit_sync_every: u64,
 }
 
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Export and metrics")]
 pub struct OutputArgs {
-    /// Append one tab-separated line per event to this file.
+    /// Append one tab-separated line per event to this file (mode 0600, not through a
+    /// symlink; SIGHUP reopens it).
     #[arg(long)]
     pub export_file: Option<PathBuf>,
+    /// Rotate the export file before it grows past this size, keeping 5 generations.
+    #[arg(long, value_name = "N", requires = "export_file",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub export_file_max_bytes: Option<u64>,
+    /// fdatasync the export file every N lines (0: only at shutdown), off the event loop.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub export_file_sync_every: u64,
     /// Serve Prometheus metrics on GET /metrics at this address.
     #[arg(long)]
     pub prom_addr: Option<SocketAddr>,
@@ -302,6 +337,23 @@ pub struct ObserverArgs {
     /// Exit cleanly after this many seconds (tests).
     #[arg(long)]
     pub shutdown_after_secs: Option<u64>,
+    /// Abort (for a supervisor to restart the observer) when its event loop has made no
+    /// progress for this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub self_watchdog_secs: Option<u64>,
+    /// Rewrite this file with `ts=<unix time> progress=<loop rounds>` at most once a second.
+    #[arg(long, value_name = "PATH")]
+    pub heartbeat_file: Option<PathBuf>,
+    /// Kick this watchdog device (e.g. /dev/watchdog) while the event loop runs; write the
+    /// magic `V` at a clean shutdown.
+    #[arg(long, value_name = "PATH")]
+    pub hw_watchdog: Option<PathBuf>,
+    /// Test hook: block the event loop this long once, when it first takes in beats.
+    #[arg(long, value_name = "MS")]
+    pub inject_wedge_ms: Option<u64>,
+    /// Log lines as `key=value` text, or one JSON object per line for log shippers.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
 }
 
 /// The environment variable a daemon flag may also come from: `--max-beat-rate` is

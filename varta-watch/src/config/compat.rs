@@ -77,36 +77,15 @@ pub struct CompatArgs {
     /// a cross-namespace agent is dropped and counted, never fatal to the observer
     #[arg(long)]
     strict_namespace_check: bool,
-    /// recovery output is not captured; the command inherits /dev/null
-    #[arg(long)]
-    recovery_capture_stdio: bool,
-    /// recovery output is not captured; the command inherits /dev/null
-    #[arg(long, value_name = "N")]
-    recovery_capture_bytes: Option<u64>,
-    /// the recovery audit log is not implemented; outcomes go to the log, the export file and varta_recovery_outcomes_total
-    #[arg(long, value_name = "PATH")]
-    recovery_audit_file: Option<PathBuf>,
-    /// the recovery audit log is not implemented; outcomes go to the log, the export file and varta_recovery_outcomes_total
-    #[arg(long, value_name = "N")]
-    recovery_audit_max_bytes: Option<u64>,
-    /// the recovery audit log is not implemented; outcomes go to the log, the export file and varta_recovery_outcomes_total
-    #[arg(long, value_name = "N")]
-    recovery_audit_sync_every: Option<u64>,
-    /// the recovery audit log is not implemented; outcomes go to the log, the export file and varta_recovery_outcomes_total
+    /// the audit and export files are written by threads of their own, off the event loop: no budget to keep
     #[arg(long, value_name = "MS")]
     audit_fsync_budget_ms: Option<u64>,
-    /// the recovery audit log is not implemented; outcomes go to the log, the export file and varta_recovery_outcomes_total
+    /// the audit and export files are written by threads of their own, off the event loop: no budget to keep
     #[arg(long, value_name = "MS")]
     audit_sync_interval_ms: Option<u64>,
-    /// the recovery audit log is not implemented; outcomes go to the log, the export file and varta_recovery_outcomes_total
+    /// the audit and export files are written by threads of their own, off the event loop: no budget to keep
     #[arg(long, value_name = "MS")]
     audit_rotation_budget_ms: Option<u64>,
-    /// the export file is not rotated here; rotate it externally and send SIGHUP to reopen it
-    #[arg(long, value_name = "N")]
-    export_file_max_bytes: Option<u64>,
-    /// the export file is flushed after every batch of events and at shutdown
-    #[arg(long, value_name = "N")]
-    export_file_sync_every: Option<u64>,
     /// /metrics is not rate-limited; protect it with --prom-token-file
     #[arg(long, value_name = "N")]
     prom_rate_limit_per_sec: Option<u32>,
@@ -119,18 +98,6 @@ pub struct CompatArgs {
     /// scrapes are served by their own task and cannot stall the receive path
     #[arg(long, value_name = "MS")]
     scrape_budget_ms: Option<u64>,
-    /// there is no polling loop: the daemon is event-driven
-    #[arg(long, value_name = "PATH")]
-    heartbeat_file: Option<PathBuf>,
-    /// the systemd/self watchdog is not implemented
-    #[arg(long, value_name = "SECS")]
-    self_watchdog_secs: Option<u64>,
-    /// the hardware watchdog is not implemented
-    #[arg(long, value_name = "PATH")]
-    hw_watchdog: Option<PathBuf>,
-    /// test hook of the incumbent's polling loop
-    #[arg(long, value_name = "MS")]
-    inject_wedge_ms: Option<u64>,
 }
 
 /// `(--flag, why it has no effect)` for every such flag that was given, on the command

@@ -16,6 +16,7 @@ pub use settings::Settings;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
+    actions::sink::SinkOptions,
     config::cli::{
         CommandLine, DaemonArgs, DatapathMode, EvictionPolicy, RecoveryArgs, SecureUdpArgs,
         SignalHandlerMode,
@@ -72,6 +73,17 @@ pub struct RecoveryConfig {
     pub env: Vec<(String, String)>,
     pub inherit_env: bool,
     pub allow_udp: bool,
+    /// Bytes of output kept for the audit record (`--recovery-capture-stdio`).
+    pub capture_bytes: Option<usize>,
+}
+
+/// The observer's own liveness (`daemon::liveness`).
+#[derive(Debug, Clone, Default)]
+pub struct LivenessConfig {
+    pub self_watchdog: Option<Duration>,
+    pub heartbeat_file: Option<PathBuf>,
+    pub hw_watchdog: Option<PathBuf>,
+    pub inject_wedge: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -93,13 +105,15 @@ pub struct Config {
     pub allow_cross_namespace: bool,
     pub recovery: Option<RecoveryConfig>,
     pub shutdown_grace: Duration,
-    pub export_file: Option<PathBuf>,
+    pub export_file: Option<SinkOptions>,
+    pub audit_file: Option<SinkOptions>,
     pub prom_addr: Option<SocketAddr>,
     pub prom_token: Option<String>,
     pub signal_mode: SignalHandlerMode,
     pub nice: i32,
     pub shutdown_after: Option<Duration>,
     pub config_file: Option<PathBuf>,
+    pub liveness: LivenessConfig,
     /// Every setting as given, for the reload diff.
     pub settings: Settings,
 }
@@ -172,13 +186,32 @@ impl Config {
             allow_cross_namespace: a.admission.allow_cross_namespace_agents,
             recovery,
             shutdown_grace: Duration::from_millis(a.recovery.shutdown_grace_ms),
-            export_file: a.output.export_file.clone(),
+            export_file: a.output.export_file.clone().map(|path| SinkOptions {
+                path,
+                max_bytes: a.output.export_file_max_bytes,
+                sync_every: a.output.export_file_sync_every,
+            }),
+            audit_file: a
+                .recovery
+                .recovery_audit_file
+                .clone()
+                .map(|path| SinkOptions {
+                    path,
+                    max_bytes: a.recovery.recovery_audit_max_bytes,
+                    sync_every: a.recovery.recovery_audit_sync_every,
+                }),
             prom_addr: a.output.prom_addr,
             prom_token,
             signal_mode: a.observer.signal_handler_mode,
             nice: a.observer.observer_nice,
             shutdown_after: a.observer.shutdown_after_secs.map(Duration::from_secs),
             config_file: a.observer.config.clone(),
+            liveness: LivenessConfig {
+                self_watchdog: a.observer.self_watchdog_secs.map(Duration::from_secs),
+                heartbeat_file: a.observer.heartbeat_file.clone(),
+                hw_watchdog: a.observer.hw_watchdog.clone(),
+                inject_wedge: a.observer.inject_wedge_ms.map(Duration::from_millis),
+            },
             settings: Settings::from_matches(&line.matches),
         })
     }
@@ -203,6 +236,9 @@ fn recovery_config(a: &RecoveryArgs) -> Result<Option<RecoveryConfig>, ConfigErr
         env: a.recovery_env.clone(),
         inherit_env: a.recovery_inherit_env,
         allow_udp: false,
+        capture_bytes: a
+            .recovery_capture_stdio
+            .then_some(a.recovery_capture_bytes as usize),
     }))
 }
 

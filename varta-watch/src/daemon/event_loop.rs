@@ -9,6 +9,7 @@ use super::health::Health;
 use crate::{
     actions::{
         Actions,
+        audit::Audit,
         export::Exporter,
         metrics::{KernelDrops, Metrics, SignalLabel},
         recovery::Recovery,
@@ -50,12 +51,20 @@ pub async fn serve<D: Datapath>(
         None => None,
     };
     let export = match &config.export_file {
-        Some(path) => Some(
-            Exporter::open(path.clone())
-                .with_context(|| format!("--export-file {}", path.display()))?,
+        Some(opts) => Some(
+            Exporter::open(opts.clone(), metrics.files.clone())
+                .with_context(|| format!("--export-file {}", opts.path.display()))?,
         ),
         None => None,
     };
+    let audit = match &config.audit_file {
+        Some(opts) => Some(
+            Audit::open(opts.clone(), metrics.files.clone())
+                .with_context(|| format!("--recovery-audit-file {}", opts.path.display()))?,
+        ),
+        None => None,
+    };
+    let liveness = super::liveness::Liveness::start(&config.liveness)?;
     let clock = config.clock;
     let start_ns = clock.now_ns();
     let observer = Observer::new(config, drops);
@@ -63,6 +72,7 @@ pub async fn serve<D: Datapath>(
         metrics.clone(),
         export,
         config.recovery.clone().map(Recovery::new),
+        audit,
         start_ns,
     );
     metrics.pid_max.set(observer.pid_max() as i64);
@@ -85,13 +95,17 @@ pub async fn serve<D: Datapath>(
         metrics,
         observer,
         actions,
+        liveness,
         clock,
         beats: Vec::with_capacity(256),
         events: Vec::with_capacity(256),
     };
-    event_loop.run().await?;
+    let result = event_loop.run().await;
+    event_loop.liveness.disarm();
+    result?;
     event_loop.finish_recoveries().await;
     event_loop.actions.flush();
+    event_loop.liveness.finish();
     Ok(())
 }
 
@@ -103,6 +117,7 @@ struct EventLoop<'c, D> {
     metrics: Arc<Metrics>,
     observer: Observer,
     actions: Actions,
+    liveness: super::liveness::Liveness,
     clock: ClockSource,
     /// Reused between wake-ups: what the datapath delivered, what the observer surfaced.
     beats: Vec<Beat>,
@@ -122,7 +137,9 @@ impl<D: Datapath> EventLoop<'_, D> {
                 // Whatever is queued still counts.
                 self.datapath.drain(&mut self.beats);
             }
+            let took_beats = !self.beats.is_empty();
             self.process();
+            self.liveness.round(took_beats);
             if stop {
                 return Ok(());
             }
@@ -135,6 +152,7 @@ impl<D: Datapath> EventLoop<'_, D> {
         let deadline = self.observer.next_deadline();
         let recovery = self.actions.recovery.as_mut();
         let has_recovery = recovery.is_some();
+        let tick = self.liveness.next_wake();
         tokio::select! {
             received = self.signals.recv() => {
                 let received = received.context("waiting for signals")?;
@@ -157,6 +175,8 @@ impl<D: Datapath> EventLoop<'_, D> {
                 self.events.push(Event::Recovery(finished));
                 Ok(false)
             }
+            // Liveness is watched: an idle loop still goes round.
+            () = tokio::time::sleep(tick.unwrap_or_default()), if tick.is_some() => Ok(false),
             // /healthz probes and systemd's watchdog, answered only while this loop turns.
             () = self.health.answer_next() => Ok(false),
             () = tokio::time::sleep_until(shutdown_at.unwrap_or_else(tokio::time::Instant::now)), if shutdown_at.is_some() => {
@@ -178,12 +198,7 @@ impl<D: Datapath> EventLoop<'_, D> {
                 return true;
             }
             Signal::Hup => {
-                if let Some(export) = &mut self.actions.export {
-                    match export.reopen() {
-                        Ok(()) => log::info!("event=export_reopened"),
-                        Err(e) => log::warn!("event=export_reopen_failed error=\"{e}\""),
-                    }
-                }
+                self.actions.reopen_files();
                 if self.config.config_file.is_some() {
                     self.reload();
                 }

@@ -3,6 +3,7 @@
 
 mod event_loop;
 mod health;
+mod liveness;
 
 pub use health::Probes;
 
@@ -67,6 +68,14 @@ struct Sockets {
 }
 
 async fn start(mut config: Config) -> Result<()> {
+    let fds = crate::sys::fdlimit::raise().context("raising RLIMIT_NOFILE")?;
+    log::info!(
+        "event=fd_limit soft={} hard={} reserve={} watcher_budget={}",
+        fds.soft,
+        fds.hard,
+        crate::sys::fdlimit::RESERVE,
+        fds.watch_budget
+    );
     let signals = install_signals(&config)?;
     let sockets = bind(&config)?;
     // Port 0 becomes the port the kernel chose: the ready line names the real address.

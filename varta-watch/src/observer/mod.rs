@@ -8,6 +8,8 @@ pub mod gates;
 pub mod identity;
 pub mod stall;
 pub mod tracker;
+#[cfg(test)]
+mod tracker_props;
 
 use std::sync::Arc;
 

@@ -39,6 +39,10 @@ impl StallQueue {
     pub fn pop(&mut self) -> Option<Entry> {
         self.heap.pop().map(|r| r.0)
     }
+
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
 }
 
 #[cfg(test)]

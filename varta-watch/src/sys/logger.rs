@@ -1,12 +1,18 @@
-//! One line per event on stderr: `ts=<unix seconds> level=<level> <key=value ...>`.
+//! One line per event on stderr. Text: `ts=<unix seconds> level=<level> <key=value ...>`.
+//! JSON (`--log-format json`): the same fields as one object per line,
+//! `{"ts":1764012345.120,"level":"warn","event":"stall","pid":42,...}`: integers stay
+//! numbers, every other value is a string, a word without `=` goes to `"msg"`.
 
 use std::{
     io::Write,
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use crate::config::cli::LogFormat;
+
 struct LineLogger {
     level: log::LevelFilter,
+    format: LogFormat,
 }
 
 impl log::Log for LineLogger {
@@ -21,21 +27,21 @@ impl log::Log for LineLogger {
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
+        let ts = format!("{}.{:03}", ts.as_secs(), ts.subsec_millis());
         let level = record.level().as_str().to_ascii_lowercase();
-        let mut line = format!(
-            "ts={}.{:03} level={level} ",
-            ts.as_secs(),
-            ts.subsec_millis()
-        );
         // Kernel-side diagnostics (aya-log) arrive as free text: keep them one line too.
-        if record.target().starts_with("varta_watch") {
-            line.push_str(&record.args().to_string());
+        let fields = if record.target().starts_with("varta_watch") {
+            record.args().to_string()
         } else {
-            line.push_str(&format!(
+            format!(
                 "event=ebpf_log msg=\"{}\"",
                 record.args().to_string().replace('"', "'")
-            ));
-        }
+            )
+        };
+        let mut line = match self.format {
+            LogFormat::Text => format!("ts={ts} level={level} {fields}"),
+            LogFormat::Json => json_line(&ts, &level, &fields),
+        };
         line.push('\n');
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
@@ -44,13 +50,110 @@ impl log::Log for LineLogger {
 }
 
 /// `VARTA_LOG=debug|info|warn|error` picks the level (default info).
-pub fn init() {
+pub fn init(format: LogFormat) {
     let level = std::env::var("VARTA_LOG")
         .ok()
         .and_then(|l| l.parse().ok())
         .unwrap_or(log::LevelFilter::Info);
-    let logger = Box::leak(Box::new(LineLogger { level }));
+    let logger = Box::leak(Box::new(LineLogger { level, format }));
     if log::set_logger(logger).is_ok() {
         log::set_max_level(level);
+    }
+}
+
+/// The `key=value` fields of a text line (values may be `"quoted with spaces"`).
+fn fields(text: &str) -> Vec<(&str, &str)> {
+    let mut out = Vec::new();
+    let mut rest = text.trim_start();
+    while !rest.is_empty() {
+        let word_end = rest.find(' ').unwrap_or(rest.len());
+        match rest[..word_end].split_once('=') {
+            Some((key, _)) if !key.is_empty() => {
+                let value_start = key.len() + 1;
+                let after = &rest[value_start..];
+                let (value, used) = match after.strip_prefix('"') {
+                    Some(quoted) => match quoted.find('"') {
+                        Some(end) => (&quoted[..end], end + 2),
+                        None => (quoted, after.len()),
+                    },
+                    None => {
+                        let end = after.find(' ').unwrap_or(after.len());
+                        (&after[..end], end)
+                    }
+                };
+                out.push((key, value));
+                rest = after[used..].trim_start();
+            }
+            _ => {
+                out.push(("msg", &rest[..word_end]));
+                rest = rest[word_end..].trim_start();
+            }
+        }
+    }
+    out
+}
+
+fn json_line(ts: &str, level: &str, text: &str) -> String {
+    let mut line = format!("{{\"ts\":{ts},\"level\":\"{level}\"");
+    for (key, value) in fields(text) {
+        line.push_str(",\"");
+        escape_into(&mut line, key);
+        line.push_str("\":");
+        let integer = !value.is_empty()
+            && value.len() < 19
+            && value
+                .trim_start_matches('-')
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            && value != "-";
+        if integer {
+            line.push_str(value);
+        } else {
+            line.push('"');
+            escape_into(&mut line, value);
+            line.push('"');
+        }
+    }
+    line.push('}');
+    line
+}
+
+fn escape_into(out: &mut String, s: &str) {
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_fields_become_one_json_object() {
+        let line = json_line(
+            "1.500",
+            "warn",
+            "event=recovery pid=42 outcome=failure detail=\"exit status: 3\" path=a\\b x=-",
+        );
+        assert_eq!(
+            line,
+            "{\"ts\":1.500,\"level\":\"warn\",\"event\":\"recovery\",\"pid\":42,\
+             \"outcome\":\"failure\",\"detail\":\"exit status: 3\",\"path\":\"a\\\\b\",\"x\":\"-\"}"
+        );
+    }
+
+    #[test]
+    fn words_without_a_key_and_odd_quotes_are_kept() {
+        assert_eq!(
+            fields("event=x free word=\"unterminated"),
+            vec![("event", "x"), ("msg", "free"), ("word", "unterminated")]
+        );
     }
 }

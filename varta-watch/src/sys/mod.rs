@@ -1,7 +1,10 @@
 //! Thin wrappers over the operating system: clocks, pidfds, /proc, socket options,
-//! readiness of raw file descriptors, the log sink, and service-manager notifications.
+//! readiness of raw file descriptors, the log sink, service-manager notifications, and the
+//! observer's own watchdogs and heartbeat file.
 
 pub mod clock;
+pub mod fdlimit;
+pub mod heartbeat;
 pub mod logger;
 pub mod notify;
 pub mod pidfd;
@@ -9,3 +12,4 @@ pub mod priority;
 pub mod procfs;
 pub mod readiness;
 pub mod sock;
+pub mod watchdog;

@@ -8,6 +8,8 @@ use std::{
 
 use tokio::sync::mpsc;
 
+use crate::sys::fdlimit::WatchSlot;
+
 /// Watches processes; `exited()` yields each watched pid once its process is gone.
 pub struct ExitWatcher {
     tx: mpsc::UnboundedSender<u32>,
@@ -32,14 +34,19 @@ impl ExitWatcher {
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
 
-    /// Reports `pid` through `exited()` when the process behind `pidfd` exits.
+    /// Reports `pid` through `exited()` when the process behind `pidfd` exits. Each
+    /// watch holds a descriptor until then, drawn from the watcher budget (`fdlimit`): an
+    /// error when it is spent, and the caller goes without the watch.
     pub fn watch(&self, pid: u32, pidfd: OwnedFd) -> io::Result<()> {
+        let slot = WatchSlot::take()
+            .ok_or_else(|| io::Error::other("the descriptor budget for watchers is spent"))?;
         let fd = crate::sys::readiness::readable(pidfd)?;
         let tx = self.tx.clone();
         tokio::spawn(async move {
             // A pidfd becomes readable when its process exits.
             let _ = fd.readable().await;
             let _ = tx.send(pid);
+            drop(slot);
         });
         Ok(())
     }

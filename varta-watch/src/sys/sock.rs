@@ -115,7 +115,10 @@ fn getsockopt_int(fd: i32, level: i32, name: i32) -> io::Result<i32> {
 
 /// Datagrams longer than a frame are still read whole enough to know they are too long.
 const SLOT_BYTES: usize = 64;
-const CMSG_BYTES: usize = 64;
+/// Room for exactly one SCM_CREDENTIALS message (CMSG_SPACE of a `ucred`): descriptors a
+/// sender attaches (SCM_RIGHTS) find no room, so the kernel closes them instead of
+/// installing them in the daemon, where they would pile up unread.
+const CMSG_BYTES: usize = 32;
 
 /// One received datagram.
 #[derive(Debug)]
@@ -296,6 +299,13 @@ impl RecvBatch {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn control_room_is_one_credentials_message_only() {
+        // SAFETY: CMSG_SPACE only computes a size.
+        let one = unsafe { libc::CMSG_SPACE(size_of::<libc::ucred>() as u32) } as usize;
+        assert_eq!(CMSG_BYTES, one);
+    }
 
     #[test]
     fn batch_receive_reports_credentials_and_truncation() {

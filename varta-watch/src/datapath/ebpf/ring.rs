@@ -128,9 +128,18 @@ impl EbpfDatapath {
             ns_pid: sender.own_pid,
             asked_ns: 0,
         };
+        // A verdict must die with its process (a reused pid must not inherit it): without a
+        // watcher (the descriptor budget is spent) none is stored, and the sender's next
+        // frame is attested here again.
+        if self.exits.watch(tgid, pidfd).is_err() {
+            return self
+                .attestation
+                .check(tgid, Some(&sender), frame.pid)
+                .map(|_| sender.ns);
+        }
         if let Err(e) = self.verdicts.insert(tgid, verdict, 0) {
             log::warn!("event=ebpf_verdict_failed tgid={tgid} error=\"{e}\"");
-        } else if self.exits.watch(tgid, pidfd).is_ok() {
+        } else {
             self.foreign.insert(tgid, sender.ns);
         }
         log::info!(

@@ -1,0 +1,284 @@
+//! Durable files: the recovery audit trail, export rotation, and observing that carries on
+//! when the export file's directory vanishes or its disk is full.
+
+use std::{
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::Path,
+    time::Duration,
+};
+
+use varta_e2e::{Daemon, frame, wait_for};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// Waits until `path` has at least `n` lines having `part`; returns them.
+#[track_caller]
+fn wait_lines(path: &Path, part: &str, n: usize) -> Vec<String> {
+    wait_for(
+        &format!("{n} line(s) with {part:?} in {}", path.display()),
+        WAIT,
+        || {
+            let found: Vec<String> = lines(path)
+                .into_iter()
+                .filter(|l| l.contains(part))
+                .collect();
+            if found.len() >= n {
+                Ok(found)
+            } else {
+                Err(format!("{:?}", lines(path)))
+            }
+        },
+    )
+}
+
+#[test]
+fn audit_records_spawn_and_outcome_with_captured_output_and_reopens_on_sighup() {
+    let dir = varta_e2e::scratch("audit");
+    let script = dir.join("recover.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho \"recovering $1\"\necho \"tab\there\" >&2\nhead -c 10000 /dev/zero\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, PermissionsExt::from_mode(0o755)).unwrap();
+    let audit = dir.join("audit.tsv");
+    let d = Daemon::builder("audit", "userspace")
+        .args(["--threshold-ms", "300", "--recovery-debounce-ms", "0"])
+        .arg("--recovery-exec")
+        .arg(format!("{} {{pid}}", script.display()))
+        .args(["--recovery-capture-stdio", "--recovery-capture-bytes", "64"])
+        .arg("--recovery-audit-file")
+        .arg(audit.to_str().unwrap())
+        .start();
+    let me = std::process::id();
+    d.send(&frame(me, 1));
+    let done = wait_lines(&audit, "\tfailure\t", 1);
+    let spawned = wait_lines(&audit, "\tspawned\t", 1);
+    let s: Vec<&str> = spawned[0].split('\t').collect();
+    let f: Vec<&str> = done[0].split('\t').collect();
+    assert_eq!(s.len(), 8, "{spawned:?}");
+    assert_eq!(f.len(), 8, "{done:?}");
+    assert_eq!(
+        (s[2], f[2]),
+        (me.to_string().as_str(), me.to_string().as_str())
+    );
+    assert_eq!(s[3], f[3], "the same child in both records");
+    assert!(s[3].parse::<u32>().is_ok(), "child pid: {s:?}");
+    assert_eq!(f[5], "exit:3");
+    assert!(f[6].parse::<u64>().is_ok(), "duration: {f:?}");
+    // Output is kept in order, bounded (64 bytes, then "..."), escaped into one field.
+    let output = f[7];
+    assert!(
+        output.starts_with(&format!("recovering {me}\\n")),
+        "{output}"
+    );
+    assert!(output.ends_with("..."), "{output}");
+    assert!(
+        output.contains("tab\\there\\n") || output.contains("\\x00"),
+        "{output}"
+    );
+    let mode = std::fs::metadata(&audit).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // SIGHUP after an external rotation: new records go to a new file at the path.
+    let rotated = dir.join("audit.tsv.old");
+    std::fs::rename(&audit, &rotated).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("event=audit_reopened", WAIT);
+    d.send(&frame(me, 2));
+    d.wait_logs(&["event=recovery", "outcome=failure"], 2, WAIT);
+    wait_lines(&audit, "\tfailure\t", 1);
+    assert_eq!(lines(&rotated).len(), 2, "{:?}", lines(&rotated));
+    let flagged = d.count_logs(&["event=flag_ignored"]);
+    assert_eq!(flagged, 0, "{}", d.log_text());
+}
+
+#[test]
+fn export_rotates_at_its_size_keeping_five_generations() {
+    let d = Daemon::builder("export-rotate", "userspace")
+        .export_file()
+        .args(["--threshold-ms", "60000", "--max-beat-rate", "0"])
+        .args([
+            "--export-file-max-bytes",
+            "300",
+            "--export-file-sync-every",
+            "1",
+        ])
+        .start();
+    let export = d.export.clone().unwrap();
+    let me = std::process::id();
+    // One line is about 40 bytes: 200 beats fill far more than 6 files of 300 bytes.
+    for nonce in 1..=200 {
+        d.send(&frame(me, nonce));
+    }
+    let last = format!("\t{me}\t200\t");
+    wait_for("the 200th beat's line", WAIT, || {
+        if d.export_text().contains(&last) {
+            Ok(())
+        } else {
+            Err(d.export_text())
+        }
+    });
+    let name = |n: u32| export.with_extension(format!("tsv.{n}"));
+    for n in 1..=5 {
+        let g = std::fs::read_to_string(name(n)).unwrap();
+        assert!(g.len() <= 300 && g.ends_with('\n'), "{}: {g:?}", n);
+    }
+    assert!(!name(6).exists());
+    assert!(std::fs::metadata(&export).unwrap().len() <= 300);
+    assert!(d.metric("varta_file_rotations_total{file=\"export\"}") >= 5.0);
+    assert!(d.metric("varta_file_sync_seconds_count{file=\"export\"}") >= 1.0);
+}
+
+/// The fds of `pid` that name a deleted file.
+fn deleted_fds(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .filter(|p| p.ends_with("(deleted)"))
+        .collect()
+}
+
+#[test]
+fn a_vanished_export_directory_is_counted_and_observing_continues() {
+    let base = varta_e2e::scratch("vanish-export");
+    let out = base.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let export = out.join("events.tsv");
+    let d = Daemon::builder("vanish", "userspace")
+        .args(["--threshold-ms", "60000", "--max-beat-rate", "0"])
+        .arg("--export-file")
+        .arg(export.to_str().unwrap())
+        .start();
+    let me = std::process::id();
+    d.send(&frame(me, 1));
+    wait_lines(&export, "\tbeat\t", 1);
+    std::fs::remove_dir_all(&out).unwrap();
+    // Beats keep coming in and are counted while no export file can be written.
+    let beats = format!("varta_beats_total{{pid=\"{me}\"}}");
+    let mut nonce = 1;
+    wait_for("export lines counted as lost", WAIT, || {
+        nonce += 1;
+        d.send(&frame(me, nonce));
+        let lost = d.metric("varta_file_records_lost_total{file=\"export\"}");
+        if lost >= 1.0 {
+            Ok(())
+        } else {
+            Err(format!("lost={lost}"))
+        }
+    });
+    d.wait_metric(&beats, nonce as f64, WAIT);
+    d.wait_log_all(&["event=file_vanished", "file=export"], WAIT);
+    d.wait_log_all(&["event=file_error", "file=export", "op=open"], WAIT);
+    assert_eq!(
+        deleted_fds(d.pid()),
+        Vec::<String>::new(),
+        "a deleted file kept open"
+    );
+    // The directory comes back: the writer opens a new file there by itself.
+    std::fs::create_dir(&out).unwrap();
+    wait_for("lines in the new export file", WAIT, || {
+        nonce += 1;
+        d.send(&frame(me, nonce));
+        if lines(&export).is_empty() {
+            Err("none".to_owned())
+        } else {
+            Ok(())
+        }
+    });
+    // A SIGHUP whose reopen fails leaves no file open either.
+    std::fs::remove_dir_all(&out).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("event=export_reopen_failed", WAIT);
+    assert_eq!(
+        deleted_fds(d.pid()),
+        Vec::<String>::new(),
+        "a deleted file kept open"
+    );
+    assert_eq!(d.count_logs(&["level=error"]), 0, "{}", d.log_text());
+}
+
+/// Unmounts on drop (pass or fail).
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_counted_and_observing_continues_needs_root() {
+    varta_e2e::require_root!("mounting a small tmpfs");
+    let base = varta_e2e::scratch("full-disk");
+    let mnt = base.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=16k",
+            "varta-full",
+            mnt.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mount -t tmpfs failed");
+    let _mount = Mount(mnt.clone());
+    let export = mnt.join("events.tsv");
+    let d = Daemon::builder("full-disk", "userspace")
+        .args(["--threshold-ms", "60000", "--max-beat-rate", "0"])
+        .args(["--export-file-sync-every", "1"])
+        .arg("--export-file")
+        .arg(export.to_str().unwrap())
+        .start();
+    let me = std::process::id();
+    let mut nonce = 0;
+    wait_for(
+        "a failed write to the full disk",
+        Duration::from_secs(30),
+        || {
+            for _ in 0..50 {
+                nonce += 1;
+                d.send(&frame(me, nonce));
+            }
+            let failed = d.metric("varta_file_errors_total{file=\"export\",op=\"write\"}");
+            if failed >= 1.0 {
+                Ok(())
+            } else {
+                Err(format!("write errors={failed}"))
+            }
+        },
+    );
+    let beats = format!("varta_beats_total{{pid=\"{me}\"}}");
+    d.wait_metric(&beats, nonce as f64, WAIT);
+    d.wait_log_all(&["event=file_error", "file=export", "op=write"], WAIT);
+    // One log line for many failures (once a minute).
+    for _ in 0..100 {
+        nonce += 1;
+        d.send(&frame(me, nonce));
+    }
+    d.wait_metric(&beats, nonce as f64, WAIT);
+    assert_eq!(
+        d.count_logs(&["event=file_error", "op=write"]),
+        1,
+        "{}",
+        d.log_text()
+    );
+    // Only whole lines in the file.
+    let text = std::fs::read_to_string(&export).unwrap();
+    assert!(text.ends_with('\n'));
+    assert!(text.lines().all(|l| l.split('\t').count() == 6), "{text}");
+    assert_eq!(
+        export.metadata().unwrap().dev(),
+        mnt.metadata().unwrap().dev()
+    );
+}

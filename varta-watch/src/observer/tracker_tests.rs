@@ -1,0 +1,133 @@
+//! Unit tests of the tracker (see also `tracker_props`).
+use super::*;
+
+const T: u64 = 1_000;
+
+fn frame(pid: u32, nonce: u64) -> Frame {
+    Frame {
+        status: Status::Ok,
+        pid,
+        timestamp: 0,
+        nonce,
+        payload: 0,
+    }
+}
+
+const UDS: Origin = Origin::Uds { foreign_ns: None };
+
+fn stalls(t: &mut Tracker, now: u64) -> Vec<u32> {
+    let mut out = Vec::new();
+    t.expire(now, &mut out);
+    out.into_iter().map(|s| s.pid).collect()
+}
+
+#[test]
+fn one_stall_per_silence_and_rearm_on_beat() {
+    let mut t = Tracker::new(8, EvictionPolicy::Strict, T);
+    t.record(10, &frame(10, 1), UDS, 0).unwrap();
+    assert_eq!(t.next_deadline(), Some(T));
+    t.record(10, &frame(10, 2), UDS, 500).unwrap();
+    assert!(
+        stalls(&mut t, T).is_empty(),
+        "the beat at 500 moved the deadline"
+    );
+    assert_eq!(t.next_deadline(), Some(500 + T));
+    assert_eq!(stalls(&mut t, 1500), vec![10]);
+    assert!(
+        stalls(&mut t, 10_000).is_empty(),
+        "exactly once per silence"
+    );
+    assert_eq!(t.next_deadline(), None, "nothing to wake up for");
+    assert_eq!(
+        t.record(10, &frame(10, 3), UDS, 20_000),
+        Ok(Accepted::Resumed)
+    );
+    assert_eq!(stalls(&mut t, 20_000 + T), vec![10]);
+}
+
+#[test]
+fn a_new_threshold_moves_pending_deadlines() {
+    let mut t = Tracker::new(8, EvictionPolicy::Strict, 10 * T);
+    t.record(10, &frame(10, 1), UDS, 0).unwrap();
+    t.set_threshold_ns(T);
+    assert_eq!(t.next_deadline(), Some(T));
+    assert_eq!(stalls(&mut t, T), vec![10]);
+}
+
+#[test]
+fn nonce_rules() {
+    let mut t = Tracker::new(8, EvictionPolicy::Strict, T);
+    t.record(10, &frame(10, 5), UDS, 0).unwrap();
+    assert_eq!(t.record(10, &frame(10, 5), UDS, 1), Err(DropReason::Replay));
+    assert_eq!(t.record(10, &frame(10, 4), UDS, 1), Err(DropReason::Replay));
+    assert_eq!(t.record(10, &frame(10, 1), UDS, 2), Ok(Accepted::Restarted));
+    assert_eq!(
+        t.record(10, &frame(10, 1), UDS, 3),
+        Err(DropReason::Replay),
+        "duplicate of the session start"
+    );
+    assert_eq!(
+        t.record(10, &frame(10, u64::MAX - 1), UDS, 4),
+        Ok(Accepted::Beat)
+    );
+    assert_eq!(t.record(10, &frame(10, 0), UDS, 5), Ok(Accepted::Wrapped));
+    assert_eq!(t.record(10, &frame(10, 1), UDS, 6), Ok(Accepted::Beat));
+    let udp = Origin::Udp {
+        source: "127.0.0.1:9".parse().unwrap(),
+    };
+    assert_eq!(
+        t.record(10, &frame(10, 7), udp, 7),
+        Err(DropReason::OriginConflict)
+    );
+}
+
+#[test]
+fn panic_terminal_suppresses_the_stall() {
+    let mut t = Tracker::new(8, EvictionPolicy::Strict, T);
+    t.record(10, &frame(10, 1), UDS, 0).unwrap();
+    let terminal = Frame {
+        status: Status::Critical,
+        nonce: u64::MAX,
+        ..frame(10, 0)
+    };
+    t.record(10, &terminal, UDS, 10).unwrap();
+    assert!(t.get(10).unwrap().dead);
+    assert!(stalls(&mut t, 100 * T).is_empty());
+    assert_eq!(
+        t.record(10, &frame(10, 1), UDS, 200 * T),
+        Ok(Accepted::Restarted)
+    );
+    assert_eq!(stalls(&mut t, 201 * T), vec![10]);
+}
+
+#[test]
+fn strict_evicts_only_stalled_agents() {
+    let mut t = Tracker::new(2, EvictionPolicy::Strict, T);
+    t.record(10, &frame(10, 1), UDS, 0).unwrap();
+    t.record(11, &frame(11, 1), UDS, 500).unwrap();
+    assert_eq!(
+        t.record(12, &frame(12, 1), UDS, 600),
+        Err(DropReason::Capacity)
+    );
+    assert_eq!(stalls(&mut t, 1200), vec![10]);
+    assert_eq!(
+        t.record(12, &frame(12, 1), UDS, 1200),
+        Ok(Accepted::New { evicted: Some(10) })
+    );
+    assert_eq!(t.len(), 2);
+}
+
+#[test]
+fn balanced_evicts_the_agent_silent_longest() {
+    let mut t = Tracker::new(2, EvictionPolicy::Balanced, T);
+    t.record(10, &frame(10, 1), UDS, 0).unwrap();
+    t.record(11, &frame(11, 1), UDS, 100).unwrap();
+    t.record(10, &frame(10, 2), UDS, 200).unwrap();
+    // 11 is now the one silent longest, although 10's queue entry is older.
+    assert_eq!(
+        t.record(12, &frame(12, 1), UDS, 300),
+        Ok(Accepted::New { evicted: Some(11) })
+    );
+    assert!(t.get(11).is_none());
+    assert_eq!(stalls(&mut t, 200 + T), vec![10]);
+}
