@@ -1,6 +1,7 @@
 //! What happens for each event: a log line, an export line, metrics, recovery.
 
 pub mod audit;
+mod beat_counts;
 mod capture;
 pub mod export;
 pub mod http;
@@ -16,6 +17,7 @@ use varta_common::Status;
 
 use crate::{
     actions::audit::Audit,
+    actions::beat_counts::BeatCounts,
     actions::export::Exporter,
     actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
     actions::recovery::{Finished, NotRun, Outcome, Recovery},
@@ -31,6 +33,8 @@ pub struct Actions {
     start_ns: u64,
     /// Each tracked agent's identity, read once on its first beat.
     identities: HashMap<u32, Identity>,
+    /// The beat metrics of the current run of beats, not yet written.
+    beat_counts: BeatCounts,
 }
 
 impl Actions {
@@ -48,6 +52,7 @@ impl Actions {
             audit,
             start_ns,
             identities: HashMap::new(),
+            beat_counts: BeatCounts::default(),
         }
     }
 
@@ -60,6 +65,7 @@ impl Actions {
         for event in follow_ups {
             self.handle(&event, now_ns, &mut Vec::new());
         }
+        self.beat_counts.flush(&self.metrics);
         self.flush();
     }
 
@@ -81,14 +87,12 @@ impl Actions {
     }
 
     fn handle(&mut self, event: &Event, now_ns: u64, follow_ups: &mut Vec<Event>) {
+        if !matches!(event, Event::Beat { .. }) {
+            self.beat_counts.flush(&self.metrics);
+        }
         let m = &self.metrics;
         match event {
-            Event::Beat { pid, frame, .. } => {
-                m.beats.get_or_create(&PidLabel { pid: *pid }).inc();
-                m.status
-                    .get_or_create(&PidLabel { pid: *pid })
-                    .set(frame.status as i64);
-            }
+            Event::Beat { pid, frame, .. } => self.beat_counts.add(*pid, frame.status as i64),
             Event::NewAgent {
                 pid,
                 frame_pid,

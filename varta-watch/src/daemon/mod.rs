@@ -178,7 +178,11 @@ fn start_ebpf(
         drops.clone(),
     );
     match started {
-        Ok(started) => Ok(Some(started)),
+        Ok(started) => {
+            // The kernel BTF parsed while loading is freed by now: give it back.
+            crate::sys::memory::release_free_heap();
+            Ok(Some(started))
+        }
         Err(e) if config.datapath == DatapathMode::Ebpf => {
             let _ = std::fs::remove_file(&config.socket);
             anyhow::bail!("--datapath ebpf: {e}");

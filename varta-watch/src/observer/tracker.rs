@@ -123,7 +123,9 @@ pub struct Stalled {
 }
 
 pub struct Tracker {
-    agents: HashMap<u32, Agent>,
+    /// Looked up once per beat: foldhash, seeded per process (SipHash was a tenth of the
+    /// daemon's CPU at high rates), still not predictable from outside for UDP-claimed pids.
+    agents: HashMap<u32, Agent, foldhash::quality::RandomState>,
     capacity: usize,
     policy: EvictionPolicy,
     threshold_ns: u64,
@@ -136,7 +138,7 @@ pub struct Tracker {
 impl Tracker {
     pub fn new(capacity: usize, policy: EvictionPolicy, threshold_ns: u64) -> Self {
         Tracker {
-            agents: HashMap::with_capacity(capacity),
+            agents: HashMap::with_capacity_and_hasher(capacity, Default::default()),
             capacity,
             policy,
             threshold_ns,

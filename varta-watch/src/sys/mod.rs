@@ -6,6 +6,7 @@ pub mod clock;
 pub mod fdlimit;
 pub mod heartbeat;
 pub mod logger;
+pub mod memory;
 pub mod notify;
 pub mod pidfd;
 pub mod priority;

@@ -75,6 +75,8 @@ pub struct EbpfDatapath {
     tracked_keys: HashMap<u32, u64>,
     /// Some agent is watched for a stall: ordinary beats are drained on the timer.
     watching: bool,
+    /// The records of one drain, reused.
+    records: Vec<varta_common::filter::BeatRecord>,
     /// Reads the secure UDP frames the filter passes up unopened.
     secure_udp: Option<super::udp::UdpReceiver>,
 }
@@ -135,6 +137,7 @@ impl EbpfDatapath {
                 tracked: maps.tracked,
                 tracked_keys: HashMap::new(),
                 watching: false,
+                records: Vec::new(),
                 secure_udp: None,
             },
             maps.kernel_drops,
