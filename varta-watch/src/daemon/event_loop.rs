@@ -18,7 +18,7 @@ use crate::{
     datapath::{Beat, Datapath},
     observer::{Observer, drops::DropCounters, events::Event},
     signal::{Signal, Signals},
-    sys::clock::ClockSource,
+    sys::{clock::ClockSource, deadline::DeadlineTimer},
 };
 
 /// Sets up metrics, the metrics endpoint and the export file, then runs the loop until a
@@ -97,6 +97,7 @@ pub async fn serve<D: Datapath>(
         actions,
         liveness,
         clock,
+        stall_timer: DeadlineTimer::new(clock).context("creating the stall timer")?,
         beats: Vec::with_capacity(256),
         events: Vec::with_capacity(256),
     };
@@ -119,6 +120,7 @@ struct EventLoop<'c, D> {
     actions: Actions,
     liveness: super::liveness::Liveness,
     clock: ClockSource,
+    stall_timer: DeadlineTimer,
     /// Reused between wake-ups: what the datapath delivered, what the observer surfaced.
     beats: Vec<Beat>,
     events: Vec<Event>,
@@ -166,7 +168,8 @@ impl<D: Datapath> EventLoop<'_, D> {
                 received.context("receiving")?;
                 Ok(false)
             }
-            () = tokio::time::sleep_until(self.clock.instant_at(deadline.unwrap_or(0))), if deadline.is_some() => {
+            fired = self.stall_timer.wait_until(deadline.unwrap_or(0)), if deadline.is_some() => {
+                fired.context("waiting for the stall timer")?;
                 // Beats still queued count before any stall is decided.
                 self.datapath.drain(&mut self.beats);
                 Ok(false)

@@ -11,7 +11,7 @@ pub enum ClockSource {
 }
 
 impl ClockSource {
-    fn clock_id(self) -> libc::clockid_t {
+    pub fn clock_id(self) -> libc::clockid_t {
         match self {
             ClockSource::Monotonic => libc::CLOCK_MONOTONIC,
             ClockSource::Boottime => libc::CLOCK_BOOTTIME,
@@ -28,13 +28,5 @@ impl ClockSource {
         // this daemon supports, so the call cannot fail.
         unsafe { libc::clock_gettime(self.clock_id(), &mut ts) };
         ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-    }
-
-    /// How far `deadline_ns` on this clock lies ahead of now, as a tokio instant. Tokio's
-    /// timer runs on CLOCK_MONOTONIC; the difference is taken on our clock.
-    pub fn instant_at(self, deadline_ns: u64) -> tokio::time::Instant {
-        let now = self.now_ns();
-        tokio::time::Instant::now()
-            + std::time::Duration::from_nanos(deadline_ns.saturating_sub(now))
     }
 }

@@ -3,6 +3,7 @@
 //! observer's own watchdogs and heartbeat file.
 
 pub mod clock;
+pub mod deadline;
 pub mod fdlimit;
 pub mod heartbeat;
 pub mod logger;
