@@ -64,15 +64,40 @@ pub mod map {
     pub const BUCKETS: &str = "VARTA_BUCKETS";
     /// `Array<Bucket>`, one entry: the global bucket.
     pub const GLOBAL: &str = "VARTA_GLOBAL";
-    pub const ALL: [&str; 6] = [CONFIG, DROPS, EVENTS, VERDICTS, BUCKETS, GLOBAL];
+    /// `HashMap<u64 agent key, u8>`: agents the daemon tracks, written only by the daemon;
+    /// the global bucket does not apply to them (`ratelimit::global_applies`).
+    pub const TRACKED: &str = "VARTA_TRACKED";
+    pub const ALL: [&str; 7] = [CONFIG, DROPS, EVENTS, VERDICTS, BUCKETS, GLOBAL, TRACKED];
 }
 
-/// Ring buffer size in bytes (a power of two, a multiple of the page size).
+/// The ring buffer's size in the object, and the least the daemon asks for (a power of two,
+/// a multiple of the page size).
 pub const RING_BYTES: u32 = 1 << 20;
+/// The most the daemon asks for.
+pub const RING_BYTES_MAX: u32 = 64 << 20;
+/// What one record takes in the ring: the record and the ring's 8-byte header, 8-aligned.
+pub const RING_RECORD_BYTES: u32 = (core::mem::size_of::<BeatRecord>() as u32 + 8 + 7) & !7;
+
+/// The ring buffer the daemon asks for at load: room for every tracked agent's whole burst at
+/// once (`capacity` x `burst` records), so agents within their rate cannot overflow it even
+/// all together; a power of two between [`RING_BYTES`] and [`RING_BYTES_MAX`].
+pub const fn ring_bytes(capacity: u32, burst: u32) -> u32 {
+    let want = capacity as u64 * burst as u64 * RING_RECORD_BYTES as u64;
+    if want <= RING_BYTES as u64 {
+        RING_BYTES
+    } else if want >= RING_BYTES_MAX as u64 {
+        RING_BYTES_MAX
+    } else {
+        want.next_power_of_two() as u32
+    }
+}
 /// Most agents whose cross-namespace verdict the kernel remembers (LRU).
 pub const VERDICT_ENTRIES: u32 = 8192;
 /// Most agents whose per-agent token bucket the kernel keeps (LRU).
 pub const BUCKET_ENTRIES: u32 = 16384;
+/// Most tracked agents the kernel knows as such (the daemon's `--tracker-capacity` above
+/// this: the agents beyond it are charged to the global bucket like new senders).
+pub const TRACKED_ENTRIES: u32 = 65536;
 /// A pending verification that got no verdict is asked again after this long.
 pub const VERIFY_RETRY_NS: u64 = 1_000_000_000;
 

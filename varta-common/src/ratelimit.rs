@@ -96,6 +96,17 @@ impl Limit {
     }
 }
 
+/// Fair admission: whom the global bucket is for. It protects the daemon from senders that
+/// would cost it work it has not agreed to: new senders, unattested UDP pid claims, pids
+/// churned by forking, agents beyond the tracker's capacity. An agent the daemon already
+/// tracks is charged only to its own bucket, so no flood of others can cost it a beat; what
+/// tracked agents send together is bounded by `--tracker-capacity` x `--max-beat-rate`.
+/// Both datapaths ask this one function.
+#[inline(always)]
+pub const fn global_applies(tracked: bool) -> bool {
+    !tracked
+}
+
 /// Whether a bucket whose clock is at `tat` is full at `now` (it then equals a new bucket).
 #[inline(always)]
 pub const fn is_full(tat: u64, now: u64) -> bool {

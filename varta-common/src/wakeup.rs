@@ -6,8 +6,8 @@
 //! 1. **Kernel, per accepted record** ([`wake_now`]): the filter submits a record with a
 //!    forced wake-up when it is urgent, else with none. Urgent: a sender to verify
 //!    (`KIND_VERIFY`), a Critical frame, the first beat of an agent the kernel has no bucket
-//!    for, or a ring buffer holding more than [`WATERMARK_BYTES`] unread (so it never
-//!    overflows between drains).
+//!    for, or a ring buffer more than a quarter full (so it never overflows between drains;
+//!    the daemon sizes the ring at load: `filter::ring_bytes`).
 //! 2. **Daemon, drain timer** ([`DRAIN_INTERVAL_MS`]): ordinary beats wait in the ring at most
 //!    this long, and only while some agent is watched for a stall; with none watched the
 //!    timer is off and an idle daemon sleeps until an urgent record.
@@ -25,23 +25,21 @@ use crate::frame::Status;
 /// Ordinary beats wait at most this long in the ring buffer while any agent is watched.
 pub const DRAIN_INTERVAL_MS: u64 = 50;
 
-/// Above this many unread bytes in the ring buffer every record wakes the daemon: a quarter
-/// of the ring, leaving room for the burst that arrives while the daemon wakes.
-pub const WATERMARK_BYTES: u32 = crate::filter::RING_BYTES / 4;
-
-/// Rule 1: whether the kernel wakes the daemon for this record. `ring_unread` is only asked
-/// when nothing else already makes the record urgent (it costs a helper call).
+/// Rule 1: whether the kernel wakes the daemon for this record. `ring_fill` (unread bytes,
+/// ring size) is only asked when nothing else already makes the record urgent (it costs
+/// helper calls). Above a quarter full every record wakes the daemon, leaving room for the
+/// burst that arrives while it wakes.
 #[inline(always)]
 pub fn wake_now(
     verify: bool,
     status: Status,
     new_agent: bool,
-    ring_unread: impl FnOnce() -> u64,
+    ring_fill: impl FnOnce() -> (u64, u64),
 ) -> bool {
-    verify
-        || matches!(status, Status::Critical)
-        || new_agent
-        || ring_unread() > WATERMARK_BYTES as u64
+    verify || matches!(status, Status::Critical) || new_agent || {
+        let (unread, size) = ring_fill();
+        unread > size / 4
+    }
 }
 
 #[cfg(test)]
@@ -50,16 +48,15 @@ mod tests {
 
     #[test]
     fn urgent_records_skip_the_ring_query() {
-        let never = || -> u64 { panic!("queried") };
+        let never = || -> (u64, u64) { panic!("queried") };
         assert!(wake_now(true, Status::Ok, false, never));
         assert!(wake_now(false, Status::Critical, false, never));
         assert!(wake_now(false, Status::Ok, true, never));
     }
 
     #[test]
-    fn ordinary_beats_wake_only_above_the_watermark() {
-        let unread = WATERMARK_BYTES as u64;
-        assert!(!wake_now(false, Status::Degraded, false, || unread));
-        assert!(wake_now(false, Status::Ok, false, || unread + 1));
+    fn ordinary_beats_wake_only_above_a_quarter_full() {
+        assert!(!wake_now(false, Status::Degraded, false, || (1024, 4096)));
+        assert!(wake_now(false, Status::Ok, false, || (1025, 4096)));
     }
 }

@@ -3,25 +3,28 @@
 //! the ring buffer. `try_receive` says why a datagram is refused; `finish` counts it.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_hdr_start_off},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_RB_RING_SIZE, bpf_hdr_start_off,
+    },
     helpers::{
         bpf_ktime_get_boot_ns, bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_skb_load_bytes_relative,
     },
     macros::{map, socket_filter},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::info;
 use varta_common::{
     DropReason, FRAME_LEN, Frame, SECURE_FRAME_LEN, SECURE_MASTER_FRAME_LEN,
-    frame::UDP_HEADER_LEN,
     filter::{
         BUCKET_ENTRIES, BeatRecord, Bucket, CLOCK_BOOTTIME, FilterConfig, KIND_BEAT, KIND_VERIFY,
-        RING_BYTES, TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, VERDICT_ALLOW,
+        RING_BYTES, TRACKED_ENTRIES, TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, VERDICT_ALLOW,
         VERDICT_DENY_NAMESPACE, VERDICT_ENTRIES, VERDICT_PENDING, VERIFY_RETRY_NS, Verdict,
         agent_key,
     },
-    ratelimit::Limit,
+    frame::UDP_HEADER_LEN,
+    ratelimit::{Limit, global_applies},
     wakeup,
 };
 
@@ -52,6 +55,12 @@ static VARTA_BUCKETS: LruHashMap<u64, Bucket> = LruHashMap::with_max_entries(BUC
 
 #[map]
 static VARTA_GLOBAL: Array<Bucket> = Array::with_max_entries(1, 0);
+
+/// Agents the daemon tracks (written only by the daemon). Not preallocated: it holds as many
+/// entries as the tracker, not its maximum.
+#[map]
+static VARTA_TRACKED: HashMap<u64, u8> =
+    HashMap::with_max_entries(TRACKED_ENTRIES, BPF_F_NO_PREALLOC);
 
 const ETH_P_IPV6: u32 = 0x86DD;
 
@@ -181,7 +190,10 @@ fn try_receive<A: Attest>(
     }
     entry.write(record);
     let wake = wakeup::wake_now(record_kind == KIND_VERIFY, frame.status, new_agent, || {
-        VARTA_EVENTS.query(BPF_RB_AVAIL_DATA as u64)
+        (
+            VARTA_EVENTS.query(BPF_RB_AVAIL_DATA as u64),
+            VARTA_EVENTS.query(BPF_RB_RING_SIZE as u64),
+        )
     });
     entry.submit(if wake {
         BPF_RB_FORCE_WAKEUP
@@ -191,8 +203,9 @@ fn try_receive<A: Attest>(
     Ok(Accepted)
 }
 
-/// The per-agent bucket, then the global one. `Ok(true)` for an agent's first beat (it had no
-/// bucket: its bucket is created full, minus this beat).
+/// The per-agent bucket, then the global one unless the daemon tracks the agent
+/// (`ratelimit::global_applies`). `Ok(true)` for an agent's first beat (it had no bucket: its
+/// bucket is created full, minus this beat).
 #[inline(always)]
 fn take_tokens(cfg: &FilterConfig, key: u64, now: u64) -> Result<bool, DropReason> {
     let per_agent = Limit::new(cfg.per_pid_rate, cfg.per_pid_burst);
@@ -216,7 +229,12 @@ fn take_tokens(cfg: &FilterConfig, key: u64, now: u64) -> Result<bool, DropReaso
             true
         }
     };
-    if let Some(limit) = Limit::new(cfg.global_rate, cfg.global_burst) {
+    // SAFETY: a lookup whose value is only tested for presence.
+    let tracked = unsafe { VARTA_TRACKED.get(&key) }.is_some();
+    if let (true, Some(limit)) = (
+        global_applies(tracked),
+        Limit::new(cfg.global_rate, cfg.global_burst),
+    ) {
         if let Some(global) = VARTA_GLOBAL.get_ptr_mut(0) {
             // SAFETY: as above, for the single global bucket.
             let mut tat = unsafe { MapCell::new(&raw mut (*global).tat_ns) };

@@ -46,11 +46,16 @@ pub fn agent(args: &AgentArgs) -> Result<()> {
     let sock = UnixDatagram::unbound().context("creating a socket")?;
     let pid = std::process::id();
     for nonce in 1u64.. {
+        let dying = args.panic_after.is_some_and(|n| nonce > n);
         let frame = Frame {
-            status: status(args.status),
+            status: if dying {
+                Status::Critical
+            } else {
+                status(args.status)
+            },
             pid,
             timestamp: timestamp(),
-            nonce,
+            nonce: if dying { NONCE_TERMINAL } else { nonce },
             payload: args.payload,
         };
         if let Err(e) = sock.send_to(&frame.encode(), &args.socket) {
@@ -59,6 +64,9 @@ pub fn agent(args: &AgentArgs) -> Result<()> {
                 "varta-watch agent: sending to {}: {e}",
                 args.socket.display()
             );
+        }
+        if dying {
+            break;
         }
         thread::sleep(Duration::from_millis(args.interval_ms));
     }

@@ -2,7 +2,7 @@
 //!
 //! Data flow: socket -> eBPF filter (or userspace receive) -> datapath -> observer (gates,
 //! rate limits, tracker, stall deadlines) -> actions (log, export, metrics, recovery).
-//! This file only wires: `config` parses, `daemon` runs, `agent` sends.
+//! This file only wires: `config` parses, `daemon` runs, `agent` sends, `top` shows.
 
 mod actions;
 mod agent;
@@ -13,6 +13,7 @@ mod observer;
 mod ratelimit;
 mod signal;
 mod sys;
+mod top;
 
 use std::process::ExitCode;
 
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
     let result = match &line.cli.command {
         Some(Command::Beat(args)) => agent::beat(args),
         Some(Command::Agent(args)) => agent::agent(args),
+        Some(Command::Top(args)) => top::run(args),
         None => return daemon::run(&line),
     };
     match result {

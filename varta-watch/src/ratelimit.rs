@@ -5,15 +5,15 @@ use std::collections::HashMap;
 
 use varta_common::{
     DropReason,
-    ratelimit::{Limit, is_full},
+    ratelimit::{Limit, global_applies, is_full},
 };
 
 use crate::config::Limits;
 
 pub struct RateLimiter {
     limits: Limits,
-    /// Each agent's bucket clock (absent: a full bucket).
-    per_pid: HashMap<u32, u64>,
+    /// Each agent's bucket clock by agent key (absent: a full bucket).
+    per_agent: HashMap<u64, u64>,
     global: u64,
     /// Above this many per-agent buckets, full ones are forgotten (they equal a new one).
     max_buckets: usize,
@@ -23,7 +23,7 @@ impl RateLimiter {
     pub fn new(limits: Limits, max_agents: usize) -> Self {
         RateLimiter {
             limits,
-            per_pid: HashMap::new(),
+            per_agent: HashMap::new(),
             global: 0,
             max_buckets: max_agents * 4 + 1024,
         }
@@ -33,17 +33,20 @@ impl RateLimiter {
         self.limits = limits;
     }
 
-    pub fn check(&mut self, pid: u32, now_ns: u64) -> Result<(), DropReason> {
+    /// One beat of the agent `key` (`Beat::agent_key`); `tracked`: the observer tracks it,
+    /// so the global bucket does not apply (`global_applies`).
+    pub fn check(&mut self, key: u64, tracked: bool, now_ns: u64) -> Result<(), DropReason> {
         let l = &self.limits;
         if let Some(limit) = Limit::new(l.per_pid_rate, l.per_pid_burst()) {
-            if self.per_pid.len() >= self.max_buckets && !self.per_pid.contains_key(&pid) {
-                self.per_pid.retain(|_, tat| !is_full(*tat, now_ns));
+            if self.per_agent.len() >= self.max_buckets && !self.per_agent.contains_key(&key) {
+                self.per_agent.retain(|_, tat| !is_full(*tat, now_ns));
             }
-            if !limit.take(self.per_pid.entry(pid).or_insert(0), now_ns) {
+            if !limit.take(self.per_agent.entry(key).or_insert(0), now_ns) {
                 return Err(DropReason::RatePerPid);
             }
         }
-        if let Some(limit) = Limit::new(l.global_rate, l.global_burst)
+        if global_applies(tracked)
+            && let Some(limit) = Limit::new(l.global_rate, l.global_burst)
             && !limit.take(&mut self.global, now_ns)
         {
             return Err(DropReason::RateGlobal);
@@ -68,20 +71,42 @@ mod tests {
     #[test]
     fn per_pid_bucket_allows_burst_then_rate() {
         let mut r = RateLimiter::new(limits(10, 0, 0), 8);
-        let admitted = (0..100).filter(|_| r.check(7, 0).is_ok()).count();
+        let admitted = (0..100).filter(|_| r.check(7, false, 0).is_ok()).count();
         assert_eq!(admitted, 10, "one second of burst");
-        assert_eq!(r.check(7, 0), Err(DropReason::RatePerPid));
-        assert!(r.check(8, 0).is_ok(), "another agent has its own bucket");
-        assert!(r.check(7, 100_000_000).is_ok(), "one token per 100 ms");
-        assert!(r.check(7, 100_000_000).is_err());
+        assert_eq!(r.check(7, false, 0), Err(DropReason::RatePerPid));
+        assert!(
+            r.check(8, false, 0).is_ok(),
+            "another agent has its own bucket"
+        );
+        assert!(
+            r.check(7, false, 100_000_000).is_ok(),
+            "one token per 100 ms"
+        );
+        assert!(r.check(7, false, 100_000_000).is_err());
     }
 
     #[test]
     fn global_bucket_spans_agents() {
         let mut r = RateLimiter::new(limits(0, 5, 3), 8);
-        let admitted = (0..10u32).filter(|p| r.check(*p + 2, 0).is_ok()).count();
+        let admitted = (0..10u64)
+            .filter(|p| r.check(*p + 2, false, 0).is_ok())
+            .count();
         assert_eq!(admitted, 3);
-        assert_eq!(r.check(99, 0), Err(DropReason::RateGlobal));
-        assert!(r.check(99, 200_000_000).is_ok());
+        assert_eq!(r.check(99, false, 0), Err(DropReason::RateGlobal));
+        assert!(r.check(99, false, 200_000_000).is_ok());
+    }
+
+    #[test]
+    fn a_tracked_agent_is_not_charged_to_the_drained_global_bucket() {
+        let mut r = RateLimiter::new(limits(10, 5, 3), 8);
+        let flood = (0..1000u64)
+            .filter(|p| r.check(*p + 100, false, 0).is_ok())
+            .count();
+        assert_eq!(flood, 3, "new senders share the global bucket");
+        assert!(
+            r.check(7, true, 0).is_ok(),
+            "an established agent keeps its beat"
+        );
+        assert_eq!(r.check(8, false, 0), Err(DropReason::RateGlobal));
     }
 }

@@ -1,5 +1,7 @@
 //! `cargo xtask <command>`: everything that is not plain cargo.
 
+mod bench;
+mod demo;
 mod deploy;
 mod ebpf;
 mod toolchain;
@@ -34,6 +36,14 @@ enum Task {
     Run {
         #[arg(long)]
         release: bool,
+        /// Also start demo agents, wedge one, kill one and let one die with a panic frame:
+        /// a stall, an exit and a recovery within seconds (`varta-watch top` in a tmux
+        /// split when the terminal has tmux). Ctrl-C stops everything.
+        #[arg(long)]
+        demo: bool,
+        /// Run this varta-watch binary instead of building one.
+        #[arg(long)]
+        bin: Option<PathBuf>,
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -43,8 +53,13 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run the benchmarks and print their figures.
-    Bench,
+    /// Benchmark our observer (eBPF and userspace) against the incumbent 0.2.0: figures in
+    /// target/bench/ (results.json, PNG plots) and BENCHMARKS.md. About 3 minutes.
+    Bench {
+        /// More trials, rates and longer steps.
+        #[arg(long)]
+        full: bool,
+    },
     /// Boot Debian's kernels under qemu and prove the datapath in each (default: the
     /// x86_64 set 5.10, 6.1, 6.12).
     VmTest {
@@ -63,9 +78,24 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::BuildEbpf => ebpf::build().map(drop),
         Task::Build { release } => build(release).map(drop),
-        Task::Run { release, args } => run(release, &args),
+        Task::Run {
+            release,
+            demo,
+            bin,
+            args,
+        } => {
+            let bin = match bin {
+                Some(bin) => bin,
+                None => build(release)?,
+            };
+            if demo {
+                demo::run(&bin, &args)
+            } else {
+                run(&bin, &args)
+            }
+        }
         Task::Test { args } => test(&args),
-        Task::Bench => bench(),
+        Task::Bench { full } => bench::run(full),
         Task::VmTest { kernels, full } => vm::run(&kernels, full),
         Task::Image => deploy::image(&ebpf::build()?).map(drop),
     }
@@ -79,7 +109,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// A stable-toolchain cargo command at the workspace root, with the embedded eBPF object.
-fn cargo(object: &Path) -> Command {
+pub fn cargo(object: &Path) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(workspace_root())
         .env(ebpf::OBJECT_ENV, object);
@@ -94,7 +124,7 @@ fn status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn build(release: bool) -> Result<PathBuf> {
+pub fn build(release: bool) -> Result<PathBuf> {
     let object = ebpf::build()?;
     let mut cmd = cargo(&object);
     cmd.args(["build", "--package", "varta-watch"]);
@@ -106,7 +136,7 @@ fn build(release: bool) -> Result<PathBuf> {
     Ok(target_dir().join(profile).join("varta-watch"))
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))
@@ -114,8 +144,7 @@ fn target_dir() -> PathBuf {
 
 /// The embedded development configuration: a socket under /run/varta as root, else under
 /// $XDG_RUNTIME_DIR; metrics on 127.0.0.1:9100; a 2 s stall threshold.
-fn run(release: bool, args: &[String]) -> Result<()> {
-    let bin = build(release)?;
+fn run(bin: &Path, args: &[String]) -> Result<()> {
     let dir = if is_root() {
         PathBuf::from("/run/varta")
     } else {
@@ -125,7 +154,7 @@ fn run(release: bool, args: &[String]) -> Result<()> {
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let socket = dir.join("varta.sock");
-    let mut cmd = Command::new(&bin);
+    let mut cmd = Command::new(bin);
     cmd.arg("--socket")
         .arg(&socket)
         .args(["--threshold-ms", "2000", "--prom-addr", "127.0.0.1:9100"])
@@ -264,23 +293,4 @@ fn signal_tests() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Benchmarks the release build against itself (eBPF vs userspace) and against the
-/// incumbent varta-watch 0.2.0 from crates.io, installed once into the tool cache.
-fn bench() -> Result<()> {
-    let ours = build(true)?;
-    let incumbent = toolchain::ensure_incumbent()?;
-    let mut cmd = cargo(&ebpf::build()?);
-    cmd.args([
-        "run",
-        "--release",
-        "--quiet",
-        "--package",
-        "varta-e2e",
-        "--bin",
-        "varta-bench",
-        "--",
-    ]);
-    status(cmd.arg(ours).arg(incumbent))
 }

@@ -153,15 +153,19 @@ pub fn ensure_bpf_linker() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// The observer we replace, for the benchmark: varta-watch 0.2.0 from crates.io.
+/// The observer we replace, for the benchmark: varta-watch 0.2.0 from crates.io, pinned
+/// (`--locked`), with its /metrics endpoint and plaintext UDP (the many-agents scenario)
+/// compiled in.
 pub fn ensure_incumbent() -> Result<PathBuf> {
-    let root = cache_dir().join("incumbent-varta-watch-0.2.0");
+    const FEATURES: &str = "prometheus-exporter,unsafe-plaintext-udp";
+    let root = cache_dir().join("incumbent-varta-watch-0.2.0-metrics-udp");
     let bin = root.join("bin").join("varta-watch");
     if !bin.exists() {
-        eprintln!("xtask: installing the incumbent varta-watch 0.2.0 for comparison");
+        eprintln!("xtask: installing the incumbent varta-watch 0.2.0 ({FEATURES}) for comparison");
         status(
             Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-                .args(["install", "varta-watch", "--version", "0.2.0", "--root"])
+                .args(["install", "varta-watch", "--version", "0.2.0", "--locked"])
+                .args(["--features", FEATURES, "--root"])
                 .arg(&root),
         )?;
     }
@@ -169,12 +173,13 @@ pub fn ensure_incumbent() -> Result<PathBuf> {
 }
 
 /// Debian packages the tests use, installed when missing (CI runs as root on a fresh box):
-/// `unshare`/`setpriv` for namespace and privilege tests, cross compilers and qemu-user for
-/// the signal tests on aarch64 and riscv64.
+/// `unshare`/`setpriv` for namespace and privilege tests, tmux to look at `varta-watch top`,
+/// cross compilers and qemu-user for the signal tests on aarch64 and riscv64.
 pub fn ensure_test_packages() -> Result<()> {
     let wanted: &[(&str, &str)] = &[
         ("/usr/bin/unshare", "util-linux"),
         ("/usr/bin/setpriv", "util-linux"),
+        ("/usr/bin/tmux", "tmux"),
         ("/usr/bin/qemu-aarch64-static", "qemu-user-static"),
         ("/usr/bin/qemu-riscv64-static", "qemu-user-static"),
         ("/usr/bin/aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
@@ -241,6 +246,14 @@ fn install_missing(wanted: &[(&str, &str)]) -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// The font the benchmark's plots are labelled with.
+pub fn ensure_bench_packages() -> Result<()> {
+    install_missing(&[(
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "fonts-dejavu-core",
+    )])
 }
 
 /// A cross target for the signal tests: (rust target, C linker, qemu-user, its sysroot).

@@ -1,8 +1,11 @@
 //! A test sender: `varta-sender <socket|udp:ADDR> <mode> [count] [arg]`.
 //! Modes: `hex HEX` (send one datagram COUNT times), `flood` (valid frames of our own pid
 //! with rising nonces, COUNT of them, or for ARG milliseconds when COUNT is 0), `forge PID`
-//! (one valid frame claiming PID), `dying` (one beat, then the panic-terminal frame).
-//! Prints what it sent and for how long.
+//! (one valid frame claiming PID), `dying` (one beat, then the panic-terminal frame),
+//! `pace MS` (COUNT beats of our own pid, one every MS milliseconds: an honest agent),
+//! `churn MS` (for MS milliseconds, fork children that each send one beat of their own pid
+//! and exit), `rotate` (COUNT frames claiming pids that rotate through 300..30000).
+//! Prints what it sent (successfully) and for how long.
 
 use std::{net::UdpSocket, os::unix::net::UnixDatagram, time::Instant};
 
@@ -12,11 +15,13 @@ enum Out {
 }
 
 impl Out {
-    fn send(&self, b: &[u8]) {
-        let _ = match self {
+    /// Whether the datagram was sent.
+    fn send(&self, b: &[u8]) -> bool {
+        match self {
             Out::Uds(s, path) => s.send_to(b, path),
             Out::Udp(s) => s.send(b),
-        };
+        }
+        .is_ok()
     }
 }
 
@@ -64,6 +69,38 @@ fn main() {
             out.send(&varta_e2e::frame(pid, 1));
             out.send(&varta_e2e::panic_terminal_frame(pid));
             sent = 2;
+        }
+        "pace" => {
+            let interval = std::time::Duration::from_millis(args[4].parse().unwrap());
+            for nonce in 1..=count {
+                sent += out.send(&varta_e2e::frame(pid, nonce)) as u64;
+                std::thread::sleep(interval);
+            }
+        }
+        "churn" => {
+            let millis: u128 = args[4].parse().unwrap();
+            // SAFETY: setting SIGCHLD to SIG_IGN has no preconditions: children are reaped
+            // by the kernel, none is left a zombie.
+            unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+            while started.elapsed().as_millis() < millis {
+                // SAFETY: this process is single-threaded; the child only sends and exits.
+                match unsafe { libc::fork() } {
+                    0 => {
+                        let me = std::process::id();
+                        out.send(&varta_e2e::frame(me, 1));
+                        // SAFETY: _exit skips the parent's atexit handlers and buffers.
+                        unsafe { libc::_exit(0) };
+                    }
+                    -1 => std::thread::yield_now(),
+                    _ => sent += 1,
+                }
+            }
+        }
+        "rotate" => {
+            for i in 0..count {
+                let claimed = 300 + (i % 29_700) as u32;
+                sent += out.send(&varta_e2e::frame(claimed, 1 + i / 29_700)) as u64;
+            }
         }
         other => panic!("unknown mode {other}"),
     }

@@ -35,6 +35,9 @@ pub enum Command {
     Beat(BeatArgs),
     /// Beat at an interval until killed (a demo and test agent).
     Agent(AgentArgs),
+    /// A live view of a running observer's /metrics (ours or the incumbent's); `q` quits.
+    /// With stdout not a terminal, prints one plain snapshot and exits.
+    Top(TopArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -74,6 +77,20 @@ pub struct AgentArgs {
     pub status: WireStatus,
     #[arg(long, default_value_t = 0)]
     pub payload: u32,
+    /// After this many beats, send the panic-terminal frame and exit, as an agent's panic
+    /// hook does (a demo of an agent dying).
+    #[arg(long)]
+    pub panic_after: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// The observer's --prom-addr (the default is what `cargo xtask run` uses).
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    pub addr: SocketAddr,
+    /// File holding the bearer token of the observer's --prom-token-file.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -278,6 +295,11 @@ pub struct ObserverArgs {
     /// TOML file with the same keys as the long flags; re-read on SIGHUP.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// The observer's nice value, so it keeps a CPU share on a saturated node (needs
+    /// CAP_SYS_NICE to go below 0; without it the priority stays and one line says so).
+    /// 0 keeps the inherited priority.
+    #[arg(long, default_value_t = -10, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pub observer_nice: i32,
     /// How signal handlers are installed.
     #[arg(long, value_enum, default_value = "direct")]
     pub signal_handler_mode: SignalHandlerMode,

@@ -98,6 +98,7 @@ pub struct Config {
     pub prom_addr: Option<SocketAddr>,
     pub prom_token: Option<String>,
     pub signal_mode: SignalHandlerMode,
+    pub nice: i32,
     pub shutdown_after: Option<Duration>,
     pub config_file: Option<PathBuf>,
     /// Every setting as given, for the reload diff.
@@ -176,6 +177,7 @@ impl Config {
             prom_addr: a.output.prom_addr,
             prom_token,
             signal_mode: a.observer.signal_handler_mode,
+            nice: a.observer.observer_nice,
             shutdown_after: a.observer.shutdown_after_secs.map(Duration::from_secs),
             config_file: a.observer.config.clone(),
             settings: Settings::from_matches(&line.matches),

@@ -58,7 +58,7 @@ pub async fn serve<D: Datapath>(
     };
     let clock = config.clock;
     let start_ns = clock.now_ns();
-    let observer = Observer::new(config, drops, datapath.rate_limits_applied());
+    let observer = Observer::new(config, drops);
     let actions = Actions::new(
         metrics.clone(),
         export,
@@ -204,6 +204,17 @@ impl<D: Datapath> EventLoop<'_, D> {
         self.observer.expire(now, &mut self.events);
         for event in &self.events {
             match event {
+                Event::NewAgent {
+                    pid,
+                    origin,
+                    evicted,
+                    ..
+                } => {
+                    if let Some(old) = evicted {
+                        self.datapath.agent_untracked(*old);
+                    }
+                    self.datapath.agent_tracked(*pid, origin);
+                }
                 Event::Stall { pid, agent, .. } => self.datapath.agent_silent(*pid, &agent.origin),
                 Event::Exit { pid, origin, .. } => self.datapath.agent_silent(*pid, origin),
                 _ => {}

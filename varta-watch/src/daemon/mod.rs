@@ -38,6 +38,8 @@ pub fn run(line: &CommandLine) -> ExitCode {
             config.udp.map_or("-".to_owned(), |a| a.to_string())
         );
     }
+    // Before any thread starts: they inherit it.
+    crate::sys::priority::set_nice(config.nice);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
@@ -76,8 +78,7 @@ async fn start(mut config: Config) -> Result<()> {
         Ok(Some((mut datapath, kernel_drops))) => {
             // The filter passes secure-length datagrams up; they are read (or counted) here.
             if let Some(udp) = &sockets.udp {
-                let receiver = udp_receiver(&config, udp.try_clone()?, &drops)?
-                    .rate_limit(&config.limits, config.tracker_capacity);
+                let receiver = udp_receiver(&config, udp.try_clone()?, &drops)?;
                 datapath.set_secure_udp(receiver);
             }
             event_loop::serve(
@@ -163,6 +164,7 @@ fn start_ebpf(
         sockets.udp.as_ref().map(UdpSocket::try_clone).transpose()?,
         config.clock,
         &config.limits,
+        config.tracker_capacity as u32,
         config.allow_cross_namespace,
         drops.clone(),
     );

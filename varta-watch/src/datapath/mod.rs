@@ -11,7 +11,10 @@ pub mod userspace;
 
 use std::net::SocketAddr;
 
-use varta_common::Frame;
+use varta_common::{
+    Frame,
+    filter::{TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, agent_key},
+};
 
 use crate::sys::procfs::PidNs;
 
@@ -43,6 +46,22 @@ impl Origin {
             Origin::Udp { .. } => "udp",
         }
     }
+
+    /// The rate-limit key of the agent tracked as `pid`, the same as the kernel's: UDS
+    /// agents by their attested pid, UDP agents by transport and claimed pid, so the two
+    /// never share a key.
+    pub fn agent_key(&self, pid: u32) -> u64 {
+        agent_key(self.transport_code(), pid, pid)
+    }
+
+    /// The transport as the kernel records it (`BeatRecord::transport`).
+    pub fn transport_code(&self) -> u8 {
+        match self {
+            Origin::Uds { .. } => TRANSPORT_UDS,
+            Origin::Udp { source } if source.is_ipv4() => TRANSPORT_UDP4,
+            Origin::Udp { .. } => TRANSPORT_UDP6,
+        }
+    }
 }
 
 /// A valid, attested frame, ready for the gates and the tracker.
@@ -55,6 +74,15 @@ pub struct Beat {
     pub origin: Origin,
     /// Receive time on the configured clock.
     pub recv_ns: u64,
+    /// The rate limits were applied already (in the kernel); else the observer applies them.
+    pub rate_limited: bool,
+}
+
+impl Beat {
+    /// The agent's key for rate limits ([`Origin::agent_key`]).
+    pub fn agent_key(&self) -> u64 {
+        self.origin.agent_key(self.pid)
+    }
 }
 
 /// A receive path. `recv` waits for traffic and appends what it accepted; datagrams it
@@ -65,9 +93,6 @@ pub trait Datapath {
 
     /// How senders are attested: the `attest` label of `varta_datapath_info`.
     fn attest(&self) -> &'static str;
-
-    /// Whether per-agent and global rate limits were already applied (in the kernel).
-    fn rate_limits_applied(&self) -> bool;
 
     /// Waits until beats may be available, then appends every one that is.
     fn recv(&mut self, out: &mut Vec<Beat>) -> impl Future<Output = std::io::Result<()>>;
@@ -82,6 +107,14 @@ pub trait Datapath {
 
     /// An agent went silent (stall or exit): its next beat must wake the daemon at once.
     fn agent_silent(&mut self, _pid: u32, _origin: &Origin) {}
+
+    /// The tracker took in a new agent: from now on the global bucket does not apply to it
+    /// (`varta_common::ratelimit::global_applies`). The observer knows this for the beats it
+    /// limits itself; a datapath that limits in the kernel is told here.
+    fn agent_tracked(&mut self, _pid: u32, _origin: &Origin) {}
+
+    /// The tracker evicted the agent `pid`: it is charged to the global bucket again.
+    fn agent_untracked(&mut self, _pid: u32) {}
 
     /// New rate limits (SIGHUP reload).
     fn set_limits(&mut self, limits: &crate::config::Limits) -> anyhow::Result<()>;

@@ -1,18 +1,14 @@
 //! The UDP socket read by the daemon: every datagram on the userspace datapath, and on the
 //! eBPF datapath the secure frames the kernel filter passes up unopened (it consumes the
-//! plaintext ones itself). Each wake-up drains the socket until it would block. There the
-//! kernel's rate limits never saw these frames, so the receiver applies the same limits
-//! itself ([`UdpReceiver::rate_limit`]); on the userspace datapath the pipeline does.
+//! plaintext ones itself). Each wake-up drains the socket until it would block. No kernel
+//! rate limit saw these frames: the observer applies the limits (`Beat::rate_limited`).
 
 use std::{io, net::UdpSocket, os::fd::AsFd, sync::Arc};
 
 use tokio::io::unix::AsyncFd;
 
 use super::{Beat, Origin, secure::UdpFrames};
-use crate::{
-    config::Limits, observer::drops::DropCounters, ratelimit::RateLimiter, sys::clock::ClockSource,
-    sys::sock::RecvBatch,
-};
+use crate::{observer::drops::DropCounters, sys::clock::ClockSource, sys::sock::RecvBatch};
 
 const BATCH: usize = 64;
 
@@ -22,7 +18,6 @@ pub struct UdpReceiver {
     frames: UdpFrames,
     clock: ClockSource,
     drops: Arc<DropCounters>,
-    limiter: Option<RateLimiter>,
 }
 
 impl UdpReceiver {
@@ -38,22 +33,7 @@ impl UdpReceiver {
             frames,
             clock,
             drops,
-            limiter: None,
         })
-    }
-
-    /// Applies the per-agent and global limits here (the eBPF datapath, whose kernel
-    /// limits never see the frames this socket delivers).
-    pub fn rate_limit(mut self, limits: &Limits, max_agents: usize) -> Self {
-        self.limiter = Some(RateLimiter::new(limits.clone(), max_agents));
-        self
-    }
-
-    /// New limits (SIGHUP).
-    pub fn set_limits(&mut self, limits: &Limits) {
-        if let Some(limiter) = &mut self.limiter {
-            limiter.set_limits(limits.clone());
-        }
     }
 
     pub fn socket(&self) -> &UdpSocket {
@@ -85,20 +65,13 @@ impl UdpReceiver {
                 } else {
                     self.frames.decode(d.bytes)
                 };
-                let limited =
-                    |frame: varta_common::Frame, limiter: &mut Option<RateLimiter>| match limiter {
-                        Some(limiter) => limiter.check(frame.pid, now).map(|()| frame),
-                        None => Ok(frame),
-                    };
-                let decoded = decoded.and_then(|frame| {
-                    limited(frame, &mut self.limiter).map_err(super::secure::Refused::Dropped)
-                });
                 match decoded {
                     Ok(frame) => out.push(Beat {
                         pid: frame.pid,
                         frame,
                         origin: Origin::Udp { source },
                         recv_ns: now,
+                        rate_limited: false,
                     }),
                     Err(refused) => refused.count(&self.drops),
                 }

@@ -90,6 +90,7 @@ impl UserspaceDatapath {
                             frame,
                             origin: Origin::Uds { foreign_ns },
                             recv_ns: now,
+                            rate_limited: false,
                         });
                 match beat {
                     Ok(beat) => out.push(beat),
@@ -110,10 +111,6 @@ impl Datapath for UserspaceDatapath {
 
     fn attest(&self) -> &'static str {
         "scm_credentials"
-    }
-
-    fn rate_limits_applied(&self) -> bool {
-        false
     }
 
     async fn recv(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {

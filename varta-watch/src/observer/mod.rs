@@ -11,7 +11,7 @@ pub mod tracker;
 
 use std::sync::Arc;
 
-use varta_common::Status;
+use varta_common::{DropReason, Status};
 
 use crate::{
     config::{Config, Limits},
@@ -27,14 +27,14 @@ use crate::{
 pub struct Observer {
     tracker: Tracker,
     gates: Gates,
-    /// `None` when the datapath applies rate limits itself (in the kernel).
-    limiter: Option<RateLimiter>,
+    /// For the beats no kernel filter rate-limited.
+    limiter: RateLimiter,
     drops: Arc<DropCounters>,
     stalled: Vec<Stalled>,
 }
 
 impl Observer {
-    pub fn new(config: &Config, drops: Arc<DropCounters>, kernel_rate_limits: bool) -> Self {
+    pub fn new(config: &Config, drops: Arc<DropCounters>) -> Self {
         let mut tracker = Tracker::new(
             config.tracker_capacity,
             config.eviction,
@@ -44,8 +44,7 @@ impl Observer {
         Observer {
             tracker,
             gates: Gates::new(),
-            limiter: (!kernel_rate_limits)
-                .then(|| RateLimiter::new(config.limits.clone(), config.tracker_capacity)),
+            limiter: RateLimiter::new(config.limits.clone(), config.tracker_capacity),
             drops,
             stalled: Vec::new(),
         }
@@ -61,20 +60,22 @@ impl Observer {
 
     pub fn set_limits(&mut self, limits: &Limits) {
         self.tracker.set_threshold_ns(limits.threshold_ns());
-        if let Some(limiter) = &mut self.limiter {
-            limiter.set_limits(limits.clone());
+        self.limiter.set_limits(limits.clone());
+    }
+
+    /// The rate limits, for a beat no kernel filter limited: its own bucket, and the global
+    /// one unless the agent is tracked already (fair admission).
+    fn rate_limit(&mut self, beat: &Beat) -> Result<(), DropReason> {
+        if beat.rate_limited {
+            return Ok(());
         }
+        let tracked = self.tracker.tracks(beat.pid, &beat.origin);
+        self.limiter.check(beat.agent_key(), tracked, beat.recv_ns)
     }
 
     /// Runs one beat through the gates, the rate limits and the tracker.
     pub fn admit(&mut self, beat: &Beat, events: &mut Vec<Event>) {
-        let admitted = self
-            .gates
-            .check(beat)
-            .and_then(|()| match &mut self.limiter {
-                Some(limiter) => limiter.check(beat.pid, beat.recv_ns),
-                None => Ok(()),
-            });
+        let admitted = self.gates.check(beat).and_then(|()| self.rate_limit(beat));
         let accepted = admitted.and_then(|()| {
             self.tracker
                 .record(beat.pid, &beat.frame, beat.origin, beat.recv_ns)

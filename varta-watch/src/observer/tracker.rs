@@ -169,6 +169,13 @@ impl Tracker {
         self.agents.len()
     }
 
+    /// Whether `pid` is tracked as an agent of the same transport as `origin`.
+    pub fn tracks(&self, pid: u32, origin: &Origin) -> bool {
+        self.agents
+            .get(&pid)
+            .is_some_and(|a| std::mem::discriminant(&a.origin) == std::mem::discriminant(origin))
+    }
+
     pub fn get(&self, pid: u32) -> Option<&Agent> {
         self.agents.get(&pid)
     }

@@ -5,6 +5,7 @@ pub mod clock;
 pub mod logger;
 pub mod notify;
 pub mod pidfd;
+pub mod priority;
 pub mod process;
 pub mod procfs;
 pub mod readiness;

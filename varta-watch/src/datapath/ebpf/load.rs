@@ -4,11 +4,11 @@
 use std::{net::UdpSocket, os::fd::AsFd, os::unix::net::UnixDatagram};
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, MapData},
     programs::{ProgramError, SocketFilter},
 };
-use varta_common::filter::{Attest, FilterConfig, program};
+use varta_common::filter::{Attest, FilterConfig, map, program};
 
 use super::{btf, caps};
 use crate::sys::procfs;
@@ -76,14 +76,18 @@ pub fn preflight() -> Result<(), Unavailable> {
     Ok(())
 }
 
-/// Creates the maps. Nothing runs until a program is attached.
-pub fn open() -> Result<Ebpf, Unavailable> {
-    Ebpf::load(OBJECT).map_err(|e| {
-        Unavailable(format!(
-            "loading the eBPF object on kernel {}: {e}",
-            kernel_release()
-        ))
-    })
+/// Creates the maps, the ring buffer sized for `ring_bytes`. Nothing runs until a program is
+/// attached.
+pub fn open(ring_bytes: u32) -> Result<Ebpf, Unavailable> {
+    EbpfLoader::new()
+        .map_max_entries(map::EVENTS, ring_bytes)
+        .load(OBJECT)
+        .map_err(|e| {
+            Unavailable(format!(
+                "loading the eBPF object on kernel {}: {e}",
+                kernel_release()
+            ))
+        })
 }
 
 /// Loads the UDS program of the first method the kernel accepts, with the configuration that

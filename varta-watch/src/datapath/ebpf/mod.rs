@@ -25,8 +25,7 @@ use tokio::io::unix::AsyncFd;
 use varta_common::{
     DropReason,
     filter::{
-        Attest, Bucket, CLOCK_BOOTTIME, CLOCK_MONOTONIC, FilterConfig, TRANSPORT_UDP4,
-        TRANSPORT_UDP6, TRANSPORT_UDS, Verdict, agent_key, map,
+        Attest, Bucket, CLOCK_BOOTTIME, CLOCK_MONOTONIC, FilterConfig, Verdict, map, ring_bytes,
     },
     wakeup,
 };
@@ -70,6 +69,10 @@ pub struct EbpfDatapath {
     /// Per-agent token buckets; an agent without one is new to the kernel, and its next
     /// beat wakes the daemon.
     buckets: BpfHashMap<MapData, u64, Bucket>,
+    /// The agents the tracker holds, as the kernel knows them (exempt from the global
+    /// bucket), and their keys by tracked pid.
+    tracked: BpfHashMap<MapData, u64, u8>,
+    tracked_keys: HashMap<u32, u64>,
     /// Some agent is watched for a stall: ordinary beats are drained on the timer.
     watching: bool,
     /// Reads the secure UDP frames the filter passes up unopened.
@@ -81,6 +84,7 @@ struct Maps {
     ring: AsyncFd<RingBuf<MapData>>,
     verdicts: BpfHashMap<MapData, u32, Verdict>,
     buckets: BpfHashMap<MapData, u64, Bucket>,
+    tracked: BpfHashMap<MapData, u64, u8>,
     kernel_drops: KernelDrops,
 }
 
@@ -91,12 +95,15 @@ impl EbpfDatapath {
         udp: Option<UdpSocket>,
         clock: ClockSource,
         limits: &Limits,
+        tracker_capacity: u32,
         allow_cross_namespace: bool,
         drops: Arc<DropCounters>,
     ) -> Result<(Self, KernelDrops), Unavailable> {
         let methods = load::requested_methods()?;
         load::preflight()?;
-        let mut ebpf = load::open()?;
+        let ring_bytes = ring_bytes(tracker_capacity, limits.per_pid_burst());
+        let mut ebpf = load::open(ring_bytes)?;
+        log::info!("event=ebpf_ring bytes={ring_bytes} tracker_capacity={tracker_capacity}");
         let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, log::logger())
             .ok()
             .and_then(|l| crate::sys::readiness::readable(l).ok());
@@ -125,6 +132,8 @@ impl EbpfDatapath {
                 foreign: HashMap::new(),
                 exits: ExitWatcher::new(),
                 buckets: maps.buckets,
+                tracked: maps.tracked,
+                tracked_keys: HashMap::new(),
                 watching: false,
                 secure_udp: None,
             },
@@ -170,6 +179,7 @@ impl Maps {
             ring,
             verdicts: take_map(ebpf, map::VERDICTS)?,
             buckets: take_map(ebpf, map::BUCKETS)?,
+            tracked: take_map(ebpf, map::TRACKED)?,
             kernel_drops: Box::new(move || {
                 let map = kernel_drops.lock().ok()?;
                 let mut sums = [0u64; DropReason::COUNT];
@@ -199,10 +209,6 @@ impl Datapath for EbpfDatapath {
 
     fn attest(&self) -> &'static str {
         self.attest.name()
-    }
-
-    fn rate_limits_applied(&self) -> bool {
-        true
     }
 
     async fn recv(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
@@ -241,20 +247,30 @@ impl Datapath for EbpfDatapath {
 
     fn agent_silent(&mut self, pid: u32, origin: &Origin) {
         // Rule 4 of `varta_common::wakeup`: its next beat is a first beat again.
-        let (transport, host_tgid) = match origin {
-            Origin::Uds { .. } => (TRANSPORT_UDS, pid),
-            Origin::Udp { source } if source.is_ipv4() => (TRANSPORT_UDP4, 0),
-            Origin::Udp { .. } => (TRANSPORT_UDP6, 0),
-        };
-        let _ = self.buckets.remove(&agent_key(transport, host_tgid, pid));
+        let _ = self.buckets.remove(&origin.agent_key(pid));
+    }
+
+    fn agent_tracked(&mut self, pid: u32, origin: &Origin) {
+        let key = origin.agent_key(pid);
+        match self.tracked.insert(key, 1, 0) {
+            Ok(()) => {
+                self.tracked_keys.insert(pid, key);
+            }
+            // Full (a tracker above TRACKED_ENTRIES): charged to the global bucket like a
+            // new sender, which only costs it beats under a flood.
+            Err(e) => log::debug!("event=ebpf_tracked_failed pid={pid} error=\"{e}\""),
+        }
+    }
+
+    fn agent_untracked(&mut self, pid: u32) {
+        if let Some(key) = self.tracked_keys.remove(&pid) {
+            let _ = self.tracked.remove(&key);
+        }
     }
 
     fn set_limits(&mut self, limits: &Limits) -> anyhow::Result<()> {
         set_limits(&mut self.filter_config, limits);
         self.config.set(0, self.filter_config, 0)?;
-        if let Some(udp) = &mut self.secure_udp {
-            udp.set_limits(limits);
-        }
         Ok(())
     }
 }

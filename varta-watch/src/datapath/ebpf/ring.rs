@@ -99,6 +99,7 @@ impl EbpfDatapath {
             frame,
             origin,
             recv_ns: rec.recv_ns,
+            rate_limited: true,
         });
     }
 

@@ -1,0 +1,191 @@
+//! `cargo xtask bench`: our observer (eBPF and userspace datapaths) against the incumbent
+//! varta-watch 0.2.0, alternated in one run on the same machine. Ratios within one run are
+//! the figures that count: absolute numbers drift on a shared machine.
+//!
+//! `varta-bench [--full] <out-dir> <varta-watch> <incumbent>`; the helper modes below are
+//! the same binary started as agents, pacers and the recovery command.
+//! Writes `<out-dir>/results.json` (one object per observer x scenario x figure),
+//! `<out-dir>/summary.md` and PNG plots.
+
+mod observer;
+mod report;
+mod scenarios;
+
+use std::{
+    io::Write,
+    os::unix::net::UnixDatagram,
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use observer::Observer;
+use serde_json::json;
+
+/// One figure: what `results.json` holds.
+#[derive(Clone, Debug)]
+pub struct Fig {
+    pub observer: &'static str,
+    pub scenario: String,
+    pub figure: String,
+    pub value: f64,
+    pub unit: &'static str,
+}
+
+impl Fig {
+    pub fn new(o: &Observer, scenario: &str, figure: &str, value: f64, unit: &'static str) -> Fig {
+        Fig {
+            observer: o.name,
+            scenario: scenario.into(),
+            figure: figure.into(),
+            value,
+            unit,
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({"observer": self.observer, "scenario": self.scenario, "figure": self.figure,
+               "value": self.value, "unit": self.unit})
+    }
+}
+
+pub struct Opts {
+    pub me: PathBuf,
+    pub dir: PathBuf,
+    pub trials: usize,
+    pub rates: Vec<u64>,
+    pub step: Duration,
+    pub idle: Duration,
+    pub many: u32,
+}
+
+pub fn realtime_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("agent") => agent(&args[1]),
+        Some("stamp") => stamp(&args[1], &args[2]),
+        Some("pace") => pace(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap()),
+        _ => bench(&args),
+    }
+}
+
+/// One beat of our own, its time on stdout, then silence until killed (a wedged agent).
+fn agent(socket: &str) {
+    let s = UnixDatagram::unbound().unwrap();
+    let at = realtime_ns();
+    s.send_to(&varta_e2e::frame(std::process::id(), 1), socket)
+        .unwrap();
+    println!("{at}");
+    std::io::stdout().flush().unwrap();
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// The recovery command: the time it ran, in `<dir>/rec-<pid>`.
+fn stamp(dir: &str, pid: &str) {
+    let at = realtime_ns();
+    std::fs::write(format!("{dir}/rec-{pid}"), at.to_string()).unwrap();
+}
+
+/// Beats of our own pid at `rate`/s for `ms` milliseconds; prints how many were sent.
+fn pace(socket: &str, rate: u64, ms: u64) {
+    let s = UnixDatagram::unbound().unwrap();
+    let pid = std::process::id();
+    let t = Instant::now();
+    let end = Duration::from_millis(ms);
+    let mut sent = 0u64;
+    while t.elapsed() < end {
+        let due = (t.elapsed().as_secs_f64() * rate as f64) as u64;
+        while sent < due {
+            sent += 1;
+            let _ = s.send_to(&varta_e2e::frame(pid, sent), socket);
+        }
+        // Bursts every 5 ms: the generators' own wake-ups stay a small part of the
+        // machine's CPU per frame.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("{sent}");
+}
+
+fn bench(args: &[String]) {
+    let full = args.iter().any(|a| a == "--full");
+    let rest: Vec<&String> = args.iter().filter(|a| *a != "--full").collect();
+    let [out_dir, ours, incumbent] = rest[..] else {
+        panic!("usage: varta-bench [--full] <out-dir> <varta-watch> <incumbent varta-watch 0.2.0>")
+    };
+    let out_dir = PathBuf::from(out_dir);
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let dir = std::env::temp_dir().join(format!("varta-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let opts = Opts {
+        me: std::env::current_exe().unwrap(),
+        dir: dir.clone(),
+        trials: if full { 100 } else { 24 },
+        rates: if full {
+            vec![
+                5_000, 10_000, 20_000, 40_000, 80_000, 160_000, 320_000, 640_000,
+            ]
+        } else {
+            vec![5_000, 10_000, 20_000, 40_000, 80_000, 160_000, 320_000]
+        },
+        step: Duration::from_millis(if full { 4000 } else { 1500 }),
+        idle: Duration::from_secs(if full { 10 } else { 3 }),
+        many: 65_536,
+    };
+    let observers = [
+        Observer::ours(PathBuf::from(ours).as_path(), "ebpf"),
+        Observer::ours(PathBuf::from(ours).as_path(), "userspace"),
+        Observer::incumbent(PathBuf::from(incumbent).as_path()),
+    ];
+    let started = Instant::now();
+    let mut figs = Vec::new();
+    let mut plots = report::Plots::default();
+    for o in &observers {
+        eprintln!("varta-bench: {}: idle", o.name);
+        scenarios::idle(o, &opts, &mut figs);
+    }
+    for o in &observers {
+        eprintln!(
+            "varta-bench: {}: stall latency, {} trials",
+            o.name, opts.trials
+        );
+        let (rec, met) = scenarios::stall(o, &opts, &mut figs);
+        plots.stall.push((o.name, rec, met));
+    }
+    for o in &observers {
+        eprintln!("varta-bench: {}: rate sweep, 64 agents", o.name);
+        let steps = scenarios::sweep(o, &opts, &mut figs);
+        plots.sweep.push((o.name, steps));
+    }
+    let pid_max = report::PidMax::raise(opts.many + 1000);
+    for o in &observers {
+        let mut points = Vec::new();
+        for n in [1_000, opts.many] {
+            eprintln!("varta-bench: {}: rss with {n} agents", o.name);
+            if let Some(mib) = scenarios::rss(o, &opts, n, &mut figs) {
+                points.push((n, mib));
+            }
+        }
+        plots.rss.push((o.name, points));
+    }
+    drop(pid_max);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let json: Vec<_> = figs.iter().map(Fig::json).collect();
+    std::fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    plots.draw(&out_dir);
+    let summary = report::markdown(&figs, started.elapsed(), full);
+    std::fs::write(out_dir.join("summary.md"), &summary).unwrap();
+    println!("{summary}");
+}

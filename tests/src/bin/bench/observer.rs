@@ -1,0 +1,248 @@
+//! An observer under test as a process: started with the flags a scenario needs, its
+//! /metrics scraped, its CPU, context switches and RSS read from /proc, stopped with
+//! SIGTERM and timed.
+
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// One of the observers compared.
+#[derive(Clone, Debug)]
+pub struct Observer {
+    pub name: &'static str,
+    pub bin: PathBuf,
+    pub args: Vec<String>,
+    pub incumbent: bool,
+}
+
+impl Observer {
+    pub fn ours(bin: &Path, datapath: &'static str) -> Observer {
+        Observer {
+            name: if datapath == "ebpf" {
+                "ours-ebpf"
+            } else {
+                "ours-userspace"
+            },
+            bin: bin.to_owned(),
+            args: vec!["--datapath".into(), datapath.into()],
+            incumbent: false,
+        }
+    }
+
+    pub fn incumbent(bin: &Path) -> Observer {
+        Observer {
+            name: "incumbent-0.2.0",
+            bin: bin.to_owned(),
+            // Its /metrics allows 5 scrapes/s per source by default; the bench polls.
+            args: [
+                "--prom-rate-limit-per-sec",
+                "1000000",
+                "--prom-rate-limit-burst",
+                "1000000",
+            ]
+            .map(String::from)
+            .to_vec(),
+            incumbent: true,
+        }
+    }
+
+    /// Starts it on a fresh socket in `dir` with `extra` flags; waits for /metrics.
+    pub fn start(&self, dir: &Path, threshold_ms: u64, extra: &[String]) -> Running {
+        let socket = dir.join(format!("{}.sock", self.name));
+        let _ = std::fs::remove_file(&socket);
+        let token_file = dir.join("token");
+        let token = "0123456789abcdef".repeat(4);
+        if !token_file.exists() {
+            std::fs::write(&token_file, &token).unwrap();
+            std::fs::set_permissions(
+                &token_file,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .unwrap();
+        }
+        let prom = free_port();
+        let child = Command::new(&self.bin)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--threshold-ms", &threshold_ms.to_string()])
+            .args(["--prom-addr", &prom.to_string()])
+            .arg("--prom-token-file")
+            .arg(&token_file)
+            .args(&self.args)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
+        let mut run = Running {
+            child: Some(child),
+            socket,
+            prom,
+            token,
+            name: self.name,
+        };
+        let end = Instant::now() + Duration::from_secs(30);
+        while !(run.socket.exists() && run.try_metrics().is_some()) {
+            if let Some(st) = run.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("{} {:?} exited at start: {st}", self.name, self.args);
+            }
+            assert!(Instant::now() < end, "{} did not start", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        run
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+pub struct Running {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub prom: SocketAddr,
+    token: String,
+    pub name: &'static str,
+}
+
+impl Running {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Every sample of one scrape, `name{labels}` -> value.
+    pub fn try_metrics(&self) -> Option<HashMap<String, f64>> {
+        let mut s = TcpStream::connect_timeout(&self.prom, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET /metrics HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            self.token
+        )
+        .ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).ok()?;
+        let (head, body) = resp.split_once("\r\n\r\n")?;
+        if head.split_whitespace().nth(1) != Some("200") {
+            return None;
+        }
+        Some(varta_e2e::parse_metrics(body))
+    }
+
+    #[track_caller]
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        self.try_metrics()
+            .unwrap_or_else(|| panic!("{}: /metrics did not answer", self.name))
+    }
+
+    /// The sum of every sample of a family (`varta_beats_total` over all pids).
+    pub fn family_sum(&self, family: &str) -> f64 {
+        let prefix = format!("{family}{{");
+        self.metrics()
+            .iter()
+            .filter(|(k, _)| *k == family || k.starts_with(&prefix))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// (CPU seconds, context switches of all its threads).
+    pub fn cost(&self) -> (f64, u64) {
+        proc_cost(self.pid())
+    }
+
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        kib * 1024
+    }
+
+    /// SIGTERM, then the time until it exited.
+    pub fn stop(mut self) -> Duration {
+        let mut child = self.child.take().unwrap();
+        let t = Instant::now();
+        // SAFETY: kill(2) on our unreaped child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let end = t + Duration::from_secs(10);
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return t.elapsed();
+            }
+            if Instant::now() > end {
+                let _ = child.kill();
+                let _ = child.wait();
+                return t.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// CPU seconds on the CPU (schedstat: nanoseconds, where utime+stime count 10 ms ticks)
+/// and voluntary+involuntary context switches, summed over every thread.
+pub fn proc_cost(pid: u32) -> (f64, u64) {
+    let mut run_ns = 0u64;
+    let mut switches = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let sched = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        run_ns += sched
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        for l in status.lines() {
+            if l.starts_with("voluntary_ctxt_switches")
+                || l.starts_with("nonvoluntary_ctxt_switches")
+            {
+                switches += l.split_whitespace().last().unwrap().parse::<u64>().unwrap();
+            }
+        }
+    }
+    (run_ns as f64 / 1e9, switches)
+}
+
+fn hz() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// Busy CPU seconds of the whole machine, all CPUs (/proc/stat: everything but idle and
+/// iowait): the in-kernel filter runs in the senders' context, so the observer's own CPU
+/// alone would flatter the eBPF datapath.
+pub fn machine_busy() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = cpu.iter().take(8).sum();
+    let idle = cpu[3] + cpu[4];
+    (total - idle) as f64 / hz()
+}

@@ -1,0 +1,348 @@
+//! The scenarios, each against a fresh observer; every figure comes from the observer's own
+//! metrics and /proc, cross-checked with what the generators sent.
+
+use std::{
+    collections::HashMap,
+    net::UdpSocket,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    Fig, Opts,
+    observer::{Observer, machine_busy},
+    realtime_ns,
+};
+
+fn helper(opts: &Opts, args: &[&str]) -> Command {
+    let mut c = Command::new(&opts.me);
+    c.args(args).stdin(Stdio::null()).stderr(Stdio::null());
+    c
+}
+
+fn kill(mut c: Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// Idle: no agents. Wake-ups per second, RSS, and the time SIGTERM takes.
+pub fn idle(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) {
+    let run = obs.start(&opts.dir, 60_000, &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, sw0) = run.cost();
+    let t = Instant::now();
+    std::thread::sleep(opts.idle);
+    let (_, sw1) = run.cost();
+    let wakeups = (sw1 - sw0) as f64 / t.elapsed().as_secs_f64();
+    out.push(Fig::new(obs, "idle", "wakeups_per_s", wakeups, "1/s"));
+    out.push(Fig::new(
+        obs,
+        "idle",
+        "rss",
+        run.rss_bytes() as f64 / 1048576.0,
+        "MiB",
+    ));
+    let exit = run.stop();
+    out.push(Fig::new(
+        obs,
+        "idle",
+        "sigterm_exit",
+        exit.as_secs_f64() * 1e3,
+        "ms",
+    ));
+}
+
+/// Stall latency: agents (helper processes) beat once and stay silent; the time from
+/// their beat to (a) the recovery command running (it stamps the time) and (b) the stall
+/// visible in /metrics (polled every millisecond), minus the threshold.
+pub fn stall(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) -> (Vec<f64>, Vec<f64>) {
+    const THRESHOLD_MS: u64 = 300;
+    let stamps = opts.dir.join(format!("stamps-{}", obs.name));
+    let _ = std::fs::remove_dir_all(&stamps);
+    std::fs::create_dir_all(&stamps).unwrap();
+    let recovery = format!("{} stamp {} {{pid}}", opts.me.display(), stamps.display());
+    let mut extra = vec!["--recovery-exec".to_owned(), recovery];
+    if !obs.incumbent {
+        // Ours limits recovery spawns to 10/s by default; the trials come 25/s.
+        extra.extend(["--recovery-spawn-rate".into(), "1000".into()]);
+    }
+    let run = Arc::new(obs.start(&opts.dir, THRESHOLD_MS, &extra));
+
+    let seen: Arc<Mutex<HashMap<u32, Option<u64>>>> = Arc::default();
+    let poller = {
+        let (run, seen) = (run.clone(), seen.clone());
+        let trials = opts.trials;
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < end {
+                let Some(m) = run.try_metrics() else { continue };
+                let now = realtime_ns();
+                let mut seen = seen.lock().unwrap();
+                for (pid, at) in seen.iter_mut().filter(|(_, at)| at.is_none()) {
+                    if m.get(&format!("varta_stalls_total{{pid=\"{pid}\"}}"))
+                        .is_some_and(|v| *v >= 1.0)
+                    {
+                        *at = Some(now);
+                    }
+                }
+                if seen.len() == trials && seen.values().all(Option::is_some) {
+                    return;
+                }
+                drop(seen);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let mut agents = Vec::new();
+    let mut beats = HashMap::new();
+    let socket = run.socket.display().to_string();
+    for _ in 0..opts.trials {
+        let mut child = helper(opts, &["agent", &socket])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        beats.insert(child.id(), line.trim().parse::<u64>().unwrap());
+        seen.lock().unwrap().insert(child.id(), None);
+        agents.push(child);
+        // Spaced out, so each stall is handled on its own.
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    poller.join().unwrap();
+    let threshold_ns = THRESHOLD_MS as f64 * 1e6;
+    let mut to_metrics = Vec::new();
+    for (pid, at) in seen.lock().unwrap().iter() {
+        match at {
+            Some(at) => to_metrics.push((*at as f64 - beats[pid] as f64 - threshold_ns) / 1e6),
+            None => eprintln!("varta-bench: {}: no stall in /metrics for {pid}", obs.name),
+        }
+    }
+    let mut to_recovery = Vec::new();
+    let end = Instant::now() + Duration::from_secs(5);
+    for (pid, beat) in &beats {
+        let file = stamps.join(format!("rec-{pid}"));
+        while !file.exists() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        match std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        {
+            Some(at) => to_recovery.push((at as f64 - *beat as f64 - threshold_ns) / 1e6),
+            None => eprintln!("varta-bench: {}: no recovery ran for {pid}", obs.name),
+        }
+    }
+    agents.into_iter().for_each(kill);
+    drop(Arc::try_unwrap(run).ok());
+    for (name, v) in [
+        ("to_recovery", &mut to_recovery),
+        ("to_metrics", &mut to_metrics),
+    ] {
+        v.sort_by(f64::total_cmp);
+        out.push(Fig::new(
+            obs,
+            "stall",
+            &format!("{name}_trials"),
+            v.len() as f64,
+            "",
+        ));
+        for (q, label) in [(0.5, "p50"), (0.99, "p99"), (1.0, "max")] {
+            if let Some(x) = quantile(v, q) {
+                out.push(Fig::new(
+                    obs,
+                    "stall",
+                    &format!("{name}_{label}"),
+                    x,
+                    "ms beyond threshold",
+                ));
+            }
+        }
+    }
+    (to_recovery, to_metrics)
+}
+
+fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    Some(sorted[i])
+}
+
+/// One step of the rate sweep.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub offered: f64,
+    pub achieved: f64,
+    pub loss: f64,
+    pub cpu_per_beat_us: f64,
+    pub machine_cpu_per_frame_us: f64,
+    pub wakeups_per_s: f64,
+}
+
+/// 64 agents (helper processes) beat at a total rate stepped up until beats are lost or
+/// the senders cannot offer the rate; rate limits off.
+pub fn sweep(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) -> Vec<Step> {
+    let extra = [
+        "--max-beat-rate",
+        "0",
+        "--global-beat-rate",
+        "0",
+        "--tracker-capacity",
+        "8192",
+    ]
+    .map(String::from);
+    let run = obs.start(&opts.dir, 600_000, &extra);
+    let socket = run.socket.display().to_string();
+    let mut steps = Vec::new();
+    let mut best = 0.0f64;
+    for &rate in &opts.rates {
+        let beats0 = run.family_sum("varta_beats_total");
+        let (cpu0, sw0) = run.cost();
+        let busy0 = machine_busy();
+        let t = Instant::now();
+        let per = format!("{}", rate / 64);
+        let ms = opts.step.as_millis().to_string();
+        let pacers: Vec<Child> = (0..64)
+            .map(|_| {
+                helper(opts, &["pace", &socket, &per, &ms])
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let sent: u64 = pacers
+            .into_iter()
+            .map(|c| {
+                let o = c.wait_with_output().unwrap();
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+            .sum();
+        let wall = t.elapsed().as_secs_f64();
+        // Drained when the count stops moving.
+        let mut counted = run.family_sum("varta_beats_total") - beats0;
+        let end = Instant::now() + Duration::from_secs(3);
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = run.family_sum("varta_beats_total") - beats0;
+            if now == counted || Instant::now() > end {
+                break;
+            }
+            counted = now;
+        }
+        let (cpu1, sw1) = run.cost();
+        let busy1 = machine_busy();
+        let step = Step {
+            offered: rate as f64,
+            achieved: sent as f64 / opts.step.as_secs_f64(),
+            loss: (sent as f64 - counted).max(0.0) / (sent as f64).max(1.0),
+            cpu_per_beat_us: (cpu1 - cpu0) / counted.max(1.0) * 1e6,
+            machine_cpu_per_frame_us: (busy1 - busy0) / (sent as f64).max(1.0) * 1e6,
+            wakeups_per_s: (sw1 - sw0) as f64 / wall,
+        };
+        eprintln!(
+            "varta-bench: {} {rate}/s offered: sent {sent} counted {counted} loss {:.4} cpu/beat {:.2}us",
+            obs.name, step.loss, step.cpu_per_beat_us
+        );
+        let sustained = step.loss == 0.0 && step.achieved >= 0.95 * step.offered;
+        if rate == 20_000 {
+            for (fig, v, unit) in [
+                ("cpu_per_beat", step.cpu_per_beat_us, "us"),
+                ("machine_cpu_per_frame", step.machine_cpu_per_frame_us, "us"),
+                ("wakeups_per_s", step.wakeups_per_s, "1/s"),
+                // Batched draining: the suite once asserted at most one per 3 beats.
+                (
+                    "wakeups_per_beat",
+                    step.wakeups_per_s / step.achieved.max(1.0),
+                    "",
+                ),
+                ("loss", step.loss, "fraction"),
+            ] {
+                out.push(Fig::new(obs, "rate_20k_64_agents", fig, v, unit));
+            }
+        }
+        steps.push(step);
+        if !sustained {
+            break;
+        }
+        best = best.max(rate as f64);
+    }
+    out.push(Fig::new(
+        obs,
+        "sweep_64_agents",
+        "max_zero_loss_rate",
+        best,
+        "beats/s",
+    ));
+    steps
+}
+
+/// RSS with `n` agents tracked: plaintext UDP frames with synthetic pids (as many
+/// processes would not fit), rate limits off.
+pub fn rss(obs: &Observer, opts: &Opts, n: u32, out: &mut Vec<Fig>) -> Option<f64> {
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let extra = [
+        "--udp-port",
+        &port.to_string(),
+        "--udp-bind-addr",
+        "127.0.0.1",
+        "--i-accept-plaintext-udp",
+        "--tracker-capacity",
+        &(n + 64).to_string(),
+        "--max-beat-rate",
+        "0",
+        "--global-beat-rate",
+        "0",
+    ]
+    .map(String::from);
+    let run = obs.start(&opts.dir, 600_000, &extra);
+    let empty = run.rss_bytes();
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.connect(("127.0.0.1", port)).unwrap();
+    const FIRST_PID: u32 = 100;
+    let mut tracked = 0.0;
+    for round in 1..=10u64 {
+        for pid in FIRST_PID..FIRST_PID + n {
+            let _ = s.send(&varta_e2e::frame(pid, round));
+            if pid % 512 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        tracked = run
+            .metrics()
+            .get("varta_watch_pids_tracked")
+            .copied()
+            .unwrap_or(0.0);
+        if tracked >= n as f64 {
+            break;
+        }
+    }
+    if tracked < n as f64 {
+        eprintln!(
+            "varta-bench: {}: only {tracked} of {n} agents tracked",
+            obs.name
+        );
+        return None;
+    }
+    let full = run.rss_bytes();
+    let scenario = format!("rss_{n}_agents");
+    let mib = full as f64 / 1048576.0;
+    out.push(Fig::new(obs, &scenario, "rss", mib, "MiB"));
+    let per_agent = full.saturating_sub(empty) as f64 / n as f64;
+    out.push(Fig::new(obs, &scenario, "bytes_per_agent", per_agent, "B"));
+    Some(mib)
+}

@@ -1,0 +1,140 @@
+//! Fair admission: an agent that beats within its own rate never loses a beat because others
+//! flood, whoever they are (`varta_common::ratelimit::global_applies`). With the default
+//! limits, 4 honest agents beat every 100 ms while 256 processes beat as fast as they can,
+//! or a process forks a new sender per beat, or UDP frames claim rotating pids: every honest
+//! beat is counted and none of them stalls, on both datapaths.
+
+use std::time::Duration;
+
+use varta_e2e::{
+    Daemon, EBPF, Proc, log_field, require_root,
+    sender::{sender, summary},
+};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flood {
+    /// 256 processes, each beating as fast as it can with its own pid.
+    Processes,
+    /// Fork-churning senders: every beat from a new pid.
+    Churn,
+    /// UDP frames claiming pids that rotate.
+    UdpRotatingPids,
+}
+
+const HONEST: usize = 4;
+const HONEST_BEATS: &str = "40";
+
+/// One flood at a time: two at once on a 2-core machine would measure the machine.
+static ONE_FLOOD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn honest_agents_keep_every_beat(datapath: &str, flood: Flood) {
+    let _one = ONE_FLOOD.lock().unwrap_or_else(|e| e.into_inner());
+    let mut builder = Daemon::builder("fair", datapath).args(["--threshold-ms", "1000"]);
+    if flood == Flood::UdpRotatingPids {
+        builder = builder.args(["--udp-port", "0", "--i-accept-plaintext-udp"]);
+    }
+    let d = if datapath == "ebpf" {
+        builder.start_ebpf()
+    } else {
+        builder.start()
+    };
+    let socket = d.socket.to_str().unwrap().to_owned();
+    let honest: Vec<Proc> = (0..HONEST)
+        .map(|_| sender(&socket, &["pace", HONEST_BEATS, "100"]))
+        .collect();
+    let beats = |pid: u32| format!("varta_beats_total{{pid=\"{pid}\"}}");
+    // Tracked before the flood starts: established agents.
+    for h in &honest {
+        d.wait_metric(&beats(h.pid()), 1.0, Duration::from_secs(10));
+    }
+    let flooders: Vec<Proc> = match flood {
+        Flood::Processes => (0..256)
+            .map(|_| sender(&socket, &["flood", "0", "2000"]))
+            .collect(),
+        Flood::Churn => (0..4)
+            .map(|_| sender(&socket, &["churn", "0", "2000"]))
+            .collect(),
+        Flood::UdpRotatingPids => {
+            let ready = d.wait_log("event=ready", Duration::from_secs(1));
+            let target = format!("udp:{}", log_field(&ready, "udp"));
+            (0..4)
+                .map(|_| sender(&target, &["rotate", "200000"]))
+                .collect()
+        }
+    };
+    let flood_sent: u64 = flooders.into_iter().map(|f| summary(f).0).sum();
+    assert!(flood_sent > 0);
+    for h in honest {
+        let (sent, pid, _) = summary(h);
+        assert_eq!(sent, 40, "the honest agent {pid} could not send");
+        let counted = varta_e2e::wait_for(
+            &format!("every beat of the honest agent {pid}"),
+            Duration::from_secs(10),
+            || match d.metric(&beats(pid)) {
+                n if n >= sent as f64 => Ok(n),
+                n => Err(format!("{n} of {sent}; drops: {}", drops(&d))),
+            },
+        );
+        assert_eq!(counted, sent as f64, "beats of the honest agent {pid}");
+        // A stall after its last beat is its real end; one before it would be false.
+        let false_stalls: Vec<String> = d
+            .matching_logs(&["event=stall", &format!("pid={pid}")])
+            .into_iter()
+            .filter(|l| log_field(l, "last_nonce") != sent.to_string())
+            .collect();
+        assert!(
+            false_stalls.is_empty(),
+            "honest agent {pid} stalled while beating: {false_stalls:?}"
+        );
+    }
+    // The flood met the limits (else this test would prove nothing).
+    let m = d.metrics();
+    let limited = m["varta_frames_dropped_total{reason=\"rate_global\"}"]
+        + m["varta_frames_dropped_total{reason=\"rate_per_pid\"}"]
+        + m["varta_frames_dropped_total{reason=\"capacity\"}"];
+    assert!(limited > 0.0, "the flood of {flood_sent} was never limited");
+}
+
+/// Every nonzero drop counter, for a failure message.
+fn drops(d: &Daemon) -> String {
+    let mut m: Vec<_> = d
+        .metrics()
+        .into_iter()
+        .filter(|(k, v)| k.starts_with("varta_frames_dropped_total") && *v > 0.0)
+        .collect();
+    m.sort_by(|a, b| a.0.cmp(&b.0));
+    format!("{m:?}")
+}
+
+#[test]
+fn a_flood_of_256_processes_costs_honest_agents_nothing_userspace() {
+    honest_agents_keep_every_beat("userspace", Flood::Processes);
+}
+
+#[test]
+fn a_flood_of_256_processes_costs_honest_agents_nothing_ebpf_needs_root() {
+    require_root!(EBPF);
+    honest_agents_keep_every_beat("ebpf", Flood::Processes);
+}
+
+#[test]
+fn fork_churn_costs_honest_agents_nothing_userspace() {
+    honest_agents_keep_every_beat("userspace", Flood::Churn);
+}
+
+#[test]
+fn fork_churn_costs_honest_agents_nothing_ebpf_needs_root() {
+    require_root!(EBPF);
+    honest_agents_keep_every_beat("ebpf", Flood::Churn);
+}
+
+#[test]
+fn udp_rotating_pids_cost_honest_agents_nothing_userspace() {
+    honest_agents_keep_every_beat("userspace", Flood::UdpRotatingPids);
+}
+
+#[test]
+fn udp_rotating_pids_cost_honest_agents_nothing_ebpf_needs_root() {
+    require_root!(EBPF);
+    honest_agents_keep_every_beat("ebpf", Flood::UdpRotatingPids);
+}
