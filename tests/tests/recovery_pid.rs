@@ -87,11 +87,45 @@ fn tracked_agent(d: &Daemon) -> (varta_e2e::Proc, u32) {
     (agent, pid)
 }
 
+/// Field 22 of `/proc/<pid>/stat`: when the process started, in clock ticks since boot.
+fn start_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 1..];
+    rest.split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+/// Clock ticks since boot now (the clock of [`start_ticks`]).
+fn boot_ticks() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) },
+        0
+    );
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    (now.tv_sec as u64 * hz) + (now.tv_nsec as u64 * hz / 1_000_000_000)
+}
+
 /// The agent exits and another process takes its pid before the agent's silence can reach
 /// the threshold; the guard of that process. Fails rather than race if it took longer.
+/// Start times count clock ticks (10 ms), so two processes started within one tick look
+/// alike: only a forced reuse can be that fast, and this one waits for the next tick.
 fn replace(agent: varta_e2e::Proc, pid: u32, argv: &[&str]) -> AtPid {
+    let started = start_ticks(pid);
     let killed = Instant::now();
     drop(agent);
+    varta_e2e::wait_for("the clock tick after the agent's start", WAIT, || {
+        let now = boot_ticks();
+        if now > started {
+            Ok(())
+        } else {
+            Err(format!("{now} ticks, started at {started}"))
+        }
+    });
     let other = AtPid::spawn(pid, argv);
     assert!(
         killed.elapsed() < Duration::from_millis(THRESHOLD_MS),

@@ -1,6 +1,7 @@
 //! A process, not just a pid: a pid names whichever process holds it now, and after an exit
 //! the kernel hands it to another. A pid and its process's start time (field 22 of
-//! `/proc/<pid>/stat`, clock ticks since boot) name one process for the life of the host.
+//! `/proc/<pid>/stat`, clock ticks since boot) name one process for the life of the host,
+//! up to the tick (10 ms): reusing a pid that fast takes forcing it (root).
 //! The rule of when a pid still is the process that beat lives here, for the tracker (is a
 //! restart the same process?) and for recovery (may the command be told this pid?).
 
