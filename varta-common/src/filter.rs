@@ -73,14 +73,17 @@ pub mod map {
 /// The ring buffer's size in the object, and the least the daemon asks for (a power of two,
 /// a multiple of the page size).
 pub const RING_BYTES: u32 = 1 << 20;
-/// The most the daemon asks for.
-pub const RING_BYTES_MAX: u32 = 64 << 20;
+/// The most the daemon asks for: the ring's pages are mapped into the daemon (its data
+/// area twice), so each MiB here is two MiB of resident memory. Above this the watermark
+/// wake-up (a quarter full) and the daemon's CPU share must keep up instead.
+pub const RING_BYTES_MAX: u32 = 4 << 20;
 /// What one record takes in the ring: the record and the ring's 8-byte header, 8-aligned.
 pub const RING_RECORD_BYTES: u32 = (core::mem::size_of::<BeatRecord>() as u32 + 8 + 7) & !7;
 
 /// The ring buffer the daemon asks for at load: room for every tracked agent's whole burst at
 /// once (`capacity` x `burst` records), so agents within their rate cannot overflow it even
-/// all together; a power of two between [`RING_BYTES`] and [`RING_BYTES_MAX`].
+/// all together, as far as [`RING_BYTES_MAX`] allows; a power of two, at least
+/// [`RING_BYTES`]. The default tracker (256 agents, 100 beats/s) gets 2 MiB.
 pub const fn ring_bytes(capacity: u32, burst: u32) -> u32 {
     let want = capacity as u64 * burst as u64 * RING_RECORD_BYTES as u64;
     if want <= RING_BYTES as u64 {
@@ -217,4 +220,22 @@ mod pod {
     unsafe impl aya::Pod for super::Verdict {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Bucket {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_holds_every_tracked_burst_within_its_bounds() {
+        assert_eq!(RING_RECORD_BYTES, 80);
+        assert_eq!(ring_bytes(256, 100), 2 << 20, "the defaults");
+        assert_eq!(ring_bytes(1, 1), RING_BYTES);
+        assert_eq!(ring_bytes(65_536, 100), RING_BYTES_MAX);
+        for (capacity, burst) in [(300, 7), (1000, 10), (50, 200)] {
+            let bytes = ring_bytes(capacity, burst);
+            assert!(bytes.is_power_of_two());
+            assert!(bytes >= capacity * burst * RING_RECORD_BYTES);
+        }
+    }
 }

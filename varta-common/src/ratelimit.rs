@@ -101,10 +101,11 @@ impl Limit {
 /// churned by forking, agents beyond the tracker's capacity. An agent the daemon already
 /// tracks is charged only to its own bucket, so no flood of others can cost it a beat; what
 /// tracked agents send together is bounded by `--tracker-capacity` x `--max-beat-rate`.
+/// Without a per-agent limit there is no such bound, and the global bucket applies to all.
 /// Both datapaths ask this one function.
 #[inline(always)]
-pub const fn global_applies(tracked: bool) -> bool {
-    !tracked
+pub const fn global_applies(tracked: bool, per_agent_limit: bool) -> bool {
+    !(tracked && per_agent_limit)
 }
 
 /// Whether a bucket whose clock is at `tat` is full at `now` (it then equals a new bucket).

@@ -232,7 +232,7 @@ fn take_tokens(cfg: &FilterConfig, key: u64, now: u64) -> Result<bool, DropReaso
     // SAFETY: a lookup whose value is only tested for presence.
     let tracked = unsafe { VARTA_TRACKED.get(&key) }.is_some();
     if let (true, Some(limit)) = (
-        global_applies(tracked),
+        global_applies(tracked, per_agent.is_some()),
         Limit::new(cfg.global_rate, cfg.global_burst),
     ) {
         if let Some(global) = VARTA_GLOBAL.get_ptr_mut(0) {

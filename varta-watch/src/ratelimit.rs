@@ -37,7 +37,8 @@ impl RateLimiter {
     /// so the global bucket does not apply (`global_applies`).
     pub fn check(&mut self, key: u64, tracked: bool, now_ns: u64) -> Result<(), DropReason> {
         let l = &self.limits;
-        if let Some(limit) = Limit::new(l.per_pid_rate, l.per_pid_burst()) {
+        let per_agent = Limit::new(l.per_pid_rate, l.per_pid_burst());
+        if let Some(limit) = per_agent {
             if self.per_agent.len() >= self.max_buckets && !self.per_agent.contains_key(&key) {
                 self.per_agent.retain(|_, tat| !is_full(*tat, now_ns));
             }
@@ -45,7 +46,7 @@ impl RateLimiter {
                 return Err(DropReason::RatePerPid);
             }
         }
-        if global_applies(tracked)
+        if global_applies(tracked, per_agent.is_some())
             && let Some(limit) = Limit::new(l.global_rate, l.global_burst)
             && !limit.take(&mut self.global, now_ns)
         {
@@ -108,5 +109,13 @@ mod tests {
             "an established agent keeps its beat"
         );
         assert_eq!(r.check(8, false, 0), Err(DropReason::RateGlobal));
+        let mut unbounded = RateLimiter::new(limits(0, 5, 3), 8);
+        let admitted = (0..10)
+            .filter(|_| unbounded.check(7, true, 0).is_ok())
+            .count();
+        assert_eq!(
+            admitted, 3,
+            "without a per-agent limit the global one binds everyone"
+        );
     }
 }

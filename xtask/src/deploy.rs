@@ -108,7 +108,7 @@ pub fn static_binary(object: &Path) -> Result<std::path::PathBuf> {
 }
 
 /// `cargo xtask image`: the static binary, then deploy/Containerfile with buildah; prints
-/// the image id and size. Returns the image name and the static binary it holds.
+/// the image id and size. Returns the image id and the static binary it holds.
 pub fn image(object: &Path) -> Result<(String, std::path::PathBuf)> {
     let bin = static_binary(object)?;
     let root = crate::workspace_root();
@@ -151,5 +151,6 @@ pub fn image(object: &Path) -> Result<(String, std::path::PathBuf)> {
         &id[..id.len().min(12)],
         size as f64 / (1024.0 * 1024.0)
     );
-    Ok((IMAGE.to_owned(), bin))
+    // The id, not the tag: another checkout building meanwhile may move the tag.
+    Ok((id.to_owned(), bin))
 }

@@ -106,8 +106,12 @@ impl Actions {
                     origin.transport(),
                     origin.is_cross_namespace()
                 );
-                m.agent_info.get_or_create(&identity.label(*pid)).set(1);
-                self.identities.insert(*pid, identity);
+                // Only an attested agent has a name to export; a UDP one would be an empty
+                // series (and memory) per claimed pid.
+                if matches!(origin, crate::datapath::Origin::Uds { .. }) {
+                    m.agent_info.get_or_create(&identity.label(*pid)).set(1);
+                    self.identities.insert(*pid, identity);
+                }
                 if let Some(old) = evicted {
                     m.evicted.inc();
                     for family in [&m.beats, &m.stalls, &m.exits, &m.criticals] {
