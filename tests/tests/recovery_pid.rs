@@ -101,10 +101,8 @@ fn boot_ticks() -> u64 {
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes the timespec we own.
-    assert_eq!(
-        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) },
-        0
-    );
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+    assert_eq!(rc, 0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     (now.tv_sec as u64 * hz) + (now.tv_nsec as u64 * hz / 1_000_000_000)
