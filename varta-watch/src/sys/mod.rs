@@ -9,6 +9,7 @@ pub mod logger;
 pub mod notify;
 pub mod pidfd;
 pub mod priority;
+pub mod process;
 pub mod procfs;
 pub mod readiness;
 pub mod sock;
