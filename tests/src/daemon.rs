@@ -297,6 +297,24 @@ impl Daemon {
         )
     }
 
+    /// Starts an agent beating every `interval_ms`, waits until it is tracked, kills it and
+    /// waits for its stall: the pid of an agent that stalled.
+    #[track_caller]
+    pub fn stalled_agent(&self, interval_ms: u64) -> u32 {
+        let agent = self.agent(interval_ms);
+        let pid = agent.pid();
+        self.wait_log_all(
+            &["event=agent_new", &format!("pid={pid}")],
+            Duration::from_secs(10),
+        );
+        drop(agent);
+        self.wait_log_all(
+            &["event=stall", &format!("pid={pid}")],
+            Duration::from_secs(10),
+        );
+        pid
+    }
+
     /// Starts an agent that beats once (and lives on), and waits for its stall: afterwards
     /// a whole threshold has passed in the daemon since the call, and every stall due
     /// before has been surfaced. The event that a quiet period is over.

@@ -143,6 +143,16 @@ pub fn token_file(dir: &Path) -> (PathBuf, String) {
     (path, token)
 }
 
+/// A copy of a file under `deploy/` in `dir`, mode 0600: how a configuration file must be
+/// (a checkout's files are 0644).
+pub fn private_copy(dir: &Path, rel: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(Path::new(rel).file_name().expect("a file"));
+    std::fs::write(&path, deploy_file(rel)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
 /// The value of `key` in deploy/kubernetes/varta.toml (quotes removed).
 pub fn manifest_config(key: &str) -> String {
     deploy_file("kubernetes/varta.toml")

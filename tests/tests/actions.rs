@@ -284,16 +284,7 @@ fn critical_and_panic_terminal_are_surfaced_at_once(datapath: &str) {
     let me = std::process::id();
     let me_is = format!("pid={me}");
     d.send(&frame(me, 1));
-    d.send(
-        &varta_common::Frame {
-            status: varta_common::Status::Critical,
-            pid: me,
-            timestamp: 1,
-            nonce: u64::MAX,
-            payload: 0,
-        }
-        .encode(),
-    );
+    d.send(&varta_e2e::panic_terminal_frame(me));
     d.wait_log_all(&["event=exit", &me_is], Duration::from_secs(5));
     // Every stall due from those frames has been surfaced once a later agent's has.
     d.wait_one_threshold();

@@ -18,7 +18,7 @@ use std::{
 
 use varta_e2e::{
     EBPF, Proc, bin,
-    deploy::{self, http_get, in_ci, repo},
+    deploy::{self, http_get, in_ci},
     log_has, require_root, scratch,
 };
 
@@ -133,7 +133,7 @@ fn the_image_runs_as_the_daemonset_does_attaches_ebpf_tracks_a_host_beat_and_sto
         .arg("--volume")
         .arg(format!(
             "{}:/etc/varta/varta.toml:ro",
-            repo().join("deploy/kubernetes/varta.toml").display()
+            deploy::private_copy(&token_dir, "kubernetes/varta.toml").display()
         ))
         .arg("--volume")
         .arg(format!("{}:{token_mount}:ro", token_file.display()))

@@ -190,7 +190,6 @@ fn the_daemon_accepts_the_manifest_configuration_needs_root() {
     // The file as the pod reads it, with the Secret's file where the DaemonSet mounts it
     // (here a scratch copy), the socket in a scratch directory and the metrics port free;
     // the address stays the manifest's (not loopback, so the token is required).
-    let config = repo().join("deploy/kubernetes/varta.toml");
     let ds = deploy_file("kubernetes/daemonset.yaml");
     let token_path = deploy::manifest_config("prom-token-file");
     let mount = token_path.rsplit_once('/').unwrap().0;
@@ -200,6 +199,12 @@ fn the_daemon_accepts_the_manifest_configuration_needs_root() {
     );
     let dir = varta_e2e::scratch("k8s-token");
     let (token_file, token) = deploy::token_file(&dir);
+    // The file as the ConfigMap mounts it: mode 0600 (defaultMode), root's.
+    let config = deploy::private_copy(&dir, "kubernetes/varta.toml");
+    assert!(
+        ds.contains("defaultMode: 0600"),
+        "the ConfigMap's file is private"
+    );
     let ip = deploy::manifest_config("prom-addr")
         .rsplit_once(':')
         .unwrap()

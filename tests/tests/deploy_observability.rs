@@ -38,29 +38,10 @@ fn exported_names() -> BTreeSet<String> {
     let d = Daemon::builder("deploy-names", "userspace")
         .args(["--threshold-ms", "300"])
         .start();
-    let agent = d.agent(50);
-    let pid = agent.pid();
-    d.wait_log_all(
-        &["event=agent_new", &format!("pid={pid}")],
-        Duration::from_secs(10),
-    );
-    drop(agent);
-    d.wait_log_all(
-        &["event=stall", &format!("pid={pid}")],
-        Duration::from_secs(10),
-    );
+    d.stalled_agent(50);
     let me = std::process::id();
     d.send(&frame(me, 1));
-    d.send(
-        &varta_common::Frame {
-            status: varta_common::Status::Critical,
-            pid: me,
-            timestamp: 1,
-            nonce: u64::MAX,
-            payload: 0,
-        }
-        .encode(),
-    );
+    d.send(&varta_e2e::panic_terminal_frame(me));
     d.wait_log_all(
         &["event=exit", &format!("pid={me}")],
         Duration::from_secs(10),
@@ -156,17 +137,7 @@ fn a_real_prometheus_with_the_shipped_config_sees_a_stall_and_fires_the_alert() 
     let mut d = Daemon::builder("deploy-prometheus", "userspace")
         .args(["--threshold-ms", "300"])
         .start();
-    let agent = d.agent(50);
-    let pid = agent.pid();
-    d.wait_log_all(
-        &["event=agent_new", &format!("pid={pid}")],
-        Duration::from_secs(10),
-    );
-    drop(agent);
-    d.wait_log_all(
-        &["event=stall", &format!("pid={pid}")],
-        Duration::from_secs(10),
-    );
+    let pid = d.stalled_agent(50);
 
     // The shipped configuration and rules, verbatim; only the targets file is ours.
     let dir = d.dir.join("prometheus");

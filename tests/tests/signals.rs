@@ -146,6 +146,8 @@ fn sighup_reloads_the_config_file_and_rejects_an_invalid_one() {
     let dir = varta_e2e::scratch("reload-config");
     let config = dir.join("varta.toml");
     std::fs::write(&config, "threshold-ms = 5000\nmax-beat-rate = 100\n").unwrap();
+    // A configuration file must be private to the observer's user (tests/tests/recovery_config.rs).
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let d = Daemon::builder("reload", "userspace")
         .args(["--config", config.to_str().unwrap()])
         .start();

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use crate::{status, toolchain, workspace_root};
 
 /// The targets in `fuzz/Cargo.toml`.
-const TARGETS: [&str; 2] = ["decode_plain", "attestation"];
+const TARGETS: [&str; 3] = ["decode_plain", "decode_secure", "attestation"];
 
 /// Runs every target for `each`; a crash (a failed property) fails the run, and libFuzzer
 /// leaves the input under `fuzz/artifacts/<target>/`.

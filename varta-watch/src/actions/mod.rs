@@ -142,6 +142,7 @@ impl Actions {
                 frame,
                 origin,
                 known,
+                started,
             } => {
                 m.exits.get_or_create(&PidLabel { pid: *pid }).inc();
                 log::warn!(
@@ -152,7 +153,7 @@ impl Actions {
                 // Its first frame is its death: nothing ever beat there to be recovered, and
                 // anyone can send that frame; surfaced, not acted on.
                 match known {
-                    true => self.recover(*pid, *origin, now_ns, follow_ups),
+                    true => self.recover(*pid, *origin, *started, now_ns, follow_ups),
                     false if self.recovery.is_some() => {
                         self.suppressed(*pid, "unknown_agent", follow_ups)
                     }
@@ -175,9 +176,12 @@ impl Actions {
                     agent.origin.transport(),
                     self.identity(*pid)
                 );
-                self.recover(*pid, agent.origin, now_ns, follow_ups);
+                self.recover(*pid, agent.origin, agent.started, now_ns, follow_ups);
             }
             Event::Resumed { pid } => log::info!("event=agent_resumed pid={pid}"),
+            Event::Replaced { pid } => {
+                log::info!("event=agent_replaced pid={pid} reason=pid_reused")
+            }
             Event::Restarted { pid } => {
                 m.restarts.inc();
                 log::info!("event=agent_restarted pid={pid} reason=nonce_1");
@@ -235,7 +239,7 @@ impl Actions {
         }
     }
 
-    /// A recovery a global limit (or an unknown agent) kept from running: counted in
+    /// A recovery a global limit (or an unknown agent, or a reused pid) kept from running: counted in
     /// `varta_recovery_suppressed_total{reason}`.
     fn suppressed(&mut self, pid: u32, reason: &'static str, follow_ups: &mut Vec<Event>) {
         self.metrics
@@ -254,13 +258,14 @@ impl Actions {
         &mut self,
         pid: u32,
         origin: crate::datapath::Origin,
+        started: Option<crate::sys::process::StartTime>,
         now_ns: u64,
         follow_ups: &mut Vec<Event>,
     ) {
         let Some(recovery) = &mut self.recovery else {
             return;
         };
-        match recovery.start(pid, origin) {
+        match recovery.start(pid, origin, started) {
             Ok(child) => {
                 log::info!(
                     "event=recovery_started pid={pid} child={}",

@@ -7,6 +7,12 @@
 //! second (a token bucket of one second's burst); a recovery over either limit is
 //! suppressed and counted, not queued. At shutdown the commands still running after the
 //! grace period are killed ([`Recovery::kill_all`]).
+//!
+//! The command is told a pid, so that pid must still be the process that beat: just before
+//! the spawn, the process holding it is compared with the agent's recorded start time
+//! (`sys::process`). A pid another process holds now is never recovered (suppressed,
+//! `pid_reused`); a pid nobody holds (the agent died) is, as the command may restart it.
+//! A UDP agent's pid is only a claim, possibly of another host: not checked.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -18,7 +24,14 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use crate::{config::RecoveryConfig, datapath::Origin, sys::pidfd::ExitWatcher};
+use crate::{
+    config::RecoveryConfig,
+    datapath::Origin,
+    sys::{
+        pidfd::ExitWatcher,
+        process::{Continuity, StartTime},
+    },
+};
 
 /// What became of a recovery: run to an end, or not run at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +89,8 @@ pub struct Recovery {
 pub enum NotRun {
     Debounced,
     Refused(&'static str),
-    /// A global limit bit: `max_running` or `spawn_rate`.
+    /// A global limit bit (`max_running`, `spawn_rate`), or the pid is no longer the
+    /// agent's (`pid_reused`).
     Suppressed(&'static str),
 }
 
@@ -113,9 +127,14 @@ impl Recovery {
         argv
     }
 
-    /// Starts the recovery command for `pid` unless refused or debounced; the child's pid
-    /// when it started.
-    pub fn start(&mut self, pid: u32, origin: Origin) -> Result<Option<u32>, NotRun> {
+    /// Starts the recovery command for `pid`, whose agent's process started at `started`,
+    /// unless refused, debounced or suppressed; the child's pid when it started.
+    pub fn start(
+        &mut self,
+        pid: u32,
+        origin: Origin,
+        started: Option<StartTime>,
+    ) -> Result<Option<u32>, NotRun> {
         if matches!(origin, Origin::Udp { .. }) && !self.config.allow_udp {
             return Err(NotRun::Refused("unauthenticated_transport"));
         }
@@ -136,6 +155,12 @@ impl Recovery {
         self.refilled = now;
         if self.tokens < 1.0 {
             return Err(NotRun::Suppressed("spawn_rate"));
+        }
+        // Last, as close to the spawn as it gets.
+        if matches!(origin, Origin::Uds { .. })
+            && Continuity::check(pid, started) == Continuity::Reused
+        {
+            return Err(NotRun::Suppressed("pid_reused"));
         }
         self.tokens -= 1.0;
         self.last_run.insert(pid, now);
@@ -176,7 +201,7 @@ impl Recovery {
         let children = self.children.clone();
         let child_pid = child.id();
         let capture = crate::actions::capture::start(&mut child, self.config.capture_bytes);
-        let started = Instant::now();
+        let spawned_at = Instant::now();
         tokio::spawn(async move {
             let (outcome, detail, status) = supervise(child, timeout, children).await;
             let output = match capture {
@@ -186,7 +211,7 @@ impl Recovery {
             let run = crate::actions::audit::Run {
                 child: child_pid,
                 status,
-                elapsed: started.elapsed(),
+                elapsed: spawned_at.elapsed(),
                 output,
             };
             let _ = tx.send(Finished {
@@ -308,6 +333,11 @@ mod tests {
 
     const UDS: Origin = Origin::Uds { foreign_ns: None };
 
+    /// Starts recovery for `pid` as the process holding it now.
+    fn start(r: &mut Recovery, pid: u32) -> Result<Option<u32>, NotRun> {
+        r.start(pid, UDS, StartTime::of(pid))
+    }
+
     fn on_runtime(f: impl AsyncFnOnce()) {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -329,12 +359,12 @@ mod tests {
     fn the_global_cap_suppresses_and_kill_all_ends_the_commands() {
         on_runtime(async || {
             let mut r = Recovery::new(config(2, 100));
-            assert!(matches!(r.start(1, UDS), Ok(Some(_))));
-            assert!(matches!(r.start(2, UDS), Ok(Some(_))));
-            assert_eq!(r.start(3, UDS), Err(NotRun::Suppressed("max_running")));
+            assert!(matches!(start(&mut r, 1), Ok(Some(_))));
+            assert!(matches!(start(&mut r, 2), Ok(Some(_))));
+            assert_eq!(start(&mut r, 3), Err(NotRun::Suppressed("max_running")));
             assert_eq!(r.running(), 2);
             end_all(&mut r).await;
-            assert!(matches!(r.start(3, UDS), Ok(Some(_))));
+            assert!(matches!(start(&mut r, 3), Ok(Some(_))));
             end_all(&mut r).await;
         });
     }
@@ -343,8 +373,36 @@ mod tests {
     fn the_global_spawn_rate_suppresses() {
         on_runtime(async || {
             let mut r = Recovery::new(config(10, 1));
-            assert!(matches!(r.start(1, UDS), Ok(Some(_))));
-            assert_eq!(r.start(2, UDS), Err(NotRun::Suppressed("spawn_rate")));
+            assert!(matches!(start(&mut r, 1), Ok(Some(_))));
+            assert_eq!(start(&mut r, 2), Err(NotRun::Suppressed("spawn_rate")));
+            end_all(&mut r).await;
+        });
+    }
+
+    #[test]
+    fn a_pid_another_process_holds_is_never_recovered() {
+        on_runtime(async || {
+            let mut r = Recovery::new(config(10, 100));
+            let me = std::process::id();
+            let mine = StartTime::of(me);
+            let other = mine.map(|StartTime(t)| StartTime(t + 1));
+            assert_eq!(
+                r.start(me, UDS, other),
+                Err(NotRun::Suppressed("pid_reused"))
+            );
+            // Gone before the observer looked, and now held by a process: not the agent.
+            assert_eq!(
+                r.start(me, UDS, None),
+                Err(NotRun::Suppressed("pid_reused"))
+            );
+            assert_eq!(r.running(), 0);
+            // A dead agent's pid that nobody holds is recovered: the command may restart it.
+            let mut child = std::process::Command::new("/bin/true").spawn().unwrap();
+            let gone = child.id();
+            child.wait().unwrap();
+            if StartTime::of(gone).is_none() {
+                assert!(matches!(r.start(gone, UDS, mine), Ok(Some(_))));
+            }
             end_all(&mut r).await;
         });
     }

@@ -271,6 +271,10 @@ pub struct RecoveryArgs {
     /// Give the recovery command the observer's whole environment.
     #[arg(long, group = LIVE)]
     pub recovery_inherit_env: bool,
+    /// Let --recovery-env set loader variables (LD_*, GCONV_PATH, GLIBC_TUNABLES, ...),
+    /// which make the recovery command load code or data from where they point.
+    #[arg(long, group = LIVE)]
+    pub i_accept_recovery_env_loader_variables: bool,
     /// Allow recovery for agents known only through plaintext UDP (their pid is unattested).
     #[arg(long, group = LIVE)]
     pub plaintext_udp_i_accept_recovery_on_unauthenticated_transport: bool,

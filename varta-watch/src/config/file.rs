@@ -2,10 +2,14 @@
 //! (`threshold-ms = 2000`, `allow-cross-namespace-agents = true`, `recovery-env = ["A=1"]`).
 //! Its keys become command-line arguments placed before the real ones, so flags override
 //! it; a key whose environment variable is set is left out, so the environment does too.
+//! The file must be private to the observer's user (see [`args`]), at start and on reload.
 
 use std::{ffi::OsString, path::Path, process::ExitCode};
 
-use super::cli::{CommandLine, env_name};
+use super::{
+    cli::{CommandLine, env_name},
+    private_file,
+};
 
 /// The command line, with `--config`'s keys in front when it names a file. A bad flag or
 /// file is one line on stderr naming it, and exit code 2.
@@ -45,9 +49,11 @@ fn first_line(e: &clap::Error) -> String {
         .to_owned()
 }
 
-/// The file as arguments, or a one-line reason it is invalid.
+/// The file as arguments, or a one-line reason it is invalid. It may name the recovery
+/// command and its environment, so it gets the checks of `--recovery-exec-file`: owned by
+/// the observer's user, mode 0600, not a symlink, checked on the opened file.
 pub fn args(path: &Path) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = private_file::read_private(path)?;
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         format!(
             "{}: {}",
@@ -96,12 +102,15 @@ pub fn args(path: &Path) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn keys_become_flags() {
         let dir = std::env::temp_dir().join(format!("varta-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&path, "threshold-ms = 1500\nallow-cross-namespace-agents = true\nrecovery-inherit-env = false\nrecovery-env = [\"A=1\", \"B=2\"]\n").unwrap();
         let got = args(&path).unwrap();
         assert_eq!(
@@ -120,6 +129,9 @@ mod tests {
         assert!(args(&path).unwrap_err().contains("c.toml"));
         std::fs::write(&path, "threshold-ms = 1.5\n").unwrap();
         assert!(args(&path).unwrap_err().contains("threshold-ms"));
+        // Anyone could make it run anything as the observer: refused.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(args(&path).unwrap_err().contains("mode 0666"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,6 +5,7 @@ pub mod cli;
 mod compat;
 pub mod file;
 pub mod private_file;
+mod recovery_env;
 mod reload;
 mod settings;
 
@@ -218,6 +219,16 @@ impl Config {
 }
 
 fn recovery_config(a: &RecoveryArgs) -> Result<Option<RecoveryConfig>, ConfigError> {
+    if let Some(name) =
+        recovery_env::refused(&a.recovery_env, a.i_accept_recovery_env_loader_variables)
+    {
+        return Err(bad(
+            "--recovery-env",
+            format!(
+                "{name} makes the recovery command load code or data from where its value points; add --i-accept-recovery-env-loader-variables to pass it anyway"
+            ),
+        ));
+    }
     let command = match (&a.recovery_exec, &a.recovery_exec_file) {
         (Some(cmd), _) => cmd.clone(),
         (None, Some(path)) => read_private_file("--recovery-exec-file", path)?,

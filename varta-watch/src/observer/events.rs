@@ -3,7 +3,10 @@
 
 use varta_common::Frame;
 
-use crate::{actions::recovery::Finished, datapath::Origin, observer::tracker::Agent};
+use crate::{
+    actions::recovery::Finished, datapath::Origin, observer::tracker::Agent,
+    sys::process::StartTime,
+};
 
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -32,6 +35,8 @@ pub enum Event {
         origin: Origin,
         /// The agent beat before this frame (a first frame that is a death is not).
         known: bool,
+        /// When the agent's process started (see `Agent::started`).
+        started: Option<StartTime>,
     },
     /// Silent past the threshold.
     Stall {
@@ -43,8 +48,12 @@ pub enum Event {
     Resumed {
         pid: u32,
     },
-    /// Nonce 1 again: a new session under the same pid.
+    /// Nonce 1 again: a new session of the same process.
     Restarted {
+        pid: u32,
+    },
+    /// Another process took a tracked agent's pid (a `NewAgent` follows).
+    Replaced {
         pid: u32,
     },
     NonceWrapped {

@@ -23,6 +23,7 @@ use crate::{
     observer::gates::Gates,
     observer::tracker::{Accepted, Stalled, Tracker},
     ratelimit::RateLimiter,
+    sys::process::StartTime,
 };
 
 pub struct Observer {
@@ -36,12 +37,14 @@ pub struct Observer {
 
 impl Observer {
     pub fn new(config: &Config, drops: Arc<DropCounters>) -> Self {
+        let mut tracker = Tracker::new(
+            config.tracker_capacity,
+            config.eviction,
+            config.limits.threshold_ns(),
+        );
+        tracker.read_start_times(StartTime::of);
         Observer {
-            tracker: Tracker::new(
-                config.tracker_capacity,
-                config.eviction,
-                config.limits.threshold_ns(),
-            ),
+            tracker,
             gates: Gates::new(),
             limiter: RateLimiter::new(config.limits.clone(), config.tracker_capacity),
             drops,
@@ -87,14 +90,19 @@ impl Observer {
             }
         };
         let (pid, frame) = (beat.pid, beat.frame);
-        let known = !matches!(accepted, Accepted::New { .. });
+        let known = !matches!(accepted, Accepted::New { .. } | Accepted::Replaced);
+        let new_agent = |evicted| Event::NewAgent {
+            pid,
+            frame_pid: frame.pid,
+            origin: beat.origin,
+            evicted,
+        };
         match accepted {
-            Accepted::New { evicted } => events.push(Event::NewAgent {
-                pid,
-                frame_pid: frame.pid,
-                origin: beat.origin,
-                evicted,
-            }),
+            Accepted::New { evicted } => events.push(new_agent(evicted)),
+            Accepted::Replaced => {
+                events.push(Event::Replaced { pid });
+                events.push(new_agent(None));
+            }
             Accepted::Resumed => events.push(Event::Resumed { pid }),
             Accepted::Restarted => events.push(Event::Restarted { pid }),
             Accepted::Wrapped => events.push(Event::NonceWrapped { pid }),
@@ -111,6 +119,7 @@ impl Observer {
                 frame,
                 origin: beat.origin,
                 known,
+                started: self.tracker.get(pid).and_then(|a| a.started),
             });
         } else if frame.status == Status::Critical {
             events.push(Event::Critical { pid, frame });

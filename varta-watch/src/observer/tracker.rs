@@ -3,9 +3,14 @@
 //!
 //! Nonces: a beat must carry a nonce above the agent's last one (duplicates and replays are
 //! dropped). After u64::MAX - 1 the nonce may wrap to 0. A beat with nonce 1 after a higher
-//! nonce is a new session (the agent restarted under the same pid, or its pid was reused):
-//! accepted and counted as a restart. The panic-terminal frame (Critical, nonce u64::MAX)
-//! marks the agent dead: no stall follows until it beats again in a new session.
+//! nonce is a new session: accepted and counted as a restart. The panic-terminal frame
+//! (Critical, nonce u64::MAX) marks the agent dead: no stall follows until it beats again in
+//! a new session.
+//!
+//! An agent is a process, not a pid: its start time is recorded at its first beat, and a
+//! beat that restarts, resumes or ends an agent is checked against it (`sys::process`).
+//! From another process holding the pid now, it is a new agent (`Accepted::Replaced`): new
+//! generation, fresh stall state, new start time.
 //!
 //! Bounds: at most `capacity` agents; a new agent when full evicts one by policy or is
 //! dropped (`capacity`). The eviction queue holds at most one entry per agent (so at most
@@ -20,6 +25,7 @@ use crate::{
     config::cli::EvictionPolicy,
     datapath::Origin,
     observer::stall::{Entry, StallQueue},
+    sys::process::{Continuity, StartTime},
 };
 
 /// Below this the nonce counts as wrapped around rather than replayed, when the last one
@@ -38,6 +44,9 @@ pub struct Agent {
     pub stalled: bool,
     /// Sent the panic-terminal frame.
     pub dead: bool,
+    /// When the agent's process started, read at its first beat; `None` when it was gone
+    /// by then, or for a UDP agent (whose pid is only a claim).
+    pub started: Option<StartTime>,
     generation: u64,
     queued: bool,
     /// Has an entry in the eviction queue.
@@ -46,7 +55,7 @@ pub struct Agent {
 
 impl Agent {
     /// Not yet beating: [`Agent::take`] fills it in.
-    fn new(generation: u64, origin: Origin) -> Self {
+    fn new(generation: u64, origin: Origin, started: Option<StartTime>) -> Self {
         Agent {
             last_nonce: 0,
             last_beat_ns: 0,
@@ -56,6 +65,7 @@ impl Agent {
             frame_pid: 0,
             stalled: false,
             dead: false,
+            started,
             generation,
             queued: false,
             evictable: false,
@@ -109,8 +119,11 @@ pub enum Accepted {
     Beat,
     /// A beat from an agent surfaced as stalled: the stall is over.
     Resumed,
-    /// Nonce 1 after a higher nonce: a new session under the same pid.
+    /// Nonce 1 after a higher nonce: a new session of the same process.
     Restarted,
+    /// Another process holds a tracked agent's pid and restarts, resumes or ends there: the
+    /// old agent is gone, this is a new one.
+    Replaced,
     /// The nonce wrapped past u64::MAX.
     Wrapped,
 }
@@ -133,7 +146,11 @@ pub struct Tracker {
     /// Stalled or dead agents, oldest first: the strict policy's eviction candidates.
     evictable: VecDeque<(u32, u64)>,
     next_generation: u64,
+    /// Reads the start time of the process holding a pid (none unless set).
+    start_time_of: StartTimeReader,
 }
+
+type StartTimeReader = Box<dyn FnMut(u32) -> Option<StartTime> + Send>;
 
 impl Tracker {
     pub fn new(capacity: usize, policy: EvictionPolicy, threshold_ns: u64) -> Self {
@@ -145,7 +162,17 @@ impl Tracker {
             deadlines: StallQueue::default(),
             evictable: VecDeque::new(),
             next_generation: 0,
+            start_time_of: Box::new(|_| None),
         }
+    }
+
+    /// Where agents' process start times come from (`StartTime::of` in the daemon). Without
+    /// it every beat under a pid is taken to come from one process.
+    pub fn read_start_times(
+        &mut self,
+        read: impl FnMut(u32) -> Option<StartTime> + Send + 'static,
+    ) {
+        self.start_time_of = Box::new(read);
     }
 
     pub fn len(&self) -> usize {
@@ -159,7 +186,6 @@ impl Tracker {
             .is_some_and(|a| std::mem::discriminant(&a.origin) == std::mem::discriminant(origin))
     }
 
-    #[cfg(test)]
     pub fn get(&self, pid: u32) -> Option<&Agent> {
         self.agents.get(&pid)
     }
@@ -213,13 +239,19 @@ impl Tracker {
         origin: Origin,
         now_ns: u64,
     ) -> Result<Accepted, DropReason> {
-        let outcome = match self.agents.get(&pid) {
-            Some(agent) => agent.outcome_of(frame, &origin)?,
+        let known = self
+            .agents
+            .get(&pid)
+            .map(|agent| (agent.outcome_of(frame, &origin), agent.started));
+        let outcome = match known {
+            Some((outcome, started)) if self.another_process(pid, started, outcome, frame) => {
+                self.insert_new(pid, origin);
+                Accepted::Replaced
+            }
+            Some((outcome, _)) => outcome?,
             None => {
                 let evicted = self.make_room()?;
-                let generation = self.next_generation;
-                self.next_generation += 1;
-                self.agents.insert(pid, Agent::new(generation, origin));
+                self.insert_new(pid, origin);
                 Accepted::New { evicted }
             }
         };
@@ -242,6 +274,38 @@ impl Tracker {
             }
         }
         Ok(outcome)
+    }
+
+    /// A new agent under `pid` (in place of the one there, if any).
+    fn insert_new(&mut self, pid: u32, origin: Origin) {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let started = match origin {
+            Origin::Uds { .. } => (self.start_time_of)(pid),
+            Origin::Udp { .. } => None,
+        };
+        self.agents
+            .insert(pid, Agent::new(generation, origin, started));
+    }
+
+    /// Whether a beat that starts a session (nonce 1, a replay to the old agent if it had
+    /// sent only that), resumes or ends a known UDS agent comes from another process than
+    /// the agent's. One /proc read, only for those beats.
+    fn another_process(
+        &mut self,
+        pid: u32,
+        started: Option<StartTime>,
+        outcome: Result<Accepted, DropReason>,
+        frame: &Frame,
+    ) -> bool {
+        let checked = match outcome {
+            Ok(Accepted::Resumed) => true,
+            Ok(_) | Err(DropReason::Replay) => frame.nonce == 1 || frame.is_panic_terminal(),
+            Err(_) => false,
+        };
+        checked
+            && (self.agents.get(&pid)).is_some_and(|a| matches!(a.origin, Origin::Uds { .. }))
+            && Continuity::of(started, (self.start_time_of)(pid)) == Continuity::Reused
     }
 
     /// Room for one more agent: `Some(evicted pid)` when one had to go.
@@ -340,3 +404,7 @@ impl Tracker {
 #[cfg(test)]
 #[path = "tracker_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "tracker_pid_tests.rs"]
+mod pid_tests;

@@ -1,9 +1,9 @@
 //! Unit tests of the tracker (see also `tracker_props`).
 use super::*;
 
-const T: u64 = 1_000;
+pub(super) const T: u64 = 1_000;
 
-fn frame(pid: u32, nonce: u64) -> Frame {
+pub(super) fn frame(pid: u32, nonce: u64) -> Frame {
     Frame {
         status: Status::Ok,
         pid,
@@ -13,9 +13,9 @@ fn frame(pid: u32, nonce: u64) -> Frame {
     }
 }
 
-const UDS: Origin = Origin::Uds { foreign_ns: None };
+pub(super) const UDS: Origin = Origin::Uds { foreign_ns: None };
 
-fn stalls(t: &mut Tracker, now: u64) -> Vec<u32> {
+pub(super) fn stalls(t: &mut Tracker, now: u64) -> Vec<u32> {
     let mut out = Vec::new();
     t.expire(now, &mut out);
     out.into_iter().map(|s| s.pid).collect()

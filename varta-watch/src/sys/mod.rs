@@ -11,6 +11,7 @@ pub mod memory;
 pub mod notify;
 pub mod pidfd;
 pub mod priority;
+pub mod process;
 pub mod procfs;
 pub mod readiness;
 pub mod sock;
