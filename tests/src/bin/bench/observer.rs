@@ -136,10 +136,17 @@ impl Running {
         Some(varta_e2e::parse_metrics(body))
     }
 
+    /// One scrape; a few attempts, since the sweep also scrapes while the agents beat and the
+    /// incumbent's single loop may then leave one unanswered.
     #[track_caller]
     pub fn metrics(&self) -> HashMap<String, f64> {
-        self.try_metrics()
-            .unwrap_or_else(|| panic!("{}: /metrics did not answer", self.name))
+        for _ in 0..10 {
+            if let Some(m) = self.try_metrics() {
+                return m;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{}: /metrics did not answer 10 scrapes", self.name)
     }
 
     /// The sum of every sample of a family (`varta_beats_total` over all pids).
