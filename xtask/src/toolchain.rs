@@ -37,7 +37,8 @@ pub fn nightly(program: &str) -> Command {
     cmd
 }
 
-fn capture(cmd: &mut Command) -> Result<String> {
+/// Runs `cmd` and returns its stdout (stderr goes to ours); an error when it fails.
+pub fn capture(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stderr(Stdio::inherit())
         .output()

@@ -7,13 +7,13 @@ use std::{
     fs,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use anyhow::{Context, Result, bail};
 
 use super::kernels::Arch;
-use crate::{cargo, status, target_dir, toolchain};
+use crate::{cargo, status, target_dir, toolchain, toolchain::capture};
 
 /// The guest's `/init` (busybox sh): the scenario each VM runs.
 const INIT: &str = include_str!("init.sh");
@@ -127,7 +127,7 @@ fn shared_libraries(arch: Arch, bins: &[PathBuf]) -> Result<Vec<(PathBuf, String
 }
 
 fn ldd(bin: &Path) -> Result<Vec<(PathBuf, String)>> {
-    let text = output(Command::new("ldd").arg(bin))?;
+    let text = capture(Command::new("ldd").arg(bin))?;
     // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)` or `/lib64/ld-linux-x86-64.so.2 (0x...)`
     Ok(text
         .lines()
@@ -142,7 +142,7 @@ fn ldd(bin: &Path) -> Result<Vec<(PathBuf, String)>> {
 /// A cross-built binary's interpreter and NEEDED libraries, from the cross sysroot, placed
 /// where Debian's arm64 loader looks for them.
 fn cross_needed(bin: &Path) -> Result<Vec<(PathBuf, String)>> {
-    let headers = output(
+    let headers = capture(
         Command::new("aarch64-linux-gnu-readelf")
             .arg("-lW")
             .arg(bin),
@@ -154,7 +154,7 @@ fn cross_needed(bin: &Path) -> Result<Vec<(PathBuf, String)>> {
         .with_context(|| format!("{} names no program interpreter", bin.display()))?;
     let file = Path::new(interp).file_name().expect("interpreter file");
     let mut libs = vec![(Path::new(AARCH64_SYSROOT).join(file), interp.to_owned())];
-    let dynamic = output(
+    let dynamic = capture(
         Command::new("aarch64-linux-gnu-readelf")
             .arg("-dW")
             .arg(bin),
@@ -171,15 +171,4 @@ fn cross_needed(bin: &Path) -> Result<Vec<(PathBuf, String)>> {
         ));
     }
     Ok(libs)
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", out.status);
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
