@@ -71,6 +71,7 @@ fn main() {
         Some("agent") => agent(&args[1]),
         Some("stamp") => stamp(&args[1], &args[2]),
         Some("pace") => pace(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap()),
+        Some("flood") => flood(&args[1], args[2] == "junk", args[3].parse().unwrap()),
         _ => bench(&args),
     }
 }
@@ -94,14 +95,23 @@ fn stamp(dir: &str, pid: &str) {
     std::fs::write(format!("{dir}/rec-{pid}"), at.to_string()).unwrap();
 }
 
-/// Beats of our own pid at `rate`/s for `ms` milliseconds; prints how many were sent.
+/// Beats of our own pid at `rate`/s for `ms` milliseconds (0: until stdin is closed); prints
+/// how many were sent.
 fn pace(socket: &str, rate: u64, ms: u64) {
     let s = UnixDatagram::unbound().unwrap();
     let pid = std::process::id();
     let t = Instant::now();
     let end = Duration::from_millis(ms);
+    let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if ms == 0 {
+        let stopped = stopped.clone();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
     let mut sent = 0u64;
-    while t.elapsed() < end {
+    while (ms == 0 || t.elapsed() < end) && !stopped.load(std::sync::atomic::Ordering::Relaxed) {
         let due = (t.elapsed().as_secs_f64() * rate as f64) as u64;
         while sent < due {
             sent += 1;
@@ -110,6 +120,24 @@ fn pace(socket: &str, rate: u64, ms: u64) {
         // Bursts every 5 ms: the generators' own wake-ups stay a small part of the
         // machine's CPU per frame.
         std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("{sent}");
+}
+
+/// As fast as it can for `ms` milliseconds: frames with a bad CRC (`junk`), or valid beats of
+/// our own pid with rising nonces; prints how many were sent.
+fn flood(socket: &str, junk: bool, ms: u64) {
+    let s = UnixDatagram::unbound().unwrap();
+    let pid = std::process::id();
+    let t = Instant::now();
+    let mut sent = 0u64;
+    while t.elapsed() < Duration::from_millis(ms) {
+        sent += 1;
+        let mut frame = varta_e2e::frame(pid, sent);
+        if junk {
+            frame[31] ^= 0xff;
+        }
+        let _ = s.send_to(&frame, socket);
     }
     println!("{sent}");
 }
@@ -167,6 +195,10 @@ fn bench(args: &[String]) {
         eprintln!("varta-bench: {}: rate sweep, 64 agents", o.name);
         let steps = scenarios::sweep(o, &opts, &mut figs);
         plots.sweep.push((o.name, steps));
+    }
+    for o in &observers {
+        eprintln!("varta-bench: {}: floods while 4 honest agents beat", o.name);
+        scenarios::floods(o, &opts, &mut figs);
     }
     let pid_max = report::PidMax::raise(opts.many + 1000);
     for o in &observers {

@@ -357,3 +357,86 @@ pub fn rss(obs: &Observer, opts: &Opts, n: u32, out: &mut Vec<Fig>) -> Option<f6
     out.push(Fig::new(obs, &scenario, "bytes_per_agent", per_agent, "B"));
     Some(mib)
 }
+
+/// Floods while 4 honest agents beat 10 times a second, with each observer's default limits:
+/// bad-CRC frames from 1 and from 8 processes, and valid beats of their own pids from 256
+/// processes, for 3 s. The observer's CPU, the honest beats counted against sent, and the
+/// stalls of the honest agents while they beat (threshold 1 s, ten of their intervals).
+pub fn floods(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) {
+    const MS: u64 = 3000;
+    for (scenario, kind, processes) in [
+        ("flood_junk_1", "junk", 1),
+        ("flood_junk_8", "junk", 8),
+        ("flood_valid_256", "valid", 256),
+    ] {
+        let run = obs.start(&opts.dir, 1000, &[]);
+        let socket = run.socket.to_str().unwrap().to_owned();
+        // Beating until told to stop (stdin closed), so that they outlast the flood.
+        let mut honest: Vec<Child> = (0..4)
+            .map(|_| {
+                let mut c = helper(opts, &["pace", &socket, "10", "0"]);
+                c.stdin(Stdio::piped()).stdout(Stdio::piped());
+                c.spawn().unwrap()
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let (cpu0, _) = run.cost();
+        let flood: Vec<Child> = (0..processes)
+            .map(|_| {
+                helper(opts, &["flood", &socket, kind, &MS.to_string()])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for mut f in flood {
+            let _ = f.wait();
+        }
+        let (cpu1, _) = run.cost();
+        // A threshold more, the honest agents still beating: any stall of theirs is false.
+        std::thread::sleep(Duration::from_millis(1200));
+        let pids: Vec<u32> = honest.iter().map(Child::id).collect();
+        let sum = |m: &HashMap<String, f64>, family: &str| -> f64 {
+            pids.iter()
+                .filter_map(|pid| m.get(&format!("{family}{{pid=\"{pid}\"}}")))
+                .fold(0.0, |a, b| a + b)
+        };
+        let false_stalls = sum(&run.metrics(), "varta_stalls_total");
+        let mut sent = 0.0;
+        for h in &mut honest {
+            drop(h.stdin.take());
+        }
+        for h in honest {
+            let out = h.wait_with_output().unwrap();
+            sent += String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<f64>()
+                .unwrap_or(0.0);
+        }
+        // What the last beats left queued is read well inside the threshold.
+        std::thread::sleep(Duration::from_millis(200));
+        let counted = sum(&run.metrics(), "varta_beats_total");
+        out.push(Fig::new(
+            obs,
+            scenario,
+            "observer_cpu",
+            (cpu1 - cpu0) * 1e3,
+            "ms",
+        ));
+        out.push(Fig::new(
+            obs,
+            scenario,
+            "honest_counted",
+            counted / sent.max(1.0),
+            "fraction",
+        ));
+        out.push(Fig::new(
+            obs,
+            scenario,
+            "false_stalls",
+            false_stalls,
+            "stalls",
+        ));
+        run.stop();
+    }
+}
