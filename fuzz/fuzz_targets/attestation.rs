@@ -19,16 +19,7 @@ mod sys {
 mod attest;
 
 use attest::Attestation;
-use sys::procfs::{PidNs, Sender};
-
-const OWN: PidNs = PidNs {
-    dev: 4,
-    ino: 0xEFFF_FFFC,
-};
-const OTHER: PidNs = PidNs {
-    dev: 4,
-    ino: 0xF000_0001,
-};
+use sys::procfs::Sender;
 
 fn u32_at(data: &[u8], at: usize) -> u32 {
     let mut b = [0u8; 4];
@@ -58,11 +49,17 @@ fuzz_target!(|data: &[u8]| {
     };
     let sender = match flags >> 1 & 3 {
         0 => None,
-        1 => Some(Sender { ns: OWN, own_pid }),
-        _ => Some(Sender { ns: OTHER, own_pid }),
+        1 => Some(Sender {
+            cross_namespace: false,
+            own_pid,
+        }),
+        _ => Some(Sender {
+            cross_namespace: true,
+            own_pid,
+        }),
     };
-    let decision = Attestation::new(OWN, allow);
-    let foreign = sender.filter(|s| s.ns != OWN);
+    let decision = Attestation::new(allow);
+    let foreign = sender.filter(|s| s.cross_namespace);
     let honest = foreign.map_or(attested, |s| s.own_pid);
     match decision.check(attested, sender.as_ref(), frame.pid) {
         Ok(a) => {
@@ -74,9 +71,9 @@ fuzz_target!(|data: &[u8]| {
                 a.pid, attested,
                 "tracked under another pid than the attested one"
             );
-            assert_eq!(a.foreign_ns, foreign.map(|s| s.ns));
+            assert_eq!(a.cross_namespace, foreign.is_some());
             assert!(
-                a.foreign_ns.is_none() || allow,
+                !a.cross_namespace || allow,
                 "a foreign sender without the flag"
             );
         }

@@ -5,6 +5,7 @@
 
 mod daemon;
 pub mod deploy;
+pub mod privilege;
 mod process;
 pub mod sender;
 #[path = "../../varta-common/tests/support/vectors.rs"]

@@ -5,25 +5,9 @@
 
 use std::time::Duration;
 
-use varta_e2e::{Daemon, EBPF, deploy::manifest_capabilities, require_root};
-
-/// setpriv limiting the bounding, inheritable and ambient sets to `caps` (uid 0 keeps
-/// exactly the bounding set as its effective set across exec).
-fn setpriv(caps: &[String]) -> Vec<String> {
-    let set: String = caps
-        .iter()
-        .map(|c| format!(",+{}", c.to_lowercase()))
-        .collect();
-    vec![
-        "setpriv".into(),
-        "--bounding-set".into(),
-        format!("-all{set}"),
-        "--inh-caps".into(),
-        format!("-all{set}"),
-        "--ambient-caps".into(),
-        format!("-all{set}"),
-    ]
-}
+use varta_e2e::{
+    Daemon, EBPF, deploy::manifest_capabilities, privilege::with_exactly, require_root,
+};
 
 #[test]
 fn the_manifest_capabilities_attach_ebpf_and_each_is_needed_needs_root() {
@@ -36,7 +20,7 @@ fn the_manifest_capabilities_attach_ebpf_and_each_is_needed_needs_root() {
 
     let d = Daemon::builder("caps-all", "auto")
         .args(["--threshold-ms", "1000"])
-        .wrapped(setpriv(&caps))
+        .wrapped(with_exactly(&caps))
         .start();
     let ready = d.wait_log("event=ready", Duration::from_secs(1));
     assert!(
@@ -51,7 +35,7 @@ fn the_manifest_capabilities_attach_ebpf_and_each_is_needed_needs_root() {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
         let d = Daemon::builder(&format!("caps-no-{missing}"), "auto")
             .args(["--threshold-ms", "1000"])
-            .wrapped(setpriv(&fewer))
+            .wrapped(with_exactly(&fewer))
             .start();
         let ready = d.wait_log("event=ready", Duration::from_secs(1));
         assert!(

@@ -7,11 +7,26 @@ use std::{
     time::Duration,
 };
 
-use varta_e2e::{Daemon, EBPF, Proc, bin, log_field, require_root};
+use varta_e2e::{
+    Daemon, EBPF, Proc, bin,
+    deploy::manifest_capabilities,
+    log_field,
+    privilege::{unit_capabilities, with_exactly},
+    require_root,
+};
 
 /// `sh` is pid 1 of the new namespace and forks the command, which gets pid 2 there.
 fn in_child_namespace(args: &[String]) -> Proc {
-    let script = format!("{} \"$@\"; :", bin().display());
+    in_child_namespace_as(None, args)
+}
+
+/// As [`in_child_namespace`], the command run as `uid` (and its gid, no groups, no
+/// capabilities) when given, else as root with every capability.
+fn in_child_namespace_as(uid: Option<u32>, args: &[String]) -> Proc {
+    let user = uid.map_or(String::new(), |uid| {
+        format!("setpriv --reuid {uid} --regid {uid} --clear-groups ")
+    });
+    let script = format!("{user}{} \"$@\"; :", bin().display());
     Proc::spawn(
         Command::new("unshare")
             .args(["--pid", "--fork", "--kill-child", "sh", "-c", &script, "sh"])
@@ -184,4 +199,70 @@ fn cross_namespace_agents_ebpf_needs_root() {
 fn cross_namespace_agents_ebpf_task_read_needs_root() {
     require_root!(EBPF);
     varta_e2e::with_attest("task_read", || cross_namespace_agents("ebpf"));
+}
+
+/// Under exactly the capabilities users grant the observer (the DaemonSet's and the unit's:
+/// no CAP_SYS_PTRACE, so `/proc/<pid>/ns/pid` of an agent is out of reach), agents in a
+/// child pid namespace are tracked: unprivileged (uid 65534, as the example workload pod
+/// runs) and root with every capability. Nothing is refused as a spoof.
+fn container_agents_under_least_privilege(datapath: &str) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    for (who, caps) in [
+        ("daemonset", manifest_capabilities()),
+        ("unit", unit_capabilities()),
+    ] {
+        let d = Daemon::builder(&format!("ns-least-{who}"), datapath)
+            .world_writable()
+            .wrapped(with_exactly(&caps))
+            .args(["--threshold-ms", "2000", "--allow-cross-namespace-agents"])
+            .args(["--socket-mode", "0666"])
+            .start();
+        assert!(
+            d.datapath_info().contains(&format!("mode=\"{datapath}\"")),
+            "{who} {caps:?}: {}",
+            d.log_text()
+        );
+        let agents = [Some(65534), None].map(|uid| in_child_namespace_as(uid, &agent_args(&d)));
+        let new = d.wait_logs(
+            &["event=agent_new", "cross_namespace=true"],
+            agents.len(),
+            Duration::from_secs(10),
+        );
+        for line in &new {
+            let host: u32 = log_field(line, "pid").parse().unwrap();
+            assert_eq!(log_field(line, "frame_pid"), "2", "{line}");
+            d.wait_metric(
+                &format!("varta_beats_total{{pid=\"{host}\"}}"),
+                3.0,
+                Duration::from_secs(5),
+            );
+        }
+        assert_eq!(
+            d.metric("varta_frames_dropped_total{reason=\"spoof\"}"),
+            0.0,
+            "{who}: {}",
+            d.log_text()
+        );
+        drop(agents);
+    }
+}
+
+#[test]
+fn container_agents_under_least_privilege_userspace_needs_root() {
+    require_root!("unshare --pid and setpriv need root");
+    container_agents_under_least_privilege("userspace");
+}
+
+#[test]
+fn container_agents_under_least_privilege_ebpf_needs_root() {
+    require_root!(EBPF);
+    container_agents_under_least_privilege("ebpf");
+}
+
+#[test]
+fn container_agents_under_least_privilege_ebpf_task_read_needs_root() {
+    require_root!(EBPF);
+    varta_e2e::with_attest("task_read", || {
+        container_agents_under_least_privilege("ebpf")
+    });
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use varta_e2e::{Daemon, EBPF, require_root};
+use varta_e2e::{Daemon, EBPF, privilege::with_exactly, require_root};
 
 /// The capabilities the eBPF datapath loads with on this kernel, and no more (CAP_NET_ADMIN
 /// is not among them: loading and attaching socket filters does not need it).
@@ -20,27 +20,6 @@ fn least_privilege() -> Vec<&'static str> {
         caps.push("sys_resource");
     }
     caps
-}
-
-/// Root limited to exactly `caps` (bounding, inheritable and ambient sets).
-fn with_exactly(caps: &[&str]) -> Vec<String> {
-    let set = std::iter::once("-all".to_owned())
-        .chain(caps.iter().map(|c| format!("+{c}")))
-        .collect::<Vec<_>>()
-        .join(",");
-    [
-        "setpriv",
-        "--reuid",
-        "0",
-        "--bounding-set",
-        &set,
-        "--inh-caps",
-        &set,
-    ]
-    .into_iter()
-    .map(String::from)
-    .chain(["--ambient-caps".to_owned(), set.clone()])
-    .collect()
 }
 
 #[test]

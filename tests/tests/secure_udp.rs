@@ -174,7 +174,78 @@ fn secure_beats_are_rate_limited(datapath: &str) {
     d.wait_metric("varta_rate_limited_total{reason=\"per_pid\"}", 1.0, WAIT);
 }
 
+/// A port that accepts only secure frames refuses plaintext ones, whatever keys it holds: a
+/// plain beat and then the panic-terminal frame claiming a pid are dropped as `plaintext`
+/// (in the kernel on eBPF), never tracked, never an exit, never a recovery.
+fn plaintext_to_a_secure_only_port(datapath: &str) {
+    type Keys = fn(&Path) -> Vec<String>;
+    let modes: [(&str, Keys); 3] = [
+        ("shared", |dir| {
+            vec!["--key-file".into(), key_file(dir, "key", &[KEY_A])]
+        }),
+        ("master", |dir| {
+            vec![
+                "--master-key-file".into(),
+                key_file(dir, "master", &[MASTER]),
+            ]
+        }),
+        ("both", |dir| {
+            vec![
+                "--key-file".into(),
+                key_file(dir, "key", &[KEY_A]),
+                "--master-key-file".into(),
+                key_file(dir, "master", &[MASTER]),
+            ]
+        }),
+    ];
+    const CLAIMED: u32 = 31_999;
+    for (mode, keys) in modes {
+        let (d, addr) = daemon(&format!("plain-to-secure-{mode}"), datapath, |dir| {
+            let mut args = keys(dir);
+            args.extend([
+                "--recovery-exec".into(),
+                "/bin/true {pid}".into(),
+                "--secure-udp-i-accept-recovery-on-unauthenticated-transport".into(),
+            ]);
+            args
+        });
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.send_to(&varta_e2e::frame(CLAIMED, 1), addr).unwrap();
+        sock.send_to(&varta_e2e::panic_terminal_frame(CLAIMED), addr)
+            .unwrap();
+        d.wait_metric(
+            "varta_frames_dropped_total{reason=\"plaintext\"}",
+            2.0,
+            WAIT,
+        );
+        // A sealed frame after them is still accepted: the port works, it only refused.
+        let mut client = Varta::connect_secure_udp(addr, Key::from_bytes(KEY_A)).unwrap();
+        if mode != "master" {
+            beat_and_count(&d, &mut client, 1);
+        }
+        assert_eq!(
+            d.metric("varta_frames_dropped_total{reason=\"plaintext\"}"),
+            2.0,
+            "{mode}"
+        );
+        for event in ["agent_new", "exit", "recovery_started"] {
+            assert!(
+                d.matching_logs(&[&format!("event={event}"), &format!("pid={CLAIMED}")])
+                    .is_empty(),
+                "{mode}: {event} for the plaintext claim:\n{}",
+                d.log_text()
+            );
+        }
+        assert!(
+            !d.metrics()
+                .contains_key(&format!("varta_beats_total{{pid=\"{CLAIMED}\"}}")),
+            "{mode}"
+        );
+    }
+}
+
 on_both_datapaths!(
+    plaintext_to_a_secure_only_port,
     secure_beats_are_rate_limited,
     shared_key,
     accepted_keys_rotation,

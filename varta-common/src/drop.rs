@@ -27,10 +27,12 @@ pub enum DropReason {
     RingbufFull,
     /// Cross-namespace sender whose identity the daemon has not verified yet.
     AttestPending,
+    /// A plaintext UDP frame on a port that accepts only secure (authenticated) frames.
+    Plaintext,
 }
 
 /// The reasons after the decode errors, in index order.
-const AFTER_DECODE: [DropReason; 10] = [
+const AFTER_DECODE: [DropReason; 11] = [
     DropReason::Spoof,
     DropReason::Namespace,
     DropReason::PidMax,
@@ -41,6 +43,7 @@ const AFTER_DECODE: [DropReason; 10] = [
     DropReason::OriginConflict,
     DropReason::RingbufFull,
     DropReason::AttestPending,
+    DropReason::Plaintext,
 ];
 
 /// Index of the first reason after the decode errors.
@@ -81,6 +84,7 @@ impl DropReason {
             DropReason::OriginConflict => 7,
             DropReason::RingbufFull => 8,
             DropReason::AttestPending => 9,
+            DropReason::Plaintext => 10,
         };
         AFTER_DECODE_START + after
     }
@@ -105,6 +109,7 @@ impl DropReason {
             DropReason::OriginConflict => "origin_conflict",
             DropReason::RingbufFull => "ringbuf_full",
             DropReason::AttestPending => "attest_pending",
+            DropReason::Plaintext => "plaintext",
         }
     }
 }
@@ -134,6 +139,7 @@ mod tests {
         // kernel boundary.
         assert_eq!(DropReason::Spoof.index(), 9);
         assert_eq!(DropReason::AttestPending.index(), 18);
-        assert_eq!(DropReason::COUNT, 19);
+        assert_eq!(DropReason::Plaintext.index(), 19);
+        assert_eq!(DropReason::COUNT, 20);
     }
 }

@@ -137,6 +137,13 @@ pub struct BeatRecord {
     pub src_addr: [u8; 16],
 }
 
+/// `FilterConfig::udp_accept`: 32-byte plaintext frames (`--i-accept-plaintext-udp`).
+/// Without it a plaintext frame is dropped in the kernel as [`crate::DropReason::Plaintext`].
+pub const UDP_PLAINTEXT: u32 = 1;
+/// `FilterConfig::udp_accept`: secure frame lengths go up to the daemon, which holds keys.
+/// Without it (no key configured) they are dropped in the kernel as a bad length.
+pub const UDP_SECURE: u32 = 2;
+
 pub const CLOCK_MONOTONIC: u32 = 0;
 pub const CLOCK_BOOTTIME: u32 = 1;
 
@@ -155,7 +162,8 @@ pub struct FilterConfig {
     pub pidns_dev: u64,
     pub pidns_ino: u64,
     pub clock: u32,
-    pub _pad: u32,
+    /// What the UDP program accepts: [`UDP_PLAINTEXT`] and [`UDP_SECURE`] bits (0: no UDP).
+    pub udp_accept: u32,
     /// Where [`Attest::TaskRead`] finds the sender's identity (zero with the other method).
     pub task: TaskOffsets,
 }

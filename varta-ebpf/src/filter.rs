@@ -19,9 +19,9 @@ use varta_common::{
     DropReason, FRAME_LEN, Frame, SECURE_FRAME_LEN, SECURE_MASTER_FRAME_LEN,
     filter::{
         BUCKET_ENTRIES, BeatRecord, Bucket, CLOCK_BOOTTIME, FilterConfig, KIND_BEAT, KIND_VERIFY,
-        RING_BYTES, TRACKED_ENTRIES, TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, VERDICT_ALLOW,
-        VERDICT_DENY_NAMESPACE, VERDICT_ENTRIES, VERDICT_PENDING, VERIFY_RETRY_NS, Verdict,
-        agent_key,
+        RING_BYTES, TRACKED_ENTRIES, TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, UDP_PLAINTEXT,
+        UDP_SECURE, VERDICT_ALLOW, VERDICT_DENY_NAMESPACE, VERDICT_ENTRIES, VERDICT_PENDING,
+        VERIFY_RETRY_NS, Verdict, agent_key,
     },
     frame::UDP_HEADER_LEN,
     ratelimit::{Limit, global_applies},
@@ -82,12 +82,20 @@ pub fn varta_udp(ctx: SkBuffContext) -> i64 {
     } else {
         TRANSPORT_UDP4
     };
+    let accept = VARTA_CONFIG.get(0).map_or(0, |cfg| cfg.udp_accept);
     // Secure frames go up whole, unopened, on the socket itself: the daemon holds the keys.
     let len = ctx.len();
     if len == UDP_HEADER_LEN + SECURE_FRAME_LEN as u32
         || len == UDP_HEADER_LEN + SECURE_MASTER_FRAME_LEN as u32
     {
-        return len as i64;
+        if accept & UDP_SECURE != 0 {
+            return len as i64;
+        }
+        return finish(Err(DropReason::Length));
+    }
+    // A port for secure frames only: a plaintext frame claims a pid nobody vouches for.
+    if accept & UDP_PLAINTEXT == 0 && len == UDP_HEADER_LEN + FRAME_LEN as u32 {
+        return finish(Err(DropReason::Plaintext));
     }
     finish(try_receive::<attest::Unattested>(
         &ctx,

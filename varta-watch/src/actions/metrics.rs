@@ -10,7 +10,10 @@ use std::{
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+        text::encode,
+    },
     metrics::{
         MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
         gauge::Gauge,
@@ -30,10 +33,31 @@ pub struct PidLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AgentInfoLabel {
     pub pid: u32,
-    pub comm: String,
-    pub unit: String,
-    pub container_id: String,
-    pub pod_uid: String,
+    pub comm: LabelText,
+    pub unit: LabelText,
+    pub container_id: LabelText,
+    pub pod_uid: LabelText,
+}
+
+/// A label value that came from outside (a process name, a cgroup path), written with the
+/// exposition format's escapes: prometheus-client writes `String` label values verbatim, so
+/// one `"` or newline in a process name would break every scrape of the node.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct LabelText(pub String);
+
+impl EncodeLabelValue for LabelText {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        use fmt::Write;
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

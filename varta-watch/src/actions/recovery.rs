@@ -331,7 +331,9 @@ mod tests {
         }
     }
 
-    const UDS: Origin = Origin::Uds { foreign_ns: None };
+    const UDS: Origin = Origin::Uds {
+        cross_namespace: false,
+    };
 
     /// Starts recovery for `pid` as the process holding it now.
     fn start(r: &mut Recovery, pid: u32) -> Result<Option<u32>, NotRun> {

@@ -171,10 +171,7 @@ fn start_ebpf(
     let started = EbpfDatapath::start(
         sockets.uds.try_clone()?,
         sockets.udp.as_ref().map(UdpSocket::try_clone).transpose()?,
-        config.clock,
-        &config.limits,
-        config.tracker_capacity as u32,
-        config.allow_cross_namespace,
+        config,
         drops.clone(),
     );
     match started {

@@ -11,38 +11,32 @@
 
 use varta_common::DropReason;
 
-use crate::sys::procfs::{PidNs, Sender};
+use crate::sys::procfs::Sender;
 
 /// What an accepted sender is tracked as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attested {
     /// The attested pid, as the observer's namespace sees it.
     pub pid: u32,
-    /// The sender's pid namespace, when it is not the observer's.
-    pub foreign_ns: Option<PidNs>,
+    /// The sender lives in another pid namespace than the observer's.
+    pub cross_namespace: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub struct Attestation {
-    own_ns: PidNs,
     allow_cross_namespace: bool,
 }
 
 impl Attestation {
-    pub fn new(own_ns: PidNs, allow_cross_namespace: bool) -> Self {
+    pub fn new(allow_cross_namespace: bool) -> Self {
         Attestation {
-            own_ns,
             allow_cross_namespace,
         }
     }
 
-    pub fn own_ns(&self) -> PidNs {
-        self.own_ns
-    }
-
-    /// The namespace policy: may a sender living in `ns` be tracked at all?
-    pub fn admits(&self, ns: PidNs) -> Result<(), DropReason> {
-        if ns == self.own_ns || self.allow_cross_namespace {
+    /// The namespace policy: may a sender from another pid namespace be tracked at all?
+    pub fn admits(&self, cross_namespace: bool) -> Result<(), DropReason> {
+        if !cross_namespace || self.allow_cross_namespace {
             Ok(())
         } else {
             Err(DropReason::Namespace)
@@ -58,19 +52,17 @@ impl Attestation {
         sender: Option<&Sender>,
         frame_pid: u32,
     ) -> Result<Attested, DropReason> {
-        let (honest_pid, foreign_ns) = match sender {
-            Some(s) if s.ns != self.own_ns => (s.own_pid, Some(s.ns)),
-            _ => (attested_pid, None),
+        let (honest_pid, cross_namespace) = match sender {
+            Some(s) if s.cross_namespace => (s.own_pid, true),
+            _ => (attested_pid, false),
         };
         if frame_pid != honest_pid {
             return Err(DropReason::Spoof);
         }
-        if let Some(ns) = foreign_ns {
-            self.admits(ns)?;
-        }
+        self.admits(cross_namespace)?;
         Ok(Attested {
             pid: attested_pid,
-            foreign_ns,
+            cross_namespace,
         })
     }
 }
@@ -79,25 +71,25 @@ impl Attestation {
 mod tests {
     use super::*;
 
-    const OWN: PidNs = PidNs { dev: 1, ino: 10 };
-    const OTHER: PidNs = PidNs { dev: 1, ino: 20 };
-
     fn container(own_pid: u32) -> Sender {
-        Sender { ns: OTHER, own_pid }
+        Sender {
+            cross_namespace: true,
+            own_pid,
+        }
     }
 
     #[test]
     fn same_namespace_sender_must_frame_its_pid() {
-        let a = Attestation::new(OWN, false);
+        let a = Attestation::new(false);
         let me = Sender {
-            ns: OWN,
+            cross_namespace: false,
             own_pid: 500,
         };
         assert_eq!(
             a.check(500, Some(&me), 500),
             Ok(Attested {
                 pid: 500,
-                foreign_ns: None
+                cross_namespace: false
             })
         );
         assert_eq!(a.check(500, Some(&me), 501), Err(DropReason::Spoof));
@@ -107,21 +99,21 @@ mod tests {
 
     #[test]
     fn container_sender_frames_its_own_pid_and_needs_the_flag() {
-        let strict = Attestation::new(OWN, false);
-        let open = Attestation::new(OWN, true);
+        let strict = Attestation::new(false);
+        let open = Attestation::new(true);
         let c = container(7);
         assert_eq!(strict.check(900, Some(&c), 7), Err(DropReason::Namespace));
         assert_eq!(
             open.check(900, Some(&c), 7),
             Ok(Attested {
                 pid: 900,
-                foreign_ns: Some(OTHER)
+                cross_namespace: true
             })
         );
         // Its host pid is not what it frames: a spoof, whatever the policy.
         assert_eq!(open.check(900, Some(&c), 900), Err(DropReason::Spoof));
         assert_eq!(strict.check(900, Some(&c), 8), Err(DropReason::Spoof));
-        assert_eq!(strict.admits(OTHER), Err(DropReason::Namespace));
-        assert_eq!(strict.admits(OWN), Ok(()));
+        assert_eq!(strict.admits(true), Err(DropReason::Namespace));
+        assert_eq!(strict.admits(false), Ok(()));
     }
 }

@@ -16,15 +16,13 @@ use varta_common::{
     filter::{TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, agent_key},
 };
 
-use crate::sys::procfs::PidNs;
-
 /// How an agent reached us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
     /// Unix datagram socket: the kernel attested the sender.
     Uds {
-        /// The sender's pid namespace, when it is not the observer's.
-        foreign_ns: Option<PidNs>,
+        /// The sender lives in another pid namespace than the observer's (a container).
+        cross_namespace: bool,
     },
     /// Plaintext UDP: the pid is the sender's claim only.
     Udp { source: SocketAddr },
@@ -35,7 +33,7 @@ impl Origin {
         matches!(
             self,
             Origin::Uds {
-                foreign_ns: Some(_)
+                cross_namespace: true
             }
         )
     }

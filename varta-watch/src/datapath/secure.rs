@@ -86,6 +86,8 @@ impl UdpFrames {
                     Refused::Dropped(DropReason::from_decode(e))
                 })
             }
+            // A secure-only port: the frame is well-formed perhaps, but nobody vouches for it.
+            (FRAME_LEN, _) => Err(Refused::Dropped(DropReason::Plaintext)),
             (_, Some(secure)) => secure.open(bytes),
             _ => Err(Refused::Length),
         }

@@ -56,10 +56,7 @@ impl UserspaceDatapath {
             batch: RecvBatch::new(BATCH),
             clock,
             drops,
-            attest: Attestor::new(Attestation::new(
-                procfs::pid_ns(None)?,
-                allow_cross_namespace,
-            )),
+            attest: Attestor::new(Attestation::new(allow_cross_namespace)),
         })
     }
 
@@ -69,15 +66,18 @@ impl UserspaceDatapath {
         self.batch
             .drain(self.uds.get_ref().as_fd(), self.clock, |d, now| {
                 let beat = decode_plain(d.bytes, d.truncated).and_then(|frame| {
-                    attest
-                        .check(d.sender_pid, &frame)
-                        .map(|Attested { pid, foreign_ns }| Beat {
+                    attest.check(d.sender_pid, &frame).map(
+                        |Attested {
+                             pid,
+                             cross_namespace,
+                         }| Beat {
                             pid,
                             frame,
-                            origin: Origin::Uds { foreign_ns },
+                            origin: Origin::Uds { cross_namespace },
                             recv_ns: now,
                             rate_limited: false,
-                        })
+                        },
+                    )
                 });
                 match beat {
                     Ok(beat) => out.push(beat),

@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use crate::sys::text::{LogValue, printable};
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
     pub comm: String,
@@ -18,12 +20,12 @@ impl Identity {
     /// Reads `pid`'s identity (as this observer's pid namespace sees it). What cannot be
     /// read (the process already exited) stays empty.
     pub fn read(pid: u32) -> Identity {
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .map(|c| c.trim_end().to_owned())
-            .unwrap_or_default();
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .map(|text| cgroup_path(&text).to_owned())
-            .unwrap_or_default();
+        // Both are the process's own choice: made printable here, quoted by each output.
+        let read = |what: &str| std::fs::read(format!("/proc/{pid}/{what}")).unwrap_or_default();
+        let comm = read("comm");
+        let comm = printable(comm.strip_suffix(b"\n").unwrap_or(&comm));
+        let cgroup = read("cgroup");
+        let cgroup = printable(cgroup_path(&String::from_utf8_lossy(&cgroup)).as_bytes());
         Identity {
             comm,
             ..Identity::from_cgroup(&cgroup)
@@ -64,34 +66,37 @@ impl Identity {
 impl Identity {
     /// The labels of `varta_agent_info` for this agent.
     pub fn label(&self, pid: u32) -> crate::actions::metrics::AgentInfoLabel {
+        use crate::actions::metrics::LabelText;
         crate::actions::metrics::AgentInfoLabel {
             pid,
-            comm: self.comm.clone(),
-            unit: self.unit.clone(),
-            container_id: self.container_id.clone(),
-            pod_uid: self.pod_uid.clone(),
+            comm: LabelText(self.comm.clone()),
+            unit: LabelText(self.unit.clone()),
+            container_id: LabelText(self.container_id.clone()),
+            pod_uid: LabelText(self.pod_uid.clone()),
         }
     }
 }
 
-/// `key=value` pairs for log lines, `-` for what is unknown.
+/// `key=value` pairs for log lines, `-` for what is unknown, anything else quoted.
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let v = |s: &str| {
-            if s.is_empty() {
-                "-".to_owned()
+        for (i, (key, value)) in [
+            ("comm", &self.comm),
+            ("unit", &self.unit),
+            ("container_id", &self.container_id),
+            ("pod_uid", &self.pod_uid),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let sep = if i == 0 { "" } else { " " };
+            if value.is_empty() {
+                write!(f, "{sep}{key}=-")?;
             } else {
-                s.replace(char::is_whitespace, "_")
+                write!(f, "{sep}{key}={}", LogValue(value))?;
             }
-        };
-        write!(
-            f,
-            "comm={} unit={} container_id={} pod_uid={}",
-            v(&self.comm),
-            v(&self.unit),
-            v(&self.container_id),
-            v(&self.pod_uid)
-        )
+        }
+        Ok(())
     }
 }
 
@@ -233,7 +238,7 @@ mod tests {
         };
         assert_eq!(
             id.to_string(),
-            "comm=my_worker unit=w.service container_id=- pod_uid=-"
+            "comm=\"my worker\" unit=w.service container_id=- pod_uid=-"
         );
     }
 }

@@ -13,7 +13,9 @@ use crate::{
 };
 
 const T: u64 = 1_000;
-const UDS: Origin = Origin::Uds { foreign_ns: None };
+const UDS: Origin = Origin::Uds {
+    cross_namespace: false,
+};
 
 #[derive(Debug, Clone)]
 enum Op {

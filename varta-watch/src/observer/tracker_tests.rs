@@ -13,7 +13,9 @@ pub(super) fn frame(pid: u32, nonce: u64) -> Frame {
     }
 }
 
-pub(super) const UDS: Origin = Origin::Uds { foreign_ns: None };
+pub(super) const UDS: Origin = Origin::Uds {
+    cross_namespace: false,
+};
 
 pub(super) fn stalls(t: &mut Tracker, now: u64) -> Vec<u32> {
     let mut out = Vec::new();

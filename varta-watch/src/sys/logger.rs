@@ -4,6 +4,7 @@
 //! numbers, every other value is a string, a word without `=` goes to `"msg"`.
 
 use std::{
+    borrow::Cow,
     io::Write,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -61,8 +62,9 @@ pub fn init(format: LogFormat) {
     }
 }
 
-/// The `key=value` fields of a text line (values may be `"quoted with spaces"`).
-fn fields(text: &str) -> Vec<(&str, &str)> {
+/// The `key=value` fields of a text line. A value may be `"quoted"`, with `\"` and `\\`
+/// inside (`sys::text::Quoted` writes them); its escapes are read back here.
+fn fields(text: &str) -> Vec<(&str, Cow<'_, str>)> {
     let mut out = Vec::new();
     let mut rest = text.trim_start();
     while !rest.is_empty() {
@@ -72,25 +74,53 @@ fn fields(text: &str) -> Vec<(&str, &str)> {
                 let value_start = key.len() + 1;
                 let after = &rest[value_start..];
                 let (value, used) = match after.strip_prefix('"') {
-                    Some(quoted) => match quoted.find('"') {
-                        Some(end) => (&quoted[..end], end + 2),
-                        None => (quoted, after.len()),
-                    },
+                    Some(quoted) => unquote(quoted),
                     None => {
                         let end = after.find(' ').unwrap_or(after.len());
-                        (&after[..end], end)
+                        (Cow::Borrowed(&after[..end]), end)
                     }
                 };
                 out.push((key, value));
                 rest = after[used..].trim_start();
             }
             _ => {
-                out.push(("msg", &rest[..word_end]));
+                out.push(("msg", Cow::Borrowed(&rest[..word_end])));
                 rest = rest[word_end..].trim_start();
             }
         }
     }
     out
+}
+
+/// A quoted value's text (after its opening quote) up to the closing quote, unescaped, and
+/// the bytes it took with both quotes; unterminated: the rest of the line.
+fn unquote(quoted: &str) -> (Cow<'_, str>, usize) {
+    let mut value = String::new();
+    let mut chars = quoted.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => {
+                return (
+                    if value.len() == i {
+                        Cow::Borrowed(&quoted[..i])
+                    } else {
+                        Cow::Owned(value)
+                    },
+                    i + 2,
+                );
+            }
+            '\\' => match chars.next() {
+                Some((_, next @ ('"' | '\\'))) => value.push(next),
+                Some((_, other)) => {
+                    value.push('\\');
+                    value.push(other);
+                }
+                None => value.push('\\'),
+            },
+            c => value.push(c),
+        }
+    }
+    (Cow::Owned(value), quoted.len() + 1)
 }
 
 fn json_line(ts: &str, level: &str, text: &str) -> String {
@@ -99,6 +129,7 @@ fn json_line(ts: &str, level: &str, text: &str) -> String {
         line.push_str(",\"");
         escape_into(&mut line, key);
         line.push_str("\":");
+        let value = value.as_ref();
         let integer = !value.is_empty()
             && value.len() < 19
             && value
@@ -153,7 +184,40 @@ mod tests {
     fn words_without_a_key_and_odd_quotes_are_kept() {
         assert_eq!(
             fields("event=x free word=\"unterminated"),
-            vec![("event", "x"), ("msg", "free"), ("word", "unterminated")]
+            vec![
+                ("event", "x".into()),
+                ("msg", "free".into()),
+                ("word", "unterminated".into())
+            ]
         );
+    }
+
+    #[test]
+    fn a_quoted_hostile_value_stays_one_field() {
+        use crate::sys::text::Quoted;
+        for hostile in [
+            "a\"pid=1",
+            "\"x\"event=\"stall\"pid=\"1\".service",
+            "b\\",
+            "q\\\"",
+            "a b=c",
+        ] {
+            let text = format!("event=agent_new pid=7 comm={} unit=-", Quoted(hostile));
+            let got = fields(&text);
+            assert_eq!(
+                got,
+                vec![
+                    ("event", "agent_new".into()),
+                    ("pid", "7".into()),
+                    ("comm", hostile.into()),
+                    ("unit", "-".into())
+                ],
+                "{text}"
+            );
+            let json: serde_json::Value =
+                serde_json::from_str(&json_line("1.000", "info", &text)).unwrap();
+            assert_eq!(json["comm"], hostile);
+            assert_eq!(json["pid"], 7);
+        }
     }
 }

@@ -15,4 +15,5 @@ pub mod process;
 pub mod procfs;
 pub mod readiness;
 pub mod sock;
+pub mod text;
 pub mod watchdog;

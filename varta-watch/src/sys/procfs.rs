@@ -36,20 +36,27 @@ pub fn ns_pids(pid: u32) -> io::Result<Vec<u32>> {
         .collect()
 }
 
-/// What the observer knows of a sender it cannot take at its word.
+/// What the observer knows of a sender it cannot take at its word, from the world-readable
+/// `NSpid` line (`/proc/<pid>/ns/pid` needs ptrace access, which a least-privilege observer
+/// lacks for other users' processes and for processes with capabilities it does not hold).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sender {
-    pub ns: PidNs,
+    /// The sender lives in a pid namespace below the one our /proc shows (a container):
+    /// `NSpid` lists more than one pid.
+    pub cross_namespace: bool,
     /// The sender's pid inside its own pid namespace: what an honest frame carries.
     pub own_pid: u32,
 }
 
 pub fn sender(pid: u32) -> io::Result<Sender> {
-    let ns = pid_ns(Some(pid))?;
-    let own_pid = *ns_pids(pid)?
+    let pids = ns_pids(pid)?;
+    let own_pid = *pids
         .last()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "empty NSpid"))?;
-    Ok(Sender { ns, own_pid })
+    Ok(Sender {
+        cross_namespace: pids.len() > 1,
+        own_pid,
+    })
 }
 
 pub fn pid_max() -> io::Result<u32> {
@@ -67,7 +74,7 @@ mod tests {
     fn own_process_is_its_own_sender() {
         let me = std::process::id();
         let s = sender(me).unwrap();
-        assert_eq!(s.ns, pid_ns(None).unwrap());
+        assert!(!s.cross_namespace);
         // In our own namespace our innermost pid is the pid we see.
         assert_eq!(s.own_pid, me);
         assert!(pid_max().unwrap() >= 2);

@@ -30,6 +30,9 @@ impl Sample {
 /// does not answer, rather than freezing.
 const TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The most `top` reads of one answer: an observer with 65,536 agents serves ~20 MiB.
+const MAX_BODY: u64 = 64 << 20;
+
 /// GET /metrics at `addr` (with a bearer token): the body.
 pub fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)
@@ -44,8 +47,13 @@ pub fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<String> {
         "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
+    let read = (&mut s)
+        .take(MAX_BODY + 1)
+        .read_to_end(&mut raw)
         .with_context(|| format!("reading /metrics from {addr}"))?;
+    if read as u64 > MAX_BODY {
+        bail!("{addr} answered more than {} MiB", MAX_BODY >> 20);
+    }
     body(&String::from_utf8_lossy(&raw)).with_context(|| format!("GET http://{addr}/metrics"))
 }
 
@@ -98,7 +106,7 @@ pub fn parse(text: &str) -> Vec<Sample> {
 
 fn parse_line(line: &str) -> Option<Sample> {
     let name_end = line.find(|c: char| c == '{' || c.is_whitespace())?;
-    let name = line[..name_end].to_owned();
+    let name = crate::sys::text::printable(&line.as_bytes()[..name_end]);
     let mut rest = &line[name_end..];
     let mut labels = Vec::new();
     if let Some(inner) = rest.strip_prefix('{') {
@@ -111,7 +119,10 @@ fn parse_line(line: &str) -> Option<Sample> {
             }
             let (key, after) = rest.split_once('=')?;
             let (value, after) = quoted(after.trim_start().strip_prefix('"')?)?;
-            labels.push((key.trim().to_owned(), value));
+            // Whatever the endpoint serves reaches the operator's terminal: never a control
+            // byte (an escape sequence, a newline that breaks the table).
+            let value = crate::sys::text::printable(value.as_bytes());
+            labels.push((printable_key(key), value));
             rest = after;
         }
     }
@@ -127,6 +138,10 @@ fn parse_line(line: &str) -> Option<Sample> {
         labels,
         value,
     })
+}
+
+fn printable_key(key: &str) -> String {
+    crate::sys::text::printable(key.trim().as_bytes())
 }
 
 /// A label value up to its closing quote (escapes `\\`, `\"`, `\n`), and what follows.
@@ -171,6 +186,17 @@ mod tests {
         assert_eq!(s[0].label("comm"), Some(r#"a "b"\c"#));
         assert_eq!(s[0].label("unit"), Some("x,y}.service"));
         assert_eq!(s[0].label("pid"), Some("7"));
+    }
+
+    #[test]
+    fn no_control_byte_reaches_the_terminal() {
+        let s = parse("varta_agent_info{pid=\"7\",comm=\"x\\n\u{1b}[2Jy\u{7}\"} 1");
+        assert_eq!(s[0].label("comm"), Some("x\\x0a\\x1b[2Jy\\x07"));
+        assert!(
+            s[0].labels
+                .iter()
+                .all(|(k, v)| !(k.to_owned() + v).chars().any(char::is_control))
+        );
     }
 
     #[test]

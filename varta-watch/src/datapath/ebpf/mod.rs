@@ -9,7 +9,7 @@ mod load;
 mod ring;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     net::UdpSocket,
     os::unix::net::UnixDatagram,
@@ -25,7 +25,8 @@ use tokio::io::unix::AsyncFd;
 use varta_common::{
     DropReason,
     filter::{
-        Attest, Bucket, CLOCK_BOOTTIME, CLOCK_MONOTONIC, FilterConfig, Verdict, map, ring_bytes,
+        Attest, Bucket, CLOCK_BOOTTIME, CLOCK_MONOTONIC, FilterConfig, UDP_PLAINTEXT, UDP_SECURE,
+        Verdict, map, ring_bytes,
     },
     wakeup,
 };
@@ -35,7 +36,7 @@ pub use load::{Unavailable, detach};
 use super::{Beat, Datapath, Origin, attest::Attestation};
 use crate::{
     actions::metrics::KernelDrops,
-    config::Limits,
+    config::{Config, Limits},
     observer::drops::DropCounters,
     sys::{
         clock::ClockSource,
@@ -63,8 +64,8 @@ pub struct EbpfDatapath {
     logger: Option<Logger>,
     drops: Arc<DropCounters>,
     attestation: Attestation,
-    /// Verified senders in other pid namespaces (host tgid -> namespace), until they exit.
-    foreign: HashMap<u32, PidNs>,
+    /// Verified senders in other pid namespaces (host tgids), until they exit.
+    foreign: HashSet<u32>,
     exits: ExitWatcher,
     /// Per-agent token buckets; an agent without one is new to the kernel, and its next
     /// beat wakes the daemon.
@@ -95,12 +96,11 @@ impl EbpfDatapath {
     pub fn start(
         uds: UnixDatagram,
         udp: Option<UdpSocket>,
-        clock: ClockSource,
-        limits: &Limits,
-        tracker_capacity: u32,
-        allow_cross_namespace: bool,
+        settings: &Config,
         drops: Arc<DropCounters>,
     ) -> Result<(Self, KernelDrops), Unavailable> {
+        let (clock, limits) = (settings.clock, &settings.limits);
+        let tracker_capacity = settings.tracker_capacity as u32;
         let methods = load::requested_methods()?;
         load::preflight()?;
         let ring_bytes = ring_bytes(tracker_capacity, limits.per_pid_burst());
@@ -111,7 +111,10 @@ impl EbpfDatapath {
             .and_then(|l| crate::sys::readiness::readable(l).ok());
         let own_ns = procfs::pid_ns(None)
             .map_err(|e| Unavailable(format!("reading /proc/self/ns/pid: {e}")))?;
-        let mut filter_config = initial_config(own_ns, clock, limits);
+        let mut filter_config = FilterConfig {
+            udp_accept: udp_accept(settings),
+            ..initial_config(own_ns, clock, limits)
+        };
         let mut config: Array<MapData, FilterConfig> = take_map(&mut ebpf, map::CONFIG)?;
         let attest = load::attach_uds(&mut ebpf, &methods, &mut config, &mut filter_config, &uds)?;
         if let Some(udp) = &udp {
@@ -130,8 +133,8 @@ impl EbpfDatapath {
                 _udp: udp,
                 logger,
                 drops,
-                attestation: Attestation::new(own_ns, allow_cross_namespace),
-                foreign: HashMap::new(),
+                attestation: Attestation::new(settings.allow_cross_namespace),
+                foreign: HashSet::new(),
                 exits: ExitWatcher::new(),
                 buckets: maps.buckets,
                 tracked: maps.tracked,
@@ -162,6 +165,19 @@ fn initial_config(own_ns: PidNs, clock: ClockSource, limits: &Limits) -> FilterC
     };
     set_limits(&mut config, limits);
     config
+}
+
+/// What the kernel's UDP program lets through: plaintext frames only when the operator
+/// accepted them, secure lengths only when a key can open them.
+fn udp_accept(settings: &Config) -> u32 {
+    let mut accept = 0;
+    if settings.plaintext_udp {
+        accept |= UDP_PLAINTEXT;
+    }
+    if !settings.secure.is_empty() {
+        accept |= UDP_SECURE;
+    }
+    accept
 }
 
 fn set_limits(config: &mut FilterConfig, limits: &Limits) {

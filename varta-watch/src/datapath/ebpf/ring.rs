@@ -7,18 +7,15 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use varta_common::{
     DropReason, Frame,
     filter::{
-        BeatRecord, KIND_VERIFY, TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, VERDICT_ALLOW,
-        VERDICT_DENY_NAMESPACE, Verdict,
+        BeatRecord, KIND_VERIFY, TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, UDP_PLAINTEXT,
+        VERDICT_ALLOW, VERDICT_DENY_NAMESPACE, Verdict,
     },
 };
 
 use super::EbpfDatapath;
 use crate::{
     datapath::{Beat, Origin},
-    sys::{
-        pidfd::ExitWatcher,
-        procfs::{self, PidNs},
-    },
+    sys::{pidfd::ExitWatcher, procfs},
 };
 
 impl EbpfDatapath {
@@ -52,23 +49,25 @@ impl EbpfDatapath {
         };
         let origin = match rec.transport {
             TRANSPORT_UDS if rec.kind == KIND_VERIFY => match self.verify(rec.host_tgid, &frame) {
-                Ok(ns) => Origin::Uds {
-                    foreign_ns: Some(ns),
+                Ok(()) => Origin::Uds {
+                    cross_namespace: true,
                 },
                 Err(reason) => {
                     self.drops.add(reason);
                     return;
                 }
             },
-            TRANSPORT_UDS if rec.observer_tgid == 0 => Origin::Uds {
-                foreign_ns: Some(
-                    self.foreign
-                        .get(&rec.host_tgid)
-                        .copied()
-                        .unwrap_or(PidNs { dev: 0, ino: 0 }),
-                ),
+            // The kernel found a verdict for it: a verified sender from another namespace.
+            TRANSPORT_UDS => Origin::Uds {
+                cross_namespace: rec.observer_tgid == 0,
             },
-            TRANSPORT_UDS => Origin::Uds { foreign_ns: None },
+            TRANSPORT_UDP4 | TRANSPORT_UDP6
+                if self.filter_config.udp_accept & UDP_PLAINTEXT == 0 =>
+            {
+                // The kernel drops these already; a record means its config was not ours.
+                self.drops.add(DropReason::Plaintext);
+                return;
+            }
             TRANSPORT_UDP4 | TRANSPORT_UDP6 => {
                 let ip = if rec.transport == TRANSPORT_UDP4 {
                     IpAddr::V4(Ipv4Addr::new(
@@ -90,9 +89,11 @@ impl EbpfDatapath {
             }
         };
         let pid = match origin {
-            Origin::Uds { foreign_ns: None } => rec.observer_tgid,
             Origin::Uds {
-                foreign_ns: Some(_),
+                cross_namespace: false,
+            } => rec.observer_tgid,
+            Origin::Uds {
+                cross_namespace: true,
             } => rec.host_tgid,
             Origin::Udp { .. } => frame.pid,
         };
@@ -107,7 +108,7 @@ impl EbpfDatapath {
 
     /// A sender in another pid namespace the kernel has no verdict for: check its frame pid
     /// against its own `NSpid`, and leave the verdict in the kernel for its next frames.
-    fn verify(&mut self, tgid: u32, frame: &Frame) -> Result<PidNs, DropReason> {
+    fn verify(&mut self, tgid: u32, frame: &Frame) -> Result<(), DropReason> {
         let known =
             ExitWatcher::open(tgid).and_then(|pidfd| procfs::sender(tgid).map(|s| (pidfd, s)));
         let Ok((pidfd, sender)) = known else {
@@ -115,13 +116,13 @@ impl EbpfDatapath {
             let _ = self.verdicts.remove(&tgid);
             return Err(DropReason::Spoof);
         };
-        if sender.ns == self.attestation.own_ns() {
+        if !sender.cross_namespace {
             let _ = self.verdicts.remove(&tgid);
             return Err(DropReason::Spoof);
         }
         // The verdict is about the sender, for all its frames: the namespace policy, and the
         // one pid it may frame. This frame is then checked like any other.
-        let state = match self.attestation.admits(sender.ns) {
+        let state = match self.attestation.admits(true) {
             Ok(()) => VERDICT_ALLOW,
             Err(_) => VERDICT_DENY_NAMESPACE,
         };
@@ -132,17 +133,18 @@ impl EbpfDatapath {
         };
         // A verdict must die with its process (a reused pid must not inherit it): without a
         // watcher (the descriptor budget is spent) none is stored, and the sender's next
-        // frame is attested here again.
-        if self.exits.watch(tgid, pidfd).is_err() {
+        // frame is attested here again. A sender verified before (its verdict fell out of
+        // the kernel's LRU) is watched already: one watch per process.
+        if !self.foreign.contains(&tgid) && self.exits.watch(tgid, pidfd).is_err() {
             return self
                 .attestation
                 .check(tgid, Some(&sender), frame.pid)
-                .map(|_| sender.ns);
+                .map(drop);
         }
         if let Err(e) = self.verdicts.insert(tgid, verdict, 0) {
             log::warn!("event=ebpf_verdict_failed tgid={tgid} error=\"{e}\"");
         } else {
-            self.foreign.insert(tgid, sender.ns);
+            self.foreign.insert(tgid);
         }
         log::info!(
             "event=cross_namespace_sender tgid={tgid} own_pid={} frame_pid={} verdict={}",
@@ -156,7 +158,7 @@ impl EbpfDatapath {
         );
         self.attestation
             .check(tgid, Some(&sender), frame.pid)
-            .map(|_| sender.ns)
+            .map(drop)
     }
 
     /// The process behind a verdict exited: its pid may be reused by anyone.
