@@ -210,6 +210,7 @@ fn export_file_and_metrics_after_a_scripted_scenario(datapath: &str) {
         "origin_conflict",
         "ringbuf_full",
         "attest_pending",
+        "plaintext",
     ] {
         expected.push(format!(
             "varta_frames_dropped_total{{reason=\"{reason}\"}} 0"

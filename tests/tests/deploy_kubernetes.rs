@@ -98,8 +98,9 @@ fn every_manifest_passes_the_kubernetes_schema() {
     let base = repo().join("deploy/kubernetes");
     let mut files: Vec<PathBuf> = yaml_files(&base).iter().map(|f| base.join(f)).collect();
     files.push(base.join("examples/workload-pod.yaml"));
-    // Namespace, ServiceAccount, ConfigMap, DaemonSet, Service, the example Pod.
-    assert_eq!(validate(&files, &["ServiceMonitor"]), 6);
+    // Namespace, ServiceAccount, ConfigMap, DaemonSet, Service, NetworkPolicy, the example
+    // Pod.
+    assert_eq!(validate(&files, &["ServiceMonitor"]), 7);
 
     // The overlays are patches; what they produce is validated once rendered.
     let kubectl = Command::new("kubectl")
@@ -113,7 +114,7 @@ fn every_manifest_passes_the_kubernetes_schema() {
         return;
     }
     let out_dir = varta_e2e::scratch("kustomize");
-    for (k, kinds) in KUSTOMIZATIONS.iter().zip([5, 5, 5]) {
+    for (k, kinds) in KUSTOMIZATIONS.iter().zip([6, 6, 6]) {
         let (ok, rendered) = deploy::run(
             Command::new("kubectl")
                 .arg("kustomize")

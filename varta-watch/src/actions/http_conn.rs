@@ -1,39 +1,113 @@
-//! Bounds on /metrics connections, so scrapers (or anyone who can connect) cannot take
-//! the daemon's descriptors or hold its server: at most [`MAX_CONNECTIONS`] accepted at
-//! once (more wait in the kernel's listen backlog, costing the daemon nothing); a
-//! connection that sends nothing for [`IDLE_TIMEOUT`] (slow headers, idle keep-alive) or
-//! lives longer than [`MAX_LIFETIME`] (a client that does not read) is closed.
+//! Bounds on HTTP connections, so that anyone who can connect (any pod can reach the
+//! DaemonSet's port) can neither take the daemon's descriptors nor keep the kubelet's
+//! probes and Prometheus's scrapes waiting:
+//! - every connection is accepted at once (none waits in the kernel's backlog behind idle
+//!   ones);
+//! - at most [`MAX_CONNECTIONS`] are held, at most [`PER_SOURCE`] from one address; a new
+//!   connection over either bound takes the place of a held one (of that source, or of
+//!   all): the one idle longest, else the one whose request has been in flight longest
+//!   (over [`FIRST_BYTE_TIMEOUT`]); when every held one is serving a fresh request the new
+//!   one is closed;
+//! - a connection that sends nothing for [`FIRST_BYTE_TIMEOUT`] after it is accepted, or
+//!   for [`IDLE_TIMEOUT`] between requests, or lives longer than [`MAX_LIFETIME`] (a client
+//!   that does not read), is closed.
 
 use std::{
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
+    sync::{Arc, Mutex, Weak},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
     time::{Instant, Sleep, sleep},
 };
 
-pub const MAX_CONNECTIONS: usize = 16;
+pub const MAX_CONNECTIONS: usize = 64;
+pub const PER_SOURCE: usize = 8;
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(1);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_LIFETIME: Duration = Duration::from_secs(30);
 
+/// What the listener knows of a held connection, shared with the connection itself.
+#[derive(Debug)]
+struct Slot {
+    source: IpAddr,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Debug)]
+struct SlotState {
+    /// A request was (partly) read and its response not yet written.
+    busy: bool,
+    /// Since when `busy` has been what it is.
+    idle_since: Instant,
+    /// The listener needs the place: the connection ends at its next poll.
+    evicted: bool,
+    waker: Option<Waker>,
+}
+
 pub struct LimitedListener {
     inner: TcpListener,
-    permits: Arc<Semaphore>,
+    held: Vec<Weak<Slot>>,
 }
 
 impl LimitedListener {
     pub fn new(inner: TcpListener) -> Self {
         LimitedListener {
             inner,
-            permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            held: Vec::new(),
+        }
+    }
+
+    /// Makes room for a connection from `source`: `false` when none can be made.
+    fn admit(&mut self, source: IpAddr) -> bool {
+        self.held.retain(|w| w.strong_count() > 0);
+        let held: Vec<Arc<Slot>> = self.held.iter().filter_map(Weak::upgrade).collect();
+        let same_source = held.iter().filter(|s| s.source == source).count();
+        let full = if same_source >= PER_SOURCE {
+            Some(Some(source))
+        } else if held.len() >= MAX_CONNECTIONS {
+            Some(None)
+        } else {
+            None
+        };
+        let Some(among) = full else { return true };
+        // Idle ones first, longest idle first; then requests in flight for more than
+        // FIRST_BYTE_TIMEOUT (a trickled request, a client that does not read), oldest
+        // first: a real request is served in milliseconds.
+        let now = Instant::now();
+        let victim = held
+            .iter()
+            .filter(|s| among.is_none_or(|ip| s.source == ip))
+            .filter_map(|s| {
+                let st = s.state.lock().ok()?;
+                let stuck = now.duration_since(st.idle_since) > FIRST_BYTE_TIMEOUT;
+                (!st.evicted && (!st.busy || stuck)).then_some(((st.busy, st.idle_since), s))
+            })
+            .min_by_key(|(key, _)| *key)
+            .map(|(_, s)| s.clone());
+        match victim {
+            Some(slot) => {
+                slot.evict();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Slot {
+    fn evict(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.evicted = true;
+            if let Some(w) = st.waker.take() {
+                w.wake();
+            }
         }
     }
 }
@@ -43,16 +117,27 @@ impl axum::serve::Listener for LimitedListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Conn, SocketAddr) {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
         let mut failures = 0u64;
         loop {
             match self.inner.accept().await {
-                Ok((stream, addr)) => return (Conn::new(stream, permit), addr),
+                Ok((stream, addr)) => {
+                    if !self.admit(addr.ip()) {
+                        // Every held connection is serving a request: this one waits for
+                        // none of them (dropping it closes it).
+                        continue;
+                    }
+                    let slot = Arc::new(Slot {
+                        source: addr.ip(),
+                        state: Mutex::new(SlotState {
+                            busy: false,
+                            idle_since: Instant::now(),
+                            evicted: false,
+                            waker: None,
+                        }),
+                    });
+                    self.held.push(Arc::downgrade(&slot));
+                    return (Conn::new(stream, slot), addr);
+                }
                 Err(e) => {
                     // EMFILE and the like: back off instead of spinning; log once per
                     // thousand.
@@ -71,27 +156,43 @@ impl axum::serve::Listener for LimitedListener {
     }
 }
 
-/// An accepted connection holding its permit, with an idle and a lifetime deadline.
+/// An accepted connection with its place among the held ones and its deadlines.
 pub struct Conn {
     stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
+    slot: Arc<Slot>,
     idle: Pin<Box<Sleep>>,
     end: Pin<Box<Sleep>>,
 }
 
 impl Conn {
-    fn new(stream: TcpStream, permit: OwnedSemaphorePermit) -> Self {
+    fn new(stream: TcpStream, slot: Arc<Slot>) -> Self {
         Conn {
             stream,
-            _permit: permit,
-            idle: Box::pin(sleep(IDLE_TIMEOUT)),
+            slot,
+            idle: Box::pin(sleep(FIRST_BYTE_TIMEOUT)),
             end: Box::pin(sleep(MAX_LIFETIME)),
         }
     }
 
-    /// Pending I/O: an error once a deadline has passed (hyper then closes).
+    /// Pending I/O: an error once a deadline has passed or the place was taken (hyper then
+    /// closes).
     fn expired(&mut self, cx: &mut Context<'_>, reading: bool) -> bool {
+        if let Ok(mut st) = self.slot.state.lock() {
+            if st.evicted {
+                return true;
+            }
+            st.waker = Some(cx.waker().clone());
+        }
         self.end.as_mut().poll(cx).is_ready() || (reading && self.idle.as_mut().poll(cx).is_ready())
+    }
+
+    fn set_busy(&self, busy: bool) {
+        if let Ok(mut st) = self.slot.state.lock()
+            && st.busy != busy
+        {
+            st.busy = busy;
+            st.idle_since = Instant::now();
+        }
     }
 }
 
@@ -105,8 +206,15 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.slot.state.lock().is_ok_and(|st| st.evicted) {
+            return Poll::Ready(Err(timed_out()));
+        }
+        let before = buf.filled().len();
         match Pin::new(&mut self.stream).poll_read(cx, buf) {
             Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    self.set_busy(true);
+                }
                 self.idle.as_mut().reset(Instant::now() + IDLE_TIMEOUT);
                 Poll::Ready(result)
             }
@@ -129,7 +237,12 @@ impl AsyncWrite for Conn {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let flushed = Pin::new(&mut self.stream).poll_flush(cx);
+        if flushed.is_ready() {
+            // The response is out: until the next request, this place may be taken.
+            self.set_busy(false);
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

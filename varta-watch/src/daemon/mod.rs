@@ -65,6 +65,7 @@ struct Sockets {
     udp: Option<UdpSocket>,
     /// The receive buffer the kernel granted the UDS.
     rcvbuf: u32,
+    file: crate::sys::sock::SocketFile,
 }
 
 async fn start(mut config: Config) -> Result<()> {
@@ -117,8 +118,18 @@ async fn start(mut config: Config) -> Result<()> {
         }
         Err(e) => Err(e),
     };
-    let _ = std::fs::remove_file(&config.socket);
+    remove_socket_file(&sockets.file);
     result
+}
+
+/// At exit: the socket file goes, unless another observer's (or anyone's) replaced it.
+fn remove_socket_file(file: &crate::sys::sock::SocketFile) {
+    if !file.remove() {
+        log::warn!(
+            "event=socket_file_kept path={} reason=\"it is not the socket this observer bound\"",
+            crate::sys::text::LogValue(&file.path().display().to_string())
+        );
+    }
 }
 
 /// The daemon's reader of the UDP socket (secure frames; plaintext ones too on the
@@ -144,7 +155,7 @@ fn install_signals(config: &Config) -> Result<Signals> {
 }
 
 fn bind(config: &Config) -> Result<Sockets> {
-    let (uds, rcvbuf) =
+    let (uds, file, rcvbuf) =
         crate::sys::sock::bind_uds(&config.socket, config.socket_mode, config.uds_rcvbuf_bytes)
             .with_context(|| format!("binding {}", config.socket.display()))?;
     let udp = config
@@ -155,7 +166,12 @@ fn bind(config: &Config) -> Result<Sockets> {
             anyhow::Ok(sock)
         })
         .transpose()?;
-    Ok(Sockets { uds, udp, rcvbuf })
+    Ok(Sockets {
+        uds,
+        udp,
+        rcvbuf,
+        file,
+    })
 }
 
 /// The eBPF datapath when configured and possible; `None` means the userspace datapath
@@ -181,7 +197,7 @@ fn start_ebpf(
             Ok(Some(started))
         }
         Err(e) if config.datapath == DatapathMode::Ebpf => {
-            let _ = std::fs::remove_file(&config.socket);
+            remove_socket_file(&sockets.file);
             anyhow::bail!("--datapath ebpf: {e}");
         }
         Err(e) => {

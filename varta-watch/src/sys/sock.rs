@@ -9,22 +9,73 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::{
         fd::{AsRawFd, BorrowedFd},
-        unix::{fs::PermissionsExt, net::UnixDatagram},
+        unix::{fs::MetadataExt, net::UnixDatagram},
     },
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use varta_common::cbpf::SockFilter;
 
 use crate::sys::clock::ClockSource;
 
-/// Binds a Unix datagram socket at `path` (replacing a stale socket file), sets its mode,
-/// asks for sender credentials and sizes its receive buffer (0 keeps the kernel default).
-/// Returns the socket and the receive buffer the kernel granted.
-pub fn bind_uds(path: &Path, mode: u32, rcvbuf: u32) -> io::Result<(UnixDatagram, u32)> {
+/// The socket file an observer bound: removed at exit only while it is still the one it
+/// bound (another observer, or anyone with write access to the directory, may have put
+/// another there since).
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    /// Device, inode and change time: an inode number freed by an unlink is soon reused.
+    id: (u64, u64, i64, i64),
+}
+
+fn file_id(meta: &std::fs::Metadata) -> (u64, u64, i64, i64) {
+    (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
+}
+
+impl SocketFile {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The path still names the socket this observer bound.
+    pub fn is_ours(&self) -> bool {
+        std::fs::symlink_metadata(&self.path).is_ok_and(|m| file_id(&m) == self.id)
+    }
+
+    /// Removes the file if it is still ours; says whether it was.
+    pub fn remove(&self) -> bool {
+        self.is_ours() && std::fs::remove_file(&self.path).is_ok()
+    }
+}
+
+/// Binds a Unix datagram socket at `path` with file mode `mode` (set by the umask during
+/// bind: no window with another mode, no chmod through a path an attacker could swap), asks
+/// for sender credentials and sizes its receive buffer (0 keeps the kernel default).
+/// A socket file already there is replaced only when nobody receives on it (a stale one);
+/// a live observer's is an `AddrInUse` error. Returns the socket, its file and the receive
+/// buffer the kernel granted.
+pub fn bind_uds(
+    path: &Path,
+    mode: u32,
+    rcvbuf: u32,
+) -> io::Result<(UnixDatagram, SocketFile, u32)> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
-            std::fs::remove_file(path)?
+            match UnixDatagram::unbound()?.connect(path) {
+                Ok(()) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!(
+                            "{} is the socket of a running observer: stop it first, or choose another --socket",
+                            path.display()
+                        ),
+                    ));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                    std::fs::remove_file(path)?
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(_) => {
             return Err(io::Error::new(
@@ -35,8 +86,12 @@ pub fn bind_uds(path: &Path, mode: u32, rcvbuf: u32) -> io::Result<(UnixDatagram
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let sock = UnixDatagram::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    let sock = bind_with_mode(path, mode)?;
+    let meta = std::fs::symlink_metadata(path)?;
+    let file = SocketFile {
+        path: path.to_owned(),
+        id: file_id(&meta),
+    };
     sock.set_nonblocking(true)?;
     setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PASSCRED, 1)?;
     if rcvbuf > 0 {
@@ -54,7 +109,19 @@ pub fn bind_uds(path: &Path, mode: u32, rcvbuf: u32) -> io::Result<(UnixDatagram
         }
     }
     let granted = getsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF)?;
-    Ok((sock, granted.max(0) as u32))
+    Ok((sock, file, granted.max(0) as u32))
+}
+
+/// `bind(2)` under a umask that leaves exactly `mode` (the socket inode starts at 0777).
+fn bind_with_mode(path: &Path, mode: u32) -> io::Result<UnixDatagram> {
+    let mask = !mode & 0o777;
+    // SAFETY: umask(2) cannot fail; it is restored right after the bind. Start-up binds
+    // before any thread that creates files runs.
+    let old = unsafe { libc::umask(mask as libc::mode_t) };
+    let bound = UnixDatagram::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    bound
 }
 
 /// Attaches a classic BPF program (`SO_ATTACH_FILTER`) to a socket: any process may do
@@ -312,8 +379,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("varta-sock-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s");
-        let (sock, granted) = bind_uds(&path, 0o600, 0).unwrap();
+        let (sock, file, granted) = bind_uds(&path, 0o600, 0).unwrap();
         assert!(granted > 0);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the mode comes from the umask at bind");
+        // A live socket is never replaced; a stale one is.
+        let again = bind_uds(&path, 0o600, 0).unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::AddrInUse, "{again}");
+        assert!(file.is_ours());
         let client = UnixDatagram::unbound().unwrap();
         client.send_to(&[1u8; 32], &path).unwrap();
         client.send_to(&[2u8; 100], &path).unwrap();
@@ -327,6 +401,13 @@ mod tests {
             batch.recv(sock.as_fd()).unwrap_err().kind(),
             io::ErrorKind::WouldBlock
         );
+        drop(sock);
+        let (_, replaced, _) = bind_uds(&path, 0o600, 0).expect("a stale socket is replaced");
+        assert!(
+            !file.is_ours() && !file.remove(),
+            "the old file is not ours any more"
+        );
+        assert!(replaced.remove() && !path.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
