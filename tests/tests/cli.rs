@@ -96,6 +96,10 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
         "/dev/null",
         "--inject-wedge-ms",
         "0",
+        "--prom-rate-limit-per-sec",
+        "5",
+        "--prom-rate-limit-burst",
+        "10",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -107,8 +111,6 @@ fn incumbent_unit_file_command_line_starts_and_warns_once_per_ignored_flag() {
         ("--audit-fsync-budget-ms", Some("50")),
         ("--audit-sync-interval-ms", Some("0")),
         ("--audit-rotation-budget-ms", Some("50")),
-        ("--prom-rate-limit-per-sec", Some("5")),
-        ("--prom-rate-limit-burst", Some("10")),
         ("--iteration-budget-ms", Some("10")),
         ("--scrape-budget-ms", Some("10")),
     ];

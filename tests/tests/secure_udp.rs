@@ -252,3 +252,27 @@ on_both_datapaths!(
     master_key,
     tampered_frames_are_counted
 );
+
+/// Opening secure UDP beyond loopback is said at start, once; on loopback nothing is said.
+#[test]
+fn secure_udp_beyond_loopback_is_announced() {
+    let (wide, _) = daemon("secure-wide", "userspace", |dir| {
+        vec![
+            "--key-file".into(),
+            key_file(dir, "key", &[KEY_A]),
+            "--udp-bind-addr".into(),
+            "0.0.0.0".into(),
+            "--i-accept-secure-udp-non-loopback".into(),
+        ]
+    });
+    assert_eq!(
+        wide.count_logs(&["event=secure_udp_non_loopback", "addr=0.0.0.0:0"]),
+        1,
+        "{}",
+        wide.log_text()
+    );
+    let (local, _) = daemon("secure-local", "userspace", |dir| {
+        vec!["--key-file".into(), key_file(dir, "key", &[KEY_A])]
+    });
+    assert_eq!(local.count_logs(&["event=secure_udp_non_loopback"]), 0);
+}

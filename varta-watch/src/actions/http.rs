@@ -2,22 +2,71 @@
 //! loop answers) and /readyz (socket bound, datapath attached), which need no token.
 //! Connections are bounded in number and time (`http_conn`).
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+};
 
 use axum::{
     Router,
-    extract::State,
+    extract::{ConnectInfo, State, connect_info::Connected},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
+    serve::IncomingStream,
 };
 
-use crate::{actions::metrics::Metrics, daemon::Probes};
+use varta_common::ratelimit::{Limit, is_full};
+
+use crate::{
+    actions::{http_conn::LimitedListener, metrics::Metrics},
+    daemon::Probes,
+};
 
 #[derive(Clone)]
 struct Scrape {
     metrics: Arc<Metrics>,
     token: Option<Arc<str>>,
+    limiter: Option<Arc<ScrapeLimiter>>,
+}
+
+/// Scrapes per source address (`--prom-rate-limit-per-sec`, `--prom-rate-limit-burst`), on
+/// the integer buckets the datapaths use.
+struct ScrapeLimiter {
+    limit: Limit,
+    started: std::time::Instant,
+    clocks: Mutex<HashMap<IpAddr, u64>>,
+}
+
+/// Sources whose bucket is remembered; beyond it full buckets are forgotten (they equal a
+/// new one), and a source that finds no room is refused.
+const LIMITED_SOURCES: usize = 4096;
+
+impl ScrapeLimiter {
+    fn admit(&self, source: IpAddr) -> bool {
+        let now = self.started.elapsed().as_nanos() as u64 + 1;
+        let Ok(mut clocks) = self.clocks.lock() else {
+            return false;
+        };
+        if clocks.len() >= LIMITED_SOURCES && !clocks.contains_key(&source) {
+            clocks.retain(|_, tat| !is_full(*tat, now));
+            if clocks.len() >= LIMITED_SOURCES {
+                return false;
+            }
+        }
+        self.limit.take(clocks.entry(source).or_insert(0), now)
+    }
+}
+
+/// The client's address, for the per-source scrape limit.
+#[derive(Clone, Copy, Debug)]
+struct Peer(SocketAddr);
+
+impl Connected<IncomingStream<'_, LimitedListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, LimitedListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
 }
 
 /// Binds now (so a taken port fails start-up) and serves in a background task.
@@ -25,6 +74,7 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     token: Option<String>,
+    rate_limit: Option<Limit>,
     probes: Probes,
 ) -> std::io::Result<SocketAddr> {
     let socket = match addr {
@@ -39,6 +89,13 @@ pub async fn serve(
     let state = Scrape {
         metrics,
         token: token.map(Arc::from),
+        limiter: rate_limit.map(|limit| {
+            Arc::new(ScrapeLimiter {
+                limit,
+                started: std::time::Instant::now(),
+                clocks: Mutex::new(HashMap::new()),
+            })
+        }),
     };
     let app = Router::new()
         .route("/metrics", get(scrape))
@@ -50,8 +107,9 @@ pub async fn serve(
                 .with_state(probes),
         );
     tokio::spawn(async move {
-        let listener = crate::actions::http_conn::LimitedListener::new(listener);
-        if let Err(e) = axum::serve(listener, app).await {
+        let listener = LimitedListener::new(listener);
+        let service = app.into_make_service_with_connect_info::<Peer>();
+        if let Err(e) = axum::serve(listener, service).await {
             log::error!("event=metrics_server_failed error={e}");
         }
     });
@@ -77,7 +135,21 @@ async fn readyz(State(p): State<Probes>) -> (StatusCode, &'static str) {
     }
 }
 
-async fn scrape(State(s): State<Scrape>, headers: HeaderMap) -> Response {
+async fn scrape(
+    State(s): State<Scrape>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(limiter) = &s.limiter
+        && !limiter.admit(peer.ip())
+    {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "1")],
+            "rate-limited: --prom-rate-limit-per-sec\n",
+        )
+            .into_response();
+    }
     if let Some(token) = &s.token {
         let presented = headers
             .get(header::AUTHORIZATION)

@@ -322,6 +322,13 @@ pub struct OutputArgs {
     /// Bearer token file for /metrics (required for a non-loopback --prom-addr).
     #[arg(long)]
     pub prom_token_file: Option<PathBuf>,
+    /// Scrapes of /metrics per second from one address, beyond which it answers 429
+    /// (0: no limit; the probes are never limited).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub prom_rate_limit_per_sec: u32,
+    /// Scrapes one address may make at once before --prom-rate-limit-per-sec applies.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub prom_rate_limit_burst: u32,
 }
 
 #[derive(Debug, Args)]

@@ -86,12 +86,6 @@ pub struct CompatArgs {
     /// the audit and export files are written by threads of their own, off the event loop: no budget to keep
     #[arg(long, value_name = "MS")]
     audit_rotation_budget_ms: Option<u64>,
-    /// /metrics is not rate-limited; protect it with --prom-token-file
-    #[arg(long, value_name = "N")]
-    prom_rate_limit_per_sec: Option<u32>,
-    /// /metrics is not rate-limited; protect it with --prom-token-file
-    #[arg(long, value_name = "N")]
-    prom_rate_limit_burst: Option<u32>,
     /// there is no polling loop: the daemon is event-driven
     #[arg(long, value_name = "MS")]
     iteration_budget_ms: Option<u64>,

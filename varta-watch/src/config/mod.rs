@@ -110,6 +110,8 @@ pub struct Config {
     pub audit_file: Option<SinkOptions>,
     pub prom_addr: Option<SocketAddr>,
     pub prom_token: Option<String>,
+    /// Scrapes per second and burst per source address (`--prom-rate-limit-*`).
+    pub prom_rate_limit: Option<varta_common::ratelimit::Limit>,
     pub signal_mode: SignalHandlerMode,
     pub nice: i32,
     pub shutdown_after: Option<Duration>,
@@ -203,6 +205,10 @@ impl Config {
                 }),
             prom_addr: a.output.prom_addr,
             prom_token,
+            prom_rate_limit: varta_common::ratelimit::Limit::new(
+                a.output.prom_rate_limit_per_sec,
+                a.output.prom_rate_limit_burst,
+            ),
             signal_mode: a.observer.signal_handler_mode,
             nice: a.observer.observer_nice,
             shutdown_after: a.observer.shutdown_after_secs.map(Duration::from_secs),

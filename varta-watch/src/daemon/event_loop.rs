@@ -44,9 +44,15 @@ pub async fn serve<D: Datapath>(
     let (health, probes) = Health::new();
     let prom = match config.prom_addr {
         Some(addr) => Some(
-            crate::actions::http::serve(addr, metrics.clone(), config.prom_token.clone(), probes)
-                .await
-                .with_context(|| format!("--prom-addr {addr}"))?,
+            crate::actions::http::serve(
+                addr,
+                metrics.clone(),
+                config.prom_token.clone(),
+                config.prom_rate_limit,
+                probes,
+            )
+            .await
+            .with_context(|| format!("--prom-addr {addr}"))?,
         ),
         None => None,
     };

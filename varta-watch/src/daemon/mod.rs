@@ -39,6 +39,14 @@ pub fn run(line: &CommandLine) -> ExitCode {
             config.udp.map_or("-".to_owned(), |a| a.to_string())
         );
     }
+    if let Some(addr) = config.udp
+        && !config.secure.is_empty()
+        && !addr.ip().is_loopback()
+    {
+        log::warn!(
+            "event=secure_udp_non_loopback addr={addr} reason=\"secure UDP listens beyond this host: any key holder on the network may claim any pid\""
+        );
+    }
     // Before any thread starts: they inherit it.
     crate::sys::priority::set_nice(config.nice);
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -1,4 +1,4 @@
-//! Anyone who can reach the metrics port (any pod can reach the DaemonSet's) cannot keep
+//! The metrics port. Anyone who can reach it (any pod can reach the DaemonSet's) cannot keep
 //! the kubelet's probes or a scrape waiting: with hundreds of idle connections, trickled
 //! requests and more held open, `/healthz` still answers within the kubelet's 2 s timeout,
 //! and the daemon holds a bounded number of descriptors.
@@ -97,4 +97,36 @@ fn probes_answer_while_idle_and_trickling_connections_hold_the_port() {
             },
         );
     }
+}
+
+/// `--prom-rate-limit-per-sec` and `--prom-rate-limit-burst` as the incumbent has them:
+/// scrapes of /metrics beyond the burst from one address get 429 until the bucket refills;
+/// the probes are never limited.
+#[test]
+fn scrapes_beyond_the_per_source_limit_get_429_and_probes_never_do() {
+    let d = Daemon::builder("prom-rate", "userspace")
+        .args(["--threshold-ms", "60000"])
+        .args([
+            "--prom-rate-limit-per-sec",
+            "1",
+            "--prom-rate-limit-burst",
+            "2",
+        ])
+        .start();
+    let addr = d.prom.unwrap();
+    let codes: Vec<u16> = (0..4).map(|_| probe(addr, "/metrics").0).collect();
+    assert_eq!(&codes[..2], [200, 200], "{codes:?}");
+    assert!(codes[2..].contains(&429), "{codes:?}");
+    for _ in 0..5 {
+        assert_eq!(probe(addr, "/healthz").0, 200);
+    }
+    wait_for(
+        "the bucket to refill",
+        Duration::from_secs(3),
+        || match probe(addr, "/metrics").0 {
+            200 => Ok(()),
+            code => Err(code.to_string()),
+        },
+    );
+    assert_eq!(d.count_logs(&["event=flag_ignored"]), 0, "{}", d.log_text());
 }
