@@ -255,6 +255,7 @@ impl Metrics {
             kernel: m.kernel_drops.clone(),
             started: Instant::now(),
         }));
+        m.registry.register_collector(Box::new(LogCollector));
         m
     }
 
@@ -267,6 +268,25 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// `varta_log_suppressed_total{event}`: lines the logger counted instead of writing.
+#[derive(Debug)]
+struct LogCollector;
+
+impl Collector for LogCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let mut family = encoder.encode_descriptor(
+            "varta_log_suppressed",
+            "Log lines not written (over their event kind's rate), by event kind",
+            None,
+            MetricType::Counter,
+        )?;
+        for (event, n) in crate::sys::logger::suppressed() {
+            ConstCounter::new(n).encode(family.encode_family(&[("event", event.as_str())])?)?;
+        }
+        Ok(())
     }
 }
 

@@ -5,15 +5,79 @@
 
 use std::{
     borrow::Cow,
+    collections::HashMap,
+    fmt::Write as _,
     io::Write,
-    time::{SystemTime, UNIX_EPOCH},
+    sync::{LazyLock, Mutex},
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
+
+use varta_common::ratelimit::Limit;
 
 use crate::config::cli::LogFormat;
 
 struct LineLogger {
     level: log::LevelFilter,
     format: LogFormat,
+    quota: Mutex<Quota>,
+}
+
+/// Lines of one event kind per second, and how many may come at once, before further lines
+/// of that kind are counted instead of written: a flood of one kind (Critical frames, new
+/// agents churning, the kernel's lines for senders it cannot place) cannot push the others
+/// out of journald's rate limit or block the event loop on a slow log pipe.
+const LINES_PER_SEC: u32 = 50;
+const LINES_BURST: u32 = 500;
+/// Event kinds with a bucket of their own (event names are the daemon's own literals).
+const KINDS: usize = 256;
+
+/// Per event kind: the bucket's clock, lines suppressed since the last one written, and in
+/// all.
+#[derive(Default)]
+struct Quota {
+    kinds: HashMap<String, (u64, u64, u64)>,
+}
+
+static STARTED: LazyLock<Instant> = LazyLock::new(Instant::now);
+static SUPPRESSED: Mutex<Vec<(String, u64)>> = Mutex::new(Vec::new());
+
+impl Quota {
+    /// Whether a line of `kind` may be written now, and how many of its kind were
+    /// suppressed before it (to be said first).
+    fn admit(&mut self, kind: &str) -> Option<u64> {
+        let now = STARTED.elapsed().as_nanos() as u64 + 1;
+        let limit = Limit::new(LINES_PER_SEC, LINES_BURST)?;
+        if self.kinds.len() >= KINDS && !self.kinds.contains_key(kind) {
+            return Some(0);
+        }
+        let (tat, pending, total) = self.kinds.entry(kind.to_owned()).or_default();
+        if limit.take(tat, now) {
+            Some(std::mem::take(pending))
+        } else {
+            *pending += 1;
+            *total += 1;
+            if let Ok(mut all) = SUPPRESSED.lock() {
+                match all.iter_mut().find(|(k, _)| k == kind) {
+                    Some((_, n)) => *n = *total,
+                    None => all.push((kind.to_owned(), *total)),
+                }
+            }
+            None
+        }
+    }
+}
+
+/// Log lines suppressed so far, by event kind (`varta_log_suppressed_total{event}`).
+pub fn suppressed() -> Vec<(String, u64)> {
+    SUPPRESSED.lock().map(|all| all.clone()).unwrap_or_default()
+}
+
+/// The `event=` of a line's fields, `-` when it has none.
+fn event_kind(fields: &str) -> &str {
+    fields
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("event="))
+        .unwrap_or("-")
 }
 
 impl log::Log for LineLogger {
@@ -39,15 +103,32 @@ impl log::Log for LineLogger {
                 record.args().to_string().replace('"', "'")
             )
         };
-        let mut line = match self.format {
-            LogFormat::Text => format!("ts={ts} level={level} {fields}"),
-            LogFormat::Json => json_line(&ts, &level, &fields),
+        let kind = event_kind(&fields);
+        let Some(suppressed) = self.quota.lock().ok().and_then(|mut q| q.admit(kind)) else {
+            return;
         };
-        line.push('\n');
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        let mut out = String::new();
+        if suppressed > 0 {
+            let note = format!("event=log_suppressed kind={kind} lines={suppressed}");
+            self.push_line(&mut out, &ts, "warn", &note);
+        }
+        self.push_line(&mut out, &ts, &level, &fields);
+        let _ = std::io::stderr().lock().write_all(out.as_bytes());
     }
 
     fn flush(&self) {}
+}
+
+impl LineLogger {
+    fn push_line(&self, out: &mut String, ts: &str, level: &str, fields: &str) {
+        match self.format {
+            LogFormat::Text => {
+                let _ = write!(out, "ts={ts} level={level} {fields}");
+            }
+            LogFormat::Json => out.push_str(&json_line(ts, level, fields)),
+        }
+        out.push('\n');
+    }
 }
 
 /// `VARTA_LOG=debug|info|warn|error` picks the level (default info).
@@ -56,7 +137,11 @@ pub fn init(format: LogFormat) {
         .ok()
         .and_then(|l| l.parse().ok())
         .unwrap_or(log::LevelFilter::Info);
-    let logger = Box::leak(Box::new(LineLogger { level, format }));
+    let logger = Box::leak(Box::new(LineLogger {
+        level,
+        format,
+        quota: Mutex::new(Quota::default()),
+    }));
     if log::set_logger(logger).is_ok() {
         log::set_max_level(level);
     }
@@ -165,6 +250,27 @@ fn escape_into(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_one_kind_is_counted_and_leaves_the_others_alone() {
+        let mut q = Quota::default();
+        let written = (0..2000).filter(|_| q.admit("critical").is_some()).count();
+        assert!(
+            (LINES_BURST as usize..LINES_BURST as usize + 50).contains(&written),
+            "{written}"
+        );
+        assert_eq!(q.admit("stall"), Some(0), "another kind has its own bucket");
+        let (_, pending, total) = q.kinds["critical"];
+        assert_eq!(pending, 2000 - written as u64);
+        assert_eq!(total, pending);
+        assert!(
+            suppressed()
+                .iter()
+                .any(|(k, n)| k == "critical" && *n == total)
+        );
+        assert_eq!(event_kind("event=stall pid=1"), "stall");
+        assert_eq!(event_kind("msg=x"), "-");
+    }
 
     #[test]
     fn text_fields_become_one_json_object() {
