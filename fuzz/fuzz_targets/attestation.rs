@@ -1,25 +1,12 @@
-//! The attestation decision (varta-watch/src/datapath/attest.rs, compiled here as it is),
-//! behind the decoder: for any frame, attested pid, /proc view of the sender and policy,
-//! an accepted frame carries the honest pid, is tracked under the attested pid, and comes
-//! from another namespace only when that is allowed.
+//! The daemon's attestation decision (`varta_watch::datapath::attest`), behind the decoder:
+//! for any frame, attested pid, /proc view of the sender and policy, an accepted frame
+//! carries the honest pid, is tracked under the attested pid, and comes from another
+//! namespace only when that is allowed.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use varta_common::{DropReason, FRAME_LEN, Frame};
-
-#[allow(dead_code)]
-#[path = "../../varta-watch/src/sys/procfs.rs"]
-pub mod procfs;
-/// attest.rs names it `crate::sys::procfs`, as in the daemon.
-mod sys {
-    pub use super::procfs;
-}
-#[allow(dead_code)]
-#[path = "../../varta-watch/src/datapath/attest.rs"]
-mod attest;
-
-use attest::Attestation;
-use sys::procfs::Sender;
+use varta_watch::{datapath::attest::Attestation, sys::procfs::Sender};
 
 fn u32_at(data: &[u8], at: usize) -> u32 {
     let mut b = [0u8; 4];

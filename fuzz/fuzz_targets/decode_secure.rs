@@ -1,35 +1,16 @@
-//! The secure UDP decoder (varta-watch/src/datapath/secure.rs, compiled here as it is) on any
-//! input: it never panics; random bytes never authenticate; a frame sealed with a known key,
-//! shared or master-derived, opens exactly when not one byte of it was changed; and the same
-//! frame a second time is a replay.
+//! The daemon's secure UDP decoder (`varta_watch::datapath::secure`) on any input: it never
+//! panics; random bytes never authenticate; a frame sealed with a known key, shared or
+//! master-derived, opens exactly when not one byte of it was changed; and the same frame a
+//! second time is a replay.
 #![no_main]
 
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, aead::AeadInPlace};
 use libfuzzer_sys::fuzz_target;
 use varta_common::{Frame, Status};
-
-// The daemon's modules secure.rs reaches, re-exported at the paths it names them by.
-#[allow(dead_code)]
-#[path = "../../varta-watch/src/datapath/secure.rs"]
-mod secure;
-#[allow(dead_code)]
-#[path = "../../varta-watch/src/datapath/secure_keys.rs"]
-mod secure_keys;
-#[allow(dead_code)]
-#[path = "../../varta-watch/src/observer/drops.rs"]
-pub mod drops;
-#[allow(dead_code)]
-#[path = "../../varta-watch/src/config/private_file.rs"]
-pub mod private_file;
-mod observer {
-    pub use super::drops;
-}
-mod config {
-    pub use super::private_file;
-}
-
-use secure::{Refused, SecureDecoder};
-use secure_keys::SecureKeys;
+use varta_watch::datapath::{
+    secure::{Refused, SecureDecoder},
+    secure_keys::SecureKeys,
+};
 
 const SHARED: [u8; 32] = [7; 32];
 const MASTER: [u8; 32] = [9; 32];

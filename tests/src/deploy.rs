@@ -1,17 +1,12 @@
 //! Helpers for the tests of `deploy/`: the repository's files, and the external tools
 //! (promtool, prometheus, podman, systemd-analyze, kubernetes-validate) that `cargo xtask
-//! test` installs. Under CI=true a missing tool fails the test; elsewhere it is skipped
-//! with the reason printed.
+//! test` installs. A test that needs one is ignored in a plain `cargo test`, naming it.
 
 use std::{
     net::TcpListener,
     path::{Path, PathBuf},
     process::Command,
 };
-
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
 
 /// The repository's root directory.
 pub fn repo() -> PathBuf {
@@ -27,23 +22,23 @@ pub fn deploy_file(rel: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
-/// Whether `program` runs here (`program --version` or the given probe arguments succeed).
-/// Under CI=true its absence fails the test; elsewhere the test is skipped with the reason.
-pub fn have_tool(test: &str, program: &str, probe: &[&str]) -> bool {
+/// Fails the test unless `program` runs here (`program` with the probe arguments
+/// succeeds). Tests that need a tool are ignored in a plain `cargo test`, with the tool
+/// named; `cargo xtask test` installs the tools and runs them (see [`crate::require`]).
+#[track_caller]
+pub fn require_tool(test: &str, program: &str, probe: &[&str]) {
     let ok = Command::new(program)
         .args(probe)
         .output()
         .is_ok_and(|o| o.status.success());
-    if ok {
-        return true;
-    }
-    assert!(
-        !in_ci(),
-        "{test}: `{program} {}` does not run; `cargo xtask test` installs it",
-        probe.join(" ")
+    crate::require(
+        test,
+        ok,
+        &format!(
+            "`{program} {}` does not run (`cargo xtask test` installs it)",
+            probe.join(" ")
+        ),
     );
-    eprintln!("skipping {test}: {program} is not installed (`cargo xtask test` installs it)");
-    false
 }
 
 /// A loopback port free right now (for tools that cannot report a port they chose).

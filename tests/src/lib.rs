@@ -51,23 +51,36 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Whether a test that needs root runs here: as root, yes; under CI=true without root it
-/// fails (CI must run it); elsewhere it is skipped with the reason printed. The test's name
-/// must say so (`..._needs_root`).
-pub fn needs_root(test: &str, why: &str) -> bool {
+/// The reason every test that needs root is ignored with in a plain `cargo test`. The
+/// `#[ignore = "..."]` attribute takes only a literal, so each such test spells it out; a
+/// unit test below checks that they all say exactly this.
+pub const NEEDS_ROOT: &str =
+    "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root";
+
+/// The one policy for tests that need what a plain `cargo test` may not have: root, a tool
+/// that `cargo xtask test` installs, the image it builds. Such a test is `#[ignore]`d with
+/// the reason, so a plain `cargo test` lists it as ignored, never as passed. `cargo xtask
+/// test` includes ignored tests (`--include-ignored`) as root and under CI=true (the tests
+/// that need root are left out when it runs without root outside CI). A test that runs
+/// anyway and lacks what it needs fails here, naming what: under CI that is a failure, as
+/// everything must run there, and elsewhere it was asked for explicitly.
+#[track_caller]
+pub fn require(test: &str, met: bool, what: &str) {
+    assert!(
+        met,
+        "{test} cannot run here: {what}. A plain `cargo test` ignores it; `cargo xtask test` runs it (as root)"
+    );
+}
+
+/// [`require`]s root for a test whose name says so (`..._needs_root`, ignored with
+/// [`NEEDS_ROOT`]); `why` says what needs it.
+#[track_caller]
+pub fn needs_root(test: &str, why: &str) {
     assert!(
         test.ends_with("needs_root"),
         "{test} needs root ({why}): its name must end in `needs_root`"
     );
-    if is_root() {
-        return true;
-    }
-    assert!(
-        !std::env::var("CI").is_ok_and(|v| v == "true"),
-        "{test} needs root ({why}) and CI=true: CI runs every test, so this fails instead of skipping"
-    );
-    eprintln!("skipping {test}: needs root ({why}); CI runs it");
-    false
+    require(test, is_root(), &format!("needs root ({why})"));
 }
 
 /// The calling function's path, e.g. `ebpf::ring_buffer_overflow_is_counted_needs_root`.
@@ -80,13 +93,11 @@ macro_rules! this_test {
     }};
 }
 
-/// Returns from the calling test unless it may run here (see [`needs_root`]).
+/// Fails the calling test unless it runs as root (see [`needs_root`]).
 #[macro_export]
 macro_rules! require_root {
     ($why:expr) => {
-        if !$crate::needs_root($crate::this_test!(), $why) {
-            return;
-        }
+        $crate::needs_root($crate::this_test!(), $why)
     };
 }
 
@@ -95,8 +106,8 @@ pub const EBPF: &str = "the eBPF datapath needs CAP_BPF + CAP_PERFMON";
 
 /// Generates `<name>::userspace`, `<name>::ebpf_needs_root` (the attestation the daemon
 /// picks on this kernel) and `<name>::ebpf_task_read_needs_root` (forced to task_read, see
-/// [`with_attest`]) tests calling `<name>(datapath)`; the eBPF ones run as decided by
-/// [`needs_root`].
+/// [`with_attest`]) tests calling `<name>(datapath)`; the eBPF ones are ignored with
+/// [`NEEDS_ROOT`].
 #[macro_export]
 macro_rules! on_both_datapaths {
     ($($name:ident),* $(,)?) => {$(
@@ -107,12 +118,14 @@ macro_rules! on_both_datapaths {
             }
 
             #[test]
+            #[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
             fn ebpf_needs_root() {
                 $crate::require_root!($crate::EBPF);
                 super::$name("ebpf");
             }
 
             #[test]
+            #[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
             fn ebpf_task_read_needs_root() {
                 $crate::require_root!($crate::EBPF);
                 $crate::with_attest("task_read", || super::$name("ebpf"));
@@ -178,18 +191,20 @@ impl Drop for Scratch {
 
 /// For scenarios that only the eBPF datapath has: generates `<name>::ebpf_needs_root` (the
 /// attestation the daemon picks on this kernel) and `<name>::ebpf_task_read_needs_root`
-/// (forced to task_read) tests calling `<name>()`.
+/// (forced to task_read) tests calling `<name>()`, ignored with [`NEEDS_ROOT`].
 #[macro_export]
 macro_rules! on_both_attestations {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
             #[test]
+            #[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
             fn ebpf_needs_root() {
                 $crate::require_root!($crate::EBPF);
                 super::$name();
             }
 
             #[test]
+            #[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
             fn ebpf_task_read_needs_root() {
                 $crate::require_root!($crate::EBPF);
                 $crate::with_attest("task_read", super::$name);
@@ -273,7 +288,56 @@ pub fn snake(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{path::Path, time::Duration};
+
+    /// Every test that needs root (named `..._needs_root`, in the macros here and in
+    /// `tests/*.rs`) is ignored with exactly [`super::NEEDS_ROOT`], and every ignored test
+    /// says why.
+    #[test]
+    fn every_root_test_is_ignored_with_the_one_reason() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = vec![dir.join("src/lib.rs")];
+        for entry in std::fs::read_dir(dir.join("tests")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+        let attr = format!("#[ignore = {:?}]", super::NEEDS_ROOT);
+        let mut root_tests = 0;
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            let lines: Vec<&str> = text.lines().map(str::trim).collect();
+            for (i, line) in lines.iter().enumerate() {
+                let at = format!("{}:{}", file.display(), i + 1);
+                if line.starts_with("#[ignore") {
+                    assert!(
+                        line.starts_with("#[ignore = \""),
+                        "{at}: an ignore without a reason"
+                    );
+                }
+                let Some(name) = line.strip_prefix("fn ") else {
+                    continue;
+                };
+                if !name.contains("_needs_root(") {
+                    continue;
+                }
+                root_tests += 1;
+                let attrs = lines[..i]
+                    .iter()
+                    .rev()
+                    .take_while(|l| l.starts_with("#[") || l.starts_with("///"));
+                assert!(
+                    attrs.clone().any(|l| *l == attr),
+                    "{at}: a test that needs root without {attr}"
+                );
+            }
+        }
+        assert!(
+            root_tests > 10,
+            "found only {root_tests} tests that need root"
+        );
+    }
 
     #[test]
     #[should_panic(expected = "waited 20ms for the answer; last seen: 41")]

@@ -461,3 +461,24 @@ fn incumbent_start_up_refusals_exit_2_naming_the_flag() {
     }
     assert!(!sock.exists(), "no socket was bound");
 }
+
+/// Test hooks stay out of the product's help: the hidden incumbent test flags and the
+/// attestation override the e2e tests set through the environment. They still parse.
+#[test]
+fn help_does_not_list_the_test_hooks() {
+    for help_flag in ["--help", "-h"] {
+        let out = Command::new(bin()).arg(help_flag).output().unwrap();
+        assert!(out.status.success(), "{help_flag}: {out:?}");
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("--threshold-ms"), "{help_flag}:\n{help}");
+        for hook in [
+            "--inject-wedge-ms",
+            "--shutdown-after-secs",
+            "VARTA_INJECT_WEDGE_MS",
+            "VARTA_SHUTDOWN_AFTER_SECS",
+            "VARTA_EBPF_ATTEST",
+        ] {
+            assert!(!help.contains(hook), "{help_flag} lists {hook}:\n{help}");
+        }
+    }
+}

@@ -10,6 +10,7 @@ use varta_e2e::{
 };
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn the_manifest_capabilities_attach_ebpf_and_each_is_needed_needs_root() {
     require_root!(EBPF);
     let caps = manifest_capabilities();

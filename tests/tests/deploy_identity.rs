@@ -66,6 +66,7 @@ fn agent_in(cgroup: &Path, socket: &Path) -> Proc {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn agents_are_named_by_container_pod_and_systemd_unit_needs_root() {
     require_root!("creating cgroups");
     let mount = cgroup2_mount().expect("a cgroup v2 mount in /proc/self/mounts");

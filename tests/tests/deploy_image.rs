@@ -18,7 +18,7 @@ use std::{
 
 use varta_e2e::{
     EBPF, Proc, bin,
-    deploy::{self, http_get, in_ci},
+    deploy::{self, http_get},
     log_has, require_root, scratch,
 };
 
@@ -87,20 +87,16 @@ json.dump(p, open(sys.argv[1], "w"))
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn the_image_runs_as_the_daemonset_does_attaches_ebpf_tracks_a_host_beat_and_stops_on_sigterm_needs_root()
  {
     require_root!(EBPF);
-    let Some(image) = std::env::var_os("VARTA_IMAGE") else {
-        assert!(
-            !in_ci(),
-            "VARTA_IMAGE is unset: run the tests with `cargo xtask test`"
-        );
-        eprintln!(
-            "skipping image test: VARTA_IMAGE is unset (`cargo xtask test` builds the image)"
-        );
-        return;
-    };
-    let image = image.to_string_lossy().into_owned();
+    let image = std::env::var("VARTA_IMAGE").unwrap_or_default();
+    varta_e2e::require(
+        varta_e2e::this_test!(),
+        !image.is_empty(),
+        "VARTA_IMAGE is unset (`cargo xtask test` builds the image and sets it)",
+    );
     let caps = deploy::manifest_capabilities();
     let dir = scratch("image");
     let port = deploy::free_port();

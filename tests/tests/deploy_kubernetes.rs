@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::Command, time::Duration};
 
 use varta_e2e::{
     Daemon,
-    deploy::{self, deploy_file, have_tool, repo},
+    deploy::{self, deploy_file, repo, require_tool},
 };
 
 const KUSTOMIZATIONS: [&str; 3] = [
@@ -91,10 +91,13 @@ fn validate(files: &[PathBuf], allowed_unknown: &[&str]) -> usize {
 }
 
 #[test]
+#[ignore = "needs kubernetes-validate: run by `cargo xtask test`, which installs it"]
 fn every_manifest_passes_the_kubernetes_schema() {
-    if !have_tool("kubernetes_schema", "kubernetes-validate", &["--version"]) {
-        return;
-    }
+    require_tool(
+        varta_e2e::this_test!(),
+        "kubernetes-validate",
+        &["--version"],
+    );
     let base = repo().join("deploy/kubernetes");
     let mut files: Vec<PathBuf> = yaml_files(&base).iter().map(|f| base.join(f)).collect();
     files.push(base.join("examples/workload-pod.yaml"));
@@ -186,6 +189,7 @@ fn configmap_is_varta_toml_and_its_checksum_rolls_the_pods() {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn the_daemon_accepts_the_manifest_configuration_needs_root() {
     varta_e2e::require_root!("the metrics token file must be root's");
     // The file as the pod reads it, with the Secret's file where the DaemonSet mounts it

@@ -12,15 +12,14 @@ use std::{
 
 use varta_e2e::{
     Daemon, Proc, deploy,
-    deploy::{deploy_file, have_tool, http_get, repo},
+    deploy::{deploy_file, http_get, repo, require_tool},
     frame,
 };
 
 #[test]
+#[ignore = "needs promtool: run by `cargo xtask test`, which installs it"]
 fn alert_rules_pass_promtool_check_and_unit_tests() {
-    if !have_tool("alert_rules_pass_promtool", "promtool", &["--version"]) {
-        return;
-    }
+    require_tool(varta_e2e::this_test!(), "promtool", &["--version"]);
     let dir = repo().join("deploy/observability");
     for args in [
         &["check", "rules", "alerts.yaml"][..],
@@ -130,10 +129,9 @@ fn url_encode(q: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs prometheus: run by `cargo xtask test`, which installs it"]
 fn a_real_prometheus_with_the_shipped_config_sees_a_stall_and_fires_the_alert() {
-    if !have_tool("real_prometheus", "prometheus", &["--version"]) {
-        return;
-    }
+    require_tool(varta_e2e::this_test!(), "prometheus", &["--version"]);
     let mut d = Daemon::builder("deploy-prometheus", "userspace")
         .args(["--threshold-ms", "300"])
         .start();

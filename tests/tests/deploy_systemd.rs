@@ -11,15 +11,14 @@ use std::{
 
 use varta_e2e::{
     Daemon,
-    deploy::{self, deploy_file, have_tool, http_get},
+    deploy::{self, deploy_file, http_get, require_tool},
     scratch,
 };
 
 #[test]
+#[ignore = "needs systemd-analyze: run by `cargo xtask test`, which installs it"]
 fn systemd_analyze_verify_accepts_the_unit() {
-    if !have_tool("systemd_analyze_verify", "systemd-analyze", &["--version"]) {
-        return;
-    }
+    require_tool(varta_e2e::this_test!(), "systemd-analyze", &["--version"]);
     let unit = deploy_file("systemd/varta-watch.service");
     // verify checks that ExecStart= is executable: point it at this build, change nothing else.
     let installed = "/usr/local/bin/varta-watch";
@@ -170,6 +169,7 @@ fn ready_and_stopping_to_an_abstract_socket_and_no_watchdog_without_watchdog_use
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn healthz_is_answered_by_the_event_loop_and_readyz_after_start_up_needs_root() {
     varta_e2e::require_root!("the metrics token file must be root's");
     let dir = scratch("probes-token");

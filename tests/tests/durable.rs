@@ -215,6 +215,7 @@ impl Drop for Mount {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn a_full_disk_is_counted_and_observing_continues_needs_root() {
     varta_e2e::require_root!("mounting a small tmpfs");
     let base = varta_e2e::scratch("full-disk");

@@ -2,12 +2,12 @@
 //! flood, whoever they are (`varta_common::ratelimit::global_applies`). With the default
 //! limits, 4 honest agents beat every 100 ms while 256 processes beat as fast as they can,
 //! or a process forks a new sender per beat, or UDP frames claim rotating pids: every honest
-//! beat is counted and none of them stalls, on both datapaths.
+//! beat is counted and none of them stalls, on both datapaths and both attestation methods.
 
 use std::time::Duration;
 
 use varta_e2e::{
-    Daemon, EBPF, Proc, log_field, require_root,
+    Daemon, Proc, log_field, on_both_datapaths,
     sender::{sender, summary},
 };
 
@@ -106,35 +106,20 @@ fn drops(d: &Daemon) -> String {
     format!("{m:?}")
 }
 
-#[test]
-fn a_flood_of_256_processes_costs_honest_agents_nothing_userspace() {
-    honest_agents_keep_every_beat("userspace", Flood::Processes);
+fn a_flood_of_256_processes_costs_honest_agents_nothing(datapath: &str) {
+    honest_agents_keep_every_beat(datapath, Flood::Processes);
 }
 
-#[test]
-fn a_flood_of_256_processes_costs_honest_agents_nothing_ebpf_needs_root() {
-    require_root!(EBPF);
-    honest_agents_keep_every_beat("ebpf", Flood::Processes);
+fn fork_churn_costs_honest_agents_nothing(datapath: &str) {
+    honest_agents_keep_every_beat(datapath, Flood::Churn);
 }
 
-#[test]
-fn fork_churn_costs_honest_agents_nothing_userspace() {
-    honest_agents_keep_every_beat("userspace", Flood::Churn);
+fn udp_rotating_pids_cost_honest_agents_nothing(datapath: &str) {
+    honest_agents_keep_every_beat(datapath, Flood::UdpRotatingPids);
 }
 
-#[test]
-fn fork_churn_costs_honest_agents_nothing_ebpf_needs_root() {
-    require_root!(EBPF);
-    honest_agents_keep_every_beat("ebpf", Flood::Churn);
-}
-
-#[test]
-fn udp_rotating_pids_cost_honest_agents_nothing_userspace() {
-    honest_agents_keep_every_beat("userspace", Flood::UdpRotatingPids);
-}
-
-#[test]
-fn udp_rotating_pids_cost_honest_agents_nothing_ebpf_needs_root() {
-    require_root!(EBPF);
-    honest_agents_keep_every_beat("ebpf", Flood::UdpRotatingPids);
-}
+on_both_datapaths!(
+    a_flood_of_256_processes_costs_honest_agents_nothing,
+    fork_churn_costs_honest_agents_nothing,
+    udp_rotating_pids_cost_honest_agents_nothing,
+);

@@ -36,9 +36,16 @@ fn a_flood_of_one_kind_is_counted_not_written(datapath: &str) {
     d.wait_log_all(&["event=stall", &format!("pid={me}")], WAIT);
     let written = d.count_logs(&["event=critical"]) as f64;
     let counted = d.metric(suppressed);
-    assert!(written < FRAMES as f64 / 2.0, "{written} critical lines written");
+    assert!(
+        written < FRAMES as f64 / 2.0,
+        "{written} critical lines written"
+    );
     let beats = d.metric(&format!("varta_criticals_total{{pid=\"{me}\"}}"));
-    assert_eq!(written + counted, beats, "every critical frame written or counted");
+    assert_eq!(
+        written + counted,
+        beats,
+        "every critical frame written or counted"
+    );
     // The next line of that kind says how many were left out before it.
     d.send(&critical(me, FRAMES + 1));
     let note = d.wait_log_all(&["event=log_suppressed", "kind=critical"], WAIT);

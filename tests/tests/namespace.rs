@@ -184,18 +184,21 @@ fn cross_namespace_agents(datapath: &str) {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn cross_namespace_agents_userspace_needs_root() {
     require_root!("unshare --pid needs CAP_SYS_ADMIN");
     cross_namespace_agents("userspace");
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn cross_namespace_agents_ebpf_needs_root() {
     require_root!(EBPF);
     cross_namespace_agents("ebpf");
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn cross_namespace_agents_ebpf_task_read_needs_root() {
     require_root!(EBPF);
     varta_e2e::with_attest("task_read", || cross_namespace_agents("ebpf"));
@@ -248,18 +251,21 @@ fn container_agents_under_least_privilege(datapath: &str) {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn container_agents_under_least_privilege_userspace_needs_root() {
     require_root!("unshare --pid and setpriv need root");
     container_agents_under_least_privilege("userspace");
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn container_agents_under_least_privilege_ebpf_needs_root() {
     require_root!(EBPF);
     container_agents_under_least_privilege("ebpf");
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn container_agents_under_least_privilege_ebpf_task_read_needs_root() {
     require_root!(EBPF);
     varta_e2e::with_attest("task_read", || {

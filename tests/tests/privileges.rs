@@ -23,6 +23,7 @@ fn least_privilege() -> Vec<&'static str> {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn least_privilege_loads_and_each_capability_less_falls_back_naming_it_needs_root() {
     require_root!(EBPF);
     let least = least_privilege();
@@ -59,6 +60,7 @@ fn least_privilege_loads_and_each_capability_less_falls_back_naming_it_needs_roo
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn without_privileges_ebpf_fails_with_the_reason_and_auto_falls_back_needs_root() {
     require_root!(EBPF);
     let nobody = [

@@ -202,24 +202,28 @@ fn a_restart_from_another_process_is_a_new_agent(datapath: &str) {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn a_reused_pid_is_never_recovered_userspace_needs_root() {
     require_root!("clone3 with set_tid needs CAP_SYS_ADMIN");
     a_reused_pid_is_never_recovered("userspace");
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn a_reused_pid_is_never_recovered_ebpf_needs_root() {
     require_root!(EBPF);
     a_reused_pid_is_never_recovered("ebpf");
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn a_restart_from_another_process_is_a_new_agent_userspace_needs_root() {
     require_root!("clone3 with set_tid needs CAP_SYS_ADMIN");
     a_restart_from_another_process_is_a_new_agent("userspace");
 }
 
 #[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
 fn a_restart_from_another_process_is_a_new_agent_ebpf_needs_root() {
     require_root!(EBPF);
     a_restart_from_another_process_is_a_new_agent("ebpf");

@@ -1,23 +1,9 @@
-//! varta-watch: the observer daemon, and a tiny agent for scripts and demos.
-//!
-//! Data flow: socket -> eBPF filter (or userspace receive) -> datapath -> observer (gates,
-//! rate limits, tracker, stall deadlines) -> actions (log, export, metrics, recovery).
-//! This file only wires: `config` parses, `daemon` runs, `agent` sends, `top` shows.
-
-mod actions;
-mod agent;
-mod config;
-mod daemon;
-mod datapath;
-mod observer;
-mod ratelimit;
-mod signal;
-mod sys;
-mod top;
+//! The `varta-watch` binary: parses the command line and hands it to the library (see
+//! `lib.rs` for the data flow): `config` parses, `daemon` runs, `agent` sends, `top` shows.
 
 use std::process::ExitCode;
 
-use crate::config::cli::Command;
+use varta_watch::{agent, config, config::cli::Command, daemon, sys, top};
 
 fn main() -> ExitCode {
     let line = match config::parse_command_line() {

@@ -193,29 +193,67 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// CI=true: everything must run, and what cannot run fails instead of being skipped.
+/// The one place xtask reads it.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// The test harness arguments that decide which ignored tests run. Tests that need root or
+/// a tool are `#[ignore]`d with the reason (see `varta_e2e::require`), so that a plain
+/// `cargo test` lists them as ignored; here they run: all of them as root and under CI
+/// (where one that cannot run fails), and without root the ones that need no root (the
+/// tools are installed by now).
+fn harness_args() -> Vec<&'static str> {
+    if in_ci() || is_root() {
+        vec!["--include-ignored"]
+    } else {
+        eprintln!(
+            "xtask: not root: the tests that need root (named *_needs_root) are left out; run as root to include them"
+        );
+        vec!["--include-ignored", "--skip", "needs_root"]
+    }
+}
+
+/// `cargo test` arguments: the user's (a filter, `--package`, ...), then the harness's
+/// after their `--` (or after one of our own).
+fn test_args(args: &[String], harness: &[&str]) -> Vec<String> {
+    let mut all = args.to_vec();
+    if !all.iter().any(|a| a == "--") {
+        all.push("--".into());
+    }
+    all.extend(harness.iter().map(|a| a.to_string()));
+    all
+}
+
 fn test(args: &[String]) -> Result<()> {
     toolchain::ensure_test_packages()?;
     deploy::ensure_tools()?;
     let object = ebpf::build()?;
     status(cargo(&object).args(["build", "--package", "varta-watch"]))?;
     let (image, static_bin) = deploy::image(&object)?;
+    let harness = harness_args();
+    // `--workspace`: the end-to-end crate (varta-e2e) is no default member.
     status(
         cargo(&object)
             .args(["test", "--workspace", "--no-fail-fast"])
-            .args(args)
+            .args(test_args(args, &harness))
             .env("VARTA_IMAGE", image),
     )?;
     if args.is_empty() {
-        eprintln!("xtask: eBPF end-to-end tests again on the image's static binary");
-        status(
-            cargo(&object)
-                .args(["test", "--package", "varta-e2e", "--test", "ebpf"])
-                .env("VARTA_WATCH_BIN", static_bin),
-        )?;
+        if in_ci() || is_root() {
+            eprintln!("xtask: eBPF end-to-end tests again on the image's static binary");
+            status(
+                cargo(&object)
+                    .args(["test", "--package", "varta-e2e", "--test", "ebpf"])
+                    .args(test_args(&[], &harness))
+                    .env("VARTA_WATCH_BIN", static_bin),
+            )?;
+        }
         signal_tests()?;
         vm_tests()?;
         // Bounded fuzzing belongs to the full run in CI; elsewhere `cargo xtask fuzz`.
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
+        if in_ci() {
             fuzz::run(std::time::Duration::from_secs(20))?;
         } else {
             eprintln!("xtask: fuzz targets run under CI=true, or with `cargo xtask fuzz`");
@@ -228,7 +266,7 @@ fn test(args: &[String]) -> Result<()> {
 /// well inside CI's budget). Under CI it must run; elsewhere it is skipped, with the
 /// reason, when qemu is missing and cannot be installed (not root).
 fn vm_tests() -> Result<()> {
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let ci = in_ci();
     let qemu = [
         "/usr/bin/qemu-system-x86_64",
         "/usr/bin/qemu-system-aarch64",

@@ -1,22 +1,15 @@
-//! The daemon's signal module, built from its own source files for this target and
+//! The daemon's signal handlers (`varta_watch::signal::handlers`), built for this target and
 //! exercised: installation and read-back, delivery and return, a storm against work in
 //! progress (with glibc's rseq as the environment sets it), and the SA_RESTORER control.
 //! `cargo xtask test` runs it natively and, for aarch64 and riscv64, under qemu-user.
 //! Prints `N passed, M failed`; exits non-zero on any failure.
 
-#[path = "../../../varta-watch/src/signal/arch.rs"]
-mod arch;
-// The daemon uses parts of it (signal names) that these checks do not.
-#[allow(dead_code)]
-#[path = "../../../varta-watch/src/signal/handlers.rs"]
-mod handlers;
-#[path = "../../../varta-watch/src/signal/raw.rs"]
-mod raw;
-
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::{Duration, Instant},
 };
+
+use varta_watch::signal::handlers;
 
 type Check = fn(&OwnedFd) -> Result<(), String>;
 

@@ -345,8 +345,9 @@ pub struct ObserverArgs {
     /// How signal handlers are installed.
     #[arg(long, value_enum, default_value = "direct")]
     pub signal_handler_mode: SignalHandlerMode,
-    /// Exit cleanly after this many seconds (tests).
-    #[arg(long)]
+    /// Test-only hook, hidden from `--help` (the incumbent's flag, kept so its test scripts
+    /// run): exit cleanly after this many seconds.
+    #[arg(long, hide = true)]
     pub shutdown_after_secs: Option<u64>,
     /// Abort (for a supervisor to restart the observer) when its event loop has made no
     /// progress for this many seconds.
@@ -359,8 +360,9 @@ pub struct ObserverArgs {
     /// magic `V` at a clean shutdown.
     #[arg(long, value_name = "PATH")]
     pub hw_watchdog: Option<PathBuf>,
-    /// Test hook: block the event loop this long once, when it first takes in beats.
-    #[arg(long, value_name = "MS")]
+    /// Test-only hook, hidden from `--help` (the incumbent's flag, kept so its test scripts
+    /// run): block the event loop this long once, when it first takes in beats.
+    #[arg(long, value_name = "MS", hide = true)]
     pub inject_wedge_ms: Option<u64>,
     /// Log lines as `key=value` text, or one JSON object per line for log shippers.
     #[arg(long, value_enum, default_value = "text")]

@@ -37,7 +37,6 @@ pub struct Agent {
     pub last_nonce: u64,
     pub last_beat_ns: u64,
     pub status: Status,
-    pub payload: u32,
     pub origin: Origin,
     /// The pid in the agent's own frames (differs from the tracked pid across namespaces).
     pub frame_pid: u32,
@@ -60,7 +59,6 @@ impl Agent {
             last_nonce: 0,
             last_beat_ns: 0,
             status: Status::Ok,
-            payload: 0,
             origin,
             frame_pid: 0,
             stalled: false,
@@ -101,7 +99,6 @@ impl Agent {
         self.last_nonce = frame.nonce;
         self.last_beat_ns = now_ns;
         self.status = frame.status;
-        self.payload = frame.payload;
         self.origin = origin;
         self.frame_pid = frame.pid;
         self.stalled = false;

@@ -5,7 +5,7 @@
 //! handlers through libc. All of the daemon's signal-related unsafe code is here.
 
 mod arch;
-mod handlers;
+pub mod handlers;
 mod raw;
 
 use std::{

@@ -16,6 +16,12 @@ pub struct ExitWatcher {
     rx: mpsc::UnboundedReceiver<u32>,
 }
 
+impl Default for ExitWatcher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ExitWatcher {
     pub fn new() -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
