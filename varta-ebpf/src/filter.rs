@@ -206,7 +206,12 @@ fn try_receive<A: Attest>(
             (TRANSPORT_UDS, tgid) => tgid,
             _ => frame.pid,
         };
-        note_last_beat(agent_key(transport, host_tgid, frame.pid), now, pid, frame.pid);
+        note_last_beat(
+            agent_key(transport, host_tgid, frame.pid),
+            now,
+            pid,
+            frame.pid,
+        );
     }
     Ok(Accepted)
 }

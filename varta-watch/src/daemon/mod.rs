@@ -17,7 +17,9 @@ use crate::{
     config::{Config, cli::CommandLine, cli::DatapathMode},
     datapath::{
         ebpf::{EbpfDatapath, PinRequest, pins::Pins},
-        secure::UdpFrames, udp::UdpReceiver, userspace::UserspaceDatapath,
+        secure::UdpFrames,
+        udp::UdpReceiver,
+        userspace::UserspaceDatapath,
     },
     observer::drops::DropCounters,
     signal::{self, Signals},

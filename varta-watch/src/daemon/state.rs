@@ -84,7 +84,9 @@ fn unesc(s: &str) -> String {
     while i < b.len() {
         if b[i] == b'%'
             && i + 2 < b.len() + 1
-            && let Some(v) = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
+            && let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
         {
             out.push(v);
             i += 3;
@@ -141,7 +143,11 @@ impl State {
     }
 
     pub fn encode(&self) -> String {
-        let mut out = format!("{MAGIC}\nboot_id={}\nclock={}\n", esc(&self.boot_id), self.clock);
+        let mut out = format!(
+            "{MAGIC}\nboot_id={}\nclock={}\n",
+            esc(&self.boot_id),
+            self.clock
+        );
         for s in &self.agents {
             let a = &s.agent;
             let (transport, extra) = match a.origin {
@@ -190,7 +196,9 @@ impl State {
                         .filter_map(|f| f.split_once('='))
                         .map(|(k, v)| (k, unesc(v)))
                         .collect();
-                    state.agents.push(agent_of(&kv).ok_or_else(|| format!("bad line: {line}"))?);
+                    state
+                        .agents
+                        .push(agent_of(&kv).ok_or_else(|| format!("bad line: {line}"))?);
                 }
                 Some("counter") => {
                     let (Some(sample), Some(value)) = (fields.next(), fields.next()) else {
@@ -303,9 +311,13 @@ impl State {
                 .split_once("=\"")
                 .map(|(_, v)| v.trim_end_matches('"').to_owned());
             let pid = || label.as_deref().and_then(|v| v.parse().ok());
-            let leak = || -> &'static str { Box::leak(label.clone().unwrap_or_default().into_boxed_str()) };
+            let leak = || -> &'static str {
+                Box::leak(label.clone().unwrap_or_default().into_boxed_str())
+            };
             match name {
-                "varta_beats_total" | "varta_stalls_total" | "varta_exits_total"
+                "varta_beats_total"
+                | "varta_stalls_total"
+                | "varta_exits_total"
                 | "varta_criticals_total" => {
                     let family = match name {
                         "varta_beats_total" => &m.beats,
@@ -413,11 +425,12 @@ pub fn plan(
                         foreign_ns: ns.filter(|ns| Some(*ns) != own_ns),
                     }
                 } else {
-                    let ip: std::net::IpAddr = if k.transport == varta_common::filter::TRANSPORT_UDP4 {
-                        std::net::Ipv4Addr::UNSPECIFIED.into()
-                    } else {
-                        std::net::Ipv6Addr::UNSPECIFIED.into()
-                    };
+                    let ip: std::net::IpAddr =
+                        if k.transport == varta_common::filter::TRANSPORT_UDP4 {
+                            std::net::Ipv4Addr::UNSPECIFIED.into()
+                        } else {
+                            std::net::Ipv6Addr::UNSPECIFIED.into()
+                        };
                     Origin::Udp {
                         source: SocketAddr::new(ip, 0),
                     }
@@ -460,8 +473,9 @@ pub fn plan(
     };
     let line = match from {
         Some(from) => format!(
-            "event=resumed agents={} from={from} stalled={stalled} from_kernel_only={from_kernel} state_file=\"{}\" pins={}",
+            "event=resumed agents={} from={from} stalled={stalled} from_kernel_only={from_kernel} queued_beats={} state_file=\"{}\" pins={}",
             agents.len(),
+            pins.and_then(|p| p.queued).unwrap_or(0),
             state_note.replace('"', "'"),
             pins.and_then(|p| p.dir.as_deref())
                 .map_or("-".to_owned(), |d| d.display().to_string()),
@@ -471,7 +485,7 @@ pub fn plan(
             pins.map_or("the userspace datapath pins nothing".to_owned(), |p| p
                 .fresh_reason
                 .clone())
-            .replace('"', "'"),
+                .replace('"', "'"),
             state_note.replace('"', "'"),
             pins.and_then(|p| p.dir.as_deref())
                 .map_or("-".to_owned(), |d| d.display().to_string()),
@@ -586,7 +600,10 @@ mod tests {
         assert_eq!(back.agents.len(), 1);
         let a = &back.agents[0];
         assert_eq!(a.identity.comm, "a b\tc=%");
-        assert_eq!((a.agent.pid, a.agent.frame_pid, a.agent.last_nonce), (42, 7, 9));
+        assert_eq!(
+            (a.agent.pid, a.agent.frame_pid, a.agent.last_nonce),
+            (42, 7, 9)
+        );
         assert!(a.agent.stalled && !a.agent.dead);
         assert_eq!(a.agent.started, Some(StartTime(77)));
         assert_eq!(back.counters, state.counters);

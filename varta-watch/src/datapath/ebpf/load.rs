@@ -88,14 +88,12 @@ pub fn open(ring_bytes: u32, pin_dir: Option<&Path>) -> Result<Ebpf, Unavailable
             loader.map_pin_path(name, dir.join(name));
         }
     }
-    loader
-        .load(OBJECT)
-        .map_err(|e| {
-            Unavailable(format!(
-                "loading the eBPF object on kernel {}: {e}",
-                kernel_release()
-            ))
-        })
+    loader.load(OBJECT).map_err(|e| {
+        Unavailable(format!(
+            "loading the eBPF object on kernel {}: {e}",
+            kernel_release()
+        ))
+    })
 }
 
 /// Loads the UDS program of the first method the kernel accepts, with the configuration that

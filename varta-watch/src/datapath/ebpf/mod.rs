@@ -126,7 +126,11 @@ impl EbpfDatapath {
         load::preflight()?;
         let mut pins = pins::prepare(pin.root, pin.socket, pin.fresh, load::OBJECT);
         let mut ring_bytes = ring_bytes(tracker_capacity, limits.per_pid_burst());
-        if let Some(pinned) = pins.dir.as_deref().filter(|_| pins.resume).and_then(pins::pinned_ring_bytes)
+        if let Some(pinned) = pins
+            .dir
+            .as_deref()
+            .filter(|_| pins.resume)
+            .and_then(pins::pinned_ring_bytes)
             && pinned != ring_bytes
         {
             log::info!(
@@ -140,12 +144,16 @@ impl EbpfDatapath {
                 // Pins this process may not open or create: run without them, and say so.
                 log::warn!(
                     "event=pins_unavailable dir={} reason=\"{e}\"",
-                    pins.dir.as_deref().map(|d| d.display().to_string()).unwrap_or_default()
+                    pins.dir
+                        .as_deref()
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_default()
                 );
                 pins = pins::Pins {
                     dir: None,
                     resume: false,
                     fresh_reason: format!("the pinned maps could not be used: {e}"),
+                    queued: None,
                 };
                 load::open(ring_bytes, None)?
             }

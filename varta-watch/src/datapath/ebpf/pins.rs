@@ -25,6 +25,8 @@ pub struct Pins {
     pub resume: bool,
     /// Why the maps start empty (when `resume` is false).
     pub fresh_reason: String,
+    /// Beats waiting in the resumed ring (accepted by the kernel while no daemon ran).
+    pub queued: Option<u64>,
 }
 
 impl Pins {
@@ -33,6 +35,7 @@ impl Pins {
             dir,
             resume: false,
             fresh_reason: reason.into(),
+            queued: None,
         }
     }
 }
@@ -110,6 +113,7 @@ pub fn prepare(root: &Path, socket: &Path, fresh: bool, object: &[u8]) -> Pins {
     }
     match check_layouts(&dir, object) {
         Ok(()) => Pins {
+            queued: queued_records(&dir),
             dir: Some(dir),
             resume: true,
             fresh_reason: String::new(),
@@ -134,6 +138,39 @@ pub fn pinned_ring_bytes(dir: &Path) -> Option<u32> {
         .map(|info| info.max_entries())
 }
 
+/// How many records wait in the pinned ring buffer (queued while no daemon ran): its
+/// producer position (page 1) less its consumer position (page 0), read-only mappings.
+pub fn queued_records(dir: &Path) -> Option<u64> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let map = aya::maps::MapData::from_pin(dir.join(map::EVENTS)).ok()?;
+    let fd = map.fd().as_fd().as_raw_fd();
+    // SAFETY: no arguments.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    let read = |offset: usize| -> Option<u64> {
+        // SAFETY: a read-only shared mapping of one page of the ring's metadata, read once
+        // and unmapped.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                page,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                offset as libc::off_t,
+            );
+            if p == libc::MAP_FAILED {
+                return None;
+            }
+            let v = std::ptr::read_volatile(p as *const u64);
+            libc::munmap(p, page);
+            Some(v)
+        }
+    };
+    let consumer = read(0)?;
+    let producer = read(page)?;
+    Some(producer.saturating_sub(consumer) / varta_common::filter::RING_RECORD_BYTES as u64)
+}
+
 /// Every pinned map has the key, value, flags and size this build's object declares (the
 /// ring buffer's size excepted: it is resumed at its own).
 fn check_layouts(dir: &Path, object: &[u8]) -> Result<(), String> {
@@ -150,13 +187,25 @@ fn check_layouts(dir: &Path, object: &[u8]) -> Result<(), String> {
             differs.push(format!("key {} != {}", have.key_size(), want.key_size()));
         }
         if have.value_size() != want.value_size() {
-            differs.push(format!("value {} != {}", have.value_size(), want.value_size()));
+            differs.push(format!(
+                "value {} != {}",
+                have.value_size(),
+                want.value_size()
+            ));
         }
         if have.map_flags() != want.map_flags() {
-            differs.push(format!("flags {:#x} != {:#x}", have.map_flags(), want.map_flags()));
+            differs.push(format!(
+                "flags {:#x} != {:#x}",
+                have.map_flags(),
+                want.map_flags()
+            ));
         }
         if name != map::EVENTS && have.max_entries() != want.max_entries() {
-            differs.push(format!("entries {} != {}", have.max_entries(), want.max_entries()));
+            differs.push(format!(
+                "entries {} != {}",
+                have.max_entries(),
+                want.max_entries()
+            ));
         }
         if !differs.is_empty() {
             return Err(format!("{name}: {}", differs.join(", ")));
