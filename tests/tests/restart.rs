@@ -209,3 +209,67 @@ fn fresh_state_starts_empty_needs_root() {
     assert!(line.contains("--fresh-state"), "{line}");
     assert_eq!(d2.count_logs(&["event=resumed"]), 0);
 }
+
+/// Pins are created and resumed with exactly the capabilities of the DaemonSet and the unit
+/// (CAP_BPF, CAP_PERFMON, uid 0), on a host whose bpffs is mounted (as systemd does).
+#[test]
+fn pins_work_with_exactly_cap_bpf_and_cap_perfmon_needs_root() {
+    varta_e2e::require_root!(varta_e2e::EBPF);
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    if (parts.next().unwrap(), parts.next().unwrap()) < (5, 11) {
+        eprintln!("skipping: before 5.11 the least set also holds CAP_SYS_RESOURCE");
+        return;
+    }
+    let fs = Command::new("stat")
+        .args(["-f", "-c", "%T", "/sys/fs/bpf"])
+        .output()
+        .unwrap();
+    if String::from_utf8_lossy(&fs.stdout).trim() != "bpf_fs" {
+        assert!(
+            Command::new("mount")
+                .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    let set = "-all,+bpf,+perfmon";
+    let wrapper = [
+        "setpriv",
+        "--reuid",
+        "0",
+        "--bounding-set",
+        set,
+        "--inh-caps",
+        set,
+        "--ambient-caps",
+        set,
+    ];
+    let args = ["--threshold-ms", "1500"];
+    let mut d1 = Daemon::builder("restart-least", "ebpf")
+        .wrapped(wrapper)
+        .args(args)
+        .start_ebpf();
+    let fresh = d1.wait_log("event=fresh", Duration::ZERO);
+    assert!(fresh.contains("no pinned maps"), "{fresh}");
+    let a = upstream_agent(&d1, 100);
+    wait_new(&d1, a.pid());
+    assert!(d1.stop().success());
+    let d2 = Daemon::builder("restart-least", "ebpf")
+        .wrapped(wrapper)
+        .args(args)
+        .in_dir(d1.into_dir())
+        .start_ebpf();
+    let resumed = d2.wait_log("event=resumed", Duration::ZERO);
+    assert!(varta_e2e::log_has(&resumed, "from=pins"), "{resumed}");
+    let b0 = beats(&d2, a.pid());
+    d2.wait_metric(
+        &format!("varta_beats_total{{pid=\"{}\"}}", a.pid()),
+        b0 + 5.0,
+        WAIT,
+    );
+    assert_eq!(stalls_of(&d2, a.pid()), 0);
+}
