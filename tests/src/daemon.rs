@@ -24,6 +24,26 @@ pub struct Daemon {
     pub prom: Option<SocketAddr>,
     lines: Arc<Mutex<Vec<String>>>,
     client: UnixDatagram,
+    /// Set by [`Daemon::into_dir`]: the next daemon on this socket resumes the pins.
+    keep_pins: bool,
+}
+
+/// A daemon's pinned maps (`pins=` of its start-up line) are removed with it, unless a
+/// restart takes them over.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.keep_pins {
+            return;
+        }
+        for line in self.logs() {
+            if (log_has(&line, "event=resumed") || log_has(&line, "event=fresh"))
+                && let Some(dir) = std::path::Path::new(&log_field(&line, "pins")).parent()
+                && dir.starts_with("/sys/fs/bpf")
+            {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
 }
 
 pub struct DaemonBuilder {
@@ -35,9 +55,18 @@ pub struct DaemonBuilder {
     wrapper: Vec<String>,
     world_writable: bool,
     env: Vec<(String, String)>,
+    /// The directory (and socket) of a previous daemon: a restart.
+    reuse: Option<crate::Scratch>,
 }
 
 impl DaemonBuilder {
+    /// Starts in the directory, on the socket, of a previous daemon ([`Daemon::into_dir`]):
+    /// a restart of that observer.
+    pub fn in_dir(mut self, dir: crate::Scratch) -> Self {
+        self.reuse = Some(dir);
+        self
+    }
+
     /// Sets an environment variable for the daemon.
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
@@ -109,7 +138,7 @@ impl DaemonBuilder {
 
     /// Starts the daemon without waiting.
     pub fn spawn(self) -> Daemon {
-        let dir = scratch(&self.name);
+        let dir = self.reuse.unwrap_or_else(|| scratch(&self.name));
         let socket = dir.join("varta.sock");
         let export = self.export.then(|| dir.join("events.tsv"));
         if self.world_writable {
@@ -158,6 +187,7 @@ impl DaemonBuilder {
             prom: None,
             lines,
             client: UnixDatagram::unbound().unwrap(),
+            keep_pins: false,
         }
     }
 }
@@ -176,7 +206,19 @@ impl Daemon {
             wrapper: Vec::new(),
             world_writable: false,
             env: Vec::new(),
+            reuse: None,
         }
+    }
+
+    /// Ends this daemon (SIGKILL if it still runs) and hands its directory, socket, state
+    /// file and pinned maps to the next one (`DaemonBuilder::in_dir`).
+    pub fn into_dir(mut self) -> crate::Scratch {
+        self.keep_pins = true;
+        if !self.process.reaped() && self.process.try_wait().is_none() {
+            self.signal(libc::SIGKILL);
+            let _ = self.wait_exit(EXIT_GUARD);
+        }
+        std::mem::replace(&mut self.dir, crate::Scratch::none())
     }
 
     pub fn pid(&self) -> u32 {

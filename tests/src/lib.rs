@@ -183,8 +183,18 @@ impl Deref for Scratch {
     }
 }
 
+impl Scratch {
+    /// Owns nothing (what a `Daemon` keeps after handing its directory on).
+    pub fn none() -> Scratch {
+        Scratch(PathBuf::new())
+    }
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
+        if self.0.as_os_str().is_empty() {
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -39,6 +39,11 @@ impl Proc {
         unsafe { libc::kill(self.pid() as i32, sig) };
     }
 
+    /// Whether it was reaped already.
+    pub fn reaped(&self) -> bool {
+        self.child.is_none()
+    }
+
     /// Reaps it if it has exited.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         let child = self.child.as_mut().expect("not yet reaped");

@@ -233,3 +233,18 @@ fn the_daemon_accepts_the_manifest_configuration_needs_root() {
     assert_eq!(deploy::http_get(addr, "/healthz").0, 200);
     assert!(d.stop().success());
 }
+
+#[test]
+fn the_daemonset_mounts_the_hosts_bpffs_read_write_for_the_pins() {
+    let ds = deploy_file("kubernetes/daemonset.yaml");
+    let mount = ds
+        .split("- name: bpffs\n")
+        .nth(1)
+        .expect("a bpffs volumeMount");
+    let mount: String = mount.lines().take(3).collect::<Vec<_>>().join("\n");
+    assert!(mount.contains("mountPath: /sys/fs/bpf"), "{mount}");
+    assert!(!mount.contains("readOnly: true"), "{mount}");
+    let volume = ds.rsplit("- name: bpffs\n").next().unwrap();
+    let volume: String = volume.lines().take(3).collect::<Vec<_>>().join("\n");
+    assert!(volume.contains("path: /sys/fs/bpf"), "{volume}");
+}

@@ -44,6 +44,8 @@ fn systemd_analyze_verify_accepts_the_unit() {
         "ProtectHome=yes",
         "PrivateTmp=yes",
         "SystemCallFilter=@system-service bpf",
+        "ReadWritePaths=-/sys/fs/bpf",
+        "RuntimeDirectoryPreserve=restart",
         "CPUWeight=",
         "Nice=",
     ] {

@@ -70,6 +70,17 @@ pub mod map {
     pub const ALL: [&str; 7] = [CONFIG, DROPS, EVENTS, VERDICTS, BUCKETS, GLOBAL, TRACKED];
 }
 
+/// The layout of the maps and of [`BeatRecord`] as a version: part of the directory the maps
+/// are pinned in (`<pin root>/<socket>/v<N>`), so a build with other layouts never opens pins
+/// it would misread. Raise it with any change to a map's key, value, type or meaning.
+/// 2: [`Bucket`] holds the agent's last accepted beat.
+/// 3: `DropReason::Plaintext` (one more drop counter), [`FilterConfig::udp_accept`].
+pub const LAYOUT_VERSION: u32 = 3;
+
+/// Where the maps are pinned unless `--bpf-pin-dir` says otherwise (a bpffs, mounted by the
+/// daemon when absent).
+pub const PIN_ROOT: &str = "/sys/fs/bpf/varta";
+
 /// The ring buffer's size in the object, and the least the daemon asks for (a power of two,
 /// a multiple of the page size).
 pub const RING_BYTES: u32 = 1 << 20;
@@ -200,11 +211,19 @@ pub struct Verdict {
 }
 
 /// Per-agent and global token bucket state: the virtual clock of
-/// [`crate::ratelimit::Limit`] (zero is a full bucket).
+/// [`crate::ratelimit::Limit`] (zero is a full bucket). A per-agent bucket also holds the
+/// agent's last beat the program handed to the daemon (`last_ns` zero: none yet), so that a
+/// daemon starting on pinned maps knows every agent's last beat even when it never saw it.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Bucket {
     pub tat_ns: u64,
+    /// Receive time (`FilterConfig::clock`) of the last beat queued in the ring.
+    pub last_ns: u64,
+    /// The pid the daemon tracks the agent under (`BeatRecord::observer_tgid`, else the host
+    /// tgid for UDS; the frame pid for UDP), and the pid its frames carry.
+    pub pid: u32,
+    pub frame_pid: u32,
 }
 
 /// The key of an agent's bucket in [`map::BUCKETS`]: UDS agents are known by their attested

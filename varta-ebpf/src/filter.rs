@@ -208,7 +208,34 @@ fn try_receive<A: Attest>(
     } else {
         BPF_RB_NO_WAKEUP
     } as u64);
+    if record_kind == KIND_BEAT {
+        let pid = match (transport, observer_tgid) {
+            (TRANSPORT_UDS, 0) => host_tgid,
+            (TRANSPORT_UDS, tgid) => tgid,
+            _ => frame.pid,
+        };
+        note_last_beat(
+            agent_key(transport, host_tgid, frame.pid),
+            now,
+            pid,
+            frame.pid,
+        );
+    }
     Ok(Accepted)
+}
+
+/// The agent's last queued beat, in its bucket: a daemon starting on the pinned maps learns
+/// from it every agent the kernel saw and when it last beat (`Bucket::last_ns`).
+#[inline(always)]
+fn note_last_beat(key: u64, now: u64, pid: u32, frame_pid: u32) {
+    if let Some(bucket) = VARTA_BUCKETS.get_ptr_mut(key) {
+        // SAFETY: a map value pointer stays valid for the whole program run.
+        unsafe {
+            (*bucket).last_ns = now;
+            (*bucket).pid = pid;
+            (*bucket).frame_pid = frame_pid;
+        }
+    }
 }
 
 /// The per-agent bucket, then the global one unless the daemon tracks the agent
@@ -232,6 +259,9 @@ fn take_tokens(cfg: &FilterConfig, key: u64, now: u64) -> Result<bool, DropReaso
         None => {
             let fresh = Bucket {
                 tat_ns: per_agent.map_or(0, |limit| limit.first_beat(now)),
+                last_ns: 0,
+                pid: 0,
+                frame_pid: 0,
             };
             let _ = VARTA_BUCKETS.insert(key, fresh, 0);
             true

@@ -232,6 +232,27 @@ impl Actions {
         self.identities.get(&pid).cloned().unwrap_or_default()
     }
 
+    /// A tracked agent's identity (empty when unknown), for the state file.
+    pub fn identity_of(&self, pid: u32) -> Identity {
+        self.identity(pid)
+    }
+
+    /// An agent a previous instance tracked: its identity, as it was read then.
+    pub fn restore_identity(
+        &mut self,
+        pid: u32,
+        origin: &crate::datapath::Origin,
+        identity: Identity,
+    ) {
+        if matches!(origin, crate::datapath::Origin::Uds { .. }) {
+            self.metrics
+                .agent_info
+                .get_or_create(&identity.label(pid))
+                .set(1);
+            self.identities.insert(pid, identity);
+        }
+    }
+
     /// An agent left the tracker: its identity and info series go with it.
     fn forget(&mut self, pid: u32) {
         if let Some(identity) = self.identities.remove(&pid) {

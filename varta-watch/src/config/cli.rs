@@ -349,6 +349,13 @@ pub struct ObserverArgs {
     /// run): exit cleanly after this many seconds.
     #[arg(long, hide = true)]
     pub shutdown_after_secs: Option<u64>,
+    /// Where the eBPF filter's maps are pinned, so that a restarted observer resumes them
+    /// (one subdirectory per socket and map layout). bpffs is mounted here when absent.
+    #[arg(long, value_name = "DIR", default_value = varta_common::filter::PIN_ROOT)]
+    pub bpf_pin_dir: PathBuf,
+    /// Start empty on purpose: remove this socket's pinned maps and the state file.
+    #[arg(long)]
+    pub fresh_state: bool,
     /// Abort (for a supervisor to restart the observer) when its event loop has made no
     /// progress for this many seconds.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]

@@ -115,6 +115,10 @@ pub struct Config {
     pub signal_mode: SignalHandlerMode,
     pub nice: i32,
     pub shutdown_after: Option<Duration>,
+    /// `--bpf-pin-dir`.
+    pub pin_root: PathBuf,
+    /// `--fresh-state`.
+    pub fresh_state: bool,
     pub config_file: Option<PathBuf>,
     pub liveness: LivenessConfig,
     /// Every setting as given, for the reload diff.
@@ -212,6 +216,8 @@ impl Config {
             signal_mode: a.observer.signal_handler_mode,
             nice: a.observer.observer_nice,
             shutdown_after: a.observer.shutdown_after_secs.map(Duration::from_secs),
+            pin_root: a.observer.bpf_pin_dir.clone(),
+            fresh_state: a.observer.fresh_state,
             config_file: a.observer.config.clone(),
             liveness: LivenessConfig {
                 self_watchdog: a.observer.self_watchdog_secs.map(Duration::from_secs),

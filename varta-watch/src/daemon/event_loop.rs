@@ -23,6 +23,7 @@ use crate::{
 
 /// Sets up metrics, the metrics endpoint and the export file, then runs the loop until a
 /// shutdown is asked for, and shuts down.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<D: Datapath>(
     datapath: D,
     kernel_drops: Option<KernelDrops>,
@@ -30,6 +31,8 @@ pub async fn serve<D: Datapath>(
     signals: Signals,
     drops: Arc<DropCounters>,
     rcvbuf: u32,
+    resume: super::state::Resume,
+    state_path: std::path::PathBuf,
 ) -> Result<()> {
     let metrics = Arc::new(Metrics::new(
         drops.clone(),
@@ -73,14 +76,29 @@ pub async fn serve<D: Datapath>(
     let liveness = super::liveness::Liveness::start(&config.liveness)?;
     let clock = config.clock;
     let start_ns = clock.now_ns();
-    let observer = Observer::new(config, drops);
-    let actions = Actions::new(
+    let mut observer = Observer::new(config, drops);
+    let mut actions = Actions::new(
         metrics.clone(),
         export,
         config.recovery.clone().map(Recovery::new),
         audit,
         start_ns,
     );
+    let mut datapath = datapath;
+    // What a previous instance left: agents (pinned maps, state file) and counters.
+    if let Some(state) = &resume.state {
+        state.restore_counters(&metrics);
+    }
+    for saved in resume.agents {
+        let (pid, origin) = (saved.agent.pid, saved.agent.origin);
+        if observer.restore(saved.agent) {
+            actions.restore_identity(pid, &origin, saved.identity);
+            datapath.agent_tracked(pid, &origin);
+        }
+    }
+    datapath.set_watching(observer.next_deadline().is_some());
+    metrics.pids_tracked.set(observer.tracker().len() as i64);
+    log::info!("{}", resume.line);
     metrics.pid_max.set(observer.pid_max() as i64);
     log::info!(
         "event=ready pid={} datapath={} attest={} socket={} udp={} metrics={} threshold_ms={}",
@@ -106,12 +124,15 @@ pub async fn serve<D: Datapath>(
         stall_timer: DeadlineTimer::new(clock).context("creating the stall timer")?,
         beats: Vec::with_capacity(256),
         events: Vec::with_capacity(256),
+        state_path,
+        checkpointed: Instant::now(),
     };
     let result = event_loop.run().await;
     event_loop.liveness.disarm();
     result?;
     event_loop.finish_recoveries().await;
     event_loop.actions.flush();
+    event_loop.checkpoint();
     event_loop.liveness.finish();
     Ok(())
 }
@@ -130,6 +151,9 @@ struct EventLoop<'c, D> {
     /// Reused between wake-ups: what the datapath delivered, what the observer surfaced.
     beats: Vec<Beat>,
     events: Vec<Event>,
+    /// The state file (`daemon::state`) and when it was last written.
+    state_path: std::path::PathBuf,
+    checkpointed: Instant,
 }
 
 impl<D: Datapath> EventLoop<'_, D> {
@@ -246,11 +270,38 @@ impl<D: Datapath> EventLoop<'_, D> {
         }
         self.datapath
             .set_watching(self.observer.next_deadline().is_some());
+        let stalled = self
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Stall { .. } | Event::Exit { .. }));
         self.actions.handle_all(&mut self.events, now);
+        let since = self.checkpointed.elapsed().as_millis() as u64;
+        if since >= super::state::CHECKPOINT_MS
+            || (stalled && since >= super::state::STALL_CHECKPOINT_MS)
+        {
+            self.checkpoint();
+        }
         self.metrics
             .pids_tracked
             .set(self.observer.tracker().len() as i64);
         self.metrics.pid_max.set(self.observer.pid_max() as i64);
+    }
+
+    /// Writes the state file: what the next instance needs to carry on.
+    fn checkpoint(&mut self) {
+        self.checkpointed = Instant::now();
+        let state = super::state::State::capture(
+            self.clock,
+            self.observer.tracker().agents(),
+            |pid| self.actions.identity_of(pid),
+            &self.metrics,
+        );
+        if let Err(e) = state.save(&self.state_path) {
+            log::warn!(
+                "event=state_save_failed path={} error=\"{e}\"",
+                self.state_path.display()
+            );
+        }
     }
 
     /// SIGHUP with a configuration file: the whole file is valid or nothing changes.

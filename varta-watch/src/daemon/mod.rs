@@ -4,6 +4,7 @@
 mod event_loop;
 mod health;
 mod liveness;
+mod state;
 
 pub use health::Probes;
 
@@ -15,7 +16,10 @@ use crate::{
     actions::metrics::KernelDrops,
     config::{Config, cli::CommandLine, cli::DatapathMode},
     datapath::{
-        ebpf::EbpfDatapath, secure::UdpFrames, udp::UdpReceiver, userspace::UserspaceDatapath,
+        ebpf::{EbpfDatapath, PinRequest, pins::Pins},
+        secure::UdpFrames,
+        udp::UdpReceiver,
+        userspace::UserspaceDatapath,
     },
     observer::drops::DropCounters,
     signal::{self, Signals},
@@ -92,12 +96,30 @@ async fn start(mut config: Config) -> Result<()> {
         config.udp = Some(udp.local_addr()?);
     }
     let drops = Arc::new(DropCounters::default());
+    let state_path = state::path_for(&config.socket);
+    if config.fresh_state {
+        let _ = std::fs::remove_file(&state_path);
+    }
+    let saved = if config.fresh_state {
+        Ok(None)
+    } else {
+        state::State::load(&state_path)
+    };
     let result = match start_ebpf(&config, &sockets, &drops) {
-        Ok(Some((mut datapath, kernel_drops))) => {
+        Ok(Some((mut datapath, kernel_drops, pins))) => {
             // The filter passes secure-length datagrams up; they are read (or counted) here.
             if let Some(udp) = &sockets.udp {
                 let receiver = udp_receiver(&config, udp.try_clone()?, &drops)?;
                 datapath.set_secure_udp(receiver);
+            }
+            let kernel = if pins.resume {
+                datapath.kernel_agents()
+            } else {
+                Vec::new()
+            };
+            let (resume, dropped) = state::plan(Some(&pins), &kernel, saved, config.clock);
+            for key in dropped {
+                datapath.restored(key, None);
             }
             event_loop::serve(
                 datapath,
@@ -106,10 +128,16 @@ async fn start(mut config: Config) -> Result<()> {
                 signals,
                 drops,
                 sockets.rcvbuf,
+                resume,
+                state_path,
             )
             .await
         }
         Ok(None) => {
+            if config.fresh_state {
+                let _ = crate::datapath::ebpf::pins::remove(&config.pin_root, &config.socket);
+            }
+            let (resume, _) = state::plan(None, &[], saved, config.clock);
             let udp = sockets
                 .udp
                 .map(|udp| udp_receiver(&config, udp, &drops))
@@ -122,7 +150,17 @@ async fn start(mut config: Config) -> Result<()> {
                 config.junk_sample_one_in,
                 drops.clone(),
             )?;
-            event_loop::serve(datapath, None, &mut config, signals, drops, sockets.rcvbuf).await
+            event_loop::serve(
+                datapath,
+                None,
+                &mut config,
+                signals,
+                drops,
+                sockets.rcvbuf,
+                resume,
+                state_path,
+            )
+            .await
         }
         Err(e) => Err(e),
     };
@@ -188,7 +226,7 @@ fn start_ebpf(
     config: &Config,
     sockets: &Sockets,
     drops: &Arc<DropCounters>,
-) -> Result<Option<(EbpfDatapath, KernelDrops)>> {
+) -> Result<Option<(EbpfDatapath, KernelDrops, Pins)>> {
     if config.datapath == DatapathMode::Userspace {
         return Ok(None);
     }
@@ -197,6 +235,11 @@ fn start_ebpf(
         sockets.udp.as_ref().map(UdpSocket::try_clone).transpose()?,
         config,
         drops.clone(),
+        PinRequest {
+            root: &config.pin_root,
+            socket: &config.socket,
+            fresh: config.fresh_state,
+        },
     );
     match started {
         Ok(started) => {

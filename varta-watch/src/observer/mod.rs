@@ -126,6 +126,11 @@ impl Observer {
         }
     }
 
+    /// Takes back an agent of a previous instance (see [`Tracker::restore`]).
+    pub fn restore(&mut self, agent: tracker::Restored) -> bool {
+        self.tracker.restore(agent)
+    }
+
     /// When the next stall may come due.
     pub fn next_deadline(&self) -> Option<u64> {
         self.tracker.next_deadline()

@@ -125,6 +125,22 @@ pub enum Accepted {
     Wrapped,
 }
 
+/// An agent a previous observer instance knew (from the pinned maps and the state file),
+/// taken back in at start-up with its last beat and whether its stall was surfaced.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub pid: u32,
+    pub origin: Origin,
+    pub frame_pid: u32,
+    pub last_beat_ns: u64,
+    /// 0 when unknown: any nonce is then accepted as the next one.
+    pub last_nonce: u64,
+    pub status: Status,
+    pub stalled: bool,
+    pub dead: bool,
+    pub started: Option<StartTime>,
+}
+
 /// An agent whose silence passed the threshold.
 #[derive(Debug, Clone)]
 pub struct Stalled {
@@ -283,6 +299,37 @@ impl Tracker {
         };
         self.agents
             .insert(pid, Agent::new(generation, origin, started));
+    }
+
+    /// Takes back an agent a previous instance tracked: watched from its last beat (due at
+    /// once when that is a threshold ago), or stalled or dead as it was. `false` when full
+    /// or already tracked.
+    pub fn restore(&mut self, r: Restored) -> bool {
+        if self.agents.len() >= self.capacity || self.agents.contains_key(&r.pid) {
+            return false;
+        }
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let mut agent = Agent::new(generation, r.origin, r.started);
+        agent.last_nonce = r.last_nonce;
+        agent.last_beat_ns = r.last_beat_ns;
+        agent.status = r.status;
+        agent.frame_pid = r.frame_pid;
+        agent.stalled = r.stalled;
+        agent.dead = r.dead;
+        if r.stalled || r.dead {
+            agent.evictable = true;
+            self.evictable.push_back((r.pid, generation));
+        } else {
+            agent.queued = true;
+            self.deadlines.push(Entry {
+                deadline_ns: r.last_beat_ns + self.threshold_ns,
+                pid: r.pid,
+                generation,
+            });
+        }
+        self.agents.insert(r.pid, agent);
+        true
     }
 
     /// Whether a beat that starts a session (nonce 1, a replay to the old agent if it had

@@ -1,7 +1,7 @@
 //! Loading the filter: the embedded object, the attestation method the running kernel allows
 //! (tried in order of preference), attaching, and a reason in plain words when none works.
 
-use std::{net::UdpSocket, os::fd::AsFd, os::unix::net::UnixDatagram};
+use std::{net::UdpSocket, os::fd::AsFd, os::unix::net::UnixDatagram, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -78,16 +78,22 @@ pub fn preflight() -> Result<(), Unavailable> {
 
 /// Creates the maps, the ring buffer sized for `ring_bytes`. Nothing runs until a program is
 /// attached.
-pub fn open(ring_bytes: u32) -> Result<Ebpf, Unavailable> {
-    EbpfLoader::new()
-        .map_max_entries(map::EVENTS, ring_bytes)
-        .load(OBJECT)
-        .map_err(|e| {
-            Unavailable(format!(
-                "loading the eBPF object on kernel {}: {e}",
-                kernel_release()
-            ))
-        })
+/// With `pin_dir`, every map is pinned there by name, or opened from there when a previous
+/// instance pinned it.
+pub fn open(ring_bytes: u32, pin_dir: Option<&Path>) -> Result<Ebpf, Unavailable> {
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries(map::EVENTS, ring_bytes);
+    if let Some(dir) = pin_dir {
+        for name in map::ALL {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    loader.load(OBJECT).map_err(|e| {
+        Unavailable(format!(
+            "loading the eBPF object on kernel {}: {e}",
+            kernel_release()
+        ))
+    })
 }
 
 /// Loads the UDS program of the first method the kernel accepts, with the configuration that

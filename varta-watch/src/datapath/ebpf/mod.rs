@@ -6,6 +6,7 @@
 mod btf;
 mod caps;
 mod load;
+pub mod pins;
 mod ring;
 
 use std::{
@@ -91,20 +92,73 @@ struct Maps {
     kernel_drops: KernelDrops,
 }
 
+/// Where the maps are pinned: `--bpf-pin-dir`, the socket they belong to, `--fresh-state`.
+pub struct PinRequest<'a> {
+    pub root: &'a std::path::Path,
+    pub socket: &'a std::path::Path,
+    pub fresh: bool,
+}
+
+/// An agent the daemon tracked, as the pinned maps know it.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelAgent {
+    /// The key in the maps (`varta_common::filter::agent_key`).
+    pub key: u64,
+    pub transport: u8,
+    /// Its last beat the kernel queued, and the pids of that beat; `None` when the kernel
+    /// holds no bucket for it (its stall or exit was surfaced, or none was ever written).
+    pub last: Option<(u64, u32, u32)>,
+}
+
 impl EbpfDatapath {
     /// Loads and attaches the programs, or says in one line why that is not possible here.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         uds: UnixDatagram,
         udp: Option<UdpSocket>,
         settings: &Config,
         drops: Arc<DropCounters>,
-    ) -> Result<(Self, KernelDrops), Unavailable> {
+        pin: PinRequest<'_>,
+    ) -> Result<(Self, KernelDrops, pins::Pins), Unavailable> {
         let (clock, limits) = (settings.clock, &settings.limits);
         let tracker_capacity = settings.tracker_capacity as u32;
         let methods = load::requested_methods()?;
         load::preflight()?;
-        let ring_bytes = ring_bytes(tracker_capacity, limits.per_pid_burst());
-        let mut ebpf = load::open(ring_bytes)?;
+        let mut pins = pins::prepare(pin.root, pin.socket, pin.fresh, load::OBJECT);
+        let mut ring_bytes = ring_bytes(tracker_capacity, limits.per_pid_burst());
+        if let Some(pinned) = pins
+            .dir
+            .as_deref()
+            .filter(|_| pins.resume)
+            .and_then(pins::pinned_ring_bytes)
+            && pinned != ring_bytes
+        {
+            log::info!(
+                "event=ebpf_ring_resumed bytes={pinned} wanted={ring_bytes} reason=\"the pinned ring keeps its size; --fresh-state resizes it\""
+            );
+            ring_bytes = pinned;
+        }
+        let mut ebpf = match load::open(ring_bytes, pins.dir.as_deref()) {
+            Ok(ebpf) => ebpf,
+            Err(e) if pins.dir.is_some() => {
+                // Pins this process may not open or create: run without them, and say so.
+                log::warn!(
+                    "event=pins_unavailable dir={} reason=\"{e}\"",
+                    pins.dir
+                        .as_deref()
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_default()
+                );
+                pins = pins::Pins {
+                    dir: None,
+                    resume: false,
+                    fresh_reason: format!("the pinned maps could not be used: {e}"),
+                    queued: None,
+                };
+                load::open(ring_bytes, None)?
+            }
+            Err(e) => return Err(e),
+        };
         log::info!("event=ebpf_ring bytes={ring_bytes} tracker_capacity={tracker_capacity}");
         let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, log::logger())
             .ok()
@@ -120,7 +174,15 @@ impl EbpfDatapath {
         if let Some(udp) = &udp {
             load::attach_udp(&mut ebpf, udp)?;
         }
-        let maps = Maps::take(&mut ebpf)?;
+        let mut maps = Maps::take(&mut ebpf)?;
+        if pins.resume {
+            // Verdicts outlived the exit watchers that kept them true (a pid may have been
+            // reused meanwhile): every cross-namespace sender is verified again.
+            let stale: Vec<u32> = maps.verdicts.keys().filter_map(Result::ok).collect();
+            for tgid in stale {
+                let _ = maps.verdicts.remove(&tgid);
+            }
+        }
         Ok((
             EbpfDatapath {
                 _ebpf: ebpf,
@@ -144,7 +206,39 @@ impl EbpfDatapath {
                 secure_udp: None,
             },
             maps.kernel_drops,
+            pins,
         ))
+    }
+
+    /// Every agent the pinned maps say the previous instance tracked.
+    pub fn kernel_agents(&self) -> Vec<KernelAgent> {
+        self.tracked
+            .keys()
+            .filter_map(Result::ok)
+            .map(|key| KernelAgent {
+                key,
+                transport: (key >> 32) as u8,
+                last: self
+                    .buckets
+                    .get(&key, 0)
+                    .ok()
+                    .filter(|b| b.last_ns != 0)
+                    .map(|b| (b.last_ns, b.pid, b.frame_pid)),
+            })
+            .collect()
+    }
+
+    /// The tracker took back `pid` (known to the kernel under `key`), or did not (`None`):
+    /// the tracked set is made to match.
+    pub fn restored(&mut self, key: u64, pid: Option<u32>) {
+        match pid {
+            Some(pid) => {
+                self.tracked_keys.insert(pid, key);
+            }
+            None => {
+                let _ = self.tracked.remove(&key);
+            }
+        }
     }
 
     /// Secure UDP frames are read from the socket, not the ring buffer.

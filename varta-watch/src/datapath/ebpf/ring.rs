@@ -26,7 +26,9 @@ impl EbpfDatapath {
         {
             let ring = self.ring.get_mut();
             while let Some(item) = ring.next() {
-                if item.len() >= size_of::<BeatRecord>() {
+                if item.len() < size_of::<BeatRecord>() {
+                    log::error!("event=ebpf_record_short len={}", item.len());
+                } else {
                     // SAFETY: the item holds at least one BeatRecord, written by the
                     // program as a whole; the read copes with any alignment.
                     records.push(unsafe {
