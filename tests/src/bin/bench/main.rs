@@ -21,6 +21,30 @@ use std::{
 use observer::Observer;
 use serde_json::json;
 
+/// Runs one scenario of one observer; a scenario that fails (the observer stopped answering,
+/// a helper could not start) is recorded in `notes` and the bench goes on with the next, so
+/// every other figure is still produced.
+fn guarded<T>(
+    o: &Observer,
+    scenario: &str,
+    notes: &mut Vec<String>,
+    f: impl FnOnce() -> T,
+) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let why = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            eprintln!("varta-bench: {}: {scenario} failed: {why}", o.name);
+            notes.push(format!("{}: {scenario} failed: {why}", o.name));
+            None
+        }
+    }
+}
+
 /// One figure: what `results.json` holds.
 #[derive(Clone, Debug)]
 pub struct Fig {
@@ -178,34 +202,48 @@ fn bench(args: &[String]) {
     ];
     let started = Instant::now();
     let mut figs = Vec::new();
+    let mut notes = Vec::new();
     let mut plots = report::Plots::default();
     for o in &observers {
         eprintln!("varta-bench: {}: idle", o.name);
-        scenarios::idle(o, &opts, &mut figs);
+        guarded(o, "idle", &mut notes, || {
+            scenarios::idle(o, &opts, &mut figs)
+        });
     }
     for o in &observers {
         eprintln!(
             "varta-bench: {}: stall latency, {} trials",
             o.name, opts.trials
         );
-        let (rec, met) = scenarios::stall(o, &opts, &mut figs);
-        plots.stall.push((o.name, rec, met));
+        if let Some((rec, met)) = guarded(o, "stall", &mut notes, || {
+            scenarios::stall(o, &opts, &mut figs)
+        }) {
+            plots.stall.push((o.name, rec, met));
+        }
     }
     for o in &observers {
         eprintln!("varta-bench: {}: rate sweep, 64 agents", o.name);
-        let steps = scenarios::sweep(o, &opts, &mut figs);
-        plots.sweep.push((o.name, steps));
+        if let Some((steps, stopped)) = guarded(o, "sweep", &mut notes, || {
+            scenarios::sweep(o, &opts, &mut figs)
+        }) {
+            notes.extend(stopped.map(|why| format!("{}: the rate sweep stopped: {why}", o.name)));
+            plots.sweep.push((o.name, steps));
+        }
     }
     for o in &observers {
         eprintln!("varta-bench: {}: floods while 4 honest agents beat", o.name);
-        scenarios::floods(o, &opts, &mut figs);
+        guarded(o, "floods", &mut notes, || {
+            scenarios::floods(o, &opts, &mut figs)
+        });
     }
     let pid_max = report::PidMax::raise(opts.many + 1000);
     for o in &observers {
         let mut points = Vec::new();
         for n in [1_000, opts.many] {
             eprintln!("varta-bench: {}: rss with {n} agents", o.name);
-            if let Some(mib) = scenarios::rss(o, &opts, n, &mut figs) {
+            if let Some(Some(mib)) = guarded(o, "rss", &mut notes, || {
+                scenarios::rss(o, &opts, n, &mut figs)
+            }) {
                 points.push((n, mib));
             }
         }
@@ -221,7 +259,7 @@ fn bench(args: &[String]) {
     )
     .unwrap();
     plots.draw(&out_dir);
-    let summary = report::markdown(&figs, started.elapsed(), full);
+    let summary = report::markdown(&figs, &notes, started.elapsed(), full);
     std::fs::write(out_dir.join("summary.md"), &summary).unwrap();
     println!("{summary}");
 }

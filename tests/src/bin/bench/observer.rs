@@ -137,26 +137,34 @@ impl Running {
     }
 
     /// One scrape; a few attempts, since the sweep also scrapes while the agents beat and the
-    /// incumbent's single loop may then leave one unanswered.
-    #[track_caller]
-    pub fn metrics(&self) -> HashMap<String, f64> {
+    /// incumbent's single loop may then leave one unanswered. `Err` says which observer
+    /// stopped answering: the caller records it and moves on.
+    pub fn scrape(&self) -> Result<HashMap<String, f64>, String> {
         for _ in 0..10 {
             if let Some(m) = self.try_metrics() {
-                return m;
+                return Ok(m);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("{}: /metrics did not answer 10 scrapes", self.name)
+        Err(format!("{}: /metrics did not answer 10 scrapes", self.name))
+    }
+
+    /// [`Self::scrape`] where a silent observer ends the scenario (caught per scenario by
+    /// the bench's main loop and reported there).
+    #[track_caller]
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        self.scrape().unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The sum of every sample of a family (`varta_beats_total` over all pids).
-    pub fn family_sum(&self, family: &str) -> f64 {
+    pub fn family_sum(&self, family: &str) -> Result<f64, String> {
         let prefix = format!("{family}{{");
-        self.metrics()
+        Ok(self
+            .scrape()?
             .iter()
             .filter(|(k, _)| *k == family || k.starts_with(&prefix))
             .map(|(_, v)| v)
-            .sum()
+            .sum())
     }
 
     /// (CPU seconds, context switches of all its threads).

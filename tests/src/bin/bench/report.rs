@@ -57,7 +57,7 @@ fn machine() -> String {
 }
 
 /// The table: one row per scenario x figure, one column per observer, and the ratios.
-pub fn markdown(figs: &[Fig], took: Duration, full: bool) -> String {
+pub fn markdown(figs: &[Fig], notes: &[String], took: Duration, full: bool) -> String {
     let mut rows: Vec<(&str, &str, &str)> = Vec::new();
     for f in figs {
         if !rows
@@ -109,6 +109,12 @@ pub fn markdown(figs: &[Fig], took: Duration, full: bool) -> String {
             ratio(e, i),
             ratio(u, i)
         );
+    }
+    if !notes.is_empty() {
+        let _ = writeln!(md, "\nNotes on this run:");
+        for note in notes {
+            let _ = writeln!(md, "- {note}");
+        }
     }
     md
 }
