@@ -161,6 +161,33 @@ fn bad_flags_give_one_line_naming_the_flag_and_exit_2() {
     let cases: &[(&[&str], &str)] = &[
         (&["--socket", s, "--threshold-ms", "abc"], "--threshold-ms"),
         (&["--socket", s, "--threshold-ms", "0"], "--threshold-ms"),
+        // Absurd values are refused, never wrapped (threshold x 1e6 ns, Instant + grace).
+        (
+            &["--socket", s, "--threshold-ms", "18446744073709551"],
+            "--threshold-ms",
+        ),
+        (
+            &[
+                "--socket",
+                s,
+                "--threshold-ms",
+                "100",
+                "--shutdown-grace-ms",
+                "99999999999",
+            ],
+            "--shutdown-grace-ms",
+        ),
+        (
+            &[
+                "--socket",
+                s,
+                "--threshold-ms",
+                "100",
+                "--tracker-capacity",
+                "4294967295",
+            ],
+            "--tracker-capacity",
+        ),
         (&["--socket", s], "--threshold-ms"),
         (&["--threshold-ms", "100"], "--socket"),
         (

@@ -207,11 +207,15 @@ pub struct SecureUdpArgs {
     pub secure_udp_i_accept_recovery_on_unauthenticated_transport: bool,
 }
 
+/// The longest duration a millisecond flag takes: a week (times in nanoseconds stay far from
+/// overflowing, and an absurd value is refused instead of wrapping).
+const MAX_MS: u64 = 7 * 24 * 3600 * 1000;
+
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Stall detection")]
 pub struct StallArgs {
-    /// Silence (ms) after which an agent is surfaced as stalled.
-    #[arg(long, group = LIVE, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Silence (ms) after which an agent is surfaced as stalled (at most a week).
+    #[arg(long, group = LIVE, value_parser = clap::value_parser!(u64).range(1..=MAX_MS))]
     pub threshold_ms: Option<u64>,
     /// Clock for stall accounting: boottime also counts time the host was suspended.
     #[arg(long, value_enum, default_value = "monotonic")]
@@ -221,8 +225,8 @@ pub struct StallArgs {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Tracker and admission")]
 pub struct AdmissionArgs {
-    /// Distinct agents tracked at once.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Distinct agents tracked at once (at most 1,048,576).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub tracker_capacity: u32,
     /// Which agent makes room for a new one when the tracker is full.
     #[arg(long, value_enum, default_value = "strict")]
@@ -252,10 +256,10 @@ pub struct RecoveryArgs {
     #[arg(long, group = LIVE, conflicts_with = "recovery_exec")]
     pub recovery_exec_file: Option<PathBuf>,
     /// At most one recovery per agent within this many ms.
-    #[arg(long, group = LIVE, default_value_t = 1000)]
+    #[arg(long, group = LIVE, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=MAX_MS))]
     pub recovery_debounce_ms: u64,
     /// Kill a recovery command still running after this many ms.
-    #[arg(long, group = LIVE, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, group = LIVE, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..=MAX_MS))]
     pub recovery_timeout_ms: u64,
     /// Most recovery commands running at once, all agents together (more are suppressed
     /// and counted).
@@ -278,8 +282,9 @@ pub struct RecoveryArgs {
     /// Allow recovery for agents known only through plaintext UDP (their pid is unattested).
     #[arg(long, group = LIVE)]
     pub plaintext_udp_i_accept_recovery_on_unauthenticated_transport: bool,
-    /// At shutdown, wait this long (ms) for running recovery commands before killing them.
-    #[arg(long, default_value_t = 5000)]
+    /// At shutdown, wait this long (ms) for running recovery commands before killing them
+    /// (at most 10 minutes).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub shutdown_grace_ms: u64,
     /// Keep the recovery command's stdout and stderr (up to --recovery-capture-bytes) for
     /// its audit record.

@@ -50,6 +50,11 @@ static PENDING: AtomicU32 = AtomicU32::new(0);
 static DELIVERED: [AtomicU64; 65] = [const { AtomicU64::new(0) }; 65];
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 
+/// From now on the handlers only record signals (the eventfd is going away).
+pub fn stop_waking() {
+    WAKE_FD.store(-1, Ordering::Relaxed);
+}
+
 /// The handler: async-signal-safe only (atomics and write(2)), and errno is preserved for
 /// the code it interrupted.
 extern "C" fn on_signal(sig: libc::c_int) {

@@ -10,6 +10,7 @@ mod raw;
 
 use std::{
     io,
+    mem::ManuallyDrop,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
@@ -20,7 +21,21 @@ use crate::config::cli::SignalHandlerMode;
 
 /// Receives the signals the handlers recorded.
 pub struct Signals {
-    wake: AsyncFd<OwnedFd>,
+    /// Never closed (see `Drop`).
+    wake: ManuallyDrop<AsyncFd<OwnedFd>>,
+}
+
+/// A handler may run on any thread at any time, even during shutdown, and writes to the
+/// descriptor number it loaded: closing the eventfd could let it write into whatever file
+/// reuses that number next. So the handlers are told to stop writing, and the eventfd is
+/// left open (one descriptor, until the process exits).
+impl Drop for Signals {
+    fn drop(&mut self) {
+        handlers::stop_waking();
+        // SAFETY: `wake` is taken once, here, and never used again.
+        let wake = unsafe { ManuallyDrop::take(&mut self.wake) };
+        std::mem::forget(wake.into_inner());
+    }
 }
 
 /// Installs the handlers, reads them back from the kernel, and runs the live self-test.
@@ -35,7 +50,7 @@ pub fn install(mode: SignalHandlerMode) -> io::Result<(Signals, Installed)> {
     let installed = handlers::install(mode == SignalHandlerMode::Direct, wake.as_raw_fd())?;
     Ok((
         Signals {
-            wake: crate::sys::readiness::readable(wake)?,
+            wake: ManuallyDrop::new(crate::sys::readiness::readable(wake)?),
         },
         installed,
     ))
