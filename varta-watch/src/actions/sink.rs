@@ -15,9 +15,9 @@
 //! - `reopen` (SIGHUP) closes and reopens; a failed reopen leaves no file open.
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::File,
     io::{self, Write},
-    os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     thread::JoinHandle,
@@ -61,22 +61,10 @@ pub struct Sink {
     full_logged: Option<Instant>,
 }
 
-/// Opens `path` for appending: not through a symlink, a regular file, mode 0600.
+/// Opens `path` for appending (`sys::owned_file`: no symlink, FIFO or foreign file), mode
+/// 0600.
 pub fn open_private(path: &Path) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-        .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.file_type().is_file() {
-        return Err(io::Error::other("not a regular file"));
-    }
-    if meta.mode() & 0o777 != 0o600 {
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(file)
+    crate::sys::owned_file::open(path, crate::sys::owned_file::Write::Append, 0o600)
 }
 
 impl Sink {

@@ -3,9 +3,9 @@
 //! [`EVERY`]. A checker compares two reads: a moving `progress` means the event loop runs.
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::File,
     io,
-    os::unix::fs::{FileExt, OpenOptionsExt},
+    os::unix::fs::FileExt,
     path::Path,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -22,16 +22,7 @@ pub struct HeartbeatFile {
 impl HeartbeatFile {
     /// Opens (creates) the file now, so that an unusable path fails start-up.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .mode(0o644)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(path)?;
-        if !file.metadata()?.file_type().is_file() {
-            return Err(io::Error::other("not a regular file"));
-        }
+        let file = super::owned_file::open(path, super::owned_file::Write::InPlace, 0o644)?;
         Ok(HeartbeatFile {
             file,
             last: None,

@@ -9,6 +9,7 @@ pub mod heartbeat;
 pub mod logger;
 pub mod memory;
 pub mod notify;
+pub mod owned_file;
 pub mod pidfd;
 pub mod priority;
 pub mod process;
