@@ -82,6 +82,8 @@ pub struct Recovery {
     refilled: Instant,
     tx: mpsc::UnboundedSender<Finished>,
     rx: mpsc::UnboundedReceiver<Finished>,
+    /// The observer is shutting down: nothing new is started (what runs is awaited).
+    stopping: bool,
 }
 
 /// Why a recovery did not start.
@@ -89,8 +91,8 @@ pub struct Recovery {
 pub enum NotRun {
     Debounced,
     Refused(&'static str),
-    /// A global limit bit (`max_running`, `spawn_rate`), or the pid is no longer the
-    /// agent's (`pid_reused`).
+    /// A global limit bit (`max_running`, `spawn_rate`), the pid is no longer the agent's
+    /// (`pid_reused`), or the observer is stopping (`shutdown`).
     Suppressed(&'static str),
 }
 
@@ -106,7 +108,14 @@ impl Recovery {
             refilled: Instant::now(),
             tx,
             rx,
+            stopping: false,
         }
+    }
+
+    /// Shutdown began: stalls surfaced from now on are recorded, never acted on (the
+    /// command would be killed at the end of the grace period, half done).
+    pub fn stop_starting(&mut self) {
+        self.stopping = true;
     }
 
     pub fn set_config(&mut self, config: RecoveryConfig) {
@@ -137,6 +146,9 @@ impl Recovery {
     ) -> Result<Option<u32>, NotRun> {
         if matches!(origin, Origin::Udp { .. }) && !self.config.allow_udp {
             return Err(NotRun::Refused("unauthenticated_transport"));
+        }
+        if self.stopping {
+            return Err(NotRun::Suppressed("shutdown"));
         }
         let now = Instant::now();
         if self
@@ -368,6 +380,9 @@ mod tests {
             end_all(&mut r).await;
             assert!(matches!(start(&mut r, 3), Ok(Some(_))));
             end_all(&mut r).await;
+            // Shutdown began: nothing new starts, whatever the limits.
+            r.stop_starting();
+            assert_eq!(start(&mut r, 4), Err(NotRun::Suppressed("shutdown")));
         });
     }
 

@@ -166,6 +166,9 @@ impl<D: Datapath> EventLoop<'_, D> {
             let stop = self.wait(shutdown_at).await?;
             if stop {
                 self.health.set_stopping();
+                if let Some(recovery) = self.actions.recovery.as_mut() {
+                    recovery.stop_starting();
+                }
                 // Whatever is queued still counts.
                 self.datapath.drain(&mut self.beats);
             }
