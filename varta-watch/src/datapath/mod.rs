@@ -16,6 +16,11 @@ use varta_common::{
     filter::{TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, agent_key},
 };
 
+/// Datagrams one socket may hand over per wake-up before the event loop goes round (stall
+/// decisions, probes, the other sockets) and comes back for the rest (H5 of the hardening
+/// review: a sender keeping a socket full must not hold the single event loop).
+pub const DRAIN_BUDGET: usize = 4096;
+
 /// How an agent reached us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {

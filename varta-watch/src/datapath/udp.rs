@@ -18,6 +18,8 @@ pub struct UdpReceiver {
     frames: UdpFrames,
     clock: ClockSource,
     drops: Arc<DropCounters>,
+    /// The last drain stopped at its budget: more may be queued.
+    more: bool,
 }
 
 impl UdpReceiver {
@@ -33,6 +35,7 @@ impl UdpReceiver {
             frames,
             clock,
             drops,
+            more: false,
         })
     }
 
@@ -41,17 +44,25 @@ impl UdpReceiver {
     }
 
     /// Waits until the socket is readable (and clears the readiness: a datagram arriving
-    /// before the drain re-arms it).
+    /// before the drain re-arms it); at once when the last drain left datagrams queued.
     pub async fn readable(&self) -> io::Result<()> {
+        if self.more {
+            tokio::task::yield_now().await;
+            return Ok(());
+        }
         self.socket.readable().await?.clear_ready();
         Ok(())
     }
 
-    /// Receives until the socket would block, appending every accepted beat.
+    /// Receives until the socket would block or [`super::DRAIN_BUDGET`] datagrams were taken,
+    /// appending every accepted beat.
     pub fn drain(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
         let (frames, drops) = (&mut self.frames, &self.drops);
-        self.batch
-            .drain(self.socket.get_ref().as_fd(), self.clock, |d, now| {
+        self.more = self.batch.drain(
+            self.socket.get_ref().as_fd(),
+            self.clock,
+            super::DRAIN_BUDGET,
+            |d, now| {
                 let Some(source) = d.source else { return };
                 let decoded = if d.truncated {
                     Err(super::secure::Refused::Length)
@@ -68,6 +79,8 @@ impl UdpReceiver {
                     }),
                     Err(refused) => refused.count(drops),
                 }
-            })
+            },
+        )?;
+        Ok(())
     }
 }

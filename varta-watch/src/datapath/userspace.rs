@@ -1,6 +1,8 @@
 //! The userspace datapath: `recvmmsg(2)` on the UDS (with SCM_CREDENTIALS) and the UDP
 //! socket, the full VLP decode, and sender attestation. Every wake-up drains every socket
-//! until it would block, so a junk flood cannot starve honest frames queued behind it.
+//! until it would block or its budget is spent (`DRAIN_BUDGET`; the rest on the next round,
+//! without waiting), so neither a junk flood nor a busy socket starves the other or holds
+//! the event loop. The UDS is drained last, right before the stall decisions that follow.
 
 use std::{
     collections::HashMap,
@@ -38,6 +40,8 @@ pub struct UserspaceDatapath {
     clock: ClockSource,
     drops: Arc<DropCounters>,
     attest: Attestor,
+    /// The last UDS drain stopped at its budget: more may be queued.
+    uds_more: bool,
 }
 
 impl UserspaceDatapath {
@@ -57,14 +61,18 @@ impl UserspaceDatapath {
             clock,
             drops,
             attest: Attestor::new(Attestation::new(allow_cross_namespace)),
+            uds_more: false,
         })
     }
 
-    /// Receives from the Unix socket until it would block.
+    /// Receives from the Unix socket until it would block or the budget is spent.
     fn drain_uds(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
         let (attest, drops) = (&mut self.attest, &self.drops);
-        self.batch
-            .drain(self.uds.get_ref().as_fd(), self.clock, |d, now| {
+        self.uds_more = self.batch.drain(
+            self.uds.get_ref().as_fd(),
+            self.clock,
+            super::DRAIN_BUDGET,
+            |d, now| {
                 let beat = decode_plain(d.bytes, d.truncated).and_then(|frame| {
                     attest.check(d.sender_pid, &frame).map(
                         |Attested {
@@ -83,7 +91,18 @@ impl UserspaceDatapath {
                     Ok(beat) => out.push(beat),
                     Err(reason) => drops.add(reason),
                 }
-            })
+            },
+        )?;
+        Ok(())
+    }
+
+    /// UDP first, the UDS last: the stall decisions after this round see every local beat
+    /// queued until just before them, however long the UDP drain took.
+    fn drain_both(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
+        if let Some(udp) = &mut self.udp {
+            udp.drain(out)?;
+        }
+        self.drain_uds(out)
     }
 }
 
@@ -102,23 +121,17 @@ impl Datapath for UserspaceDatapath {
                 self.attest.forget(exited);
                 return Ok(());
             }
-            guard = self.uds.readable() => guard?.clear_ready(),
+            guard = self.uds.readable(), if !self.uds_more => guard?.clear_ready(),
+            () = tokio::task::yield_now(), if self.uds_more => {}
             ready = async { self.udp.as_ref().expect("guarded").readable().await }, if self.udp.is_some() => ready?,
         }
         // Readiness was cleared before receiving: a datagram arriving meanwhile re-arms it.
-        self.drain_uds(out)?;
-        match &mut self.udp {
-            Some(udp) => udp.drain(out),
-            None => Ok(()),
-        }
+        self.drain_both(out)
     }
 
     fn drain(&mut self, out: &mut Vec<Beat>) {
-        if let Err(e) = self.drain_uds(out) {
-            log::warn!("event=receive_error transport=uds error={e}");
-        }
-        if let Some(Err(e)) = self.udp.as_mut().map(|udp| udp.drain(out)) {
-            log::warn!("event=receive_error transport=udp error={e}");
+        if let Err(e) = self.drain_both(out) {
+            log::warn!("event=receive_error error={e}");
         }
     }
 

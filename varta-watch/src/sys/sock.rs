@@ -233,20 +233,25 @@ impl RecvBatch {
         }
     }
 
-    /// Receives up to the batch's capacity without blocking; `WouldBlock` when the queue is
-    /// empty.
-    /// Receives until the socket would block, handing each datagram to `each` with the
-    /// time its batch was received on `clock`.
+    /// Receives until the socket would block, or until `budget` datagrams were taken (then
+    /// `Ok(true)`: more may be queued), handing each datagram to `each` with the time its
+    /// batch was received on `clock`. The budget keeps one busy socket from holding the
+    /// event loop (probes, stall decisions, the other socket).
     pub fn drain(
         &mut self,
         fd: BorrowedFd<'_>,
         clock: ClockSource,
+        budget: usize,
         mut each: impl FnMut(Datagram<'_>, u64),
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
+        let mut taken = 0;
         loop {
+            if taken >= budget {
+                return Ok(true);
+            }
             let n = match self.recv(fd) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
@@ -254,8 +259,9 @@ impl RecvBatch {
             for i in 0..n {
                 each(self.get(i), now);
             }
+            taken += n;
             if n < self.data.len() {
-                return Ok(());
+                return Ok(false);
             }
         }
     }
