@@ -1,12 +1,37 @@
 //! What a reload changes, read off the flag declarations: every setting's raw value as it
 //! was given (command line, `--config` file, environment or default), compared by name.
 //! Settings in the `live` group take effect at once; any other that changed needs a restart.
+//! For a flag naming a file whose content is the setting (a key, a token, a command), the
+//! content counts too: a rotated key under the same path is a change (M9 of the hardening
+//! review: it was taken as no change, and the revoked key stayed valid without a word).
 
 use std::collections::BTreeMap;
 
 use clap::ArgMatches;
 
 use super::cli::{LIVE, command};
+
+/// Flags whose file's content is the setting.
+const CONTENT_FILES: [&str; 5] = [
+    "key-file",
+    "accepted-key-file",
+    "master-key-file",
+    "prom-token-file",
+    "recovery-exec-file",
+];
+
+/// `path#<fingerprint of its content>` (the first 8 bytes of its SHA-256, or `unreadable`).
+fn with_content(path: String) -> String {
+    use sha2::{Digest, Sha256};
+    let print = match std::fs::read(&path) {
+        Ok(bytes) => Sha256::digest(&bytes)[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        Err(_) => "unreadable".to_owned(),
+    };
+    format!("{path}#{print}")
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
@@ -41,9 +66,14 @@ impl Settings {
             if matches!(long, "help" | "version") {
                 continue;
             }
+            let content = CONTENT_FILES.contains(&long);
             let raw = matches
                 .get_raw(id.as_str())
-                .map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect())
+                .map(|v| {
+                    v.map(|s| s.to_string_lossy().into_owned())
+                        .map(|v| if content { with_content(v) } else { v })
+                        .collect()
+                })
                 .unwrap_or_default();
             let entry = Entry {
                 live: live.contains(&id),
@@ -103,6 +133,36 @@ impl Settings {
 mod tests {
     use super::*;
     use crate::config::cli::CommandLine;
+
+    #[test]
+    fn a_file_whose_content_changed_is_a_changed_setting() {
+        let dir = std::env::temp_dir().join(format!("varta-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("key");
+        std::fs::write(&key, "a".repeat(64)).unwrap();
+        let args = ["--socket", "/a", "--threshold-ms", "5", "--key-file"];
+        let with_key = |k: &str| {
+            let mut v: Vec<&str> = args.to_vec();
+            v.push(k);
+            settings(&v)
+        };
+        let path = key.to_str().unwrap();
+        let old = with_key(path);
+        assert!(old.restart_only_changes(&with_key(path)).is_empty());
+        std::fs::write(&key, "b".repeat(64)).unwrap();
+        assert_eq!(old.restart_only_changes(&with_key(path)), ["key-file"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let declared: Vec<String> = command()
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_owned))
+            .collect();
+        for flag in CONTENT_FILES {
+            assert!(
+                declared.iter().any(|d| d == flag),
+                "--{flag} is not declared"
+            );
+        }
+    }
 
     fn settings(args: &[&str]) -> Settings {
         let argv = ["varta-watch"].iter().chain(args);
