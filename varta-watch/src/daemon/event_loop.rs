@@ -266,6 +266,8 @@ impl<D: Datapath> EventLoop<'_, D> {
                     }
                     self.datapath.agent_tracked(*pid, origin);
                 }
+                // The agent under this pid is gone (its place taken): its kernel key too.
+                Event::Replaced { pid } => self.datapath.agent_untracked(*pid),
                 Event::Stall { pid, agent, .. } => self.datapath.agent_silent(*pid, &agent.origin),
                 Event::Exit { pid, origin, .. } => self.datapath.agent_silent(*pid, origin),
                 _ => {}

@@ -106,6 +106,11 @@ impl Agent {
     }
 }
 
+/// `known` was only claimed over UDP and `now` is the kernel-attested local process.
+fn claim_meets_attested(known: &Origin, now: &Origin) -> bool {
+    matches!((known, now), (Origin::Udp { .. }, Origin::Uds { .. }))
+}
+
 /// What a beat did to the tracker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
@@ -252,16 +257,27 @@ impl Tracker {
         origin: Origin,
         now_ns: u64,
     ) -> Result<Accepted, DropReason> {
-        let known = self
-            .agents
-            .get(&pid)
-            .map(|agent| (agent.outcome_of(frame, &origin), agent.started));
+        let known = self.agents.get(&pid).map(|agent| {
+            (
+                agent.outcome_of(frame, &origin),
+                agent.started,
+                claim_meets_attested(&agent.origin, &origin),
+            )
+        });
         let outcome = match known {
-            Some((outcome, started)) if self.another_process(pid, started, outcome, frame) => {
+            Some((outcome, started, false))
+                if self.another_process(pid, started, outcome, frame) =>
+            {
                 self.insert_new(pid, origin);
                 Accepted::Replaced
             }
-            Some((outcome, _)) => outcome?,
+            // A pid only claimed over UDP gives way to the process the kernel attests under
+            // it: else a UDP claim could keep a local agent from ever being tracked (M7).
+            Some((_, _, true)) => {
+                self.insert_new(pid, origin);
+                Accepted::Replaced
+            }
+            Some((outcome, ..)) => outcome?,
             None => {
                 let evicted = self.make_room()?;
                 self.insert_new(pid, origin);

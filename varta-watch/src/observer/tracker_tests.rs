@@ -84,6 +84,23 @@ fn nonce_rules() {
 }
 
 #[test]
+fn a_udp_claim_gives_way_to_the_attested_local_process() {
+    let mut t = Tracker::new(8, EvictionPolicy::Strict, T);
+    let udp = Origin::Udp {
+        source: "127.0.0.1:9".parse().unwrap(),
+    };
+    t.record(20, &frame(20, 1_000), udp, 0).unwrap();
+    // Whatever the claim's nonce, the local agent under that pid is taken in.
+    assert_eq!(t.record(20, &frame(20, 1), UDS, 1), Ok(Accepted::Replaced));
+    assert_eq!(t.get(20).unwrap().origin, UDS);
+    // And from then on the claim is the one refused.
+    assert_eq!(
+        t.record(20, &frame(20, 2_000), udp, 2),
+        Err(DropReason::OriginConflict)
+    );
+}
+
+#[test]
 fn panic_terminal_suppresses_the_stall() {
     let mut t = Tracker::new(8, EvictionPolicy::Strict, T);
     t.record(10, &frame(10, 1), UDS, 0).unwrap();
