@@ -272,3 +272,23 @@ fn container_agents_under_least_privilege_ebpf_task_read_needs_root() {
         container_agents_under_least_privilege("ebpf")
     });
 }
+
+/// An observer outside the host's pid namespace (a DaemonSet without `hostPID`) cannot use
+/// the eBPF datapath, whose kernel side names senders by host pid: it says so and runs the
+/// userspace datapath, where the kernel translates the sender's pid into its namespace.
+#[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
+fn an_observer_outside_the_host_pid_namespace_falls_back_naming_why_needs_root() {
+    require_root!("unshare --pid needs CAP_SYS_ADMIN");
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Daemon::builder("ns-observer", "auto")
+        .wrapped(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"])
+        .args(["--threshold-ms", "2000"])
+        .start();
+    let fallback = d.wait_log("event=datapath_fallback", Duration::from_secs(5));
+    assert!(
+        fallback.contains("not in the host's pid namespace"),
+        "{fallback}"
+    );
+    assert!(d.datapath_info().contains("mode=\"userspace\""));
+}

@@ -42,10 +42,24 @@ pub fn requested_methods() -> Result<Vec<Attest>, Unavailable> {
 }
 
 /// What can be known before trying: an embedded object and the capabilities.
+/// The inode of the initial pid namespace (`PROC_PID_INIT_INO`), the same on every kernel.
+const INITIAL_PID_NS_INO: u64 = 0xEFFF_FFFC;
+
 pub fn preflight() -> Result<(), Unavailable> {
     if OBJECT.is_empty() {
         return Err(Unavailable(
             "this binary was built without the eBPF object (build it with `cargo xtask build`)"
+                .into(),
+        ));
+    }
+    // The filter keys agents by host tgid and the daemon looks them up in /proc: both mean
+    // nothing in another pid namespace (M8 of the hardening review). Its own /proc cannot
+    // tell (NSpid starts at the namespace /proc was mounted for); the namespace's inode can.
+    let own =
+        procfs::pid_ns(None).map_err(|e| Unavailable(format!("reading /proc/self/ns/pid: {e}")))?;
+    if own.ino != INITIAL_PID_NS_INO {
+        return Err(Unavailable(
+            "the observer is not in the host's pid namespace: the kernel names senders by their host pid, which this namespace cannot see (run it with the host's pid namespace: hostPID: true, --pid=host)"
                 .into(),
         ));
     }
@@ -146,14 +160,6 @@ fn prepare(
 ) -> Result<(), String> {
     config.task = Default::default();
     if method == Attest::TaskRead {
-        let own = procfs::ns_pids(std::process::id())
-            .map_err(|e| format!("reading this process's NSpid: {e}"))?;
-        if own.len() != 1 {
-            return Err(
-                "it needs the observer in the initial pid namespace (run it with the host's pid namespace)"
-                    .into(),
-            );
-        }
         config.task = btf::task_offsets().map_err(|e| e.to_string())?;
     }
     config_map
