@@ -70,7 +70,8 @@ fn agent_in(cgroup: &Path, socket: &Path) -> Proc {
 fn agents_are_named_by_container_pod_and_systemd_unit_needs_root() {
     require_root!("creating cgroups");
     let mount = cgroup2_mount().expect("a cgroup v2 mount in /proc/self/mounts");
-    let base = format!("varta-e2e-{}", std::process::id());
+    // A slice, as systemd names its grouping: the unit is the first group below the slices.
+    let base = format!("varta-e2e-{}.slice", std::process::id());
     let mut cgroups = Cgroups(Vec::new());
     let kube = cgroups.create(
         &mount,

@@ -32,16 +32,28 @@ impl Identity {
         }
     }
 
-    /// Unit, container id and pod UID named by a cgroup path.
+    /// Unit, container id and pod UID named by a cgroup path. A delegated subtree (a user's
+    /// systemd manager, a container allowed to make cgroups) may name its groups anything,
+    /// so only what a delegate cannot forge is taken (M6 of the hardening review): the unit
+    /// is the first group below the slices, as systemd itself assigns a process to a unit
+    /// (everything under `user@1000.service` is that user manager's); the container and pod
+    /// are the outermost ones on the path (a container's own subgroups cannot pose as
+    /// another), and none under a user's manager (`user@UID.service`).
     pub fn from_cgroup(path: &str) -> Identity {
         let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-        let container_id = parts
+        let delegated_to_a_user = parts
             .iter()
-            .rev()
-            .find_map(|p| container_id(p))
-            .unwrap_or_default()
-            .to_owned();
-        let pod_uid = if parts.iter().any(|p| p.starts_with("kubepods")) {
+            .any(|p| p.starts_with("user@") && p.ends_with(".service"));
+        let container_id = if delegated_to_a_user {
+            String::new()
+        } else {
+            parts
+                .iter()
+                .find_map(|p| container_id(p))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let pod_uid = if !delegated_to_a_user && parts.iter().any(|p| p.starts_with("kubepods")) {
             parts.iter().find_map(|p| pod_uid(p)).unwrap_or_default()
         } else {
             String::new()
@@ -49,8 +61,10 @@ impl Identity {
         // A container's scope is not a unit an operator manages; a service or session is.
         let unit = parts
             .iter()
-            .rev()
-            .find(|p| p.ends_with(".service") || (p.ends_with(".scope") && container_id.is_empty()))
+            .find(|p| !p.ends_with(".slice"))
+            .filter(|p| {
+                p.ends_with(".service") || (p.ends_with(".scope") && container_id.is_empty())
+            })
             .map(|p| (*p).to_owned())
             .unwrap_or_default();
         Identity {
@@ -178,6 +192,34 @@ mod tests {
             pod_underscored()
         );
         assert_eq!(Identity::from_cgroup(&path).pod_uid, POD);
+    }
+
+    #[test]
+    fn a_delegated_subtree_cannot_name_a_system_unit_a_container_or_a_pod() {
+        let user = "/user.slice/user-1000.slice/user@1000.service";
+        let id = Identity::from_cgroup(&format!("{user}/app.slice/nginx.service"));
+        assert_eq!(
+            id.unit, "user@1000.service",
+            "the user manager's, not nginx's"
+        );
+        let id = Identity::from_cgroup(&format!("{user}/kubepods/pod{POD}/{ID}"));
+        assert_eq!(
+            (
+                id.unit.as_str(),
+                id.container_id.as_str(),
+                id.pod_uid.as_str()
+            ),
+            ("user@1000.service", "", "")
+        );
+        // A service's own subgroups are still that service.
+        let id = Identity::from_cgroup("/system.slice/db.service/worker.service");
+        assert_eq!(id.unit, "db.service");
+        // A container making cgroups of its own cannot pose as another one.
+        let other = "0".repeat(64);
+        let id = Identity::from_cgroup(&format!(
+            "/kubepods/pod{POD}/{ID}/kubepods/pod00000000-0000-0000-0000-000000000000/{other}"
+        ));
+        assert_eq!((id.container_id.as_str(), id.pod_uid.as_str()), (ID, POD));
     }
 
     #[test]
