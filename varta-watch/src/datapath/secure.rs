@@ -102,6 +102,8 @@ const MASTER: u32 = u32::MAX;
 #[derive(Debug)]
 pub struct SecureDecoder {
     keys: SecureKeys,
+    /// Master-derived agent keys by pid: HKDF once per agent, not per frame.
+    agent_keys: HashMap<u32, super::secure_keys::Key>,
     last_counter: HashMap<Session, u32>,
     /// Sessions by when they were last accepted, oldest first (may hold stale entries,
     /// skipped on eviction: each accept pushes once).
@@ -114,6 +116,7 @@ impl SecureDecoder {
     pub fn new(keys: SecureKeys) -> Self {
         SecureDecoder {
             keys,
+            agent_keys: HashMap::new(),
             last_counter: HashMap::new(),
             order: VecDeque::new(),
             seen: HashMap::new(),
@@ -146,15 +149,26 @@ impl SecureDecoder {
         };
         let (slot, plain) = match (session_key, &self.keys.master) {
             (Some(pid), Some(master)) => {
-                let key = SecureKeys::agent_key(master, pid);
-                ((MASTER, pid), try_key(&key).ok_or(Refused::Auth)?)
+                if self.agent_keys.len() >= SESSIONS && !self.agent_keys.contains_key(&pid) {
+                    self.agent_keys.clear();
+                }
+                let key = self
+                    .agent_keys
+                    .entry(pid)
+                    .or_insert_with(|| SecureKeys::agent_key(master, pid));
+                ((MASTER, pid), try_key(key).ok_or(Refused::Auth)?)
             }
+            // Every key is tried, whichever opens the frame: how long a frame takes does
+            // not tell which rotation slot holds the key (L7 of the hardening review).
             _ => self
                 .keys
                 .shared
                 .iter()
                 .enumerate()
-                .find_map(|(i, key)| try_key(key).map(|p| ((i as u32, 0), p)))
+                .fold(None, |found, (i, key)| {
+                    let opened = try_key(key).map(|p| ((i as u32, 0), p));
+                    found.or(opened)
+                })
                 .ok_or(Refused::Auth)?,
         };
         let frame = Frame::decode(&plain).map_err(|_| Refused::Decrypt)?;
