@@ -19,7 +19,11 @@ use std::{
     io::{self, Write},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -35,6 +39,9 @@ const QUEUE: usize = 1024;
 const RECHECK: Duration = Duration::from_secs(1);
 /// At most one log line per file and kind of failure in this long.
 const LOG_EVERY: Duration = Duration::from_secs(60);
+/// How long shutdown waits for a writer to finish what is queued: a hung disk must not
+/// hang the observer's exit (the supervisor would SIGKILL it, losing everything else).
+const FLUSH_GUARD: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct SinkOptions {
@@ -59,6 +66,8 @@ pub struct Sink {
     thread: Option<JoinHandle<()>>,
     metrics: FileMetrics,
     full_logged: Option<Instant>,
+    /// Records queued and not yet written.
+    pending: Arc<AtomicU64>,
 }
 
 /// Opens `path` for appending (`sys::owned_file`: no symlink, FIFO or foreign file), mode
@@ -72,17 +81,20 @@ impl Sink {
     pub fn open(name: &'static str, opts: SinkOptions, metrics: FileMetrics) -> io::Result<Sink> {
         let file = open_private(&opts.path)?;
         let (tx, rx) = sync_channel(QUEUE);
+        let pending = Arc::new(AtomicU64::new(0));
         let mut writer = Writer::new(name, opts, metrics.clone());
         writer.adopt(file)?;
+        let written = pending.clone();
         let thread = std::thread::Builder::new()
             .name(format!("varta-{name}"))
-            .spawn(move || writer.run(rx))?;
+            .spawn(move || writer.run(rx, &written))?;
         Ok(Sink {
             name,
             tx: Some(tx),
             thread: Some(thread),
             metrics,
             full_logged: None,
+            pending,
         })
     }
 
@@ -102,7 +114,9 @@ impl Sink {
 
     fn send(&mut self, msg: Msg, records: u64) {
         let Some(tx) = &self.tx else { return };
+        self.pending.fetch_add(records, Ordering::Relaxed);
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(msg) {
+            self.pending.fetch_sub(records, Ordering::Relaxed);
             let label = FileLabel { file: self.name };
             self.metrics.lost.get_or_create(&label).inc_by(records);
             if self.full_logged.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
@@ -120,10 +134,30 @@ impl Drop for Sink {
     fn drop(&mut self) {
         // Closing the channel lets the writer finish what is queued, sync and exit.
         self.tx.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Some(thread) = self.thread.take()
+            && !joined_within(thread, FLUSH_GUARD)
+        {
+            log::warn!(
+                "event=file_flush_abandoned file={} records_unwritten={} reason=\"the writer did not finish within {} s (a hung disk?)\"",
+                self.name,
+                self.pending.load(Ordering::Relaxed),
+                FLUSH_GUARD.as_secs()
+            );
         }
     }
+}
+
+/// Joins `thread` if it ends within `guard`; else leaves it running (detached).
+fn joined_within(thread: JoinHandle<()>, guard: Duration) -> bool {
+    let end = Instant::now() + guard;
+    while !thread.is_finished() {
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = thread.join();
+    true
 }
 
 struct Writer {
@@ -161,10 +195,13 @@ impl Writer {
         }
     }
 
-    fn run(mut self, rx: Receiver<Msg>) {
+    fn run(mut self, rx: Receiver<Msg>, pending: &AtomicU64) {
         while let Ok(msg) = rx.recv() {
             match msg {
-                Msg::Records(bytes) => self.append_all(&bytes),
+                Msg::Records(bytes) => {
+                    self.append_all(&bytes);
+                    pending.fetch_sub(count(&bytes), Ordering::Relaxed);
+                }
                 Msg::Reopen => self.reopen(),
             }
         }
@@ -352,6 +389,19 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_writer_that_does_not_finish_is_left_behind_after_the_guard() {
+        let quick = std::thread::spawn(|| {});
+        assert!(joined_within(quick, Duration::from_secs(5)));
+        let (_hold, hung) = std::sync::mpsc::channel::<()>();
+        let stuck = std::thread::spawn(move || {
+            let _ = hung.recv();
+        });
+        let t = Instant::now();
+        assert!(!joined_within(stuck, Duration::from_millis(50)));
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
 
     fn dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("varta-sink-{}-{name}", std::process::id()));
