@@ -165,7 +165,12 @@ async fn scrape(
                 .into_response();
         }
     }
-    let body = s.metrics.encode();
+    // Encoded on a blocking thread: a large tracker's exposition (megabytes) must not hold
+    // the event loop, which shares this runtime's one thread (L5 of the hardening review).
+    let metrics = s.metrics.clone();
+    let Ok(body) = tokio::task::spawn_blocking(move || metrics.encode()).await else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n").into_response();
+    };
     (
         [(
             header::CONTENT_TYPE,

@@ -53,8 +53,10 @@ pub fn run(line: &CommandLine) -> ExitCode {
     }
     // Before any thread starts: they inherit it.
     crate::sys::priority::set_nice(config.nice);
+    // One thread for the event loop; /metrics is encoded on a few blocking threads.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(2)
         .build();
     let result = runtime
         .context("starting the runtime")
