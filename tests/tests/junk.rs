@@ -1,6 +1,9 @@
 //! The userspace datapath drops junk in the kernel too: a classic BPF filter built from
-//! the decode rules (`varta_common::cbpf`) is attached to its socket, without privilege,
-//! and lets one junk frame in `--userspace-junk-sample-one-in` through to be counted.
+//! the decode rules (`varta_common::cbpf`) is attached to its socket, without privilege.
+//! While junk is rare every junk frame reaches the daemon and is counted exactly; under a
+//! flood the filter lets one in `--userspace-junk-sample-one-in` through, each counted as
+//! that many (estimates, said by `varta_junk_sample_one_in`), and when the flood is over
+//! the counts are exact again.
 
 use std::time::Duration;
 
@@ -18,7 +21,7 @@ fn junk_flood_is_dropped_in_the_kernel_and_sampled_on_the_userspace_datapath() {
         &[
             "event=classic_filter_attached",
             "socket=uds",
-            "sample_one_in=1024",
+            "sample_one_in=1",
         ],
         Duration::from_secs(5),
     );
@@ -43,16 +46,52 @@ fn junk_flood_is_dropped_in_the_kernel_and_sampled_on_the_userspace_datapath() {
     let before = d.metric(&beats);
     d.wait_metric(&beats, before + 2.0, Duration::from_secs(5));
 
-    let sampled = d.metric("varta_decode_errors_total{kind=\"bad_crc\"}");
-    let expected = sent as f64 / 1024.0;
+    d.wait_log_all(
+        &["event=junk_counting", "mode=sampled", "sample_one_in=1024"],
+        Duration::from_secs(5),
+    );
+    assert_eq!(d.metric("varta_junk_sample_one_in"), 1024.0);
+    // Exact until the switch, then each sample counts for 1,024: an estimate of the flood.
+    let estimate = d.metric("varta_decode_errors_total{kind=\"bad_crc\"}");
     assert!(
-        sampled > 0.0 && sampled < expected * 4.0,
-        "{sampled} bad-CRC frames reached the daemon out of {sent} (about {expected} expected)"
+        estimate > sent as f64 / 3.0 && estimate < sent as f64 * 3.0,
+        "{estimate} bad-CRC frames estimated out of {sent}"
     );
     assert_eq!(d.count_logs(&["event=stall"]), 0, "{}", d.log_text());
     assert_eq!(
         d.metric("varta_frames_dropped_total{reason=\"rate_global\"}"),
         0.0
     );
+    // Quiet again: exact counts come back.
+    d.wait_log_all(
+        &["event=junk_counting", "mode=exact", "sample_one_in=1"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(d.metric("varta_junk_sample_one_in"), 1.0);
     drop(agent);
 }
+
+/// A misconfigured client's few bad frames are each counted, on both datapaths, as the
+/// incumbent counts them.
+fn rare_junk_is_counted_exactly(datapath: &str) {
+    let d = Daemon::builder("junk-rare", datapath)
+        .args(["--threshold-ms", "1000"])
+        .start();
+    let mut bad_magic = frame(std::process::id(), 1);
+    bad_magic[0] = b'X';
+    for _ in 0..5 {
+        d.send(&bad_magic);
+    }
+    d.wait_metric(
+        "varta_decode_errors_total{kind=\"bad_magic\"}",
+        5.0,
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        d.metric("varta_decode_errors_total{kind=\"bad_magic\"}"),
+        5.0
+    );
+    assert_eq!(d.metric("varta_junk_sample_one_in"), 1.0);
+}
+
+varta_e2e::on_both_datapaths!(rare_junk_is_counted_exactly);

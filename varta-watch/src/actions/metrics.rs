@@ -342,6 +342,14 @@ impl Collector for DropCollector {
             ConstCounter::new(n).encode(family.encode_family(&[("reason", reason)])?)?;
         }
 
+        let gauge = encoder.encode_descriptor(
+            "varta_junk_sample_one_in",
+            "1: junk (length and decode drops) is counted exactly; N: the userspace datapath samples a junk flood and each sample counts as N (estimates)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(self.drops.junk_scale() as i64).encode(gauge)?;
+
         let mut family = encoder.encode_descriptor(
             "varta_rate_limited",
             "Beats dropped by a rate limit",

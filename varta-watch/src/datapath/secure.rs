@@ -56,6 +56,8 @@ impl Refused {
             Refused::Auth => _ = AUTH_FAILURES.inc(),
             Refused::Decrypt => _ = DECRYPT_FAILURES.inc(),
             Refused::Replay => drops.add(DropReason::Replay),
+            // What the classic filter may sample (userspace datapath).
+            Refused::Dropped(reason @ DropReason::Decode(_)) => drops.add_junk(reason),
             Refused::Dropped(reason) => drops.add(reason),
         }
     }

@@ -42,7 +42,34 @@ pub struct UserspaceDatapath {
     attest: Attestor,
     /// The last UDS drain stopped at its budget: more may be queued.
     uds_more: bool,
+    junk: JunkCounting,
 }
+
+/// How junk is counted: every junk frame reaches the daemon and is counted exactly while
+/// junk is rare; under a flood the classic filter lets one in `sample_one_in` through and
+/// the counts are estimates (each sample counts as `sample_one_in`), so the flood costs the
+/// daemon no wake-ups. Above [`JUNK_FLOOD`] frames a second the filter samples; below
+/// [`JUNK_QUIET`] (estimated) for [`QUIET_WINDOWS`] seconds in a row it counts exactly again.
+struct JunkCounting {
+    exact: Filters,
+    sampled: Filters,
+    sample_one_in: u32,
+    sampling: bool,
+    window_start: std::time::Instant,
+    seen_at_start: u64,
+    quiet_windows: u32,
+}
+
+/// The classic programs for the two sockets in one mode.
+struct Filters {
+    uds: cbpf::Program,
+    udp: cbpf::Program,
+}
+
+const JUNK_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+const JUNK_FLOOD: u64 = 1000;
+const JUNK_QUIET: u64 = 100;
+const QUIET_WINDOWS: u32 = 10;
 
 impl UserspaceDatapath {
     pub fn new(
@@ -53,7 +80,10 @@ impl UserspaceDatapath {
         junk_sample_one_in: u32,
         drops: Arc<DropCounters>,
     ) -> io::Result<Self> {
-        drop_junk_in_kernel(&uds, udp.as_ref(), junk_sample_one_in);
+        let mut junk = JunkCounting::new(junk_sample_one_in);
+        // Exact until junk floods (an operator chasing one broken client sees each frame).
+        junk.attach(&uds, udp.as_ref(), false);
+        drops.set_junk_scale(1);
         Ok(UserspaceDatapath {
             uds: crate::sys::readiness::readable(uds)?,
             udp,
@@ -62,7 +92,41 @@ impl UserspaceDatapath {
             drops,
             attest: Attestor::new(Attestation::new(allow_cross_namespace)),
             uds_more: false,
+            junk,
         })
+    }
+
+    /// Once a window: switches between exact and sampled junk counting by the junk rate.
+    fn adapt_junk_counting(&mut self) {
+        let j = &mut self.junk;
+        if j.window_start.elapsed() < JUNK_WINDOW || j.sample_one_in <= 1 {
+            return;
+        }
+        let seen = self.drops.junk_seen();
+        let per_window = (seen - j.seen_at_start) * self.drops.junk_scale();
+        j.window_start = std::time::Instant::now();
+        j.seen_at_start = seen;
+        let switch = if j.sampling {
+            j.quiet_windows = if per_window < JUNK_QUIET {
+                j.quiet_windows + 1
+            } else {
+                0
+            };
+            j.quiet_windows >= QUIET_WINDOWS
+        } else {
+            per_window > JUNK_FLOOD
+        };
+        if switch {
+            let sampling = !j.sampling;
+            j.attach(self.uds.get_ref(), self.udp.as_ref(), sampling);
+            self.drops
+                .set_junk_scale(if sampling { j.sample_one_in } else { 1 });
+            log::info!(
+                "event=junk_counting mode={} junk_per_s={per_window} sample_one_in={}",
+                if sampling { "sampled" } else { "exact" },
+                self.drops.junk_scale()
+            );
+        }
     }
 
     /// Receives from the Unix socket until it would block or the budget is spent.
@@ -89,6 +153,10 @@ impl UserspaceDatapath {
                 });
                 match beat {
                     Ok(beat) => out.push(beat),
+                    // What the classic filter may sample.
+                    Err(reason @ (DropReason::Length | DropReason::Decode(_))) => {
+                        drops.add_junk(reason)
+                    }
                     Err(reason) => drops.add(reason),
                 }
             },
@@ -126,7 +194,9 @@ impl Datapath for UserspaceDatapath {
             ready = async { self.udp.as_ref().expect("guarded").readable().await }, if self.udp.is_some() => ready?,
         }
         // Readiness was cleared before receiving: a datagram arriving meanwhile re-arms it.
-        self.drain_both(out)
+        self.drain_both(out)?;
+        self.adapt_junk_counting();
+        Ok(())
     }
 
     fn drain(&mut self, out: &mut Vec<Beat>) {
@@ -157,35 +227,62 @@ fn decode_plain(bytes: &[u8], truncated: bool) -> Result<Frame, DropReason> {
 /// Most senders whose namespace is cached at once (each holds a pidfd until it exits).
 const SENDER_CACHE: usize = 65_536;
 
-/// Attaches the frame rules as classic BPF to both sockets, so junk is dropped (and one in
-/// `sample_one_in` sampled) before it wakes the daemon. Without it the datapath still
-/// works, at the cost of a wake-up per datagram: a failure is logged, not fatal.
-fn drop_junk_in_kernel(uds: &UnixDatagram, udp: Option<&UdpReceiver>, sample_one_in: u32) {
-    let uds_filter = cbpf::program(&cbpf::Layout {
-        offset: 0,
-        also_accept: &[],
-        sample_one_in,
-    });
-    // On UDP the filter sees the 8-byte UDP header first; secure frames pass unchecked
-    // (they are authenticated here).
-    let udp_filter = cbpf::program(&cbpf::Layout {
-        offset: UDP_HEADER_LEN,
-        also_accept: &SECURE_FRAME_LENS,
-        sample_one_in,
-    });
-    let sockets = [
-        ("uds", Some(uds.as_fd()), &uds_filter),
-        ("udp", udp.map(|s| s.socket().as_fd()), &udp_filter),
-    ];
-    for (name, fd, filter) in sockets {
-        let Some(fd) = fd else { continue };
-        match sock::attach_classic_filter(fd, filter.insns()) {
-            Ok(()) => log::info!(
-                "event=classic_filter_attached socket={name} instructions={} sample_one_in={}",
-                filter.insns().len(),
-                sample_one_in
-            ),
-            Err(e) => log::warn!("event=classic_filter_failed socket={name} error=\"{e}\""),
+impl JunkCounting {
+    fn new(sample_one_in: u32) -> Self {
+        JunkCounting {
+            exact: Filters::new(1),
+            sampled: Filters::new(sample_one_in),
+            sample_one_in,
+            sampling: false,
+            window_start: std::time::Instant::now(),
+            seen_at_start: 0,
+            quiet_windows: 0,
+        }
+    }
+
+    /// Attaches the frame rules as classic BPF to both sockets, so junk is dropped (or
+    /// sampled) before it wakes the daemon. Without it the datapath still works, at the cost
+    /// of a wake-up per datagram: a failure is logged, not fatal.
+    fn attach(&mut self, uds: &UnixDatagram, udp: Option<&UdpReceiver>, sampling: bool) {
+        self.sampling = sampling;
+        self.quiet_windows = 0;
+        let (filters, one_in) = if sampling {
+            (&self.sampled, self.sample_one_in)
+        } else {
+            (&self.exact, 1)
+        };
+        let sockets = [
+            ("uds", Some(uds.as_fd()), &filters.uds),
+            ("udp", udp.map(|s| s.socket().as_fd()), &filters.udp),
+        ];
+        for (name, fd, filter) in sockets {
+            let Some(fd) = fd else { continue };
+            match sock::attach_classic_filter(fd, filter.insns()) {
+                Ok(()) => log::info!(
+                    "event=classic_filter_attached socket={name} instructions={} sample_one_in={one_in}",
+                    filter.insns().len(),
+                ),
+                Err(e) => log::warn!("event=classic_filter_failed socket={name} error=\"{e}\""),
+            }
+        }
+    }
+}
+
+impl Filters {
+    fn new(sample_one_in: u32) -> Self {
+        Filters {
+            uds: cbpf::program(&cbpf::Layout {
+                offset: 0,
+                also_accept: &[],
+                sample_one_in,
+            }),
+            // On UDP the filter sees the 8-byte UDP header first; secure frames pass
+            // unchecked (they are authenticated here).
+            udp: cbpf::program(&cbpf::Layout {
+                offset: UDP_HEADER_LEN,
+                also_accept: &SECURE_FRAME_LENS,
+                sample_one_in,
+            }),
         }
     }
 }

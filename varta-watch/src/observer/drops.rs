@@ -6,14 +6,52 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use varta_common::DropReason;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DropCounters {
     counts: [AtomicU64; DropReason::COUNT],
+    /// How many junk frames one that reached the daemon stands for: 1 while the classic
+    /// filter lets every junk frame up (exact counts), its sample rate while it samples
+    /// (the counts are then estimates; `varta_junk_sample_one_in` says which).
+    junk_scale: AtomicU64,
+    /// Junk frames that reached the daemon, for the datapath to measure the junk rate.
+    junk_seen: AtomicU64,
+}
+
+impl Default for DropCounters {
+    fn default() -> Self {
+        DropCounters {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            junk_scale: AtomicU64::new(1),
+            junk_seen: AtomicU64::new(0),
+        }
+    }
 }
 
 impl DropCounters {
     pub fn add(&self, reason: DropReason) {
         self.counts[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A frame the classic filter (userspace datapath) lets up only as a sample when it
+    /// samples: counted as the frames it stands for.
+    pub fn add_junk(&self, reason: DropReason) {
+        let scale = self.junk_scale.load(Ordering::Relaxed);
+        self.counts[reason.index()].fetch_add(scale, Ordering::Relaxed);
+        self.junk_seen.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn set_junk_scale(&self, one_in: u32) {
+        self.junk_scale
+            .store(u64::from(one_in.max(1)), Ordering::Relaxed);
+    }
+
+    pub fn junk_scale(&self) -> u64 {
+        self.junk_scale.load(Ordering::Relaxed)
+    }
+
+    /// Junk frames that reached the daemon so far.
+    pub fn junk_seen(&self) -> u64 {
+        self.junk_seen.load(Ordering::Relaxed)
     }
 
     pub fn snapshot(&self) -> [u64; DropReason::COUNT] {
