@@ -73,8 +73,8 @@ impl DeadlineTimer {
                 tv_nsec: 0,
             },
             it_value: libc::timespec {
-                tv_sec: (at / 1_000_000_000) as libc::time_t,
-                tv_nsec: (at % 1_000_000_000) as libc::c_long,
+                tv_sec: (at / 1_000_000_000) as _,
+                tv_nsec: (at % 1_000_000_000) as _,
             },
         };
         // SAFETY: `spec` is a valid itimerspec; the old value is not asked for (null).
