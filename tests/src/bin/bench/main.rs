@@ -96,7 +96,42 @@ fn main() {
         Some("stamp") => stamp(&args[1], &args[2]),
         Some("pace") => pace(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap()),
         Some("flood") => flood(&args[1], args[2] == "junk", args[3].parse().unwrap()),
+        Some("null") => null_receiver(&args[1]),
         _ => bench(&args),
+    }
+}
+
+/// The floor: a receiver on the socket path that drops every datagram in the kernel with a
+/// one-instruction classic filter and reads nothing, so the machine's CPU per frame is
+/// only what sending a datagram costs. Prints `ready`, then waits to be killed.
+fn null_receiver(socket: &str) {
+    let _ = std::fs::remove_file(socket);
+    let s = UnixDatagram::bind(socket).unwrap();
+    let drop_all = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let prog = libc::sock_fprog {
+        len: 1,
+        filter: drop_all.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: a valid one-instruction program, copied by the kernel during the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "attaching the drop-all filter");
+    println!("ready");
+    std::io::stdout().flush().unwrap();
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
     }
 }
 
@@ -230,6 +265,8 @@ fn bench(args: &[String]) {
             plots.sweep.push((o.name, steps));
         }
     }
+    eprintln!("varta-bench: the floor: a null receiver");
+    scenarios::floor(&opts, &mut figs);
     for o in &observers {
         eprintln!("varta-bench: {}: floods while 4 honest agents beat", o.name);
         guarded(o, "floods", &mut notes, || {

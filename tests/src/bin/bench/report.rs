@@ -10,6 +10,8 @@ use crate::{Fig, scenarios::Step};
 const OURS_EBPF: &str = "ours-ebpf";
 const OURS_USERSPACE: &str = "ours-userspace";
 const INCUMBENT: &str = "incumbent-0.2.0";
+/// The null receiver: what sending a datagram costs the machine with nobody reading it.
+pub const FLOOR: &str = "floor-null-receiver";
 
 /// Raises kernel.pid_max (frames with a pid above it are refused) and restores it on drop.
 pub struct PidMax(Option<String>);
@@ -109,6 +111,34 @@ pub fn markdown(figs: &[Fig], notes: &[String], took: Duration, full: bool) -> S
             ratio(e, i),
             ratio(u, i)
         );
+    }
+    let floor_rows: Vec<&Fig> = figs.iter().filter(|f| f.observer == FLOOR).collect();
+    if !floor_rows.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nWhole-machine CPU per frame against the floor (a null receiver on the same socket path, 64 senders):\n"
+        );
+        let _ = writeln!(
+            md,
+            "| scenario | floor us | ours eBPF us | eBPF / floor | ours userspace us | userspace / floor |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+        for f in floor_rows {
+            let (e, u) = (
+                get(OURS_EBPF, &f.scenario, &f.figure),
+                get(OURS_USERSPACE, &f.scenario, &f.figure),
+            );
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} |",
+                f.scenario,
+                num(Some(f.value)),
+                num(e),
+                ratio(e, Some(f.value)),
+                num(u),
+                ratio(u, Some(f.value))
+            );
+        }
     }
     if !notes.is_empty() {
         let _ = writeln!(md, "\nNotes on this run:");

@@ -283,6 +283,15 @@ pub fn sweep(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) -> (Vec<Step>, Opt
             obs.name, step.loss, step.cpu_per_beat_us
         );
         let sustained = step.loss == 0.0 && step.achieved >= 0.95 * step.offered;
+        if FLOOR_RATES.contains(&rate) {
+            out.push(Fig::new(
+                obs,
+                &floor_scenario(rate),
+                "machine_cpu_per_frame",
+                step.machine_cpu_per_frame_us,
+                "us",
+            ));
+        }
         if rate == 20_000 {
             for (fig, v, unit) in [
                 ("cpu_per_beat", step.cpu_per_beat_us, "us"),
@@ -325,6 +334,66 @@ pub fn sweep(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) -> (Vec<Step>, Opt
         "beats/s",
     ));
     (steps, stopped)
+}
+
+/// The rates at which whole-machine CPU per frame is compared with the floor.
+const FLOOR_RATES: [u64; 3] = [20_000, 160_000, 320_000];
+
+fn floor_scenario(rate: u64) -> String {
+    format!("floor_{}k_64_agents", rate / 1000)
+}
+
+/// Whole-machine CPU per frame with a null receiver on the socket (the physical floor of
+/// sending a datagram), at the rates the sweep reports it for each observer.
+pub fn floor(opts: &Opts, out: &mut Vec<Fig>) {
+    let socket = opts.dir.join("null.sock");
+    let socket_s = socket.display().to_string();
+    let mut null = helper(opts, &["null", &socket_s])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    let _ = std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(null.stdout.as_mut().unwrap()),
+        &mut ready,
+    );
+    for rate in FLOOR_RATES {
+        let per = format!("{}", rate / 64);
+        let ms = (WARM_UP + opts.step).as_millis().to_string();
+        let pacers: Vec<Child> = (0..64)
+            .map(|_| {
+                helper(opts, &["pace", &socket_s, &per, &ms])
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        std::thread::sleep(WARM_UP);
+        let busy0 = machine_busy();
+        let sent: u64 = pacers
+            .into_iter()
+            .map(|c| {
+                let o = c.wait_with_output().unwrap();
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+            .sum();
+        let busy1 = machine_busy();
+        let run_s = (WARM_UP + opts.step).as_secs_f64();
+        let sent_in_window = sent as f64 * opts.step.as_secs_f64() / run_s;
+        let per_frame = (busy1 - busy0) / sent_in_window.max(1.0) * 1e6;
+        eprintln!("varta-bench: floor {rate}/s: sent {sent}, {per_frame:.2} us per frame");
+        out.push(Fig {
+            observer: crate::report::FLOOR,
+            scenario: floor_scenario(rate),
+            figure: "machine_cpu_per_frame".into(),
+            value: per_frame,
+            unit: "us",
+        });
+    }
+    kill(null);
 }
 
 /// RSS with `n` agents tracked: plaintext UDP frames with synthetic pids (as many
