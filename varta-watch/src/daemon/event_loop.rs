@@ -24,6 +24,9 @@ use crate::{
     sys::{clock::ClockSource, deadline::DeadlineTimer},
 };
 
+/// How long scrapes already accepted have to be answered before a handover.
+const SCRAPE_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// How the loop ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ended {
@@ -233,6 +236,8 @@ impl<D: Datapath> EventLoop<'_, D> {
         let peer = request.peer_pid;
         if let Some(prom) = &self.prom {
             prom.task.abort();
+            // Scrapes already accepted are answered (the successor takes the ones queued).
+            tokio::time::sleep(SCRAPE_GRACE).await;
         }
         let state = super::state::State::capture(
             self.clock,
