@@ -54,9 +54,13 @@ impl Scraper {
         let thread = std::thread::spawn(move || {
             let mut last: HashMap<String, f64> = HashMap::new();
             while !s.load(Ordering::Relaxed) {
-                let Some(body) = scrape(addr) else {
-                    r.lock().unwrap().2 += 1;
-                    continue;
+                let body = match try_scrape(addr) {
+                    Ok(body) => body,
+                    Err(e) => {
+                        eprintln!("scrape failed: {e}");
+                        r.lock().unwrap().2 += 1;
+                        continue;
+                    }
                 };
                 let mut seen = r.lock().unwrap();
                 seen.0 += 1;
@@ -92,14 +96,25 @@ impl Scraper {
 
 /// GET /metrics; `None` when the connection failed or the answer was not a 200.
 fn scrape(addr: std::net::SocketAddr) -> Option<String> {
+    try_scrape(addr).ok()
+}
+
+fn try_scrape(addr: std::net::SocketAddr) -> Result<String, String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .ok()?;
+        .map_err(|e| format!("write: {e}"))?;
     let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let (head, body) = resp.split_once("\r\n\r\n")?;
-    (head.split_whitespace().nth(1) == Some("200")).then(|| body.to_owned())
+    s.read_to_string(&mut resp)
+        .map_err(|e| format!("read: {e}"))?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or(format!("no header end: {resp:?}"))?;
+    if head.split_whitespace().nth(1) == Some("200") {
+        Ok(body.to_owned())
+    } else {
+        Err(head.to_owned())
+    }
 }
 
 /// The scenario, as a takeover: 3 live agents and one SIGSTOPped 300 ms before.
@@ -263,4 +278,138 @@ fn the_control_socket_is_private() {
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&ctl).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
+}
+
+/// Stop, then start, on the userspace datapath under socket activation: the service manager
+/// (`systemd-socket-activate`, as systemd with `varta-watch.socket`) holds the socket between
+/// the two runs, so connected agents keep being counted without reconnecting; the state file
+/// carries the rest. The wrapper shell plays the manager's restart: each run is exec'd with
+/// `LISTEN_PID` set to its own pid.
+#[test]
+#[ignore = "needs systemd-socket-activate: run by `cargo xtask test`, which installs it"]
+fn userspace_restart_under_socket_activation_keeps_agents() {
+    use std::io::BufRead;
+    varta_e2e::deploy::require_tool(
+        varta_e2e::this_test!(),
+        "systemd-socket-activate",
+        &["--version"],
+    );
+    let dir = varta_e2e::scratch("socket-activation");
+    let socket = dir.join("varta.sock");
+    let run = format!(
+        "LISTEN_PID=$$ exec {} --socket {} --datapath userspace --threshold-ms 1500 --prom-addr 127.0.0.1:0",
+        varta_e2e::bin().display(),
+        socket.display()
+    );
+    let mut manager = Proc::spawn(
+        Command::new("systemd-socket-activate")
+            .arg("-d")
+            .arg("-l")
+            .arg(&socket)
+            .arg("--fdname=varta")
+            .args(["--", "sh", "-c", &format!("sh -c '{run}'; sh -c '{run}'")])
+            .env("VARTA_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+    );
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = lines.clone();
+    let stderr = manager.take_stderr().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let matching = |parts: &[&str]| -> Vec<String> {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| parts.iter().all(|p| log_has(l, p)))
+            .cloned()
+            .collect()
+    };
+    let wait_lines = |parts: &[&str], n: usize| -> Vec<String> {
+        varta_e2e::wait_for(&format!("{n} line(s) with {parts:?}"), WAIT, || {
+            let found = matching(parts);
+            if found.len() >= n {
+                Ok(found)
+            } else {
+                Err(lines.lock().unwrap().join("\n"))
+            }
+        })
+    };
+    let metric = |addr: std::net::SocketAddr, sample: &str| {
+        scrape(addr)
+            .and_then(|body| varta_e2e::parse_metrics(&body).get(sample).copied())
+            .unwrap_or(0.0)
+    };
+    let wait_metric = |addr, sample: &str, at_least: f64| {
+        varta_e2e::wait_for(&format!("{sample} >= {at_least}"), WAIT, || {
+            let v = metric(addr, sample);
+            if v >= at_least {
+                Ok(v)
+            } else {
+                Err(v.to_string())
+            }
+        })
+    };
+    // The manager starts the daemon at the first datagram: the agents' first beats.
+    wait_lines(&["Listening on"], 1);
+    let live: Vec<Proc> = (0..3).map(|_| upstream_agent(&socket, 100)).collect();
+    let wedged = upstream_agent(&socket, 100);
+    let first = wait_lines(&["event=ready"], 1).remove(0);
+    let pid1: i32 = log_field(&first, "pid").parse().unwrap();
+    let prom1 = log_field(&first, "metrics").parse().unwrap();
+    for a in live.iter().chain([&wedged]) {
+        wait_lines(&["event=agent_new", &format!("pid={}", a.pid())], 1);
+        wait_metric(prom1, &beats_sample(a.pid()), 3.0);
+    }
+    wedged.signal(libc::SIGSTOP);
+    // Wedged 300 ms before the restart (setup, not an assertion).
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on the first run's pid, which the manager's shell waits for.
+    assert_eq!(unsafe { libc::kill(pid1, libc::SIGTERM) }, 0);
+    let second = wait_lines(&["event=ready"], 2).remove(1);
+    let prom2 = log_field(&second, "metrics").parse().unwrap();
+    assert_eq!(
+        matching(&["event=socket_activation", "sockets=uds:varta"]).len(),
+        2
+    );
+    let resumed = wait_lines(&["event=resumed"], 1).remove(0);
+    assert!(log_has(&resumed, "from=state_file"), "{resumed}");
+    assert_eq!(log_field(&resumed, "agents"), "4", "{resumed}");
+    for a in &live {
+        let b0 = metric(prom2, &beats_sample(a.pid()));
+        assert!(b0 > 0.0, "beats_total carried over for {}", a.pid());
+        wait_metric(prom2, &beats_sample(a.pid()), b0 + 10.0);
+        // Tracked since the first run: no second agent_new.
+        assert_eq!(
+            matching(&["event=agent_new", &format!("pid={}", a.pid())]).len(),
+            1
+        );
+    }
+    wait_lines(&["event=stall", &format!("pid={}", wedged.pid())], 1);
+    // One more threshold: an agent that beats once stalls after it.
+    let sentinel = Proc::spawn(
+        Command::new(varta_e2e::bin())
+            .args(["agent", "--interval-ms", "3600000", "--socket"])
+            .arg(&socket)
+            .stderr(std::process::Stdio::null()),
+    );
+    wait_lines(&["event=stall", &format!("pid={}", sentinel.pid())], 1);
+    assert_eq!(
+        matching(&["event=stall", &format!("pid={}", wedged.pid())]).len(),
+        1
+    );
+    for a in &live {
+        assert!(matching(&["event=stall", &format!("pid={}", a.pid())]).is_empty());
+    }
+    let pid2: i32 = log_field(&second, "pid").parse().unwrap();
+    // SAFETY: kill(2) on the second run's pid.
+    unsafe { libc::kill(pid2, libc::SIGTERM) };
+    manager.wait();
 }

@@ -101,9 +101,15 @@ async fn start(mut config: Config, passed: Vec<crate::sys::listen_fds::Passed>) 
         fds.watch_budget
     );
     let signals = install_signals(&config)?;
-    // An observer running on this socket hands over its sockets and state, then exits.
-    let mut received = takeover::request(&config.socket, config.no_takeover)?;
-    let sockets = bind(&config, received.as_mut(), passed)?;
+    let activated = sys_activated(&config, passed)?;
+    // An observer running on this socket hands over its sockets and state, then exits
+    // (unless the service manager passed the socket: it holds it between runs).
+    let mut received = if activated.uds.is_some() {
+        None
+    } else {
+        takeover::request(&config.socket, config.no_takeover)?
+    };
+    let sockets = bind(&config, received.as_mut(), activated)?;
     let handover = received.as_ref().map(|r| (r.peer_pid, r.version));
     // Port 0 becomes the port the kernel chose: the ready line names the real address.
     if let Some(udp) = &sockets.udp {
@@ -276,11 +282,10 @@ fn install_signals(config: &Config) -> Result<Signals> {
 fn bind(
     config: &Config,
     received: Option<&mut takeover::Received>,
-    passed: Vec<crate::sys::listen_fds::Passed>,
+    mut activated: Activated,
 ) -> Result<Sockets> {
     use crate::sys::sock::{SocketFile, prepare_uds};
     let mut handed = received.map(|r| (r.uds.take(), r.udp.take(), r.metrics.take()));
-    let mut activated = sys_activated(config, passed)?;
     let (uds, file, rcvbuf, is_activated) = match (
         handed.as_mut().and_then(|h| h.0.take()),
         activated.uds.take(),
