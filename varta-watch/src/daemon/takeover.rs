@@ -7,7 +7,8 @@
 //! 2. The running one picks the highest version both speak (or answers
 //!    `refused reason=...\n` and carries on), stops receiving, takes in and processes what
 //!    is already queued, then answers `ok version=V uds=1 udp=0|1 metrics=0|1 state_bytes=N
-//!    pid=PID\n` with its sockets attached (`SCM_RIGHTS`: the very same socket objects, so
+//!    pid=PID netns=DEV:INO\n` with its sockets attached (the UDP and metrics ones are
+//!    used only within the same network namespace) (`SCM_RIGHTS`: the very same socket objects, so
 //!    connected clients keep working), followed by its state (`daemon::state`, the state
 //!    file's content: agents, surfaced stalls, counters).
 //! 3. The newcomer starts receiving on those sockets (on eBPF: attaches its program to them
@@ -60,6 +61,14 @@ pub fn ctl_path(socket: &Path) -> PathBuf {
     let mut p = socket.as_os_str().to_owned();
     p.push(".ctl");
     PathBuf::from(p)
+}
+
+/// This process's network namespace (`/proc/self/ns/net`'s device and inode): a metrics or
+/// UDP socket from another one (a pod of its own, hostNetwork false) is unreachable here.
+fn netns() -> String {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/net")
+        .map_or("-".to_owned(), |m| format!("{}:{}", m.dev(), m.ino()))
 }
 
 fn euid() -> u32 {
@@ -197,8 +206,20 @@ pub fn request(socket: &Path, refuse: bool) -> Result<Option<Received>> {
             .with_context(|| format!("the handover lacks the {what} socket"))
     };
     let uds = next(true, "Unix")?.expect("present");
-    let udp = next(field("udp") == Some(1), "UDP")?;
-    let metrics = next(field("metrics") == Some(1), "metrics")?;
+    let mut udp = next(field("udp") == Some(1), "UDP")?;
+    let mut metrics = next(field("metrics") == Some(1), "metrics")?;
+    let theirs = header
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("netns="))
+        .unwrap_or("-");
+    if theirs != netns() && (udp.is_some() || metrics.is_some()) {
+        // Another network namespace (a pod of its own): its IP sockets serve only there.
+        log::info!(
+            "event=takeover_network_sockets_not_taken reason=\"the running observer is in another network namespace: UDP and metrics are bound here anew\""
+        );
+        udp = None;
+        metrics = None;
+    }
     expect_kind(uds.as_fd(), libc::SOCK_DGRAM, false, "Unix")?;
     if let Some(fd) = &udp {
         expect_kind(fd.as_fd(), libc::SOCK_DGRAM, false, "UDP")?;
@@ -375,11 +396,12 @@ pub fn hand_over(request: Request, fds: &Handed, state: &State) -> io::Result<()
     } = request;
     let text = state.encode();
     let header = format!(
-        "ok version={version} uds=1 udp={} metrics={} state_bytes={} pid={}\n",
+        "ok version={version} uds=1 udp={} metrics={} state_bytes={} pid={} netns={}\n",
         fds.udp.is_some() as u8,
         fds.metrics.is_some() as u8,
         text.len(),
-        std::process::id()
+        std::process::id(),
+        netns()
     );
     let mut attached = vec![fds.uds.as_fd()];
     attached.extend(fds.udp.as_ref().map(AsFd::as_fd));
