@@ -32,7 +32,8 @@ pub struct Daemon {
 /// restart takes them over.
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if self.keep_pins {
+        // An observer that handed over left its pins to its successor.
+        if self.keep_pins || self.count_logs(&["event=handed_over"]) > 0 {
             return;
         }
         for line in self.logs() {
@@ -57,6 +58,9 @@ pub struct DaemonBuilder {
     env: Vec<(String, String)>,
     /// The directory (and socket) of a previous daemon: a restart.
     reuse: Option<crate::Scratch>,
+    /// The directory (and socket) of a daemon still running, which the previous one owns:
+    /// a takeover.
+    beside: Option<PathBuf>,
 }
 
 impl DaemonBuilder {
@@ -64,6 +68,13 @@ impl DaemonBuilder {
     /// a restart of that observer.
     pub fn in_dir(mut self, dir: crate::Scratch) -> Self {
         self.reuse = Some(dir);
+        self
+    }
+
+    /// Starts on the socket of `running` while it runs (its directory stays `running`'s):
+    /// a takeover.
+    pub fn beside(mut self, running: &Daemon) -> Self {
+        self.beside = Some(running.dir.to_path_buf());
         self
     }
 
@@ -138,9 +149,17 @@ impl DaemonBuilder {
 
     /// Starts the daemon without waiting.
     pub fn spawn(self) -> Daemon {
-        let dir = self.reuse.unwrap_or_else(|| scratch(&self.name));
-        let socket = dir.join("varta.sock");
-        let export = self.export.then(|| dir.join("events.tsv"));
+        let (dir, socket) = match self.beside {
+            Some(path) => (crate::Scratch::none(), path.join("varta.sock")),
+            None => {
+                let dir = self.reuse.unwrap_or_else(|| scratch(&self.name));
+                let socket = dir.join("varta.sock");
+                (dir, socket)
+            }
+        };
+        let export = self
+            .export
+            .then(|| socket.parent().unwrap().join("events.tsv"));
         if self.world_writable {
             std::fs::set_permissions(&*dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
                 .unwrap();
@@ -207,6 +226,7 @@ impl Daemon {
             world_writable: false,
             env: Vec::new(),
             reuse: None,
+            beside: None,
         }
     }
 

@@ -45,7 +45,7 @@ fn systemd_analyze_verify_accepts_the_unit() {
         "PrivateTmp=yes",
         "SystemCallFilter=@system-service bpf",
         "ReadWritePaths=-/sys/fs/bpf",
-        "RuntimeDirectoryPreserve=restart",
+        "RuntimeDirectoryPreserve=yes",
         "CPUWeight=",
         "Nice=",
     ] {
@@ -62,6 +62,45 @@ fn systemd_analyze_verify_accepts_the_unit() {
     }
 }
 
+/// `varta-watch.socket` holds the heartbeat socket across restarts (the daemon takes it from
+/// LISTEN_FDS): `systemd-analyze verify` accepts it with the service, at the daemon's path.
+#[test]
+#[ignore = "needs systemd-analyze: run by `cargo xtask test`, which installs it"]
+fn systemd_analyze_verify_accepts_the_socket_unit() {
+    require_tool(varta_e2e::this_test!(), "systemd-analyze", &["--version"]);
+    let socket = deploy_file("systemd/varta-watch.socket");
+    for directive in [
+        "ListenDatagram=/run/varta/varta.sock",
+        "SocketMode=0666",
+        "PassCredentials=yes",
+    ] {
+        assert!(
+            socket.lines().any(|l| l == directive),
+            "the socket unit lacks {directive}"
+        );
+    }
+    assert!(deploy_file("systemd/varta.toml").contains("socket = \"/run/varta/varta.sock\""));
+    let dir = scratch("systemd-verify-socket");
+    std::fs::write(dir.join("varta-watch.socket"), &socket).unwrap();
+    std::fs::write(
+        dir.join("varta-watch.service"),
+        deploy_file("systemd/varta-watch.service").replace(
+            "/usr/local/bin/varta-watch",
+            &varta_e2e::bin().display().to_string(),
+        ),
+    )
+    .unwrap();
+    let (ok, out) = deploy::run(
+        Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(dir.join("varta-watch.socket"))
+            .arg(dir.join("varta-watch.service")),
+    );
+    assert!(
+        ok && out.trim().is_empty(),
+        "systemd-analyze verify:\n{out}"
+    );
+}
 /// Receives notifications until `want` arrives (or `timeout`): every message seen, in order.
 fn receive_until(sock: &UnixDatagram, want: &str, timeout: Duration) -> Vec<(Instant, String)> {
     let end = Instant::now() + timeout;

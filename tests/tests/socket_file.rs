@@ -1,6 +1,7 @@
 //! The socket path belongs to the observer that bound it: a second observer started on it
-//! (a debug start, a second `cargo xtask run`) is refused and leaves it alone, and an
-//! observer whose file was replaced under it does not remove the replacement at exit.
+//! with `--no-takeover` is refused and leaves it alone (without that flag it takes over:
+//! `takeover.rs`), and an observer whose file was replaced under it does not remove the
+//! replacement at exit.
 
 use std::{
     io::Read,
@@ -33,6 +34,7 @@ fn a_second_observer_on_a_live_socket_is_refused_and_leaves_it_alone() {
             .arg("--socket")
             .arg(&d.socket)
             .args(["--threshold-ms", "1000", "--datapath", "userspace"])
+            .arg("--no-takeover")
             .stdout(Stdio::null())
             .stderr(Stdio::piped()),
     );

@@ -17,6 +17,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/sbin/runc", "runc"),
     ("/usr/bin/musl-gcc", "musl-tools"),
     ("/usr/bin/systemd-analyze", "systemd"),
+    // The socket-activation restart test (tests/tests/takeover.rs).
+    ("/usr/bin/systemd-socket-activate", "systemd"),
     ("/usr/bin/setpriv", "util-linux"),
     ("/usr/bin/pip3", "python3-pip"),
 ];

@@ -69,23 +69,42 @@ impl Connected<IncomingStream<'_, LimitedListener>> for Peer {
     }
 }
 
-/// Binds now (so a taken port fails start-up) and serves in a background task.
+/// The metrics endpoint being served: its address, its listening socket (kept to be handed
+/// over) and the task accepting on it (stopped before a handover).
+pub struct Served {
+    pub addr: SocketAddr,
+    pub listener: std::os::fd::OwnedFd,
+    pub task: tokio::task::AbortHandle,
+}
+
+/// Binds now (so a taken port fails start-up), or serves on `listener` (handed over by a
+/// previous observer, or passed by a service manager), in a background task.
 pub async fn serve(
     addr: SocketAddr,
+    listener: Option<std::net::TcpListener>,
     metrics: Arc<Metrics>,
     token: Option<String>,
     rate_limit: Option<Limit>,
     probes: Probes,
-) -> std::io::Result<SocketAddr> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+) -> std::io::Result<Served> {
+    let listener = match listener {
+        Some(listener) => {
+            listener.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(listener)?
+        }
+        None => {
+            let socket = match addr {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            // The kernel's backlog; `http_conn` accepts from it at once.
+            socket.listen(1024)?
+        }
     };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    // Connections beyond the accepted few wait here, in the kernel (see `http_conn`).
-    let listener = socket.listen(1024)?;
     let bound = listener.local_addr()?;
+    let kept = std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned()?;
     let state = Scrape {
         metrics,
         token: token.map(Arc::from),
@@ -106,14 +125,18 @@ pub async fn serve(
                 .route("/readyz", get(readyz))
                 .with_state(probes),
         );
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let listener = LimitedListener::new(listener);
         let service = app.into_make_service_with_connect_info::<Peer>();
         if let Err(e) = axum::serve(listener, service).await {
             log::error!("event=metrics_server_failed error={e}");
         }
     });
-    Ok(bound)
+    Ok(Served {
+        addr: bound,
+        listener: kept,
+        task: task.abort_handle(),
+    })
 }
 
 async fn healthz(State(p): State<Probes>) -> (StatusCode, &'static str) {

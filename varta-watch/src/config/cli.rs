@@ -361,6 +361,10 @@ pub struct ObserverArgs {
     /// Start empty on purpose: remove this socket's pinned maps and the state file.
     #[arg(long)]
     pub fresh_state: bool,
+    /// Refuse to start while another observer runs on this socket, instead of taking over
+    /// from it (its sockets and state, over `<socket>.ctl`; the default).
+    #[arg(long)]
+    pub no_takeover: bool,
     /// Abort (for a supervisor to restart the observer) when its event loop has made no
     /// progress for this many seconds.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]

@@ -119,6 +119,8 @@ pub struct Config {
     pub pin_root: PathBuf,
     /// `--fresh-state`.
     pub fresh_state: bool,
+    /// `--no-takeover`.
+    pub no_takeover: bool,
     pub config_file: Option<PathBuf>,
     pub liveness: LivenessConfig,
     /// Every setting as given, for the reload diff.
@@ -218,6 +220,7 @@ impl Config {
             shutdown_after: a.observer.shutdown_after_secs.map(Duration::from_secs),
             pin_root: a.observer.bpf_pin_dir.clone(),
             fresh_state: a.observer.fresh_state,
+            no_takeover: a.observer.no_takeover,
             config_file: a.observer.config.clone(),
             liveness: LivenessConfig {
                 self_watchdog: a.observer.self_watchdog_secs.map(Duration::from_secs),

@@ -5,7 +5,10 @@ use std::{sync::Arc, time::Instant};
 
 use anyhow::{Context, Result};
 
-use super::health::Health;
+use super::{
+    health::{Health, Probes},
+    takeover::{self, Control, Handed, Request},
+};
 use crate::{
     actions::{
         Actions,
@@ -21,6 +24,28 @@ use crate::{
     sys::{clock::ClockSource, deadline::DeadlineTimer},
 };
 
+/// How long scrapes already accepted have to be answered before a handover.
+const SCRAPE_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How the loop ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Asked to stop (a signal, `--shutdown-after-secs`).
+    Stopped,
+    /// A successor took over this observer's sockets and state: it exits without touching
+    /// either (the socket file, the state file, the pins are the successor's now).
+    HandedOver,
+}
+
+/// What a successor may take over: the control socket it asks on, and this observer's
+/// sockets (the metrics listener is added once served).
+pub struct Succession {
+    pub control: Option<Control>,
+    pub fds: Handed,
+    /// The metrics listener handed over by the predecessor (or passed), served as it is.
+    pub metrics: Option<std::net::TcpListener>,
+}
+
 /// Sets up metrics, the metrics endpoint and the export file, then runs the loop until a
 /// shutdown is asked for, and shuts down.
 #[allow(clippy::too_many_arguments)]
@@ -33,7 +58,8 @@ pub async fn serve<D: Datapath>(
     rcvbuf: u32,
     resume: super::state::Resume,
     state_path: std::path::PathBuf,
-) -> Result<()> {
+    mut succession: Succession,
+) -> Result<Ended> {
     let metrics = Arc::new(Metrics::new(
         drops.clone(),
         datapath.mode(),
@@ -49,16 +75,20 @@ pub async fn serve<D: Datapath>(
         Some(addr) => Some(
             crate::actions::http::serve(
                 addr,
+                succession.metrics.take(),
                 metrics.clone(),
                 config.prom_token.clone(),
                 config.prom_rate_limit,
-                probes,
+                probes.clone(),
             )
             .await
             .with_context(|| format!("--prom-addr {addr}"))?,
         ),
         None => None,
     };
+    if let Some(served) = &prom {
+        succession.fds.metrics = Some(served.listener.try_clone()?);
+    }
     let export = match &config.export_file {
         Some(opts) => Some(
             Exporter::open(opts.clone(), metrics.files.clone())
@@ -107,7 +137,7 @@ pub async fn serve<D: Datapath>(
         datapath.attest(),
         config.socket.display(),
         config.udp.map_or("-".to_owned(), |a| a.to_string()),
-        prom.map_or("-".to_owned(), |a| a.to_string()),
+        prom.as_ref().map_or("-".to_owned(), |p| p.addr.to_string()),
         config.limits.threshold_ms,
     );
     health.set_ready();
@@ -126,15 +156,24 @@ pub async fn serve<D: Datapath>(
         events: Vec::with_capacity(256),
         state_path,
         checkpointed: Instant::now(),
+        succession,
+        takeover: None,
+        prom,
+        probes,
     };
     let result = event_loop.run().await;
     event_loop.liveness.disarm();
-    result?;
+    if let Some(control) = &event_loop.succession.control {
+        control.remove();
+    }
+    let ended = result?;
     event_loop.finish_recoveries().await;
     event_loop.actions.flush();
-    event_loop.checkpoint();
+    if ended == Ended::Stopped {
+        event_loop.checkpoint();
+    }
     event_loop.liveness.finish();
-    Ok(())
+    Ok(ended)
 }
 
 struct EventLoop<'c, D> {
@@ -154,10 +193,15 @@ struct EventLoop<'c, D> {
     /// The state file (`daemon::state`) and when it was last written.
     state_path: std::path::PathBuf,
     checkpointed: Instant,
+    succession: Succession,
+    /// A successor asked to take over: handed over at the end of this round.
+    takeover: Option<Request>,
+    prom: Option<crate::actions::http::Served>,
+    probes: Probes,
 }
 
 impl<D: Datapath> EventLoop<'_, D> {
-    async fn run(&mut self) -> Result<()> {
+    async fn run(&mut self) -> Result<Ended> {
         let shutdown_at = self
             .config
             .shutdown_after
@@ -176,7 +220,70 @@ impl<D: Datapath> EventLoop<'_, D> {
             self.process();
             self.liveness.round(took_beats);
             if stop {
-                return Ok(());
+                let Some(request) = self.takeover.take() else {
+                    return Ok(Ended::Stopped);
+                };
+                if self.hand_over(request).await {
+                    return Ok(Ended::HandedOver);
+                }
+                self.health.set_ready();
+            }
+        }
+    }
+
+    /// Hands this observer's sockets and state to the successor that asked: `true` when it
+    /// took over. Nothing is received after the round that ended here, and the metrics
+    /// endpoint stops accepting first, so no scrape sees this observer's counters after the
+    /// successor's. When the successor does not confirm, this observer carries on.
+    async fn hand_over(&mut self, request: Request) -> bool {
+        let peer = request.peer_pid;
+        if let Some(prom) = &self.prom {
+            prom.task.abort();
+            // Scrapes already accepted are answered (the successor takes the ones queued).
+            tokio::time::sleep(SCRAPE_GRACE).await;
+        }
+        let state = super::state::State::capture(
+            self.clock,
+            self.observer.tracker().agents(),
+            |pid| self.actions.identity_of(pid),
+            &self.metrics,
+        );
+        match takeover::hand_over(request, &self.succession.fds, &state) {
+            Ok(()) => {
+                log::info!(
+                    "event=handed_over peer_pid={peer} agents={}",
+                    state.agents.len()
+                );
+                true
+            }
+            Err(e) => {
+                log::warn!(
+                    "event=takeover_failed peer_pid={peer} error={} action=carry_on",
+                    crate::sys::text::LogValue(&e.to_string())
+                );
+                if let Some(prom) = self.prom.take() {
+                    let listener = prom.listener.try_clone().map(std::net::TcpListener::from);
+                    let served = match listener {
+                        Ok(listener) => crate::actions::http::serve(
+                            prom.addr,
+                            Some(listener),
+                            self.metrics.clone(),
+                            self.config.prom_token.clone(),
+                            self.config.prom_rate_limit,
+                            self.probes.clone(),
+                        )
+                        .await
+                        .ok(),
+                        Err(_) => None,
+                    };
+                    if served.is_none() {
+                        log::error!(
+                            "event=metrics_server_failed error=\"serving again after the failed takeover\""
+                        );
+                    }
+                    self.prom = served;
+                }
+                false
             }
         }
     }
@@ -188,7 +295,17 @@ impl<D: Datapath> EventLoop<'_, D> {
         let recovery = self.actions.recovery.as_mut();
         let has_recovery = recovery.is_some();
         let tick = self.liveness.next_wake();
+        let control = self.succession.control.as_mut();
+        let has_control = control.is_some();
         tokio::select! {
+            request = async { control.expect("guarded").next().await }, if has_control => {
+                log::info!(
+                    "event=takeover_requested peer_pid={} version={}",
+                    request.peer_pid, request.version
+                );
+                self.takeover = Some(request);
+                Ok(true)
+            }
             received = self.signals.recv() => {
                 let received = received.context("waiting for signals")?;
                 let mut stop = false;

@@ -5,6 +5,7 @@ mod event_loop;
 mod health;
 mod liveness;
 mod state;
+mod takeover;
 
 pub use health::Probes;
 
@@ -53,6 +54,9 @@ pub fn run(line: &CommandLine) -> ExitCode {
     }
     // Before any thread starts: they inherit it.
     crate::sys::priority::set_nice(config.nice);
+    // Sockets a service manager passed (socket activation), also before any thread starts:
+    // taking them unsets its variables.
+    let passed = crate::sys::listen_fds::take();
     // One thread for the event loop; /metrics is encoded on a few blocking threads.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -60,7 +64,7 @@ pub fn run(line: &CommandLine) -> ExitCode {
         .build();
     let result = runtime
         .context("starting the runtime")
-        .and_then(|rt| rt.block_on(start(config)));
+        .and_then(|rt| rt.block_on(start(config, passed)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -73,16 +77,23 @@ pub fn run(line: &CommandLine) -> ExitCode {
     }
 }
 
-/// The observer's sockets, bound before any datapath is chosen.
+/// The observer's sockets, bound (or handed over, or passed by a service manager) before any
+/// datapath is chosen.
 struct Sockets {
     uds: UnixDatagram,
     udp: Option<UdpSocket>,
     /// The receive buffer the kernel granted the UDS.
     rcvbuf: u32,
     file: crate::sys::sock::SocketFile,
+    /// The socket file is the service manager's (socket activation): it stays at exit.
+    activated: bool,
+    /// The sockets were handed over by a running observer.
+    handed: bool,
+    /// The metrics endpoint's listener, when handed over or passed.
+    metrics: Option<std::net::TcpListener>,
 }
 
-async fn start(mut config: Config) -> Result<()> {
+async fn start(mut config: Config, passed: Vec<crate::sys::listen_fds::Passed>) -> Result<()> {
     let fds = crate::sys::fdlimit::raise().context("raising RLIMIT_NOFILE")?;
     log::info!(
         "event=fd_limit soft={} hard={} reserve={} watcher_budget={}",
@@ -92,7 +103,16 @@ async fn start(mut config: Config) -> Result<()> {
         fds.watch_budget
     );
     let signals = install_signals(&config)?;
-    let sockets = bind(&config)?;
+    let activated = sys_activated(&config, passed)?;
+    // An observer running on this socket hands over its sockets and state, then exits
+    // (unless the service manager passed the socket: it holds it between runs).
+    let mut received = if activated.uds.is_some() {
+        None
+    } else {
+        takeover::request(&config.socket, config.no_takeover)?
+    };
+    let sockets = bind(&config, received.as_mut(), activated)?;
+    let handover = received.as_ref().map(|r| (r.peer_pid, r.version));
     // Port 0 becomes the port the kernel chose: the ready line names the real address.
     if let Some(udp) = &sockets.udp {
         config.udp = Some(udp.local_addr()?);
@@ -104,6 +124,8 @@ async fn start(mut config: Config) -> Result<()> {
     }
     let saved = if config.fresh_state {
         Ok(None)
+    } else if let Some(r) = received.as_mut() {
+        Ok(Some(std::mem::take(&mut r.state)))
     } else {
         state::State::load(&state_path)
     };
@@ -119,10 +141,12 @@ async fn start(mut config: Config) -> Result<()> {
             } else {
                 Vec::new()
             };
-            let (resume, dropped) = state::plan(Some(&pins), &kernel, saved, config.clock);
+            let (resume, dropped) =
+                state::plan(Some(&pins), &kernel, saved, config.clock, handover);
             for key in dropped {
                 datapath.restored(key, None);
             }
+            let succession = succession(&config.socket, received, &sockets)?;
             event_loop::serve(
                 datapath,
                 Some(kernel_drops),
@@ -132,6 +156,7 @@ async fn start(mut config: Config) -> Result<()> {
                 sockets.rcvbuf,
                 resume,
                 state_path,
+                succession,
             )
             .await
         }
@@ -139,13 +164,15 @@ async fn start(mut config: Config) -> Result<()> {
             if config.fresh_state {
                 let _ = crate::datapath::ebpf::pins::remove(&config.pin_root, &config.socket);
             }
-            let (resume, _) = state::plan(None, &[], saved, config.clock);
+            let (resume, _) = state::plan(None, &[], saved, config.clock, handover);
+            let succession = succession(&config.socket, received, &sockets)?;
             let udp = sockets
                 .udp
-                .map(|udp| udp_receiver(&config, udp, &drops))
+                .as_ref()
+                .map(|udp| udp_receiver(&config, udp.try_clone()?, &drops))
                 .transpose()?;
             let datapath = UserspaceDatapath::new(
-                sockets.uds,
+                sockets.uds.try_clone()?,
                 udp,
                 config.clock,
                 config.allow_cross_namespace,
@@ -161,13 +188,63 @@ async fn start(mut config: Config) -> Result<()> {
                 sockets.rcvbuf,
                 resume,
                 state_path,
+                succession,
             )
             .await
         }
         Err(e) => Err(e),
     };
-    remove_socket_file(&sockets.file);
-    result
+    match result {
+        // The successor receives on this socket now: its file stays.
+        Ok(event_loop::Ended::HandedOver) => Ok(()),
+        // The service manager's file stays; so does the file of an observer that was to
+        // hand over (it carries on when this one fails before confirming).
+        _ if sockets.activated => result.map(drop),
+        Err(e) if sockets.handed => Err(e),
+        _ => {
+            remove_socket_file(&sockets.file);
+            result.map(drop)
+        }
+    }
+}
+
+/// Once this observer receives: the previous one (if it handed over) is told to exit, and
+/// the control socket a successor will ask is bound.
+fn succession(
+    socket: &std::path::Path,
+    received: Option<takeover::Received>,
+    sockets: &Sockets,
+) -> Result<event_loop::Succession> {
+    if let Some(received) = received {
+        received.confirm();
+    }
+    let control = match takeover::Control::listen(socket) {
+        Ok(control) => Some(control),
+        Err(e) => {
+            log::warn!(
+                "event=takeover_unavailable reason={}",
+                crate::sys::text::LogValue(&format!("{e:#}"))
+            );
+            None
+        }
+    };
+    Ok(event_loop::Succession {
+        control,
+        fds: takeover::Handed {
+            uds: std::os::fd::AsFd::as_fd(&sockets.uds).try_clone_to_owned()?,
+            udp: sockets
+                .udp
+                .as_ref()
+                .map(|u| std::os::fd::AsFd::as_fd(u).try_clone_to_owned())
+                .transpose()?,
+            metrics: None,
+        },
+        metrics: sockets
+            .metrics
+            .as_ref()
+            .map(std::net::TcpListener::try_clone)
+            .transpose()?,
+    })
 }
 
 /// At exit: the socket file goes, unless another observer's (or anyone's) replaced it.
@@ -202,24 +279,131 @@ fn install_signals(config: &Config) -> Result<Signals> {
     Ok(signals)
 }
 
-fn bind(config: &Config) -> Result<Sockets> {
-    let (uds, file, rcvbuf) =
-        crate::sys::sock::bind_uds(&config.socket, config.socket_mode, config.uds_rcvbuf_bytes)
+/// The observer's sockets: handed over by the observer this one takes over from, else passed
+/// by a service manager, else bound here.
+fn bind(
+    config: &Config,
+    received: Option<&mut takeover::Received>,
+    mut activated: Activated,
+) -> Result<Sockets> {
+    use crate::sys::sock::{SocketFile, prepare_uds};
+    let mut handed = received.map(|r| (r.uds.take(), r.udp.take(), r.metrics.take()));
+    let (uds, file, rcvbuf, is_activated) = match (
+        handed.as_mut().and_then(|h| h.0.take()),
+        activated.uds.take(),
+    ) {
+        (Some(uds), _) | (None, Some(uds)) => {
+            let from_manager = handed.is_none();
+            let rcvbuf = prepare_uds(&uds, config.uds_rcvbuf_bytes)?;
+            let file = SocketFile::current(&config.socket)
+                .with_context(|| format!("{}", config.socket.display()))?;
+            (uds, file, rcvbuf, from_manager)
+        }
+        (None, None) => {
+            let (uds, file, rcvbuf) = crate::sys::sock::bind_uds(
+                &config.socket,
+                config.socket_mode,
+                config.uds_rcvbuf_bytes,
+            )
             .with_context(|| format!("binding {}", config.socket.display()))?;
-    let udp = config
-        .udp
-        .map(|addr| {
-            let sock = UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
-            sock.set_nonblocking(true)?;
-            anyhow::Ok(sock)
+            (uds, file, rcvbuf, false)
+        }
+    };
+    // A handed-over (or passed) socket serves when it is the configured address (port 0
+    // takes whatever the previous observer had); another address is bound anew.
+    let fits = |want: std::net::SocketAddr, have: std::io::Result<std::net::SocketAddr>| {
+        have.is_ok_and(|have| {
+            (want.port() == 0 || want.port() == have.port())
+                && (want.ip().is_unspecified() || want.ip() == have.ip())
         })
-        .transpose()?;
+    };
+    let handed_udp = handed.as_mut().and_then(|h| h.1.take());
+    let udp = match config.udp {
+        None => None,
+        Some(addr) => {
+            let sock = match [handed_udp, activated.udp.take()]
+                .into_iter()
+                .flatten()
+                .find(|s| fits(addr, s.local_addr()))
+            {
+                Some(sock) => sock,
+                None => UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?,
+            };
+            sock.set_nonblocking(true)?;
+            Some(sock)
+        }
+    };
+    let handed_metrics = handed.as_mut().and_then(|h| h.2.take());
+    let metrics = config.prom_addr.and_then(|addr| {
+        [handed_metrics, activated.metrics.take()]
+            .into_iter()
+            .flatten()
+            .find(|l| fits(addr, l.local_addr()))
+    });
     Ok(Sockets {
         uds,
         udp,
         rcvbuf,
         file,
+        activated: is_activated,
+        handed: handed.is_some(),
+        metrics,
     })
+}
+
+/// Sockets passed by a service manager, sorted by kind; one line names what was taken.
+#[derive(Default)]
+struct Activated {
+    uds: Option<UnixDatagram>,
+    udp: Option<UdpSocket>,
+    metrics: Option<std::net::TcpListener>,
+}
+
+fn sys_activated(
+    config: &Config,
+    passed: Vec<crate::sys::listen_fds::Passed>,
+) -> Result<Activated> {
+    use std::os::fd::AsFd;
+    let mut out = Activated::default();
+    if passed.is_empty() {
+        return Ok(out);
+    }
+    let mut taken = Vec::new();
+    for p in passed {
+        let kind = crate::sys::fdpass::socket_kind(p.fd.as_fd())?;
+        let name = crate::sys::text::LogValue(&p.name).to_string();
+        match kind {
+            (libc::AF_UNIX, libc::SOCK_DGRAM, _) if out.uds.is_none() => {
+                let uds = UnixDatagram::from(p.fd);
+                let path = uds
+                    .local_addr()?
+                    .as_pathname()
+                    .map(std::path::Path::to_owned);
+                if path.as_deref() != Some(config.socket.as_path()) {
+                    anyhow::bail!(
+                        "the service manager passed the Unix socket {} ({name}), not --socket {}",
+                        path.map_or("(unnamed)".to_owned(), |p| p.display().to_string()),
+                        config.socket.display()
+                    );
+                }
+                taken.push(format!("uds:{name}"));
+                out.uds = Some(uds);
+            }
+            (libc::AF_INET | libc::AF_INET6, libc::SOCK_DGRAM, _) if out.udp.is_none() => {
+                taken.push(format!("udp:{name}"));
+                out.udp = Some(UdpSocket::from(p.fd));
+            }
+            (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM, true) if out.metrics.is_none() => {
+                taken.push(format!("metrics:{name}"));
+                out.metrics = Some(std::net::TcpListener::from(p.fd));
+            }
+            _ => log::warn!(
+                "event=listen_fd_ignored name={name} reason=\"not a socket this observer uses\""
+            ),
+        }
+    }
+    log::info!("event=socket_activation sockets={}", taken.join(","));
+    Ok(out)
 }
 
 /// The eBPF datapath when configured and possible; `None` means the userspace datapath
@@ -250,7 +434,9 @@ fn start_ebpf(
             Ok(Some(started))
         }
         Err(e) if config.datapath == DatapathMode::Ebpf => {
-            remove_socket_file(&sockets.file);
+            if !sockets.activated && !sockets.handed {
+                remove_socket_file(&sockets.file);
+            }
             anyhow::bail!("--datapath ebpf: {e}");
         }
         Err(e) => {

@@ -379,18 +379,25 @@ pub struct Resume {
 }
 
 /// Merges what the pinned maps know (`kernel`, when they were resumed) with the state file
-/// (`state`, or why it was not taken) into the agents to take back.
+/// (`state`, or why it was not taken) into the agents to take back. `handover`: the state
+/// came from a running observer that hands over (its pid, the handover version).
 pub fn plan(
     pins: Option<&crate::datapath::ebpf::pins::Pins>,
     kernel: &[crate::datapath::ebpf::KernelAgent],
     state: Result<Option<State>, String>,
     clock: ClockSource,
+    handover: Option<(u32, u32)>,
 ) -> (Resume, Vec<u64>) {
     use varta_common::filter::TRANSPORT_UDS;
     let (mut state, state_note) = match state {
         Ok(Some(mut s)) => {
             s.convert_clock(clock);
-            (Some(s), "taken".to_owned())
+            let note = if handover.is_some() {
+                "handed over"
+            } else {
+                "taken"
+            };
+            (Some(s), note.to_owned())
         }
         Ok(None) => (None, "none".to_owned()),
         Err(why) => (None, format!("refused ({why})")),
@@ -462,7 +469,9 @@ pub fn plan(
     }
     let stalled = agents.iter().filter(|a| a.agent.stalled).count();
     let resumed_pins = pins.is_some_and(|p| p.resume);
-    let from = if resumed_pins {
+    let from = if handover.is_some() {
+        Some("handover")
+    } else if resumed_pins {
         Some("pins")
     } else if state.is_some() {
         Some("state_file")
@@ -471,8 +480,11 @@ pub fn plan(
     };
     let line = match from {
         Some(from) => format!(
-            "event=resumed agents={} from={from} stalled={stalled} from_kernel_only={from_kernel} queued_beats={} state_file=\"{}\" pins={}",
+            "event=resumed agents={} from={from}{} stalled={stalled} from_kernel_only={from_kernel} queued_beats={} state_file=\"{}\" pins={}",
             agents.len(),
+            handover.map_or(String::new(), |(pid, version)| format!(
+                " peer_pid={pid} version={version}"
+            )),
             pins.and_then(|p| p.queued).unwrap_or(0),
             state_note.replace('"', "'"),
             pins.and_then(|p| p.dir.as_deref())

@@ -5,7 +5,9 @@
 pub mod clock;
 pub mod deadline;
 pub mod fdlimit;
+pub mod fdpass;
 pub mod heartbeat;
+pub mod listen_fds;
 pub mod logger;
 pub mod memory;
 pub mod notify;

@@ -42,6 +42,15 @@ impl SocketFile {
         std::fs::symlink_metadata(&self.path).is_ok_and(|m| file_id(&m) == self.id)
     }
 
+    /// The socket file at `path` now (one handed over, or passed by a service manager).
+    pub fn current(path: &Path) -> io::Result<SocketFile> {
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(SocketFile {
+            path: path.to_owned(),
+            id: file_id(&meta),
+        })
+    }
+
     /// Removes the file if it is still ours; says whether it was.
     pub fn remove(&self) -> bool {
         self.is_ours() && std::fs::remove_file(&self.path).is_ok()
@@ -92,6 +101,14 @@ pub fn bind_uds(
         path: path.to_owned(),
         id: file_id(&meta),
     };
+    let granted = prepare_uds(&sock, rcvbuf)?;
+    Ok((sock, file, granted))
+}
+
+/// Makes a Unix datagram socket the observer's, however it got it (bound here, handed over,
+/// passed by a service manager): non-blocking, asking for sender credentials, its receive
+/// buffer sized (0 keeps what it has). Returns the receive buffer the kernel granted.
+pub fn prepare_uds(sock: &UnixDatagram, rcvbuf: u32) -> io::Result<u32> {
     sock.set_nonblocking(true)?;
     setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PASSCRED, 1)?;
     if rcvbuf > 0 {
@@ -109,7 +126,7 @@ pub fn bind_uds(
         }
     }
     let granted = getsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF)?;
-    Ok((sock, file, granted.max(0) as u32))
+    Ok(granted.max(0) as u32)
 }
 
 /// `bind(2)` under a umask that leaves exactly `mode` (the socket inode starts at 0777).
