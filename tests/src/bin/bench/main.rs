@@ -94,7 +94,12 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("agent") => agent(&args[1]),
         Some("stamp") => stamp(&args[1], &args[2]),
-        Some("pace") => pace(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap()),
+        Some("pace") => pace(
+            &args[1],
+            args[2].parse().unwrap(),
+            args[3].parse().unwrap(),
+            args.get(4).is_some_and(|a| a == "connected"),
+        ),
         Some("flood") => flood(&args[1], args[2] == "junk", args[3].parse().unwrap()),
         Some("null") => null_receiver(&args[1]),
         _ => bench(&args),
@@ -155,9 +160,13 @@ fn stamp(dir: &str, pid: &str) {
 }
 
 /// Beats of our own pid at `rate`/s for `ms` milliseconds (0: until stdin is closed); prints
-/// how many were sent.
-fn pace(socket: &str, rate: u64, ms: u64) {
+/// how many were sent. `connected`: the socket is connected once, as the upstream clients
+/// do (so a restarted observer's new socket is not reached unless it took the old one over).
+fn pace(socket: &str, rate: u64, ms: u64, connected: bool) {
     let s = UnixDatagram::unbound().unwrap();
+    if connected {
+        s.connect(socket).unwrap();
+    }
     let pid = std::process::id();
     let t = Instant::now();
     let end = Duration::from_millis(ms);
@@ -174,7 +183,12 @@ fn pace(socket: &str, rate: u64, ms: u64) {
         let due = (t.elapsed().as_secs_f64() * rate as f64) as u64;
         while sent < due {
             sent += 1;
-            let _ = s.send_to(&varta_e2e::frame(pid, sent), socket);
+            let frame = varta_e2e::frame(pid, sent);
+            let _ = if connected {
+                s.send(&frame)
+            } else {
+                s.send_to(&frame, socket)
+            };
         }
         // Bursts every 5 ms: the generators' own wake-ups stay a small part of the
         // machine's CPU per frame.
@@ -263,6 +277,17 @@ fn bench(args: &[String]) {
         }) {
             notes.extend(stopped.map(|why| format!("{}: the rate sweep stopped: {why}", o.name)));
             plots.sweep.push((o.name, steps));
+        }
+    }
+    for o in &observers {
+        for takeover in [false, true] {
+            if takeover && o.incumbent {
+                continue;
+            }
+            eprintln!("varta-bench: {}: restart (takeover: {takeover})", o.name);
+            guarded(o, "restart", &mut notes, || {
+                scenarios::restart(o, &opts, takeover, &mut figs)
+            });
         }
     }
     eprintln!("varta-bench: the floor: a null receiver");

@@ -336,6 +336,108 @@ pub fn sweep(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) -> (Vec<Step>, Opt
     (steps, stopped)
 }
 
+/// A restart in the middle: 16 agents connected once (as the upstream clients are) beat 20
+/// times a second, one more beats once 300 ms before and stays silent; the observer is
+/// stopped and started again (or, `takeover`, a second one is started on the same socket).
+/// Figures: beats the agents sent that no instance counted, and how late the silent agent's
+/// stall came beyond its deadline (or that it never came).
+pub fn restart(obs: &Observer, opts: &Opts, takeover: bool, out: &mut Vec<Fig>) {
+    const THRESHOLD_MS: u64 = 1000;
+    const AGENTS: usize = 16;
+    let scenario = if takeover {
+        "restart_takeover"
+    } else {
+        "restart_stop_start"
+    };
+    let run = obs.start(&opts.dir, THRESHOLD_MS, &[]);
+    let socket = run.socket.display().to_string();
+    let pacers: Vec<Child> = (0..AGENTS)
+        .map(|_| {
+            helper(opts, &["pace", &socket, "20", "4000", "connected"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut wedged = helper(opts, &["agent", &socket])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(wedged.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let wedged_beat: u64 = line.trim().parse().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = run.family_sum("varta_beats_total").unwrap_or(0.0);
+    let run = if takeover {
+        let new = obs.start(&opts.dir, THRESHOLD_MS, &[]);
+        drop(run);
+        new
+    } else {
+        run.stop();
+        obs.start(&opts.dir, THRESHOLD_MS, &[])
+    };
+    // The first instance's count carries over (ours) or starts again at 0 (the incumbent).
+    let carried = run.family_sum("varta_beats_total").unwrap_or(0.0) >= before;
+    let deadline = wedged_beat as f64 + THRESHOLD_MS as f64 * 1e6;
+    let mut stall_at = None;
+    let end = Instant::now() + Duration::from_secs(5);
+    let wedged_stall = format!("varta_stalls_total{{pid=\"{}\"}}", wedged.id());
+    while Instant::now() < end && stall_at.is_none() {
+        if run
+            .scrape()
+            .is_ok_and(|m| m.get(&wedged_stall).is_some_and(|v| *v >= 1.0))
+        {
+            stall_at = Some(realtime_ns());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let sent: u64 = pacers
+        .into_iter()
+        .map(|c| {
+            let o = c.wait_with_output().unwrap();
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0)
+        })
+        .sum();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = run.family_sum("varta_beats_total").unwrap_or(0.0);
+    // The silent agent's one beat is in the count too.
+    let counted = if carried { after } else { before + after } - 1.0;
+    let lost = (sent as f64 - counted).max(0.0);
+    kill(wedged);
+    eprintln!(
+        "varta-bench: {} {scenario}: sent {sent}, counted {counted}, stall {}",
+        obs.name,
+        stall_at.map_or("never".into(), |at| format!(
+            "{:.0} ms late",
+            (at as f64 - deadline) / 1e6
+        ))
+    );
+    out.push(Fig::new(obs, scenario, "lost_beats", lost, "beats"));
+    out.push(Fig::new(
+        obs,
+        scenario,
+        "lost_fraction",
+        lost / (sent as f64).max(1.0),
+        "fraction",
+    ));
+    // Never surfaced: -1.
+    out.push(Fig::new(
+        obs,
+        scenario,
+        "wedged_stall_beyond_deadline",
+        stall_at.map_or(-1.0, |at| (at as f64 - deadline).max(0.0) / 1e6),
+        "ms (-1: never)",
+    ));
+}
+
 /// The rates at which whole-machine CPU per frame is compared with the floor.
 const FLOOR_RATES: [u64; 3] = [20_000, 160_000, 320_000];
 
