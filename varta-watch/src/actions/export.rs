@@ -8,7 +8,8 @@
 use crate::{
     actions::recovery::Finished,
     actions::sink::{FileMetrics, Sink, SinkOptions},
-    observer::{events::Event, identity::Identity},
+    actions::identity::Identity,
+    vocab::events::Event,
 };
 
 pub struct Exporter {

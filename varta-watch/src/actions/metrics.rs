@@ -22,7 +22,7 @@ use prometheus_client::{
 };
 use varta_common::{DecodeError, DropReason};
 
-use crate::observer::drops::DropCounters;
+use crate::vocab::drops::DropCounters;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PidLabel {

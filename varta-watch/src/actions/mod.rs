@@ -4,8 +4,7 @@ pub mod audit;
 mod beat_counts;
 mod capture;
 pub mod export;
-pub mod http;
-mod http_conn;
+pub mod identity;
 pub mod metrics;
 pub mod recovery;
 pub mod sink;
@@ -21,7 +20,8 @@ use crate::{
     actions::export::Exporter,
     actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
     actions::recovery::{Finished, NotRun, Outcome, Recovery},
-    observer::{events::Event, identity::Identity},
+    actions::identity::Identity,
+    vocab::events::Event,
 };
 
 pub struct Actions {

@@ -7,6 +7,7 @@ pub mod file;
 pub mod private_file;
 mod recovery_env;
 mod reload;
+pub mod secure_keys;
 mod settings;
 
 pub use compat::warnings;
@@ -22,7 +23,7 @@ use crate::{
         CommandLine, DaemonArgs, DatapathMode, EvictionPolicy, RecoveryArgs, SecureUdpArgs,
         SignalHandlerMode,
     },
-    datapath::secure_keys::{self, SecureKeys},
+    config::secure_keys::SecureKeys,
     sys::clock::ClockSource,
 };
 

@@ -16,7 +16,8 @@ use crate::{
     },
     config::Config,
     datapath::{Beat, Datapath},
-    observer::{Observer, drops::DropCounters, events::Event},
+    observer::Observer,
+    vocab::{drops::DropCounters, events::Event},
     signal::{Signal, Signals},
     sys::{clock::ClockSource, deadline::DeadlineTimer},
 };
@@ -47,7 +48,7 @@ pub async fn serve<D: Datapath>(
     let (health, probes) = Health::new();
     let prom = match config.prom_addr {
         Some(addr) => Some(
-            crate::actions::http::serve(
+            crate::daemon::http::serve(
                 addr,
                 metrics.clone(),
                 config.prom_token.clone(),

@@ -3,6 +3,8 @@
 
 mod event_loop;
 mod health;
+mod http;
+mod http_conn;
 mod liveness;
 mod state;
 
@@ -21,7 +23,7 @@ use crate::{
         udp::UdpReceiver,
         userspace::UserspaceDatapath,
     },
-    observer::drops::DropCounters,
+    vocab::drops::DropCounters,
     signal::{self, Signals},
 };
 

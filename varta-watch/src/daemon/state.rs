@@ -21,7 +21,8 @@ use varta_common::Status;
 use crate::{
     actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel, SignalLabel},
     datapath::Origin,
-    observer::{identity::Identity, tracker::Restored},
+    actions::identity::Identity,
+    observer::tracker::Restored,
     sys::{clock::ClockSource, process::StartTime},
 };
 

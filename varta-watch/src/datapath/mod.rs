@@ -5,7 +5,6 @@
 pub mod attest;
 pub mod ebpf;
 pub mod secure;
-pub mod secure_keys;
 pub mod udp;
 pub mod userspace;
 

@@ -8,7 +8,7 @@ use std::{io, net::UdpSocket, os::fd::AsFd, sync::Arc};
 use tokio::io::unix::AsyncFd;
 
 use super::{Beat, Origin, secure::UdpFrames};
-use crate::{observer::drops::DropCounters, sys::clock::ClockSource, sys::sock::RecvBatch};
+use crate::{vocab::drops::DropCounters, sys::clock::ClockSource, sys::sock::RecvBatch};
 
 const BATCH: usize = 64;
 

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     config::Limits,
-    observer::drops::DropCounters,
+    vocab::drops::DropCounters,
     sys::clock::ClockSource,
     sys::pidfd::ExitWatcher,
     sys::procfs::{self, Sender},

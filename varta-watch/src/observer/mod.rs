@@ -2,10 +2,7 @@
 //! is: namespace and pid_max gates, rate limits (unless the kernel applied them), the
 //! tracker; and the stall deadlines. It produces [`Event`]s; `actions` acts on them.
 
-pub mod drops;
-pub mod events;
 pub mod gates;
-pub mod identity;
 pub mod stall;
 pub mod tracker;
 #[cfg(test)]
@@ -18,8 +15,8 @@ use varta_common::{DropReason, Status};
 use crate::{
     config::{Config, Limits},
     datapath::Beat,
-    observer::drops::DropCounters,
-    observer::events::Event,
+    vocab::drops::DropCounters,
+    vocab::events::Event,
     observer::gates::Gates,
     observer::tracker::{Accepted, Stalled, Tracker},
     ratelimit::RateLimiter,

@@ -38,7 +38,7 @@ use super::{Beat, Datapath, Origin, attest::Attestation};
 use crate::{
     actions::metrics::KernelDrops,
     config::{Config, Limits},
-    observer::drops::DropCounters,
+    vocab::drops::DropCounters,
     sys::{
         clock::ClockSource,
         pidfd::ExitWatcher,
