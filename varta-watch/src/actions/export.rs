@@ -6,10 +6,9 @@
 //! cadence, SIGHUP reopens it).
 
 use crate::{
-    actions::recovery::Finished,
-    actions::sink::{FileMetrics, Sink, SinkOptions},
     actions::identity::Identity,
-    vocab::events::Event,
+    actions::sink::{FileMetrics, Sink, SinkOptions},
+    vocab::{events::Event, recovery::Finished},
 };
 
 pub struct Exporter {
@@ -36,10 +35,9 @@ impl Exporter {
                     frame.payload
                 )
             }
-            Event::Stall { pid, agent, .. } => format!(
-                "{observer_ns}\tstall\t{pid}\t{}\tstall\t-",
-                agent.last_nonce
-            ),
+            Event::Stall {
+                pid, last_nonce, ..
+            } => format!("{observer_ns}\tstall\t{pid}\t{last_nonce}\tstall\t-"),
             Event::Exit { pid, frame, .. } => {
                 format!(
                     "{observer_ns}\texit\t{pid}\t{}\t{}\t{}",

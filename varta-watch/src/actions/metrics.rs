@@ -22,7 +22,7 @@ use prometheus_client::{
 };
 use varta_common::{DecodeError, DropReason};
 
-use crate::vocab::drops::DropCounters;
+use crate::vocab::drops::{DropCounters, KernelDrops};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PidLabel {
@@ -80,9 +80,6 @@ pub struct ReasonLabel {
 pub struct SignalLabel {
     pub signal: &'static str,
 }
-
-/// Reads the eBPF program's drop counters, summed over CPUs.
-pub type KernelDrops = Box<dyn Fn() -> Option<[u64; DropReason::COUNT]> + Send + Sync>;
 
 pub struct Metrics {
     registry: Registry,

@@ -26,49 +26,15 @@ use tokio::sync::mpsc;
 
 use crate::{
     config::RecoveryConfig,
-    datapath::Origin,
     sys::{
         pidfd::ExitWatcher,
         process::{Continuity, StartTime},
     },
+    vocab::{
+        beat::Origin,
+        recovery::{Finished, NotRun, Outcome, Run},
+    },
 };
-
-/// What became of a recovery: run to an end, or not run at all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Success,
-    Failure,
-    Timeout,
-    SpawnFailed,
-    Debounced,
-    Refused,
-    Suppressed,
-}
-
-impl Outcome {
-    /// The `outcome` label and log value.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Outcome::Success => "success",
-            Outcome::Failure => "failure",
-            Outcome::Timeout => "timeout",
-            Outcome::SpawnFailed => "spawn_failed",
-            Outcome::Debounced => "debounced",
-            Outcome::Refused => "refused",
-            Outcome::Suppressed => "suppressed",
-        }
-    }
-}
-
-/// A recovery command that ended (or could not start) for the agent `pid`.
-#[derive(Debug, Clone)]
-pub struct Finished {
-    pub pid: u32,
-    pub outcome: Outcome,
-    pub detail: String,
-    /// The command's run, when it started (for the audit record).
-    pub run: Option<crate::actions::audit::Run>,
-}
 
 pub struct Recovery {
     config: RecoveryConfig,
@@ -82,16 +48,6 @@ pub struct Recovery {
     refilled: Instant,
     tx: mpsc::UnboundedSender<Finished>,
     rx: mpsc::UnboundedReceiver<Finished>,
-}
-
-/// Why a recovery did not start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotRun {
-    Debounced,
-    Refused(&'static str),
-    /// A global limit bit (`max_running`, `spawn_rate`), or the pid is no longer the
-    /// agent's (`pid_reused`).
-    Suppressed(&'static str),
 }
 
 impl Recovery {
@@ -208,7 +164,7 @@ impl Recovery {
                 Some(c) => Some(c.finish().await),
                 None => None,
             };
-            let run = crate::actions::audit::Run {
+            let run = Run {
                 child: child_pid,
                 status,
                 elapsed: spawned_at.elapsed(),

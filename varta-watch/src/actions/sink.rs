@@ -36,14 +36,7 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// At most one log line per file and kind of failure in this long.
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone)]
-pub struct SinkOptions {
-    pub path: PathBuf,
-    /// Rotate before a write would take the file past this size.
-    pub max_bytes: Option<u64>,
-    /// fdatasync after this many records (0: only at close).
-    pub sync_every: u64,
-}
+pub use crate::config::SinkOptions;
 
 enum Msg {
     /// Whole records, each ending in a newline.

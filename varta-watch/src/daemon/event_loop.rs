@@ -11,15 +11,19 @@ use crate::{
         Actions,
         audit::Audit,
         export::Exporter,
-        metrics::{KernelDrops, Metrics, SignalLabel},
+        metrics::{Metrics, SignalLabel},
         recovery::Recovery,
     },
     config::Config,
-    datapath::{Beat, Datapath},
+    datapath::Datapath,
     observer::Observer,
-    vocab::{drops::DropCounters, events::Event},
     signal::{Signal, Signals},
     sys::{clock::ClockSource, deadline::DeadlineTimer},
+    vocab::{
+        beat::Beat,
+        drops::{DropCounters, KernelDrops},
+        events::Event,
+    },
 };
 
 /// Sets up metrics, the metrics endpoint and the export file, then runs the loop until a
@@ -264,7 +268,7 @@ impl<D: Datapath> EventLoop<'_, D> {
                     }
                     self.datapath.agent_tracked(*pid, origin);
                 }
-                Event::Stall { pid, agent, .. } => self.datapath.agent_silent(*pid, &agent.origin),
+                Event::Stall { pid, origin, .. } => self.datapath.agent_silent(*pid, origin),
                 Event::Exit { pid, origin, .. } => self.datapath.agent_silent(*pid, origin),
                 _ => {}
             }

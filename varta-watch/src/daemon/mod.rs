@@ -15,7 +15,6 @@ use std::{net::UdpSocket, os::unix::net::UnixDatagram, process::ExitCode, sync::
 use anyhow::{Context, Result};
 
 use crate::{
-    actions::metrics::KernelDrops,
     config::{Config, cli::CommandLine, cli::DatapathMode},
     datapath::{
         ebpf::{EbpfDatapath, PinRequest, pins::Pins},
@@ -23,8 +22,8 @@ use crate::{
         udp::UdpReceiver,
         userspace::UserspaceDatapath,
     },
-    vocab::drops::DropCounters,
     signal::{self, Signals},
+    vocab::drops::{DropCounters, KernelDrops},
 };
 
 /// Runs the daemon to its end; the exit code says how it ended.

@@ -6,6 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use varta_common::DropReason;
 
+/// Reads the eBPF program's drop counters, summed over CPUs.
+pub type KernelDrops = Box<dyn Fn() -> Option<[u64; DropReason::COUNT]> + Send + Sync>;
+
 #[derive(Debug, Default)]
 pub struct DropCounters {
     counts: [AtomicU64; DropReason::COUNT],
