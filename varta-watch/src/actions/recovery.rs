@@ -23,6 +23,7 @@ use std::{
 };
 
 use tokio::sync::mpsc;
+use varta_common::ratelimit::Limit;
 
 use crate::{
     config::RecoveryConfig,
@@ -43,9 +44,10 @@ pub struct Recovery {
     /// Process groups of the commands not yet reaped: a supervisor removes its child before
     /// reaping it, so every pid here is still ours to kill.
     children: Arc<Mutex<HashSet<u32>>>,
-    /// Spawn tokens (global rate) and when they were last refilled.
-    tokens: f64,
-    refilled: Instant,
+    /// The spawn rate's bucket (`varta_common::ratelimit`, the beats' integer arithmetic):
+    /// its clock, in nanoseconds since `epoch`.
+    spawn_tat: u64,
+    epoch: Instant,
     tx: mpsc::UnboundedSender<Finished>,
     rx: mpsc::UnboundedReceiver<Finished>,
 }
@@ -54,12 +56,12 @@ impl Recovery {
     pub fn new(config: RecoveryConfig) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         Recovery {
-            tokens: f64::from(config.spawn_rate),
+            spawn_tat: 0,
             config,
             last_run: HashMap::new(),
             running: 0,
             children: Arc::default(),
-            refilled: Instant::now(),
+            epoch: Instant::now(),
             tx,
             rx,
         }
@@ -105,11 +107,11 @@ impl Recovery {
         if self.running >= self.config.max_running {
             return Err(NotRun::Suppressed("max_running"));
         }
-        let rate = f64::from(self.config.spawn_rate);
-        let elapsed = now.duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(rate.max(1.0));
-        self.refilled = now;
-        if self.tokens < 1.0 {
+        // One second's burst. Taken from a copy, kept only if the command starts.
+        let spawn_rate = Limit::new(self.config.spawn_rate, self.config.spawn_rate);
+        let mut spawn_tat = self.spawn_tat;
+        let now_ns = u64::try_from(now.duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
+        if spawn_rate.is_some_and(|limit| !limit.take(&mut spawn_tat, now_ns)) {
             return Err(NotRun::Suppressed("spawn_rate"));
         }
         // Last, as close to the spawn as it gets.
@@ -118,7 +120,7 @@ impl Recovery {
         {
             return Err(NotRun::Suppressed("pid_reused"));
         }
-        self.tokens -= 1.0;
+        self.spawn_tat = spawn_tat;
         self.last_run.insert(pid, now);
         if self.last_run.len() > 4096 {
             let debounce = self.config.debounce;
