@@ -7,9 +7,9 @@
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, aead::AeadInPlace};
 use libfuzzer_sys::fuzz_target;
 use varta_common::{Frame, Status};
-use varta_watch::datapath::{
-    secure::{Refused, SecureDecoder},
-    secure_keys::SecureKeys,
+use varta_watch::{
+    config::secure_keys::SecureKeys,
+    datapath::secure::{Refused, SecureDecoder},
 };
 
 const SHARED: [u8; 32] = [7; 32];

@@ -8,6 +8,8 @@
 //! value and takes tokens with one atomic add, so beats on several CPUs cannot spend the same
 //! token twice; the userspace datapath keeps a plain `u64` per agent.
 
+use crate::DropReason;
+
 const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// Storage of one bucket's virtual clock.
@@ -33,6 +35,72 @@ impl TatCell for u64 {
         *self = before.wrapping_add(delta);
         before
     }
+}
+
+impl TatCell for &mut u64 {
+    fn load(&mut self) -> u64 {
+        **self
+    }
+
+    fn store(&mut self, value: u64) {
+        **self = value;
+    }
+
+    fn fetch_add(&mut self, delta: u64) -> u64 {
+        (**self).fetch_add(delta)
+    }
+}
+
+/// Where [`admit`] finds the buckets: the kernel's maps, or the daemon's own.
+pub trait Buckets {
+    type Cell<'a>: TatCell
+    where
+        Self: 'a;
+
+    /// The agent's bucket, if it has one.
+    fn agent(&mut self, key: u64) -> Option<Self::Cell<'_>>;
+    /// Creates the agent's bucket (its first beat) with the clock `tat`.
+    fn create(&mut self, key: u64, tat: u64);
+    /// The daemon tracks the agent (see [`global_applies`]).
+    fn tracked(&mut self, key: u64) -> bool;
+    /// The global bucket (`None`: none to charge).
+    fn global(&mut self) -> Option<Self::Cell<'_>>;
+}
+
+/// The admission of one beat of the agent `key` at `now`, the sequence both datapaths run:
+/// the agent's own bucket (created on its first beat, full minus that beat), then the global
+/// one unless the agent is tracked ([`global_applies`]). `Ok(true)`: the agent's first beat
+/// (it had no bucket).
+#[inline(always)]
+pub fn admit<B: Buckets>(
+    buckets: &mut B,
+    key: u64,
+    per_agent: Option<Limit>,
+    global: Option<Limit>,
+    now: u64,
+) -> Result<bool, DropReason> {
+    let first = match buckets.agent(key) {
+        Some(mut tat) => {
+            if let Some(limit) = per_agent
+                && !limit.take(&mut tat, now)
+            {
+                return Err(DropReason::RatePerPid);
+            }
+            false
+        }
+        None => true,
+    };
+    if first {
+        buckets.create(key, per_agent.map_or(0, |limit| limit.first_beat(now)));
+    }
+    if let Some(limit) = global
+        && global_applies(buckets.tracked(key), per_agent.is_some())
+        && let Some(mut tat) = buckets.global()
+        && !limit.take(&mut tat, now)
+    {
+        return Err(DropReason::RateGlobal);
+    }
+    Ok(first)
 }
 
 /// One bucket's shape: `rate` tokens per second, `burst` tokens deep.

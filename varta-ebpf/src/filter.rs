@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use varta_common::{
-    DropReason, FRAME_LEN, Frame, SECURE_FRAME_LEN, SECURE_MASTER_FRAME_LEN,
+    DropReason, FRAME_LEN, Frame, SECURE_FRAME_LEN, SECURE_MASTER_FRAME_LEN, attest,
     filter::{
         BUCKET_ENTRIES, BeatRecord, Bucket, CLOCK_BOOTTIME, FilterConfig, KIND_BEAT, KIND_VERIFY,
         RING_BYTES, TRACKED_ENTRIES, TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, UDP_PLAINTEXT,
@@ -24,12 +24,12 @@ use varta_common::{
         VERIFY_RETRY_NS, Verdict, agent_key,
     },
     frame::UDP_HEADER_LEN,
-    ratelimit::{Limit, global_applies},
+    ratelimit::{self, Limit},
     wakeup,
 };
 
 use crate::{
-    attest::{self, Attest},
+    attest::{self as senders, Attest},
     ratelimit::MapCell,
 };
 
@@ -66,12 +66,16 @@ const ETH_P_IPV6: u32 = 0x86DD;
 
 #[socket_filter]
 pub fn varta_uds(ctx: SkBuffContext) -> i64 {
-    finish(try_receive::<attest::PidTgidHelper>(&ctx, TRANSPORT_UDS, 0))
+    finish(try_receive::<senders::PidTgidHelper>(
+        &ctx,
+        TRANSPORT_UDS,
+        0,
+    ))
 }
 
 #[socket_filter]
 pub fn varta_uds_task_read(ctx: SkBuffContext) -> i64 {
-    finish(try_receive::<attest::TaskRead>(&ctx, TRANSPORT_UDS, 0))
+    finish(try_receive::<senders::TaskRead>(&ctx, TRANSPORT_UDS, 0))
 }
 
 #[socket_filter]
@@ -97,7 +101,7 @@ pub fn varta_udp(ctx: SkBuffContext) -> i64 {
     if accept & UDP_PLAINTEXT == 0 && len == UDP_HEADER_LEN + FRAME_LEN as u32 {
         return finish(Err(DropReason::Plaintext));
     }
-    finish(try_receive::<attest::Unattested>(
+    finish(try_receive::<senders::Unattested>(
         &ctx,
         transport,
         UDP_HEADER_LEN,
@@ -164,8 +168,10 @@ fn try_receive<A: Attest>(
         let sender = A::sender(cfg)?;
         host_tgid = sender.host_tgid;
         match sender.observer_tgid {
-            Some(tgid) if tgid != frame.pid => return Err(DropReason::Spoof),
-            Some(tgid) => observer_tgid = tgid,
+            Some(tgid) => {
+                attest::decide(frame.pid, tgid, false, true)?;
+                observer_tgid = tgid;
+            }
             None => {
                 if attest_foreign(ctx, host_tgid, frame.pid, now)? {
                     record_kind = KIND_VERIFY;
@@ -176,7 +182,13 @@ fn try_receive<A: Attest>(
 
     let mut new_agent = false;
     if record_kind == KIND_BEAT {
-        new_agent = take_tokens(cfg, agent_key(transport, host_tgid, frame.pid), now)?;
+        new_agent = ratelimit::admit(
+            &mut KernelBuckets,
+            agent_key(transport, host_tgid, frame.pid),
+            Limit::new(cfg.per_pid_rate, cfg.per_pid_burst),
+            Limit::new(cfg.global_rate, cfg.global_burst),
+            now,
+        )?;
     }
 
     let Some(mut entry) = VARTA_EVENTS.reserve::<BeatRecord>(0) else {
@@ -238,50 +250,45 @@ fn note_last_beat(key: u64, now: u64, pid: u32, frame_pid: u32) {
     }
 }
 
-/// The per-agent bucket, then the global one unless the daemon tracks the agent
-/// (`ratelimit::global_applies`). `Ok(true)` for an agent's first beat (it had no bucket: its
-/// bucket is created full, minus this beat).
-#[inline(always)]
-fn take_tokens(cfg: &FilterConfig, key: u64, now: u64) -> Result<bool, DropReason> {
-    let per_agent = Limit::new(cfg.per_pid_rate, cfg.per_pid_burst);
-    let new_agent = match VARTA_BUCKETS.get_ptr_mut(key) {
-        Some(bucket) => {
-            if let Some(limit) = per_agent {
-                // SAFETY: a map value pointer stays valid for the whole program run and
-                // `Bucket` is one naturally aligned u64.
-                let mut tat = unsafe { MapCell::new(&raw mut (*bucket).tat_ns) };
-                if !limit.take(&mut tat, now) {
-                    return Err(DropReason::RatePerPid);
-                }
-            }
-            false
-        }
-        None => {
-            let fresh = Bucket {
-                tat_ns: per_agent.map_or(0, |limit| limit.first_beat(now)),
-                last_ns: 0,
-                pid: 0,
-                frame_pid: 0,
-            };
-            let _ = VARTA_BUCKETS.insert(key, fresh, 0);
-            true
-        }
-    };
-    // SAFETY: a lookup whose value is only tested for presence.
-    let tracked = unsafe { VARTA_TRACKED.get(&key) }.is_some();
-    if let (true, Some(limit)) = (
-        global_applies(tracked, per_agent.is_some()),
-        Limit::new(cfg.global_rate, cfg.global_burst),
-    ) {
-        if let Some(global) = VARTA_GLOBAL.get_ptr_mut(0) {
-            // SAFETY: as above, for the single global bucket.
-            let mut tat = unsafe { MapCell::new(&raw mut (*global).tat_ns) };
-            if !limit.take(&mut tat, now) {
-                return Err(DropReason::RateGlobal);
-            }
-        }
+/// The buckets of `ratelimit::admit` in the kernel's maps: per agent in `VARTA_BUCKETS`
+/// (created with its first beat), the global one in `VARTA_GLOBAL`, tracked agents in
+/// `VARTA_TRACKED` (written by the daemon).
+struct KernelBuckets;
+
+impl ratelimit::Buckets for KernelBuckets {
+    type Cell<'a> = MapCell;
+
+    #[inline(always)]
+    fn agent(&mut self, key: u64) -> Option<MapCell> {
+        let bucket = VARTA_BUCKETS.get_ptr_mut(key)?;
+        // SAFETY: a map value pointer stays valid for the whole program run and `Bucket`'s
+        // clock is a naturally aligned u64.
+        Some(unsafe { MapCell::new(&raw mut (*bucket).tat_ns) })
     }
-    Ok(new_agent)
+
+    #[inline(always)]
+    fn create(&mut self, key: u64, tat: u64) {
+        let fresh = Bucket {
+            tat_ns: tat,
+            last_ns: 0,
+            pid: 0,
+            frame_pid: 0,
+        };
+        let _ = VARTA_BUCKETS.insert(key, fresh, 0);
+    }
+
+    #[inline(always)]
+    fn tracked(&mut self, key: u64) -> bool {
+        // SAFETY: a lookup whose value is only tested for presence.
+        unsafe { VARTA_TRACKED.get(&key) }.is_some()
+    }
+
+    #[inline(always)]
+    fn global(&mut self) -> Option<MapCell> {
+        let global = VARTA_GLOBAL.get_ptr_mut(0)?;
+        // SAFETY: as above, for the single global bucket.
+        Some(unsafe { MapCell::new(&raw mut (*global).tat_ns) })
+    }
 }
 
 /// A sender in another pid namespace frames its namespace-local pid, which the kernel cannot
@@ -323,9 +330,13 @@ fn attest_foreign(
                         Err(DropReason::AttestPending)
                     }
                 }
-                _ if verdict.ns_pid != frame_pid => Err(DropReason::Spoof),
-                VERDICT_ALLOW => Ok(false),
-                VERDICT_DENY_NAMESPACE => Err(DropReason::Namespace),
+                // The daemon's verdict on the namespace policy, and the sender's own pid.
+                VERDICT_ALLOW => {
+                    attest::decide(frame_pid, verdict.ns_pid, true, true).map(|()| false)
+                }
+                VERDICT_DENY_NAMESPACE => {
+                    attest::decide(frame_pid, verdict.ns_pid, true, false).map(|()| false)
+                }
                 _ => Err(DropReason::Spoof),
             }
         }

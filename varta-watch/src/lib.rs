@@ -17,3 +17,4 @@ mod ratelimit;
 pub mod signal;
 pub mod sys;
 pub mod top;
+pub mod vocab;

@@ -1,11 +1,12 @@
 //! Rate limits of the userspace datapath: the same integer buckets the eBPF filter applies
-//! (`varta_common::ratelimit`), with their clocks in a map here instead of in kernel maps.
+//! (`varta_common::ratelimit`), admitted by the same sequence (`ratelimit::admit`), with
+//! their clocks in a map here instead of in kernel maps.
 
 use std::collections::HashMap;
 
 use varta_common::{
     DropReason,
-    ratelimit::{Limit, global_applies, is_full},
+    ratelimit::{self, Limit, is_full},
 };
 
 use crate::config::Limits;
@@ -37,22 +38,51 @@ impl RateLimiter {
     /// so the global bucket does not apply (`global_applies`).
     pub fn check(&mut self, key: u64, tracked: bool, now_ns: u64) -> Result<(), DropReason> {
         let l = &self.limits;
-        let per_agent = Limit::new(l.per_pid_rate, l.per_pid_burst());
-        if let Some(limit) = per_agent {
-            if self.per_agent.len() >= self.max_buckets && !self.per_agent.contains_key(&key) {
-                self.per_agent.retain(|_, tat| !is_full(*tat, now_ns));
-            }
-            if !limit.take(self.per_agent.entry(key).or_insert(0), now_ns) {
-                return Err(DropReason::RatePerPid);
-            }
+        let (per_agent, global) = (
+            Limit::new(l.per_pid_rate, l.per_pid_burst()),
+            Limit::new(l.global_rate, l.global_burst),
+        );
+        let mut buckets = Buckets {
+            limiter: self,
+            tracked,
+            now_ns,
+        };
+        ratelimit::admit(&mut buckets, key, per_agent, global, now_ns).map(|_first| ())
+    }
+}
+
+/// The buckets of `ratelimit::admit` for one beat: the limiter's, and whether the observer
+/// tracks the agent.
+struct Buckets<'l> {
+    limiter: &'l mut RateLimiter,
+    tracked: bool,
+    now_ns: u64,
+}
+
+impl ratelimit::Buckets for Buckets<'_> {
+    type Cell<'a>
+        = &'a mut u64
+    where
+        Self: 'a;
+
+    fn agent(&mut self, key: u64) -> Option<&mut u64> {
+        self.limiter.per_agent.get_mut(&key)
+    }
+
+    fn create(&mut self, key: u64, tat: u64) {
+        let buckets = &mut self.limiter.per_agent;
+        if buckets.len() >= self.limiter.max_buckets {
+            buckets.retain(|_, tat| !is_full(*tat, self.now_ns));
         }
-        if global_applies(tracked, per_agent.is_some())
-            && let Some(limit) = Limit::new(l.global_rate, l.global_burst)
-            && !limit.take(&mut self.global, now_ns)
-        {
-            return Err(DropReason::RateGlobal);
-        }
-        Ok(())
+        buckets.insert(key, tat);
+    }
+
+    fn tracked(&mut self, _key: u64) -> bool {
+        self.tracked
+    }
+
+    fn global(&mut self) -> Option<&mut u64> {
+        Some(&mut self.limiter.global)
     }
 }
 

@@ -14,24 +14,13 @@
 use std::{
     os::unix::process::ExitStatusExt,
     process::ExitStatus,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
-use crate::actions::{
-    recovery::Finished,
-    sink::{FileMetrics, Sink, SinkOptions},
+use crate::{
+    actions::sink::{FileMetrics, Sink, SinkOptions},
+    vocab::recovery::Finished,
 };
-
-/// How a recovery command that started went.
-#[derive(Debug, Clone)]
-pub struct Run {
-    pub child: u32,
-    /// None when it could not be waited for.
-    pub status: Option<ExitStatus>,
-    pub elapsed: Duration,
-    /// Captured output (`--recovery-capture-stdio`).
-    pub output: Option<String>,
-}
 
 pub struct Audit {
     sink: Sink,

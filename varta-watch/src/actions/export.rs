@@ -6,9 +6,9 @@
 //! cadence, SIGHUP reopens it).
 
 use crate::{
-    actions::recovery::Finished,
+    actions::identity::Identity,
     actions::sink::{FileMetrics, Sink, SinkOptions},
-    observer::{events::Event, identity::Identity},
+    vocab::{events::Event, recovery::Finished},
 };
 
 pub struct Exporter {
@@ -35,10 +35,9 @@ impl Exporter {
                     frame.payload
                 )
             }
-            Event::Stall { pid, agent, .. } => format!(
-                "{observer_ns}\tstall\t{pid}\t{}\tstall\t-",
-                agent.last_nonce
-            ),
+            Event::Stall {
+                pid, last_nonce, ..
+            } => format!("{observer_ns}\tstall\t{pid}\t{last_nonce}\tstall\t-"),
             Event::Exit { pid, frame, .. } => {
                 format!(
                     "{observer_ns}\texit\t{pid}\t{}\t{}\t{}",

@@ -22,7 +22,7 @@ use prometheus_client::{
 };
 use varta_common::{DecodeError, DropReason};
 
-use crate::observer::drops::DropCounters;
+use crate::vocab::drops::{DropCounters, INCUMBENT_DROPS, KernelDrops};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PidLabel {
@@ -80,9 +80,6 @@ pub struct ReasonLabel {
 pub struct SignalLabel {
     pub signal: &'static str,
 }
-
-/// Reads the eBPF program's drop counters, summed over CPUs.
-pub type KernelDrops = Box<dyn Fn() -> Option<[u64; DropReason::COUNT]> + Send + Sync>;
 
 pub struct Metrics {
     registry: Registry,
@@ -364,33 +361,7 @@ impl Collector for DropCollector {
         }
 
         // The incumbent's names for the same counts, so existing dashboards keep working.
-        for (name, help, r) in [
-            (
-                "varta_frame_auth_failures",
-                "Frames whose pid is not the attested sender's (frames_dropped{reason=\"spoof\"}), plus secure UDP frames no key authenticated",
-                DropReason::Spoof,
-            ),
-            (
-                "varta_frame_namespace_mismatch",
-                "Frames from another pid namespace refused (= frames_dropped{reason=\"namespace\"})",
-                DropReason::Namespace,
-            ),
-            (
-                "varta_frame_rejected_pid_above_max",
-                "Frames with a pid above pid_max (= frames_dropped{reason=\"pid_max\"})",
-                DropReason::PidMax,
-            ),
-            (
-                "varta_tracker_capacity_exceeded",
-                "New agents refused with the tracker full (= frames_dropped{reason=\"capacity\"})",
-                DropReason::Capacity,
-            ),
-            (
-                "varta_truncated_datagrams",
-                "Datagrams of the wrong length (= frames_dropped{reason=\"length\"})",
-                DropReason::Length,
-            ),
-        ] {
+        for (name, help, r) in INCUMBENT_DROPS {
             // Secure UDP frames no key authenticated count as authentication failures too.
             let secure = match r {
                 DropReason::Spoof => crate::datapath::secure::AUTH_FAILURES.get(),

@@ -4,8 +4,7 @@ pub mod audit;
 mod beat_counts;
 mod capture;
 pub mod export;
-pub mod http;
-mod http_conn;
+pub mod identity;
 pub mod metrics;
 pub mod recovery;
 pub mod sink;
@@ -19,9 +18,13 @@ use crate::{
     actions::audit::Audit,
     actions::beat_counts::BeatCounts,
     actions::export::Exporter,
+    actions::identity::Identity,
     actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
-    actions::recovery::{Finished, NotRun, Outcome, Recovery},
-    observer::{events::Event, identity::Identity},
+    actions::recovery::Recovery,
+    vocab::{
+        events::Event,
+        recovery::{Finished, NotRun, Outcome},
+    },
 };
 
 pub struct Actions {
@@ -106,8 +109,8 @@ impl Actions {
                 let m = &self.metrics;
                 // A UDP pid is only a claim: naming it after some local process would mislead.
                 let identity = match origin {
-                    crate::datapath::Origin::Uds { .. } => Identity::read(*pid),
-                    crate::datapath::Origin::Udp { .. } => Identity::default(),
+                    crate::vocab::beat::Origin::Uds { .. } => Identity::read(*pid),
+                    crate::vocab::beat::Origin::Udp { .. } => Identity::default(),
                 };
                 log::info!(
                     "event=agent_new pid={pid} frame_pid={frame_pid} transport={} cross_namespace={} {identity}",
@@ -116,7 +119,7 @@ impl Actions {
                 );
                 // Only an attested agent has a name to export; a UDP one would be an empty
                 // series (and memory) per claimed pid.
-                if matches!(origin, crate::datapath::Origin::Uds { .. }) {
+                if matches!(origin, crate::vocab::beat::Origin::Uds { .. }) {
                     m.agent_info.get_or_create(&identity.label(*pid)).set(1);
                     self.identities.insert(*pid, identity);
                 }
@@ -162,7 +165,10 @@ impl Actions {
             }
             Event::Stall {
                 pid,
-                agent,
+                last_nonce,
+                last_status,
+                origin,
+                started,
                 silent_ms,
             } => {
                 m.stalls.get_or_create(&PidLabel { pid: *pid }).inc();
@@ -170,13 +176,12 @@ impl Actions {
                     .get_or_create(&PidLabel { pid: *pid })
                     .set(Status::Stall as i64);
                 log::warn!(
-                    "event=stall pid={pid} silent_ms={silent_ms} last_nonce={} last_status={} transport={} {}",
-                    agent.last_nonce,
-                    agent.status.name(),
-                    agent.origin.transport(),
+                    "event=stall pid={pid} silent_ms={silent_ms} last_nonce={last_nonce} last_status={} transport={} {}",
+                    last_status.name(),
+                    origin.transport(),
                     self.identity(*pid)
                 );
-                self.recover(*pid, agent.origin, agent.started, now_ns, follow_ups);
+                self.recover(*pid, *origin, *started, now_ns, follow_ups);
             }
             Event::Resumed { pid } => log::info!("event=agent_resumed pid={pid}"),
             Event::Replaced { pid } => {
@@ -241,10 +246,10 @@ impl Actions {
     pub fn restore_identity(
         &mut self,
         pid: u32,
-        origin: &crate::datapath::Origin,
+        origin: &crate::vocab::beat::Origin,
         identity: Identity,
     ) {
-        if matches!(origin, crate::datapath::Origin::Uds { .. }) {
+        if matches!(origin, crate::vocab::beat::Origin::Uds { .. }) {
             self.metrics
                 .agent_info
                 .get_or_create(&identity.label(pid))
@@ -278,7 +283,7 @@ impl Actions {
     fn recover(
         &mut self,
         pid: u32,
-        origin: crate::datapath::Origin,
+        origin: crate::vocab::beat::Origin,
         started: Option<crate::sys::process::StartTime>,
         now_ns: u64,
         follow_ups: &mut Vec<Event>,

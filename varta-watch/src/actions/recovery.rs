@@ -23,52 +23,19 @@ use std::{
 };
 
 use tokio::sync::mpsc;
+use varta_common::ratelimit::Limit;
 
 use crate::{
     config::RecoveryConfig,
-    datapath::Origin,
     sys::{
         pidfd::ExitWatcher,
         process::{Continuity, StartTime},
     },
+    vocab::{
+        beat::Origin,
+        recovery::{Finished, NotRun, Outcome, Run},
+    },
 };
-
-/// What became of a recovery: run to an end, or not run at all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Success,
-    Failure,
-    Timeout,
-    SpawnFailed,
-    Debounced,
-    Refused,
-    Suppressed,
-}
-
-impl Outcome {
-    /// The `outcome` label and log value.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Outcome::Success => "success",
-            Outcome::Failure => "failure",
-            Outcome::Timeout => "timeout",
-            Outcome::SpawnFailed => "spawn_failed",
-            Outcome::Debounced => "debounced",
-            Outcome::Refused => "refused",
-            Outcome::Suppressed => "suppressed",
-        }
-    }
-}
-
-/// A recovery command that ended (or could not start) for the agent `pid`.
-#[derive(Debug, Clone)]
-pub struct Finished {
-    pub pid: u32,
-    pub outcome: Outcome,
-    pub detail: String,
-    /// The command's run, when it started (for the audit record).
-    pub run: Option<crate::actions::audit::Run>,
-}
 
 pub struct Recovery {
     config: RecoveryConfig,
@@ -77,35 +44,26 @@ pub struct Recovery {
     /// Process groups of the commands not yet reaped: a supervisor removes its child before
     /// reaping it, so every pid here is still ours to kill.
     children: Arc<Mutex<HashSet<u32>>>,
-    /// Spawn tokens (global rate) and when they were last refilled.
-    tokens: f64,
-    refilled: Instant,
+    /// The spawn rate's bucket (`varta_common::ratelimit`, the beats' integer arithmetic):
+    /// its clock, in nanoseconds since `epoch`.
+    spawn_tat: u64,
+    epoch: Instant,
     tx: mpsc::UnboundedSender<Finished>,
     rx: mpsc::UnboundedReceiver<Finished>,
     /// The observer is shutting down: nothing new is started (what runs is awaited).
     stopping: bool,
 }
 
-/// Why a recovery did not start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotRun {
-    Debounced,
-    Refused(&'static str),
-    /// A global limit bit (`max_running`, `spawn_rate`), the pid is no longer the agent's
-    /// (`pid_reused`), or the observer is stopping (`shutdown`).
-    Suppressed(&'static str),
-}
-
 impl Recovery {
     pub fn new(config: RecoveryConfig) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         Recovery {
-            tokens: f64::from(config.spawn_rate),
+            spawn_tat: 0,
             config,
             last_run: HashMap::new(),
             running: 0,
             children: Arc::default(),
-            refilled: Instant::now(),
+            epoch: Instant::now(),
             tx,
             rx,
             stopping: false,
@@ -161,11 +119,11 @@ impl Recovery {
         if self.running >= self.config.max_running {
             return Err(NotRun::Suppressed("max_running"));
         }
-        let rate = f64::from(self.config.spawn_rate);
-        let elapsed = now.duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(rate.max(1.0));
-        self.refilled = now;
-        if self.tokens < 1.0 {
+        // One second's burst. Taken from a copy, kept only if the command starts.
+        let spawn_rate = Limit::new(self.config.spawn_rate, self.config.spawn_rate);
+        let mut spawn_tat = self.spawn_tat;
+        let now_ns = u64::try_from(now.duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
+        if spawn_rate.is_some_and(|limit| !limit.take(&mut spawn_tat, now_ns)) {
             return Err(NotRun::Suppressed("spawn_rate"));
         }
         // Last, as close to the spawn as it gets.
@@ -174,7 +132,7 @@ impl Recovery {
         {
             return Err(NotRun::Suppressed("pid_reused"));
         }
-        self.tokens -= 1.0;
+        self.spawn_tat = spawn_tat;
         self.last_run.insert(pid, now);
         if self.last_run.len() > 4096 {
             let debounce = self.config.debounce;
@@ -220,7 +178,7 @@ impl Recovery {
                 Some(c) => Some(c.finish().await),
                 None => None,
             };
-            let run = crate::actions::audit::Run {
+            let run = Run {
                 child: child_pid,
                 status,
                 elapsed: spawned_at.elapsed(),

@@ -43,14 +43,7 @@ const LOG_EVERY: Duration = Duration::from_secs(60);
 /// hang the observer's exit (the supervisor would SIGKILL it, losing everything else).
 const FLUSH_GUARD: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone)]
-pub struct SinkOptions {
-    pub path: PathBuf,
-    /// Rotate before a write would take the file past this size.
-    pub max_bytes: Option<u64>,
-    /// fdatasync after this many records (0: only at close).
-    pub sync_every: u64,
-}
+pub use crate::config::SinkOptions;
 
 enum Msg {
     /// Whole records, each ending in a newline.

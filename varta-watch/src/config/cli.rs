@@ -10,7 +10,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use super::compat::{CompatArgs, RemovedArgs};
-use crate::sys::clock::ClockSource;
+use crate::{signal::SignalHandlerMode, sys::clock::ClockSource, sys::logger::LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -109,22 +109,6 @@ pub enum DatapathMode {
     Ebpf,
     /// recvmmsg with SCM_CREDENTIALS in the daemon.
     Userspace,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// `ts=... level=... event=... key=value ...`
-    Text,
-    /// `{"ts":...,"level":"...","event":"...",...}`
-    Json,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SignalHandlerMode {
-    /// Raw rt_sigaction(2) with the daemon's own restorer.
-    Direct,
-    /// libc's sigaction (escape hatch).
-    Libc,
 }
 
 /// The group of settings SIGHUP may change at run time (see `config::settings`).

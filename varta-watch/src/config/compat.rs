@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use clap::{ArgMatches, Args, parser::ValueSource};
+use clap::{ArgMatches, Args, Command, parser::ValueSource};
 
 /// Help heading of the flags that are accepted without an effect.
 const NO_EFFECT: &str = "Accepted for compatibility with varta-watch 0.2.0 (no effect)";
@@ -96,8 +96,8 @@ pub struct CompatArgs {
 
 /// `(--flag, why it has no effect)` for every such flag that was given, on the command
 /// line, in the config file or in the environment.
-pub fn warnings(matches: &ArgMatches) -> Vec<(String, String)> {
-    super::cli::command()
+pub fn warnings(command: &Command, matches: &ArgMatches) -> Vec<(String, String)> {
+    command
         .get_arguments()
         .filter(|arg| arg.get_help_heading().is_some_and(|h| h == NO_EFFECT))
         .filter(|arg| {

@@ -7,9 +7,9 @@ pub mod file;
 pub mod private_file;
 mod recovery_env;
 mod reload;
+pub mod secure_keys;
 mod settings;
 
-pub use compat::warnings;
 pub use file::parse_command_line;
 pub use reload::reload;
 pub use settings::Settings;
@@ -17,14 +17,18 @@ pub use settings::Settings;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
-    actions::sink::SinkOptions,
     config::cli::{
         CommandLine, DaemonArgs, DatapathMode, EvictionPolicy, RecoveryArgs, SecureUdpArgs,
-        SignalHandlerMode,
     },
-    datapath::secure_keys::{self, SecureKeys},
+    config::secure_keys::SecureKeys,
+    signal::SignalHandlerMode,
     sys::clock::ClockSource,
 };
+
+/// `(--flag, why it has no effect)` for every compatibility flag given (see `compat`).
+pub fn warnings(matches: &clap::ArgMatches) -> Vec<(String, String)> {
+    compat::warnings(&cli::command(), matches)
+}
 
 /// A configuration error: `--flag: what is wrong`. Exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +80,16 @@ pub struct RecoveryConfig {
     pub allow_udp: bool,
     /// Bytes of output kept for the audit record (`--recovery-capture-stdio`).
     pub capture_bytes: Option<usize>,
+}
+
+/// A durable file of records (`--export-file`, `--recovery-audit-file`; see `actions::sink`).
+#[derive(Debug, Clone)]
+pub struct SinkOptions {
+    pub path: PathBuf,
+    /// Rotate before a write would take the file past this size.
+    pub max_bytes: Option<u64>,
+    /// fdatasync after this many records (0: only at close).
+    pub sync_every: u64,
 }
 
 /// The observer's own liveness (`daemon::liveness`).

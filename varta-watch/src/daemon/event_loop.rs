@@ -14,14 +14,19 @@ use crate::{
         Actions,
         audit::Audit,
         export::Exporter,
-        metrics::{KernelDrops, Metrics, SignalLabel},
+        metrics::{Metrics, SignalLabel},
         recovery::Recovery,
     },
     config::Config,
-    datapath::{Beat, Datapath},
-    observer::{Observer, drops::DropCounters, events::Event},
+    datapath::Datapath,
+    observer::Observer,
     signal::{Signal, Signals},
     sys::{clock::ClockSource, deadline::DeadlineTimer},
+    vocab::{
+        beat::Beat,
+        drops::{DropCounters, KernelDrops},
+        events::Event,
+    },
 };
 
 /// How long scrapes already accepted have to be answered before a handover.
@@ -73,7 +78,7 @@ pub async fn serve<D: Datapath>(
     let (health, probes) = Health::new();
     let prom = match config.prom_addr {
         Some(addr) => Some(
-            crate::actions::http::serve(
+            crate::daemon::http::serve(
                 addr,
                 succession.metrics.take(),
                 metrics.clone(),
@@ -196,7 +201,7 @@ struct EventLoop<'c, D> {
     succession: Succession,
     /// A successor asked to take over: handed over at the end of this round.
     takeover: Option<Request>,
-    prom: Option<crate::actions::http::Served>,
+    prom: Option<crate::daemon::http::Served>,
     probes: Probes,
 }
 
@@ -264,7 +269,7 @@ impl<D: Datapath> EventLoop<'_, D> {
                 if let Some(prom) = self.prom.take() {
                     let listener = prom.listener.try_clone().map(std::net::TcpListener::from);
                     let served = match listener {
-                        Ok(listener) => crate::actions::http::serve(
+                        Ok(listener) => crate::daemon::http::serve(
                             prom.addr,
                             Some(listener),
                             self.metrics.clone(),
@@ -385,7 +390,7 @@ impl<D: Datapath> EventLoop<'_, D> {
                 }
                 // The agent under this pid is gone (its place taken): its kernel key too.
                 Event::Replaced { pid } => self.datapath.agent_untracked(*pid),
-                Event::Stall { pid, agent, .. } => self.datapath.agent_silent(*pid, &agent.origin),
+                Event::Stall { pid, origin, .. } => self.datapath.agent_silent(*pid, origin),
                 Event::Exit { pid, origin, .. } => self.datapath.agent_silent(*pid, origin),
                 _ => {}
             }

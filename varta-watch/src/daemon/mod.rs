@@ -3,6 +3,8 @@
 
 mod event_loop;
 mod health;
+mod http;
+mod http_conn;
 mod liveness;
 mod state;
 mod takeover;
@@ -14,7 +16,6 @@ use std::{net::UdpSocket, os::unix::net::UnixDatagram, process::ExitCode, sync::
 use anyhow::{Context, Result};
 
 use crate::{
-    actions::metrics::KernelDrops,
     config::{Config, cli::CommandLine, cli::DatapathMode},
     datapath::{
         ebpf::{EbpfDatapath, PinRequest, pins::Pins},
@@ -22,8 +23,8 @@ use crate::{
         udp::UdpReceiver,
         userspace::UserspaceDatapath,
     },
-    observer::drops::DropCounters,
     signal::{self, Signals},
+    vocab::drops::{DropCounters, KernelDrops},
 };
 
 /// Runs the daemon to its end; the exit code says how it ended.

@@ -19,10 +19,11 @@ use std::{
 use varta_common::Status;
 
 use crate::{
+    actions::identity::Identity,
     actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel, SignalLabel},
-    datapath::Origin,
-    observer::{identity::Identity, tracker::Restored},
+    observer::tracker::Restored,
     sys::{clock::ClockSource, process::StartTime},
+    vocab::beat::Origin,
 };
 
 const MAGIC: &str = "varta-state 1";

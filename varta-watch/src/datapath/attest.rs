@@ -7,9 +7,10 @@
 //! container) frames the pid it sees in its own namespace, the last entry of its `NSpid`;
 //! such a sender is tracked under the attested (host) pid, and only with
 //! `--allow-cross-namespace-agents`. A sender already gone when we look is known only by the
-//! attested pid, so its frame must carry that.
+//! attested pid, so its frame must carry that. The decision itself is
+//! `varta_common::attest::decide`, the kernel's too.
 
-use varta_common::DropReason;
+use varta_common::{DropReason, attest};
 
 use crate::sys::procfs::Sender;
 
@@ -36,11 +37,8 @@ impl Attestation {
 
     /// The namespace policy: may a sender from another pid namespace be tracked at all?
     pub fn admits(&self, cross_namespace: bool) -> Result<(), DropReason> {
-        if !cross_namespace || self.allow_cross_namespace {
-            Ok(())
-        } else {
-            Err(DropReason::Namespace)
-        }
+        // Only the policy: a sender framing its own pid.
+        attest::decide(0, 0, cross_namespace, self.allow_cross_namespace)
     }
 
     /// A frame claiming `frame_pid` from the sender the kernel attested as `attested_pid`,
@@ -56,10 +54,12 @@ impl Attestation {
             Some(s) if s.cross_namespace => (s.own_pid, true),
             _ => (attested_pid, false),
         };
-        if frame_pid != honest_pid {
-            return Err(DropReason::Spoof);
-        }
-        self.admits(cross_namespace)?;
+        attest::decide(
+            frame_pid,
+            honest_pid,
+            cross_namespace,
+            self.allow_cross_namespace,
+        )?;
         Ok(Attested {
             pid: attested_pid,
             cross_namespace,

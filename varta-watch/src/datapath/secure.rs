@@ -21,7 +21,7 @@ use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag, aead::AeadInPlace}
 use prometheus_client::metrics::counter::Counter;
 use varta_common::{DropReason, FRAME_LEN, Frame, SECURE_FRAME_LEN, SECURE_MASTER_FRAME_LEN};
 
-use super::secure_keys::SecureKeys;
+use crate::config::secure_keys::SecureKeys;
 
 /// Sessions whose last counter is remembered.
 pub const SESSIONS: usize = 65_536;
@@ -50,7 +50,7 @@ pub enum Refused {
 
 impl Refused {
     /// Counts the refusal where dashboards look for it.
-    pub fn count(self, drops: &crate::observer::drops::DropCounters) {
+    pub fn count(self, drops: &crate::vocab::drops::DropCounters) {
         match self {
             Refused::Length => drops.add(DropReason::Length),
             Refused::Auth => _ = AUTH_FAILURES.inc(),
@@ -105,7 +105,7 @@ const MASTER: u32 = u32::MAX;
 pub struct SecureDecoder {
     keys: SecureKeys,
     /// Master-derived agent keys by pid: HKDF once per agent, not per frame.
-    agent_keys: HashMap<u32, super::secure_keys::Key>,
+    agent_keys: HashMap<u32, crate::config::secure_keys::Key>,
     last_counter: HashMap<Session, u32>,
     /// Sessions by when they were last accepted, oldest first (may hold stale entries,
     /// skipped on eviction: each accept pushes once).

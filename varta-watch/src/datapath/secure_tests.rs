@@ -3,7 +3,7 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use super::*;
-use crate::observer::drops::DropCounters;
+use crate::vocab::drops::DropCounters;
 
 fn vectors() -> Vec<Value> {
     let all: Value = serde_json::from_str(include_str!(

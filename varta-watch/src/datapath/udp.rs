@@ -7,8 +7,15 @@ use std::{io, net::UdpSocket, os::fd::AsFd, sync::Arc};
 
 use tokio::io::unix::AsyncFd;
 
-use super::{Beat, Origin, secure::UdpFrames};
-use crate::{observer::drops::DropCounters, sys::clock::ClockSource, sys::sock::RecvBatch};
+use super::secure::UdpFrames;
+use crate::{
+    sys::clock::ClockSource,
+    sys::sock::RecvBatch,
+    vocab::{
+        beat::{Beat, Origin},
+        drops::DropCounters,
+    },
+};
 
 const BATCH: usize = 64;
 

@@ -18,17 +18,18 @@ use varta_common::{
 };
 
 use super::{
-    Beat, Datapath, Origin,
+    Datapath,
     attest::{Attestation, Attested},
     udp::UdpReceiver,
 };
 use crate::{
     config::Limits,
-    observer::drops::DropCounters,
     sys::clock::ClockSource,
     sys::pidfd::ExitWatcher,
     sys::procfs::{self, Sender},
     sys::sock::{self, RecvBatch},
+    vocab::beat::{Beat, Origin},
+    vocab::drops::DropCounters,
 };
 
 const BATCH: usize = 64;

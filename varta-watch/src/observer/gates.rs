@@ -3,7 +3,7 @@
 
 use varta_common::DropReason;
 
-use crate::{datapath::Beat, sys::procfs};
+use crate::{sys::procfs, vocab::beat::Beat};
 
 /// pid_max is re-read at most this often (ns), and only when a beat arrives (no timer). Timed
 /// by the beats' own receive stamps: a clock read per beat was a tenth of the daemon's CPU.

@@ -2,10 +2,7 @@
 //! is: namespace and pid_max gates, rate limits (unless the kernel applied them), the
 //! tracker; and the stall deadlines. It produces [`Event`]s; `actions` acts on them.
 
-pub mod drops;
-pub mod events;
 pub mod gates;
-pub mod identity;
 pub mod stall;
 pub mod tracker;
 #[cfg(test)]
@@ -17,13 +14,13 @@ use varta_common::{DropReason, Status};
 
 use crate::{
     config::{Config, Limits},
-    datapath::Beat,
-    observer::drops::DropCounters,
-    observer::events::Event,
     observer::gates::Gates,
     observer::tracker::{Accepted, Stalled, Tracker},
     ratelimit::RateLimiter,
     sys::process::StartTime,
+    vocab::beat::Beat,
+    vocab::drops::DropCounters,
+    vocab::events::Event,
 };
 
 pub struct Observer {
@@ -143,7 +140,10 @@ impl Observer {
             let silent_ms = now_ns.saturating_sub(s.agent.last_beat_ns) / 1_000_000;
             events.push(Event::Stall {
                 pid: s.pid,
-                agent: s.agent,
+                last_nonce: s.agent.last_nonce,
+                last_status: s.agent.status,
+                origin: s.agent.origin,
+                started: s.agent.started,
                 silent_ms,
             });
         }

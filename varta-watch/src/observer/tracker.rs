@@ -23,9 +23,9 @@ use varta_common::{DropReason, Frame, Status};
 
 use crate::{
     config::cli::EvictionPolicy,
-    datapath::Origin,
     observer::stall::{Entry, StallQueue},
     sys::process::{Continuity, StartTime},
+    vocab::beat::Origin,
 };
 
 /// Below this the nonce counts as wrapped around rather than replayed, when the last one

@@ -8,8 +8,8 @@ use varta_common::{Frame, Status};
 
 use crate::{
     config::cli::EvictionPolicy,
-    datapath::Origin,
     observer::tracker::{Accepted, Tracker},
+    vocab::beat::Origin,
 };
 
 const T: u64 = 1_000;

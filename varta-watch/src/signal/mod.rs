@@ -17,7 +17,14 @@ use std::{
 pub use handlers::{Installed, Signal, rseq_size};
 use tokio::io::unix::AsyncFd;
 
-use crate::config::cli::SignalHandlerMode;
+/// `--signal-handler-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SignalHandlerMode {
+    /// Raw rt_sigaction(2) with the daemon's own restorer.
+    Direct,
+    /// libc's sigaction (escape hatch).
+    Libc,
+}
 
 /// Receives the signals the handlers recorded.
 pub struct Signals {

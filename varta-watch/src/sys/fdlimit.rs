@@ -3,7 +3,7 @@
 //! attested senders for their exit) draw on a budget of half of what is left after
 //! [`RESERVE`]; the reserve stays free for what must always work: recovery commands
 //! (their pidfd, pipes and /dev/null), the export and audit files, /metrics connections
-//! (at most `actions::http_conn::MAX_CONNECTIONS`), sockets and the eBPF objects.
+//! (at most `daemon::http_conn::MAX_CONNECTIONS`), sockets and the eBPF objects.
 
 use std::{
     io,

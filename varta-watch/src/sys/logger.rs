@@ -14,7 +14,14 @@ use std::{
 
 use varta_common::ratelimit::Limit;
 
-use crate::config::cli::LogFormat;
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `ts=... level=... event=... key=value ...`
+    Text,
+    /// `{"ts":...,"level":"...","event":"...",...}`
+    Json,
+}
 
 struct LineLogger {
     level: log::LevelFilter,

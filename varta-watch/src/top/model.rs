@@ -9,6 +9,7 @@ use std::{
 };
 
 use super::scrape::Sample;
+use crate::vocab::drops::INCUMBENT_DROPS;
 
 /// `varta_status` of a stalled agent.
 const STATUS_STALL: f64 = 3.0;
@@ -16,15 +17,6 @@ const STATUS_STALL: f64 = 3.0;
 /// Identity labels of `varta_agent_info`, in the order shown (`pod` for observers that
 /// name it so).
 const IDENTITY: [&str; 5] = ["comm", "unit", "pod", "pod_uid", "container_id"];
-
-/// The incumbent's drop counters, under the reason names of our `varta_frames_dropped`.
-const INCUMBENT_DROPS: [(&str, &str); 5] = [
-    ("varta_frame_auth_failures_total", "spoof"),
-    ("varta_frame_namespace_mismatch_total", "namespace"),
-    ("varta_frame_rejected_pid_above_max_total", "pid_max"),
-    ("varta_tracker_capacity_exceeded_total", "capacity"),
-    ("varta_truncated_datagrams_total", "length"),
-];
 
 #[derive(Debug, Default, Clone)]
 pub struct AgentSample {
@@ -119,8 +111,11 @@ fn incumbent_drops(samples: &[Sample]) -> BTreeMap<String, f64> {
         let reason = match m.name.as_str() {
             "varta_decode_errors_total" => format!("decode_{}", m.label("kind").unwrap_or("?")),
             "varta_rate_limited_total" => format!("rate_{}", m.label("reason").unwrap_or("?")),
-            name => match INCUMBENT_DROPS.iter().find(|(n, _)| *n == name) {
-                Some((_, reason)) => (*reason).to_owned(),
+            name => match INCUMBENT_DROPS
+                .iter()
+                .find(|(n, ..)| name.strip_suffix("_total") == Some(*n))
+            {
+                Some((.., reason)) => reason.name().to_owned(),
                 None => continue,
             },
         };

@@ -34,15 +34,17 @@ use varta_common::{
 
 pub use load::{Unavailable, detach};
 
-use super::{Beat, Datapath, Origin, attest::Attestation};
+use super::{Datapath, attest::Attestation};
 use crate::{
-    actions::metrics::KernelDrops,
     config::{Config, Limits},
-    observer::drops::DropCounters,
     sys::{
         clock::ClockSource,
         pidfd::ExitWatcher,
         procfs::{self, PidNs},
+    },
+    vocab::{
+        beat::{Beat, Origin},
+        drops::{DropCounters, KernelDrops},
     },
 };
 

@@ -14,8 +14,8 @@ use varta_common::{
 
 use super::EbpfDatapath;
 use crate::{
-    datapath::{Beat, Origin},
     sys::{pidfd::ExitWatcher, procfs},
+    vocab::beat::{Beat, Origin},
 };
 
 impl EbpfDatapath {

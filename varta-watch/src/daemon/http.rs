@@ -20,8 +20,8 @@ use axum::{
 use varta_common::ratelimit::{Limit, is_full};
 
 use crate::{
-    actions::{http_conn::LimitedListener, metrics::Metrics},
-    daemon::Probes,
+    actions::metrics::Metrics,
+    daemon::{Probes, http_conn::LimitedListener},
 };
 
 #[derive(Clone)]

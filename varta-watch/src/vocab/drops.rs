@@ -6,6 +6,40 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use varta_common::DropReason;
 
+/// Reads the eBPF program's drop counters, summed over CPUs.
+pub type KernelDrops = Box<dyn Fn() -> Option<[u64; DropReason::COUNT]> + Send + Sync>;
+
+/// The incumbent's (varta-watch 0.2.0) counter of a drop reason, its help, and the reason:
+/// exported beside `varta_frames_dropped_total` (with `_total`) so existing dashboards keep
+/// working, and read back by `top` from an incumbent observer.
+pub const INCUMBENT_DROPS: [(&str, &str, DropReason); 5] = [
+    (
+        "varta_frame_auth_failures",
+        "Frames whose pid is not the attested sender's (frames_dropped{reason=\"spoof\"}), plus secure UDP frames no key authenticated",
+        DropReason::Spoof,
+    ),
+    (
+        "varta_frame_namespace_mismatch",
+        "Frames from another pid namespace refused (= frames_dropped{reason=\"namespace\"})",
+        DropReason::Namespace,
+    ),
+    (
+        "varta_frame_rejected_pid_above_max",
+        "Frames with a pid above pid_max (= frames_dropped{reason=\"pid_max\"})",
+        DropReason::PidMax,
+    ),
+    (
+        "varta_tracker_capacity_exceeded",
+        "New agents refused with the tracker full (= frames_dropped{reason=\"capacity\"})",
+        DropReason::Capacity,
+    ),
+    (
+        "varta_truncated_datagrams",
+        "Datagrams of the wrong length (= frames_dropped{reason=\"length\"})",
+        DropReason::Length,
+    ),
+];
+
 #[derive(Debug)]
 pub struct DropCounters {
     counts: [AtomicU64; DropReason::COUNT],

@@ -1,11 +1,11 @@
 //! What the observer surfaces. Each event goes to the log, the export file, the metrics and,
 //! for stalls and exits, to recovery (see `actions`).
 
-use varta_common::Frame;
+use varta_common::{Frame, Status};
 
 use crate::{
-    actions::recovery::Finished, datapath::Origin, observer::tracker::Agent,
     sys::process::StartTime,
+    vocab::{beat::Origin, recovery::Finished},
 };
 
 #[derive(Debug, Clone)]
@@ -38,10 +38,14 @@ pub enum Event {
         /// When the agent's process started (see `Agent::started`).
         started: Option<StartTime>,
     },
-    /// Silent past the threshold.
+    /// Silent past the threshold: the agent as its last beat left it.
     Stall {
         pid: u32,
-        agent: Agent,
+        last_nonce: u64,
+        last_status: Status,
+        origin: Origin,
+        /// When the agent's process started (see `Agent::started`).
+        started: Option<StartTime>,
         silent_ms: u64,
     },
     /// A stalled agent beats again.

@@ -1,0 +1,75 @@
+//! What a datapath hands the observer: a [`Beat`], and where it came from ([`Origin`]).
+
+use std::net::SocketAddr;
+
+use varta_common::{
+    Frame,
+    filter::{TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, agent_key},
+};
+
+/// How an agent reached us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Unix datagram socket: the kernel attested the sender.
+    Uds {
+        /// The sender lives in another pid namespace than the observer's (a container).
+        cross_namespace: bool,
+    },
+    /// Plaintext UDP: the pid is the sender's claim only.
+    Udp { source: SocketAddr },
+}
+
+impl Origin {
+    pub fn is_cross_namespace(&self) -> bool {
+        matches!(
+            self,
+            Origin::Uds {
+                cross_namespace: true
+            }
+        )
+    }
+
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Origin::Uds { .. } => "uds",
+            Origin::Udp { .. } => "udp",
+        }
+    }
+
+    /// The rate-limit key of the agent tracked as `pid`, the same as the kernel's: UDS
+    /// agents by their attested pid, UDP agents by transport and claimed pid, so the two
+    /// never share a key.
+    pub fn agent_key(&self, pid: u32) -> u64 {
+        agent_key(self.transport_code(), pid, pid)
+    }
+
+    /// The transport as the kernel records it (`BeatRecord::transport`).
+    pub fn transport_code(&self) -> u8 {
+        match self {
+            Origin::Uds { .. } => TRANSPORT_UDS,
+            Origin::Udp { source } if source.is_ipv4() => TRANSPORT_UDP4,
+            Origin::Udp { .. } => TRANSPORT_UDP6,
+        }
+    }
+}
+
+/// A valid, attested frame, ready for the gates and the tracker.
+#[derive(Debug, Clone, Copy)]
+pub struct Beat {
+    /// The pid the agent is tracked under: the attested pid as the observer's namespace sees
+    /// it (for a container agent, its host pid), or the claimed pid for UDP.
+    pub pid: u32,
+    pub frame: Frame,
+    pub origin: Origin,
+    /// Receive time on the configured clock.
+    pub recv_ns: u64,
+    /// The rate limits were applied already (in the kernel); else the observer applies them.
+    pub rate_limited: bool,
+}
+
+impl Beat {
+    /// The agent's key for rate limits ([`Origin::agent_key`]).
+    pub fn agent_key(&self) -> u64 {
+        self.origin.agent_key(self.pid)
+    }
+}
