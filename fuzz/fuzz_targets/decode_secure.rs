@@ -6,10 +6,10 @@
 
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, aead::AeadInPlace};
 use libfuzzer_sys::fuzz_target;
-use varta_common::{Frame, Status};
+use varta_common::{DropReason, Frame, Status};
 use varta_watch::{
     config::secure_keys::SecureKeys,
-    datapath::secure::{Refused, SecureDecoder},
+    datapath::secure::SecureDecoder,
 };
 
 const SHARED: [u8; 32] = [7; 32];
@@ -70,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(opened) => {
             assert_eq!(flip, 0, "a changed byte {at} was accepted");
             assert_eq!(opened, frame);
-            assert_eq!(d.open(&wire), Err(Refused::Replay), "a replay was accepted");
+            assert_eq!(d.open(&wire), Err(DropReason::Replay), "a replay was accepted");
         }
         Err(refused) => assert_ne!(flip, 0, "an intact sealed frame was refused: {refused:?}"),
     }

@@ -208,6 +208,8 @@ fn export_file_and_metrics_after_a_scripted_scenario(datapath: &str) {
         "ringbuf_full",
         "attest_pending",
         "plaintext",
+        "auth",
+        "decrypt",
     ] {
         expected.push(format!(
             "varta_frames_dropped_total{{reason=\"{reason}\"}} 0"

@@ -29,10 +29,14 @@ pub enum DropReason {
     AttestPending,
     /// A plaintext UDP frame on a port that accepts only secure (authenticated) frames.
     Plaintext,
+    /// A secure UDP frame no key authenticated.
+    Auth,
+    /// An authenticated secure UDP frame whose plaintext is not a valid frame of its sender.
+    Decrypt,
 }
 
 /// The reasons after the decode errors, in index order.
-const AFTER_DECODE: [DropReason; 11] = [
+const AFTER_DECODE: [DropReason; 13] = [
     DropReason::Spoof,
     DropReason::Namespace,
     DropReason::PidMax,
@@ -44,6 +48,8 @@ const AFTER_DECODE: [DropReason; 11] = [
     DropReason::RingbufFull,
     DropReason::AttestPending,
     DropReason::Plaintext,
+    DropReason::Auth,
+    DropReason::Decrypt,
 ];
 
 /// Index of the first reason after the decode errors.
@@ -85,6 +91,8 @@ impl DropReason {
             DropReason::RingbufFull => 8,
             DropReason::AttestPending => 9,
             DropReason::Plaintext => 10,
+            DropReason::Auth => 11,
+            DropReason::Decrypt => 12,
         };
         AFTER_DECODE_START + after
     }
@@ -110,6 +118,8 @@ impl DropReason {
             DropReason::RingbufFull => "ringbuf_full",
             DropReason::AttestPending => "attest_pending",
             DropReason::Plaintext => "plaintext",
+            DropReason::Auth => "auth",
+            DropReason::Decrypt => "decrypt",
         }
     }
 }
@@ -140,6 +150,7 @@ mod tests {
         assert_eq!(DropReason::Spoof.index(), 9);
         assert_eq!(DropReason::AttestPending.index(), 18);
         assert_eq!(DropReason::Plaintext.index(), 19);
-        assert_eq!(DropReason::COUNT, 20);
+        assert_eq!(DropReason::Decrypt.index(), 21);
+        assert_eq!(DropReason::COUNT, 22);
     }
 }

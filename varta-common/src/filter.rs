@@ -75,7 +75,8 @@ pub mod map {
 /// it would misread. Raise it with any change to a map's key, value, type or meaning.
 /// 2: [`Bucket`] holds the agent's last accepted beat.
 /// 3: `DropReason::Plaintext` (one more drop counter), [`FilterConfig::udp_accept`].
-pub const LAYOUT_VERSION: u32 = 3;
+/// 4: `DropReason::Auth` and `DropReason::Decrypt` (two more drop counters).
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Where the maps are pinned unless `--bpf-pin-dir` says otherwise (a bpffs, mounted by the
 /// daemon when absent).

@@ -224,11 +224,6 @@ impl Metrics {
             m.rcvbuf_bytes.clone(),
         );
         m.files.register(&mut m.registry);
-        m.registry.register(
-            "varta_frame_decrypt_failures",
-            "Authenticated secure UDP frames whose plaintext is not a valid frame of their sender",
-            crate::datapath::secure::DECRYPT_FAILURES.clone(),
-        );
         let info = Family::<DatapathLabels, Gauge>::default();
         info.get_or_create(&DatapathLabels {
             mode: datapath,
@@ -361,14 +356,9 @@ impl Collector for DropCollector {
         }
 
         // The incumbent's names for the same counts, so existing dashboards keep working.
-        for (name, help, r) in INCUMBENT_DROPS {
-            // Secure UDP frames no key authenticated count as authentication failures too.
-            let secure = match r {
-                DropReason::Spoof => crate::datapath::secure::AUTH_FAILURES.get(),
-                _ => 0,
-            };
+        for (name, help, reasons) in INCUMBENT_DROPS {
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            ConstCounter::new(count(r) + secure).encode(metric)?;
+            ConstCounter::new(reasons.iter().map(|r| count(*r)).sum::<u64>()).encode(metric)?;
         }
 
         let uptime = encoder.encode_descriptor(

@@ -12,56 +12,15 @@
 //! session authenticates again, and is then refused by the tracker's per-agent nonce check
 //! while its agent is tracked.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::LazyLock,
-};
+use std::collections::{HashMap, VecDeque};
 
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag, aead::AeadInPlace};
-use prometheus_client::metrics::counter::Counter;
 use varta_common::{DropReason, FRAME_LEN, Frame, SECURE_FRAME_LEN, SECURE_MASTER_FRAME_LEN};
 
 use crate::config::secure_keys::SecureKeys;
 
 /// Sessions whose last counter is remembered.
 pub const SESSIONS: usize = 65_536;
-
-/// Frames no key authenticated (`varta_frame_auth_failures_total`).
-pub static AUTH_FAILURES: LazyLock<Counter> = LazyLock::new(Counter::default);
-/// Authenticated frames whose plaintext is not a valid VLP frame for their sender
-/// (`varta_frame_decrypt_failures_total`).
-pub static DECRYPT_FAILURES: LazyLock<Counter> = LazyLock::new(Counter::default);
-
-/// Why a secure datagram was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
-    /// Not a secure frame length, or no secure key for it.
-    Length,
-    /// No key authenticated it.
-    Auth,
-    /// Authenticated, but the frame inside is not valid (or not the prefix's pid).
-    Decrypt,
-    /// A counter not above its session's last one.
-    Replay,
-    /// Dropped for a reason both datapaths count (a plaintext frame that does not decode,
-    /// a rate limit).
-    Dropped(DropReason),
-}
-
-impl Refused {
-    /// Counts the refusal where dashboards look for it.
-    pub fn count(self, drops: &crate::vocab::drops::DropCounters) {
-        match self {
-            Refused::Length => drops.add(DropReason::Length),
-            Refused::Auth => _ = AUTH_FAILURES.inc(),
-            Refused::Decrypt => _ = DECRYPT_FAILURES.inc(),
-            Refused::Replay => drops.add(DropReason::Replay),
-            // What the classic filter may sample (userspace datapath).
-            Refused::Dropped(reason @ DropReason::Decode(_)) => drops.add_junk(reason),
-            Refused::Dropped(reason) => drops.add(reason),
-        }
-    }
-}
 
 /// What the UDP socket accepts: secure frames when keys are configured, plaintext ones
 /// with `--i-accept-plaintext-udp`; any other datagram is counted by why it was refused.
@@ -79,19 +38,19 @@ impl UdpFrames {
         }
     }
 
-    pub fn decode(&mut self, bytes: &[u8]) -> Result<Frame, Refused> {
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<Frame, DropReason> {
         match (bytes.len(), &mut self.secure) {
             (FRAME_LEN, _) if self.plaintext => {
                 let raw = bytes.try_into().expect("FRAME_LEN bytes");
                 Frame::decode(raw).map_err(|e| {
                     log::debug!("event=decode_error transport=udp kind={}", e.name());
-                    Refused::Dropped(DropReason::from_decode(e))
+                    DropReason::from_decode(e)
                 })
             }
             // A secure-only port: the frame is well-formed perhaps, but nobody vouches for it.
-            (FRAME_LEN, _) => Err(Refused::Dropped(DropReason::Plaintext)),
+            (FRAME_LEN, _) => Err(DropReason::Plaintext),
             (_, Some(secure)) => secure.open(bytes),
-            _ => Err(Refused::Length),
+            _ => Err(DropReason::Length),
         }
     }
 }
@@ -127,14 +86,14 @@ impl SecureDecoder {
     }
 
     /// The frame inside an authenticated, fresh secure datagram.
-    pub fn open(&mut self, wire: &[u8]) -> Result<Frame, Refused> {
+    pub fn open(&mut self, wire: &[u8]) -> Result<Frame, DropReason> {
         let (session_key, body, aad, agent_pid) = match wire.len() {
             SECURE_FRAME_LEN if !self.keys.shared.is_empty() => (None, wire, &[][..], None),
             SECURE_MASTER_FRAME_LEN if self.keys.master.is_some() => {
                 let pid = u32::from_le_bytes(wire[..4].try_into().expect("4 bytes"));
                 (Some(pid), &wire[4..], &wire[..4], Some(pid))
             }
-            _ => return Err(Refused::Length),
+            _ => return Err(DropReason::Length),
         };
         let iv_random: [u8; 8] = body[..8].try_into().expect("8 bytes");
         let counter = u32::from_le_bytes(body[8..12].try_into().expect("4 bytes"));
@@ -158,7 +117,7 @@ impl SecureDecoder {
                     .agent_keys
                     .entry(pid)
                     .or_insert_with(|| SecureKeys::agent_key(master, pid));
-                ((MASTER, pid), try_key(key).ok_or(Refused::Auth)?)
+                ((MASTER, pid), try_key(key).ok_or(DropReason::Auth)?)
             }
             // Every key is tried, whichever opens the frame: how long a frame takes does
             // not tell which rotation slot holds the key (L7 of the hardening review).
@@ -171,24 +130,24 @@ impl SecureDecoder {
                     let opened = try_key(key).map(|p| ((i as u32, 0), p));
                     found.or(opened)
                 })
-                .ok_or(Refused::Auth)?,
+                .ok_or(DropReason::Auth)?,
         };
-        let frame = Frame::decode(&plain).map_err(|_| Refused::Decrypt)?;
+        let frame = Frame::decode(&plain).map_err(|_| DropReason::Decrypt)?;
         if agent_pid.is_some_and(|pid| pid != frame.pid) {
-            return Err(Refused::Decrypt);
+            return Err(DropReason::Decrypt);
         }
         self.fresh((slot.0, slot.1, iv_random), counter)?;
         Ok(frame)
     }
 
     /// Accepts a counter above its session's last one, remembering it.
-    fn fresh(&mut self, session: Session, counter: u32) -> Result<(), Refused> {
+    fn fresh(&mut self, session: Session, counter: u32) -> Result<(), DropReason> {
         if self
             .last_counter
             .get(&session)
             .is_some_and(|&last| counter <= last)
         {
-            return Err(Refused::Replay);
+            return Err(DropReason::Replay);
         }
         if !self.last_counter.contains_key(&session) && self.last_counter.len() >= SESSIONS {
             self.evict_one();

@@ -6,6 +6,7 @@
 use std::{io, net::UdpSocket, os::fd::AsFd, sync::Arc};
 
 use tokio::io::unix::AsyncFd;
+use varta_common::DropReason;
 
 use super::secure::UdpFrames;
 use crate::{
@@ -72,7 +73,7 @@ impl UdpReceiver {
             |d, now| {
                 let Some(source) = d.source else { return };
                 let decoded = if d.truncated {
-                    Err(super::secure::Refused::Length)
+                    Err(DropReason::Length)
                 } else {
                     frames.decode(d.bytes)
                 };
@@ -84,7 +85,9 @@ impl UdpReceiver {
                         recv_ns: now,
                         rate_limited: false,
                     }),
-                    Err(refused) => refused.count(drops),
+                    // What the classic filter may sample (userspace datapath).
+                    Err(reason @ DropReason::Decode(_)) => drops.add_junk(reason),
+                    Err(reason) => drops.add(reason),
                 }
             },
         )?;

@@ -115,7 +115,7 @@ fn incumbent_drops(samples: &[Sample]) -> BTreeMap<String, f64> {
                 .iter()
                 .find(|(n, ..)| name.strip_suffix("_total") == Some(*n))
             {
-                Some((.., reason)) => reason.name().to_owned(),
+                Some((.., reasons)) => reasons[0].name().to_owned(),
                 None => continue,
             },
         };

@@ -9,34 +9,40 @@ use varta_common::DropReason;
 /// Reads the eBPF program's drop counters, summed over CPUs.
 pub type KernelDrops = Box<dyn Fn() -> Option<[u64; DropReason::COUNT]> + Send + Sync>;
 
-/// The incumbent's (varta-watch 0.2.0) counter of a drop reason, its help, and the reason:
-/// exported beside `varta_frames_dropped_total` (with `_total`) so existing dashboards keep
-/// working, and read back by `top` from an incumbent observer.
-pub const INCUMBENT_DROPS: [(&str, &str, DropReason); 5] = [
+/// The incumbent's (varta-watch 0.2.0) counter of some drop reasons, its help, and the
+/// reasons it adds up: exported beside `varta_frames_dropped_total` (with `_total`) so
+/// existing dashboards keep working, and read back by `top` from an incumbent observer (as
+/// the first reason).
+pub const INCUMBENT_DROPS: [(&str, &str, &[DropReason]); 6] = [
     (
         "varta_frame_auth_failures",
-        "Frames whose pid is not the attested sender's (frames_dropped{reason=\"spoof\"}), plus secure UDP frames no key authenticated",
-        DropReason::Spoof,
+        "Frames whose pid is not the attested sender's, plus secure UDP frames no key authenticated (frames_dropped{reason=\"spoof\"} + {reason=\"auth\"})",
+        &[DropReason::Spoof, DropReason::Auth],
+    ),
+    (
+        "varta_frame_decrypt_failures",
+        "Authenticated secure UDP frames whose plaintext is not a valid frame of their sender (= frames_dropped{reason=\"decrypt\"})",
+        &[DropReason::Decrypt],
     ),
     (
         "varta_frame_namespace_mismatch",
         "Frames from another pid namespace refused (= frames_dropped{reason=\"namespace\"})",
-        DropReason::Namespace,
+        &[DropReason::Namespace],
     ),
     (
         "varta_frame_rejected_pid_above_max",
         "Frames with a pid above pid_max (= frames_dropped{reason=\"pid_max\"})",
-        DropReason::PidMax,
+        &[DropReason::PidMax],
     ),
     (
         "varta_tracker_capacity_exceeded",
         "New agents refused with the tracker full (= frames_dropped{reason=\"capacity\"})",
-        DropReason::Capacity,
+        &[DropReason::Capacity],
     ),
     (
         "varta_truncated_datagrams",
         "Datagrams of the wrong length (= frames_dropped{reason=\"length\"})",
-        DropReason::Length,
+        &[DropReason::Length],
     ),
 ];
 
