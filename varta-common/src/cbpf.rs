@@ -13,6 +13,8 @@
 //! instructions of the 4,096 the kernel allows.
 
 use crate::frame::{FRAME_LEN, MAGIC, VERSION};
+#[cfg(test)]
+use crate::frame::{SECURE_FRAME_LENS, UDP_HEADER_LEN};
 
 /// One instruction, laid out as the kernel's `struct sock_filter`.
 #[repr(C)]
@@ -53,8 +55,8 @@ const TAX: u16 = 0x00;
 /// `SKF_AD_OFF + SKF_AD_RANDOM`: loading this "offset" yields a random u32.
 const AD_RANDOM: u32 = (-0x1000i32 + 56) as u32;
 const KEEP_ALL: u32 = u32::MAX;
-const CRC_POLY: u32 = 0x82F6_3B78;
-const CRC_OFFSET: u32 = 28;
+const CRC_POLY: u32 = crate::crc32c::POLY;
+const CRC_OFFSET: u32 = crate::frame::CRC_OFFSET as u32;
 
 /// Where a frame starts in what the filter sees, and which datagram lengths it accepts.
 #[derive(Debug, Clone, Copy)]
@@ -331,8 +333,8 @@ mod tests {
     #[test]
     fn fits_the_kernel_limit_and_jumps_stay_in_range() {
         let p = program(&Layout {
-            offset: 8,
-            also_accept: &[60, 64],
+            offset: UDP_HEADER_LEN,
+            also_accept: &SECURE_FRAME_LENS,
             sample_one_in: 1024,
         });
         assert!(p.insns().len() <= 4096 && p.insns().len() < MAX_INSNS);
@@ -403,8 +405,8 @@ mod tests {
     #[test]
     fn udp_layout_skips_the_header_and_passes_secure_lengths() {
         let udp = Layout {
-            offset: 8,
-            also_accept: &[60, 64],
+            offset: UDP_HEADER_LEN,
+            also_accept: &SECURE_FRAME_LENS,
             sample_one_in: 1024,
         };
         let mut dgram = [0u8; 8 + 32];

@@ -3,7 +3,8 @@
 //! Table-driven and `const`-built so that the eBPF program and the daemon run the very same
 //! code over the very same table: both sides provably agree on which frames are valid.
 
-const POLY: u32 = 0x82F6_3B78;
+/// The reflected polynomial; the classic filter's CRC loop uses it too.
+pub const POLY: u32 = 0x82F6_3B78;
 
 /// The 256-entry lookup table, built at compile time.
 pub static TABLE: [u32; 256] = build_table();

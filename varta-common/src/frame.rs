@@ -19,7 +19,8 @@ pub const MAGIC: [u8; 2] = [0x56, 0x41];
 pub const VERSION: u8 = 2;
 /// With status Critical this nonce marks the panic-terminal frame: the agent is dying.
 pub const NONCE_TERMINAL: u64 = u64::MAX;
-const CRC_OFFSET: usize = 28;
+/// Where the CRC-32C sits: it covers the bytes before it.
+pub const CRC_OFFSET: usize = 28;
 
 #[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
