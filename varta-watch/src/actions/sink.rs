@@ -14,6 +14,7 @@
 //!   one opened when possible: a deleted file is never kept open.
 //! - `reopen` (SIGHUP) closes and reopens; a failed reopen leaves no file open.
 
+use crate::sys::text::q;
 use std::{
     fs::File,
     io::{self, Write},
@@ -226,9 +227,10 @@ impl Writer {
         if self.logged[i].is_none_or(|t| t.elapsed() >= LOG_EVERY) {
             self.logged[i] = Some(Instant::now());
             log::warn!(
-                "event=file_error file={} op={op} path={} error=\"{e}\" records_lost={lost}",
+                "event=file_error file={} op={op} path={} error={} records_lost={lost}",
                 self.name,
-                self.opts.path.display()
+                q(self.opts.path.display()),
+                q(e)
             );
         }
     }
@@ -257,7 +259,7 @@ impl Writer {
                 log::warn!(
                     "event=file_vanished file={} path={}",
                     self.name,
-                    self.opts.path.display()
+                    q(self.opts.path.display())
                 );
             }
             if self.try_open() {
@@ -366,7 +368,7 @@ impl Writer {
             log::warn!(
                 "event={}_reopen_failed path={}",
                 self.name,
-                self.opts.path.display()
+                q(self.opts.path.display())
             );
         }
     }

@@ -1,6 +1,7 @@
 //! The daemon's event loop, the same for both datapaths: wait for something to happen, run
 //! what arrived through the observer, act on the events, repeat.
 
+use crate::sys::text::q;
 use std::{sync::Arc, time::Instant};
 
 use anyhow::{Context, Result};
@@ -140,7 +141,7 @@ pub async fn serve<D: Datapath>(
         std::process::id(),
         datapath.mode(),
         datapath.attest(),
-        config.socket.display(),
+        q(config.socket.display()),
         config.udp.map_or("-".to_owned(), |a| a.to_string()),
         prom.as_ref().map_or("-".to_owned(), |p| p.addr.to_string()),
         config.limits.threshold_ms,
@@ -425,8 +426,9 @@ impl<D: Datapath> EventLoop<'_, D> {
         );
         if let Err(e) = state.save(&self.state_path) {
             log::warn!(
-                "event=state_save_failed path={} error=\"{e}\"",
-                self.state_path.display()
+                "event=state_save_failed path={} error={}",
+                q(self.state_path.display()),
+                q(e)
             );
         }
     }

@@ -11,6 +11,7 @@ mod takeover;
 
 pub use health::Probes;
 
+use crate::sys::text::q;
 use std::{net::UdpSocket, os::unix::net::UnixDatagram, process::ExitCode, sync::Arc};
 
 use anyhow::{Context, Result};
@@ -69,10 +70,7 @@ pub fn run(line: &CommandLine) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!(
-                "event=fatal error=\"{}\"",
-                format!("{e:#}").replace('"', "'")
-            );
+            log::error!("event=fatal error={}", q(format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -441,7 +439,7 @@ fn start_ebpf(
             anyhow::bail!("--datapath ebpf: {e}");
         }
         Err(e) => {
-            log::warn!("event=datapath_fallback datapath=userspace reason=\"{e}\"");
+            log::warn!("event=datapath_fallback datapath=userspace reason={}", q(e));
             crate::datapath::ebpf::detach(&sockets.uds, sockets.udp.as_ref());
             Ok(None)
         }

@@ -18,6 +18,7 @@
 //! Whatever arrives between 2 and 3 waits in the sockets' queues (and on eBPF in the pinned
 //! ring buffer): nothing the kernel accepted is lost.
 
+use crate::sys::text::q;
 use std::{
     io::{self, Read, Write},
     net::{TcpListener, UdpSocket},
@@ -93,8 +94,9 @@ impl Received {
     pub fn confirm(mut self) {
         if let Err(e) = self.stream.write_all(b"taken\n") {
             log::warn!(
-                "event=takeover_confirm_failed peer_pid={} error=\"{e}\"",
-                self.peer_pid
+                "event=takeover_confirm_failed peer_pid={} error={}",
+                self.peer_pid,
+                q(e)
             );
         }
     }

@@ -4,6 +4,7 @@
 //! without waiting), so neither a junk flood nor a busy socket starves the other or holds
 //! the event loop. The UDS is drained last, right before the stall decisions that follow.
 
+use crate::sys::text::q;
 use std::{
     collections::HashMap,
     io,
@@ -202,7 +203,7 @@ impl Datapath for UserspaceDatapath {
 
     fn drain(&mut self, out: &mut Vec<Beat>) {
         if let Err(e) = self.drain_both(out) {
-            log::warn!("event=receive_error error={e}");
+            log::warn!("event=receive_error error={}", q(e));
         }
     }
 
@@ -263,7 +264,7 @@ impl JunkCounting {
                     "event=classic_filter_attached socket={name} instructions={} sample_one_in={one_in}",
                     filter.insns().len(),
                 ),
-                Err(e) => log::warn!("event=classic_filter_failed socket={name} error=\"{e}\""),
+                Err(e) => log::warn!("event=classic_filter_failed socket={name} error={}", q(e)),
             }
         }
     }

@@ -2,6 +2,7 @@
 //! `ts=<unix seconds.ms> progress=<loop iterations>` rewritten in place at most once per
 //! [`EVERY`]. A checker compares two reads: a moving `progress` means the event loop runs.
 
+use crate::sys::text::q;
 use std::{
     fs::File,
     io,
@@ -51,7 +52,8 @@ impl HeartbeatFile {
         if let Err(e) = written {
             if self.failures.is_multiple_of(1000) {
                 log::warn!(
-                    "event=heartbeat_file_failed error=\"{e}\" failures={}",
+                    "event=heartbeat_file_failed error={} failures={}",
+                    q(e),
                     self.failures + 1
                 );
             }

@@ -3,6 +3,7 @@
 //! datapath attached, `WATCHDOG=1` from the event loop at half of `$WATCHDOG_USEC`, and
 //! `STOPPING=1` when a shutdown begins. Without `$NOTIFY_SOCKET` every call does nothing.
 
+use crate::sys::text::q;
 use std::{io, os::unix::net::UnixDatagram, time::Duration};
 
 pub use sd_notify::NotifyState;
@@ -21,9 +22,10 @@ pub fn send(state: NotifyState<'_>) {
     };
     if let Err(e) = result {
         log::warn!(
-            "event=notify_failed state={} socket={} error=\"{e}\"",
-            state.to_string().trim_end(),
-            target.to_string_lossy()
+            "event=notify_failed state={} socket={} error={}",
+            q(state.to_string().trim_end()),
+            q(target.to_string_lossy()),
+            q(e)
         );
     }
 }

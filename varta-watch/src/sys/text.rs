@@ -81,6 +81,12 @@ impl fmt::Display for LogValue<'_> {
     }
 }
 
+/// `value` written as one log value ([`LogValue`]): for errors and paths, whose text is
+/// not ours (`error={}`, `q(&e)`).
+pub fn q(value: impl fmt::Display) -> String {
+    LogValue(&value.to_string()).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@
 //!   loop writes a byte on every kick, so a wedged loop stops kicking and the machine's
 //!   watchdog fires; a clean shutdown writes the magic `V` before closing, so it does not.
 
+use crate::sys::text::q;
 use std::{
     fs::{File, OpenOptions},
     io::{self, Write},
@@ -115,7 +116,8 @@ impl HwWatchdog {
         if let Err(e) = file.write_all(b"k") {
             if self.failures.is_multiple_of(1000) {
                 log::warn!(
-                    "event=hw_watchdog_kick_failed error=\"{e}\" failures={}",
+                    "event=hw_watchdog_kick_failed error={} failures={}",
+                    q(e),
                     self.failures + 1
                 );
             }
@@ -128,7 +130,7 @@ impl HwWatchdog {
         if let Some(mut file) = self.file.take() {
             match file.write_all(b"V") {
                 Ok(()) => log::info!("event=hw_watchdog_closed magic=V"),
-                Err(e) => log::warn!("event=hw_watchdog_close_failed error=\"{e}\""),
+                Err(e) => log::warn!("event=hw_watchdog_close_failed error={}", q(e)),
             }
         }
     }

@@ -9,6 +9,7 @@ mod load;
 pub mod pins;
 mod ring;
 
+use crate::sys::text::q;
 use std::{
     collections::{HashMap, HashSet},
     io,
@@ -145,11 +146,13 @@ impl EbpfDatapath {
             Err(e) if pins.dir.is_some() => {
                 // Pins this process may not open or create: run without them, and say so.
                 log::warn!(
-                    "event=pins_unavailable dir={} reason=\"{e}\"",
-                    pins.dir
+                    "event=pins_unavailable dir={} reason={}",
+                    q(pins
+                        .dir
                         .as_deref()
                         .map(|d| d.display().to_string())
-                        .unwrap_or_default()
+                        .unwrap_or_default()),
+                    q(&e)
                 );
                 pins = pins::Pins {
                     dir: None,
@@ -351,7 +354,7 @@ impl Datapath for EbpfDatapath {
     /// Rule 3 of `varta_common::wakeup`: called before every stall decision.
     fn drain(&mut self, out: &mut Vec<Beat>) {
         if let Some(Err(e)) = self.secure_udp.as_mut().map(|udp| udp.drain(out)) {
-            log::warn!("event=receive_error transport=udp error={e}");
+            log::warn!("event=receive_error transport=udp error={}", q(e));
         }
         self.drain_ring(out);
     }
@@ -373,7 +376,7 @@ impl Datapath for EbpfDatapath {
             }
             // Full (a tracker above TRACKED_ENTRIES): charged to the global bucket like a
             // new sender, which only costs it beats under a flood.
-            Err(e) => log::debug!("event=ebpf_tracked_failed pid={pid} error=\"{e}\""),
+            Err(e) => log::debug!("event=ebpf_tracked_failed pid={pid} error={}", q(e)),
         }
     }
 

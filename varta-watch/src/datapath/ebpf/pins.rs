@@ -4,6 +4,7 @@
 //! socket's filter, alive while connected clients hold that socket, keeps feeding them; a
 //! successor on the same socket path opens the same maps and drains the same ring.
 
+use crate::sys::text::q;
 use std::{
     ffi::CString,
     io,
@@ -274,7 +275,7 @@ fn mount_bpffs(at: &Path) -> io::Result<()> {
     let _ = std::fs::set_permissions(at, std::os::unix::fs::PermissionsExt::from_mode(0o700));
     log::info!(
         "event=bpffs_mounted path={} reason=\"no bpffs was mounted there; the filter's maps are pinned under it\"",
-        at.display()
+        q(at.display())
     );
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! beat's origin, and a cross-namespace sender the kernel asked about is verified here once
 //! (its verdict goes back to the kernel for its next frames).
 
+use crate::sys::text::q;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use varta_common::{
@@ -144,7 +145,7 @@ impl EbpfDatapath {
                 .map(drop);
         }
         if let Err(e) = self.verdicts.insert(tgid, verdict, 0) {
-            log::warn!("event=ebpf_verdict_failed tgid={tgid} error=\"{e}\"");
+            log::warn!("event=ebpf_verdict_failed tgid={tgid} error={}", q(e));
         } else {
             self.foreign.insert(tgid);
         }
