@@ -203,11 +203,13 @@ fn test(args: &[String]) -> Result<()> {
     let object = ebpf::build()?;
     status(cargo(&object).args(["build", "--package", "varta-watch"]))?;
     let (image, static_bin) = deploy::image(&object)?;
+    let cri_python = deploy::ensure_cri_python()?;
     status(
         cargo(&object)
             .args(["test", "--workspace", "--no-fail-fast"])
             .args(args)
-            .env("VARTA_IMAGE", image),
+            .env("VARTA_IMAGE", image)
+            .env("VARTA_CRI_PYTHON", cri_python),
     )?;
     if args.is_empty() {
         eprintln!("xtask: eBPF end-to-end tests again on the image's static binary");
