@@ -369,6 +369,21 @@ class Pod:
         except Exception as e:
             return False, str(e)
 
+    def http(self, name, path, token):
+        """GET PATH of the container's first port on the pod's address: (status, body)."""
+        port = self.container(name)["ports"][0]["containerPort"]
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        try:
+            with socket.create_connection((self.ip, port), timeout=2) as s:
+                s.sendall(f"GET {path} HTTP/1.0\r\n{auth}\r\n".encode())
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+        except Exception as e:
+            return 0, str(e)
+        head, _, body = data.decode(errors="replace").partition("\r\n\r\n")
+        return int(head.split(" ", 2)[1]), body
+
     def metrics(self, name, token, *prefixes):
         """Lines of /metrics (with the Secret's token) starting with one of PREFIXES."""
         c = self.container(name)
@@ -465,6 +480,26 @@ def main():
         v.check("the readiness and liveness probes answer on the pod's address", ok and live,
                 f"{observer.ip}: {rp} -> {answer}; {lp} -> {live_answer}")
 
+        # What Prometheus sees: the Secret's token is required beyond loopback.
+        anon = observer.http(name, "/metrics", None)
+        authed = observer.http(name, "/metrics", args.token)
+        info = [l for l in authed[1].splitlines() if l.startswith("varta_datapath_info")]
+        v.check("/metrics needs the Secret's token on the pod's address", anon[0] == 401 and authed[0] == 200 and any('mode="ebpf"' in l for l in info),
+                f"without token {anon[0]}, with it {authed[0]}: {info}")
+        # The container as the runtime made it from the security context.
+        opid = agent_pid(observer, name)
+        status = dict(l.split(":", 1) for l in open(f"/proc/{opid}/status") if ":" in l)
+        want_caps = {"BPF": 39, "PERFMON": 38, "SYS_RESOURCE": 24, "NET_ADMIN": 12, "SYS_ADMIN": 21}
+        added = observer.container(name)["securityContext"]["capabilities"]["add"]
+        mask = f"{sum(1 << want_caps[c] for c in added):016x}"
+        got = {k: status.get(k, "").strip() for k in ("CapEff", "CapBnd", "NoNewPrivs", "Seccomp", "Uid")}
+        root_ro = any(l.split()[4] == "/" and "ro" in l.split()[5].split(",") for l in open(f"/proc/{opid}/mountinfo"))
+        v.check("the pod's security context is applied (capabilities, no new privileges, RuntimeDefault seccomp, read-only root)",
+                got["CapEff"] == mask and got["CapBnd"] == mask and got["NoNewPrivs"] == "1" and got["Seccomp"] == "2" and root_ro
+                and got["Uid"].split()[0] == "0",
+                f"CapEff={got['CapEff']} CapBnd={got['CapBnd']} (want {mask}: {'+'.join(added)}) NoNewPrivs={got['NoNewPrivs']} "
+                f"Seccomp={got['Seccomp']} root read-only={root_ro} uid={got['Uid'].split()[0]}")
+
         t1 = time.time()
         agent = kubelet.run_pod(workload, workload["metadata"].get("namespace", "default"))
         pods.append(agent)
@@ -483,6 +518,15 @@ def main():
         # Still healthy with the agent beating.
         live, live_answer = observer.probe(name, "livenessProbe")
         v.check("liveness still answers while the agent beats", live, live_answer)
+        # The workload deleted as the kubelet does it: its silence is a stall naming it.
+        apid = line.split(" pid=", 1)[1].split()[0] if line else "?"
+        agent.stop()
+        agent.remove()
+        pods.remove(agent)
+        stall = observer.wait_log(name, ["event=stall", f" pid={apid} "], 30)
+        v.check("the deleted workload's silence is one stall naming its container and pod",
+                stall is not None and f"container_id={acid}" in stall and f"pod_uid={agent.uid}" in stall,
+                stall or "no event=stall for the agent")
 
         grace, took = observer.stop()
         st = observer.status(name)
