@@ -251,6 +251,12 @@ fn vm_tests() -> Result<()> {
         "xtask: VM tests took {:.0} s",
         started.elapsed().as_secs_f64()
     );
+    if !ci && !is_root() {
+        eprintln!(
+            "xtask: skipping the systemd VM: debootstrap and its packages need root (CI runs it)"
+        );
+        return Ok(());
+    }
     let started = std::time::Instant::now();
     vm::systemd::run()?;
     eprintln!(
