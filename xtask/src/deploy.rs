@@ -21,7 +21,16 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/systemd-socket-activate", "systemd"),
     ("/usr/bin/setpriv", "util-linux"),
     ("/usr/bin/pip3", "python3-pip"),
+    // The DaemonSet's pod on containerd's CRI (tests/tests/deploy_cri.rs).
+    ("/usr/bin/containerd", "containerd"),
+    ("/usr/bin/ctr", "containerd"),
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+    // `kubectl kustomize` renders the manifests (kept when the machine has a newer kubectl).
+    ("/usr/bin/kubectl", "kubernetes-client"),
 ];
+
+/// What the CRI test's Python "kubelet" (tests/cri/kubelet.py) imports, from PyPI.
+const CRI_PYTHON_PACKAGES: [&str; 3] = ["grpcio>=1.60,<2", "protobuf>=4.25,<7", "PyYAML>=6,<7"];
 
 pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
@@ -43,6 +52,36 @@ pub fn ensure_tools() -> Result<()> {
         ]))?;
     }
     ensure_musl_target()
+}
+
+/// A virtual environment under the tool cache with grpcio, protobuf and PyYAML for the
+/// CRI test; its python.
+pub fn ensure_cri_python() -> Result<std::path::PathBuf> {
+    let venv = crate::toolchain::cache_dir().join("cri-venv");
+    let python = venv.join("bin/python");
+    let stamp = venv.join("installed");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == CRI_PYTHON_PACKAGES.join(" ")) {
+        return Ok(python);
+    }
+    eprintln!(
+        "xtask: creating the CRI test's Python venv ({}) from PyPI",
+        CRI_PYTHON_PACKAGES.join(", ")
+    );
+    let _ = std::fs::remove_dir_all(&venv);
+    status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    status(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(CRI_PYTHON_PACKAGES),
+    )?;
+    std::fs::write(&stamp, CRI_PYTHON_PACKAGES.join(" "))?;
+    Ok(python)
 }
 
 /// The static (musl) target for the container image's binary.

@@ -207,7 +207,7 @@ impl PrivateApt {
 
 /// The main and security mirrors this machine's Debian sources use (deb822 or one-line
 /// format), else deb.debian.org.
-fn mirrors() -> (String, String) {
+pub(super) fn mirrors() -> (String, String) {
     let mut main = None;
     let mut security = None;
     for file in [

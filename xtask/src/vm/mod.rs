@@ -6,7 +6,9 @@ mod guest;
 mod initramfs;
 mod kernels;
 mod qemu;
+mod rootfs;
 mod scenario;
+pub mod systemd;
 
 use std::{path::PathBuf, time::Duration, time::Instant};
 

@@ -54,6 +54,22 @@ pub fn boot(
     deadline: Duration,
     log: &Path,
 ) -> Result<Boot> {
+    boot_with_memory(arch, accel, kernel, initrd, extra, deadline, log, "1G")
+}
+
+/// [`boot`] with MEMORY (qemu's `-m`) instead of 1G: a guest whose root filesystem is its
+/// initramfs needs room for both while the kernel unpacks it.
+#[allow(clippy::too_many_arguments)]
+pub fn boot_with_memory(
+    arch: Arch,
+    accel: Accel,
+    kernel: &Path,
+    initrd: &Path,
+    extra: &str,
+    deadline: Duration,
+    log: &Path,
+    memory: &str,
+) -> Result<Boot> {
     let (program, console, machine): (&str, &str, &[&str]) = match (arch, accel) {
         (Arch::Amd64, Accel::Tcg) => ("qemu-system-x86_64", "ttyS0", &["-cpu", "max"]),
         (Arch::Amd64, Accel::Kvm) => ("qemu-system-x86_64", "ttyS0", &["-cpu", "host"]),
@@ -72,7 +88,7 @@ pub fn boot(
     let mut cmd = Command::new(program);
     cmd.args(["-accel", accel.name()])
         .args(machine)
-        .args(["-smp", "2", "-m", "1G", "-no-reboot"])
+        .args(["-smp", "2", "-m", memory, "-no-reboot"])
         .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
         .arg("-kernel")
         .arg(kernel)
