@@ -155,7 +155,7 @@ fn cross_namespace_agents(datapath: &str) {
                 .map(|(_, v)| v)
                 .sum()
         };
-        let landed = (0..40).any(|i| {
+        let landed = (0..200).any(|i| {
             std::fs::write(
                 "/proc/sys/kernel/ns_last_pid",
                 (host - 3 - i % 2).to_string(),

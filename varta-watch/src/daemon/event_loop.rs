@@ -30,8 +30,8 @@ use crate::{
     },
 };
 
-/// How long scrapes already accepted have to be answered before a handover.
-const SCRAPE_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+/// How long scrapes already accepted have at most to be answered before a handover.
+const SCRAPE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How the loop ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -244,9 +244,13 @@ impl<D: Datapath> EventLoop<'_, D> {
     async fn hand_over(&mut self, request: Request) -> bool {
         let peer = request.peer_pid;
         if let Some(prom) = &self.prom {
+            // No new connection is accepted here (the successor takes the ones queued);
+            // those accepted already are answered, within a bound.
             prom.task.abort();
-            // Scrapes already accepted are answered (the successor takes the ones queued).
-            tokio::time::sleep(SCRAPE_GRACE).await;
+            let end = tokio::time::Instant::now() + SCRAPE_GRACE;
+            while prom.held.pending() > 0 && tokio::time::Instant::now() < end {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
         }
         let state = super::state::State::capture(
             self.clock,

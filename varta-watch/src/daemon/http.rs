@@ -22,7 +22,10 @@ use varta_common::ratelimit::{Limit, is_full};
 
 use crate::{
     actions::metrics::Metrics,
-    daemon::{Probes, http_conn::LimitedListener},
+    daemon::{
+        Probes,
+        http_conn::{Held, LimitedListener},
+    },
 };
 
 #[derive(Clone)]
@@ -76,6 +79,8 @@ pub struct Served {
     pub addr: SocketAddr,
     pub listener: std::os::fd::OwnedFd,
     pub task: tokio::task::AbortHandle,
+    /// Its connections: a handover stops accepting, then waits for the requests in flight.
+    pub held: Held,
 }
 
 /// Binds now (so a taken port fails start-up), or serves on `listener` (handed over by a
@@ -126,8 +131,10 @@ pub async fn serve(
                 .route("/readyz", get(readyz))
                 .with_state(probes),
         );
+    let held = Held::default();
+    let connections = held.clone();
     let task = tokio::spawn(async move {
-        let listener = LimitedListener::new(listener);
+        let listener = LimitedListener::new(listener, connections);
         let service = app.into_make_service_with_connect_info::<Peer>();
         if let Err(e) = axum::serve(listener, service).await {
             log::error!("event=metrics_server_failed error={}", q(e));
@@ -137,6 +144,7 @@ pub async fn serve(
         addr: bound,
         listener: kept,
         task: task.abort_handle(),
+        held,
     })
 }
 

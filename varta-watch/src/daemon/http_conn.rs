@@ -47,6 +47,8 @@ struct SlotState {
     busy: bool,
     /// Since when `busy` has been what it is.
     idle_since: Instant,
+    /// Nothing read yet since it was accepted.
+    unread: bool,
     /// The listener needs the place: the connection ends at its next poll.
     evicted: bool,
     waker: Option<Waker>,
@@ -54,21 +56,43 @@ struct SlotState {
 
 pub struct LimitedListener {
     inner: TcpListener,
-    held: Vec<Weak<Slot>>,
+    held: Held,
+}
+
+/// The connections a listener holds, shared with whoever must know when they are done (a
+/// handover waits for the requests in flight before the process exits).
+#[derive(Clone, Debug, Default)]
+pub struct Held(Arc<Mutex<Vec<Weak<Slot>>>>);
+
+impl Held {
+    /// Connections with a request in flight, or accepted less than
+    /// [`FIRST_BYTE_TIMEOUT`] ago and not read from yet.
+    pub fn pending(&self) -> usize {
+        let Ok(held) = self.0.lock() else { return 0 };
+        held.iter()
+            .filter_map(Weak::upgrade)
+            .filter(|s| {
+                s.state.lock().is_ok_and(|st| {
+                    st.busy || (st.unread && st.idle_since.elapsed() < FIRST_BYTE_TIMEOUT)
+                })
+            })
+            .count()
+    }
 }
 
 impl LimitedListener {
-    pub fn new(inner: TcpListener) -> Self {
-        LimitedListener {
-            inner,
-            held: Vec::new(),
-        }
+    pub fn new(inner: TcpListener, held: Held) -> Self {
+        LimitedListener { inner, held }
     }
 
     /// Makes room for a connection from `source`: `false` when none can be made.
     fn admit(&mut self, source: IpAddr) -> bool {
-        self.held.retain(|w| w.strong_count() > 0);
-        let held: Vec<Arc<Slot>> = self.held.iter().filter_map(Weak::upgrade).collect();
+        let Ok(mut registry) = self.held.0.lock() else {
+            return false;
+        };
+        registry.retain(|w| w.strong_count() > 0);
+        let held: Vec<Arc<Slot>> = registry.iter().filter_map(Weak::upgrade).collect();
+        drop(registry);
         let same_source = held.iter().filter(|s| s.source == source).count();
         let full = if same_source >= PER_SOURCE {
             Some(Some(source))
@@ -132,11 +156,14 @@ impl axum::serve::Listener for LimitedListener {
                         state: Mutex::new(SlotState {
                             busy: false,
                             idle_since: Instant::now(),
+                            unread: true,
                             evicted: false,
                             waker: None,
                         }),
                     });
-                    self.held.push(Arc::downgrade(&slot));
+                    if let Ok(mut registry) = self.held.0.lock() {
+                        registry.push(Arc::downgrade(&slot));
+                    }
                     return (Conn::new(stream, slot), addr);
                 }
                 Err(e) => {
@@ -188,11 +215,14 @@ impl Conn {
     }
 
     fn set_busy(&self, busy: bool) {
-        if let Ok(mut st) = self.slot.state.lock()
-            && st.busy != busy
-        {
-            st.busy = busy;
-            st.idle_since = Instant::now();
+        if let Ok(mut st) = self.slot.state.lock() {
+            if busy {
+                st.unread = false;
+            }
+            if st.busy != busy {
+                st.busy = busy;
+                st.idle_since = Instant::now();
+            }
         }
     }
 }

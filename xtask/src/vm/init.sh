@@ -74,10 +74,32 @@ kill -KILL $A
 wget -q -O /tmp/metrics http://$M/metrics
 step metrics $?
 dump metric /tmp/metrics
+
+# A restart: an agent beating, SIGTERM, the same command line again. The pinned maps (and
+# the state file) carry the agent; it keeps being counted and its stall comes from the new
+# instance.
+varta-caps --uid 65534 -- varta-watch agent --socket $S --interval-ms 100 &
+B=$!
+wait_log $D /tmp/main.log 20 "event=agent_new pid=$B "
+step restart_agent $?
 kill -TERM $D
 wait $D
 say sigterm rc=$?
 dump main /tmp/main.log
+: >/tmp/restart.log
+varta-watch --socket $S --socket-mode 0666 --prom-addr $M --threshold-ms $vm_threshold \
+    --max-beat-rate $vm_rate --allow-cross-namespace-agents >/tmp/restart.log 2>&1 &
+D=$!
+wait_log $D /tmp/restart.log 60 'event=resumed.*from=pins'
+step restart_resumed $?
+kill -STOP $B
+wait_log $D /tmp/restart.log 20 "event=stall pid=$B "
+step restart_stall $?
+kill -KILL $B
+kill -TERM $D
+wait $D
+say restart_sigterm rc=$?
+dump restart /tmp/restart.log
 
 # Least privilege: the set the daemon names when it has no capability at all, then exactly
 # that set, then each one of it removed in turn.

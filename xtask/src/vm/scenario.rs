@@ -168,6 +168,25 @@ pub fn judge(serial: &[String]) -> Report {
         p.push(format!("SIGTERM exit status {:?}", r.sigterm));
     }
 
+    // The restart: the second instance resumed the pins and ran to a clean exit (its
+    // steps, resumed and the agent's stall, are judged with the others above).
+    let restart = g.log("restart");
+    let resumed = event(&restart, "resumed");
+    if get(resumed, "from") != "pins" {
+        p.push(format!(
+            "after the restart: no event=resumed from=pins (from={})",
+            get(resumed, "from")
+        ));
+    }
+    let restart_sigterm: Option<i32> = g
+        .mark("restart_sigterm", None)
+        .and_then(|f| f.get("rc")?.parse().ok());
+    if restart_sigterm != Some(0) {
+        p.push(format!(
+            "SIGTERM exit status after the restart {restart_sigterm:?}"
+        ));
+    }
+
     least_privilege(&g, &mut r);
     let p = &mut r.problems;
     if !g.marks.iter().any(|(t, _)| *t == "end") {
@@ -300,7 +319,7 @@ mod tests {
             spoof.problems.iter().any(|p| p.contains("spoof")),
             "{spoof:?}"
         );
-        let stall = judged(|l| l.replace("event=stall pid=239", "event=stall pid=1"));
+        let stall = judged(|l| l.replace("event=stall pid=206", "event=stall pid=1"));
         assert!(!stall.stall && !stall.problems.is_empty());
         let vague = judged(|l| {
             if l.starts_with("@@vm:log.no_perfmon") {
@@ -310,6 +329,11 @@ mod tests {
             }
         });
         assert!(!vague.fallback_reason_ok, "{vague:?}");
+        let not_resumed = judged(|l| l.replace("from=pins", "from=state_file"));
+        assert!(
+            not_resumed.problems.iter().any(|p| p.contains("restart")),
+            "{not_resumed:?}"
+        );
         let unfinished = judged(|l| l.replace("@@vm:end", ""));
         assert!(
             unfinished
