@@ -39,10 +39,15 @@ step() { say step name=$1 rc=$2; }
 # dump TAG FILE
 dump() { sed "s/^/@@vm:$1 /" "$2"; }
 
-: >/tmp/main.log
-varta-watch --socket $S --socket-mode 0666 --prom-addr $M --threshold-ms $vm_threshold \
-    --max-beat-rate $vm_rate --allow-cross-namespace-agents >/tmp/main.log 2>&1 &
-D=$!
+# observe LOG: the daemon with the scenario's command line, logging to LOG; D is its pid.
+observe() {
+    : >$1
+    varta-watch --socket $S --socket-mode 0666 --prom-addr $M --threshold-ms $vm_threshold \
+        --max-beat-rate $vm_rate --allow-cross-namespace-agents >$1 2>&1 &
+    D=$!
+}
+
+observe /tmp/main.log
 wait_log $D /tmp/main.log 60 'event=ready'
 step ready $?
 
@@ -86,10 +91,7 @@ kill -TERM $D
 wait $D
 say sigterm rc=$?
 dump main /tmp/main.log
-: >/tmp/restart.log
-varta-watch --socket $S --socket-mode 0666 --prom-addr $M --threshold-ms $vm_threshold \
-    --max-beat-rate $vm_rate --allow-cross-namespace-agents >/tmp/restart.log 2>&1 &
-D=$!
+observe /tmp/restart.log
 wait_log $D /tmp/restart.log 60 'event=resumed.*from=pins'
 step restart_resumed $?
 kill -STOP $B

@@ -194,6 +194,34 @@ const WARM_UP: Duration = Duration::from_millis(500);
 /// the senders cannot offer the rate; rate limits off.
 /// The rate sweep; the steps measured, and why it stopped where it did (a loss, the
 /// generators falling short of the offered rate, or the observer no longer answering).
+/// 64 pacing agents sharing `rate` beats a second on `socket`, for the warm-up and one step.
+fn start_pacers(opts: &Opts, socket: &str, rate: u64) -> Vec<Child> {
+    let per = format!("{}", rate / 64);
+    let ms = (WARM_UP + opts.step).as_millis().to_string();
+    (0..64)
+        .map(|_| {
+            helper(opts, &["pace", socket, &per, &ms])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Waits for pacing agents to finish; the beats they sent.
+fn sent_by(pacers: Vec<Child>) -> u64 {
+    pacers
+        .into_iter()
+        .map(|c| {
+            let o = c.wait_with_output().unwrap();
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
 pub fn sweep(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) -> (Vec<Step>, Option<String>) {
     let extra = [
         "--max-beat-rate",
@@ -217,32 +245,14 @@ pub fn sweep(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) -> (Vec<Step>, Opt
                 break;
             }
         };
-        let per = format!("{}", rate / 64);
-        let ms = (WARM_UP + opts.step).as_millis().to_string();
-        let pacers: Vec<Child> = (0..64)
-            .map(|_| {
-                helper(opts, &["pace", &socket, &per, &ms])
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
+        let pacers = start_pacers(opts, &socket, rate);
         // The costs are measured from here: every agent has started and been registered.
         std::thread::sleep(WARM_UP);
         let beats0 = run.family_sum("varta_beats_total");
         let (cpu0, sw0) = run.cost();
         let busy0 = machine_busy();
         let t = Instant::now();
-        let sent: u64 = pacers
-            .into_iter()
-            .map(|c| {
-                let o = c.wait_with_output().unwrap();
-                String::from_utf8_lossy(&o.stdout)
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or(0)
-            })
-            .sum();
+        let sent = sent_by(pacers);
         let wall = t.elapsed().as_secs_f64();
         // Drained when the count stops moving.
         let drained = beats0.and_then(|beats0| {
@@ -396,16 +406,7 @@ pub fn restart(obs: &Observer, opts: &Opts, takeover: bool, out: &mut Vec<Fig>) 
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let sent: u64 = pacers
-        .into_iter()
-        .map(|c| {
-            let o = c.wait_with_output().unwrap();
-            String::from_utf8_lossy(&o.stdout)
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0)
-        })
-        .sum();
+    let sent = sent_by(pacers);
     std::thread::sleep(Duration::from_millis(300));
     let after = run.family_sum("varta_beats_total").unwrap_or(0.0);
     // The silent agent's one beat is in the count too.
@@ -460,28 +461,10 @@ pub fn floor(opts: &Opts, out: &mut Vec<Fig>) {
         &mut ready,
     );
     for rate in FLOOR_RATES {
-        let per = format!("{}", rate / 64);
-        let ms = (WARM_UP + opts.step).as_millis().to_string();
-        let pacers: Vec<Child> = (0..64)
-            .map(|_| {
-                helper(opts, &["pace", &socket_s, &per, &ms])
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
+        let pacers = start_pacers(opts, &socket_s, rate);
         std::thread::sleep(WARM_UP);
         let busy0 = machine_busy();
-        let sent: u64 = pacers
-            .into_iter()
-            .map(|c| {
-                let o = c.wait_with_output().unwrap();
-                String::from_utf8_lossy(&o.stdout)
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or(0)
-            })
-            .sum();
+        let sent = sent_by(pacers);
         let busy1 = machine_busy();
         let run_s = (WARM_UP + opts.step).as_secs_f64();
         let sent_in_window = sent as f64 * opts.step.as_secs_f64() / run_s;
