@@ -360,6 +360,8 @@ pub fn restart(obs: &Observer, opts: &Opts, takeover: bool, out: &mut Vec<Fig>) 
         "restart_stop_start"
     };
     let run = obs.start(&opts.dir, THRESHOLD_MS, &[]);
+    // Ours carries its counters from the scenarios before (the state file): start from here.
+    let baseline = run.family_sum("varta_beats_total").unwrap_or(0.0);
     let socket = run.socket.display().to_string();
     let pacers: Vec<Child> = (0..AGENTS)
         .map(|_| {
@@ -397,11 +399,13 @@ pub fn restart(obs: &Observer, opts: &Opts, takeover: bool, out: &mut Vec<Fig>) 
     let mut stall_at = None;
     let end = Instant::now() + Duration::from_secs(5);
     let wedged_stall = format!("varta_stalls_total{{pid=\"{}\"}}", wedged.id());
+    // Or restored as stalled: the first instance surfaced it just before handing over.
+    let wedged_status = format!("varta_status{{pid=\"{}\"}}", wedged.id());
     while Instant::now() < end && stall_at.is_none() {
-        if run
-            .scrape()
-            .is_ok_and(|m| m.get(&wedged_stall).is_some_and(|v| *v >= 1.0))
-        {
+        if run.scrape().is_ok_and(|m| {
+            m.get(&wedged_stall).is_some_and(|v| *v >= 1.0)
+                || m.get(&wedged_status).is_some_and(|v| *v == 3.0)
+        }) {
             stall_at = Some(realtime_ns());
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -410,7 +414,7 @@ pub fn restart(obs: &Observer, opts: &Opts, takeover: bool, out: &mut Vec<Fig>) 
     std::thread::sleep(Duration::from_millis(300));
     let after = run.family_sum("varta_beats_total").unwrap_or(0.0);
     // The silent agent's one beat is in the count too.
-    let counted = if carried { after } else { before + after } - 1.0;
+    let counted = if carried { after } else { before + after } - baseline - 1.0;
     let lost = (sent as f64 - counted).max(0.0);
     kill(wedged);
     eprintln!(
