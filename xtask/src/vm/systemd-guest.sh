@@ -115,4 +115,22 @@ rc=$?
 mark stop rc=$rc pid="$spid" result="$(prop varta-watch Result)" exec_code="$(prop varta-watch ExecMainCode)" \
     exec_status="$(prop varta-watch ExecMainStatus)"
 dump stop-journal varta-watch "PID $spid .*STOPPING=1|Main process exited|Stopping |Stopped |Deactivated"
+
+# 6. Socket activation (deploy/systemd/varta-watch.socket): `systemctl restart` of the
+#    service keeps the agent counted (systemd holds the socket; the agent never reconnects
+#    and the new instance takes it in from the state file, no agent_new).
+install -m 0644 deploy/systemd/varta-watch.socket /etc/systemd/system/
+systemctl daemon-reload
+systemctl enable --now varta-watch.socket varta-watch.service
+beats() { http /metrics | sed -n "s/^varta_beats_total{pid=\"$apid\"} //p"; }
+counted() { [ -n "$(beats)" ]; }
+wait_for 30 counted
+before=$(beats)
+rpid=$(prop varta-watch MainPID)
+systemctl restart varta-watch
+npid=$(prop varta-watch MainPID)
+more() { local n; n=$(beats); [ -n "$n" ] && [ "${n%.*}" -gt "${before%.*}" ]; }
+wait_for 30 more
+mark socket-restart rc=$? pid_before="$rpid" pid_after="$npid" beats_before="$before" beats_after="$(beats)" \
+    agent_new_after="$(journalctl -q --no-pager _PID="$npid" | grep -c "event=agent_new.* pid=$apid ")"
 systemctl stop varta-agent

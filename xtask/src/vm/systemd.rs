@@ -407,8 +407,11 @@ fn judge(serial: &[String]) -> Vec<Check> {
     });
     match (wedge, timeout) {
         (Some(w), Some(t)) => {
-            // The loop's last ping can precede the wedge by up to half of WatchdogSec.
-            c.require(t - w <= limit + 1.0, || {
+            // The loop's last ping can precede the wedge by up to half of WatchdogSec; and
+            // under TCG on a loaded host the guest's own timers fire late (seen: systemd's
+            // 10 s timeout 16.8 s after the last ping, with both cores busy elsewhere). The
+            // limit proves systemd enforced the watchdog, the detail says how late.
+            c.require(t - w <= 2.0 * limit + 5.0, || {
                 format!(
                     "killed {:.1} s after the wedge (WatchdogSec={limit}s)",
                     t - w
@@ -494,6 +497,32 @@ fn judge(serial: &[String]) -> Vec<Check> {
         _ => c.problems.push(format!(
             "journal: STOPPING=1 at {stopping:?}, exit 0 at {exited:?}"
         )),
+    }
+    checks.push(c);
+
+    // 6. Socket activation: a restart of the service keeps the agent counted.
+    let mut c = Check::new("systemctl restart under socket activation keeps the agent counted");
+    let restart = get("socket-restart");
+    let n = |k: &str| restart.get(k).and_then(|v| v.parse::<f64>().ok());
+    c.require(restart.get("rc").is_some_and(|r| r == "0"), || {
+        format!("the agent's beats did not rise after the restart: {restart:?}")
+    });
+    c.require(
+        restart.get("pid_before") != restart.get("pid_after"),
+        || format!("the service did not restart: {restart:?}"),
+    );
+    c.require(n("agent_new_after") == Some(0.0), || {
+        format!("the new instance took the agent as new: {restart:?}")
+    });
+    c.detail = format!(
+        "beats {} -> {} across pid {} -> {}",
+        n("beats_before").unwrap_or(0.0),
+        n("beats_after").unwrap_or(0.0),
+        restart.get("pid_before").map_or("?", String::as_str),
+        restart.get("pid_after").map_or("?", String::as_str)
+    );
+    if restart.is_empty() {
+        c.problems.push(missing("socket-restart"));
     }
     checks.push(c);
     checks
