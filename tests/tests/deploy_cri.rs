@@ -14,7 +14,7 @@
 //! and SIGTERM within terminationGracePeriodSeconds exits 0.
 //!
 //! `cargo xtask test` installs containerd, runc, the CNI plugins and a Python venv with
-//! grpcio, protobuf and PyYAML (VARTA_CRI_PYTHON). Under CI=true anything missing fails.
+//! grpcio, protobuf and PyYAML (VARTA_TEST_PYTHON). Under CI=true anything missing fails.
 
 use std::{
     path::{Path, PathBuf},
@@ -185,9 +185,9 @@ fn the_daemonset_pod_runs_on_containerd_cri_as_a_kubelet_runs_it_needs_root() {
     }
     let (Some(image), Some(python)) = (
         std::env::var_os("VARTA_IMAGE"),
-        std::env::var_os("VARTA_CRI_PYTHON"),
+        std::env::var_os("VARTA_TEST_PYTHON"),
     ) else {
-        unavailable("VARTA_IMAGE or VARTA_CRI_PYTHON is unset: run it with `cargo xtask test`");
+        unavailable("VARTA_IMAGE or VARTA_TEST_PYTHON is unset: run it with `cargo xtask test`");
         return;
     };
     let started = Instant::now();

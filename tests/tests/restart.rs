@@ -278,3 +278,53 @@ fn pins_work_with_exactly_cap_bpf_and_cap_perfmon_needs_root() {
     );
     assert_eq!(stalls_of(&d2, a.pid()), 0);
 }
+
+/// The upstream PyPI client (`varta` 0.2.0, `Varta.connect` at its defaults: it connects
+/// once): counted by the first instance, then by the next one after SIGTERM and a start,
+/// without reconnecting and without being taken for a new agent.
+#[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
+fn the_pypi_client_keeps_being_counted_across_a_restart_needs_root() {
+    varta_e2e::require_root!(varta_e2e::EBPF);
+    let python = std::env::var_os("VARTA_TEST_PYTHON");
+    varta_e2e::require(
+        varta_e2e::this_test!(),
+        python.is_some(),
+        "VARTA_TEST_PYTHON (a Python with the PyPI client `varta` 0.2.0) is unset: run it with `cargo xtask test`",
+    );
+    let args = ["--threshold-ms", "1500"];
+    let mut d1 = Daemon::builder("restart-pypi", "ebpf")
+        .args(args)
+        .start_ebpf();
+    let agent = Proc::spawn(
+        Command::new(python.unwrap())
+            .args([
+                "-c",
+                "import sys, time, varta\n\
+                 v = varta.Varta.connect(sys.argv[1])\n\
+                 while True:\n    v.beat(varta.Status.OK)\n    time.sleep(0.1)\n",
+            ])
+            .arg(&d1.socket),
+    );
+    let pid = agent.pid();
+    wait_new(&d1, pid);
+    d1.wait_metric(&format!("varta_beats_total{{pid=\"{pid}\"}}"), 3.0, WAIT);
+    assert!(d1.stop().success(), "{}", d1.log_text());
+    let d2 = Daemon::builder("restart-pypi", "ebpf")
+        .args(args)
+        .in_dir(d1.into_dir())
+        .start_ebpf();
+    let carried = beats(&d2, pid);
+    d2.wait_metric(
+        &format!("varta_beats_total{{pid=\"{pid}\"}}"),
+        carried + 5.0,
+        WAIT,
+    );
+    assert_eq!(
+        d2.count_logs(&["event=agent_new", &format!("pid={pid}")]),
+        0,
+        "taken for a new agent:\n{}",
+        d2.log_text()
+    );
+    assert_eq!(stalls_of(&d2, pid), 0, "{}", d2.log_text());
+}

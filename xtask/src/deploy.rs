@@ -30,7 +30,14 @@ const PACKAGES: &[(&str, &str)] = &[
 ];
 
 /// What the CRI test's Python "kubelet" (tests/cri/kubelet.py) imports, from PyPI.
-const CRI_PYTHON_PACKAGES: [&str; 3] = ["grpcio>=1.60,<2", "protobuf>=4.25,<7", "PyYAML>=6,<7"];
+/// The tests' Python packages: the CRI test's kubelet stand-in, and the upstream PyPI client
+/// (`varta` 0.2.0) as an agent.
+const TEST_PYTHON_PACKAGES: [&str; 4] = [
+    "grpcio>=1.60,<2",
+    "protobuf>=4.25,<7",
+    "PyYAML>=6,<7",
+    "varta==0.2.0",
+];
 
 pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
@@ -56,16 +63,16 @@ pub fn ensure_tools() -> Result<()> {
 
 /// A virtual environment under the tool cache with grpcio, protobuf and PyYAML for the
 /// CRI test; its python.
-pub fn ensure_cri_python() -> Result<std::path::PathBuf> {
-    let venv = crate::toolchain::cache_dir().join("cri-venv");
+pub fn ensure_test_python() -> Result<std::path::PathBuf> {
+    let venv = crate::toolchain::cache_dir().join("test-venv");
     let python = venv.join("bin/python");
     let stamp = venv.join("installed");
-    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == CRI_PYTHON_PACKAGES.join(" ")) {
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == TEST_PYTHON_PACKAGES.join(" ")) {
         return Ok(python);
     }
     eprintln!(
-        "xtask: creating the CRI test's Python venv ({}) from PyPI",
-        CRI_PYTHON_PACKAGES.join(", ")
+        "xtask: creating the tests' Python venv ({}) from PyPI",
+        TEST_PYTHON_PACKAGES.join(", ")
     );
     let _ = std::fs::remove_dir_all(&venv);
     status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
@@ -78,9 +85,9 @@ pub fn ensure_cri_python() -> Result<std::path::PathBuf> {
                 "--quiet",
                 "--disable-pip-version-check",
             ])
-            .args(CRI_PYTHON_PACKAGES),
+            .args(TEST_PYTHON_PACKAGES),
     )?;
-    std::fs::write(&stamp, CRI_PYTHON_PACKAGES.join(" "))?;
+    std::fs::write(&stamp, TEST_PYTHON_PACKAGES.join(" "))?;
     Ok(python)
 }
 

@@ -237,14 +237,14 @@ fn test(args: &[String]) -> Result<()> {
     status(cargo(&object).args(["build", "--package", "varta-watch"]))?;
     let (image, static_bin) = deploy::image(&object)?;
     let harness = harness_args();
-    let cri_python = deploy::ensure_cri_python()?;
+    let test_python = deploy::ensure_test_python()?;
     // `--workspace`: the end-to-end crate (varta-e2e) is no default member.
     status(
         cargo(&object)
             .args(["test", "--workspace", "--no-fail-fast"])
             .args(test_args(args, &harness))
             .env("VARTA_IMAGE", image)
-            .env("VARTA_CRI_PYTHON", cri_python),
+            .env("VARTA_TEST_PYTHON", test_python),
     )?;
     if args.is_empty() {
         if in_ci() || is_root() {
