@@ -409,9 +409,14 @@ impl Daemon {
         })
     }
 
-    /// The export file's content (the daemon was started with `export_file`).
+    /// The export file's content (the daemon was started with `export_file`); empty for
+    /// the instant a rotation has renamed it and not yet created the next one.
     pub fn export_text(&self) -> String {
         let path = self.export.as_ref().expect("started with export_file()");
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => panic!("{}: {e}", path.display()),
+        }
     }
 }
