@@ -7,6 +7,7 @@ pub mod export;
 pub mod identity;
 pub mod metrics;
 pub mod recovery;
+pub mod series;
 pub mod sink;
 mod sink_metrics;
 
@@ -21,6 +22,7 @@ use crate::{
     actions::identity::Identity,
     actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
     actions::recovery::Recovery,
+    actions::series::{AgentSeries, SeriesLimits},
     vocab::{
         events::Event,
         recovery::{Finished, NotRun, Outcome},
@@ -38,6 +40,8 @@ pub struct Actions {
     identities: HashMap<u32, Identity>,
     /// The beat metrics of the current run of beats, not yet written.
     beat_counts: BeatCounts,
+    /// Which agents have per-agent series, and for how long yet.
+    series: AgentSeries,
 }
 
 impl Actions {
@@ -47,6 +51,7 @@ impl Actions {
         recovery: Option<Recovery>,
         audit: Option<Audit>,
         start_ns: u64,
+        series: SeriesLimits,
     ) -> Self {
         Actions {
             metrics,
@@ -56,6 +61,7 @@ impl Actions {
             start_ns,
             identities: HashMap::new(),
             beat_counts: BeatCounts::default(),
+            series: AgentSeries::new(series),
         }
     }
 
@@ -68,8 +74,20 @@ impl Actions {
         for event in follow_ups {
             self.handle(&event, now_ns, &mut Vec::new());
         }
-        self.beat_counts.flush(&self.metrics);
+        self.beat_counts.flush(&self.metrics, &self.series);
         self.flush();
+    }
+
+    /// When [`Actions::sweep`] has work next (observer clock), if ever.
+    pub fn next_sweep_ns(&self) -> Option<u64> {
+        self.series.next_sweep_ns()
+    }
+
+    /// Drops the per-agent series of agents gone for the retention (and looks at whether
+    /// stalled agents' processes are gone).
+    pub fn sweep(&mut self, now_ns: u64) {
+        self.series
+            .sweep(now_ns, &self.metrics, crate::sys::process::StartTime::of);
     }
 
     /// Hands the batch's export lines to the file's writer.
@@ -91,7 +109,7 @@ impl Actions {
 
     fn handle(&mut self, event: &Event, now_ns: u64, follow_ups: &mut Vec<Event>) {
         if !matches!(event, Event::Beat { .. }) {
-            self.beat_counts.flush(&self.metrics);
+            self.beat_counts.flush(&self.metrics, &self.series);
         }
         let m = &self.metrics;
         match event {
@@ -104,7 +122,7 @@ impl Actions {
             } => {
                 // A pid seen anew (a reused pid verified afresh) may be another program.
                 for gone in evicted.iter().chain([pid]) {
-                    self.forget(*gone);
+                    self.identities.remove(gone);
                 }
                 let m = &self.metrics;
                 // A UDP pid is only a claim: naming it after some local process would mislead.
@@ -119,21 +137,26 @@ impl Actions {
                 );
                 // Only an attested agent has a name to export; a UDP one would be an empty
                 // series (and memory) per claimed pid.
-                if matches!(origin, crate::vocab::beat::Origin::Uds { .. }) {
-                    m.agent_info.get_or_create(&identity.label(*pid)).set(1);
+                let info = match origin {
+                    crate::vocab::beat::Origin::Uds { .. } => Some(identity.label(*pid)),
+                    crate::vocab::beat::Origin::Udp { .. } => None,
+                };
+                if info.is_some() {
                     self.identities.insert(*pid, identity);
                 }
+                self.series.admit(*pid, info, m);
+                // An evicted agent's series stay for the retention: a stall it surfaced
+                // stays visible to the next scrapes.
                 if let Some(old) = evicted {
                     m.evicted.inc();
-                    for family in [&m.beats, &m.stalls, &m.exits, &m.criticals] {
-                        family.remove(&PidLabel { pid: *old });
-                    }
-                    m.status.remove(&PidLabel { pid: *old });
+                    self.series.went(*old, now_ns);
                     log::info!("event=agent_evicted pid={old} for={pid}");
                 }
             }
             Event::Critical { pid, frame } => {
-                m.criticals.get_or_create(&PidLabel { pid: *pid }).inc();
+                if self.series.has(*pid) {
+                    m.criticals.get_or_create(&PidLabel { pid: *pid }).inc();
+                }
                 log::warn!(
                     "event=critical pid={pid} nonce={} payload={}",
                     frame.nonce,
@@ -147,7 +170,11 @@ impl Actions {
                 known,
                 started,
             } => {
-                m.exits.get_or_create(&PidLabel { pid: *pid }).inc();
+                m.agent_exits.inc();
+                if self.series.has(*pid) {
+                    m.exits.get_or_create(&PidLabel { pid: *pid }).inc();
+                }
+                self.series.went(*pid, now_ns);
                 log::warn!(
                     "event=exit pid={pid} payload={} reason=panic_terminal_frame known={known} {}",
                     frame.payload,
@@ -171,10 +198,15 @@ impl Actions {
                 started,
                 silent_ms,
             } => {
-                m.stalls.get_or_create(&PidLabel { pid: *pid }).inc();
-                m.status
-                    .get_or_create(&PidLabel { pid: *pid })
-                    .set(Status::Stall as i64);
+                m.agent_stalls.inc();
+                if self.series.has(*pid) {
+                    m.stalls.get_or_create(&PidLabel { pid: *pid }).inc();
+                    m.status
+                        .get_or_create(&PidLabel { pid: *pid })
+                        .set(Status::Stall as i64);
+                }
+                let local = matches!(origin, crate::vocab::beat::Origin::Uds { .. });
+                self.series.stalled(*pid, *started, local, now_ns);
                 log::warn!(
                     "event=stall pid={pid} silent_ms={silent_ms} last_nonce={last_nonce} last_status={} transport={} {}",
                     last_status.name(),
@@ -183,11 +215,15 @@ impl Actions {
                 );
                 self.recover(*pid, *origin, *started, now_ns, follow_ups);
             }
-            Event::Resumed { pid } => log::info!("event=agent_resumed pid={pid}"),
+            Event::Resumed { pid } => {
+                self.series.live(*pid);
+                log::info!("event=agent_resumed pid={pid}")
+            }
             Event::Replaced { pid } => {
                 log::info!("event=agent_replaced pid={pid} reason=pid_reused")
             }
             Event::Restarted { pid } => {
+                self.series.live(*pid);
                 m.restarts.inc();
                 log::info!("event=agent_restarted pid={pid} reason=nonce_1");
             }
@@ -249,20 +285,15 @@ impl Actions {
         origin: &crate::vocab::beat::Origin,
         identity: Identity,
     ) {
-        if matches!(origin, crate::vocab::beat::Origin::Uds { .. }) {
-            self.metrics
-                .agent_info
-                .get_or_create(&identity.label(pid))
-                .set(1);
-            self.identities.insert(pid, identity);
-        }
-    }
-
-    /// An agent left the tracker: its identity and info series go with it.
-    fn forget(&mut self, pid: u32) {
-        if let Some(identity) = self.identities.remove(&pid) {
-            self.metrics.agent_info.remove(&identity.label(pid));
-        }
+        let info = match origin {
+            crate::vocab::beat::Origin::Uds { .. } => {
+                let label = identity.label(pid);
+                self.identities.insert(pid, identity);
+                Some(label)
+            }
+            crate::vocab::beat::Origin::Udp { .. } => None,
+        };
+        self.series.admit(pid, info, &self.metrics);
     }
 
     /// A recovery a global limit (or an unknown agent, or a reused pid) kept from running: counted in

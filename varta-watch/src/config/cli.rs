@@ -318,6 +318,20 @@ pub struct OutputArgs {
     /// Scrapes one address may make at once before --prom-rate-limit-per-sec applies.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub prom_rate_limit_burst: u32,
+    /// Most agents with per-agent series (pid label: varta_beats_total, varta_stalls_total,
+    /// varta_status, varta_exits_total, varta_criticals_total, varta_agent_info) at once;
+    /// agents beyond it are counted only in the aggregates (varta_agents{state},
+    /// varta_agent_stalls_total, varta_agent_exits_total) and in
+    /// varta_agent_series_overflow_total.
+    #[arg(long, value_name = "N", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub agent_series_max: u32,
+    /// Seconds an agent's per-agent series stay in /metrics after it is gone (sent the
+    /// panic-terminal frame, was evicted from the tracker, or stalled and its process
+    /// exited), so that scrapes see its last stall or exit (at most a week).
+    #[arg(long, value_name = "SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(0..=7 * 24 * 3600))]
+    pub agent_series_retention_secs: u64,
 }
 
 #[derive(Debug, Args)]

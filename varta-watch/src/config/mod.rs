@@ -101,6 +101,23 @@ pub struct LivenessConfig {
     pub inject_wedge: Option<Duration>,
 }
 
+/// Per-agent metric series: at most `max` agents have them; a gone agent's stay
+/// `retention_ns` (`--agent-series-max`, `--agent-series-retention-secs`).
+#[derive(Debug, Clone, Copy)]
+pub struct SeriesLimits {
+    pub max: usize,
+    pub retention_ns: u64,
+}
+
+impl Default for SeriesLimits {
+    fn default() -> Self {
+        SeriesLimits {
+            max: 10_000,
+            retention_ns: 300_000_000_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub socket: PathBuf,
@@ -116,6 +133,8 @@ pub struct Config {
     pub clock: ClockSource,
     pub limits: Limits,
     pub tracker_capacity: usize,
+    /// `--agent-series-max`, `--agent-series-retention-secs`.
+    pub series: SeriesLimits,
     pub eviction: EvictionPolicy,
     pub allow_cross_namespace: bool,
     pub recovery: Option<RecoveryConfig>,
@@ -205,6 +224,10 @@ impl Config {
                 global_burst: a.admission.global_beat_burst,
             },
             tracker_capacity: a.admission.tracker_capacity as usize,
+            series: SeriesLimits {
+                max: a.output.agent_series_max as usize,
+                retention_ns: a.output.agent_series_retention_secs * 1_000_000_000,
+            },
             eviction: a.admission.tracker_eviction_policy,
             allow_cross_namespace: a.admission.allow_cross_namespace_agents,
             recovery,

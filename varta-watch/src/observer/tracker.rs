@@ -111,6 +111,34 @@ fn claim_meets_attested(known: &Origin, now: &Origin) -> bool {
     matches!((known, now), (Origin::Udp { .. }, Origin::Uds { .. }))
 }
 
+/// Where an agent is in its life, for the aggregate that survives every per-agent bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentState {
+    Live = 0,
+    Stalled = 1,
+    Dead = 2,
+}
+
+impl AgentState {
+    pub fn of(agent: &Agent) -> AgentState {
+        if agent.dead {
+            AgentState::Dead
+        } else if agent.stalled {
+            AgentState::Stalled
+        } else {
+            AgentState::Live
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AgentState::Live => "live",
+            AgentState::Stalled => "stalled",
+            AgentState::Dead => "dead",
+        }
+    }
+}
+
 /// What a beat did to the tracker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
@@ -166,6 +194,8 @@ pub struct Tracker {
     next_generation: u64,
     /// Reads the start time of the process holding a pid (none unless set).
     start_time_of: StartTimeReader,
+    /// Agents by state ([`AgentState`]), kept as they change: `varta_agents{state}`.
+    counts: [usize; 3],
 }
 
 type StartTimeReader = Box<dyn FnMut(u32) -> Option<StartTime> + Send>;
@@ -181,7 +211,14 @@ impl Tracker {
             evictable: VecDeque::new(),
             next_generation: 0,
             start_time_of: Box::new(|_| None),
+            counts: [0; 3],
         }
+    }
+
+    /// Tracked agents by state: live, stalled, dead (sent the panic-terminal frame).
+    pub fn counts(&self) -> [(AgentState, usize); 3] {
+        [AgentState::Live, AgentState::Stalled, AgentState::Dead]
+            .map(|s| (s, self.counts[s as usize]))
     }
 
     /// Where agents' process start times come from (`StartTime::of` in the daemon). Without
@@ -257,6 +294,7 @@ impl Tracker {
         origin: Origin,
         now_ns: u64,
     ) -> Result<Accepted, DropReason> {
+        let before = self.agents.get(&pid).map(AgentState::of);
         let known = self.agents.get(&pid).map(|agent| {
             (
                 agent.outcome_of(frame, &origin),
@@ -286,6 +324,10 @@ impl Tracker {
         };
         let agent = self.agents.get_mut(&pid).expect("recorded above");
         agent.take(frame, origin, now_ns);
+        if let Some(before) = before {
+            self.counts[before as usize] -= 1;
+        }
+        self.counts[AgentState::of(agent) as usize] += 1;
         if agent.dead {
             if !agent.evictable {
                 agent.evictable = true;
@@ -344,6 +386,7 @@ impl Tracker {
                 generation,
             });
         }
+        self.counts[AgentState::of(&agent) as usize] += 1;
         self.agents.insert(r.pid, agent);
         true
     }
@@ -410,6 +453,8 @@ impl Tracker {
                 agent.evictable = true;
                 self.evictable.push_back((entry.pid, entry.generation));
             }
+            self.counts[AgentState::Live as usize] -= 1;
+            self.counts[AgentState::Stalled as usize] += 1;
             out.push(stalled);
         }
     }
@@ -432,6 +477,7 @@ impl Tracker {
             };
             agent.evictable = false;
             if agent.stalled || agent.dead {
+                self.counts[AgentState::of(agent) as usize] -= 1;
                 self.agents.remove(&pid);
                 return Some(pid);
             }
@@ -454,6 +500,7 @@ impl Tracker {
                 });
                 continue;
             }
+            self.counts[AgentState::of(agent) as usize] -= 1;
             self.agents.remove(&entry.pid);
             return Some(entry.pid);
         }
