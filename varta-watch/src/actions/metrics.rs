@@ -220,7 +220,7 @@ impl Metrics {
         );
         m.registry.register(
             "varta_recovery_suppressed",
-            "Recoveries not run: a global limit bit (max_running, spawn_rate) or the agent was never seen beating (unknown_agent)",
+            "Recoveries not run: a limit bit (global: max_running, spawn_rate; the agent's uid: uid_max_running, uid_spawn_rate; one-shot agents: one_shot_max_running, one_shot_spawn_rate), or the agent was never seen beating (unknown_agent)",
             m.recovery_suppressed.clone(),
         );
         m.registry.register(

@@ -21,7 +21,7 @@ use crate::{
     actions::export::Exporter,
     actions::identity::Identity,
     actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
-    actions::recovery::Recovery,
+    actions::recovery::{Recovery, Who},
     actions::series::{AgentSeries, SeriesLimits},
     vocab::{
         events::Event,
@@ -42,6 +42,38 @@ pub struct Actions {
     beat_counts: BeatCounts,
     /// Which agents have per-agent series, and for how long yet.
     series: AgentSeries,
+    /// Each local agent's process uid, read with its identity.
+    uids: HashMap<u32, u32>,
+    /// Stalls whose recovery a budget suppressed, retried while the agent stays stalled.
+    pending: Vec<Pending>,
+    /// When waiting recoveries were last tried.
+    last_ns: u64,
+}
+
+/// A stall's recovery waiting for a budget to free.
+struct Pending {
+    pid: u32,
+    origin: crate::vocab::beat::Origin,
+    started: Option<crate::sys::process::StartTime>,
+    who: Who,
+}
+
+/// At most this many stalls wait for a retry (one per agent); more are only suppressed.
+const MAX_PENDING: usize = 4096;
+/// How often waiting recoveries are tried again.
+const RETRY_NS: u64 = 100_000_000;
+
+/// The suppressions that end when a budget frees.
+fn retryable(reason: &str) -> bool {
+    matches!(
+        reason,
+        "max_running"
+            | "spawn_rate"
+            | "uid_max_running"
+            | "uid_spawn_rate"
+            | "one_shot_max_running"
+            | "one_shot_spawn_rate"
+    )
 }
 
 impl Actions {
@@ -62,6 +94,9 @@ impl Actions {
             identities: HashMap::new(),
             beat_counts: BeatCounts::default(),
             series: AgentSeries::new(series),
+            uids: HashMap::new(),
+            pending: Vec::new(),
+            last_ns: 0,
         }
     }
 
@@ -71,6 +106,7 @@ impl Actions {
         for event in events.drain(..) {
             self.handle(&event, now_ns, &mut follow_ups);
         }
+        self.retry_pending(now_ns, &mut follow_ups);
         for event in follow_ups {
             self.handle(&event, now_ns, &mut Vec::new());
         }
@@ -80,7 +116,26 @@ impl Actions {
 
     /// When [`Actions::sweep`] has work next (observer clock), if ever.
     pub fn next_sweep_ns(&self) -> Option<u64> {
-        self.series.next_sweep_ns()
+        let retry = (!self.pending.is_empty()).then(|| self.last_ns + RETRY_NS);
+        self.series.next_sweep_ns().into_iter().chain(retry).min()
+    }
+
+    /// Tries the waiting recoveries again, established agents first.
+    fn retry_pending(&mut self, now_ns: u64, follow_ups: &mut Vec<Event>) {
+        self.last_ns = now_ns;
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.sort_by_key(|p| !p.who.established);
+        for p in pending {
+            self.recover(p.pid, p.origin, p.started, p.who, true, now_ns, follow_ups);
+        }
+    }
+
+    /// The agent under `pid` is not (or no longer the one) stalled: nothing to retry.
+    fn not_stalled(&mut self, pid: u32) {
+        self.pending.retain(|p| p.pid != pid);
     }
 
     /// Drops the per-agent series of agents gone for the retention (and looks at whether
@@ -123,6 +178,8 @@ impl Actions {
                 // A pid seen anew (a reused pid verified afresh) may be another program.
                 for gone in evicted.iter().chain([pid]) {
                     self.identities.remove(gone);
+                    self.uids.remove(gone);
+                    self.not_stalled(*gone);
                 }
                 let m = &self.metrics;
                 // A UDP pid is only a claim: naming it after some local process would mislead.
@@ -143,6 +200,9 @@ impl Actions {
                 };
                 if info.is_some() {
                     self.identities.insert(*pid, identity);
+                    if let Some(uid) = identity::uid_of(*pid) {
+                        self.uids.insert(*pid, uid);
+                    }
                 }
                 self.series.admit(*pid, info, m);
                 // An evicted agent's series stay for the retention: a stall it surfaced
@@ -169,7 +229,9 @@ impl Actions {
                 origin,
                 known,
                 started,
+                beating_ns,
             } => {
+                self.pending.retain(|p| p.pid != *pid);
                 m.agent_exits.inc();
                 if self.series.has(*pid) {
                     m.exits.get_or_create(&PidLabel { pid: *pid }).inc();
@@ -183,7 +245,10 @@ impl Actions {
                 // Its first frame is its death: nothing ever beat there to be recovered, and
                 // anyone can send that frame; surfaced, not acted on.
                 match known {
-                    true => self.recover(*pid, *origin, *started, now_ns, follow_ups),
+                    true => {
+                        let who = self.who(*pid, *beating_ns);
+                        self.recover(*pid, *origin, *started, who, false, now_ns, follow_ups)
+                    }
                     false if self.recovery.is_some() => {
                         self.suppressed(*pid, "unknown_agent", follow_ups)
                     }
@@ -197,6 +262,7 @@ impl Actions {
                 origin,
                 started,
                 silent_ms,
+                beating_ns,
             } => {
                 m.agent_stalls.inc();
                 if self.series.has(*pid) {
@@ -213,9 +279,28 @@ impl Actions {
                     origin.transport(),
                     self.identity(*pid)
                 );
-                self.recover(*pid, *origin, *started, now_ns, follow_ups);
+                let who = self.who(*pid, *beating_ns);
+                self.pending.retain(|p| p.pid != *pid);
+                self.recover(*pid, *origin, *started, who, false, now_ns, follow_ups);
+                // Suppressed by a budget: tried again while it stays stalled.
+                if let Some(last) = follow_ups.last_mut()
+                    && let Event::Recovery(f) = last
+                    && f.pid == *pid
+                    && f.outcome == Outcome::Suppressed
+                    && retryable(&f.detail)
+                    && self.pending.len() < MAX_PENDING
+                {
+                    f.detail.push_str(" (retried while stalled)");
+                    self.pending.push(Pending {
+                        pid: *pid,
+                        origin: *origin,
+                        started: *started,
+                        who,
+                    });
+                }
             }
             Event::Resumed { pid } => {
+                self.pending.retain(|p| p.pid != *pid);
                 self.series.live(*pid);
                 log::info!("event=agent_resumed pid={pid}")
             }
@@ -223,6 +308,7 @@ impl Actions {
                 log::info!("event=agent_replaced pid={pid} reason=pid_reused")
             }
             Event::Restarted { pid } => {
+                self.pending.retain(|p| p.pid != *pid);
                 self.series.live(*pid);
                 m.restarts.inc();
                 log::info!("event=agent_restarted pid={pid} reason=nonce_1");
@@ -311,22 +397,47 @@ impl Actions {
         }));
     }
 
+    /// Whose recovery it is: the agent's uid and whether it has a history.
+    fn who(&self, pid: u32, beating_ns: u64) -> Who {
+        Who {
+            uid: self.uids.get(&pid).copied(),
+            established: self
+                .recovery
+                .as_ref()
+                .is_none_or(|r| r.established(beating_ns)),
+        }
+    }
+
+    /// Runs recovery for `pid`; a `retry` still suppressed by a budget waits again quietly.
+    #[allow(clippy::too_many_arguments)]
     fn recover(
         &mut self,
         pid: u32,
         origin: crate::vocab::beat::Origin,
         started: Option<crate::sys::process::StartTime>,
+        who: Who,
+        retry: bool,
         now_ns: u64,
         follow_ups: &mut Vec<Event>,
     ) {
         let Some(recovery) = &mut self.recovery else {
             return;
         };
-        match recovery.start(pid, origin, started) {
+        match recovery.start_for(pid, origin, started, who) {
+            Err(NotRun::Suppressed(reason)) if retry && retryable(reason) => {
+                self.pending.push(Pending {
+                    pid,
+                    origin,
+                    started,
+                    who,
+                });
+            }
             Ok(child) => {
                 log::info!(
-                    "event=recovery_started pid={pid} child={}",
-                    child.map_or("-".to_owned(), |c| c.to_string())
+                    "event=recovery_started pid={pid} child={} uid={} established={} retried={retry}",
+                    child.map_or("-".to_owned(), |c| c.to_string()),
+                    who.uid.map_or("-".to_owned(), |u| u.to_string()),
+                    who.established
                 );
                 if let (Some(audit), Some(child)) = (&mut self.audit, child) {
                     audit.spawned(now_ns.saturating_sub(self.start_ns), pid, child);

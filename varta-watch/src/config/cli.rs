@@ -253,6 +253,19 @@ pub struct RecoveryArgs {
     /// second's worth; more are suppressed and counted).
     #[arg(long, group = LIVE, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub recovery_spawn_rate: u32,
+    /// Most recovery commands running at once for the agents of one uid (the agent's
+    /// process uid), so that one user's agents cannot take every slot.
+    #[arg(long, group = LIVE, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub recovery_max_concurrent_per_uid: u32,
+    /// Most recovery commands started per second for the agents of one uid (bursts of one
+    /// second's worth).
+    #[arg(long, group = LIVE, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub recovery_spawn_rate_per_uid: u32,
+    /// An agent that beat for less than this many ms before its stall or exit is one-shot:
+    /// one-shot agents together get at most half of --recovery-max-concurrent and of
+    /// --recovery-spawn-rate, so established agents keep the other half.
+    #[arg(long, group = LIVE, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=MAX_MS))]
+    pub recovery_established_after_ms: u64,
     /// KEY=VALUE added to the recovery command's environment (repeatable).
     #[arg(long, group = LIVE, value_parser = parse_env_pair, value_delimiter = None)]
     pub recovery_env: Vec<(String, String)>,

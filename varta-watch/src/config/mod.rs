@@ -75,6 +75,13 @@ pub struct RecoveryConfig {
     pub max_running: usize,
     /// Most commands started per second (`--recovery-spawn-rate`).
     pub spawn_rate: u32,
+    /// The same limits for the agents of one uid (`--recovery-max-concurrent-per-uid`,
+    /// `--recovery-spawn-rate-per-uid`).
+    pub max_running_per_uid: usize,
+    pub spawn_rate_per_uid: u32,
+    /// Agents that beat for less than this are one-shot: they share half the global
+    /// limits (`--recovery-established-after-ms`).
+    pub established_after: Duration,
     pub env: Vec<(String, String)>,
     pub inherit_env: bool,
     pub allow_udp: bool,
@@ -296,6 +303,9 @@ fn recovery_config(a: &RecoveryArgs) -> Result<Option<RecoveryConfig>, ConfigErr
         timeout: Some(Duration::from_millis(a.recovery_timeout_ms)),
         max_running: a.recovery_max_concurrent as usize,
         spawn_rate: a.recovery_spawn_rate,
+        max_running_per_uid: a.recovery_max_concurrent_per_uid as usize,
+        spawn_rate_per_uid: a.recovery_spawn_rate_per_uid,
+        established_after: Duration::from_millis(a.recovery_established_after_ms),
         env: a.recovery_env.clone(),
         inherit_env: a.recovery_inherit_env,
         allow_udp: false,

@@ -46,6 +46,9 @@ pub struct Agent {
     /// When the agent's process started, read at its first beat; `None` when it was gone
     /// by then, or for a UDP agent (whose pid is only a claim).
     pub started: Option<StartTime>,
+    /// When this agent's first beat arrived (0: unknown, taken over from a previous
+    /// instance): how long it has beaten tells an established agent from a one-shot one.
+    pub first_beat_ns: u64,
     generation: u64,
     queued: bool,
     /// Has an entry in the eviction queue.
@@ -64,6 +67,7 @@ impl Agent {
             stalled: false,
             dead: false,
             started,
+            first_beat_ns: 0,
             generation,
             queued: false,
             evictable: false,
@@ -323,6 +327,9 @@ impl Tracker {
             }
         };
         let agent = self.agents.get_mut(&pid).expect("recorded above");
+        if matches!(outcome, Accepted::New { .. } | Accepted::Replaced) {
+            agent.first_beat_ns = now_ns;
+        }
         agent.take(frame, origin, now_ns);
         if let Some(before) = before {
             self.counts[before as usize] -= 1;
