@@ -212,6 +212,12 @@ pub struct AdmissionArgs {
     /// Distinct agents tracked at once (at most 1,048,576).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub tracker_capacity: u32,
+    /// Quota of agents per uid (their process's real uid), binding once the tracker is
+    /// full, so one user's processes cannot refuse or evict other users' agents: a uid at
+    /// it makes room only from its own stalled or dead agents; a uid under it takes room
+    /// from a uid over it first. 0: half of --tracker-capacity.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub tracker_max_per_uid: u32,
     /// Which agent makes room for a new one when the tracker is full.
     #[arg(long, value_enum, default_value = "strict")]
     pub tracker_eviction_policy: EvictionPolicy,

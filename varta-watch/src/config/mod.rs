@@ -140,6 +140,8 @@ pub struct Config {
     pub clock: ClockSource,
     pub limits: Limits,
     pub tracker_capacity: usize,
+    /// `--tracker-max-per-uid` (0 given: half the capacity).
+    pub tracker_max_per_uid: usize,
     /// `--agent-series-max`, `--agent-series-retention-secs`.
     pub series: SeriesLimits,
     pub eviction: EvictionPolicy,
@@ -231,6 +233,10 @@ impl Config {
                 global_burst: a.admission.global_beat_burst,
             },
             tracker_capacity: a.admission.tracker_capacity as usize,
+            tracker_max_per_uid: match a.admission.tracker_max_per_uid {
+                0 => (a.admission.tracker_capacity as usize).div_ceil(2),
+                n => n as usize,
+            },
             series: SeriesLimits {
                 max: a.output.agent_series_max as usize,
                 retention_ns: a.output.agent_series_retention_secs * 1_000_000_000,

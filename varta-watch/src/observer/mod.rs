@@ -40,6 +40,7 @@ impl Observer {
             config.limits.threshold_ns(),
         );
         tracker.read_start_times(StartTime::of);
+        tracker.read_uids(config.tracker_max_per_uid, crate::sys::process::uid_of);
         Observer {
             tracker,
             gates: Gates::new(),
