@@ -183,6 +183,14 @@ fn export_file_and_metrics_after_a_scripted_scenario(datapath: &str) {
         "varta_junk_sample_one_in 1".into(),
         "varta_agent_restarts_total 0".into(),
         "varta_nonce_wrap_total 0".into(),
+        // The aggregates every agent counts in, whatever --agent-series-max.
+        "varta_agents{state=\"live\"} 0".into(),
+        "varta_agents{state=\"stalled\"} 1".into(),
+        "varta_agents{state=\"dead\"} 0".into(),
+        "varta_agent_stalls_total 1".into(),
+        "varta_agent_exits_total 0".into(),
+        "varta_agent_series 1".into(),
+        "varta_agent_series_overflow_total 0".into(),
     ];
     for kind in [
         "bad_magic",

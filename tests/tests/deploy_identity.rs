@@ -115,7 +115,8 @@ fn agents_are_named_by_container_pod_and_systemd_unit_needs_root() {
         "{stall}"
     );
 
-    // The stalled agent is evicted for the next one: its info series goes with it.
+    // The stalled agent is evicted for the next one: its info series stays for
+    // --agent-series-retention-secs, so its stall is still named in the next scrapes.
     let unit_agent = agent_in(&service, &d.socket);
     let upid = unit_agent.pid();
     let new = d.wait_log_all(
@@ -127,15 +128,19 @@ fn agents_are_named_by_container_pod_and_systemd_unit_needs_root() {
         "{new}"
     );
     let metrics = d.get_metrics(None).1;
-    let infos: Vec<&str> = metrics
+    let mut infos: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("varta_agent_info{"))
         .collect();
+    infos.sort_by_key(|l| !l.contains(&format!("pid=\"{pid}\"")));
     assert_eq!(
         infos,
-        [format!(
-            "varta_agent_info{{pid=\"{upid}\",comm=\"varta-watch\",unit=\"varta-e2e-worker.service\",container_id=\"\",pod_uid=\"\"}} 1"
-        )],
+        [
+            format!("{info} 1"),
+            format!(
+                "varta_agent_info{{pid=\"{upid}\",comm=\"varta-watch\",unit=\"varta-e2e-worker.service\",container_id=\"\",pod_uid=\"\"}} 1"
+            )
+        ],
         "{metrics}"
     );
     drop(unit_agent);

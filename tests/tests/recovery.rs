@@ -41,6 +41,11 @@ fn recovery_daemon(name: &str) -> Daemon {
     Daemon::builder(name, "userspace")
         .args(["--threshold-ms", "60000", "--shutdown-grace-ms", "100"])
         .args(["--recovery-exec", "/bin/sleep 30"])
+        // Every agent here is one uid's and one-shot: these tests are of the global limits,
+        // so the per-uid and one-shot ones (tests/tests/recovery_fair.rs) are made as wide.
+        .args(["--recovery-max-concurrent-per-uid", "16"])
+        .args(["--recovery-spawn-rate-per-uid", "10"])
+        .args(["--recovery-established-after-ms", "0"])
         .start()
 }
 

@@ -7,7 +7,10 @@ use std::collections::HashMap;
 
 use foldhash::fast::RandomState;
 
-use crate::actions::metrics::{Metrics, PidLabel};
+use crate::actions::{
+    metrics::{Metrics, PidLabel},
+    series::AgentSeries,
+};
 
 #[derive(Default)]
 pub struct BeatCounts {
@@ -22,9 +25,13 @@ impl BeatCounts {
         entry.1 = status;
     }
 
-    /// Writes the run into `varta_beats_total` and `varta_status`.
-    pub fn flush(&mut self, metrics: &Metrics) {
+    /// Writes the run into `varta_beats_total` and `varta_status`, for the agents that have
+    /// per-agent series.
+    pub fn flush(&mut self, metrics: &Metrics, series: &AgentSeries) {
         for (pid, (beats, status)) in self.pending.drain() {
+            if !series.has(pid) {
+                continue;
+            }
             let label = PidLabel { pid };
             metrics.beats.get_or_create(&label).inc_by(beats);
             metrics.status.get_or_create(&label).set(status);
@@ -40,10 +47,13 @@ mod tests {
     fn a_run_counts_every_beat_and_keeps_the_latest_status() {
         let metrics = Metrics::new(Default::default(), "ebpf", "none", 16);
         let mut counts = BeatCounts::default();
+        let mut series = AgentSeries::new(Default::default());
+        series.admit(7, None, &metrics);
+        series.admit(8, None, &metrics);
         for (pid, status) in [(7, 0), (8, 1), (7, 2), (7, 1)] {
             counts.add(pid, status);
         }
-        counts.flush(&metrics);
+        counts.flush(&metrics, &series);
         let get = |pid| {
             let label = PidLabel { pid };
             (
@@ -53,7 +63,7 @@ mod tests {
         };
         assert_eq!(get(7), (3, 1));
         assert_eq!(get(8), (1, 1));
-        counts.flush(&metrics);
+        counts.flush(&metrics, &series);
         assert_eq!(get(7), (3, 1), "a flushed run is not counted twice");
     }
 }

@@ -150,6 +150,8 @@ fn pod_uid(part: &str) -> Option<String> {
     (uid.len() == 36 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')).then_some(uid)
 }
 
+pub use crate::sys::process::uid_of;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,6 +77,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SignalLabel {
     pub signal: &'static str,
 }
@@ -89,6 +94,13 @@ pub struct Metrics {
     pub exits: Family<PidLabel, Counter>,
     pub criticals: Family<PidLabel, Counter>,
     pub agent_info: Family<AgentInfoLabel, Gauge>,
+    /// The aggregates that survive every per-agent bound (no pid label).
+    pub agents: Family<StateLabel, Gauge>,
+    pub agent_stalls: Counter,
+    pub agent_exits: Counter,
+    /// Agents with per-agent series now, and agents refused them (the cap was reached).
+    pub agent_series: Gauge,
+    pub agent_series_overflow: Counter,
     pub recovery_outcomes: Family<OutcomeLabel, Counter>,
     pub recovery_refused: Family<ReasonLabel, Counter>,
     pub recovery_suppressed: Family<ReasonLabel, Counter>,
@@ -120,6 +132,11 @@ impl Metrics {
             exits: Family::default(),
             criticals: Family::default(),
             agent_info: Family::default(),
+            agents: Family::default(),
+            agent_stalls: Counter::default(),
+            agent_exits: Counter::default(),
+            agent_series: Gauge::default(),
+            agent_series_overflow: Counter::default(),
             recovery_outcomes: Family::default(),
             recovery_refused: Family::default(),
             recovery_suppressed: Family::default(),
@@ -158,6 +175,34 @@ impl Metrics {
             "One series per tracked agent: its command, systemd unit, container and pod",
             m.agent_info.clone(),
         );
+        for state in ["live", "stalled", "dead"] {
+            m.agents.get_or_create(&StateLabel { state }).set(0);
+        }
+        m.registry.register(
+            "varta_agents",
+            "Agents tracked now, by state (live, stalled, dead: sent the panic-terminal frame); no pid, so it survives --agent-series-max",
+            m.agents.clone(),
+        );
+        m.registry.register(
+            "varta_agent_stalls",
+            "Stalls surfaced, all agents together (counted also for agents beyond --agent-series-max)",
+            m.agent_stalls.clone(),
+        );
+        m.registry.register(
+            "varta_agent_exits",
+            "Panic-terminal frames, all agents together (counted also for agents beyond --agent-series-max)",
+            m.agent_exits.clone(),
+        );
+        m.registry.register(
+            "varta_agent_series",
+            "Agents with per-agent series (pid label) in this exposition now, at most --agent-series-max",
+            m.agent_series.clone(),
+        );
+        m.registry.register(
+            "varta_agent_series_overflow",
+            "New agents given no per-agent series because --agent-series-max agents had them (counted in the aggregates only)",
+            m.agent_series_overflow.clone(),
+        );
         m.registry.register(
             "varta_criticals",
             "Critical beats per agent",
@@ -175,7 +220,7 @@ impl Metrics {
         );
         m.registry.register(
             "varta_recovery_suppressed",
-            "Recoveries not run: a global limit bit (max_running, spawn_rate) or the agent was never seen beating (unknown_agent)",
+            "Recoveries not run: a limit bit (global: max_running, spawn_rate; the agent's uid: uid_max_running, uid_spawn_rate; one-shot agents: one_shot_max_running, one_shot_spawn_rate), or the agent was never seen beating (unknown_agent)",
             m.recovery_suppressed.clone(),
         );
         m.registry.register(

@@ -7,6 +7,7 @@ pub mod export;
 pub mod identity;
 pub mod metrics;
 pub mod recovery;
+pub mod series;
 pub mod sink;
 mod sink_metrics;
 
@@ -20,7 +21,8 @@ use crate::{
     actions::export::Exporter,
     actions::identity::Identity,
     actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
-    actions::recovery::Recovery,
+    actions::recovery::{Recovery, Who},
+    actions::series::{AgentSeries, SeriesLimits},
     vocab::{
         events::Event,
         recovery::{Finished, NotRun, Outcome},
@@ -38,6 +40,40 @@ pub struct Actions {
     identities: HashMap<u32, Identity>,
     /// The beat metrics of the current run of beats, not yet written.
     beat_counts: BeatCounts,
+    /// Which agents have per-agent series, and for how long yet.
+    series: AgentSeries,
+    /// Each local agent's process uid, read with its identity.
+    uids: HashMap<u32, u32>,
+    /// Stalls whose recovery a budget suppressed, retried while the agent stays stalled.
+    pending: Vec<Pending>,
+    /// When waiting recoveries were last tried.
+    last_ns: u64,
+}
+
+/// A stall's recovery waiting for a budget to free.
+struct Pending {
+    pid: u32,
+    origin: crate::vocab::beat::Origin,
+    started: Option<crate::sys::process::StartTime>,
+    who: Who,
+}
+
+/// At most this many stalls wait for a retry (one per agent); more are only suppressed.
+const MAX_PENDING: usize = 4096;
+/// How often waiting recoveries are tried again.
+const RETRY_NS: u64 = 100_000_000;
+
+/// The suppressions that end when a budget frees.
+fn retryable(reason: &str) -> bool {
+    matches!(
+        reason,
+        "max_running"
+            | "spawn_rate"
+            | "uid_max_running"
+            | "uid_spawn_rate"
+            | "one_shot_max_running"
+            | "one_shot_spawn_rate"
+    )
 }
 
 impl Actions {
@@ -47,6 +83,7 @@ impl Actions {
         recovery: Option<Recovery>,
         audit: Option<Audit>,
         start_ns: u64,
+        series: SeriesLimits,
     ) -> Self {
         Actions {
             metrics,
@@ -56,6 +93,10 @@ impl Actions {
             start_ns,
             identities: HashMap::new(),
             beat_counts: BeatCounts::default(),
+            series: AgentSeries::new(series),
+            uids: HashMap::new(),
+            pending: Vec::new(),
+            last_ns: 0,
         }
     }
 
@@ -65,11 +106,43 @@ impl Actions {
         for event in events.drain(..) {
             self.handle(&event, now_ns, &mut follow_ups);
         }
+        self.retry_pending(now_ns, &mut follow_ups);
         for event in follow_ups {
             self.handle(&event, now_ns, &mut Vec::new());
         }
-        self.beat_counts.flush(&self.metrics);
+        self.beat_counts.flush(&self.metrics, &self.series);
         self.flush();
+    }
+
+    /// When [`Actions::sweep`] has work next (observer clock), if ever.
+    pub fn next_sweep_ns(&self) -> Option<u64> {
+        let retry = (!self.pending.is_empty()).then(|| self.last_ns + RETRY_NS);
+        self.series.next_sweep_ns().into_iter().chain(retry).min()
+    }
+
+    /// Tries the waiting recoveries again, established agents first.
+    fn retry_pending(&mut self, now_ns: u64, follow_ups: &mut Vec<Event>) {
+        self.last_ns = now_ns;
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.sort_by_key(|p| !p.who.established);
+        for p in pending {
+            self.recover(p.pid, p.origin, p.started, p.who, true, now_ns, follow_ups);
+        }
+    }
+
+    /// The agent under `pid` is not (or no longer the one) stalled: nothing to retry.
+    fn not_stalled(&mut self, pid: u32) {
+        self.pending.retain(|p| p.pid != pid);
+    }
+
+    /// Drops the per-agent series of agents gone for the retention (and looks at whether
+    /// stalled agents' processes are gone).
+    pub fn sweep(&mut self, now_ns: u64) {
+        self.series
+            .sweep(now_ns, &self.metrics, crate::sys::process::StartTime::of);
     }
 
     /// Hands the batch's export lines to the file's writer.
@@ -91,7 +164,7 @@ impl Actions {
 
     fn handle(&mut self, event: &Event, now_ns: u64, follow_ups: &mut Vec<Event>) {
         if !matches!(event, Event::Beat { .. }) {
-            self.beat_counts.flush(&self.metrics);
+            self.beat_counts.flush(&self.metrics, &self.series);
         }
         let m = &self.metrics;
         match event {
@@ -104,7 +177,9 @@ impl Actions {
             } => {
                 // A pid seen anew (a reused pid verified afresh) may be another program.
                 for gone in evicted.iter().chain([pid]) {
-                    self.forget(*gone);
+                    self.identities.remove(gone);
+                    self.uids.remove(gone);
+                    self.not_stalled(*gone);
                 }
                 let m = &self.metrics;
                 // A UDP pid is only a claim: naming it after some local process would mislead.
@@ -119,21 +194,29 @@ impl Actions {
                 );
                 // Only an attested agent has a name to export; a UDP one would be an empty
                 // series (and memory) per claimed pid.
-                if matches!(origin, crate::vocab::beat::Origin::Uds { .. }) {
-                    m.agent_info.get_or_create(&identity.label(*pid)).set(1);
+                let info = match origin {
+                    crate::vocab::beat::Origin::Uds { .. } => Some(identity.label(*pid)),
+                    crate::vocab::beat::Origin::Udp { .. } => None,
+                };
+                if info.is_some() {
                     self.identities.insert(*pid, identity);
+                    if let Some(uid) = identity::uid_of(*pid) {
+                        self.uids.insert(*pid, uid);
+                    }
                 }
+                self.series.admit(*pid, info, m);
+                // An evicted agent's series stay for the retention: a stall it surfaced
+                // stays visible to the next scrapes.
                 if let Some(old) = evicted {
                     m.evicted.inc();
-                    for family in [&m.beats, &m.stalls, &m.exits, &m.criticals] {
-                        family.remove(&PidLabel { pid: *old });
-                    }
-                    m.status.remove(&PidLabel { pid: *old });
+                    self.series.went(*old, now_ns);
                     log::info!("event=agent_evicted pid={old} for={pid}");
                 }
             }
             Event::Critical { pid, frame } => {
-                m.criticals.get_or_create(&PidLabel { pid: *pid }).inc();
+                if self.series.has(*pid) {
+                    m.criticals.get_or_create(&PidLabel { pid: *pid }).inc();
+                }
                 log::warn!(
                     "event=critical pid={pid} nonce={} payload={}",
                     frame.nonce,
@@ -146,8 +229,14 @@ impl Actions {
                 origin,
                 known,
                 started,
+                beating_ns,
             } => {
-                m.exits.get_or_create(&PidLabel { pid: *pid }).inc();
+                self.pending.retain(|p| p.pid != *pid);
+                m.agent_exits.inc();
+                if self.series.has(*pid) {
+                    m.exits.get_or_create(&PidLabel { pid: *pid }).inc();
+                }
+                self.series.went(*pid, now_ns);
                 log::warn!(
                     "event=exit pid={pid} payload={} reason=panic_terminal_frame known={known} {}",
                     frame.payload,
@@ -156,7 +245,10 @@ impl Actions {
                 // Its first frame is its death: nothing ever beat there to be recovered, and
                 // anyone can send that frame; surfaced, not acted on.
                 match known {
-                    true => self.recover(*pid, *origin, *started, now_ns, follow_ups),
+                    true => {
+                        let who = self.who(*pid, *beating_ns);
+                        self.recover(*pid, *origin, *started, who, false, now_ns, follow_ups)
+                    }
                     false if self.recovery.is_some() => {
                         self.suppressed(*pid, "unknown_agent", follow_ups)
                     }
@@ -170,24 +262,54 @@ impl Actions {
                 origin,
                 started,
                 silent_ms,
+                beating_ns,
             } => {
-                m.stalls.get_or_create(&PidLabel { pid: *pid }).inc();
-                m.status
-                    .get_or_create(&PidLabel { pid: *pid })
-                    .set(Status::Stall as i64);
+                m.agent_stalls.inc();
+                if self.series.has(*pid) {
+                    m.stalls.get_or_create(&PidLabel { pid: *pid }).inc();
+                    m.status
+                        .get_or_create(&PidLabel { pid: *pid })
+                        .set(Status::Stall as i64);
+                }
+                let local = matches!(origin, crate::vocab::beat::Origin::Uds { .. });
+                self.series.stalled(*pid, *started, local, now_ns);
                 log::warn!(
                     "event=stall pid={pid} silent_ms={silent_ms} last_nonce={last_nonce} last_status={} transport={} {}",
                     last_status.name(),
                     origin.transport(),
                     self.identity(*pid)
                 );
-                self.recover(*pid, *origin, *started, now_ns, follow_ups);
+                let who = self.who(*pid, *beating_ns);
+                self.pending.retain(|p| p.pid != *pid);
+                self.recover(*pid, *origin, *started, who, false, now_ns, follow_ups);
+                // Suppressed by a budget: tried again while it stays stalled.
+                if let Some(last) = follow_ups.last_mut()
+                    && let Event::Recovery(f) = last
+                    && f.pid == *pid
+                    && f.outcome == Outcome::Suppressed
+                    && retryable(&f.detail)
+                    && self.pending.len() < MAX_PENDING
+                {
+                    f.detail.push_str(" (retried while stalled)");
+                    self.pending.push(Pending {
+                        pid: *pid,
+                        origin: *origin,
+                        started: *started,
+                        who,
+                    });
+                }
             }
-            Event::Resumed { pid } => log::info!("event=agent_resumed pid={pid}"),
+            Event::Resumed { pid } => {
+                self.pending.retain(|p| p.pid != *pid);
+                self.series.live(*pid);
+                log::info!("event=agent_resumed pid={pid}")
+            }
             Event::Replaced { pid } => {
                 log::info!("event=agent_replaced pid={pid} reason=pid_reused")
             }
             Event::Restarted { pid } => {
+                self.pending.retain(|p| p.pid != *pid);
+                self.series.live(*pid);
                 m.restarts.inc();
                 log::info!("event=agent_restarted pid={pid} reason=nonce_1");
             }
@@ -249,20 +371,15 @@ impl Actions {
         origin: &crate::vocab::beat::Origin,
         identity: Identity,
     ) {
-        if matches!(origin, crate::vocab::beat::Origin::Uds { .. }) {
-            self.metrics
-                .agent_info
-                .get_or_create(&identity.label(pid))
-                .set(1);
-            self.identities.insert(pid, identity);
-        }
-    }
-
-    /// An agent left the tracker: its identity and info series go with it.
-    fn forget(&mut self, pid: u32) {
-        if let Some(identity) = self.identities.remove(&pid) {
-            self.metrics.agent_info.remove(&identity.label(pid));
-        }
+        let info = match origin {
+            crate::vocab::beat::Origin::Uds { .. } => {
+                let label = identity.label(pid);
+                self.identities.insert(pid, identity);
+                Some(label)
+            }
+            crate::vocab::beat::Origin::Udp { .. } => None,
+        };
+        self.series.admit(pid, info, &self.metrics);
     }
 
     /// A recovery a global limit (or an unknown agent, or a reused pid) kept from running: counted in
@@ -280,22 +397,47 @@ impl Actions {
         }));
     }
 
+    /// Whose recovery it is: the agent's uid and whether it has a history.
+    fn who(&self, pid: u32, beating_ns: u64) -> Who {
+        Who {
+            uid: self.uids.get(&pid).copied(),
+            established: self
+                .recovery
+                .as_ref()
+                .is_none_or(|r| r.established(beating_ns)),
+        }
+    }
+
+    /// Runs recovery for `pid`; a `retry` still suppressed by a budget waits again quietly.
+    #[allow(clippy::too_many_arguments)]
     fn recover(
         &mut self,
         pid: u32,
         origin: crate::vocab::beat::Origin,
         started: Option<crate::sys::process::StartTime>,
+        who: Who,
+        retry: bool,
         now_ns: u64,
         follow_ups: &mut Vec<Event>,
     ) {
         let Some(recovery) = &mut self.recovery else {
             return;
         };
-        match recovery.start(pid, origin, started) {
+        match recovery.start_for(pid, origin, started, who) {
+            Err(NotRun::Suppressed(reason)) if retry && retryable(reason) => {
+                self.pending.push(Pending {
+                    pid,
+                    origin,
+                    started,
+                    who,
+                });
+            }
             Ok(child) => {
                 log::info!(
-                    "event=recovery_started pid={pid} child={}",
-                    child.map_or("-".to_owned(), |c| c.to_string())
+                    "event=recovery_started pid={pid} child={} uid={} established={} retried={retry}",
+                    child.map_or("-".to_owned(), |c| c.to_string()),
+                    who.uid.map_or("-".to_owned(), |u| u.to_string()),
+                    who.established
                 );
                 if let (Some(audit), Some(child)) = (&mut self.audit, child) {
                     audit.spawned(now_ns.saturating_sub(self.start_ns), pid, child);

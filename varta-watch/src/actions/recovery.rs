@@ -8,6 +8,12 @@
 //! suppressed and counted, not queued. At shutdown the commands still running after the
 //! grace period are killed ([`Recovery::kill_all`]).
 //!
+//! Nor can one user take them all: the agents of one uid (the agent's process uid) get at
+//! most `max_running_per_uid` running and `spawn_rate_per_uid` starts a second, and one-shot
+//! agents (beat for less than `established_after`) together at most half of each global
+//! limit, so agents with a history keep the rest. A stall's suppressed recovery is retried
+//! by `actions` while the agent stays stalled.
+//!
 //! The command is told a pid, so that pid must still be the process that beat: just before
 //! the spawn, the process holding it is compared with the agent's recorded start time
 //! (`sys::process`). A pid another process holds now is never recovered (suppressed,
@@ -37,8 +43,39 @@ use crate::{
     },
 };
 
+/// Whose recovery it is, for the budgets per uid and for one-shot agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Who {
+    /// The agent's process uid (None: unknown, a UDP agent).
+    pub uid: Option<u32>,
+    /// Beat for at least `established_after`.
+    pub established: bool,
+}
+
+impl Default for Who {
+    fn default() -> Self {
+        Who {
+            uid: None,
+            established: true,
+        }
+    }
+}
+
+/// A budget: commands running, and a spawn bucket's clock.
+#[derive(Debug, Default, Clone, Copy)]
+struct Budget {
+    running: usize,
+    tat: u64,
+}
+
 pub struct Recovery {
     config: RecoveryConfig,
+    /// Budgets per uid (entries with nothing running and a full bucket are dropped).
+    per_uid: HashMap<u32, Budget>,
+    /// The one-shot agents' shared budget.
+    one_shot: Budget,
+    /// Whose each running command is (by child pid), to give its slot back.
+    owners: HashMap<u32, Who>,
     last_run: HashMap<u32, Instant>,
     running: usize,
     /// Process groups of the commands not yet reaped: a supervisor removes its child before
@@ -60,6 +97,9 @@ impl Recovery {
         Recovery {
             spawn_tat: 0,
             config,
+            per_uid: HashMap::new(),
+            one_shot: Budget::default(),
+            owners: HashMap::new(),
             last_run: HashMap::new(),
             running: 0,
             children: Arc::default(),
@@ -80,6 +120,11 @@ impl Recovery {
         self.config = config;
     }
 
+    /// Whether an agent that beat for `beating_ns` has a history (is not one-shot).
+    pub fn established(&self, beating_ns: u64) -> bool {
+        beating_ns >= self.config.established_after.as_nanos() as u64
+    }
+
     pub fn running(&self) -> usize {
         self.running
     }
@@ -96,11 +141,23 @@ impl Recovery {
 
     /// Starts the recovery command for `pid`, whose agent's process started at `started`,
     /// unless refused, debounced or suppressed; the child's pid when it started.
+    #[cfg(test)]
     pub fn start(
         &mut self,
         pid: u32,
         origin: Origin,
         started: Option<StartTime>,
+    ) -> Result<Option<u32>, NotRun> {
+        self.start_for(pid, origin, started, Who::default())
+    }
+
+    /// [`Recovery::start`] within `who`'s budgets too.
+    pub fn start_for(
+        &mut self,
+        pid: u32,
+        origin: Origin,
+        started: Option<StartTime>,
+        who: Who,
     ) -> Result<Option<u32>, NotRun> {
         if matches!(origin, Origin::Udp { .. }) && !self.config.allow_udp {
             return Err(NotRun::Refused("unauthenticated_transport"));
@@ -119,12 +176,34 @@ impl Recovery {
         if self.running >= self.config.max_running {
             return Err(NotRun::Suppressed("max_running"));
         }
-        // One second's burst. Taken from a copy, kept only if the command starts.
-        let spawn_rate = Limit::new(self.config.spawn_rate, self.config.spawn_rate);
-        let mut spawn_tat = self.spawn_tat;
+        let half = |n: usize| n.div_ceil(2).max(1);
+        let mut uid_budget = who
+            .uid
+            .map(|uid| self.per_uid.get(&uid).copied().unwrap_or_default());
+        if uid_budget.is_some_and(|b| b.running >= self.config.max_running_per_uid) {
+            return Err(NotRun::Suppressed("uid_max_running"));
+        }
+        let mut one_shot = self.one_shot;
+        if !who.established && one_shot.running >= half(self.config.max_running) {
+            return Err(NotRun::Suppressed("one_shot_max_running"));
+        }
+        // One second's burst. Taken from copies, kept only if the command starts.
         let now_ns = u64::try_from(now.duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
-        if spawn_rate.is_some_and(|limit| !limit.take(&mut spawn_tat, now_ns)) {
+        let take = |rate: u32, tat: &mut u64| {
+            Limit::new(rate, rate).is_none_or(|limit| limit.take(tat, now_ns))
+        };
+        let mut spawn_tat = self.spawn_tat;
+        if !take(self.config.spawn_rate, &mut spawn_tat) {
             return Err(NotRun::Suppressed("spawn_rate"));
+        }
+        if let Some(b) = &mut uid_budget
+            && !take(self.config.spawn_rate_per_uid, &mut b.tat)
+        {
+            return Err(NotRun::Suppressed("uid_spawn_rate"));
+        }
+        let one_shot_rate = half(self.config.spawn_rate as usize) as u32;
+        if !who.established && !take(one_shot_rate, &mut one_shot.tat) {
+            return Err(NotRun::Suppressed("one_shot_spawn_rate"));
         }
         // Last, as close to the spawn as it gets.
         if matches!(origin, Origin::Uds { .. })
@@ -133,6 +212,12 @@ impl Recovery {
             return Err(NotRun::Suppressed("pid_reused"));
         }
         self.spawn_tat = spawn_tat;
+        if let (Some(uid), Some(b)) = (who.uid, uid_budget) {
+            self.per_uid.insert(uid, b);
+        }
+        if !who.established {
+            self.one_shot.tat = one_shot.tat;
+        }
         self.last_run.insert(pid, now);
         if self.last_run.len() > 4096 {
             let debounce = self.config.debounce;
@@ -165,6 +250,13 @@ impl Recovery {
             }
         };
         self.running += 1;
+        if let Some(uid) = who.uid {
+            self.per_uid.entry(uid).or_default().running += 1;
+        }
+        if !who.established {
+            self.one_shot.running += 1;
+        }
+        self.owners.insert(child.id(), who);
         self.children.lock().expect("poisoned").insert(child.id());
         let tx = self.tx.clone();
         let timeout = self.config.timeout;
@@ -209,6 +301,18 @@ impl Recovery {
         let finished = self.rx.recv().await.expect("the recovery holds a sender");
         if finished.outcome != Outcome::SpawnFailed {
             self.running -= 1;
+        }
+        if let Some(who) = (finished.run.as_ref()).and_then(|run| self.owners.remove(&run.child)) {
+            if let Some(b) = who.uid.and_then(|uid| self.per_uid.get_mut(&uid)) {
+                b.running -= 1;
+            }
+            if !who.established {
+                self.one_shot.running -= 1;
+            }
+        }
+        if self.per_uid.len() > 1024 {
+            let now_ns = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.per_uid.retain(|_, b| b.running > 0 || b.tat > now_ns);
         }
         finished
     }
@@ -294,6 +398,9 @@ mod tests {
             timeout: Some(Duration::from_secs(60)),
             max_running,
             spawn_rate,
+            max_running_per_uid: max_running,
+            spawn_rate_per_uid: spawn_rate,
+            established_after: Duration::ZERO,
             env: Vec::new(),
             inherit_env: false,
             allow_udp: false,

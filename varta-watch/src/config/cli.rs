@@ -212,6 +212,12 @@ pub struct AdmissionArgs {
     /// Distinct agents tracked at once (at most 1,048,576).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub tracker_capacity: u32,
+    /// Quota of agents per uid (their process's real uid), binding once the tracker is
+    /// full, so one user's processes cannot refuse or evict other users' agents: a uid at
+    /// it makes room only from its own stalled or dead agents; a uid under it takes room
+    /// from a uid over it first. 0: half of --tracker-capacity.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub tracker_max_per_uid: u32,
     /// Which agent makes room for a new one when the tracker is full.
     #[arg(long, value_enum, default_value = "strict")]
     pub tracker_eviction_policy: EvictionPolicy,
@@ -253,6 +259,19 @@ pub struct RecoveryArgs {
     /// second's worth; more are suppressed and counted).
     #[arg(long, group = LIVE, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub recovery_spawn_rate: u32,
+    /// Most recovery commands running at once for the agents of one uid (the agent's
+    /// process uid), so that one user's agents cannot take every slot.
+    #[arg(long, group = LIVE, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub recovery_max_concurrent_per_uid: u32,
+    /// Most recovery commands started per second for the agents of one uid (bursts of one
+    /// second's worth).
+    #[arg(long, group = LIVE, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub recovery_spawn_rate_per_uid: u32,
+    /// An agent that beat for less than this many ms before its stall or exit is one-shot:
+    /// one-shot agents together get at most half of --recovery-max-concurrent and of
+    /// --recovery-spawn-rate, so established agents keep the other half.
+    #[arg(long, group = LIVE, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=MAX_MS))]
+    pub recovery_established_after_ms: u64,
     /// KEY=VALUE added to the recovery command's environment (repeatable).
     #[arg(long, group = LIVE, value_parser = parse_env_pair, value_delimiter = None)]
     pub recovery_env: Vec<(String, String)>,
@@ -318,6 +337,20 @@ pub struct OutputArgs {
     /// Scrapes one address may make at once before --prom-rate-limit-per-sec applies.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub prom_rate_limit_burst: u32,
+    /// Most agents with per-agent series (pid label: varta_beats_total, varta_stalls_total,
+    /// varta_status, varta_exits_total, varta_criticals_total, varta_agent_info) at once;
+    /// agents beyond it are counted only in the aggregates (varta_agents{state},
+    /// varta_agent_stalls_total, varta_agent_exits_total) and in
+    /// varta_agent_series_overflow_total.
+    #[arg(long, value_name = "N", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub agent_series_max: u32,
+    /// Seconds an agent's per-agent series stay in /metrics after it is gone (sent the
+    /// panic-terminal frame, was evicted from the tracker, or stalled and its process
+    /// exited), so that scrapes see its last stall or exit (at most a week).
+    #[arg(long, value_name = "SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(0..=7 * 24 * 3600))]
+    pub agent_series_retention_secs: u64,
 }
 
 #[derive(Debug, Args)]

@@ -75,6 +75,13 @@ pub struct RecoveryConfig {
     pub max_running: usize,
     /// Most commands started per second (`--recovery-spawn-rate`).
     pub spawn_rate: u32,
+    /// The same limits for the agents of one uid (`--recovery-max-concurrent-per-uid`,
+    /// `--recovery-spawn-rate-per-uid`).
+    pub max_running_per_uid: usize,
+    pub spawn_rate_per_uid: u32,
+    /// Agents that beat for less than this are one-shot: they share half the global
+    /// limits (`--recovery-established-after-ms`).
+    pub established_after: Duration,
     pub env: Vec<(String, String)>,
     pub inherit_env: bool,
     pub allow_udp: bool,
@@ -101,6 +108,23 @@ pub struct LivenessConfig {
     pub inject_wedge: Option<Duration>,
 }
 
+/// Per-agent metric series: at most `max` agents have them; a gone agent's stay
+/// `retention_ns` (`--agent-series-max`, `--agent-series-retention-secs`).
+#[derive(Debug, Clone, Copy)]
+pub struct SeriesLimits {
+    pub max: usize,
+    pub retention_ns: u64,
+}
+
+impl Default for SeriesLimits {
+    fn default() -> Self {
+        SeriesLimits {
+            max: 10_000,
+            retention_ns: 300_000_000_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub socket: PathBuf,
@@ -116,6 +140,10 @@ pub struct Config {
     pub clock: ClockSource,
     pub limits: Limits,
     pub tracker_capacity: usize,
+    /// `--tracker-max-per-uid` (0 given: half the capacity).
+    pub tracker_max_per_uid: usize,
+    /// `--agent-series-max`, `--agent-series-retention-secs`.
+    pub series: SeriesLimits,
     pub eviction: EvictionPolicy,
     pub allow_cross_namespace: bool,
     pub recovery: Option<RecoveryConfig>,
@@ -205,6 +233,14 @@ impl Config {
                 global_burst: a.admission.global_beat_burst,
             },
             tracker_capacity: a.admission.tracker_capacity as usize,
+            tracker_max_per_uid: match a.admission.tracker_max_per_uid {
+                0 => (a.admission.tracker_capacity as usize).div_ceil(2),
+                n => n as usize,
+            },
+            series: SeriesLimits {
+                max: a.output.agent_series_max as usize,
+                retention_ns: a.output.agent_series_retention_secs * 1_000_000_000,
+            },
             eviction: a.admission.tracker_eviction_policy,
             allow_cross_namespace: a.admission.allow_cross_namespace_agents,
             recovery,
@@ -273,6 +309,9 @@ fn recovery_config(a: &RecoveryArgs) -> Result<Option<RecoveryConfig>, ConfigErr
         timeout: Some(Duration::from_millis(a.recovery_timeout_ms)),
         max_running: a.recovery_max_concurrent as usize,
         spawn_rate: a.recovery_spawn_rate,
+        max_running_per_uid: a.recovery_max_concurrent_per_uid as usize,
+        spawn_rate_per_uid: a.recovery_spawn_rate_per_uid,
+        established_after: Duration::from_millis(a.recovery_established_after_ms),
         env: a.recovery_env.clone(),
         inherit_env: a.recovery_inherit_env,
         allow_udp: false,

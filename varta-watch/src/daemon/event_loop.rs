@@ -119,6 +119,7 @@ pub async fn serve<D: Datapath>(
         config.recovery.clone().map(Recovery::new),
         audit,
         start_ns,
+        config.series,
     );
     let mut datapath = datapath;
     // What a previous instance left: agents (pinned maps, state file) and counters.
@@ -302,6 +303,10 @@ impl<D: Datapath> EventLoop<'_, D> {
     /// stop after this round.
     async fn wait(&mut self, shutdown_at: Option<tokio::time::Instant>) -> Result<bool> {
         let deadline = self.observer.next_deadline();
+        let sweep = self
+            .actions
+            .next_sweep_ns()
+            .map(|at| std::time::Duration::from_nanos(at.saturating_sub(self.clock.now_ns())));
         let recovery = self.actions.recovery.as_mut();
         let has_recovery = recovery.is_some();
         let tick = self.liveness.next_wake();
@@ -340,6 +345,8 @@ impl<D: Datapath> EventLoop<'_, D> {
             }
             // Liveness is watched: an idle loop still goes round.
             () = tokio::time::sleep(tick.unwrap_or_default()), if tick.is_some() => Ok(false),
+            // Gone agents' series are dropped when their retention ends.
+            () = tokio::time::sleep(sweep.unwrap_or_default()), if sweep.is_some() => Ok(false),
             // /healthz probes and systemd's watchdog, answered only while this loop turns.
             () = self.health.answer_next() => Ok(false),
             () = tokio::time::sleep_until(shutdown_at.unwrap_or_else(tokio::time::Instant::now)), if shutdown_at.is_some() => {
@@ -407,6 +414,15 @@ impl<D: Datapath> EventLoop<'_, D> {
             .iter()
             .any(|e| matches!(e, Event::Stall { .. } | Event::Exit { .. }));
         self.actions.handle_all(&mut self.events, now);
+        self.actions.sweep(now);
+        for (state, n) in self.observer.tracker().counts() {
+            self.metrics
+                .agents
+                .get_or_create(&crate::actions::metrics::StateLabel {
+                    state: state.name(),
+                })
+                .set(n as i64);
+        }
         let since = self.checkpointed.elapsed().as_millis() as u64;
         if since >= super::state::CHECKPOINT_MS
             || (stalled && since >= super::state::STALL_CHECKPOINT_MS)

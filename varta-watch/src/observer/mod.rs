@@ -40,6 +40,7 @@ impl Observer {
             config.limits.threshold_ns(),
         );
         tracker.read_start_times(StartTime::of);
+        tracker.read_uids(config.tracker_max_per_uid, crate::sys::process::uid_of);
         Observer {
             tracker,
             gates: Gates::new(),
@@ -117,6 +118,10 @@ impl Observer {
                 origin: beat.origin,
                 known,
                 started: self.tracker.get(pid).and_then(|a| a.started),
+                beating_ns: self
+                    .tracker
+                    .get(pid)
+                    .map_or(0, |a| beating_ns(a.first_beat_ns, a.last_beat_ns)),
             });
         } else if frame.status == Status::Critical {
             events.push(Event::Critical { pid, frame });
@@ -145,7 +150,17 @@ impl Observer {
                 origin: s.agent.origin,
                 started: s.agent.started,
                 silent_ms,
+                beating_ns: beating_ns(s.agent.first_beat_ns, s.agent.last_beat_ns),
             });
         }
+    }
+}
+
+/// How long an agent beat: u64::MAX when its first beat is unknown (taken over from a
+/// previous instance, so established).
+fn beating_ns(first_beat_ns: u64, last_beat_ns: u64) -> u64 {
+    match first_beat_ns {
+        0 => u64::MAX,
+        first => last_beat_ns.saturating_sub(first),
     }
 }

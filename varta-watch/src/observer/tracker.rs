@@ -46,6 +46,12 @@ pub struct Agent {
     /// When the agent's process started, read at its first beat; `None` when it was gone
     /// by then, or for a UDP agent (whose pid is only a claim).
     pub started: Option<StartTime>,
+    /// When this agent's first beat arrived (0: unknown, taken over from a previous
+    /// instance): how long it has beaten tells an established agent from a one-shot one.
+    pub first_beat_ns: u64,
+    /// The uid of its process, read at its first beat (None for UDP or when gone): the
+    /// tenant whose quota it counts against.
+    pub uid: Option<u32>,
     generation: u64,
     queued: bool,
     /// Has an entry in the eviction queue.
@@ -64,6 +70,8 @@ impl Agent {
             stalled: false,
             dead: false,
             started,
+            first_beat_ns: 0,
+            uid: None,
             generation,
             queued: false,
             evictable: false,
@@ -109,6 +117,34 @@ impl Agent {
 /// `known` was only claimed over UDP and `now` is the kernel-attested local process.
 fn claim_meets_attested(known: &Origin, now: &Origin) -> bool {
     matches!((known, now), (Origin::Udp { .. }, Origin::Uds { .. }))
+}
+
+/// Where an agent is in its life, for the aggregate that survives every per-agent bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentState {
+    Live = 0,
+    Stalled = 1,
+    Dead = 2,
+}
+
+impl AgentState {
+    pub fn of(agent: &Agent) -> AgentState {
+        if agent.dead {
+            AgentState::Dead
+        } else if agent.stalled {
+            AgentState::Stalled
+        } else {
+            AgentState::Live
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AgentState::Live => "live",
+            AgentState::Stalled => "stalled",
+            AgentState::Dead => "dead",
+        }
+    }
 }
 
 /// What a beat did to the tracker.
@@ -166,6 +202,15 @@ pub struct Tracker {
     next_generation: u64,
     /// Reads the start time of the process holding a pid (none unless set).
     start_time_of: StartTimeReader,
+    /// Agents by state ([`AgentState`]), kept as they change: `varta_agents{state}`.
+    counts: [usize; 3],
+    /// Most agents of one uid (the quota), agents per uid, and each uid's stalled or dead
+    /// agents oldest first (its own eviction candidates; entries may be stale).
+    per_uid_max: usize,
+    per_uid: HashMap<u32, usize>,
+    evictable_by_uid: HashMap<u32, VecDeque<(u32, u64)>>,
+    /// Reads the uid of the process holding a pid (none unless set).
+    uid_of: Box<dyn FnMut(u32) -> Option<u32> + Send>,
 }
 
 type StartTimeReader = Box<dyn FnMut(u32) -> Option<StartTime> + Send>;
@@ -181,7 +226,83 @@ impl Tracker {
             evictable: VecDeque::new(),
             next_generation: 0,
             start_time_of: Box::new(|_| None),
+            counts: [0; 3],
+            per_uid_max: capacity,
+            per_uid: HashMap::new(),
+            evictable_by_uid: HashMap::new(),
+            uid_of: Box::new(|_| None),
         }
+    }
+
+    /// Where agents' uids come from (`process::uid_of` in the daemon), and the most agents
+    /// one uid may have tracked at once.
+    pub fn read_uids(
+        &mut self,
+        per_uid_max: usize,
+        read: impl FnMut(u32) -> Option<u32> + Send + 'static,
+    ) {
+        self.per_uid_max = per_uid_max.max(1);
+        self.uid_of = Box::new(read);
+    }
+
+    /// Agents tracked for `uid`.
+    pub fn of_uid(&self, uid: u32) -> usize {
+        self.per_uid.get(&uid).copied().unwrap_or(0)
+    }
+
+    /// An agent became an eviction candidate: in the global queue and its uid's.
+    fn push_evictable(&mut self, pid: u32, generation: u64, uid: Option<u32>) {
+        self.evictable.push_back((pid, generation));
+        if let Some(uid) = uid {
+            let queue = self.evictable_by_uid.entry(uid).or_default();
+            queue.push_back((pid, generation));
+            // Stale entries (agents gone through the global queue) are dropped now and then.
+            if queue.len() > 2 * self.per_uid.get(&uid).copied().unwrap_or(0) + 16 {
+                let agents = &self.agents;
+                queue.retain(|(p, g)| agents.get(p).is_some_and(|a| a.generation == *g));
+            }
+        }
+    }
+
+    /// Takes an agent out, keeping the counts.
+    fn remove_agent(&mut self, pid: u32) -> Option<Agent> {
+        let agent = self.agents.remove(&pid)?;
+        self.counts[AgentState::of(&agent) as usize] -= 1;
+        self.uncount_uid(agent.uid);
+        Some(agent)
+    }
+
+    fn uncount_uid(&mut self, uid: Option<u32>) {
+        if let Some(uid) = uid
+            && let Some(n) = self.per_uid.get_mut(&uid)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_uid.remove(&uid);
+                self.evictable_by_uid.remove(&uid);
+            }
+        }
+    }
+
+    /// Evicts the oldest stalled or dead agent of `uid`.
+    fn evict_own(&mut self, uid: u32) -> Option<u32> {
+        loop {
+            let (pid, generation) = self.evictable_by_uid.get_mut(&uid)?.pop_front()?;
+            if self
+                .agents
+                .get(&pid)
+                .is_some_and(|a| a.generation == generation && (a.stalled || a.dead))
+            {
+                self.remove_agent(pid);
+                return Some(pid);
+            }
+        }
+    }
+
+    /// Tracked agents by state: live, stalled, dead (sent the panic-terminal frame).
+    pub fn counts(&self) -> [(AgentState, usize); 3] {
+        [AgentState::Live, AgentState::Stalled, AgentState::Dead]
+            .map(|s| (s, self.counts[s as usize]))
     }
 
     /// Where agents' process start times come from (`StartTime::of` in the daemon). Without
@@ -257,6 +378,7 @@ impl Tracker {
         origin: Origin,
         now_ns: u64,
     ) -> Result<Accepted, DropReason> {
+        let before = self.agents.get(&pid).map(AgentState::of);
         let known = self.agents.get(&pid).map(|agent| {
             (
                 agent.outcome_of(frame, &origin),
@@ -279,17 +401,29 @@ impl Tracker {
             }
             Some((outcome, ..)) => outcome?,
             None => {
-                let evicted = self.make_room()?;
+                let uid = match origin {
+                    Origin::Uds { .. } => (self.uid_of)(pid),
+                    Origin::Udp { .. } => None,
+                };
+                let evicted = self.make_room(uid)?;
                 self.insert_new(pid, origin);
                 Accepted::New { evicted }
             }
         };
         let agent = self.agents.get_mut(&pid).expect("recorded above");
+        if matches!(outcome, Accepted::New { .. } | Accepted::Replaced) {
+            agent.first_beat_ns = now_ns;
+        }
         agent.take(frame, origin, now_ns);
+        if let Some(before) = before {
+            self.counts[before as usize] -= 1;
+        }
+        self.counts[AgentState::of(agent) as usize] += 1;
         if agent.dead {
             if !agent.evictable {
                 agent.evictable = true;
-                self.evictable.push_back((pid, agent.generation));
+                let (generation, uid) = (agent.generation, agent.uid);
+                self.push_evictable(pid, generation, uid);
             }
         } else if !agent.queued {
             agent.queued = true;
@@ -309,12 +443,18 @@ impl Tracker {
     fn insert_new(&mut self, pid: u32, origin: Origin) {
         let generation = self.next_generation;
         self.next_generation += 1;
-        let started = match origin {
-            Origin::Uds { .. } => (self.start_time_of)(pid),
-            Origin::Udp { .. } => None,
+        let (started, uid) = match origin {
+            Origin::Uds { .. } => ((self.start_time_of)(pid), (self.uid_of)(pid)),
+            Origin::Udp { .. } => (None, None),
         };
-        self.agents
-            .insert(pid, Agent::new(generation, origin, started));
+        let mut agent = Agent::new(generation, origin, started);
+        agent.uid = uid;
+        if let Some(uid) = uid {
+            *self.per_uid.entry(uid).or_default() += 1;
+        }
+        if let Some(old) = self.agents.insert(pid, agent) {
+            self.uncount_uid(old.uid);
+        }
     }
 
     /// Takes back an agent a previous instance tracked: watched from its last beat (due at
@@ -333,9 +473,16 @@ impl Tracker {
         agent.frame_pid = r.frame_pid;
         agent.stalled = r.stalled;
         agent.dead = r.dead;
+        agent.uid = match r.origin {
+            Origin::Uds { .. } => (self.uid_of)(r.pid),
+            Origin::Udp { .. } => None,
+        };
+        if let Some(uid) = agent.uid {
+            *self.per_uid.entry(uid).or_default() += 1;
+        }
         if r.stalled || r.dead {
             agent.evictable = true;
-            self.evictable.push_back((r.pid, generation));
+            self.push_evictable(r.pid, generation, agent.uid);
         } else {
             agent.queued = true;
             self.deadlines.push(Entry {
@@ -344,6 +491,7 @@ impl Tracker {
                 generation,
             });
         }
+        self.counts[AgentState::of(&agent) as usize] += 1;
         self.agents.insert(r.pid, agent);
         true
     }
@@ -368,12 +516,54 @@ impl Tracker {
             && Continuity::of(started, (self.start_time_of)(pid)) == Continuity::Reused
     }
 
-    /// Room for one more agent: `Some(evicted pid)` when one had to go.
-    fn make_room(&mut self) -> Result<Option<u32>, DropReason> {
+    /// Room for one more agent of `uid`: `Some(evicted pid)` when one had to go. Quotas
+    /// bind only when the tracker is full (one user alone may use all of it): a uid at its
+    /// quota then makes room only from its own stalled or dead agents (the policy decides
+    /// when every agent is its own); a uid under it takes room from the largest uid over
+    /// its quota (a stalled or dead agent, else the one silent longest), else from the uid
+    /// with the most agents (stalled or dead), and only then does the policy decide.
+    fn make_room(&mut self, uid: Option<u32>) -> Result<Option<u32>, DropReason> {
         if self.agents.len() < self.capacity {
             return Ok(None);
         }
+        let mine = uid.map_or(0, |u| self.of_uid(u));
+        if let Some(uid) = uid
+            && mine >= self.per_uid_max
+        {
+            if let Some(evicted) = self.evict_own(uid) {
+                return Ok(Some(evicted));
+            }
+            if mine < self.agents.len() {
+                return Err(DropReason::Capacity);
+            }
+            return self.evict().map(Some).ok_or(DropReason::Capacity);
+        }
+        let largest = (self.per_uid.iter())
+            .filter(|(u, n)| Some(**u) != uid && **n > mine)
+            .max_by_key(|(_, n)| **n)
+            .map(|(u, n)| (*u, *n));
+        if let Some((big, n)) = largest {
+            if let Some(evicted) = self.evict_own(big) {
+                return Ok(Some(evicted));
+            }
+            if n > self.per_uid_max
+                && let Some(evicted) = self.evict_silent_longest(big)
+            {
+                return Ok(Some(evicted));
+            }
+        }
         self.evict().map(Some).ok_or(DropReason::Capacity)
+    }
+
+    /// Evicts the agent of `uid` silent longest (one pass over the agents: only for a uid
+    /// over its quota when another uid's agent needs the room).
+    fn evict_silent_longest(&mut self, uid: u32) -> Option<u32> {
+        let pid = (self.agents.iter())
+            .filter(|(_, a)| a.uid == Some(uid))
+            .min_by_key(|(_, a)| a.last_beat_ns)
+            .map(|(pid, _)| *pid)?;
+        self.remove_agent(pid);
+        Some(pid)
     }
 
     /// When the earliest stall may come due, if any agent is being watched.
@@ -406,10 +596,14 @@ impl Tracker {
                 pid: entry.pid,
                 agent: agent.clone(),
             };
-            if !agent.evictable {
-                agent.evictable = true;
-                self.evictable.push_back((entry.pid, entry.generation));
+            let uid = agent.uid;
+            let push = !agent.evictable;
+            agent.evictable = true;
+            if push {
+                self.push_evictable(entry.pid, entry.generation, uid);
             }
+            self.counts[AgentState::Live as usize] -= 1;
+            self.counts[AgentState::Stalled as usize] += 1;
             out.push(stalled);
         }
     }
@@ -432,7 +626,7 @@ impl Tracker {
             };
             agent.evictable = false;
             if agent.stalled || agent.dead {
-                self.agents.remove(&pid);
+                self.remove_agent(pid);
                 return Some(pid);
             }
         }
@@ -454,7 +648,7 @@ impl Tracker {
                 });
                 continue;
             }
-            self.agents.remove(&entry.pid);
+            self.remove_agent(entry.pid);
             return Some(entry.pid);
         }
         None

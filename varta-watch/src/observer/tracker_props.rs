@@ -144,6 +144,13 @@ proptest! {
             prop_assert_eq!(t.len(), model.len());
             prop_assert!(evictable <= capacity, "eviction queue {evictable} > {capacity}");
             prop_assert!(deadlines <= 2 * capacity, "deadline heap {deadlines}");
+            for (state, n) in t.counts() {
+                let counted = t
+                    .agents()
+                    .filter(|(_, a)| crate::observer::tracker::AgentState::of(a) == state)
+                    .count();
+                prop_assert_eq!(n, counted, "{:?} agents counted as they changed", state);
+            }
         }
     }
 }

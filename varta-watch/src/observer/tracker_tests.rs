@@ -150,3 +150,72 @@ fn balanced_evicts_the_agent_silent_longest() {
     assert!(t.get(11).is_none());
     assert_eq!(stalls(&mut t, 200 + T), vec![10]);
 }
+
+/// A tracker whose pids 100..199 are uid 1000's and 200..299 uid 2000's.
+fn two_tenants(capacity: usize, per_uid: usize, policy: EvictionPolicy) -> Tracker {
+    let mut t = Tracker::new(capacity, policy, T);
+    t.read_uids(per_uid, |pid| Some(if pid < 200 { 1000 } else { 2000 }));
+    t
+}
+
+#[test]
+fn one_uid_cannot_take_the_tracker_from_another() {
+    for policy in [EvictionPolicy::Strict, EvictionPolicy::Balanced] {
+        let mut t = two_tenants(4, 2, policy);
+        // Alone, uid 1000 may fill the tracker.
+        for (i, pid) in [100, 101, 102, 103].into_iter().enumerate() {
+            assert!(t.record(pid, &frame(pid, 1), UDS, i as u64).is_ok());
+        }
+        // uid 2000 is under its quota: the agent of uid 1000 silent longest makes room.
+        assert_eq!(
+            t.record(200, &frame(200, 1), UDS, 10),
+            Ok(Accepted::New { evicted: Some(100) }),
+            "{policy:?}"
+        );
+        assert_eq!(
+            t.record(201, &frame(201, 1), UDS, 11),
+            Ok(Accepted::New { evicted: Some(101) }),
+            "{policy:?}"
+        );
+        // Now both are at their quota: uid 1000's churn is refused, never evicts uid 2000.
+        assert_eq!(
+            t.record(104, &frame(104, 1), UDS, 12),
+            Err(DropReason::Capacity),
+            "{policy:?}"
+        );
+        assert_eq!((t.of_uid(1000), t.of_uid(2000)), (2, 2));
+        // A stalled agent of its own makes room for its new one, not uid 2000's stall.
+        t.record(103, &frame(103, 2), UDS, T / 2).unwrap();
+        t.record(201, &frame(201, 2), UDS, T / 2).unwrap();
+        assert_eq!(stalls(&mut t, T + 10), vec![102, 200]);
+        assert_eq!(
+            t.record(104, &frame(104, 1), UDS, 2 * T),
+            Ok(Accepted::New { evicted: Some(102) }),
+            "{policy:?}"
+        );
+        assert!(t.get(200).is_some_and(|a| a.stalled));
+    }
+}
+
+#[test]
+fn a_full_tracker_takes_room_from_the_largest_tenant_first() {
+    let mut t = two_tenants(4, 3, EvictionPolicy::Strict);
+    // uid 2000's agent stalls first (the oldest candidate), then one of uid 1000's.
+    t.record(200, &frame(200, 1), UDS, 0).unwrap();
+    for pid in [100, 101, 102] {
+        t.record(pid, &frame(pid, 1), UDS, T / 2).unwrap();
+    }
+    t.record(101, &frame(101, 2), UDS, T).unwrap();
+    t.record(102, &frame(102, 2), UDS, T).unwrap();
+    assert_eq!(stalls(&mut t, T), vec![200]);
+    assert_eq!(stalls(&mut t, 3 * T / 2), vec![100]);
+    // A new agent of uid 2000: uid 1000 has the most agents and gives up its stalled one;
+    // uid 2000's stall stays tracked.
+    assert_eq!(
+        t.record(201, &frame(201, 1), UDS, 2 * T),
+        Ok(Accepted::New { evicted: Some(100) })
+    );
+    assert!(t.get(200).is_some_and(|a| a.stalled));
+    let by_state: Vec<_> = t.counts().iter().map(|(_, n)| *n).collect();
+    assert_eq!(by_state, [3, 1, 0]);
+}

@@ -55,6 +55,14 @@ impl Continuity {
     }
 }
 
+/// The real uid of the process holding `pid` (`/proc/<pid>/status`, world-readable): the
+/// tenant whose budgets its agent's recoveries draw on.
+pub fn uid_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    line.split_whitespace().next()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

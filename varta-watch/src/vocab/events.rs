@@ -37,6 +37,8 @@ pub enum Event {
         known: bool,
         /// When the agent's process started (see `Agent::started`).
         started: Option<StartTime>,
+        /// How long it beat, first beat to this frame (u64::MAX: unknown, taken over).
+        beating_ns: u64,
     },
     /// Silent past the threshold: the agent as its last beat left it.
     Stall {
@@ -47,6 +49,8 @@ pub enum Event {
         /// When the agent's process started (see `Agent::started`).
         started: Option<StartTime>,
         silent_ms: u64,
+        /// How long it beat, first beat to last (u64::MAX: unknown, taken over).
+        beating_ns: u64,
     },
     /// A stalled agent beats again.
     Resumed {
