@@ -80,7 +80,20 @@ fn metrics_exports_and_top(datapath: &str) {
         agent.signal(libc::SIGSTOP);
     }
     d.wait_logs(&["event=stall"], NAMES.len(), WAIT);
-    let export = d.export_text();
+    // The export is written by a thread of its own: it may lag the log lines a little.
+    let stall_lines = |text: &str| {
+        text.lines()
+            .filter(|l| l.split('\t').nth(1) == Some("stall"))
+            .count()
+    };
+    let export = varta_e2e::wait_for("every stall in the export", WAIT, || {
+        let text = d.export_text();
+        if stall_lines(&text) >= NAMES.len() {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    });
     let stalls: Vec<&str> = export
         .lines()
         .filter(|l| l.split('\t').nth(1) == Some("stall"))
