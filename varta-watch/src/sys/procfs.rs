@@ -2,19 +2,17 @@
 
 use std::{fs, io, os::unix::fs::MetadataExt};
 
-/// A process's pid namespace, as the device and inode of `/proc/<pid>/ns/pid`.
+/// A pid namespace, as the device and inode of its `/proc/<pid>/ns/pid`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PidNs {
     pub dev: u64,
     pub ino: u64,
 }
 
-pub fn pid_ns(pid: Option<u32>) -> io::Result<PidNs> {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/ns/pid"),
-        None => "/proc/self/ns/pid".to_owned(),
-    };
-    let meta = fs::metadata(path)?;
+/// The observer's own pid namespace (another process's needs ptrace access: senders are
+/// placed by `NSpid` instead, see [`sender`]).
+pub fn own_pid_ns() -> io::Result<PidNs> {
+    let meta = fs::metadata("/proc/self/ns/pid")?;
     Ok(PidNs {
         dev: meta.dev(),
         ino: meta.ino(),

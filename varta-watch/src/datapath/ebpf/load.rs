@@ -56,7 +56,7 @@ pub fn preflight() -> Result<(), Unavailable> {
     // nothing in another pid namespace (M8 of the hardening review). Its own /proc cannot
     // tell (NSpid starts at the namespace /proc was mounted for); the namespace's inode can.
     let own =
-        procfs::pid_ns(None).map_err(|e| Unavailable(format!("reading /proc/self/ns/pid: {e}")))?;
+        procfs::own_pid_ns().map_err(|e| Unavailable(format!("reading /proc/self/ns/pid: {e}")))?;
     if own.ino != INITIAL_PID_NS_INO {
         return Err(Unavailable(
             "the observer is not in the host's pid namespace: the kernel names senders by their host pid, which this namespace cannot see (run it with the host's pid namespace: hostPID: true, --pid=host)"

@@ -168,7 +168,7 @@ impl EbpfDatapath {
         let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, log::logger())
             .ok()
             .and_then(|l| crate::sys::readiness::readable(l).ok());
-        let own_ns = procfs::pid_ns(None)
+        let own_ns = procfs::own_pid_ns()
             .map_err(|e| Unavailable(format!("reading /proc/self/ns/pid: {e}")))?;
         let mut filter_config = FilterConfig {
             udp_accept: udp_accept(settings),
