@@ -16,9 +16,20 @@
 //! 4. **Feedback**: when an agent stalls or exits, the daemon removes its bucket from the
 //!    kernel, so that agent's next beat is a first beat again (rule 1) and ends the stall
 //!    without waiting for the timer.
+//! 5. **Userspace datapath** (no filter sorts the beats: the daemon applies rule 1 itself, on
+//!    what it has just received): a beat is urgent ([`urgent`]) when its agent is not tracked
+//!    as live (new, or silent since: rule 4), it is Critical, or it changes the agent's
+//!    status. While urgent beats come, or fewer than [`BATCH_MIN_BEATS`] routine ones per
+//!    [`USERSPACE_MAX_INTERVAL_NS`], every datagram wakes the daemon at once. Otherwise the
+//!    daemon stops waiting on readiness and drains on a timer ([`userspace_interval_ns`]): at
+//!    most [`USERSPACE_MAX_INTERVAL_NS`], which bounds how late an urgent beat is seen under
+//!    load, and short enough that the socket's queue fills at most halfway at the measured
+//!    rate (the kernel makes senders wait, or refuses their frames, when it is full). Rule 3
+//!    holds: the socket is drained before every stall decision.
 //!
 //! The filter applies rule 1 through [`wake_now`]; `varta-watch`'s eBPF datapath applies rules
-//! 2 to 4, driven by the main loop's `set_watching`, `drain` and `agent_silent` calls.
+//! 2 to 4, driven by the main loop's `set_watching`, `drain` and `agent_silent` calls; its
+//! userspace datapath applies rule 5 (and 3).
 
 use crate::frame::Status;
 
@@ -42,9 +53,82 @@ pub fn wake_now(
     }
 }
 
+/// Rule 5: whether a beat the userspace datapath received needs the daemon at once.
+/// `known` is the status of the agent when it is tracked and live, else `None`.
+#[inline]
+pub fn urgent(status: Status, known: Option<Status>) -> bool {
+    matches!(status, Status::Critical) || known != Some(status)
+}
+
+/// Rule 5: routine beats per drain interval from which the userspace datapath drains on a
+/// timer (below it, waking for each beat costs no more than the timer).
+pub const BATCH_MIN_BEATS: u64 = 4;
+/// Rule 5: the userspace datapath's drain timer, shortest interval (the timer's own cost per
+/// wake-up stays below the beats it drains).
+pub const USERSPACE_MIN_INTERVAL_NS: u64 = 250_000;
+/// Rule 5: the userspace datapath's drain timer, longest interval: what an urgent beat (a new
+/// agent, a panic frame) may wait under load before the daemon sees it.
+pub const USERSPACE_MAX_INTERVAL_NS: u64 = 10_000_000;
+
+/// Rule 5: the userspace datapath's drain interval at `rate_per_s` datagrams a second into a
+/// socket whose queue holds `queue_limit` datagrams: the queue fills at most halfway. A
+/// `flood` (most of the last drain refused by the rate limits) is drained at the longest
+/// interval: the flooders wait for room in the queue instead of the daemon spending a core
+/// on frames it refuses.
+pub fn userspace_interval_ns(rate_per_s: u64, queue_limit: u64, flood: bool) -> u64 {
+    if flood {
+        return USERSPACE_MAX_INTERVAL_NS;
+    }
+    let half = (queue_limit / 2).max(1);
+    half.saturating_mul(1_000_000_000)
+        .checked_div(rate_per_s)
+        .unwrap_or(u64::MAX)
+        .clamp(USERSPACE_MIN_INTERVAL_NS, USERSPACE_MAX_INTERVAL_NS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urgent_beats_are_new_critical_or_a_status_change() {
+        assert!(urgent(Status::Ok, None), "a new or resumed agent");
+        assert!(
+            urgent(Status::Critical, Some(Status::Critical)),
+            "a panic frame"
+        );
+        assert!(
+            urgent(Status::Degraded, Some(Status::Ok)),
+            "a status change"
+        );
+        assert!(!urgent(Status::Ok, Some(Status::Ok)));
+        assert!(!urgent(Status::Degraded, Some(Status::Degraded)));
+    }
+
+    #[test]
+    fn the_interval_fills_half_the_queue_within_its_bounds() {
+        // 512 datagrams (systemd's net.unix.max_dgram_qlen) at 20k/s: 12.8 ms, capped at 10.
+        assert_eq!(
+            userspace_interval_ns(20_000, 512, false),
+            USERSPACE_MAX_INTERVAL_NS
+        );
+        // At 160k/s: 256 datagrams take 1.6 ms.
+        assert_eq!(userspace_interval_ns(160_000, 512, false), 1_600_000);
+        // The kernel's default of 10 (11 queued) at 20k/s: 5 datagrams, 250 us.
+        assert_eq!(userspace_interval_ns(20_000, 11, false), 250_000);
+        assert_eq!(
+            userspace_interval_ns(1_000_000, 11, false),
+            USERSPACE_MIN_INTERVAL_NS
+        );
+        assert_eq!(
+            userspace_interval_ns(0, 512, false),
+            USERSPACE_MAX_INTERVAL_NS
+        );
+        assert_eq!(
+            userspace_interval_ns(1_000_000, 11, true),
+            USERSPACE_MAX_INTERVAL_NS
+        );
+    }
 
     #[test]
     fn urgent_records_skip_the_ring_query() {

@@ -5,13 +5,13 @@
 
 use std::{io, net::UdpSocket, os::fd::AsFd, sync::Arc};
 
-use tokio::io::unix::AsyncFd;
 use varta_common::DropReason;
 
 use super::secure::UdpFrames;
 use crate::{
     sys::clock::ClockSource,
-    sys::sock::RecvBatch,
+    sys::readiness::Switchable,
+    sys::recv::RecvBatch,
     vocab::{
         beat::{Beat, Origin},
         drops::DropCounters,
@@ -21,7 +21,7 @@ use crate::{
 const BATCH: usize = 64;
 
 pub struct UdpReceiver {
-    socket: AsyncFd<UdpSocket>,
+    socket: Switchable<UdpSocket>,
     batch: RecvBatch,
     frames: UdpFrames,
     clock: ClockSource,
@@ -38,7 +38,7 @@ impl UdpReceiver {
         drops: Arc<DropCounters>,
     ) -> io::Result<Self> {
         Ok(UdpReceiver {
-            socket: crate::sys::readiness::readable(socket)?,
+            socket: Switchable::new(socket)?,
             batch: RecvBatch::new(BATCH),
             frames,
             clock,
@@ -51,6 +51,23 @@ impl UdpReceiver {
         self.socket.get_ref()
     }
 
+    /// Asks the kernel for each datagram's arrival time: a beat's time is when it came,
+    /// however late it is drained (the userspace datapath drains on a timer under load).
+    pub fn stamp_arrivals(&self) -> io::Result<()> {
+        crate::sys::sock::stamp_arrivals(self.socket().as_fd())
+    }
+
+    /// About how many datagrams the socket's receive buffer holds (the kernel charges each
+    /// small datagram about a kilobyte of it).
+    pub fn queue_limit(&self) -> io::Result<u64> {
+        Ok(u64::from(crate::sys::sock::rcvbuf(self.socket().as_fd())?) / 1024)
+    }
+
+    /// The last drain stopped at its budget: more may be queued.
+    pub fn has_more(&self) -> bool {
+        self.more
+    }
+
     /// Waits until the socket is readable (and clears the readiness: a datagram arriving
     /// before the drain re-arms it); at once when the last drain left datagrams queued.
     pub async fn readable(&self) -> io::Result<()> {
@@ -58,19 +75,25 @@ impl UdpReceiver {
             tokio::task::yield_now().await;
             return Ok(());
         }
-        self.socket.readable().await?.clear_ready();
-        Ok(())
+        self.socket.readable().await
+    }
+
+    /// Watches the socket for readability, or stops (the userspace datapath's drain timer
+    /// takes over meanwhile).
+    pub fn watch(&mut self, on: bool) -> io::Result<()> {
+        self.socket.watch(on)
     }
 
     /// Receives until the socket would block or [`super::DRAIN_BUDGET`] datagrams were taken,
-    /// appending every accepted beat.
-    pub fn drain(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
+    /// appending every accepted beat; returns how many datagrams it took.
+    pub fn drain(&mut self, out: &mut Vec<Beat>) -> io::Result<usize> {
         let (frames, drops) = (&mut self.frames, &self.drops);
-        self.more = self.batch.drain(
+        let taken;
+        (self.more, taken) = self.batch.drain(
             self.socket.get_ref().as_fd(),
             self.clock,
             super::DRAIN_BUDGET,
-            |d, now| {
+            |d, at| {
                 let Some(source) = d.source else { return };
                 let decoded = if d.truncated {
                     Err(DropReason::Length)
@@ -82,7 +105,7 @@ impl UdpReceiver {
                         pid: frame.pid,
                         frame,
                         origin: Origin::Udp { source },
-                        recv_ns: now,
+                        recv_ns: at,
                         rate_limited: false,
                     }),
                     // What the classic filter may sample (userspace datapath).
@@ -91,6 +114,6 @@ impl UdpReceiver {
                 }
             },
         )?;
-        Ok(())
+        Ok(taken)
     }
 }

@@ -3,6 +3,9 @@
 //! until it would block or its budget is spent (`DRAIN_BUDGET`; the rest on the next round,
 //! without waiting), so neither a junk flood nor a busy socket starves the other or holds
 //! the event loop. The UDS is drained last, right before the stall decisions that follow.
+//! When it wakes is rule 5 of `varta_common::wakeup` ([`Pace`]): on each datagram while
+//! beats are urgent or few, on a drain timer while they come in routine batches. Each beat
+//! carries its arrival time from the kernel, never the time it was drained.
 
 use crate::sys::text::q;
 use std::{
@@ -12,10 +15,10 @@ use std::{
     sync::Arc,
 };
 
-use tokio::io::unix::AsyncFd;
 use varta_common::{
     DropReason, FRAME_LEN, Frame, cbpf,
-    frame::{SECURE_FRAME_LENS, UDP_HEADER_LEN},
+    frame::{SECURE_FRAME_LENS, Status, UDP_HEADER_LEN},
+    wakeup,
 };
 
 use super::{
@@ -26,9 +29,12 @@ use super::{
 use crate::{
     config::Limits,
     sys::clock::ClockSource,
+    sys::deadline::DeadlineTimer,
     sys::pidfd::ExitWatcher,
     sys::procfs::{self, Sender},
-    sys::sock::{self, RecvBatch},
+    sys::readiness::Switchable,
+    sys::recv::RecvBatch,
+    sys::sock,
     vocab::beat::{Beat, Origin},
     vocab::drops::DropCounters,
 };
@@ -36,7 +42,7 @@ use crate::{
 const BATCH: usize = 64;
 
 pub struct UserspaceDatapath {
-    uds: AsyncFd<UnixDatagram>,
+    uds: Switchable<UnixDatagram>,
     udp: Option<UdpReceiver>,
     batch: RecvBatch,
     clock: ClockSource,
@@ -45,6 +51,77 @@ pub struct UserspaceDatapath {
     /// The last UDS drain stopped at its budget: more may be queued.
     uds_more: bool,
     junk: JunkCounting,
+    pace: Pace,
+    /// The agents the tracker holds live, with the status of their last beat: another beat
+    /// of theirs with that status is routine (`wakeup::urgent`).
+    live: HashMap<u32, Status>,
+    timer: DeadlineTimer,
+}
+
+/// Rule 5 of `varta_common::wakeup`: whether the daemon waits on the sockets' readiness or
+/// on its drain timer, decided after each wake-up's drain.
+struct Pace {
+    /// Datagrams the smallest of the sockets' queues holds.
+    queue_limit: u64,
+    /// Draining on the timer, next at this time; `None`: waiting on readiness.
+    next_drain_ns: Option<u64>,
+    /// When the last wake-up drained (timer), or since when `routine` counts (readiness).
+    since_ns: u64,
+    /// Routine datagrams received since `since_ns`, while waiting on readiness.
+    routine: u64,
+    /// Beats the last wake-up delivered, and the rate-limit drops counted by then: when most
+    /// of them were refused over-rate, the queue is full of a flood.
+    delivered: u64,
+    refused: u64,
+}
+
+/// The drops that say a beat was over its agent's or the global rate.
+fn refused_over_rate(drops: &DropCounters) -> u64 {
+    let all = drops.snapshot();
+    all[DropReason::RatePerPid.index()] + all[DropReason::RateGlobal.index()]
+}
+
+impl Pace {
+    fn new(queue_limit: u64) -> Self {
+        Pace {
+            queue_limit,
+            next_drain_ns: None,
+            since_ns: 0,
+            routine: 0,
+            delivered: 0,
+            refused: 0,
+        }
+    }
+
+    /// After a wake-up took `taken` datagrams (`urgent`: among them a beat that changes an
+    /// agent's state) and delivered `delivered` beats: how the next one comes.
+    fn after_drain(&mut self, now: u64, taken: u64, urgent: bool, delivered: u64, refused: u64) {
+        let flood = self.delivered >= wakeup::BATCH_MIN_BEATS
+            && (refused - self.refused) * 2 > self.delivered;
+        (self.delivered, self.refused) = (delivered, refused);
+        let elapsed = now.saturating_sub(self.since_ns);
+        let batched = match self.next_drain_ns {
+            _ if urgent => None,
+            // On the timer: go on while a drain still takes a batch.
+            Some(_) if taken * 2 >= wakeup::BATCH_MIN_BEATS => Some(taken),
+            Some(_) => None,
+            None => {
+                if elapsed > wakeup::USERSPACE_MAX_INTERVAL_NS {
+                    (self.since_ns, self.routine) = (now, 0);
+                }
+                self.routine += taken;
+                (self.routine >= wakeup::BATCH_MIN_BEATS).then_some(self.routine)
+            }
+        };
+        self.next_drain_ns = batched.map(|n| {
+            let elapsed = now.saturating_sub(self.since_ns).max(1);
+            let rate = n.saturating_mul(1_000_000_000) / elapsed;
+            now + wakeup::userspace_interval_ns(rate, self.queue_limit, flood)
+        });
+        if batched.is_some() || urgent {
+            (self.since_ns, self.routine) = (now, 0);
+        }
+    }
 }
 
 /// How junk is counted: every junk frame reaches the daemon and is counted exactly while
@@ -86,8 +163,17 @@ impl UserspaceDatapath {
         // Exact until junk floods (an operator chasing one broken client sees each frame).
         junk.attach(&uds, udp.as_ref(), false);
         drops.set_junk_scale(1);
+        // Required, not best effort: the control buffer leaves room for a descriptor a
+        // sender attaches when the time is not there (`sys::recv`).
+        sock::stamp_arrivals(uds.as_fd())?;
+        let mut queue_limit = sock::uds_queue_limit();
+        if let Some(udp) = &udp {
+            udp.stamp_arrivals()?;
+            queue_limit = queue_limit.min(udp.queue_limit()?.max(1));
+        }
+        log::info!("event=receive_pace queue_limit={queue_limit}");
         Ok(UserspaceDatapath {
-            uds: crate::sys::readiness::readable(uds)?,
+            uds: Switchable::new(uds)?,
             udp,
             batch: RecvBatch::new(BATCH),
             clock,
@@ -95,6 +181,9 @@ impl UserspaceDatapath {
             attest: Attestor::new(Attestation::new(allow_cross_namespace)),
             uds_more: false,
             junk,
+            pace: Pace::new(queue_limit),
+            live: HashMap::new(),
+            timer: DeadlineTimer::new(clock)?,
         })
     }
 
@@ -131,14 +220,16 @@ impl UserspaceDatapath {
         }
     }
 
-    /// Receives from the Unix socket until it would block or the budget is spent.
-    fn drain_uds(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
+    /// Receives from the Unix socket until it would block or the budget is spent; returns
+    /// how many datagrams it took.
+    fn drain_uds(&mut self, out: &mut Vec<Beat>) -> io::Result<usize> {
         let (attest, drops) = (&mut self.attest, &self.drops);
-        self.uds_more = self.batch.drain(
+        let taken;
+        (self.uds_more, taken) = self.batch.drain(
             self.uds.get_ref().as_fd(),
             self.clock,
             super::DRAIN_BUDGET,
-            |d, now| {
+            |d, at| {
                 let beat = decode_plain(d.bytes, d.truncated).and_then(|frame| {
                     attest.check(d.sender_pid, &frame).map(
                         |Attested {
@@ -148,7 +239,7 @@ impl UserspaceDatapath {
                             pid,
                             frame,
                             origin: Origin::Uds { cross_namespace },
-                            recv_ns: now,
+                            recv_ns: at,
                             rate_limited: false,
                         },
                     )
@@ -163,16 +254,34 @@ impl UserspaceDatapath {
                 }
             },
         )?;
-        Ok(())
+        Ok(taken)
     }
 
     /// UDP first, the UDS last: the stall decisions after this round see every local beat
-    /// queued until just before them, however long the UDP drain took.
-    fn drain_both(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
+    /// queued until just before them, however long the UDP drain took. Returns how many
+    /// datagrams it took, and whether a beat among them needs the daemon at once (rule 5).
+    fn drain_both(&mut self, out: &mut Vec<Beat>) -> io::Result<(u64, bool)> {
+        let first = out.len();
+        let mut taken = 0;
         if let Some(udp) = &mut self.udp {
-            udp.drain(out)?;
+            taken += udp.drain(out)?;
         }
-        self.drain_uds(out)
+        taken += self.drain_uds(out)?;
+        let mut urgent = false;
+        for beat in &out[first..] {
+            let known = self.live.get_mut(&beat.pid);
+            urgent |= wakeup::urgent(beat.frame.status, known.as_deref().copied());
+            // A status change is urgent once.
+            if let Some(status) = known {
+                *status = beat.frame.status;
+            }
+        }
+        Ok((taken as u64, urgent))
+    }
+
+    /// Whether a socket still holds what its last drain's budget left.
+    fn more_queued(&self) -> bool {
+        self.uds_more || self.udp.as_ref().is_some_and(UdpReceiver::has_more)
     }
 }
 
@@ -186,17 +295,34 @@ impl Datapath for UserspaceDatapath {
     }
 
     async fn recv(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
+        let more = self.more_queued();
+        let on_timer = self.pace.next_drain_ns;
+        // On the timer, datagrams must not wake the thread: the sockets are not watched.
+        self.uds.watch(on_timer.is_none())?;
+        if let Some(udp) = &mut self.udp {
+            udp.watch(on_timer.is_none())?;
+        }
         tokio::select! {
             exited = self.attest.exits.exited() => {
                 self.attest.forget(exited);
                 return Ok(());
             }
-            guard = self.uds.readable(), if !self.uds_more => guard?.clear_ready(),
-            () = tokio::task::yield_now(), if self.uds_more => {}
-            ready = async { self.udp.as_ref().expect("guarded").readable().await }, if self.udp.is_some() => ready?,
+            () = tokio::task::yield_now(), if more => {}
+            fired = self.timer.wait_until(on_timer.unwrap_or(0)), if on_timer.is_some() && !more => fired?,
+            ready = self.uds.readable(), if on_timer.is_none() && !more => ready?,
+            ready = async { self.udp.as_ref().expect("guarded").readable().await }, if on_timer.is_none() && !more && self.udp.is_some() => ready?,
         }
         // Readiness was cleared before receiving: a datagram arriving meanwhile re-arms it.
-        self.drain_both(out)?;
+        let first = out.len();
+        let (taken, urgent) = self.drain_both(out)?;
+        let delivered = (out.len() - first) as u64;
+        self.pace.after_drain(
+            self.clock.now_ns(),
+            taken,
+            urgent,
+            delivered,
+            refused_over_rate(&self.drops),
+        );
         self.adapt_junk_counting();
         Ok(())
     }
@@ -205,6 +331,23 @@ impl Datapath for UserspaceDatapath {
         if let Err(e) = self.drain_both(out) {
             log::warn!("event=receive_error error={}", q(e));
         }
+    }
+
+    fn agent_tracked(&mut self, pid: u32, _origin: &Origin) {
+        // Its first beat was urgent; the next ones with its (usual) status are routine.
+        self.live.insert(pid, Status::Ok);
+    }
+
+    fn agent_resumed(&mut self, pid: u32) {
+        self.live.insert(pid, Status::Ok);
+    }
+
+    fn agent_silent(&mut self, pid: u32, _origin: &Origin) {
+        self.live.remove(&pid);
+    }
+
+    fn agent_untracked(&mut self, pid: u32) {
+        self.live.remove(&pid);
     }
 
     fn set_limits(&mut self, _limits: &Limits) -> anyhow::Result<()> {
@@ -329,5 +472,68 @@ impl Attestor {
 
     fn forget(&mut self, pid: u32) {
         self.senders.remove(&pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use varta_common::wakeup::{USERSPACE_MAX_INTERVAL_NS, USERSPACE_MIN_INTERVAL_NS};
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn few_beats_wake_the_daemon_each() {
+        let mut pace = Pace::new(512);
+        // One routine beat every 5 ms: never 4 within 10 ms.
+        for i in 1..20 {
+            pace.after_drain(i * 5 * MS, 1, false, 1, 0);
+            assert_eq!(pace.next_drain_ns, None, "beat {i}");
+        }
+    }
+
+    #[test]
+    fn routine_batches_go_on_the_timer_until_they_thin_out() {
+        let mut pace = Pace::new(11);
+        pace.after_drain(100 * MS, 2, false, 2, 0);
+        assert_eq!(pace.next_drain_ns, None);
+        // 4 routine in 1 ms (4k/s): 5 of the 11 queued take 1.25 ms.
+        pace.after_drain(101 * MS, 2, false, 2, 0);
+        assert_eq!(pace.next_drain_ns, Some(101 * MS + 1_250_000));
+        // A full queue a millisecond later (11k/s): 5 datagrams take 455 us.
+        pace.after_drain(102 * MS, 11, false, 11, 0);
+        assert_eq!(pace.next_drain_ns, Some(102 * MS + 454_545));
+        // At 44k/s: the shortest interval.
+        pace.after_drain(102 * MS + 250_000, 11, false, 11, 0);
+        let at = 102 * MS + 250_000;
+        assert_eq!(pace.next_drain_ns, Some(at + USERSPACE_MIN_INTERVAL_NS));
+        // One datagram in a tick: waking for it costs no more.
+        pace.after_drain(at + MS, 1, false, 1, 0);
+        assert_eq!(pace.next_drain_ns, None);
+    }
+
+    #[test]
+    fn an_urgent_beat_goes_back_to_readiness() {
+        let mut pace = Pace::new(512);
+        pace.after_drain(MS, 8, false, 8, 0);
+        assert!(pace.next_drain_ns.is_some());
+        pace.after_drain(2 * MS, 8, true, 8, 0);
+        assert_eq!(pace.next_drain_ns, None);
+        // The next routine batch starts a fresh count.
+        pace.after_drain(3 * MS, 3, false, 3, 0);
+        assert_eq!(pace.next_drain_ns, None);
+    }
+
+    #[test]
+    fn a_flood_refused_over_rate_is_drained_at_the_longest_interval() {
+        let mut pace = Pace::new(11);
+        pace.after_drain(MS, 11, false, 11, 0);
+        assert_eq!(pace.next_drain_ns, Some(MS + 454_545));
+        // 8 of the 11 delivered were refused over their rate.
+        pace.after_drain(2 * MS, 11, false, 11, 8);
+        assert_eq!(pace.next_drain_ns, Some(2 * MS + USERSPACE_MAX_INTERVAL_NS));
+        // Admitted again: back to the rate's interval.
+        pace.after_drain(12 * MS, 11, false, 11, 8);
+        assert!(pace.next_drain_ns.unwrap() < 12 * MS + USERSPACE_MAX_INTERVAL_NS);
     }
 }

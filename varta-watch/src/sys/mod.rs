@@ -17,6 +17,7 @@ pub mod priority;
 pub mod process;
 pub mod procfs;
 pub mod readiness;
+pub mod recv;
 pub mod sock;
 pub mod text;
 pub mod watchdog;

@@ -1,12 +1,11 @@
 //! Socket system calls std does not offer: a Unix datagram socket with SO_PASSCRED and
-//! a chosen receive buffer, a classic BPF filter, and batched receive with `recvmmsg(2)`
-//! and SCM_CREDENTIALS.
+//! a chosen receive buffer, a classic BPF filter, and arrival timestamps (batched receive
+//! is `sys::recv`).
 //! All of this module's unsafe code is plain FFI over buffers it owns.
 
 use std::{
     io,
-    mem::{size_of, zeroed},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    mem::size_of,
     os::{
         fd::{AsRawFd, BorrowedFd},
         unix::{fs::MetadataExt, net::UnixDatagram},
@@ -15,8 +14,6 @@ use std::{
 };
 
 use varta_common::cbpf::SockFilter;
-
-use crate::sys::clock::ClockSource;
 
 /// The socket file an observer bound: removed at exit only while it is still the one it
 /// bound (another observer, or anyone with write access to the directory, may have put
@@ -166,6 +163,30 @@ pub fn attach_classic_filter(fd: BorrowedFd<'_>, insns: &[SockFilter]) -> io::Re
     }
 }
 
+/// Asks the kernel to stamp each datagram with the time it was queued (`SO_TIMESTAMPNS`,
+/// CLOCK_REALTIME), delivered with it as `SCM_TIMESTAMPNS` (`sys::recv` reads it): a beat's
+/// time is its arrival, however late the daemon drains it.
+pub fn stamp_arrivals(fd: BorrowedFd<'_>) -> io::Result<()> {
+    setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)
+}
+
+/// How many datagrams a Unix datagram socket created now may hold queued: one more than
+/// `net.unix.max_dgram_qlen` of this network namespace (the kernel makes a sender wait, or
+/// refuses its frame with EAGAIN, only past it). The kernel's default, 10, when unreadable.
+pub fn uds_queue_limit() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(10)
+        + 1
+}
+
+/// The receive buffer the kernel granted a socket (`SO_RCVBUF`).
+pub fn rcvbuf(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let granted = getsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF)?;
+    Ok(granted.max(0) as u32)
+}
+
 fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: `value` is a live i32 and the length passed is its size.
     let rc = unsafe {
@@ -197,208 +218,12 @@ fn getsockopt_int(fd: i32, level: i32, name: i32) -> io::Result<i32> {
     }
 }
 
-/// Datagrams longer than a frame are still read whole enough to know they are too long.
-const SLOT_BYTES: usize = 64;
-/// Room for exactly one SCM_CREDENTIALS message (CMSG_SPACE of a `ucred`): descriptors a
-/// sender attaches (SCM_RIGHTS) find no room, so the kernel closes them instead of
-/// installing them in the daemon, where they would pile up unread.
-const CMSG_BYTES: usize = 32;
-
-/// One received datagram.
-#[derive(Debug)]
-pub struct Datagram<'a> {
-    pub bytes: &'a [u8],
-    /// Longer than the slot: its tail was cut.
-    pub truncated: bool,
-    /// The sender's pid as the kernel attests it (Unix sockets with SO_PASSCRED).
-    pub sender_pid: Option<u32>,
-    /// The source address (UDP).
-    pub source: Option<SocketAddr>,
-}
-
-/// Buffers for one `recvmmsg(2)` call: a whole queue drained in few system calls.
-pub struct RecvBatch {
-    data: Vec<[u8; SLOT_BYTES]>,
-    control: Vec<[u64; CMSG_BYTES / 8]>,
-    names: Vec<libc::sockaddr_storage>,
-    iov: Vec<libc::iovec>,
-    headers: Vec<libc::mmsghdr>,
-    received: usize,
-}
-
-// SAFETY: the raw pointers inside `iov` and `headers` point into this struct's own heap
-// buffers, which move with it; nothing else aliases them.
-unsafe impl Send for RecvBatch {}
-
-impl RecvBatch {
-    pub fn new(capacity: usize) -> Self {
-        // SAFETY: sockaddr_storage and mmsghdr are plain C structs for which all-zero is valid.
-        let (names, headers) = unsafe { (vec![zeroed(); capacity], vec![zeroed(); capacity]) };
-        RecvBatch {
-            data: vec![[0; SLOT_BYTES]; capacity],
-            control: vec![[0; CMSG_BYTES / 8]; capacity],
-            names,
-            iov: vec![
-                libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0
-                };
-                capacity
-            ],
-            headers,
-            received: 0,
-        }
-    }
-
-    /// Receives until the socket would block, or until `budget` datagrams were taken (then
-    /// `Ok(true)`: more may be queued), handing each datagram to `each` with the time its
-    /// batch was received on `clock`. The budget keeps one busy socket from holding the
-    /// event loop (probes, stall decisions, the other socket).
-    pub fn drain(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        clock: ClockSource,
-        budget: usize,
-        mut each: impl FnMut(Datagram<'_>, u64),
-    ) -> io::Result<bool> {
-        let mut taken = 0;
-        loop {
-            if taken >= budget {
-                return Ok(true);
-            }
-            let n = match self.recv(fd) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            let now = clock.now_ns();
-            for i in 0..n {
-                each(self.get(i), now);
-            }
-            taken += n;
-            if n < self.data.len() {
-                return Ok(false);
-            }
-        }
-    }
-
-    fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
-        let n = self.data.len();
-        for i in 0..n {
-            self.iov[i] = libc::iovec {
-                iov_base: self.data[i].as_mut_ptr().cast(),
-                iov_len: SLOT_BYTES,
-            };
-            let hdr = &mut self.headers[i].msg_hdr;
-            hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
-            hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            hdr.msg_iov = &mut self.iov[i];
-            hdr.msg_iovlen = 1;
-            hdr.msg_control = self.control[i].as_mut_ptr().cast();
-            // socklen_t on musl, size_t on glibc.
-            hdr.msg_controllen = CMSG_BYTES as _;
-            hdr.msg_flags = 0;
-            self.headers[i].msg_len = 0;
-        }
-        // SAFETY: every header points at buffers owned by `self` that outlive the call, with
-        // their true lengths; the vector length bounds `vlen`.
-        let rc = unsafe {
-            libc::recvmmsg(
-                fd.as_raw_fd(),
-                self.headers.as_mut_ptr(),
-                n as libc::c_uint,
-                // unsigned on musl, int on glibc.
-                (libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) as _,
-                std::ptr::null_mut(),
-            )
-        };
-        if rc < 0 {
-            self.received = 0;
-            return Err(io::Error::last_os_error());
-        }
-        self.received = rc as usize;
-        Ok(self.received)
-    }
-
-    pub fn get(&self, i: usize) -> Datagram<'_> {
-        assert!(i < self.received);
-        let hdr = &self.headers[i];
-        let len = (hdr.msg_len as usize).min(SLOT_BYTES);
-        Datagram {
-            bytes: &self.data[i][..len],
-            truncated: hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
-            sender_pid: self.credentials(i),
-            source: self.source(i),
-        }
-    }
-
-    fn credentials(&self, i: usize) -> Option<u32> {
-        let hdr = &self.headers[i].msg_hdr;
-        // SAFETY: the CMSG_* macros walk the control buffer the kernel filled for this
-        // header, within `msg_controllen`; a ucred payload is read unaligned.
-        unsafe {
-            let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
-            while !cmsg.is_null() {
-                if (*cmsg).cmsg_level == libc::SOL_SOCKET
-                    && (*cmsg).cmsg_type == libc::SCM_CREDENTIALS
-                {
-                    let cred =
-                        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::ucred);
-                    return u32::try_from(cred.pid).ok().filter(|&p| p != 0);
-                }
-                cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
-            }
-        }
-        None
-    }
-
-    fn source(&self, i: usize) -> Option<SocketAddr> {
-        let name = &self.names[i];
-        match name.ss_family as i32 {
-            libc::AF_INET => {
-                // SAFETY: the family says the storage holds a sockaddr_in.
-                let sin = unsafe {
-                    &*(name as *const libc::sockaddr_storage as *const libc::sockaddr_in)
-                };
-                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                Some(SocketAddr::V4(SocketAddrV4::new(
-                    ip,
-                    u16::from_be(sin.sin_port),
-                )))
-            }
-            libc::AF_INET6 => {
-                // SAFETY: the family says the storage holds a sockaddr_in6.
-                let sin6 = unsafe {
-                    &*(name as *const libc::sockaddr_storage as *const libc::sockaddr_in6)
-                };
-                let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-                Some(SocketAddr::V6(SocketAddrV6::new(
-                    ip,
-                    u16::from_be(sin6.sin6_port),
-                    0,
-                    0,
-                )))
-            }
-            _ => None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
 
     #[test]
-    fn control_room_is_one_credentials_message_only() {
-        // SAFETY: CMSG_SPACE only computes a size.
-        let one = unsafe { libc::CMSG_SPACE(size_of::<libc::ucred>() as u32) } as usize;
-        assert_eq!(CMSG_BYTES, one);
-    }
-
-    #[test]
-    fn batch_receive_reports_credentials_and_truncation() {
+    fn binds_with_its_mode_and_replaces_only_a_stale_socket() {
         let dir = std::env::temp_dir().join(format!("varta-sock-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s");
@@ -411,19 +236,6 @@ mod tests {
         let again = bind_uds(&path, 0o600, 0).unwrap_err();
         assert_eq!(again.kind(), io::ErrorKind::AddrInUse, "{again}");
         assert!(file.is_ours());
-        let client = UnixDatagram::unbound().unwrap();
-        client.send_to(&[1u8; 32], &path).unwrap();
-        client.send_to(&[2u8; 100], &path).unwrap();
-        let mut batch = RecvBatch::new(8);
-        assert_eq!(batch.recv(sock.as_fd()).unwrap(), 2);
-        let first = batch.get(0);
-        assert_eq!((first.bytes.len(), first.truncated), (32, false));
-        assert_eq!(first.sender_pid, Some(std::process::id()));
-        assert!(batch.get(1).truncated);
-        assert_eq!(
-            batch.recv(sock.as_fd()).unwrap_err().kind(),
-            io::ErrorKind::WouldBlock
-        );
         drop(sock);
         let (_, replaced, _) = bind_uds(&path, 0o600, 0).expect("a stale socket is replaced");
         assert!(

@@ -279,6 +279,12 @@ fn bench(args: &[String]) {
             plots.sweep.push((o.name, steps));
         }
     }
+    for o in observers.iter().filter(|o| !o.incumbent) {
+        eprintln!("varta-bench: {}: a new agent under 20k beats/s", o.name);
+        guarded(o, "urgent", &mut notes, || {
+            scenarios::urgent_under_load(o, &opts, &mut figs)
+        });
+    }
     for o in &observers {
         for takeover in [false, true] {
             if takeover && o.incumbent {

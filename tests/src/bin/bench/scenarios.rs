@@ -175,6 +175,74 @@ fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
     Some(sorted[i])
 }
 
+/// What rule 5 of `varta_common::wakeup` costs: a new agent's first beat while 64 agents
+/// send 20k routine beats a second (rate limits off), from its send to its beat counted in
+/// /metrics (polled every millisecond), 16 trials. Ours only: the figure compares our two
+/// datapaths (the eBPF filter wakes the daemon for a first beat at once; the userspace
+/// datapath may be draining on its timer).
+pub fn urgent_under_load(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) {
+    const TRIALS: usize = 16;
+    let extra = ["--max-beat-rate", "0", "--global-beat-rate", "0"].map(String::from);
+    let run = obs.start(&opts.dir, 600_000, &extra);
+    let socket = run.socket.display().to_string();
+    let pacers = start_pacers(opts, &socket, 20_000);
+    std::thread::sleep(WARM_UP);
+    let mut waited = Vec::new();
+    let mut agents = Vec::new();
+    for _ in 0..TRIALS {
+        let mut child = helper(opts, &["agent", &socket])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let sent_at: u64 = line.trim().parse().unwrap();
+        let sample = format!("varta_beats_total{{pid=\"{}\"}}", child.id());
+        let end = Instant::now() + Duration::from_secs(2);
+        loop {
+            let now = realtime_ns();
+            if run
+                .try_metrics()
+                .is_some_and(|m| m.get(&sample).is_some_and(|v| *v >= 1.0))
+            {
+                waited.push(now.saturating_sub(sent_at) as f64 / 1e6);
+                break;
+            }
+            if Instant::now() > end {
+                eprintln!(
+                    "varta-bench: {}: agent {} not counted",
+                    obs.name,
+                    child.id()
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        agents.push(child);
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    sent_by(pacers);
+    agents.into_iter().for_each(kill);
+    waited.sort_by(f64::total_cmp);
+    let scenario = "new_agent_at_20k";
+    out.push(Fig::new(obs, scenario, "trials", waited.len() as f64, ""));
+    for (q, label) in [(0.5, "p50"), (0.99, "p99"), (1.0, "max")] {
+        if let Some(x) = quantile(&waited, q) {
+            out.push(Fig::new(
+                obs,
+                scenario,
+                &format!("to_metrics_{label}"),
+                x,
+                "ms",
+            ));
+        }
+    }
+}
+
 /// One step of the rate sweep.
 #[derive(Clone, Debug)]
 pub struct Step {
