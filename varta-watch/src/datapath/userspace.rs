@@ -139,10 +139,12 @@ struct JunkCounting {
     quiet_windows: u32,
 }
 
-/// The classic programs for the two sockets in one mode.
+/// The classic programs for the two sockets in one mode: their instructions only (a
+/// `cbpf::Program` is 11 KB of fixed room; four of them moved through the start-up left
+/// hundreds of kilobytes of stack resident for the daemon's whole life).
 struct Filters {
-    uds: cbpf::Program,
-    udp: cbpf::Program,
+    uds: Vec<cbpf::SockFilter>,
+    udp: Vec<cbpf::SockFilter>,
 }
 
 const JUNK_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
@@ -402,10 +404,10 @@ impl JunkCounting {
         ];
         for (name, fd, filter) in sockets {
             let Some(fd) = fd else { continue };
-            match sock::attach_classic_filter(fd, filter.insns()) {
+            match sock::attach_classic_filter(fd, filter) {
                 Ok(()) => log::info!(
                     "event=classic_filter_attached socket={name} instructions={} sample_one_in={one_in}",
-                    filter.insns().len(),
+                    filter.len(),
                 ),
                 Err(e) => log::warn!("event=classic_filter_failed socket={name} error={}", q(e)),
             }
@@ -420,14 +422,18 @@ impl Filters {
                 offset: 0,
                 also_accept: &[],
                 sample_one_in,
-            }),
+            })
+            .insns()
+            .to_vec(),
             // On UDP the filter sees the 8-byte UDP header first; secure frames pass
             // unchecked (they are authenticated here).
             udp: cbpf::program(&cbpf::Layout {
                 offset: UDP_HEADER_LEN,
                 also_accept: &SECURE_FRAME_LENS,
                 sample_one_in,
-            }),
+            })
+            .insns()
+            .to_vec(),
         }
     }
 }

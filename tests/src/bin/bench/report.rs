@@ -55,7 +55,13 @@ fn machine() -> String {
         .unwrap_or_else(|| "?".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} CPUs ({cpu}), kernel {}", kernel.trim())
+    // How many datagrams a Unix socket queues: what the userspace datapath may batch.
+    let qlen = std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen").unwrap_or_default();
+    format!(
+        "{cores} CPUs ({cpu}), kernel {}, net.unix.max_dgram_qlen {}",
+        kernel.trim(),
+        qlen.trim()
+    )
 }
 
 /// The table: one row per scenario x figure, one column per observer, and the ratios.
