@@ -17,9 +17,9 @@
 //!    kernel, so that agent's next beat is a first beat again (rule 1) and ends the stall
 //!    without waiting for the timer.
 //! 5. **Userspace datapath** (no filter sorts the beats: the daemon applies rule 1 itself, on
-//!    what it has just received): a beat is urgent ([`urgent`]) when its agent is not tracked
-//!    as live (new, or silent since: rule 4), it is Critical, or it changes the agent's
-//!    status. While urgent beats come, or fewer than [`BATCH_MIN_BEATS`] routine ones per
+//!    what it has just received): a beat is urgent ([`urgent`]) when it is its sender's
+//!    first (the daemon keeps what the kernel's buckets are to rule 1: senders seen, until
+//!    they stall or exit, rule 4), it is Critical, or it changes the sender's status. While urgent beats come, or fewer than [`BATCH_MIN_BEATS`] routine ones per
 //!    [`USERSPACE_MAX_INTERVAL_NS`], every datagram wakes the daemon at once. Otherwise the
 //!    daemon stops waiting on readiness and drains on a timer ([`userspace_interval_ns`]): at
 //!    most [`USERSPACE_MAX_INTERVAL_NS`], which bounds how late an urgent beat is seen under
@@ -54,7 +54,8 @@ pub fn wake_now(
 }
 
 /// Rule 5: whether a beat the userspace datapath received needs the daemon at once.
-/// `known` is the status of the agent when it is tracked and live, else `None`.
+/// `known` is the status of the sender's last beat when it was seen since it last went
+/// silent, else `None`.
 #[inline]
 pub fn urgent(status: Status, known: Option<Status>) -> bool {
     matches!(status, Status::Critical) || known != Some(status)
@@ -71,19 +72,22 @@ pub const USERSPACE_MIN_INTERVAL_NS: u64 = 250_000;
 pub const USERSPACE_MAX_INTERVAL_NS: u64 = 10_000_000;
 
 /// Rule 5: the userspace datapath's drain interval at `rate_per_s` datagrams a second into a
-/// socket whose queue holds `queue_limit` datagrams: the queue fills at most halfway. A
-/// `flood` (most of the last drain refused by the rate limits) is drained at the longest
-/// interval: the flooders wait for room in the queue instead of the daemon spending a core
-/// on frames it refuses.
-pub fn userspace_interval_ns(rate_per_s: u64, queue_limit: u64, flood: bool) -> u64 {
+/// socket whose queue holds `queue_limit` datagrams: the queue fills at most halfway, and
+/// `None` (wake on each datagram) when even the shortest interval would fill it further (a
+/// small queue at a high rate: a timer would make the senders wait). A `flood` (most of the
+/// last drain refused by the rate limits) is drained at the longest interval: the flooders
+/// wait for room in the queue instead of the daemon spending a core on frames it refuses.
+pub fn userspace_interval_ns(rate_per_s: u64, queue_limit: u64, flood: bool) -> Option<u64> {
     if flood {
-        return USERSPACE_MAX_INTERVAL_NS;
+        return Some(USERSPACE_MAX_INTERVAL_NS);
     }
     let half = (queue_limit / 2).max(1);
-    half.saturating_mul(1_000_000_000)
+    let fills_half_in = half
+        .saturating_mul(1_000_000_000)
         .checked_div(rate_per_s)
-        .unwrap_or(u64::MAX)
-        .clamp(USERSPACE_MIN_INTERVAL_NS, USERSPACE_MAX_INTERVAL_NS)
+        .unwrap_or(u64::MAX);
+    (fills_half_in >= USERSPACE_MIN_INTERVAL_NS)
+        .then(|| fills_half_in.min(USERSPACE_MAX_INTERVAL_NS))
 }
 
 #[cfg(test)]
@@ -107,27 +111,17 @@ mod tests {
 
     #[test]
     fn the_interval_fills_half_the_queue_within_its_bounds() {
-        // 512 datagrams (systemd's net.unix.max_dgram_qlen) at 20k/s: 12.8 ms, capped at 10.
-        assert_eq!(
-            userspace_interval_ns(20_000, 512, false),
-            USERSPACE_MAX_INTERVAL_NS
-        );
+        let max = Some(USERSPACE_MAX_INTERVAL_NS);
+        // 513 datagrams (systemd's net.unix.max_dgram_qlen 512) at 20k/s: 12.8 ms, capped.
+        assert_eq!(userspace_interval_ns(20_000, 513, false), max);
         // At 160k/s: 256 datagrams take 1.6 ms.
-        assert_eq!(userspace_interval_ns(160_000, 512, false), 1_600_000);
+        assert_eq!(userspace_interval_ns(160_000, 513, false), Some(1_600_000));
         // The kernel's default of 10 (11 queued) at 20k/s: 5 datagrams, 250 us.
-        assert_eq!(userspace_interval_ns(20_000, 11, false), 250_000);
-        assert_eq!(
-            userspace_interval_ns(1_000_000, 11, false),
-            USERSPACE_MIN_INTERVAL_NS
-        );
-        assert_eq!(
-            userspace_interval_ns(0, 512, false),
-            USERSPACE_MAX_INTERVAL_NS
-        );
-        assert_eq!(
-            userspace_interval_ns(1_000_000, 11, true),
-            USERSPACE_MAX_INTERVAL_NS
-        );
+        assert_eq!(userspace_interval_ns(20_000, 11, false), Some(250_000));
+        // Faster, a timer would let the queue fill: each datagram wakes the daemon.
+        assert_eq!(userspace_interval_ns(20_001, 11, false), None);
+        assert_eq!(userspace_interval_ns(0, 513, false), max);
+        assert_eq!(userspace_interval_ns(1_000_000, 11, true), max);
     }
 
     #[test]

@@ -402,7 +402,6 @@ impl<D: Datapath> EventLoop<'_, D> {
                 }
                 // The agent under this pid is gone (its place taken): its kernel key too.
                 Event::Replaced { pid } => self.datapath.agent_untracked(*pid),
-                Event::Resumed { pid } => self.datapath.agent_resumed(*pid),
                 Event::Stall { pid, origin, .. } => self.datapath.agent_silent(*pid, origin),
                 Event::Exit { pid, origin, .. } => self.datapath.agent_silent(*pid, origin),
                 _ => {}

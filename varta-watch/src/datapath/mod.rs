@@ -43,9 +43,6 @@ pub trait Datapath {
     /// limits itself; a datapath that limits in the kernel is told here.
     fn agent_tracked(&mut self, _pid: u32, _origin: &Origin) {}
 
-    /// The agent `pid` beats again after a stall: live again, as after `agent_tracked`.
-    fn agent_resumed(&mut self, _pid: u32) {}
-
     /// The tracker evicted the agent `pid`: it is charged to the global bucket again.
     fn agent_untracked(&mut self, _pid: u32) {}
 

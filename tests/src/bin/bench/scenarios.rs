@@ -64,8 +64,17 @@ pub fn stall(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) -> (Vec<f64>, Vec<
     let recovery = format!("{} stamp {} {{pid}}", opts.me.display(), stamps.display());
     let mut extra = vec!["--recovery-exec".to_owned(), recovery];
     if !obs.incumbent {
-        // Ours limits recovery spawns to 10/s by default; the trials come 25/s.
-        extra.extend(["--recovery-spawn-rate".into(), "1000".into()]);
+        // Ours limits recovery spawns to 10/s by default, and 2/s per uid (all the trials
+        // run as one uid); the trials come 25/s.
+        extra.extend(
+            [
+                "--recovery-spawn-rate",
+                "1000",
+                "--recovery-spawn-rate-per-uid",
+                "1000",
+            ]
+            .map(String::from),
+        );
     }
     let run = Arc::new(obs.start(&opts.dir, THRESHOLD_MS, &extra));
 
@@ -182,7 +191,17 @@ fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
 /// datapath may be draining on its timer).
 pub fn urgent_under_load(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) {
     const TRIALS: usize = 16;
-    let extra = ["--max-beat-rate", "0", "--global-beat-rate", "0"].map(String::from);
+    // Without the agents the sweep left in the state file (they would fill the tracker).
+    let extra = [
+        "--max-beat-rate",
+        "0",
+        "--global-beat-rate",
+        "0",
+        "--tracker-capacity",
+        "8192",
+        "--fresh-state",
+    ]
+    .map(String::from);
     let run = obs.start(&opts.dir, 600_000, &extra);
     let socket = run.socket.display().to_string();
     let pacers = start_pacers(opts, &socket, 20_000);
