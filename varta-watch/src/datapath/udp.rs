@@ -84,15 +84,15 @@ impl UdpReceiver {
         self.socket.watch(on)
     }
 
-    /// Receives until the socket would block or [`super::DRAIN_BUDGET`] datagrams were taken,
-    /// appending every accepted beat; returns how many datagrams it took.
-    pub fn drain(&mut self, out: &mut Vec<Beat>) -> io::Result<usize> {
+    /// Receives until the socket would block or `budget` datagrams were taken, appending
+    /// every accepted beat; returns how many datagrams it took.
+    pub fn drain(&mut self, out: &mut Vec<Beat>, budget: usize) -> io::Result<usize> {
         let (frames, drops) = (&mut self.frames, &self.drops);
         let taken;
         (self.more, taken) = self.batch.drain(
             self.socket.get_ref().as_fd(),
             self.clock,
-            super::DRAIN_BUDGET,
+            budget,
             |d, at| {
                 let Some(source) = d.source else { return };
                 let decoded = if d.truncated {

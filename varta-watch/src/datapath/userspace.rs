@@ -74,6 +74,9 @@ struct Pace {
     /// of them were refused over-rate, the queue is full of a flood.
     delivered: u64,
     refused: u64,
+    /// The last decision found a flood: drained at the longest interval, and only what the
+    /// queue held at each tick.
+    flood: bool,
 }
 
 /// The drops that say a beat was over its agent's or the global rate.
@@ -91,6 +94,7 @@ impl Pace {
             routine: 0,
             delivered: 0,
             refused: 0,
+            flood: false,
         }
     }
 
@@ -114,6 +118,7 @@ impl Pace {
                 (self.routine >= wakeup::BATCH_MIN_BEATS).then_some(self.routine)
             }
         };
+        self.flood = flood && batched.is_some();
         self.next_drain_ns = batched.and_then(|n| {
             let elapsed = now.saturating_sub(self.since_ns).max(1);
             let rate = n.saturating_mul(1_000_000_000) / elapsed;
@@ -223,53 +228,52 @@ impl UserspaceDatapath {
         }
     }
 
-    /// Receives from the Unix socket until it would block or the budget is spent; returns
-    /// how many datagrams it took.
-    fn drain_uds(&mut self, out: &mut Vec<Beat>) -> io::Result<usize> {
+    /// Receives from the Unix socket until it would block or `budget` datagrams were taken;
+    /// returns how many it took.
+    fn drain_uds(&mut self, out: &mut Vec<Beat>, budget: usize) -> io::Result<usize> {
         let (attest, drops) = (&mut self.attest, &self.drops);
         let taken;
-        (self.uds_more, taken) = self.batch.drain(
-            self.uds.get_ref().as_fd(),
-            self.clock,
-            super::DRAIN_BUDGET,
-            |d, at| {
-                let beat = decode_plain(d.bytes, d.truncated).and_then(|frame| {
-                    attest.check(d.sender_pid, &frame).map(
-                        |Attested {
-                             pid,
-                             cross_namespace,
-                         }| Beat {
-                            pid,
-                            frame,
-                            origin: Origin::Uds { cross_namespace },
-                            recv_ns: at,
-                            rate_limited: false,
-                        },
-                    )
-                });
-                match beat {
-                    Ok(beat) => out.push(beat),
-                    // What the classic filter may sample.
-                    Err(reason @ (DropReason::Length | DropReason::Decode(_))) => {
-                        drops.add_junk(reason)
+        (self.uds_more, taken) =
+            self.batch
+                .drain(self.uds.get_ref().as_fd(), self.clock, budget, |d, at| {
+                    let beat = decode_plain(d.bytes, d.truncated).and_then(|frame| {
+                        attest.check(d.sender_pid, &frame).map(
+                            |Attested {
+                                 pid,
+                                 cross_namespace,
+                             }| Beat {
+                                pid,
+                                frame,
+                                origin: Origin::Uds { cross_namespace },
+                                recv_ns: at,
+                                rate_limited: false,
+                            },
+                        )
+                    });
+                    match beat {
+                        Ok(beat) => out.push(beat),
+                        // What the classic filter may sample.
+                        Err(reason @ (DropReason::Length | DropReason::Decode(_))) => {
+                            drops.add_junk(reason)
+                        }
+                        Err(reason) => drops.add(reason),
                     }
-                    Err(reason) => drops.add(reason),
-                }
-            },
-        )?;
+                })?;
         Ok(taken)
     }
 
     /// UDP first, the UDS last: the stall decisions after this round see every local beat
     /// queued until just before them, however long the UDP drain took. Returns how many
     /// datagrams it took, and whether a beat among them needs the daemon at once (rule 5).
-    fn drain_both(&mut self, out: &mut Vec<Beat>) -> io::Result<(u64, bool)> {
+    /// `budget` per socket: [`super::DRAIN_BUDGET`], or under a flood what the queue held
+    /// (not what the flooders refill while it is drained).
+    fn drain_both(&mut self, out: &mut Vec<Beat>, budget: usize) -> io::Result<(u64, bool)> {
         let first = out.len();
         let mut taken = 0;
         if let Some(udp) = &mut self.udp {
-            taken += udp.drain(out)?;
+            taken += udp.drain(out, budget)?;
         }
-        taken += self.drain_uds(out)?;
+        taken += self.drain_uds(out, budget)?;
         let mut urgent = false;
         for beat in &out[first..] {
             let status = beat.frame.status;
@@ -306,8 +310,9 @@ impl Datapath for UserspaceDatapath {
     }
 
     async fn recv(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
-        let more = self.more_queued();
         let on_timer = self.pace.next_drain_ns;
+        // On the timer, what a drain left queued waits for the next tick.
+        let more = self.more_queued() && on_timer.is_none();
         // On the timer, datagrams must not wake the thread: the sockets are not watched.
         self.uds.watch(on_timer.is_none())?;
         if let Some(udp) = &mut self.udp {
@@ -326,7 +331,12 @@ impl Datapath for UserspaceDatapath {
         }
         // Readiness was cleared before receiving: a datagram arriving meanwhile re-arms it.
         let first = out.len();
-        let (taken, urgent) = self.drain_both(out)?;
+        let budget = if self.pace.flood {
+            self.pace.queue_limit as usize
+        } else {
+            super::DRAIN_BUDGET
+        };
+        let (taken, urgent) = self.drain_both(out, budget)?;
         let delivered = (out.len() - first) as u64;
         self.pace.after_drain(
             self.clock.now_ns(),
@@ -340,7 +350,7 @@ impl Datapath for UserspaceDatapath {
     }
 
     fn drain(&mut self, out: &mut Vec<Beat>) {
-        if let Err(e) = self.drain_both(out) {
+        if let Err(e) = self.drain_both(out, super::DRAIN_BUDGET) {
             log::warn!("event=receive_error error={}", q(e));
         }
     }
@@ -545,8 +555,10 @@ mod tests {
         // the rate alone (11 in 1 ms) would have the daemon wake on each datagram.
         pace.after_drain(2 * MS, 11, false, 11, 8);
         assert_eq!(pace.next_drain_ns, Some(2 * MS + USERSPACE_MAX_INTERVAL_NS));
+        assert!(pace.flood);
         // Admitted again: back to the rate's interval.
         pace.after_drain(12 * MS, 11, false, 11, 8);
         assert_eq!(pace.next_drain_ns, Some(12 * MS + 4_545_454));
+        assert!(!pace.flood);
     }
 }

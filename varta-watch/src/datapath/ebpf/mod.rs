@@ -353,7 +353,11 @@ impl Datapath for EbpfDatapath {
 
     /// Rule 3 of `varta_common::wakeup`: called before every stall decision.
     fn drain(&mut self, out: &mut Vec<Beat>) {
-        if let Some(Err(e)) = self.secure_udp.as_mut().map(|udp| udp.drain(out)) {
+        if let Some(Err(e)) = self
+            .secure_udp
+            .as_mut()
+            .map(|udp| udp.drain(out, super::DRAIN_BUDGET))
+        {
             log::warn!("event=receive_error transport=udp error={}", q(e));
         }
         self.drain_ring(out);
