@@ -335,8 +335,16 @@ impl<D: Datapath> EventLoop<'_, D> {
             }
             fired = self.stall_timer.wait_until(deadline.unwrap_or(0)), if deadline.is_some() => {
                 fired.context("waiting for the stall timer")?;
-                // Beats still queued count before any stall is decided.
-                self.datapath.drain(&mut self.beats);
+                // Beats still queued count before any stall is decided; none is when the
+                // agents due beat since (their deadlines move on, nothing drained).
+                self.observer.settle(self.clock.now_ns());
+                if self
+                    .observer
+                    .next_deadline()
+                    .is_some_and(|at| at <= self.clock.now_ns())
+                {
+                    self.datapath.drain(&mut self.beats);
+                }
                 Ok(false)
             }
             finished = async { recovery.expect("guarded").finished().await }, if has_recovery => {

@@ -74,8 +74,8 @@ struct Pace {
     /// of them were refused over-rate, the queue is full of a flood.
     delivered: u64,
     refused: u64,
-    /// The last decision found a flood: drained at the longest interval, and only what the
-    /// queue held at each tick.
+    /// The last decision found a flood: drained at the longest interval, a little at each
+    /// tick ([`Pace::flood_budget`]).
     flood: bool,
 }
 
@@ -86,6 +86,14 @@ fn refused_over_rate(drops: &DropCounters) -> u64 {
 }
 
 impl Pace {
+    /// What a tick takes under a flood: half the queue, at most one `recvmmsg` batch. The
+    /// flooders wait for room (each datagram read wakes every sender waiting on the full
+    /// queue, which the reader pays: ~10 us a datagram with 256 waiting), honest senders
+    /// win their share of the room each tick frees.
+    fn flood_budget(&self) -> usize {
+        (self.queue_limit / 2).clamp(1, BATCH as u64) as usize
+    }
+
     fn new(queue_limit: u64) -> Self {
         Pace {
             queue_limit,
@@ -101,8 +109,11 @@ impl Pace {
     /// After a wake-up took `taken` datagrams (`urgent`: among them a beat that changes an
     /// agent's state) and delivered `delivered` beats: how the next one comes.
     fn after_drain(&mut self, now: u64, taken: u64, urgent: bool, delivered: u64, refused: u64) {
-        let flood = self.delivered >= wakeup::BATCH_MIN_BEATS
-            && (refused - self.refused) * 2 > self.delivered;
+        // A flood lasts while its ticks find the queue still full (they take only part of
+        // it), or while most of what a drain delivered was refused over-rate.
+        let flood = (self.flood && taken >= self.flood_budget() as u64)
+            || (self.delivered >= wakeup::BATCH_MIN_BEATS
+                && (refused - self.refused) * 2 > self.delivered);
         (self.delivered, self.refused) = (delivered, refused);
         let elapsed = now.saturating_sub(self.since_ns);
         let batched = match self.next_drain_ns {
@@ -265,8 +276,8 @@ impl UserspaceDatapath {
     /// UDP first, the UDS last: the stall decisions after this round see every local beat
     /// queued until just before them, however long the UDP drain took. Returns how many
     /// datagrams it took, and whether a beat among them needs the daemon at once (rule 5).
-    /// `budget` per socket: [`super::DRAIN_BUDGET`], or under a flood what the queue held
-    /// (not what the flooders refill while it is drained).
+    /// `budget` per socket: [`super::DRAIN_BUDGET`], or under a flood a little
+    /// ([`Pace::flood_budget`], not what the flooders refill while it is drained).
     fn drain_both(&mut self, out: &mut Vec<Beat>, budget: usize) -> io::Result<(u64, bool)> {
         let first = out.len();
         let mut taken = 0;
@@ -332,7 +343,7 @@ impl Datapath for UserspaceDatapath {
         // Readiness was cleared before receiving: a datagram arriving meanwhile re-arms it.
         let first = out.len();
         let budget = if self.pace.flood {
-            self.pace.queue_limit as usize
+            self.pace.flood_budget()
         } else {
             super::DRAIN_BUDGET
         };
@@ -556,9 +567,17 @@ mod tests {
         pace.after_drain(2 * MS, 11, false, 11, 8);
         assert_eq!(pace.next_drain_ns, Some(2 * MS + USERSPACE_MAX_INTERVAL_NS));
         assert!(pace.flood);
-        // Admitted again: back to the rate's interval.
-        pace.after_drain(12 * MS, 11, false, 11, 8);
-        assert_eq!(pace.next_drain_ns, Some(12 * MS + 4_545_454));
+        // A tick that takes its whole budget (half the queue) finds the flood still there.
+        pace.after_drain(12 * MS, 5, false, 5, 8);
+        assert!(pace.flood);
+        assert_eq!(
+            pace.next_drain_ns,
+            Some(12 * MS + USERSPACE_MAX_INTERVAL_NS)
+        );
+        // Less than that, none refused: over, back to the rate's interval (8 in 1 ms).
+        pace.after_drain(13 * MS, 4, false, 4, 8);
         assert!(!pace.flood);
+        pace.after_drain(14 * MS, 8, false, 8, 8);
+        assert_eq!(pace.next_drain_ns, Some(14 * MS + 625_000));
     }
 }

@@ -138,6 +138,12 @@ impl Observer {
         self.tracker.next_deadline()
     }
 
+    /// Moves deadlines of agents that beat since to their real ones: afterwards
+    /// `next_deadline` is due only when a stall decision is.
+    pub fn settle(&mut self, now_ns: u64) {
+        self.tracker.settle(now_ns);
+    }
+
     /// Surfaces the stalls due at `now_ns`.
     pub fn expire(&mut self, now_ns: u64, events: &mut Vec<Event>) {
         self.tracker.expire(now_ns, &mut self.stalled);

@@ -571,6 +571,29 @@ impl Tracker {
         self.deadlines.peek().map(|e| e.deadline_ns)
     }
 
+    /// Moves the deadlines that came due at `now_ns` for agents that beat since to their real
+    /// deadline, decides nothing: afterwards [`Self::next_deadline`] is due only when a stall
+    /// decision is (the datapath is drained before one: `varta_common::wakeup` rule 3, which
+    /// costs a full drain of a socket a flood keeps full).
+    pub fn settle(&mut self, now_ns: u64) {
+        while let Some(entry) = self.deadlines.pop_due(now_ns) {
+            let threshold = self.threshold_ns;
+            let Some(agent) = self.live(entry) else {
+                continue;
+            };
+            let deadline = agent.last_beat_ns + threshold;
+            if agent.stalled || agent.dead || deadline <= now_ns {
+                // Due (or left for `expire` to unqueue): put back, decided by `expire`.
+                self.deadlines.push(entry);
+                return;
+            }
+            self.deadlines.push(Entry {
+                deadline_ns: deadline,
+                ..entry
+            });
+        }
+    }
+
     /// Surfaces every agent whose silence passed the threshold at `now_ns`, once per silence.
     pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Stalled>) {
         while let Some(entry) = self.deadlines.pop_due(now_ns) {

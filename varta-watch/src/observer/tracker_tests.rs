@@ -48,6 +48,22 @@ fn one_stall_per_silence_and_rearm_on_beat() {
 }
 
 #[test]
+fn settling_moves_deadlines_of_agents_that_beat_and_leaves_due_ones() {
+    let mut t = Tracker::new(8, EvictionPolicy::Strict, T);
+    t.record(10, &frame(10, 1), UDS, 0).unwrap();
+    t.record(11, &frame(11, 1), UDS, 0).unwrap();
+    t.record(10, &frame(10, 2), UDS, T / 2).unwrap();
+    // At T both deadlines come due; agent 10 beat since: only 11's decision is due.
+    t.settle(T);
+    assert_eq!(t.next_deadline(), Some(T));
+    assert_eq!(stalls(&mut t, T), vec![11]);
+    // Now only 10's stale-free deadline is left, half a threshold on; settling changes none.
+    t.settle(T + 1);
+    assert_eq!(t.next_deadline(), Some(T + T / 2));
+    assert!(stalls(&mut t, T + 1).is_empty());
+}
+
+#[test]
 fn a_new_threshold_moves_pending_deadlines() {
     let mut t = Tracker::new(8, EvictionPolicy::Strict, 10 * T);
     t.record(10, &frame(10, 1), UDS, 0).unwrap();

@@ -98,7 +98,7 @@ impl RecvBatch {
             }
             // The queue, if the call finds it empty, was empty at some time after this.
             let called = clock.now_ns();
-            let n = match self.recv(fd) {
+            let n = match self.recv(fd, budget - taken) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.floor_ns = self.floor_ns.max(called);
@@ -116,15 +116,16 @@ impl RecvBatch {
                 each(self.get(i, control.sender_pid), at);
             }
             taken += n;
-            if n < self.data.len() {
+            if n < self.data.len().min(budget - (taken - n)) {
                 self.floor_ns = self.floor_ns.max(called);
                 return Ok((false, taken));
             }
         }
     }
 
-    fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
-        let n = self.data.len();
+    /// One `recvmmsg(2)` of at most `limit` datagrams.
+    fn recv(&mut self, fd: BorrowedFd<'_>, limit: usize) -> io::Result<usize> {
+        let n = self.data.len().min(limit);
         for i in 0..n {
             self.iov[i] = libc::iovec {
                 iov_base: self.data[i].as_mut_ptr().cast(),
@@ -351,8 +352,16 @@ mod tests {
             );
         }
         assert!(got[0].3 <= got[1].3);
+        // A budget smaller than the batch is kept to.
+        for _ in 0..3 {
+            client.send(&[3u8; 32]).unwrap();
+        }
+        let (more, n) = batch.drain(sock.as_fd(), clock, 2, |_, _| {}).unwrap();
+        assert!(more && n == 2);
+        let (more, n) = batch.drain(sock.as_fd(), clock, 2, |_, _| {}).unwrap();
+        assert!(!more && n == 1);
         assert_eq!(
-            batch.recv(sock.as_fd()).unwrap_err().kind(),
+            batch.recv(sock.as_fd(), 8).unwrap_err().kind(),
             io::ErrorKind::WouldBlock
         );
     }
@@ -383,7 +392,7 @@ mod tests {
             assert_eq!(libc::sendmsg(client.as_raw_fd(), &msg, 0), 32);
         }
         let mut batch = RecvBatch::new(2);
-        assert_eq!(batch.recv(sock.as_fd()).unwrap(), 1);
+        assert_eq!(batch.recv(sock.as_fd(), 2).unwrap(), 1);
         let hdr = &batch.headers[0].msg_hdr;
         assert!(
             hdr.msg_flags & libc::MSG_CTRUNC != 0,
