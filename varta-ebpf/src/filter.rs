@@ -163,10 +163,11 @@ fn try_receive<A: Attest>(
     };
 
     let mut record_kind = KIND_BEAT;
-    let (mut host_tgid, mut observer_tgid) = (0u32, 0u32);
+    let (mut host_tgid, mut observer_tgid, mut start_ticks) = (0u32, 0u32, 0u32);
     if transport == TRANSPORT_UDS {
         let sender = A::sender(cfg)?;
         host_tgid = sender.host_tgid;
+        start_ticks = sender.start_ticks;
         match sender.observer_tgid {
             Some(tgid) => {
                 attest::decide(frame.pid, tgid, false, true)?;
@@ -210,7 +211,7 @@ fn try_receive<A: Attest>(
         kind: record_kind,
         transport,
         src_port: 0,
-        _pad: 0,
+        start_ticks,
         src_addr: [0; 16],
     };
     if transport != TRANSPORT_UDS {

@@ -23,6 +23,7 @@ use crate::{
     actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel},
     actions::recovery::{Recovery, Who},
     actions::series::{AgentSeries, SeriesLimits},
+    sys::process::{Continuity, StartTime},
     vocab::{
         events::Event,
         recovery::{Finished, NotRun, Outcome},
@@ -174,6 +175,7 @@ impl Actions {
                 frame_pid,
                 origin,
                 evicted,
+                started,
             } => {
                 // A pid seen anew (a reused pid verified afresh) may be another program.
                 for gone in evicted.iter().chain([pid]) {
@@ -183,9 +185,9 @@ impl Actions {
                 }
                 let m = &self.metrics;
                 // A UDP pid is only a claim: naming it after some local process would mislead.
-                let identity = match origin {
-                    crate::vocab::beat::Origin::Uds { .. } => Identity::read(*pid),
-                    crate::vocab::beat::Origin::Udp { .. } => Identity::default(),
+                let (identity, uid) = match origin {
+                    crate::vocab::beat::Origin::Uds { .. } => Self::read_identity(*pid, *started),
+                    crate::vocab::beat::Origin::Udp { .. } => (Identity::default(), None),
                 };
                 log::info!(
                     "event=agent_new pid={pid} frame_pid={frame_pid} transport={} cross_namespace={} {identity}",
@@ -200,7 +202,7 @@ impl Actions {
                 };
                 if info.is_some() {
                     self.identities.insert(*pid, identity);
-                    if let Some(uid) = identity::uid_of(*pid) {
+                    if let Some(uid) = uid {
                         self.uids.insert(*pid, uid);
                     }
                 }
@@ -352,6 +354,17 @@ impl Actions {
                 event,
                 event_pid(event).and_then(|p| self.identities.get(&p)),
             );
+        }
+    }
+
+    /// The identity and uid of the agent's process, `started` then: read from /proc, which
+    /// shows whoever holds `pid` now, so they count only if the pid held that process
+    /// through the read (else nothing is known: never a later process's name).
+    fn read_identity(pid: u32, started: Option<StartTime>) -> (Identity, Option<u32>) {
+        let (identity, uid) = (Identity::read(pid), identity::uid_of(pid));
+        match Continuity::check(pid, started) {
+            Continuity::Same => (identity, uid),
+            _ => (Identity::default(), None),
         }
     }
 

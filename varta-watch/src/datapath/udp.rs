@@ -84,6 +84,7 @@ impl UdpReceiver {
                         origin: Origin::Udp { source },
                         recv_ns: now,
                         rate_limited: false,
+                        start_ticks: 0,
                     }),
                     // What the classic filter may sample (userspace datapath).
                     Err(reason @ DropReason::Decode(_)) => drops.add_junk(reason),

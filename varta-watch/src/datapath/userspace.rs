@@ -150,6 +150,7 @@ impl UserspaceDatapath {
                             origin: Origin::Uds { cross_namespace },
                             recv_ns: now,
                             rate_limited: false,
+                            start_ticks: 0,
                         },
                     )
                 });

@@ -20,6 +20,14 @@ impl StartTime {
     }
 }
 
+impl StartTime {
+    /// Whether this is the start time the kernel attested for a beat's sender
+    /// (`BeatRecord::start_ticks`: the low 32 bits, 0 never matching).
+    pub fn is_attested(self, attested: u32) -> bool {
+        attested != 0 && self.0 as u32 == attested
+    }
+}
+
 /// Field 22 of a `/proc/<pid>/stat` line. The command name (field 2) is in parentheses and
 /// may hold spaces and parentheses itself, so fields are counted after the last `)`.
 fn parse_stat(stat: &str) -> Option<StartTime> {

@@ -65,6 +65,10 @@ pub struct Beat {
     pub recv_ns: u64,
     /// The rate limits were applied already (in the kernel); else the observer applies them.
     pub rate_limited: bool,
+    /// When the sender's process started, as the kernel attested it with the frame
+    /// (`BeatRecord::start_ticks`, 0: not attested): what binds the pid to the process that
+    /// beat when /proc is read later, after the pid may have been reused.
+    pub start_ticks: u32,
 }
 
 impl Beat {

@@ -158,10 +158,13 @@ fn prepare(
     config_map: &mut Array<MapData, FilterConfig>,
     config: &mut FilterConfig,
 ) -> Result<(), String> {
-    config.task = Default::default();
-    if method == Attest::TaskRead {
-        config.task = btf::task_offsets().map_err(|e| e.to_string())?;
-    }
+    // Task_read needs the kernel's layout; the helper method reads only the sender's start
+    // time with it, and does without when the kernel publishes no BTF.
+    config.task = match (method, btf::task_offsets()) {
+        (_, Ok(offsets)) => offsets,
+        (Attest::TaskRead, Err(e)) => return Err(e.to_string()),
+        (Attest::PidTgidHelper, Err(_)) => Default::default(),
+    };
     config_map
         .set(0, *config, 0)
         .map_err(|e| format!("configuring the filter: {e}"))

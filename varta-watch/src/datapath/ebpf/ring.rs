@@ -106,6 +106,7 @@ impl EbpfDatapath {
             origin,
             recv_ns: rec.recv_ns,
             rate_limited: true,
+            start_ticks: rec.start_ticks,
         });
     }
 
