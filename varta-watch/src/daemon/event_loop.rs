@@ -258,6 +258,7 @@ impl<D: Datapath> EventLoop<'_, D> {
             self.observer.tracker().agents(),
             |pid| self.actions.identity_of(pid),
             &self.metrics,
+            self.datapath.secure_sessions(),
         );
         match takeover::hand_over(request, &self.succession.fds, &state) {
             Ok(()) => {
@@ -443,6 +444,7 @@ impl<D: Datapath> EventLoop<'_, D> {
             self.observer.tracker().agents(),
             |pid| self.actions.identity_of(pid),
             &self.metrics,
+            self.datapath.secure_sessions(),
         );
         if let Err(e) = state.save(&self.state_path) {
             log::warn!(

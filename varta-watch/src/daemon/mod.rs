@@ -128,11 +128,16 @@ async fn start(mut config: Config, passed: Vec<crate::sys::listen_fds::Passed>) 
     } else {
         state::State::load(&state_path)
     };
+    // The secure UDP replay sessions go on with the sockets, whatever else is resumed.
+    let sessions = match &saved {
+        Ok(Some(state)) => state.secure.clone(),
+        _ => Vec::new(),
+    };
     let result = match start_ebpf(&config, &sockets, &drops) {
         Ok(Some((mut datapath, kernel_drops, pins))) => {
             // The filter passes secure-length datagrams up; they are read (or counted) here.
             if let Some(udp) = &sockets.udp {
-                let receiver = udp_receiver(&config, udp.try_clone()?, &drops)?;
+                let receiver = udp_receiver(&config, udp.try_clone()?, &drops, &sessions)?;
                 datapath.set_secure_udp(receiver);
             }
             let kernel = if pins.resume {
@@ -168,7 +173,7 @@ async fn start(mut config: Config, passed: Vec<crate::sys::listen_fds::Passed>) 
             let udp = sockets
                 .udp
                 .as_ref()
-                .map(|udp| udp_receiver(&config, udp.try_clone()?, &drops))
+                .map(|udp| udp_receiver(&config, udp.try_clone()?, &drops, &sessions))
                 .transpose()?;
             let datapath = UserspaceDatapath::new(
                 sockets.uds.try_clone()?,
@@ -258,8 +263,14 @@ fn remove_socket_file(file: &crate::sys::sock::SocketFile) {
 
 /// The daemon's reader of the UDP socket (secure frames; plaintext ones too on the
 /// userspace datapath).
-fn udp_receiver(config: &Config, udp: UdpSocket, drops: &Arc<DropCounters>) -> Result<UdpReceiver> {
-    let frames = UdpFrames::new(config.plaintext_udp, config.secure.clone());
+fn udp_receiver(
+    config: &Config,
+    udp: UdpSocket,
+    drops: &Arc<DropCounters>,
+    sessions: &[crate::datapath::secure::SavedSession],
+) -> Result<UdpReceiver> {
+    let mut frames = UdpFrames::new(config.plaintext_udp, config.secure.clone());
+    frames.restore_sessions(sessions);
     Ok(UdpReceiver::new(udp, frames, config.clock, drops.clone())?)
 }
 

@@ -47,6 +47,11 @@ impl UdpReceiver {
         })
     }
 
+    /// The secure frames' replay sessions, for the next instance.
+    pub fn sessions(&self) -> Vec<super::secure::SavedSession> {
+        self.frames.sessions()
+    }
+
     pub fn socket(&self) -> &UdpSocket {
         self.socket.get_ref()
     }

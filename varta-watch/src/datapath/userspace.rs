@@ -208,6 +208,10 @@ impl Datapath for UserspaceDatapath {
         }
     }
 
+    fn secure_sessions(&self) -> Vec<super::secure::SavedSession> {
+        self.udp.as_ref().map_or(Vec::new(), UdpReceiver::sessions)
+    }
+
     fn set_limits(&mut self, _limits: &Limits) -> anyhow::Result<()> {
         Ok(())
     }

@@ -386,6 +386,12 @@ impl Datapath for EbpfDatapath {
         }
     }
 
+    fn secure_sessions(&self) -> Vec<super::secure::SavedSession> {
+        self.secure_udp
+            .as_ref()
+            .map_or(Vec::new(), super::udp::UdpReceiver::sessions)
+    }
+
     fn set_limits(&mut self, limits: &Limits) -> anyhow::Result<()> {
         set_limits(&mut self.filter_config, limits);
         self.config.set(0, self.filter_config, 0)?;
