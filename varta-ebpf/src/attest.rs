@@ -8,7 +8,7 @@ use aya_ebpf::{
     bindings::bpf_pidns_info,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_ns_current_pid_tgid,
-        bpf_probe_read_kernel,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
     },
 };
 use varta_common::{
@@ -33,25 +33,32 @@ fn start_ticks(cfg: &FilterConfig) -> u32 {
     if cfg.task.task_start_boottime == 0 {
         return 0;
     }
+    // Into zeroed buffers, not `bpf_probe_read_kernel::<T>`: its value is undefined after a
+    // failed read, and LLVM then spills a register the verifier of Linux 6.12 sees unset
+    // (`R2 !read_ok`). A failed read leaves zeros: unknown.
+    let (mut leader, mut started) = ([0u8; 8], [0u8; 8]);
     // SAFETY: helper without arguments.
     let task = unsafe { bpf_get_current_task() } as *const u8;
-    // SAFETY: bpf_probe_read_kernel copies from any kernel address and fails cleanly on a
-    // bad one; the offsets are the running kernel's, from its BTF.
-    let Ok(leader) = (unsafe {
-        bpf_probe_read_kernel(
-            task.wrapping_add(cfg.task.task_group_leader as usize) as *const *const u8
+    // SAFETY: bpf_probe_read_kernel copies from any kernel address into our buffer and
+    // fails cleanly on a bad one; the offsets are the running kernel's, from its BTF.
+    let _ = unsafe {
+        bpf_probe_read_kernel_buf(
+            task.wrapping_add(cfg.task.task_group_leader as usize),
+            &mut leader,
         )
-    }) else {
-        return 0;
     };
-    // SAFETY: as above.
-    let started: u64 = unsafe {
-        bpf_probe_read_kernel(
-            leader.wrapping_add(cfg.task.task_start_boottime as usize) as *const u64
-        )
+    let leader = u64::from_ne_bytes(leader) as usize as *const u8;
+    if leader.is_null() {
+        return 0;
     }
-    .unwrap_or(0);
-    filter::start_ticks(started)
+    // SAFETY: as above.
+    let _ = unsafe {
+        bpf_probe_read_kernel_buf(
+            leader.wrapping_add(cfg.task.task_start_boottime as usize),
+            &mut started,
+        )
+    };
+    filter::start_ticks(u64::from_ne_bytes(started))
 }
 
 pub trait Attest {
