@@ -146,10 +146,13 @@ impl Actions {
             .sweep(now_ns, &self.metrics, crate::sys::process::StartTime::of);
     }
 
-    /// Hands the batch's export lines to the file's writer.
+    /// Hands the batch's export lines and audit records to the files' writers.
     pub fn flush(&mut self) {
         if let Some(export) = &mut self.export {
             export.flush();
+        }
+        if let Some(audit) = &mut self.audit {
+            audit.flush();
         }
     }
 

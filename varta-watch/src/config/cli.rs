@@ -302,13 +302,17 @@ pub struct RecoveryArgs {
     #[arg(long, value_name = "PATH")]
     pub recovery_audit_file: Option<PathBuf>,
     /// Rotate the audit file before it grows past this size, keeping 5 generations.
-    #[arg(long, value_name = "N", requires = "recovery_audit_file",
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_FILE_MAX_BYTES,
           value_parser = clap::value_parser!(u64).range(1..))]
-    pub recovery_audit_max_bytes: Option<u64>,
+    pub recovery_audit_max_bytes: u64,
     /// fdatasync the audit file every N records (0: only at shutdown), off the event loop.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub recovery_audit_sync_every: u64,
 }
+
+/// The export and audit files' size before rotation unless set (64 MiB; the incumbent has
+/// none): with 5 generations kept, a sender at its maximum rate cannot fill the disk.
+pub const DEFAULT_FILE_MAX_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Export and metrics")]
@@ -318,9 +322,9 @@ pub struct OutputArgs {
     #[arg(long)]
     pub export_file: Option<PathBuf>,
     /// Rotate the export file before it grows past this size, keeping 5 generations.
-    #[arg(long, value_name = "N", requires = "export_file",
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_FILE_MAX_BYTES,
           value_parser = clap::value_parser!(u64).range(1..))]
-    pub export_file_max_bytes: Option<u64>,
+    pub export_file_max_bytes: u64,
     /// fdatasync the export file every N lines (0: only at shutdown), off the event loop.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub export_file_sync_every: u64,

@@ -247,7 +247,7 @@ impl Config {
             shutdown_grace: Duration::from_millis(a.recovery.shutdown_grace_ms),
             export_file: a.output.export_file.clone().map(|path| SinkOptions {
                 path,
-                max_bytes: a.output.export_file_max_bytes,
+                max_bytes: Some(a.output.export_file_max_bytes),
                 sync_every: a.output.export_file_sync_every,
             }),
             audit_file: a
@@ -256,7 +256,7 @@ impl Config {
                 .clone()
                 .map(|path| SinkOptions {
                     path,
-                    max_bytes: a.recovery.recovery_audit_max_bytes,
+                    max_bytes: Some(a.recovery.recovery_audit_max_bytes),
                     sync_every: a.recovery.recovery_audit_sync_every,
                 }),
             prom_addr: a.output.prom_addr,
