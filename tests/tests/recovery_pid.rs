@@ -202,11 +202,16 @@ fn a_restart_from_another_process_is_a_new_agent(datapath: &str) {
 }
 
 /// The pid of an agent's first beat reused before the daemon read /proc for it (L4): the
-/// agent beats once and exits while the daemon is stopped (its frame waits in the ring),
-/// and another process takes the pid. The kernel attested the sender's start time with the
-/// frame, so that process is never named as the agent, nor recovered.
+/// agent beats once and exits while the daemon is stopped (its frame waits in the ring or
+/// the socket), and another process takes the pid. The kernel attested the sender's start
+/// time with the frame (eBPF), or handed over no pidfd of a sender gone (userspace,
+/// SCM_PIDFD), so that process is never named as the agent, nor recovered.
 fn a_pid_reused_before_the_first_read_lends_nothing() {
-    let d = daemon("pid-first", "ebpf");
+    a_pid_reused_before_the_first_read_lends_nothing_on("ebpf");
+}
+
+fn a_pid_reused_before_the_first_read_lends_nothing_on(datapath: &str) {
+    let d = daemon("pid-first", datapath);
     let socket = d.socket.to_str().unwrap().to_owned();
     d.signal(libc::SIGSTOP);
     let agent = varta_e2e::Proc::spawn(
@@ -248,6 +253,13 @@ fn a_pid_reused_before_the_first_read_lends_nothing() {
 }
 
 varta_e2e::on_both_attestations!(a_pid_reused_before_the_first_read_lends_nothing);
+
+#[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
+fn a_pid_reused_before_the_first_read_lends_nothing_userspace_needs_root() {
+    require_root!("clone3 with set_tid needs CAP_SYS_ADMIN");
+    a_pid_reused_before_the_first_read_lends_nothing_on("userspace");
+}
 
 #[test]
 #[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]

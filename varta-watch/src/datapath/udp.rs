@@ -13,7 +13,7 @@ use crate::{
     sys::clock::ClockSource,
     sys::sock::RecvBatch,
     vocab::{
-        beat::{Beat, Origin},
+        beat::{Beat, Origin, SenderStart},
         drops::DropCounters,
     },
 };
@@ -89,7 +89,7 @@ impl UdpReceiver {
                         origin: Origin::Udp { source },
                         recv_ns: now,
                         rate_limited: false,
-                        start_ticks: 0,
+                        sender: SenderStart::Unknown,
                     }),
                     // What the classic filter may sample (userspace datapath).
                     Err(reason @ DropReason::Decode(_)) => drops.add_junk(reason),

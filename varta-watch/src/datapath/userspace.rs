@@ -8,7 +8,10 @@ use crate::sys::text::q;
 use std::{
     collections::HashMap,
     io,
-    os::{fd::AsFd, unix::net::UnixDatagram},
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::net::UnixDatagram,
+    },
     sync::Arc,
 };
 
@@ -27,9 +30,10 @@ use crate::{
     config::Limits,
     sys::clock::ClockSource,
     sys::pidfd::ExitWatcher,
+    sys::process::StartTime,
     sys::procfs::{self, Sender},
     sys::sock::{self, RecvBatch},
-    vocab::beat::{Beat, Origin},
+    vocab::beat::{Beat, Origin, SenderStart},
     vocab::drops::DropCounters,
 };
 
@@ -86,13 +90,14 @@ impl UserspaceDatapath {
         // Exact until junk floods (an operator chasing one broken client sees each frame).
         junk.attach(&uds, udp.as_ref(), false);
         drops.set_junk_scale(1);
+        let pidfds = sock::passes_pidfds(&uds);
         Ok(UserspaceDatapath {
             uds: crate::sys::readiness::readable(uds)?,
             udp,
             batch: RecvBatch::new(BATCH),
             clock,
             drops,
-            attest: Attestor::new(Attestation::new(allow_cross_namespace)),
+            attest: Attestor::new(Attestation::new(allow_cross_namespace), pidfds),
             uds_more: false,
             junk,
         })
@@ -140,17 +145,20 @@ impl UserspaceDatapath {
             super::DRAIN_BUDGET,
             |d, now| {
                 let beat = decode_plain(d.bytes, d.truncated).and_then(|frame| {
-                    attest.check(d.sender_pid, &frame).map(
-                        |Attested {
-                             pid,
-                             cross_namespace,
-                         }| Beat {
+                    attest.check(d.sender_pid, d.sender_pidfd, &frame).map(
+                        |(
+                            Attested {
+                                pid,
+                                cross_namespace,
+                            },
+                            sender,
+                        )| Beat {
                             pid,
                             frame,
                             origin: Origin::Uds { cross_namespace },
                             recv_ns: now,
                             rate_limited: false,
-                            start_ticks: 0,
+                            sender,
                         },
                     )
                 });
@@ -297,39 +305,69 @@ impl Filters {
 /// Caches what /proc says of each sender for the shared [`Attestation`] decision.
 struct Attestor {
     decision: Attestation,
-    /// What /proc said of each sender, forgotten when its process exits.
-    senders: HashMap<u32, Sender>,
+    /// The socket hands over each sender's pidfd (Linux 6.5 and later).
+    pidfds: bool,
+    /// What /proc said of each sender (and when it started, read through its own pidfd),
+    /// forgotten when its process exits.
+    senders: HashMap<u32, (Sender, SenderStart)>,
     exits: ExitWatcher,
 }
 
 impl Attestor {
-    fn new(decision: Attestation) -> Self {
+    fn new(decision: Attestation, pidfds: bool) -> Self {
         Attestor {
             decision,
+            pidfds,
             senders: HashMap::new(),
             exits: ExitWatcher::new(),
         }
     }
 
-    /// The attested sender, or why the frame is refused.
-    fn check(&mut self, sender_pid: Option<u32>, frame: &Frame) -> Result<Attested, DropReason> {
+    /// The attested sender and when it started, or why the frame is refused.
+    fn check(
+        &mut self,
+        sender_pid: Option<u32>,
+        sender_pidfd: Option<OwnedFd>,
+        frame: &Frame,
+    ) -> Result<(Attested, SenderStart), DropReason> {
         // Without credentials nothing can be attested.
         let pid = sender_pid.ok_or(DropReason::Spoof)?;
-        let sender = match self.senders.get(&pid) {
-            Some(sender) => Some(*sender),
-            None => self.learn(pid),
+        let (sender, start) = match self.senders.get(&pid) {
+            Some(&(sender, start)) => (Some(sender), start),
+            None => self.learn(pid, sender_pidfd),
         };
-        self.decision.check(pid, sender.as_ref(), frame.pid)
+        let attested = self.decision.check(pid, sender.as_ref(), frame.pid)?;
+        Ok((attested, start))
     }
 
-    /// Reads a sender's namespace and `NSpid` and caches them until it exits.
-    fn learn(&mut self, pid: u32) -> Option<Sender> {
-        let pidfd = ExitWatcher::open(pid).ok()?;
-        let sender = procfs::sender(pid).ok()?;
+    /// Reads a sender's namespace and `NSpid` and caches them until it exits. Through the
+    /// sender's own pidfd (SCM_PIDFD) the read is bound to it: what /proc shows under its
+    /// pid is its until it is reaped, so a sender still holding its pid after the read gets
+    /// its start time attested, and one reaped by then (or before the datagram was
+    /// received: the kernel then hands over no pidfd) is known as gone. Without one, the pid is opened here, after the pid may have been
+    /// reused.
+    fn learn(&mut self, pid: u32, sender_pidfd: Option<OwnedFd>) -> (Option<Sender>, SenderStart) {
+        let (pidfd, bound) = match sender_pidfd {
+            Some(pidfd) => (pidfd, true),
+            None if self.pidfds => return (None, SenderStart::Exited),
+            None => match ExitWatcher::open(pid) {
+                Ok(pidfd) => (pidfd, false),
+                Err(_) => return (None, SenderStart::Unknown),
+            },
+        };
+        let read = procfs::sender(pid).ok().zip(StartTime::of(pid));
+        let start = match (bound, &read) {
+            (true, _) if !ExitWatcher::holds_pid(&pidfd) => return (None, SenderStart::Exited),
+            (true, Some((_, started))) => SenderStart::from_record(started.0 as u32),
+            _ => SenderStart::Unknown,
+        };
+        let Some((sender, _)) = read else {
+            return (None, start);
+        };
         if self.senders.len() < SENDER_CACHE && self.exits.watch(pid, pidfd).is_ok() {
-            self.senders.insert(pid, sender);
+            self.senders.insert(pid, (sender, start));
         }
-        Some(sender)
+        (Some(sender), start)
     }
 
     fn forget(&mut self, pid: u32) {

@@ -82,7 +82,7 @@ impl Observer {
                 &beat.frame,
                 beat.origin,
                 beat.recv_ns,
-                beat.start_ticks,
+                beat.sender,
             )
         });
         let accepted = match accepted {

@@ -72,7 +72,8 @@ fn a_pid_reused_before_the_first_read_never_lends_its_process() {
     t.read_start_times(|_| Some(StartTime(0x1_0000_0200)));
     t.read_uids(8, |_| Some(0));
     // The sender started at another tick: the pid was reused since its beat.
-    t.record_attested(10, &frame(10, 1), UDS, 0, 0x100).unwrap();
+    t.record_attested(10, &frame(10, 1), UDS, 0, SenderStart::Ticks(0x100))
+        .unwrap();
     let agent = t.get(10).unwrap();
     assert_eq!((agent.started, agent.uid), (None, None));
     assert_eq!(t.of_uid(0), 0);
@@ -81,8 +82,13 @@ fn a_pid_reused_before_the_first_read_never_lends_its_process() {
         Continuity::Reused,
         "recovery refuses it"
     );
+    // A sender known to have exited before it was read: whatever holds the pid is not it.
+    t.record_attested(12, &frame(12, 1), UDS, 0, SenderStart::Exited)
+        .unwrap();
+    assert_eq!(t.get(12).map(|a| (a.started, a.uid)), Some((None, None)));
     // The sender itself (the low 32 bits of its start time attested): known as it is.
-    t.record_attested(11, &frame(11, 1), UDS, 0, 0x200).unwrap();
+    t.record_attested(11, &frame(11, 1), UDS, 0, SenderStart::Ticks(0x200))
+        .unwrap();
     let agent = t.get(11).unwrap();
     assert_eq!(
         (agent.started, agent.uid),

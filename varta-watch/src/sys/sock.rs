@@ -8,7 +8,7 @@ use std::{
     mem::{size_of, zeroed},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::{
-        fd::{AsRawFd, BorrowedFd},
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
         unix::{fs::MetadataExt, net::UnixDatagram},
     },
     path::{Path, PathBuf},
@@ -111,6 +111,9 @@ pub fn bind_uds(
 pub fn prepare_uds(sock: &UnixDatagram, rcvbuf: u32) -> io::Result<u32> {
     sock.set_nonblocking(true)?;
     setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PASSCRED, 1)?;
+    // Linux 6.5 and later: a pidfd of each sender too (`Datagram::sender_pidfd`); before,
+    // ENOPROTOOPT, and the credentials alone name the sender.
+    let _ = setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PASSPIDFD, 1);
     if rcvbuf > 0 {
         let want = rcvbuf.min(i32::MAX as u32) as i32;
         // SO_RCVBUFFORCE passes rmem_max when we hold CAP_NET_ADMIN; otherwise fall back.
@@ -143,6 +146,12 @@ fn bind_with_mode(path: &Path, mode: u32) -> io::Result<UnixDatagram> {
 
 /// Attaches a classic BPF program (`SO_ATTACH_FILTER`) to a socket: any process may do
 /// that to its own socket, without a capability, on every kernel.
+/// Whether the socket hands each datagram's sender a pidfd (SO_PASSPIDFD took): then a
+/// datagram without one comes from a sender that had exited.
+pub fn passes_pidfds(sock: &UnixDatagram) -> bool {
+    getsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PASSPIDFD).is_ok_and(|v| v != 0)
+}
+
 pub fn attach_classic_filter(fd: BorrowedFd<'_>, insns: &[SockFilter]) -> io::Result<()> {
     let prog = libc::sock_fprog {
         len: insns.len() as u16,
@@ -199,10 +208,14 @@ fn getsockopt_int(fd: i32, level: i32, name: i32) -> io::Result<i32> {
 
 /// Datagrams longer than a frame are still read whole enough to know they are too long.
 const SLOT_BYTES: usize = 64;
-/// Room for exactly one SCM_CREDENTIALS message (CMSG_SPACE of a `ucred`): descriptors a
-/// sender attaches (SCM_RIGHTS) find no room, so the kernel closes them instead of
-/// installing them in the daemon, where they would pile up unread.
-const CMSG_BYTES: usize = 32;
+/// Room for one SCM_CREDENTIALS and one SCM_PIDFD message (CMSG_SPACE of a `ucred` and of an
+/// int), which the kernel puts first: descriptors a sender attaches (SCM_RIGHTS) find no
+/// room, so the kernel closes them instead of installing them in the daemon. Where no
+/// pidfd comes (a kernel before 6.5, a sender gone) one such descriptor fits: it is closed
+/// here (`RecvBatch::recv`).
+const CMSG_BYTES: usize = 56;
+/// `SCM_PIDFD` (include/linux/socket.h; not in the libc crate).
+const SCM_PIDFD: i32 = 4;
 
 /// One received datagram.
 #[derive(Debug)]
@@ -212,6 +225,9 @@ pub struct Datagram<'a> {
     pub truncated: bool,
     /// The sender's pid as the kernel attests it (Unix sockets with SO_PASSCRED).
     pub sender_pid: Option<u32>,
+    /// A pidfd of the sending process itself (SO_PASSPIDFD, Linux 6.5 and later), whatever
+    /// holds its pid by now; `None` before 6.5, or when the sender had exited.
+    pub sender_pidfd: Option<OwnedFd>,
     /// The source address (UDP).
     pub source: Option<SocketAddr>,
 }
@@ -223,6 +239,8 @@ pub struct RecvBatch {
     names: Vec<libc::sockaddr_storage>,
     iov: Vec<libc::iovec>,
     headers: Vec<libc::mmsghdr>,
+    /// The pidfds the last call received, until `get` hands them out.
+    pidfds: Vec<Option<OwnedFd>>,
     received: usize,
 }
 
@@ -246,6 +264,7 @@ impl RecvBatch {
                 capacity
             ],
             headers,
+            pidfds: (0..capacity).map(|_| None).collect(),
             received: 0,
         }
     }
@@ -318,17 +337,22 @@ impl RecvBatch {
             return Err(io::Error::last_os_error());
         }
         self.received = rc as usize;
+        for i in 0..self.received {
+            self.pidfds[i] = self.take_descriptors(i);
+        }
         Ok(self.received)
     }
 
-    pub fn get(&self, i: usize) -> Datagram<'_> {
+    pub fn get(&mut self, i: usize) -> Datagram<'_> {
         assert!(i < self.received);
+        let sender_pidfd = self.pidfds[i].take();
         let hdr = &self.headers[i];
         let len = (hdr.msg_len as usize).min(SLOT_BYTES);
         Datagram {
             bytes: &self.data[i][..len],
             truncated: hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
             sender_pid: self.credentials(i),
+            sender_pidfd,
             source: self.source(i),
         }
     }
@@ -351,6 +375,34 @@ impl RecvBatch {
             }
         }
         None
+    }
+
+    /// The descriptors the kernel installed with datagram `i`: its sender's pidfd, kept;
+    /// any a sender attached itself (SCM_RIGHTS), closed at once.
+    fn take_descriptors(&self, i: usize) -> Option<OwnedFd> {
+        let hdr = &self.headers[i].msg_hdr;
+        let mut pidfd = None;
+        // SAFETY: as in `credentials`; each fd in an SCM_PIDFD or SCM_RIGHTS payload was
+        // just installed in this process for us (CLOEXEC) and nothing else owns it.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
+            while !cmsg.is_null() {
+                let data = libc::CMSG_DATA(cmsg);
+                let bytes =
+                    ((*cmsg).cmsg_len as usize).saturating_sub(data as usize - cmsg as usize);
+                let fds = (0..bytes / size_of::<i32>()).map(|k| {
+                    let fd = std::ptr::read_unaligned((data as *const i32).add(k));
+                    OwnedFd::from_raw_fd(fd)
+                });
+                match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
+                    (libc::SOL_SOCKET, SCM_PIDFD) => pidfd = fds.last(),
+                    (libc::SOL_SOCKET, libc::SCM_RIGHTS) => fds.for_each(drop),
+                    _ => {}
+                }
+                cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
+            }
+        }
+        pidfd
     }
 
     fn source(&self, i: usize) -> Option<SocketAddr> {
@@ -391,10 +443,54 @@ mod tests {
     use std::os::fd::AsFd;
 
     #[test]
-    fn control_room_is_one_credentials_message_only() {
+    fn control_room_is_credentials_and_a_pidfd_only() {
         // SAFETY: CMSG_SPACE only computes a size.
-        let one = unsafe { libc::CMSG_SPACE(size_of::<libc::ucred>() as u32) } as usize;
-        assert_eq!(CMSG_BYTES, one);
+        let (creds, fd) = unsafe {
+            (
+                libc::CMSG_SPACE(size_of::<libc::ucred>() as u32) as usize,
+                libc::CMSG_SPACE(size_of::<i32>() as u32) as usize,
+            )
+        };
+        assert_eq!(CMSG_BYTES, creds + fd);
+    }
+
+    /// A non-blocking pipe: (read end, write end).
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 fills the two-int array we own.
+        assert_eq!(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) },
+            0
+        );
+        // SAFETY: the kernel just returned both fds to us.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    /// Sends a 32-byte datagram to `path` with `fd` attached (SCM_RIGHTS).
+    fn send_with_fd(client: &UnixDatagram, path: &Path, fd: i32) {
+        client.connect(path).unwrap();
+        let mut data = [1u8; 32];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        let mut control = [0u64; 4];
+        // SAFETY: msghdr is a plain C struct; the CMSG_* macros write within `control`,
+        // which has room for one int (CMSG_SPACE(4) = 24 bytes); every pointer outlives the
+        // sendmsg call.
+        unsafe {
+            let mut msg: libc::msghdr = zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(size_of::<i32>() as u32) as _;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<i32>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut i32, fd);
+            assert_eq!(libc::sendmsg(client.as_raw_fd(), &msg, 0), 32);
+        }
     }
 
     #[test]
@@ -416,10 +512,27 @@ mod tests {
         client.send_to(&[2u8; 100], &path).unwrap();
         let mut batch = RecvBatch::new(8);
         assert_eq!(batch.recv(sock.as_fd()).unwrap(), 2);
+        let pidfds = passes_pidfds(&sock);
         let first = batch.get(0);
         assert_eq!((first.bytes.len(), first.truncated), (32, false));
         assert_eq!(first.sender_pid, Some(std::process::id()));
+        // Linux 6.5 and later: the sender's own pidfd, of a live process (this one).
+        assert_eq!(first.sender_pidfd.is_some(), pidfds);
+        if let Some(pidfd) = &first.sender_pidfd {
+            assert!(crate::sys::pidfd::ExitWatcher::holds_pid(pidfd));
+        }
         assert!(batch.get(1).truncated);
+        // A descriptor a sender attaches is never kept: the write end of a pipe sent along
+        // is closed once the client closes its own, so the read end sees the end.
+        let (read_end, write_end) = pipe();
+        send_with_fd(&client, &path, write_end.as_raw_fd());
+        drop(write_end);
+        assert_eq!(batch.recv(sock.as_fd()).unwrap(), 1);
+        drop(batch.get(0));
+        let mut byte = [0u8; 1];
+        // SAFETY: a 1-byte read into our buffer from the pipe we own (non-blocking).
+        let n = unsafe { libc::read(read_end.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+        assert_eq!(n, 0, "the passed descriptor is still open in the receiver");
         assert_eq!(
             batch.recv(sock.as_fd()).unwrap_err().kind(),
             io::ErrorKind::WouldBlock

@@ -16,7 +16,7 @@ use varta_common::{
 use super::EbpfDatapath;
 use crate::{
     sys::{pidfd::ExitWatcher, procfs},
-    vocab::beat::{Beat, Origin},
+    vocab::beat::{Beat, Origin, SenderStart},
 };
 
 impl EbpfDatapath {
@@ -106,7 +106,7 @@ impl EbpfDatapath {
             origin,
             recv_ns: rec.recv_ns,
             rate_limited: true,
-            start_ticks: rec.start_ticks,
+            sender: SenderStart::from_record(rec.start_ticks),
         });
     }
 
