@@ -44,7 +44,10 @@ struct Slot {
 
 #[derive(Debug)]
 struct SlotState {
-    /// A request was (partly) read and its response not yet written.
+    /// Bytes were read since hyper last flushed. Hyper flushes as soon as it has taken in
+    /// what arrived (before answering), so this is true only while a read is being taken
+    /// in: eviction in effect takes the connection whose last activity is oldest, and a
+    /// handover waits on `unread`, not on this.
     busy: bool,
     /// Since when `busy` has been what it is.
     idle_since: Instant,
