@@ -80,6 +80,10 @@ pub struct EbpfDatapath {
     tracked_keys: HashMap<u32, u64>,
     /// Some agent is watched for a stall: ordinary beats are drained on the timer.
     watching: bool,
+    /// When the drain timer (rule 2) fires: kept here, not in `recv`'s future, which is
+    /// dropped whenever another arm of the main loop fires first (a probe, a scrape, a
+    /// signal): recreated each time, a frequent wake-up would keep putting it off.
+    drain_at: Option<tokio::time::Instant>,
     /// The records of one drain, reused.
     records: Vec<varta_common::filter::BeatRecord>,
     /// Reads the secure UDP frames the filter passes up unopened.
@@ -207,6 +211,7 @@ impl EbpfDatapath {
                 tracked: maps.tracked,
                 tracked_keys: HashMap::new(),
                 watching: false,
+                drain_at: None,
                 records: Vec::new(),
                 secure_udp: None,
             },
@@ -330,7 +335,11 @@ impl Datapath for EbpfDatapath {
     }
 
     async fn recv(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
-        let armed = self.watching;
+        let drain_at = self.watching.then(|| {
+            *self
+                .drain_at
+                .get_or_insert_with(|| tokio::time::Instant::now() + DRAIN_INTERVAL)
+        });
         tokio::select! {
             tgid = self.exits.exited() => {
                 self.forget(tgid);
@@ -344,7 +353,7 @@ impl Datapath for EbpfDatapath {
                 return Ok(());
             }
             // Rule 2 of `varta_common::wakeup`: the drain timer runs only while watching.
-            () = tokio::time::sleep(DRAIN_INTERVAL), if armed => {}
+            () = tokio::time::sleep_until(drain_at.unwrap_or_else(tokio::time::Instant::now)), if drain_at.is_some() => {}
             ready = async { self.secure_udp.as_ref().expect("guarded").readable().await }, if self.secure_udp.is_some() => ready?,
         }
         self.drain(out);
@@ -353,6 +362,7 @@ impl Datapath for EbpfDatapath {
 
     /// Rule 3 of `varta_common::wakeup`: called before every stall decision.
     fn drain(&mut self, out: &mut Vec<Beat>) {
+        self.drain_at = None;
         if let Some(Err(e)) = self.secure_udp.as_mut().map(|udp| udp.drain(out)) {
             log::warn!("event=receive_error transport=udp error={}", q(e));
         }
@@ -361,6 +371,9 @@ impl Datapath for EbpfDatapath {
 
     fn set_watching(&mut self, watching: bool) {
         self.watching = watching;
+        if !watching {
+            self.drain_at = None;
+        }
     }
 
     fn agent_silent(&mut self, pid: u32, origin: &Origin) {
