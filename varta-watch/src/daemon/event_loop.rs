@@ -176,6 +176,7 @@ pub async fn serve<D: Datapath>(
         events: Vec::with_capacity(256),
         state_path,
         checkpointed: Instant::now(),
+        checkpoint_waiting: Vec::new(),
         succession,
         takeover: None,
         prom,
@@ -212,6 +213,8 @@ struct EventLoop<'c, D> {
     /// The state file (`daemon::state`) and when it was last written.
     state_path: std::path::PathBuf,
     checkpointed: Instant,
+    /// Scrapes waiting for the state file to hold their counters (`Probes::checkpoint`).
+    checkpoint_waiting: Vec<tokio::sync::oneshot::Sender<()>>,
     succession: Succession,
     /// A successor asked to take over: handed over at the end of this round.
     takeover: Option<Request>,
@@ -340,7 +343,7 @@ impl<D: Datapath> EventLoop<'_, D> {
             // Gone agents' series are dropped when their retention ends.
             () = tokio::time::sleep(sweep.unwrap_or_default()), if sweep.is_some() => Ok(false),
             // /healthz probes and systemd's watchdog, answered only while this loop turns.
-            () = self.health.answer_next() => Ok(false),
+            () = self.health.answer_next(&mut self.checkpoint_waiting) => Ok(false),
             () = tokio::time::sleep_until(shutdown_at.unwrap_or_else(tokio::time::Instant::now)), if shutdown_at.is_some() => {
                 log::info!("event=shutdown reason=shutdown_after_secs");
                 Ok(true)
@@ -418,6 +421,7 @@ impl<D: Datapath> EventLoop<'_, D> {
         let since = self.checkpointed.elapsed().as_millis() as u64;
         if since >= super::state::CHECKPOINT_MS
             || (stalled && since >= super::state::STALL_CHECKPOINT_MS)
+            || !self.checkpoint_waiting.is_empty()
         {
             self.checkpoint();
         }
@@ -442,6 +446,9 @@ impl<D: Datapath> EventLoop<'_, D> {
                 q(self.state_path.display()),
                 q(e)
             );
+        }
+        for waiting in self.checkpoint_waiting.drain(..) {
+            let _ = waiting.send(());
         }
     }
 

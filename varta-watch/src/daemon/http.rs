@@ -33,6 +33,7 @@ struct Scrape {
     metrics: Arc<Metrics>,
     token: Option<Arc<str>>,
     limiter: Option<Arc<ScrapeLimiter>>,
+    probes: Probes,
 }
 
 /// Scrapes per source address (`--prom-rate-limit-per-sec`, `--prom-rate-limit-burst`), on
@@ -143,6 +144,7 @@ pub async fn serve(
                 clocks: Mutex::new(HashMap::new()),
             })
         }),
+        probes: probes.clone(),
     };
     let app = Router::new()
         .route("/metrics", get(scrape))
@@ -233,6 +235,8 @@ async fn scrape(
     let Ok(body) = tokio::task::spawn_blocking(move || metrics.encode()).await else {
         return (StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n").into_response();
     };
+    // Answered only once the state file holds counters at least as high as these.
+    s.probes.checkpoint().await;
     (
         [(
             header::CONTENT_TYPE,
