@@ -211,7 +211,10 @@ fn sighup_reopens_the_export_file_for_rotation() {
     d.wait_log("event=agent_new", Duration::from_secs(5));
     std::fs::rename(&export, &rotated).unwrap();
     d.signal(libc::SIGHUP);
-    d.wait_log("event=export_reopened", Duration::from_secs(5));
+    d.wait_log_all(
+        &["event=file_reopened", "file=export", "reason=sighup"],
+        Duration::from_secs(5),
+    );
     d.send(&frame(std::process::id(), 2));
     // New beats go to the new file: wait for its line.
     let lines =

@@ -2,7 +2,7 @@
 //! loop answers) and /readyz (socket bound, datapath attached), which need no token.
 //! Connections are bounded in number and time (`http_conn`).
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -137,7 +137,7 @@ pub async fn serve(
         let listener = LimitedListener::new(listener, connections);
         let service = app.into_make_service_with_connect_info::<Peer>();
         if let Err(e) = axum::serve(listener, service).await {
-            log::error!("event=metrics_server_failed error={}", q(e));
+            event!(error, "metrics_server_failed", error:% = e);
         }
     });
     Ok(Served {
