@@ -52,20 +52,33 @@ pub struct Succession {
     pub metrics: Option<std::net::TcpListener>,
 }
 
+/// What start-up prepared for the loop, whichever datapath runs it.
+pub struct Run {
+    pub signals: Signals,
+    pub drops: Arc<DropCounters>,
+    /// The receive buffer the kernel granted the UDS.
+    pub rcvbuf: u32,
+    pub resume: super::state::Resume,
+    pub state_path: std::path::PathBuf,
+    pub succession: Succession,
+}
+
 /// Sets up metrics, the metrics endpoint and the export file, then runs the loop until a
 /// shutdown is asked for, and shuts down.
-#[allow(clippy::too_many_arguments)]
 pub async fn serve<D: Datapath>(
     datapath: D,
     kernel_drops: Option<KernelDrops>,
     config: &mut Config,
-    signals: Signals,
-    drops: Arc<DropCounters>,
-    rcvbuf: u32,
-    resume: super::state::Resume,
-    state_path: std::path::PathBuf,
-    mut succession: Succession,
+    run: Run,
 ) -> Result<Ended> {
+    let Run {
+        signals,
+        drops,
+        rcvbuf,
+        resume,
+        state_path,
+        mut succession,
+    } = run;
     let metrics = Arc::new(Metrics::new(
         drops.clone(),
         datapath.mode(),
