@@ -162,7 +162,11 @@ fn sighup_reloads_the_config_file_and_rejects_an_invalid_one() {
     std::fs::write(&config, "threshold-ms = 300\nmax-beat-rate = 100\n").unwrap();
     d.signal(libc::SIGHUP);
     let line = d.wait_log("event=reload", Duration::from_secs(5));
-    assert!(line.contains("changed=threshold-ms=5000->300"), "{line}");
+    // One value, quoted: it holds `=`.
+    assert!(
+        line.contains(r#"changed="threshold-ms=5000->300""#),
+        "{line}"
+    );
     agent.signal(libc::SIGSTOP);
     // The new threshold applies: a stall after 300 ms of silence, long before 5000.
     let stall = d.wait_log_all(
