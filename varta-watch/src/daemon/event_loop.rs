@@ -1,7 +1,7 @@
 //! The daemon's event loop, the same for both datapaths: wait for something to happen, run
 //! what arrived through the observer, act on the events, repeat.
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{sync::Arc, time::Instant};
 
 use anyhow::{Context, Result};
@@ -148,17 +148,18 @@ pub async fn serve<D: Datapath>(
     }
     datapath.set_watching(observer.next_deadline().is_some());
     metrics.pids_tracked.set(observer.tracker().len() as i64);
-    log::info!("{}", resume.line);
+    resume.said.log();
     metrics.pid_max.set(observer.pid_max() as i64);
-    log::info!(
-        "event=ready pid={} datapath={} attest={} socket={} udp={} metrics={} threshold_ms={}",
-        std::process::id(),
-        datapath.mode(),
-        datapath.attest(),
-        q(config.socket.display()),
-        config.udp.map_or("-".to_owned(), |a| a.to_string()),
-        prom.as_ref().map_or("-".to_owned(), |p| p.addr.to_string()),
-        config.limits.threshold_ms,
+    event!(
+        info,
+        "ready",
+        pid = std::process::id(),
+        datapath = datapath.mode(),
+        attest = datapath.attest(),
+        socket:% = config.socket.display(),
+        udp = config.udp.map(|a| a.to_string()),
+        metrics = prom.as_ref().map(|p| p.addr.to_string()),
+        threshold_ms = config.limits.threshold_ms,
     );
     health.set_ready();
     let mut event_loop = EventLoop {
@@ -270,9 +271,11 @@ impl<D: Datapath> EventLoop<'_, D> {
         );
         match takeover::hand_over(request, &self.succession.fds, &state) {
             Ok(()) => {
-                log::info!(
-                    "event=handed_over peer_pid={peer} agents={}",
-                    state.agents.len()
+                event!(
+                    info,
+                    "handed_over",
+                    peer_pid = peer,
+                    agents = state.agents.len(),
                 );
                 // Those accepted here are answered (with the counters as handed over, which
                 // the successor's only grow from), then closed.
@@ -282,9 +285,12 @@ impl<D: Datapath> EventLoop<'_, D> {
                 true
             }
             Err(e) => {
-                log::warn!(
-                    "event=takeover_failed peer_pid={peer} error={} action=carry_on",
-                    crate::sys::text::LogValue(&e.to_string())
+                event!(
+                    warn,
+                    "takeover_failed",
+                    peer_pid = peer,
+                    error:% = e,
+                    action = "carry_on",
                 );
                 if let Some(prom) = &self.prom {
                     prom.held.resume_accepting();
@@ -309,9 +315,11 @@ impl<D: Datapath> EventLoop<'_, D> {
         let has_control = control.is_some();
         tokio::select! {
             request = async { control.expect("guarded").next().await }, if has_control => {
-                log::info!(
-                    "event=takeover_requested peer_pid={} version={}",
-                    request.peer_pid, request.version
+                event!(
+                    info,
+                    "takeover_requested",
+                    peer_pid = request.peer_pid,
+                    version = request.version,
                 );
                 self.takeover = Some(request);
                 Ok(true)
@@ -345,7 +353,7 @@ impl<D: Datapath> EventLoop<'_, D> {
             // /healthz probes and systemd's watchdog, answered only while this loop turns.
             () = self.health.answer_next(&mut self.checkpoint_waiting) => Ok(false),
             () = tokio::time::sleep_until(shutdown_at.unwrap_or_else(tokio::time::Instant::now)), if shutdown_at.is_some() => {
-                log::info!("event=shutdown reason=shutdown_after_secs");
+                event!(info, "shutdown", reason = "shutdown_after_secs");
                 Ok(true)
             }
         }
@@ -359,7 +367,7 @@ impl<D: Datapath> EventLoop<'_, D> {
             .inc();
         match sig {
             Signal::Term | Signal::Int => {
-                log::info!("event=shutdown signal={}", sig.name());
+                event!(info, "shutdown", signal = sig.name());
                 return true;
             }
             Signal::Hup => {
@@ -441,10 +449,11 @@ impl<D: Datapath> EventLoop<'_, D> {
             &self.metrics,
         );
         if let Err(e) = state.save(&self.state_path) {
-            log::warn!(
-                "event=state_save_failed path={} error={}",
-                q(self.state_path.display()),
-                q(e)
+            event!(
+                warn,
+                "state_save_failed",
+                path:% = self.state_path.display(),
+                error:% = e,
             );
         }
         for waiting in self.checkpoint_waiting.drain(..) {
@@ -457,16 +466,20 @@ impl<D: Datapath> EventLoop<'_, D> {
         let new = match crate::config::reload(self.config) {
             Ok(new) => new,
             Err(e) => {
-                log::warn!("event=reload_rejected reason=\"{}\"", e.replace('"', "'"));
+                event!(warn, "reload_rejected", reason:% = e);
                 return;
             }
         };
         for key in self.config.settings.restart_only_changes(&new.settings) {
-            log::warn!("event=reload_needs_restart key={key}");
+            event!(warn, "reload_needs_restart", key = key);
         }
         let changed = self.config.settings.live_changes(&new.settings);
         if let Err(e) = self.datapath.set_limits(&new.limits) {
-            log::warn!("event=reload_rejected reason=\"updating the eBPF configuration: {e}\"");
+            event!(
+                warn,
+                "reload_rejected",
+                reason = format!("updating the eBPF configuration: {e}"),
+            );
             return;
         }
         self.observer.set_limits(&new.limits);
@@ -477,13 +490,14 @@ impl<D: Datapath> EventLoop<'_, D> {
         self.config.limits = new.limits;
         self.config.recovery = new.recovery;
         self.config.settings.adopt_live(&new.settings);
-        log::info!(
-            "event=reload changed={}",
-            if changed.is_empty() {
+        event!(
+            info,
+            "reload",
+            changed = if changed.is_empty() {
                 "none".to_owned()
             } else {
                 changed.join(",")
-            }
+            },
         );
     }
 
@@ -504,10 +518,11 @@ impl<D: Datapath> EventLoop<'_, D> {
                 Err(_) if deadline_passed => break,
                 Err(_) => {
                     // Past the grace period: killed, then reaped (their outcomes recorded).
-                    log::warn!(
-                        "event=shutdown_recoveries_killed running={} grace_ms={}",
-                        recovery.kill_all(),
-                        grace.as_millis()
+                    event!(
+                        warn,
+                        "shutdown_recoveries_killed",
+                        running = recovery.kill_all(),
+                        grace_ms = grace.as_millis(),
                     );
                     deadline_passed = true;
                     deadline = Instant::now() + KILL_REAP_GUARD;
@@ -520,17 +535,19 @@ impl<D: Datapath> EventLoop<'_, D> {
     fn snapshot(&self) {
         let now_ns = self.clock.now_ns();
         let tracker = self.observer.tracker();
-        log::info!("event=snapshot agents={}", tracker.len());
+        event!(info, "snapshot", agents = tracker.len());
         for (pid, agent) in tracker.agents() {
-            log::info!(
-                "event=snapshot_agent pid={pid} frame_pid={} last_beat_age_ms={} status={} stalled={} dead={} last_nonce={} transport={}",
-                agent.frame_pid,
-                now_ns.saturating_sub(agent.last_beat_ns) / 1_000_000,
-                agent.status.name(),
-                agent.stalled,
-                agent.dead,
-                agent.last_nonce,
-                agent.origin.transport()
+            event!(
+                info,
+                "snapshot_agent",
+                pid = pid,
+                frame_pid = agent.frame_pid,
+                last_beat_age_ms = now_ns.saturating_sub(agent.last_beat_ns) / 1_000_000,
+                status = agent.status.name(),
+                stalled = agent.stalled,
+                dead = agent.dead,
+                last_nonce = agent.last_nonce,
+                transport = agent.origin.transport(),
             );
         }
     }

@@ -2,7 +2,7 @@
 //! loop answers) and /readyz (socket bound, datapath attached), which need no token.
 //! Connections are bounded in number and time (`http_conn`).
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -98,9 +98,10 @@ impl Served {
         // The server may have ended on its own (it logged why): nothing left to answer.
         let _ = self.end.send(());
         if tokio::time::timeout_at(end, self.task).await.is_err() {
-            log::warn!(
-                "event=metrics_connections_cut grace_ms={}",
-                grace.as_millis()
+            event!(
+                warn,
+                "metrics_connections_cut",
+                grace_ms = grace.as_millis() as u64
             );
         }
     }
@@ -168,7 +169,7 @@ pub async fn serve(
             }
         });
         if let Err(e) = graceful.await {
-            log::error!("event=metrics_server_failed error={}", q(e));
+            event!(error, "metrics_server_failed", error:% = e);
         }
     });
     Ok(Served {

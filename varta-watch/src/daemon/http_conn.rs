@@ -12,7 +12,7 @@
 //!   for [`IDLE_TIMEOUT`] between requests, or lives longer than [`MAX_LIFETIME`] (a client
 //!   that does not read), is closed.
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{
     io,
     net::{IpAddr, SocketAddr},
@@ -212,7 +212,7 @@ impl axum::serve::Listener for LimitedListener {
                     // EMFILE and the like: back off instead of spinning; log once per
                     // thousand.
                     if failures.is_multiple_of(1000) {
-                        log::warn!("event=metrics_accept_failed error={}", q(e));
+                        event!(warn, "metrics_accept_failed", error:% = e);
                     }
                     failures += 1;
                     sleep(Duration::from_millis(100)).await;

@@ -11,7 +11,7 @@ mod takeover;
 
 pub use health::Probes;
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{net::UdpSocket, os::unix::net::UnixDatagram, process::ExitCode, sync::Arc};
 
 use anyhow::{Context, Result};
@@ -38,20 +38,27 @@ pub fn run(line: &CommandLine) -> ExitCode {
         }
     };
     for (flag, why) in crate::config::warnings(&line.matches) {
-        log::warn!("event=flag_ignored flag={flag} reason=\"{why}\"");
+        event!(warn, "flag_ignored", flag = flag, reason:% = why);
     }
     if config.plaintext_udp {
-        log::warn!(
-            "event=plaintext_udp_unauthenticated addr={} reason=\"plaintext UDP frames are unauthenticated: anyone who can reach this port can claim any pid; use --key-file for secure UDP\"",
-            config.udp.map_or("-".to_owned(), |a| a.to_string())
+        event!(
+            warn,
+            "plaintext_udp_unauthenticated",
+            addr = config.udp.map(|a| a.to_string()),
+            reason = "plaintext UDP frames are unauthenticated: anyone who can reach this port \
+                      can claim any pid; use --key-file for secure UDP",
         );
     }
     if let Some(addr) = config.udp
         && !config.secure.is_empty()
         && !addr.ip().is_loopback()
     {
-        log::warn!(
-            "event=secure_udp_non_loopback addr={addr} reason=\"secure UDP listens beyond this host: any key holder on the network may claim any pid\""
+        event!(
+            warn,
+            "secure_udp_non_loopback",
+            addr:% = addr,
+            reason = "secure UDP listens beyond this host: any key holder on the network may \
+                      claim any pid",
         );
     }
     // Before any thread starts: they inherit it.
@@ -70,7 +77,7 @@ pub fn run(line: &CommandLine) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("event=fatal error={}", q(format!("{e:#}")));
+            event!(error, "fatal", error = format!("{e:#}"));
             ExitCode::FAILURE
         }
     }
@@ -94,12 +101,13 @@ struct Sockets {
 
 async fn start(mut config: Config, passed: Vec<crate::sys::listen_fds::Passed>) -> Result<()> {
     let fds = crate::sys::fdlimit::raise().context("raising RLIMIT_NOFILE")?;
-    log::info!(
-        "event=fd_limit soft={} hard={} reserve={} watcher_budget={}",
-        fds.soft,
-        fds.hard,
-        crate::sys::fdlimit::RESERVE,
-        fds.watch_budget
+    event!(
+        info,
+        "fd_limit",
+        soft = fds.soft,
+        hard = fds.hard,
+        reserve = crate::sys::fdlimit::RESERVE,
+        watcher_budget = fds.watch_budget,
     );
     let signals = install_signals(&config)?;
     let activated = sys_activated(&config, passed)?;
@@ -204,10 +212,7 @@ fn succession(
     let control = match takeover::Control::listen(socket) {
         Ok(control) => Some(control),
         Err(e) => {
-            log::warn!(
-                "event=takeover_unavailable reason={}",
-                crate::sys::text::LogValue(&format!("{e:#}"))
-            );
+            event!(warn, "takeover_unavailable", reason = format!("{e:#}"));
             None
         }
     };
@@ -233,9 +238,11 @@ fn succession(
 /// At exit: the socket file goes, unless another observer's (or anyone's) replaced it.
 fn remove_socket_file(file: &crate::sys::sock::SocketFile) {
     if !file.remove() {
-        log::warn!(
-            "event=socket_file_kept path={} reason=\"it is not the socket this observer bound\"",
-            crate::sys::text::LogValue(&file.path().display().to_string())
+        event!(
+            warn,
+            "socket_file_kept",
+            path:% = file.path().display(),
+            reason = "it is not the socket this observer bound",
         );
     }
 }
@@ -250,14 +257,16 @@ fn udp_receiver(config: &Config, udp: UdpSocket, drops: &Arc<DropCounters>) -> R
 fn install_signals(config: &Config) -> Result<Signals> {
     let (signals, installed) =
         signal::install(config.signal_mode).context("installing signal handlers")?;
-    log::info!(
-        "event=signals_installed mode={} flags={:#x} restorer={} self_test=passed rseq_size={}",
-        if installed.direct { "direct" } else { "libc" },
-        installed.flags,
-        installed
+    event!(
+        info,
+        "signals_installed",
+        mode = if installed.direct { "direct" } else { "libc" },
+        flags = format!("{:#x}", installed.flags),
+        restorer = installed
             .restorer
             .map_or("none".to_owned(), |r| format!("{r:#x}")),
-        signal::rseq_size()
+        self_test = "passed",
+        rseq_size = signal::rseq_size(),
     );
     Ok(signals)
 }
@@ -354,7 +363,7 @@ fn sys_activated(
     let mut taken = Vec::new();
     for p in passed {
         let kind = crate::sys::fdpass::socket_kind(p.fd.as_fd())?;
-        let name = crate::sys::text::LogValue(&p.name).to_string();
+        let name = &p.name;
         match kind {
             (libc::AF_UNIX, libc::SOCK_DGRAM, _) if out.uds.is_none() => {
                 let uds = UnixDatagram::from(p.fd);
@@ -380,12 +389,15 @@ fn sys_activated(
                 taken.push(format!("metrics:{name}"));
                 out.metrics = Some(std::net::TcpListener::from(p.fd));
             }
-            _ => log::warn!(
-                "event=listen_fd_ignored name={name} reason=\"not a socket this observer uses\""
+            _ => event!(
+                warn,
+                "listen_fd_ignored",
+                name = name,
+                reason = "not a socket this observer uses",
             ),
         }
     }
-    log::info!("event=socket_activation sockets={}", taken.join(","));
+    event!(info, "socket_activation", sockets = taken.join(","));
     Ok(out)
 }
 
@@ -423,7 +435,7 @@ fn start_ebpf(
             anyhow::bail!("--datapath ebpf: {e}");
         }
         Err(e) => {
-            log::warn!("event=datapath_fallback datapath=userspace reason={}", q(e));
+            event!(warn, "datapath_fallback", datapath = "userspace", reason:% = e);
             crate::datapath::ebpf::detach(&sockets.uds, sockets.udp.as_ref());
             Ok(None)
         }

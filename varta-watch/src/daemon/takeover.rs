@@ -18,7 +18,6 @@
 //! Whatever arrives between 2 and 3 waits in the sockets' queues (and on eBPF in the pinned
 //! ring buffer): nothing the kernel accepted is lost.
 
-use crate::sys::text::q;
 use std::{
     io::{self, Read, Write},
     net::{TcpListener, UdpSocket},
@@ -33,7 +32,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use super::state::State;
-use crate::sys::{fdpass, sock::SocketFile, text::LogValue};
+use crate::sys::{fdpass, logger::event, sock::SocketFile};
 
 /// The handover versions this build speaks. Version 1: the exchange above, with the state
 /// as `daemon::state` encodes it (`varta-state 1`).
@@ -93,10 +92,11 @@ impl Received {
     /// Tells the previous observer this one receives now: it exits.
     pub fn confirm(mut self) {
         if let Err(e) = self.stream.write_all(b"taken\n") {
-            log::warn!(
-                "event=takeover_confirm_failed peer_pid={} error={}",
-                self.peer_pid,
-                q(e)
+            event!(
+                warn,
+                "takeover_confirm_failed",
+                peer_pid = self.peer_pid,
+                error:% = e,
             );
         }
     }
@@ -216,8 +216,11 @@ pub fn request(socket: &Path, refuse: bool) -> Result<Option<Received>> {
         .unwrap_or("-");
     if theirs != netns() && (udp.is_some() || metrics.is_some()) {
         // Another network namespace (a pod of its own): its IP sockets serve only there.
-        log::info!(
-            "event=takeover_network_sockets_not_taken reason=\"the running observer is in another network namespace: UDP and metrics are bound here anew\""
+        event!(
+            info,
+            "takeover_network_sockets_not_taken",
+            reason = "the running observer is in another network namespace: UDP and metrics \
+                      are bound here anew",
         );
         udp = None;
         metrics = None;
@@ -324,9 +327,11 @@ async fn hello(stream: tokio::net::UnixStream) -> Option<Request> {
     let peer_pid = cred.pid().unwrap_or(0) as u32;
     let mut stream = tokio::io::BufReader::new(stream);
     let refuse = async |stream: &mut tokio::io::BufReader<tokio::net::UnixStream>, why: String| {
-        log::warn!(
-            "event=takeover_refused peer_pid={peer_pid} reason={}",
-            LogValue(&why)
+        event!(
+            warn,
+            "takeover_refused",
+            peer_pid = peer_pid,
+            reason = why.as_str()
         );
         let _ = stream
             .get_mut()

@@ -9,7 +9,7 @@ mod load;
 pub mod pins;
 mod ring;
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{
     collections::{HashMap, HashSet},
     io,
@@ -140,8 +140,12 @@ impl EbpfDatapath {
             .and_then(pins::pinned_ring_bytes)
             && pinned != ring_bytes
         {
-            log::info!(
-                "event=ebpf_ring_resumed bytes={pinned} wanted={ring_bytes} reason=\"the pinned ring keeps its size; --fresh-state resizes it\""
+            event!(
+                info,
+                "ebpf_ring_resumed",
+                bytes = pinned,
+                wanted = ring_bytes,
+                reason = "the pinned ring keeps its size; --fresh-state resizes it",
             );
             ring_bytes = pinned;
         }
@@ -149,14 +153,11 @@ impl EbpfDatapath {
             Ok(ebpf) => ebpf,
             Err(e) if pins.dir.is_some() => {
                 // Pins this process may not open or create: run without them, and say so.
-                log::warn!(
-                    "event=pins_unavailable dir={} reason={}",
-                    q(pins
-                        .dir
-                        .as_deref()
-                        .map(|d| d.display().to_string())
-                        .unwrap_or_default()),
-                    q(&e)
+                event!(
+                    warn,
+                    "pins_unavailable",
+                    dir = pins.dir.as_deref().map(|d| d.display().to_string()),
+                    reason:% = e,
                 );
                 pins = pins::Pins {
                     dir: None,
@@ -168,7 +169,12 @@ impl EbpfDatapath {
             }
             Err(e) => return Err(e),
         };
-        log::info!("event=ebpf_ring bytes={ring_bytes} tracker_capacity={tracker_capacity}");
+        event!(
+            info,
+            "ebpf_ring",
+            bytes = ring_bytes,
+            tracker_capacity = tracker_capacity,
+        );
         let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, log::logger())
             .ok()
             .and_then(|l| crate::sys::readiness::readable(l).ok());
@@ -364,7 +370,7 @@ impl Datapath for EbpfDatapath {
     fn drain(&mut self, out: &mut Vec<Beat>) {
         self.drain_at = None;
         if let Some(Err(e)) = self.secure_udp.as_mut().map(|udp| udp.drain(out)) {
-            log::warn!("event=receive_error transport=udp error={}", q(e));
+            event!(warn, "receive_error", transport = "udp", error:% = e);
         }
         self.drain_ring(out);
     }
@@ -389,7 +395,7 @@ impl Datapath for EbpfDatapath {
             }
             // Full (a tracker above TRACKED_ENTRIES): charged to the global bucket like a
             // new sender, which only costs it beats under a flood.
-            Err(e) => log::debug!("event=ebpf_tracked_failed pid={pid} error={}", q(e)),
+            Err(e) => event!(debug, "ebpf_tracked_failed", pid = pid, error:% = e),
         }
     }
 
