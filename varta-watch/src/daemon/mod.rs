@@ -3,6 +3,7 @@
 
 mod event_loop;
 mod health;
+mod hold;
 mod http;
 mod http_conn;
 mod liveness;
@@ -64,9 +65,15 @@ pub fn run(line: &CommandLine) -> ExitCode {
         .enable_all()
         .max_blocking_threads(2)
         .build();
-    let result = runtime
-        .context("starting the runtime")
-        .and_then(|rt| rt.block_on(start(config, passed)));
+    let result = runtime.context("starting the runtime").and_then(|rt| {
+        rt.block_on(async {
+            // Held (`--after-handover hold`): everything of the observer is gone by now.
+            match start(config, passed).await? {
+                Some(held) => held.run().await,
+                None => Ok(()),
+            }
+        })
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -92,7 +99,11 @@ struct Sockets {
     metrics: Option<std::net::TcpListener>,
 }
 
-async fn start(mut config: Config, passed: Vec<crate::sys::listen_fds::Passed>) -> Result<()> {
+/// Runs the observer; `Some` when it handed over and holds (`daemon::hold`).
+async fn start(
+    mut config: Config,
+    passed: Vec<crate::sys::listen_fds::Passed>,
+) -> Result<Option<hold::Held>> {
     let fds = crate::sys::fdlimit::raise().context("raising RLIMIT_NOFILE")?;
     log::info!(
         "event=fd_limit soft={} hard={} reserve={} watcher_budget={}",
@@ -101,7 +112,11 @@ async fn start(mut config: Config, passed: Vec<crate::sys::listen_fds::Passed>) 
         crate::sys::fdlimit::RESERVE,
         fds.watch_budget
     );
-    let signals = install_signals(&config)?;
+    let mut signals = install_signals(&config)?;
+    // A container restarted in a pod that handed over: it must not take the node back.
+    if hold::marked(&config) {
+        return Ok(Some(hold::from_start(&config, signals)));
+    }
     let activated = sys_activated(&config, passed)?;
     // An observer running on this socket hands over its sockets and state, then exits
     // (unless the service manager passed the socket: it holds it between runs).
@@ -150,7 +165,7 @@ async fn start(mut config: Config, passed: Vec<crate::sys::listen_fds::Passed>) 
                 datapath,
                 Some(kernel_drops),
                 &mut config,
-                signals,
+                &mut signals,
                 drops,
                 sockets.rcvbuf,
                 resume,
@@ -182,7 +197,7 @@ async fn start(mut config: Config, passed: Vec<crate::sys::listen_fds::Passed>) 
                 datapath,
                 None,
                 &mut config,
-                signals,
+                &mut signals,
                 drops,
                 sockets.rcvbuf,
                 resume,
@@ -195,14 +210,19 @@ async fn start(mut config: Config, passed: Vec<crate::sys::listen_fds::Passed>) 
     };
     match result {
         // The successor receives on this socket now: its file stays.
-        Ok(event_loop::Ended::HandedOver) => Ok(()),
+        Ok(event_loop::Ended::HandedOver { peer_pid, metrics }) => {
+            Ok(config.hold.as_ref().map(|hold| {
+                let probes = metrics.map(std::net::TcpListener::from);
+                hold::after_handover(hold, signals, peer_pid, probes)
+            }))
+        }
         // The service manager's file stays; so does the file of an observer that was to
         // hand over (it carries on when this one fails before confirming).
-        _ if sockets.activated => result.map(drop),
+        _ if sockets.activated => result.map(|_| None),
         Err(e) if sockets.handed => Err(e),
         _ => {
             remove_socket_file(&sockets.file);
-            result.map(drop)
+            result.map(|_| None)
         }
     }
 }
