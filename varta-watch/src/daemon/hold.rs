@@ -54,9 +54,13 @@ pub fn marked(config: &Config) -> bool {
 }
 
 /// Holds from start-up (see [`marked`]), with the configured address bound anew for the
-/// probes when it is free (a pod of its own; else the observer there answers them).
+/// probes when it is free (a pod of its own; else the observer there answers them; port 0
+/// names no address a probe could know).
 pub fn from_start(config: &Config, signals: Signals) -> Held {
-    let probes = config.prom_addr.and_then(|a| TcpListener::bind(a).ok());
+    let probes = config
+        .prom_addr
+        .filter(|a| a.port() != 0)
+        .and_then(|a| TcpListener::bind(a).ok());
     log::info!(
         "event=held reason=\"--hold-marker exists: this pod handed over before\" probes={}",
         probes_shown(probes.as_ref())
