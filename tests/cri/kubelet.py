@@ -2,10 +2,13 @@
 
 It reads the manifests as rendered (`kubectl kustomize deploy/kubernetes`, and the example
 workload pod), builds from the pod templates the CRI requests a kubelet builds (RunPodSandbox,
-CreateContainer, StartContainer, StopContainer: namespaces, hostPath / ConfigMap / Secret
-mounts, security context, seccomp, capabilities, resources), sends them over containerd's
-gRPC socket, runs the pod's probes against the pod's address as the kubelet's prober does,
-and prints one verdict line per check (`cri: <check>: PASS (...)` or `FAIL: ...`).
+CreateContainer, StartContainer, StopContainer: namespaces, hostPath / emptyDir / ConfigMap /
+Secret mounts, security context, seccomp, capabilities, resources), sends them over
+containerd's gRPC socket, runs the pod's probes against the pod's address as the kubelet's
+prober does, restarts an exited container (the next attempt in the same sandbox), rolls the
+DaemonSet as its controller does with maxSurge (a second pod of the template beside the
+first, the old one deleted once the new one is ready), and prints one verdict line per
+check (`cri: <check>: PASS (...)` or `FAIL: ...`).
 
 The CRI messages come from the runtime itself: containerd embeds the descriptor of the
 `runtime.v1` api.proto it serves (gzipped, as generated Go code registers it); it is read

@@ -301,7 +301,12 @@ fn the_daemonset_rolls_with_a_surge_and_the_old_pod_holds() {
     assert_eq!(volume[0], "emptyDir:", "{name}: {volume:?}");
     // The variables are the flags' (every daemon flag reads VARTA_<FLAG>).
     let out = Command::new(varta_e2e::bin())
-        .args(["--socket", "/nonexistent/varta.sock", "--threshold-ms", "1000"])
+        .args([
+            "--socket",
+            "/nonexistent/varta.sock",
+            "--threshold-ms",
+            "1000",
+        ])
         .env("VARTA_AFTER_HANDOVER", "exit")
         .env("VARTA_HOLD_MARKER", &marker)
         .output()
