@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Instant};
 use anyhow::{Context, Result};
 
 use super::{
-    health::{Health, Probes},
+    health::Health,
     takeover::{self, Control, Handed, Request},
 };
 use crate::{
@@ -30,7 +30,7 @@ use crate::{
     },
 };
 
-/// How long scrapes already accepted have at most to be answered before a handover.
+/// How long the scrapes accepted before a handover have, at most, to be answered after it.
 const SCRAPE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How the loop ended.
@@ -57,20 +57,34 @@ pub struct Succession {
     pub metrics: Option<std::net::TcpListener>,
 }
 
+/// What start-up prepared for the loop, whichever datapath runs it.
+pub struct Run<'s> {
+    /// Borrowed: a held observer (`daemon::hold`) keeps waiting for them after the loop.
+    pub signals: &'s mut Signals,
+    pub drops: Arc<DropCounters>,
+    /// The receive buffer the kernel granted the UDS.
+    pub rcvbuf: u32,
+    pub resume: super::state::Resume,
+    pub state_path: std::path::PathBuf,
+    pub succession: Succession,
+}
+
 /// Sets up metrics, the metrics endpoint and the export file, then runs the loop until a
 /// shutdown is asked for, and shuts down.
-#[allow(clippy::too_many_arguments)]
 pub async fn serve<D: Datapath>(
     datapath: D,
     kernel_drops: Option<KernelDrops>,
     config: &mut Config,
-    signals: &mut Signals,
-    drops: Arc<DropCounters>,
-    rcvbuf: u32,
-    resume: super::state::Resume,
-    state_path: std::path::PathBuf,
-    mut succession: Succession,
+    run: Run<'_>,
 ) -> Result<Ended> {
+    let Run {
+        signals,
+        drops,
+        rcvbuf,
+        resume,
+        state_path,
+        mut succession,
+    } = run;
     let metrics = Arc::new(Metrics::new(
         drops.clone(),
         datapath.mode(),
@@ -90,7 +104,7 @@ pub async fn serve<D: Datapath>(
                 metrics.clone(),
                 config.prom_token.clone(),
                 config.prom_rate_limit,
-                probes.clone(),
+                probes,
             )
             .await
             .with_context(|| format!("--prom-addr {addr}"))?,
@@ -171,7 +185,6 @@ pub async fn serve<D: Datapath>(
         succession,
         takeover: None,
         prom,
-        probes,
     };
     let result = event_loop.run().await;
     event_loop.liveness.disarm();
@@ -209,7 +222,6 @@ struct EventLoop<'c, D> {
     /// A successor asked to take over: handed over at the end of this round.
     takeover: Option<Request>,
     prom: Option<crate::daemon::http::Served>,
-    probes: Probes,
 }
 
 impl<D: Datapath> EventLoop<'_, D> {
@@ -255,13 +267,8 @@ impl<D: Datapath> EventLoop<'_, D> {
     async fn hand_over(&mut self, request: Request) -> bool {
         let peer = request.peer_pid;
         if let Some(prom) = &self.prom {
-            // No new connection is accepted here (the successor takes the ones queued);
-            // those accepted already are answered, within a bound.
-            prom.task.abort();
-            let end = tokio::time::Instant::now() + SCRAPE_GRACE;
-            while prom.held.pending() > 0 && tokio::time::Instant::now() < end {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
+            // No new connection is accepted here: the successor takes the ones queued.
+            prom.held.stop_accepting();
         }
         let state = super::state::State::capture(
             self.clock,
@@ -275,6 +282,11 @@ impl<D: Datapath> EventLoop<'_, D> {
                     "event=handed_over peer_pid={peer} agents={}",
                     state.agents.len()
                 );
+                // Those accepted here are answered (with the counters as handed over, which
+                // the successor's only grow from), then closed.
+                if let Some(prom) = self.prom.take() {
+                    prom.finish(SCRAPE_GRACE).await;
+                }
                 true
             }
             Err(e) => {
@@ -282,27 +294,8 @@ impl<D: Datapath> EventLoop<'_, D> {
                     "event=takeover_failed peer_pid={peer} error={} action=carry_on",
                     crate::sys::text::LogValue(&e.to_string())
                 );
-                if let Some(prom) = self.prom.take() {
-                    let listener = prom.listener.try_clone().map(std::net::TcpListener::from);
-                    let served = match listener {
-                        Ok(listener) => crate::daemon::http::serve(
-                            prom.addr,
-                            Some(listener),
-                            self.metrics.clone(),
-                            self.config.prom_token.clone(),
-                            self.config.prom_rate_limit,
-                            self.probes.clone(),
-                        )
-                        .await
-                        .ok(),
-                        Err(_) => None,
-                    };
-                    if served.is_none() {
-                        log::error!(
-                            "event=metrics_server_failed error=\"serving again after the failed takeover\""
-                        );
-                    }
-                    self.prom = served;
+                if let Some(prom) = &self.prom {
+                    prom.held.resume_accepting();
                 }
                 false
             }

@@ -74,13 +74,35 @@ impl Connected<IncomingStream<'_, LimitedListener>> for Peer {
 }
 
 /// The metrics endpoint being served: its address, its listening socket (kept to be handed
-/// over) and the task accepting on it (stopped before a handover).
+/// over) and its connections.
 pub struct Served {
     pub addr: SocketAddr,
     pub listener: std::os::fd::OwnedFd,
-    pub task: tokio::task::AbortHandle,
-    /// Its connections: a handover stops accepting, then waits for the requests in flight.
+    /// Its connections: a handover stops accepting first.
     pub held: Held,
+    /// Asks the server to end gracefully: requests read are answered, then it closes.
+    end: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    /// After a handover (accepting stopped): answers every connection this server accepted,
+    /// then closes them all; returns when done, or after `grace` at most. A connection not
+    /// read from yet is waited for first: hyper's graceful shutdown would close it unanswered.
+    pub async fn finish(self, grace: std::time::Duration) {
+        let end = tokio::time::Instant::now() + grace;
+        while self.held.unread() > 0 && tokio::time::Instant::now() < end {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // The server may have ended on its own (it logged why): nothing left to answer.
+        let _ = self.end.send(());
+        if tokio::time::timeout_at(end, self.task).await.is_err() {
+            log::warn!(
+                "event=metrics_connections_cut grace_ms={}",
+                grace.as_millis()
+            );
+        }
+    }
 }
 
 /// Binds now (so a taken port fails start-up), or serves on `listener` (handed over by a
@@ -133,18 +155,26 @@ pub async fn serve(
         );
     let held = Held::default();
     let connections = held.clone();
+    let (end, ended) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let listener = LimitedListener::new(listener, connections);
         let service = app.into_make_service_with_connect_info::<Peer>();
-        if let Err(e) = axum::serve(listener, service).await {
+        let graceful = axum::serve(listener, service).with_graceful_shutdown(async move {
+            // Dropped unsent: the process is ending anyway, serve on until then.
+            if ended.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        });
+        if let Err(e) = graceful.await {
             log::error!("event=metrics_server_failed error={}", q(e));
         }
     });
     Ok(Served {
         addr: bound,
         listener: kept,
-        task: task.abort_handle(),
         held,
+        end,
+        task,
     })
 }
 

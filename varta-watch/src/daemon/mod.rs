@@ -143,71 +143,55 @@ async fn start(
     } else {
         state::State::load(&state_path)
     };
-    let result = match start_ebpf(&config, &sockets, &drops) {
-        Ok(Some((mut datapath, kernel_drops, pins))) => {
-            // The filter passes secure-length datagrams up; they are read (or counted) here.
-            if let Some(udp) = &sockets.udp {
-                let receiver = udp_receiver(&config, udp.try_clone()?, &drops)?;
-                datapath.set_secure_udp(receiver);
-            }
-            let kernel = if pins.resume {
-                datapath.kernel_agents()
-            } else {
-                Vec::new()
-            };
-            let (resume, dropped) =
-                state::plan(Some(&pins), &kernel, saved, config.clock, handover);
-            for key in dropped {
-                datapath.restored(key, None);
-            }
-            let succession = succession(&config.socket, received, &sockets)?;
-            event_loop::serve(
-                datapath,
-                Some(kernel_drops),
-                &mut config,
-                &mut signals,
-                drops,
-                sockets.rcvbuf,
-                resume,
-                state_path,
-                succession,
-            )
-            .await
+    let result = async {
+        let mut ebpf = start_ebpf(&config, &sockets, &drops)?;
+        let kernel = match &mut ebpf {
+            Some((datapath, _, pins)) if pins.resume => datapath.kernel_agents(),
+            _ => Vec::new(),
+        };
+        if ebpf.is_none() && config.fresh_state {
+            let _ = crate::datapath::ebpf::pins::remove(&config.pin_root, &config.socket);
         }
-        Ok(None) => {
-            if config.fresh_state {
-                let _ = crate::datapath::ebpf::pins::remove(&config.pin_root, &config.socket);
+        let pins = ebpf.as_ref().map(|(_, _, pins)| pins);
+        let (resume, dropped) = state::plan(pins, &kernel, saved, config.clock, handover);
+        let run = event_loop::Run {
+            signals: &mut signals,
+            drops: drops.clone(),
+            rcvbuf: sockets.rcvbuf,
+            resume,
+            state_path,
+            succession: succession(&config.socket, received, &sockets)?,
+        };
+        let udp = sockets
+            .udp
+            .as_ref()
+            .map(|udp| udp_receiver(&config, udp.try_clone()?, &drops))
+            .transpose()?;
+        match ebpf {
+            Some((mut datapath, kernel_drops, _)) => {
+                for key in dropped {
+                    datapath.restored(key, None);
+                }
+                // The filter passes secure-length datagrams up; they are read (or counted) here.
+                if let Some(receiver) = udp {
+                    datapath.set_secure_udp(receiver);
+                }
+                event_loop::serve(datapath, Some(kernel_drops), &mut config, run).await
             }
-            let (resume, _) = state::plan(None, &[], saved, config.clock, handover);
-            let succession = succession(&config.socket, received, &sockets)?;
-            let udp = sockets
-                .udp
-                .as_ref()
-                .map(|udp| udp_receiver(&config, udp.try_clone()?, &drops))
-                .transpose()?;
-            let datapath = UserspaceDatapath::new(
-                sockets.uds.try_clone()?,
-                udp,
-                config.clock,
-                config.allow_cross_namespace,
-                config.junk_sample_one_in,
-                drops.clone(),
-            )?;
-            event_loop::serve(
-                datapath,
-                None,
-                &mut config,
-                &mut signals,
-                drops,
-                sockets.rcvbuf,
-                resume,
-                state_path,
-                succession,
-            )
-            .await
+            None => {
+                let datapath = UserspaceDatapath::new(
+                    sockets.uds.try_clone()?,
+                    udp,
+                    config.clock,
+                    config.allow_cross_namespace,
+                    config.junk_sample_one_in,
+                    drops.clone(),
+                )?;
+                event_loop::serve(datapath, None, &mut config, run).await
+            }
         }
-        Err(e) => Err(e),
-    };
+    }
+    .await;
     match result {
         // The successor receives on this socket now: its file stays.
         Ok(event_loop::Ended::HandedOver { peer_pid, metrics }) => {
