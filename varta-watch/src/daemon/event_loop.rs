@@ -34,13 +34,18 @@ use crate::{
 const SCRAPE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How the loop ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Ended {
     /// Asked to stop (a signal, `--shutdown-after-secs`).
     Stopped,
-    /// A successor took over this observer's sockets and state: it exits without touching
-    /// either (the socket file, the state file, the pins are the successor's now).
-    HandedOver,
+    /// A successor took over this observer's sockets and state: it exits (or holds) without
+    /// touching either (the socket file, the state file, the pins are the successor's now).
+    HandedOver {
+        peer_pid: u32,
+        /// This observer's metrics listener when the successor, in another network
+        /// namespace, did not take it: a held observer answers the probes there.
+        metrics: Option<std::os::fd::OwnedFd>,
+    },
 }
 
 /// What a successor may take over: the control socket it asks on, and this observer's
@@ -53,8 +58,9 @@ pub struct Succession {
 }
 
 /// What start-up prepared for the loop, whichever datapath runs it.
-pub struct Run {
-    pub signals: Signals,
+pub struct Run<'s> {
+    /// Borrowed: a held observer (`daemon::hold`) keeps waiting for them after the loop.
+    pub signals: &'s mut Signals,
     pub drops: Arc<DropCounters>,
     /// The receive buffer the kernel granted the UDS.
     pub rcvbuf: u32,
@@ -69,7 +75,7 @@ pub async fn serve<D: Datapath>(
     datapath: D,
     kernel_drops: Option<KernelDrops>,
     config: &mut Config,
-    run: Run,
+    run: Run<'_>,
 ) -> Result<Ended> {
     let Run {
         signals,
@@ -190,7 +196,7 @@ pub async fn serve<D: Datapath>(
     let ended = result?;
     event_loop.finish_recoveries().await;
     event_loop.actions.flush();
-    if ended == Ended::Stopped {
+    if matches!(ended, Ended::Stopped) {
         event_loop.checkpoint();
     }
     event_loop.liveness.finish();
@@ -201,7 +207,7 @@ struct EventLoop<'c, D> {
     health: Health,
     datapath: D,
     config: &'c mut Config,
-    signals: Signals,
+    signals: &'c mut Signals,
     metrics: Arc<Metrics>,
     observer: Observer,
     actions: Actions,
@@ -245,8 +251,13 @@ impl<D: Datapath> EventLoop<'_, D> {
                 let Some(request) = self.takeover.take() else {
                     return Ok(Ended::Stopped);
                 };
+                let (peer_pid, shares_network) = (request.peer_pid, request.shares_network);
                 if self.hand_over(request).await {
-                    return Ok(Ended::HandedOver);
+                    let metrics = self.succession.fds.metrics.take();
+                    return Ok(Ended::HandedOver {
+                        peer_pid,
+                        metrics: metrics.filter(|_| !shares_network),
+                    });
                 }
                 self.health.set_ready();
             }

@@ -181,6 +181,44 @@ pub async fn serve(
     })
 }
 
+/// The probes of a held observer (`daemon::hold`), on its own listener: alive (`/healthz`
+/// 200), not ready (`/readyz` 503: it receives nothing), and a `/metrics` with no samples
+/// (its agents are counted by the observer that took over, under that one's target).
+pub fn serve_held(listener: std::net::TcpListener) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { (StatusCode::OK, "held\n") }))
+        .route(
+            "/readyz",
+            get(|| async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "held: another observer took over\n",
+                )
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    "# EOF\n",
+                )
+            }),
+        );
+    tokio::spawn(async move {
+        let listener = LimitedListener::new(listener, Held::default());
+        if let Err(e) = axum::serve(listener, app.into_make_service()).await {
+            log::error!("event=metrics_server_failed error={}", q(e));
+        }
+    });
+    Ok(())
+}
+
 async fn healthz(State(p): State<Probes>) -> (StatusCode, &'static str) {
     if p.alive().await {
         (StatusCode::OK, "ok\n")

@@ -3,6 +3,7 @@
 
 mod event_loop;
 mod health;
+mod hold;
 mod http;
 mod http_conn;
 mod liveness;
@@ -71,9 +72,15 @@ pub fn run(line: &CommandLine) -> ExitCode {
         .enable_all()
         .max_blocking_threads(2)
         .build();
-    let result = runtime
-        .context("starting the runtime")
-        .and_then(|rt| rt.block_on(start(config, passed)));
+    let result = runtime.context("starting the runtime").and_then(|rt| {
+        rt.block_on(async {
+            // Held (`--after-handover hold`): everything of the observer is gone by now.
+            match start(config, passed).await? {
+                Some(held) => held.run().await,
+                None => Ok(()),
+            }
+        })
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -99,7 +106,11 @@ struct Sockets {
     metrics: Option<std::net::TcpListener>,
 }
 
-async fn start(mut config: Config, passed: Vec<crate::sys::listen_fds::Passed>) -> Result<()> {
+/// Runs the observer; `Some` when it handed over and holds (`daemon::hold`).
+async fn start(
+    mut config: Config,
+    passed: Vec<crate::sys::listen_fds::Passed>,
+) -> Result<Option<hold::Held>> {
     let fds = crate::sys::fdlimit::raise().context("raising RLIMIT_NOFILE")?;
     event!(
         info,
@@ -109,7 +120,11 @@ async fn start(mut config: Config, passed: Vec<crate::sys::listen_fds::Passed>) 
         reserve = crate::sys::fdlimit::RESERVE,
         watcher_budget = fds.watch_budget,
     );
-    let signals = install_signals(&config)?;
+    let mut signals = install_signals(&config)?;
+    // A container restarted in a pod that handed over: it must not take the node back.
+    if hold::marked(&config) {
+        return Ok(Some(hold::from_start(&config, signals)));
+    }
     let activated = sys_activated(&config, passed)?;
     // An observer running on this socket hands over its sockets and state, then exits
     // (unless the service manager passed the socket: it holds it between runs).
@@ -148,7 +163,7 @@ async fn start(mut config: Config, passed: Vec<crate::sys::listen_fds::Passed>) 
         let pins = ebpf.as_ref().map(|(_, _, pins)| pins);
         let (resume, dropped) = state::plan(pins, &kernel, saved, config.clock, handover);
         let run = event_loop::Run {
-            signals,
+            signals: &mut signals,
             drops: drops.clone(),
             rcvbuf: sockets.rcvbuf,
             resume,
@@ -187,14 +202,19 @@ async fn start(mut config: Config, passed: Vec<crate::sys::listen_fds::Passed>) 
     .await;
     match result {
         // The successor receives on this socket now: its file stays.
-        Ok(event_loop::Ended::HandedOver) => Ok(()),
+        Ok(event_loop::Ended::HandedOver { peer_pid, metrics }) => {
+            Ok(config.hold.as_ref().map(|hold| {
+                let probes = metrics.map(std::net::TcpListener::from);
+                hold::after_handover(hold, signals, peer_pid, probes)
+            }))
+        }
         // The service manager's file stays; so does the file of an observer that was to
         // hand over (it carries on when this one fails before confirming).
-        _ if sockets.activated => result.map(drop),
+        _ if sockets.activated => result.map(|_| None),
         Err(e) if sockets.handed => Err(e),
         _ => {
             remove_socket_file(&sockets.file);
-            result.map(drop)
+            result.map(|_| None)
         }
     }
 }
