@@ -13,10 +13,10 @@ use std::{io::Write, net::TcpListener, os::unix::fs::OpenOptionsExt, path::Path}
 
 use anyhow::{Context, Result};
 
+use crate::sys::logger::event;
 use crate::{
     config::{Config, HoldConfig},
     signal::{Signal, Signals},
-    sys::text::{LogValue, q},
 };
 
 /// A held observer: its signals, and the listener its pod's probes reach (when no other
@@ -36,7 +36,7 @@ impl Held {
         loop {
             for sig in self.signals.recv().await.context("waiting for signals")? {
                 if matches!(sig, Signal::Term | Signal::Int) {
-                    log::info!("event=shutdown signal={} held=true", sig.name());
+                    event!(info, "shutdown", signal = sig.name(), held = true);
                     return Ok(());
                 }
             }
@@ -61,9 +61,11 @@ pub fn from_start(config: &Config, signals: Signals) -> Held {
         .prom_addr
         .filter(|a| a.port() != 0)
         .and_then(|a| TcpListener::bind(a).ok());
-    log::info!(
-        "event=held reason=\"--hold-marker exists: this pod handed over before\" probes={}",
-        probes_shown(probes.as_ref())
+    event!(
+        info,
+        "held",
+        reason = "--hold-marker exists: this pod handed over before",
+        probes:% = probes_shown(probes.as_ref()),
     );
     Held { signals, probes }
 }
@@ -78,15 +80,19 @@ pub fn after_handover(
     if let Some(marker) = &hold.marker
         && let Err(e) = mark(marker, peer_pid)
     {
-        log::warn!(
-            "event=hold_marker_failed path={} error={} reason=\"a restart of this container would take over again\"",
-            LogValue(&marker.display().to_string()),
-            q(e)
+        event!(
+            warn,
+            "hold_marker_failed",
+            path:% = marker.display(),
+            error:% = e,
+            reason = "a restart of this container would take over again",
         );
     }
-    log::info!(
-        "event=held peer_pid={peer_pid} probes={}",
-        probes_shown(probes.as_ref())
+    event!(
+        info,
+        "held",
+        peer_pid = peer_pid,
+        probes:% = probes_shown(probes.as_ref()),
     );
     Held { signals, probes }
 }

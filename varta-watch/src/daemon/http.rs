@@ -213,7 +213,7 @@ pub fn serve_held(listener: std::net::TcpListener) -> std::io::Result<()> {
     tokio::spawn(async move {
         let listener = LimitedListener::new(listener, Held::default());
         if let Err(e) = axum::serve(listener, app.into_make_service()).await {
-            log::error!("event=metrics_server_failed error={}", q(e));
+            event!(error, "metrics_server_failed", error:% = e);
         }
     });
     Ok(())
