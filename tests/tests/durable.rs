@@ -90,7 +90,10 @@ fn audit_records_spawn_and_outcome_with_captured_output_and_reopens_on_sighup() 
     let rotated = dir.join("audit.tsv.old");
     std::fs::rename(&audit, &rotated).unwrap();
     d.signal(libc::SIGHUP);
-    d.wait_log("event=audit_reopened", WAIT);
+    d.wait_log_all(
+        &["event=file_reopened", "file=audit", "reason=sighup"],
+        WAIT,
+    );
     d.send(&frame(me, 2));
     d.wait_logs(&["event=recovery", "outcome=failure"], 2, WAIT);
     wait_lines(&audit, "\tfailure\t", 1);
@@ -196,7 +199,7 @@ fn a_vanished_export_directory_is_counted_and_observing_continues() {
     // A SIGHUP whose reopen fails leaves no file open either.
     std::fs::remove_dir_all(&out).unwrap();
     d.signal(libc::SIGHUP);
-    d.wait_log("event=export_reopen_failed", WAIT);
+    d.wait_log_all(&["event=file_reopen_failed", "file=export"], WAIT);
     assert_eq!(
         deleted_fds(d.pid()),
         Vec::<String>::new(),

@@ -145,7 +145,7 @@ fn a_reused_pid_is_never_recovered(datapath: &str) {
             "event=recovery",
             &format!("pid={pid}"),
             "outcome=suppressed",
-            "detail=\"pid_reused\"",
+            "detail=pid_reused",
         ],
         WAIT,
     );

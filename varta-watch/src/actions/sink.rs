@@ -16,7 +16,7 @@
 //!   one opened when possible: a deleted file is never kept open.
 //! - `reopen` (SIGHUP) closes and reopens; a failed reopen leaves no file open.
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{
     fs::File,
     io::{self, Write},
@@ -166,9 +166,11 @@ impl Sink {
         self.metrics.lost.get_or_create(&label).inc_by(records);
         if self.full_logged.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
             self.full_logged = Some(Instant::now());
-            log::warn!(
-                "event=file_queue_full file={} records_lost={records}",
-                self.name
+            event!(
+                warn,
+                "file_queue_full",
+                file = self.name,
+                records_lost = records,
             );
         }
     }
@@ -181,11 +183,15 @@ impl Drop for Sink {
         if let Some(thread) = self.thread.take()
             && !joined_within(thread, FLUSH_GUARD)
         {
-            log::warn!(
-                "event=file_flush_abandoned file={} records_unwritten={} reason=\"the writer did not finish within {} s (a hung disk?)\"",
-                self.name,
-                self.pending.records.load(Ordering::Relaxed),
-                FLUSH_GUARD.as_secs()
+            event!(
+                warn,
+                "file_flush_abandoned",
+                file = self.name,
+                records_unwritten = self.pending.records.load(Ordering::Relaxed),
+                reason = format!(
+                    "the writer did not finish within {} s (a hung disk?)",
+                    FLUSH_GUARD.as_secs()
+                ),
             );
         }
     }
@@ -276,11 +282,14 @@ impl Writer {
             .inc_by(lost);
         if self.logged[i].is_none_or(|t| t.elapsed() >= LOG_EVERY) {
             self.logged[i] = Some(Instant::now());
-            log::warn!(
-                "event=file_error file={} op={op} path={} error={} records_lost={lost}",
-                self.name,
-                q(self.opts.path.display()),
-                q(e)
+            event!(
+                warn,
+                "file_error",
+                file = self.name,
+                op = op,
+                path:% = self.opts.path.display(),
+                error:% = e,
+                records_lost = lost,
             );
         }
     }
@@ -306,14 +315,15 @@ impl Writer {
                 .is_ok_and(|m| (m.dev(), m.ino()) == self.ident);
         if !ours {
             if self.file.take().is_some() {
-                log::warn!(
-                    "event=file_vanished file={} path={}",
-                    self.name,
-                    q(self.opts.path.display())
+                event!(
+                    warn,
+                    "file_vanished",
+                    file = self.name,
+                    path:% = self.opts.path.display(),
                 );
             }
             if self.try_open() {
-                log::info!("event=file_reopened file={} reason=vanished", self.name);
+                event!(info, "file_reopened", file = self.name, reason = "vanished");
             }
         }
     }
@@ -413,12 +423,13 @@ impl Writer {
         self.sync();
         self.file = None;
         if self.try_open() {
-            log::info!("event={}_reopened", self.name);
+            event!(info, "file_reopened", file = self.name, reason = "sighup");
         } else {
-            log::warn!(
-                "event={}_reopen_failed path={}",
-                self.name,
-                q(self.opts.path.display())
+            event!(
+                warn,
+                "file_reopen_failed",
+                file = self.name,
+                path:% = self.opts.path.display(),
             );
         }
     }

@@ -101,6 +101,15 @@ pub enum EvictionPolicy {
     Balanced,
 }
 
+/// `--after-handover`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AfterHandover {
+    /// Exit 0.
+    Exit,
+    /// Stay, idle and holding nothing, until SIGTERM.
+    Hold,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DatapathMode {
     /// eBPF when this process may load it, else the userspace datapath (one line says why).
@@ -386,6 +395,19 @@ pub struct ObserverArgs {
     /// from it (its sockets and state, over `<socket>.ctl`; the default).
     #[arg(long)]
     pub no_takeover: bool,
+    /// What this observer does once a successor took over its sockets and state: exit 0,
+    /// or hold: keep none of the observer's sockets, do no work, answer only the probes of
+    /// --prom-addr when the successor did not take that address, and exit 0 on SIGTERM.
+    /// Hold is for a DaemonSet rolled with maxSurge: its kubelet restarts a container that
+    /// exits, and the restarted one would take the node back.
+    #[arg(long, value_enum, value_name = "WHAT", default_value = "exit")]
+    pub after_handover: AfterHandover,
+    /// With --after-handover hold: this file is written when the observer hands over, and
+    /// an observer started while it exists holds at once instead of taking over (a held
+    /// pod's container restarted by its kubelet). Put it where it lives exactly as long as
+    /// the pod (an emptyDir).
+    #[arg(long, value_name = "PATH")]
+    pub hold_marker: Option<PathBuf>,
     /// Abort (for a supervisor to restart the observer) when its event loop has made no
     /// progress for this many seconds.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]

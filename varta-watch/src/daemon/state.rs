@@ -418,11 +418,67 @@ impl State {
 }
 
 /// What a starting observer takes back, and the one line that says so.
-#[derive(Default)]
 pub struct Resume {
     pub agents: Vec<SavedAgent>,
     pub state: Option<State>,
-    pub line: String,
+    pub said: Said,
+}
+
+/// The line a starting observer says about what it took back.
+pub enum Said {
+    /// Agents came back from a running observer, the pins or the state file.
+    Resumed {
+        agents: usize,
+        from: &'static str,
+        /// The observer that handed over: its pid and the handover version.
+        handover: Option<(u32, u32)>,
+        stalled: usize,
+        from_kernel_only: usize,
+        queued_beats: u64,
+        state_file: String,
+        pins: Option<String>,
+    },
+    /// Nothing to take back, and why.
+    Fresh {
+        reason: String,
+        pins: Option<String>,
+    },
+}
+
+impl Said {
+    pub fn log(&self) {
+        use crate::sys::logger::event;
+        match self {
+            Said::Resumed {
+                agents,
+                from,
+                handover,
+                stalled,
+                from_kernel_only,
+                queued_beats,
+                state_file,
+                pins,
+            } => event!(
+                info,
+                "resumed",
+                agents = agents,
+                from = from,
+                peer_pid = handover.map(|(pid, _)| pid),
+                version = handover.map(|(_, version)| version),
+                stalled = stalled,
+                from_kernel_only = from_kernel_only,
+                queued_beats = queued_beats,
+                state_file = state_file.as_str(),
+                pins = pins.as_deref(),
+            ),
+            Said::Fresh { reason, pins } => event!(
+                info,
+                "fresh",
+                reason = reason.as_str(),
+                pins = pins.as_deref(),
+            ),
+        }
+    }
 }
 
 /// Merges what the pinned maps know (`kernel`, when they were resumed) with the state file
@@ -525,34 +581,33 @@ pub fn plan(
     } else {
         None
     };
-    let line = match from {
-        Some(from) => format!(
-            "event=resumed agents={} from={from}{} stalled={stalled} from_kernel_only={from_kernel} queued_beats={} state_file=\"{}\" pins={}",
-            agents.len(),
-            handover.map_or(String::new(), |(pid, version)| format!(
-                " peer_pid={pid} version={version}"
-            )),
-            pins.and_then(|p| p.queued).unwrap_or(0),
-            state_note.replace('"', "'"),
-            pins.and_then(|p| p.dir.as_deref())
-                .map_or("-".to_owned(), |d| d.display().to_string()),
-        ),
-        None => format!(
-            "event=fresh reason=\"{}; state file: {}\" pins={}",
-            pins.map_or("the userspace datapath pins nothing".to_owned(), |p| p
-                .fresh_reason
-                .clone())
-                .replace('"', "'"),
-            state_note.replace('"', "'"),
-            pins.and_then(|p| p.dir.as_deref())
-                .map_or("-".to_owned(), |d| d.display().to_string()),
-        ),
+    let pins_dir = pins
+        .and_then(|p| p.dir.as_deref())
+        .map(|d| d.display().to_string());
+    let said = match from {
+        Some(from) => Said::Resumed {
+            agents: agents.len(),
+            from,
+            handover,
+            stalled,
+            from_kernel_only: from_kernel,
+            queued_beats: pins.and_then(|p| p.queued).unwrap_or(0),
+            state_file: state_note,
+            pins: pins_dir,
+        },
+        None => Said::Fresh {
+            reason: format!(
+                "{}; state file: {state_note}",
+                pins.map_or("the userspace datapath pins nothing", |p| &p.fresh_reason)
+            ),
+            pins: pins_dir,
+        },
     };
     (
         Resume {
             agents,
             state,
-            line,
+            said,
         },
         dropped,
     )

@@ -19,7 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag, aead::AeadInPlace};
 use varta_common::{DropReason, FRAME_LEN, Frame, SECURE_FRAME_LEN, SECURE_MASTER_FRAME_LEN};
 
-use crate::config::secure_keys::SecureKeys;
+use crate::{config::secure_keys::SecureKeys, sys::logger::event};
 
 /// Sessions whose last counter is remembered.
 pub const SESSIONS: usize = 65_536;
@@ -81,7 +81,7 @@ impl UdpFrames {
             (FRAME_LEN, _) if self.plaintext => {
                 let raw = bytes.try_into().expect("FRAME_LEN bytes");
                 Frame::decode(raw).map_err(|e| {
-                    log::debug!("event=decode_error transport=udp kind={}", e.name());
+                    event!(debug, "decode_error", transport = "udp", kind = e.name());
                     DropReason::from_decode(e)
                 })
             }

@@ -4,7 +4,7 @@
 //! without waiting), so neither a junk flood nor a busy socket starves the other or holds
 //! the event loop. The UDS is drained last, right before the stall decisions that follow.
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{
     collections::HashMap,
     io,
@@ -128,10 +128,12 @@ impl UserspaceDatapath {
             j.attach(self.uds.get_ref(), self.udp.as_ref(), sampling);
             self.drops
                 .set_junk_scale(if sampling { j.sample_one_in } else { 1 });
-            log::info!(
-                "event=junk_counting mode={} junk_per_s={per_window} sample_one_in={}",
-                if sampling { "sampled" } else { "exact" },
-                self.drops.junk_scale()
+            event!(
+                info,
+                "junk_counting",
+                mode = if sampling { "sampled" } else { "exact" },
+                junk_per_s = per_window,
+                sample_one_in = self.drops.junk_scale(),
             );
         }
     }
@@ -212,7 +214,7 @@ impl Datapath for UserspaceDatapath {
 
     fn drain(&mut self, out: &mut Vec<Beat>) {
         if let Err(e) = self.drain_both(out) {
-            log::warn!("event=receive_error error={}", q(e));
+            event!(warn, "receive_error", error:% = e);
         }
     }
 
@@ -234,7 +236,7 @@ fn decode_plain(bytes: &[u8], truncated: bool) -> Result<Frame, DropReason> {
     };
     let raw = raw.ok_or(DropReason::Length)?;
     Frame::decode(raw).map_err(|e| {
-        log::debug!("event=decode_error transport=uds kind={}", e.name());
+        event!(debug, "decode_error", transport = "uds", kind = e.name());
         DropReason::from_decode(e)
     })
 }
@@ -273,11 +275,14 @@ impl JunkCounting {
         for (name, fd, filter) in sockets {
             let Some(fd) = fd else { continue };
             match sock::attach_classic_filter(fd, filter.insns()) {
-                Ok(()) => log::info!(
-                    "event=classic_filter_attached socket={name} instructions={} sample_one_in={one_in}",
-                    filter.insns().len(),
+                Ok(()) => event!(
+                    info,
+                    "classic_filter_attached",
+                    socket = name,
+                    instructions = filter.insns().len(),
+                    sample_one_in = one_in,
                 ),
-                Err(e) => log::warn!("event=classic_filter_failed socket={name} error={}", q(e)),
+                Err(e) => event!(warn, "classic_filter_failed", socket = name, error:% = e),
             }
         }
     }

@@ -395,7 +395,8 @@ impl RecvBatch {
                     OwnedFd::from_raw_fd(fd)
                 });
                 match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
-                    (libc::SOL_SOCKET, SCM_PIDFD) => pidfd = fds.last(),
+                    // One descriptor; any before the last would be closed.
+                    (libc::SOL_SOCKET, SCM_PIDFD) => fds.for_each(|fd| pidfd = Some(fd)),
                     (libc::SOL_SOCKET, libc::SCM_RIGHTS) => fds.for_each(drop),
                     _ => {}
                 }
@@ -458,10 +459,8 @@ mod tests {
     fn pipe() -> (OwnedFd, OwnedFd) {
         let mut fds = [0i32; 2];
         // SAFETY: pipe2 fills the two-int array we own.
-        assert_eq!(
-            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) },
-            0
-        );
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        assert_eq!(rc, 0);
         // SAFETY: the kernel just returned both fds to us.
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
     }

@@ -11,7 +11,7 @@ use aya::{
 use varta_common::filter::{Attest, FilterConfig, map, program};
 
 use super::{btf, caps};
-use crate::sys::procfs;
+use crate::sys::{logger::event, procfs};
 
 /// The object `cargo xtask build` embedded (empty in a plain `cargo build`).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/varta-ebpf.o"));
@@ -125,9 +125,11 @@ pub fn attach_uds(
         match prepare(method, config_map, config).and_then(|()| load(ebpf, method.uds_program())) {
             Ok(()) => {
                 for (earlier, reason) in &refused {
-                    log::info!(
-                        "event=ebpf_attest_skipped attest={} reason=\"{reason}\"",
-                        Attest::name(*earlier)
+                    event!(
+                        info,
+                        "ebpf_attest_skipped",
+                        attest = Attest::name(*earlier),
+                        reason:% = reason,
                     );
                 }
                 attach(ebpf, method.uds_program(), uds)?;
