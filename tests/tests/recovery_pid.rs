@@ -239,7 +239,7 @@ fn a_pid_reused_before_the_first_read_lends_nothing_on(datapath: &str) {
             "event=recovery",
             &pid_field,
             "outcome=suppressed",
-            "detail=\"pid_reused\"",
+            "detail=pid_reused",
         ],
         WAIT,
     );
