@@ -75,6 +75,16 @@ struct Line<'a> {
 const RESERVED: [&str; 3] = ["ts", "level", "event"];
 
 impl<'a> Line<'a> {
+    /// What the rate limit counts it under: its event, and its outcome where it has one, so
+    /// a flood of recoveries that did not run (suppressed, refused) never silences the
+    /// lines of those that did.
+    fn kind(&self) -> String {
+        match self.fields.iter().find(|(key, _)| key == "outcome") {
+            Some((_, Value::Str(outcome))) => format!("{}:{outcome}", self.event),
+            _ => self.event.to_owned(),
+        }
+    }
+
     /// The line of `record`: its literal message is the event name (ours), or it is another
     /// crate's free text, kept as `msg`.
     fn of(record: &'a log::Record<'a>, ts: Duration, level: &'a str) -> Line<'a> {
@@ -328,7 +338,8 @@ impl log::Log for LineLogger {
             .unwrap_or_default();
         let level = record.level().as_str().to_ascii_lowercase();
         let line = Line::of(record, ts, &level);
-        let Some(suppressed) = self.quota.lock().ok().and_then(|mut q| q.admit(line.event)) else {
+        let kind = line.kind();
+        let Some(suppressed) = self.quota.lock().ok().and_then(|mut q| q.admit(&kind)) else {
             return;
         };
         let mut out = String::new();
@@ -339,7 +350,7 @@ impl log::Log for LineLogger {
                 event: "log_suppressed",
                 fields: Vec::new(),
             };
-            note.push("kind", Value::Str(line.event.to_owned()));
+            note.push("kind", Value::Str(kind));
             note.push("lines", Value::Number(suppressed.to_string()));
             self.encode(&note, &mut out);
         }
@@ -538,6 +549,28 @@ mod tests {
                  error=\"No such file or directory (os error 2)\" kind=\"\\\"q\\\"\"\n",
             ]
         );
+    }
+
+    #[test]
+    fn an_outcome_is_a_kind_of_its_own() {
+        let line = |outcome: &str| Line {
+            ts: Duration::ZERO,
+            level: "info",
+            event: "recovery",
+            fields: vec![
+                ("pid".into(), Value::Number("7".into())),
+                ("outcome".into(), Value::Str(outcome.into())),
+            ],
+        };
+        assert_eq!(line("suppressed").kind(), "recovery:suppressed");
+        assert_ne!(line("suppressed").kind(), line("success").kind());
+        let stall = Line {
+            ts: Duration::ZERO,
+            level: "warn",
+            event: "stall",
+            fields: vec![("pid".into(), Value::Number("7".into()))],
+        };
+        assert_eq!(stall.kind(), "stall");
     }
 
     #[test]
