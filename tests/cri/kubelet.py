@@ -2,10 +2,13 @@
 
 It reads the manifests as rendered (`kubectl kustomize deploy/kubernetes`, and the example
 workload pod), builds from the pod templates the CRI requests a kubelet builds (RunPodSandbox,
-CreateContainer, StartContainer, StopContainer: namespaces, hostPath / ConfigMap / Secret
-mounts, security context, seccomp, capabilities, resources), sends them over containerd's
-gRPC socket, runs the pod's probes against the pod's address as the kubelet's prober does,
-and prints one verdict line per check (`cri: <check>: PASS (...)` or `FAIL: ...`).
+CreateContainer, StartContainer, StopContainer: namespaces, hostPath / emptyDir / ConfigMap /
+Secret mounts, security context, seccomp, capabilities, resources), sends them over
+containerd's gRPC socket, runs the pod's probes against the pod's address as the kubelet's
+prober does, restarts an exited container (the next attempt in the same sandbox), rolls the
+DaemonSet as its controller does with maxSurge (a second pod of the template beside the
+first, the old one deleted once the new one is ready), and prints one verdict line per
+check (`cri: <check>: PASS (...)` or `FAIL: ...`).
 
 The CRI messages come from the runtime itself: containerd embeds the descriptor of the
 `runtime.v1` api.proto it serves (gzipped, as generated Go code registers it); it is read
@@ -193,10 +196,11 @@ class Kubelet:
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         containers = {}
         for c in spec["containers"]:
-            cid = self.create_container(pod, namespace, uid, pod_dir, sandbox, config, c, volumes, ns_opts, pod_qos)
+            cid = self.create_container(pod, namespace, uid, pod_dir, sandbox, config, c, volumes, ns_opts, pod_qos, 0)
             self.cri.rt("StartContainer", self.cri.msg("StartContainerRequest", container_id=cid))
             containers[c["name"]] = cid
-        return Pod(self, pod, uid, sandbox, ip, containers, log_dir)
+        created = (namespace, pod_dir, config, volumes, ns_opts, pod_qos)
+        return Pod(self, pod, uid, sandbox, ip, containers, log_dir, created)
 
     def volume_path(self, pod_dir, volume, sub_path):
         """The host path a volume (and subPath) resolves to, materialised as a kubelet does."""
@@ -208,6 +212,12 @@ class Kubelet:
                 os.makedirs(path, mode=0o755, exist_ok=True)
             elif kind == "Directory" and not os.path.isdir(path):
                 raise RuntimeError(f"hostPath {hp['path']} is not a directory (type: Directory)")
+        elif "emptyDir" in volume:
+            # The kubelet's empty-dir plugin: a directory of the pod's, kept across its
+            # containers' restarts, removed with the pod.
+            path = os.path.join(pod_dir, "volumes", "kubernetes.io~empty-dir", volume["name"])
+            os.makedirs(path, exist_ok=True)
+            os.chmod(path, 0o777)
         elif "configMap" in volume or "secret" in volume:
             kind = "configMap" if "configMap" in volume else "secret"
             src = volume[kind]
@@ -234,7 +244,7 @@ class Kubelet:
             path = os.path.realpath(os.path.join(path, sub_path))
         return path
 
-    def create_container(self, pod, namespace, uid, pod_dir, sandbox, sandbox_config, c, volumes, ns_opts, pod_qos):
+    def create_container(self, pod, namespace, uid, pod_dir, sandbox, sandbox_config, c, volumes, ns_opts, pod_qos, attempt):
         spec = pod["spec"]
         image_ref = self.cri.img("ImageStatus", self.cri.msg("ImageStatusRequest", image=self.cri.msg("ImageSpec", image=c["image"]))).image.id
         if not image_ref:
@@ -294,7 +304,7 @@ class Kubelet:
             oom_score_adj=oom_score_adj(spec, c, pod_qos),
         )
         annotations = {
-            "io.kubernetes.container.restartCount": "0",
+            "io.kubernetes.container.restartCount": str(attempt),
             "io.kubernetes.container.terminationMessagePath": c.get("terminationMessagePath", "/dev/termination-log"),
             "io.kubernetes.container.terminationMessagePolicy": c.get("terminationMessagePolicy", "File"),
             "io.kubernetes.pod.terminationGracePeriod": str(spec.get("terminationGracePeriodSeconds", 30)),
@@ -303,7 +313,7 @@ class Kubelet:
             annotations["io.kubernetes.container.ports"] = json.dumps(c["ports"])
         config = self.cri.msg(
             "ContainerConfig",
-            metadata=self.cri.msg("ContainerMetadata", name=c["name"], attempt=0),
+            metadata=self.cri.msg("ContainerMetadata", name=c["name"], attempt=attempt),
             image=self.cri.msg("ImageSpec", image=image_ref),
             command=c.get("command", []),
             args=c.get("args", []),
@@ -313,7 +323,7 @@ class Kubelet:
             labels={"io.kubernetes.container.name": c["name"], "io.kubernetes.pod.name": pod["metadata"]["name"],
                     "io.kubernetes.pod.namespace": namespace, "io.kubernetes.pod.uid": uid},
             annotations=annotations,
-            log_path=os.path.join(c["name"], "0.log"),
+            log_path=os.path.join(c["name"], f"{attempt}.log"),
             linux=self.cri.msg("LinuxContainerConfig", resources=resources, security_context=lsc),
         )
         return self.cri.rt("CreateContainer", self.cri.msg(
@@ -321,17 +331,30 @@ class Kubelet:
 
 
 class Pod:
-    def __init__(self, kubelet, pod, uid, sandbox, ip, containers, log_dir):
+    def __init__(self, kubelet, pod, uid, sandbox, ip, containers, log_dir, created):
         self.kubelet, self.pod, self.uid, self.sandbox, self.ip = kubelet, pod, uid, sandbox, ip
-        self.containers, self.log_dir = containers, log_dir
+        self.containers, self.log_dir, self.created = containers, log_dir, created
+        self.attempts = {name: 0 for name in containers}
+
+    def restart(self, name):
+        """As the kubelet restarts an exited container (restartPolicy Always): the next
+        attempt, created and started in the same sandbox."""
+        namespace, pod_dir, config, volumes, ns_opts, pod_qos = self.created
+        self.attempts[name] += 1
+        cid = self.kubelet.create_container(self.pod, namespace, self.uid, pod_dir, self.sandbox, config,
+                                            self.container(name), volumes, ns_opts, pod_qos, self.attempts[name])
+        self.kubelet.cri.rt("StartContainer", self.kubelet.cri.msg("StartContainerRequest", container_id=cid))
+        self.containers[name] = cid
 
     def container(self, name):
         return next(c for c in self.pod["spec"]["containers"] if c["name"] == name)
 
-    def logs(self, name):
-        """The container's output, as `kubectl logs` shows it (CRI log lines: time stream tag text)."""
+    def logs(self, name, attempt=None):
+        """The container's output, as `kubectl logs` shows it (CRI log lines: time stream tag
+        text); the current attempt's unless one is named."""
+        attempt = self.attempts[name] if attempt is None else attempt
         try:
-            with open(os.path.join(self.log_dir, name, "0.log")) as f:
+            with open(os.path.join(self.log_dir, name, f"{attempt}.log")) as f:
                 return [line.rstrip("\n").split(" ", 3)[-1] for line in f]
         except FileNotFoundError:
             return []
@@ -518,8 +541,11 @@ def main():
         # Still healthy with the agent beating.
         live, live_answer = observer.probe(name, "livenessProbe")
         v.check("liveness still answers while the agent beats", live, live_answer)
-        # The workload deleted as the kubelet does it: its silence is a stall naming it.
         apid = line.split(" pid=", 1)[1].split()[0] if line else "?"
+
+        observer = rollout(v, kubelet, args, template, ds, observer, name, workload, aname, apid, pods)
+
+        # The workload deleted as the kubelet does it: its silence is a stall naming it.
         agent.stop()
         agent.remove()
         pods.remove(agent)
@@ -542,6 +568,161 @@ def main():
                 print(f"cri: cleanup of pod {p.uid}: {e}", flush=True)
     print(f"cri: {v.failed} checks failed", flush=True)
     sys.exit(1 if v.failed else 0)
+
+
+def counters(pod, name, token):
+    """Every `*_total` sample of the pod's /metrics: {sample: value}."""
+    out = {}
+    for line in pod.metrics(name, token, "varta_").splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample.split("{", 1)[0].endswith("_total"):
+            try:
+                out[sample] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def wait_counter(pod, name, token, sample, at_least, timeout):
+    end = time.time() + timeout
+    value = 0.0
+    while time.time() < end:
+        value = counters(pod, name, token).get(sample, 0.0)
+        if value >= at_least:
+            return value
+        time.sleep(0.2)
+    return value
+
+
+def fds(pid):
+    """The sockets a process holds: [(inode, kind)], kind unix, tcp-listen or other."""
+    unix = set()
+    for line in open(f"/proc/{pid}/net/unix").readlines()[1:]:
+        unix.add(line.split()[6])
+    listening = set()
+    for table in ("tcp", "tcp6"):
+        for line in open(f"/proc/{pid}/net/{table}").readlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A":
+                listening.add(cols[9])
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            ino = link[8:-1]
+            out.append((ino, "unix" if ino in unix else "tcp-listen" if ino in listening else "other"))
+    return out
+
+
+def rollout(v, kubelet, args, template, ds, old, name, workload, aname, apid, pods):
+    """A DaemonSet rollout with maxSurge: 1, maxUnavailable: 0 on this node: a pod of the
+    same template beside the old one; once it is ready the controller deletes the old pod.
+    Returns the new pod."""
+    strategy = ds["spec"]["updateStrategy"]
+    v.check("the DaemonSet rolls with a surge", strategy.get("type") == "RollingUpdate"
+            and strategy["rollingUpdate"].get("maxSurge") == 1 and strategy["rollingUpdate"].get("maxUnavailable") == 0,
+            json.dumps(strategy))
+    ns = ds["metadata"]["namespace"]
+    wns = workload["metadata"].get("namespace", "default")
+    # A second workload whose agent is wedged (SIGSTOP) 300 ms before the rollout.
+    wedged = kubelet.run_pod(dict(workload, metadata=dict(workload["metadata"], name=workload["metadata"]["name"] + "-wedged")), wns)
+    pods.append(wedged)
+    wcid = wedged.containers[aname]
+    wline = old.wait_log(name, ["event=agent_new", f"container_id={wcid}"], 30)
+    wpid = wline.split(" pid=", 1)[1].split()[0] if wline else "?"
+    beat = wait_counter(old, name, args.token, f'varta_beats_total{{pid="{wpid}"}}', 2, 15)
+    if not v.check("the agent to wedge is tracked by the old pod", wline is not None and beat >= 2, wline or "no event=agent_new"):
+        return old
+    os.kill(agent_pid(wedged, aname), 19)  # SIGSTOP
+    time.sleep(0.3)
+    old_pid = agent_pid(old, name)
+    old_cid = old.containers[name]
+    before = counters(old, name, args.token)
+    t0 = time.time()
+    new = kubelet.run_pod({"metadata": dict(template["metadata"], name=f"{ds['metadata']['name']}-q9m4r"), "spec": template["spec"]}, ns)
+    pods.append(new)
+    resumed = new.wait_log(name, ["event=resumed"], 60)
+    new_pid = agent_pid(new, name)
+    v.check("the new pod takes over from the old one", resumed is not None and "from=handover" in resumed
+            and f"peer_pid={old_pid}" in resumed and "agents=2" in resumed,
+            (resumed or "no event=resumed; the new pod's log:\n" + "\n".join(new.logs(name))) + f" ({time.time() - t0:.1f} s after RunPodSandbox)")
+    held = old.wait_log(name, ["event=held"], 30)
+    v.check("the old container holds once it handed over", held is not None and f"peer_pid={new_pid}" in held and ":9100" in held,
+            held or "no event=held; the old pod's log:\n" + "\n".join(old.logs(name)))
+    # Probes as the kubelet runs them on each pod's address.
+    end, ready, answer = time.time() + 30, False, ""
+    while time.time() < end and not ready:
+        ready, answer = new.probe(name, "readinessProbe")
+        if not ready:
+            time.sleep(0.2)
+    live, live_answer = new.probe(name, "livenessProbe")
+    v.check("the new pod's probes answer", ready and live, f"{new.ip}: readiness {answer}; liveness {live_answer}")
+    old_ready, old_ready_answer = old.probe(name, "readinessProbe")
+    old_live, old_live_answer = old.probe(name, "livenessProbe")
+    v.check("the held pod is alive and not ready (no restart, out of the Service)", old_live and not old_ready,
+            f"{old.ip}: liveness {old_live_answer}; readiness {old_ready_answer}")
+    old_scrape = counters(old, name, args.token)
+    v.check("the held pod's /metrics has no samples (its agents are counted by the new pod)", old_scrape == {},
+            f"{len(old_scrape)} samples")
+    socks = fds(old_pid)
+    v.check("the held process keeps no socket of the observer's (only its pod's probe listener)",
+            [k for _, k in socks] == ["tcp-listen"], f"sockets {socks}")
+    # Counted by the new pod without a gap: carried counters never go down, the live agent
+    # keeps rising and is no new agent, nothing stalls but the wedged one.
+    after = counters(new, name, args.token)
+    down = [f"{k}: {before[k]} -> {after.get(k)}" for k in before if after.get(k, -1.0) < before[k]]
+    v.check("every counter carried across the takeover is monotonic", not down and len(before) > 3,
+            f"{len(before)} samples before, none went down" if not down else "; ".join(down))
+    sample = f'varta_beats_total{{pid="{apid}"}}'
+    b0 = after.get(sample, 0.0)
+    b1 = wait_counter(new, name, args.token, sample, b0 + 3, 15)
+    v.check("the live agent is counted on by the new pod, as the same agent", b0 >= before.get(sample, 1e18) and b1 >= b0 + 3
+            and not [l for l in new.logs(name) if "event=agent_new" in l and f" pid={apid} " in l],
+            f"{sample}: {before.get(sample)} before, {b0} at the takeover, {b1} after")
+    stall = new.wait_log(name, ["event=stall", f" pid={wpid} "], 30)
+    time.sleep(1)
+    stalls = [l for p, attempt in ((old, 0), (new, 0)) for l in p.logs(name, attempt) if "event=stall" in l and f" pid={wpid} " in l]
+    live_stalls = [l for p in (old, new) for l in p.logs(name, 0) if "event=stall" in l and f" pid={apid} " in l]
+    v.check("the agent wedged before the rollout is surfaced exactly once, naming its container; no live agent stalls",
+            stall is not None and len(stalls) == 1 and f"container_id={wcid}" in stall and not live_stalls,
+            f"{len(stalls)} stall lines: {stalls}; live agent's: {live_stalls}")
+    st = old.status(name)
+    v.check("the held container keeps running (the kubelet has nothing to restart)",
+            st.state == 1 and old.containers[name] == old_cid and agent_pid(old, name) == old_pid,
+            f"state {st.state}, pid {agent_pid(old, name)} (was {old_pid})")
+
+    # The held container restarted anyway (a crash, an OOM kill): its marker holds it.
+    os.kill(old_pid, 9)
+    end = time.time() + 15
+    while time.time() < end and old.status(name).state != 2:
+        time.sleep(0.1)
+    old.restart(name)
+    again = old.wait_log(name, ["event=held"], 30)
+    requested = [l for l in new.logs(name) if "event=takeover_requested" in l]
+    v.check("a restart of the held container holds at once and takes nothing back",
+            again is not None and "--hold-marker exists" in again and not requested
+            and not [l for l in old.logs(name) if "event=ready" in l],
+            (again or "no event=held in attempt 1:\n" + "\n".join(old.logs(name))) + f"; takeover requests seen by the new pod: {requested}")
+
+    # The controller deletes the old pod once the new one is available: SIGTERM.
+    grace, took = old.stop()
+    st = old.status(name)
+    v.check("the held pod, deleted, exits 0 at once on SIGTERM", st.exit_code == 0 and took[name] < 2,
+            f"exit code {st.exit_code} ({st.reason}) {took[name]:.2f} s after StopContainer (grace {grace} s); "
+            f"last log line: {(old.logs(name) or [''])[-1]}")
+    old.remove()
+    pods.remove(old)
+    b2 = counters(new, name, args.token).get(sample, 0.0)
+    b3 = wait_counter(new, name, args.token, sample, b2 + 3, 15)
+    v.check("the new pod keeps counting after the old pod is gone", b3 >= b2 + 3, f"{sample}: {b2} -> {b3}")
+    os.kill(agent_pid(wedged, aname), 18)  # SIGCONT, so that it stops as asked
+    wedged.stop()
+    wedged.remove()
+    pods.remove(wedged)
+    return new
 
 
 def agent_pid(pod, name):

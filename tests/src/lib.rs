@@ -5,6 +5,7 @@
 
 mod daemon;
 pub mod deploy;
+pub mod logs;
 pub mod privilege;
 mod process;
 pub mod sender;

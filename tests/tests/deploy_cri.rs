@@ -11,7 +11,13 @@
 //! and a pause image built here (a static binary calling pause(2)). Checked: the eBPF
 //! datapath attaches, the probes answer on the pod's address, an agent in the workload pod
 //! (uid 65534, the socket directory read-only) is tracked with its container id and pod uid,
-//! and SIGTERM within terminationGracePeriodSeconds exits 0.
+//! and SIGTERM within terminationGracePeriodSeconds exits 0. Then the DaemonSet's rollout
+//! (`maxSurge: 1, maxUnavailable: 0`): a second pod of the same template beside the first
+//! takes over (`event=resumed from=handover`); the old container holds (running, alive, not
+//! ready, no socket but its probe listener) and a restart of it holds at once; the live
+//! agent is counted on without a gap, an agent wedged 300 ms before the rollout is surfaced
+//! exactly once, carried counters never go down; the old pod, deleted, exits 0 at once on
+//! SIGTERM and the new one counts on.
 //!
 //! `cargo xtask test` installs containerd, runc, the CNI plugins and a Python venv with
 //! grpcio, protobuf and PyYAML (VARTA_TEST_PYTHON). Under CI=true anything missing fails.
@@ -196,9 +202,17 @@ fn the_daemonset_pod_runs_on_containerd_cri_as_a_kubelet_runs_it_needs_root() {
     let id = std::process::id();
     let dir = PathBuf::from(format!("/run/varta-cri-{id}"));
     let _ = std::fs::remove_dir_all(&dir);
-    for d in ["cni", "node"] {
+    for d in ["cni", "node/sys/fs/bpf"] {
         std::fs::create_dir_all(dir.join(d)).unwrap();
     }
+    // The node's bpffs, as systemd mounts it at boot (the hostPath /sys/fs/bpf): the pods
+    // pin their maps there and the rollout's new pod reopens them. Unmounted with the rest.
+    let (ok, out) = deploy::run(
+        Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(dir.join("node/sys/fs/bpf")),
+    );
+    assert!(ok, "mounting the node's bpffs: {out}");
     let pause = format!("localhost/varta-pause:test-{id}");
     let bridge = format!("vcri{}", id % 100_000);
     let subnet = format!("10.231.{}.0/24", id % 250);

@@ -248,3 +248,73 @@ fn the_daemonset_mounts_the_hosts_bpffs_read_write_for_the_pins() {
     let volume: String = volume.lines().take(3).collect::<Vec<_>>().join("\n");
     assert!(volume.contains("path: /sys/fs/bpf"), "{volume}");
 }
+
+/// The value of the container's environment variable `name` in the DaemonSet.
+fn env_value(ds: &str, name: &str) -> String {
+    ds.split(&format!("- name: {name}\n"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no env {name}"))
+        .lines()
+        .next()
+        .and_then(|l| l.trim().strip_prefix("value: "))
+        .unwrap_or_else(|| panic!("env {name} has no value"))
+        .to_owned()
+}
+
+/// A surge rollout (the new pod takes over beside the old one) needs the old one to hold
+/// rather than exit (its kubelet would restart it into taking the node back), and its hold
+/// marker in a directory of the pod's own that outlives its container: an emptyDir.
+#[test]
+fn the_daemonset_rolls_with_a_surge_and_the_old_pod_holds() {
+    let ds = deploy_file("kubernetes/daemonset.yaml");
+    let rolling = ds.split("rollingUpdate:\n").nth(1).expect("rollingUpdate");
+    let settings: Vec<&str> = rolling
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .take(2)
+        .collect();
+    assert_eq!(settings, ["maxSurge: 1", "maxUnavailable: 0"]);
+    assert_eq!(env_value(&ds, "VARTA_AFTER_HANDOVER"), "hold");
+    let marker = env_value(&ds, "VARTA_HOLD_MARKER");
+    let dir = marker.rsplit_once('/').unwrap().0;
+    let mount = ds
+        .split(&format!("mountPath: {dir}\n"))
+        .next()
+        .unwrap()
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap();
+    let name = mount
+        .trim()
+        .strip_prefix("- name: ")
+        .unwrap_or_else(|| panic!("nothing is mounted at {dir}"));
+    let volume: Vec<&str> = ds
+        .rsplit(&format!("- name: {name}\n"))
+        .next()
+        .unwrap()
+        .lines()
+        .take(2)
+        .map(str::trim)
+        .collect();
+    assert_eq!(volume[0], "emptyDir:", "{name}: {volume:?}");
+    // The variables are the flags' (every daemon flag reads VARTA_<FLAG>).
+    let out = Command::new(varta_e2e::bin())
+        .args([
+            "--socket",
+            "/nonexistent/varta.sock",
+            "--threshold-ms",
+            "1000",
+        ])
+        .env("VARTA_AFTER_HANDOVER", "exit")
+        .env("VARTA_HOLD_MARKER", &marker)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--hold-marker: only with --after-handover hold"),
+        "{err}"
+    );
+}

@@ -90,7 +90,10 @@ fn audit_records_spawn_and_outcome_with_captured_output_and_reopens_on_sighup() 
     let rotated = dir.join("audit.tsv.old");
     std::fs::rename(&audit, &rotated).unwrap();
     d.signal(libc::SIGHUP);
-    d.wait_log("event=audit_reopened", WAIT);
+    d.wait_log_all(
+        &["event=file_reopened", "file=audit", "reason=sighup"],
+        WAIT,
+    );
     d.send(&frame(me, 2));
     d.wait_logs(&["event=recovery", "outcome=failure"], 2, WAIT);
     wait_lines(&audit, "\tfailure\t", 1);
@@ -196,7 +199,7 @@ fn a_vanished_export_directory_is_counted_and_observing_continues() {
     // A SIGHUP whose reopen fails leaves no file open either.
     std::fs::remove_dir_all(&out).unwrap();
     d.signal(libc::SIGHUP);
-    d.wait_log("event=export_reopen_failed", WAIT);
+    d.wait_log_all(&["event=file_reopen_failed", "file=export"], WAIT);
     assert_eq!(
         deleted_fds(d.pid()),
         Vec::<String>::new(),
@@ -282,4 +285,114 @@ fn a_full_disk_is_counted_and_observing_continues_needs_root() {
         export.metadata().unwrap().dev(),
         mnt.metadata().unwrap().dev()
     );
+}
+
+/// M4: a flood of panic-terminal frames from fresh pids (plaintext UDP claims, each a
+/// recovery not run and audited `suppressed`) overwhelms the audit writer, while the
+/// recoveries of ten agents that beat once and died really run: each one's `spawned` and
+/// outcome records are in the file; what the flood loses is counted.
+#[test]
+fn a_flood_of_suppressed_recoveries_never_loses_a_real_audit_record() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    const REAL: usize = 10;
+    let dir = varta_e2e::scratch("audit-flood");
+    let audit = dir.join("audit.tsv");
+    let d = Daemon::builder("audit-flood", "userspace")
+        .args(["--threshold-ms", "500", "--recovery-debounce-ms", "0"])
+        .args(["--recovery-exec", "/bin/true {pid}"])
+        .args([
+            "--recovery-max-concurrent",
+            "100",
+            "--recovery-spawn-rate",
+            "100",
+        ])
+        .args(["--recovery-max-concurrent-per-uid", "100"])
+        .args(["--recovery-spawn-rate-per-uid", "100"])
+        .args(["--recovery-established-after-ms", "0"])
+        .args(["--udp-port", "0", "--i-accept-plaintext-udp"])
+        .arg("--plaintext-udp-i-accept-recovery-on-unauthenticated-transport")
+        .args([
+            "--global-beat-rate",
+            "1000000",
+            "--global-beat-burst",
+            "1000000",
+        ])
+        .arg("--recovery-audit-file")
+        .arg(audit.to_str().unwrap())
+        .start();
+    let ready = d.wait_log("event=ready", WAIT);
+    let udp: std::net::SocketAddr = varta_e2e::log_field(&ready, "udp").parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Claimed pids cycle below pid_max, skipping live processes (the real agents among
+    // them); the tracker (256) has evicted each dead one long before its pid comes round
+    // again, so every frame is a fresh agent's death.
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut pid = 300;
+            while !stop.load(Ordering::Relaxed) {
+                pid = if pid + 1 >= pid_max { 300 } else { pid + 1 };
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = sock.send_to(&varta_e2e::panic_terminal_frame(pid), udp);
+                }
+            }
+        })
+    };
+    let lost = "varta_file_records_lost_total{file=\"audit\"}";
+    d.wait_metric(lost, 1.0, WAIT);
+    // The real ones: each beats once and exits; at its stall its recovery runs.
+    let socket = d.socket.to_str().unwrap().to_owned();
+    let real: Vec<u32> = (0..REAL)
+        .map(|_| {
+            let beat = varta_e2e::Proc::spawn(
+                std::process::Command::new(varta_e2e::bin()).args(["beat", "--socket", &socket]),
+            );
+            let pid = beat.pid();
+            beat.wait_success();
+            // Apart, so that their records meet the flood at different moments.
+            std::thread::sleep(Duration::from_millis(100));
+            pid
+        })
+        .collect();
+    // The flood's recoveries are all suppressed: a success is a real one (their log lines
+    // may be among those the logger's rate limit drops under the flood).
+    d.wait_metric(
+        "varta_recovery_outcomes_total{outcome=\"success\"}",
+        REAL as f64,
+        WAIT,
+    );
+    // Every record was queued (or lost) by now; the file's own thread writes them.
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+    assert!(
+        d.metric(lost) > 0.0,
+        "the flood never overwhelmed the writer"
+    );
+    let has = |pid: u32, outcome: &str| {
+        let (pid, outcome) = (format!("\t{pid}\t"), format!("\t{outcome}\t"));
+        lines(&audit)
+            .iter()
+            .any(|l| l.contains(&pid) && l.contains(&outcome))
+    };
+    wait_for("the real records in the audit file", WAIT, || {
+        let missing: Vec<(u32, &str)> = real
+            .iter()
+            .flat_map(|&pid| [(pid, "spawned"), (pid, "success")])
+            .filter(|&(pid, outcome)| !has(pid, outcome))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("missing: {missing:?}"))
+        }
+    });
 }

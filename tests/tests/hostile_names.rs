@@ -81,24 +81,28 @@ fn metrics_exports_and_top(datapath: &str) {
     }
     d.wait_logs(&["event=stall"], NAMES.len(), WAIT);
     // The export is written by a thread of its own: it may lag the log lines a little.
-    let stall_lines = |text: &str| {
+    // An agent may stall twice on a loaded machine (once late, once wedged): counted by pid.
+    let stalled_pids = |text: &str| {
         text.lines()
             .filter(|l| l.split('\t').nth(1) == Some("stall"))
-            .count()
+            .filter_map(|l| l.split('\t').nth(2).map(str::to_owned))
+            .collect::<std::collections::BTreeSet<String>>()
     };
-    let export = varta_e2e::wait_for("every stall in the export", WAIT, || {
+    let export = varta_e2e::wait_for("every agent's stall in the export", WAIT, || {
         let text = d.export_text();
-        if stall_lines(&text) >= NAMES.len() {
+        if stalled_pids(&text).len() >= NAMES.len() {
             Ok(text)
         } else {
             Err(text)
         }
     });
+    let wedged: std::collections::BTreeSet<String> =
+        agents.iter().map(|a| a.pid().to_string()).collect();
+    assert_eq!(stalled_pids(&export), wedged, "{export}");
     let stalls: Vec<&str> = export
         .lines()
         .filter(|l| l.split('\t').nth(1) == Some("stall"))
         .collect();
-    assert_eq!(stalls.len(), NAMES.len(), "{export}");
     for line in stalls {
         assert_eq!(line.split('\t').count(), 10, "{line:?}");
         assert!(no_control(line), "{line:?}");

@@ -292,3 +292,66 @@ fn an_observer_outside_the_host_pid_namespace_falls_back_naming_why_needs_root()
     );
     assert!(d.datapath_info().contains("mode=\"userspace\""));
 }
+
+/// Fork churn inside a container: every frame comes from a new process the kernel must ask
+/// the daemon about (M2). Those questions are admitted like any untracked sender's beats,
+/// so no more of them reach the daemon (records, wake-ups, /proc reads) than the global
+/// bucket allows, while an honest container agent, tracked, keeps beating unharmed.
+fn container_fork_churn_asks_within_the_global_bucket() {
+    const RATE: f64 = 20.0;
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Daemon::builder("ns-churn", "ebpf")
+        .args(["--threshold-ms", "1000", "--allow-cross-namespace-agents"])
+        .args(["--global-beat-rate", "20", "--global-beat-burst", "20"])
+        .start_ebpf();
+    let honest = in_child_namespace(&agent_args(&d));
+    let line = d.wait_log_all(
+        &["event=agent_new", "cross_namespace=true"],
+        Duration::from_secs(5),
+    );
+    let host: u32 = log_field(&line, "pid").parse().unwrap();
+    let beats = format!("varta_beats_total{{pid=\"{host}\"}}");
+    d.wait_metric(&beats, 3.0, Duration::from_secs(5));
+    // Every question the daemon answered: a verified sender's frame is delivered, a sender
+    // gone by then is refused as a spoof (the churners frame their own pid: the kernel
+    // refuses none of them so).
+    let records = |d: &Daemon| {
+        let m = d.metrics();
+        m["varta_datapath_beats_delivered_total"]
+            + m["varta_frames_dropped_total{reason=\"spoof\"}"]
+            - m[beats.as_str()]
+    };
+    let before = records(&d);
+    let started = std::time::Instant::now();
+    let churn = Proc::spawn(
+        Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child"])
+            .arg(varta_e2e::target_bin("varta-sender"))
+            .args([d.socket.to_str().unwrap(), "churn", "0", "2000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped()),
+    );
+    let (forked, ..) = varta_e2e::sender::summary(churn);
+    let window = started.elapsed().as_secs_f64();
+    // Drained and answered (the ring is read every 50 ms while an agent is watched).
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = records(&d) - before;
+    let allowed = 20.0 + RATE * window;
+    assert!(
+        forked as f64 > 2.0 * allowed,
+        "the churn forked only {forked} senders in {window:.1} s: it proves nothing"
+    );
+    assert!(
+        asked <= allowed,
+        "{asked} questions from {forked} churned senders reached the daemon in {window:.1} s, \
+         the global bucket allows {allowed}"
+    );
+    assert!(d.metric("varta_frames_dropped_total{reason=\"rate_global\"}") > 0.0);
+    let stalls = d.count_logs(&["event=stall", &format!("pid={host}")]);
+    assert_eq!(stalls, 0, "the honest agent stalled:\n{}", d.log_text());
+    let now = d.metric(&beats);
+    d.wait_metric(&beats, now + 3.0, Duration::from_secs(5));
+    drop(honest);
+}
+
+varta_e2e::on_both_attestations!(container_fork_churn_asks_within_the_global_bucket);

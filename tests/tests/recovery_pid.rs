@@ -145,7 +145,7 @@ fn a_reused_pid_is_never_recovered(datapath: &str) {
             "event=recovery",
             &format!("pid={pid}"),
             "outcome=suppressed",
-            "detail=\"pid_reused\"",
+            "detail=pid_reused",
         ],
         WAIT,
     );
@@ -199,6 +199,66 @@ fn a_restart_from_another_process_is_a_new_agent(datapath: &str) {
     d.send(&frame(me, 1));
     d.wait_log_all(&["event=agent_restarted", &format!("pid={me}")], WAIT);
     assert_eq!(d.count_logs(&["event=agent_replaced"]), 1);
+}
+
+/// The pid of an agent's first beat reused before the daemon read /proc for it (L4): the
+/// agent beats once and exits while the daemon is stopped (its frame waits in the ring or
+/// the socket), and another process takes the pid. The kernel attested the sender's start
+/// time with the frame (eBPF), or handed over no pidfd of a sender gone (userspace,
+/// SCM_PIDFD), so that process is never named as the agent, nor recovered.
+fn a_pid_reused_before_the_first_read_lends_nothing() {
+    a_pid_reused_before_the_first_read_lends_nothing_on("ebpf");
+}
+
+fn a_pid_reused_before_the_first_read_lends_nothing_on(datapath: &str) {
+    let d = daemon("pid-first", datapath);
+    let socket = d.socket.to_str().unwrap().to_owned();
+    d.signal(libc::SIGSTOP);
+    let agent = varta_e2e::Proc::spawn(
+        std::process::Command::new(bin()).args(["beat", "--socket", &socket]),
+    );
+    let pid = agent.pid();
+    agent.wait_success();
+    let exited = boot_ticks();
+    varta_e2e::wait_for("the clock tick after the agent's exit", WAIT, || {
+        let now = boot_ticks();
+        if now > exited {
+            Ok(())
+        } else {
+            Err(format!("{now} ticks"))
+        }
+    });
+    let other = AtPid::spawn(pid, &["/bin/sleep", "60"]);
+    d.signal(libc::SIGCONT);
+    let pid_field = format!("pid={pid}");
+    let new = d.wait_log_all(&["event=agent_new", &pid_field], WAIT);
+    assert!(new.contains("comm=-"), "named after another process: {new}");
+    d.wait_log_all(&["event=stall", &pid_field], WAIT);
+    d.wait_log_all(
+        &[
+            "event=recovery",
+            &pid_field,
+            "outcome=suppressed",
+            "detail=pid_reused",
+        ],
+        WAIT,
+    );
+    assert_eq!(
+        d.count_logs(&["event=recovery_started", &pid_field]),
+        0,
+        "{}",
+        d.log_text()
+    );
+    assert!(other.alive());
+}
+
+varta_e2e::on_both_attestations!(a_pid_reused_before_the_first_read_lends_nothing);
+
+#[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
+fn a_pid_reused_before_the_first_read_lends_nothing_userspace_needs_root() {
+    require_root!("clone3 with set_tid needs CAP_SYS_ADMIN");
+    a_pid_reused_before_the_first_read_lends_nothing_on("userspace");
 }
 
 #[test]

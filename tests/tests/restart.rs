@@ -328,3 +328,47 @@ fn the_pypi_client_keeps_being_counted_across_a_restart_needs_root() {
     );
     assert_eq!(stalls_of(&d2, pid), 0, "{}", d2.log_text());
 }
+
+/// (e) A counter Prometheus saw never goes down across a crash: the state file is written
+/// after each scrape is encoded and before it is answered, so an instance killed right
+/// after a scrape is followed by one that starts from at least what that scrape showed
+/// (else Prometheus reads a reset and rate() spikes).
+fn a_scraped_counter_never_goes_down_across_a_sigkill(datapath: &str) {
+    let args = ["--threshold-ms", "60000"];
+    let start = |b: varta_e2e::DaemonBuilder| {
+        if datapath == "ebpf" {
+            b.start_ebpf()
+        } else {
+            b.start()
+        }
+    };
+    let mut d1 = start(Daemon::builder("restart-scraped", datapath).args(args));
+    let agent = upstream_agent(&d1, 20);
+    wait_new(&d1, agent.pid());
+    // Past the first periodic checkpoint (a second after the start).
+    d1.wait_metric(
+        &format!("varta_beats_total{{pid=\"{}\"}}", agent.pid()),
+        75.0,
+        WAIT,
+    );
+    // Its last datagrams are taken in; the periodic checkpoint (each second) is most
+    // likely older than that.
+    agent.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(50));
+    let scraped = beats(&d1, agent.pid());
+    d1.signal(libc::SIGKILL);
+    d1.wait_exit(WAIT);
+    let d2 = start(
+        Daemon::builder("restart-scraped", datapath)
+            .args(args)
+            .in_dir(d1.into_dir()),
+    );
+    let resumed = d2.wait_log("event=resumed", Duration::ZERO);
+    let restored = beats(&d2, agent.pid());
+    assert!(
+        restored >= scraped,
+        "scraped {scraped} before the SIGKILL, {restored} after: {resumed}"
+    );
+}
+
+varta_e2e::on_both_datapaths!(a_scraped_counter_never_goes_down_across_a_sigkill);

@@ -244,13 +244,86 @@ fn plaintext_to_a_secure_only_port(datapath: &str) {
     }
 }
 
+/// A captured secure session replayed after the observer restarts (L7), by a stop and a
+/// start and by a takeover: every frame is refused as a replay and counted, none is a beat
+/// (the first, nonce 1, would otherwise pass as the agent's restart).
+fn a_capture_replayed_after_a_restart_is_refused(datapath: &str) {
+    let dir = varta_e2e::scratch(&format!("secure-replay-{datapath}-keys"));
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let args = vec![
+        "--threshold-ms".to_owned(),
+        "60000".into(),
+        "--udp-port".into(),
+        port.to_string(),
+        "--key-file".into(),
+        key_file(&dir, "key", &[KEY_A]),
+    ];
+    let start = |b: varta_e2e::DaemonBuilder| {
+        let b = b.args(args.clone());
+        if datapath == "ebpf" {
+            b.start_ebpf()
+        } else {
+            b.start()
+        }
+    };
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The capture: the client beats to a tap, which passes each frame on.
+    let tap = UdpSocket::bind("127.0.0.1:0").unwrap();
+    tap.set_read_timeout(Some(WAIT)).unwrap();
+    let mut client =
+        Varta::connect_secure_udp(tap.local_addr().unwrap(), Key::from_bytes(KEY_A)).unwrap();
+    let mut d = start(Daemon::builder("secure-replay", datapath));
+    let mut captured = Vec::new();
+    for _ in 0..3 {
+        assert!(matches!(client.beat(Status::Ok, 7), BeatOutcome::Sent));
+        let mut buf = [0u8; 128];
+        let n = tap.recv(&mut buf).unwrap();
+        captured.push(buf[..n].to_vec());
+    }
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for frame in &captured {
+        sock.send_to(frame, addr).unwrap();
+    }
+    let pid = std::process::id();
+    let beats = format!("varta_beats_total{{pid=\"{pid}\"}}");
+    d.wait_metric(&beats, 3.0, WAIT);
+    let replay = "varta_frames_dropped_total{reason=\"replay\"}";
+    let replayed_to = |d: &Daemon, how: &str| {
+        let (b0, r0) = (d.metric(&beats), d.metric(replay));
+        for frame in &captured {
+            sock.send_to(frame, addr).unwrap();
+        }
+        d.wait_metric(replay, r0 + 3.0, WAIT);
+        assert_eq!(d.metric(&beats), b0, "{how}: a replayed frame was a beat");
+        assert_eq!(
+            d.count_logs(&["event=agent_restarted", &format!("pid={pid}")]),
+            0,
+            "{how}: {}",
+            d.log_text()
+        );
+    };
+    assert!(d.stop().success(), "{}", d.log_text());
+    let d2 = start(Daemon::builder("secure-replay", datapath).in_dir(d.into_dir()));
+    replayed_to(&d2, "stop, then start");
+    let mut d2 = d2;
+    let d3 = start(Daemon::builder("secure-replay", datapath).beside(&d2));
+    assert!(d2.wait_exit(WAIT).success(), "{}", d2.log_text());
+    replayed_to(&d3, "takeover");
+    drop(dir);
+}
+
 on_both_datapaths!(
     plaintext_to_a_secure_only_port,
     secure_beats_are_rate_limited,
     shared_key,
     accepted_keys_rotation,
     master_key,
-    tampered_frames_are_counted
+    tampered_frames_are_counted,
+    a_capture_replayed_after_a_restart_is_refused
 );
 
 /// Opening secure UDP beyond loopback is said at start, once; on loopback nothing is said.

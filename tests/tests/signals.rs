@@ -162,7 +162,11 @@ fn sighup_reloads_the_config_file_and_rejects_an_invalid_one() {
     std::fs::write(&config, "threshold-ms = 300\nmax-beat-rate = 100\n").unwrap();
     d.signal(libc::SIGHUP);
     let line = d.wait_log("event=reload", Duration::from_secs(5));
-    assert!(line.contains("changed=threshold-ms=5000->300"), "{line}");
+    // One value, quoted: it holds `=`.
+    assert!(
+        line.contains(r#"changed="threshold-ms=5000->300""#),
+        "{line}"
+    );
     agent.signal(libc::SIGSTOP);
     // The new threshold applies: a stall after 300 ms of silence, long before 5000.
     let stall = d.wait_log_all(
@@ -211,7 +215,10 @@ fn sighup_reopens_the_export_file_for_rotation() {
     d.wait_log("event=agent_new", Duration::from_secs(5));
     std::fs::rename(&export, &rotated).unwrap();
     d.signal(libc::SIGHUP);
-    d.wait_log("event=export_reopened", Duration::from_secs(5));
+    d.wait_log_all(
+        &["event=file_reopened", "file=export", "reason=sighup"],
+        Duration::from_secs(5),
+    );
     d.send(&frame(std::process::id(), 2));
     // New beats go to the new file: wait for its line.
     let lines =

@@ -76,7 +76,9 @@ pub mod map {
 /// 2: [`Bucket`] holds the agent's last accepted beat.
 /// 3: `DropReason::Plaintext` (one more drop counter), [`FilterConfig::udp_accept`].
 /// 4: `DropReason::Auth` and `DropReason::Decrypt` (two more drop counters).
-pub const LAYOUT_VERSION: u32 = 4;
+/// 5: [`BeatRecord::start_ticks`] (the sender's start time, was padding), two more
+/// [`TaskOffsets`].
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Where the maps are pinned unless `--bpf-pin-dir` says otherwise (a bpffs, mounted by the
 /// daemon when absent).
@@ -144,9 +146,24 @@ pub struct BeatRecord {
     pub transport: u8,
     /// UDP source port, host byte order.
     pub src_port: u16,
-    pub _pad: u32,
+    /// UDS: when the sending process started, in clock ticks since boot, modulo 2^32
+    /// ([`start_ticks`] of its thread-group leader's `start_boottime`: the low 32 bits of
+    /// field 22 of `/proc/<pid>/stat`), so the daemon can tell the sender from a process
+    /// that took its pid before /proc was read; 0 when unknown (no BTF offsets, or UDP).
+    pub start_ticks: u32,
     /// UDP source address: IPv4 in the first 4 bytes, or IPv6.
     pub src_addr: [u8; 16],
+}
+
+/// Nanoseconds per clock tick of `/proc/<pid>/stat` (`USER_HZ`, 100 on every architecture
+/// the observer runs on).
+pub const NS_PER_CLOCK_TICK: u64 = 10_000_000;
+
+/// [`BeatRecord::start_ticks`] of a process that started at `start_boottime_ns`: what the
+/// kernel's `nsec_to_clock_t` makes of it for /proc, low 32 bits (0 stays unknown).
+#[inline(always)]
+pub const fn start_ticks(start_boottime_ns: u64) -> u32 {
+    (start_boottime_ns / NS_PER_CLOCK_TICK) as u32
 }
 
 /// `FilterConfig::udp_accept`: 32-byte plaintext frames (`--i-accept-plaintext-udp`).
@@ -190,6 +207,11 @@ pub struct TaskOffsets {
     pub task_thread_pid: u32,
     /// `pid.level`: 0 in the initial pid namespace, one more per nested namespace.
     pub pid_level: u32,
+    /// `task_struct.group_leader`: the process's main thread (the sender may be another).
+    pub task_group_leader: u32,
+    /// `task_struct.start_boottime`: when the task started, on the boot clock (0: the
+    /// sender's start time is not read, [`BeatRecord::start_ns`] stays 0).
+    pub task_start_boottime: u32,
     pub _pad: u32,
 }
 

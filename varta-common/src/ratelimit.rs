@@ -116,18 +116,20 @@ impl Limit {
     /// `None` for rate 0, which means no limit. A burst of 0 is taken as 1.
     #[inline(always)]
     pub const fn new(rate: u32, burst: u32) -> Option<Limit> {
-        if rate == 0 {
-            return None;
-        }
-        let interval_ns = NS_PER_SEC / rate as u64;
+        // The shape is computed for rate 0 too, and only then dropped: a `None` built before
+        // it would leave the payload undefined, and LLVM may spill that register, which the
+        // kernel's verifier refuses as a read of an unset register (Linux 6.12: `R2
+        // !read_ok`). Selected last, LLVM gives the payload the defined value.
+        let interval_ns = NS_PER_SEC / if rate == 0 { 1 } else { rate as u64 };
         // Above 1e9 beats per second the interval would round to 0, which admits everything.
         let interval_ns = if interval_ns == 0 { 1 } else { interval_ns };
         let burst = if burst == 0 { 1 } else { burst as u64 };
-        Some(Limit {
+        let limit = Limit {
             interval_ns,
             // At most 1e9 * u32::MAX: no overflow.
             depth_ns: interval_ns * burst,
-        })
+        };
+        if rate == 0 { None } else { Some(limit) }
     }
 
     pub const fn interval_ns(&self) -> u64 {

@@ -8,23 +8,65 @@ use aya_ebpf::{
     bindings::bpf_pidns_info,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_ns_current_pid_tgid,
-        bpf_probe_read_kernel,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
     },
 };
-use varta_common::{DropReason, filter::FilterConfig};
+use varta_common::{
+    DropReason,
+    filter::{self, FilterConfig},
+};
 
 pub struct Sender {
     /// The sender's tgid in the initial pid namespace.
     pub host_tgid: u32,
     /// Its tgid in the observer's pid namespace; `None` when it lives in another one.
     pub observer_tgid: Option<u32>,
+    /// When its process started (`filter::start_ticks`; 0: unknown).
+    pub start_ticks: u32,
+}
+
+/// When the current task's process started: its thread-group leader's `start_boottime`
+/// (the clock /proc shows), as `BeatRecord::start_ticks`. 0 without the offsets (no BTF) or
+/// when the task cannot be read: the daemon then binds the sender as before, by pid alone.
+#[inline(always)]
+fn start_ticks(cfg: &FilterConfig) -> u32 {
+    if cfg.task.task_start_boottime == 0 {
+        return 0;
+    }
+    // Into zeroed buffers, not `bpf_probe_read_kernel::<T>`: its value is undefined after a
+    // failed read, and LLVM then spills a register the verifier of Linux 6.12 sees unset
+    // (`R2 !read_ok`). A failed read leaves zeros: unknown.
+    let (mut leader, mut started) = ([0u8; 8], [0u8; 8]);
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    // SAFETY: bpf_probe_read_kernel copies from any kernel address into our buffer and
+    // fails cleanly on a bad one; the offsets are the running kernel's, from its BTF.
+    let _ = unsafe {
+        bpf_probe_read_kernel_buf(
+            task.wrapping_add(cfg.task.task_group_leader as usize),
+            &mut leader,
+        )
+    };
+    let leader = u64::from_ne_bytes(leader) as usize as *const u8;
+    if leader.is_null() {
+        return 0;
+    }
+    // SAFETY: as above.
+    let _ = unsafe {
+        bpf_probe_read_kernel_buf(
+            leader.wrapping_add(cfg.task.task_start_boottime as usize),
+            &mut started,
+        )
+    };
+    filter::start_ticks(u64::from_ne_bytes(started))
 }
 
 pub trait Attest {
     fn sender(cfg: &FilterConfig) -> Result<Sender, DropReason>;
 }
 
-/// Linux 6.10 and later: the pid helpers, which know pid namespaces themselves.
+/// Linux 6.10 and later: the pid helpers, which know pid namespaces themselves (the task is
+/// read only for the sender's start time, when the daemon found the offsets).
 pub struct PidTgidHelper;
 
 impl Attest for PidTgidHelper {
@@ -44,6 +86,7 @@ impl Attest for PidTgidHelper {
         Ok(Sender {
             host_tgid,
             observer_tgid: same_ns.then_some(ns.tgid),
+            start_ticks: start_ticks(cfg),
         })
     }
 }
@@ -78,6 +121,7 @@ impl Attest for TaskRead {
         Ok(Sender {
             host_tgid,
             observer_tgid: (level == 0).then_some(host_tgid),
+            start_ticks: start_ticks(cfg),
         })
     }
 }

@@ -163,32 +163,41 @@ fn try_receive<A: Attest>(
     };
 
     let mut record_kind = KIND_BEAT;
-    let (mut host_tgid, mut observer_tgid) = (0u32, 0u32);
+    let (mut host_tgid, mut observer_tgid, mut start_ticks) = (0u32, 0u32, 0u32);
     if transport == TRANSPORT_UDS {
         let sender = A::sender(cfg)?;
         host_tgid = sender.host_tgid;
+        start_ticks = sender.start_ticks;
         match sender.observer_tgid {
             Some(tgid) => {
                 attest::decide(frame.pid, tgid, false, true)?;
                 observer_tgid = tgid;
             }
             None => {
-                if attest_foreign(ctx, host_tgid, frame.pid, now)? {
+                if attest_foreign(host_tgid, frame.pid, now)? {
                     record_kind = KIND_VERIFY;
                 }
             }
         }
     }
 
-    let mut new_agent = false;
-    if record_kind == KIND_BEAT {
-        new_agent = ratelimit::admit(
-            &mut KernelBuckets,
-            agent_key(transport, host_tgid, frame.pid),
-            Limit::new(cfg.per_pid_rate, cfg.per_pid_burst),
-            Limit::new(cfg.global_rate, cfg.global_burst),
-            now,
-        )?;
+    // A question to the daemon is admitted like a beat: it is an untracked sender's frame,
+    // so the global bucket applies (fork churn in a container buys no more records, wake-ups
+    // and /proc reads than any other flood), and a sender asked again pays its own bucket.
+    let new_agent = ratelimit::admit(
+        &mut KernelBuckets,
+        agent_key(transport, host_tgid, frame.pid),
+        Limit::new(cfg.per_pid_rate, cfg.per_pid_burst),
+        Limit::new(cfg.global_rate, cfg.global_burst),
+        now,
+    )?;
+    if record_kind == KIND_VERIFY {
+        info!(
+            ctx,
+            "cross-namespace sender tgid {} framing pid {}: asking the daemon",
+            host_tgid,
+            frame.pid
+        );
     }
 
     let Some(mut entry) = VARTA_EVENTS.reserve::<BeatRecord>(0) else {
@@ -202,7 +211,7 @@ fn try_receive<A: Attest>(
         kind: record_kind,
         transport,
         src_port: 0,
-        _pad: 0,
+        start_ticks,
         src_addr: [0; 16],
     };
     if transport != TRANSPORT_UDS {
@@ -294,14 +303,10 @@ impl ratelimit::Buckets for KernelBuckets {
 /// A sender in another pid namespace frames its namespace-local pid, which the kernel cannot
 /// map without walking task structs. The daemon verifies it once (`NSpid` of the host tgid)
 /// and leaves its verdict here; the daemon also removes it when the process exits.
-/// `Ok(true)`: unknown sender, hand the frame to the daemon to verify.
+/// `Ok(true)`: unknown sender, hand the frame to the daemon to verify (if the buckets
+/// admit it; else it is asked again after `VERIFY_RETRY_NS`).
 #[inline(always)]
-fn attest_foreign(
-    ctx: &SkBuffContext,
-    host_tgid: u32,
-    frame_pid: u32,
-    now: u64,
-) -> Result<bool, DropReason> {
+fn attest_foreign(host_tgid: u32, frame_pid: u32, now: u64) -> Result<bool, DropReason> {
     match VARTA_VERDICTS.get_ptr_mut(host_tgid) {
         None => {
             let pending = Verdict {
@@ -310,12 +315,6 @@ fn attest_foreign(
                 asked_ns: now,
             };
             let _ = VARTA_VERDICTS.insert(host_tgid, pending, 0);
-            info!(
-                ctx,
-                "cross-namespace sender tgid {} framing pid {}: asking the daemon",
-                host_tgid,
-                frame_pid
-            );
             Ok(true)
         }
         Some(verdict) => {

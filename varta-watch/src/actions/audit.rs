@@ -9,7 +9,11 @@
 //!   stdout and stderr (`...` when cut), with `\`, tab, CR, LF and other control bytes
 //!   escaped (`\\`, `\t`, `\r`, `\n`, `\xNN`); else `-`.
 //!
-//! Records are written, rotated and fdatasync'ed off the event loop (see `sink`).
+//! Records are written, rotated and fdatasync'ed off the event loop (see `sink`), one batch
+//! per event-loop round. Records of recoveries that ran (`spawned`, `success`, `failure`,
+//! `timeout`, `spawn_failed`) go first and may use the whole queue; those of recoveries not
+//! run (`debounced`, `refused`, `suppressed`: what a flood of dying throwaway agents makes)
+//! only its spare half, so that no such flood ever costs a real record its place.
 
 use std::{
     os::unix::process::ExitStatusExt,
@@ -19,23 +23,28 @@ use std::{
 
 use crate::{
     actions::sink::{FileMetrics, Sink, SinkOptions},
-    vocab::recovery::Finished,
+    vocab::recovery::{Finished, Outcome},
 };
 
 pub struct Audit {
     sink: Sink,
+    /// This round's records of recoveries that ran, and of those not run.
+    ran: String,
+    not_run: String,
 }
 
 impl Audit {
     pub fn open(opts: SinkOptions, metrics: FileMetrics) -> std::io::Result<Self> {
         Ok(Audit {
             sink: Sink::open("audit", opts, metrics)?,
+            ran: String::new(),
+            not_run: String::new(),
         })
     }
 
     pub fn spawned(&mut self, observer_ns: u64, pid: u32, child: u32) {
         let line = record(observer_ns, pid, Some(child), "spawned", "-", "-", "-");
-        self.sink.write(line.into_bytes());
+        self.ran.push_str(&line);
     }
 
     pub fn finished(&mut self, observer_ns: u64, f: &Finished) {
@@ -51,11 +60,32 @@ impl Audit {
                 &run.output.as_deref().map_or("-".to_owned(), escape),
             ),
         };
-        self.sink.write(line.into_bytes());
+        match f.outcome {
+            Outcome::Success | Outcome::Failure | Outcome::Timeout | Outcome::SpawnFailed => {
+                self.ran.push_str(&line)
+            }
+            Outcome::Debounced | Outcome::Refused | Outcome::Suppressed => {
+                self.not_run.push_str(&line)
+            }
+        }
+    }
+
+    /// Hands this round's records to the writer, those of recoveries that ran first.
+    pub fn flush(&mut self) {
+        self.sink.write(std::mem::take(&mut self.ran).into_bytes());
+        self.sink
+            .write_spare(std::mem::take(&mut self.not_run).into_bytes());
     }
 
     pub fn reopen(&mut self) {
+        self.flush();
         self.sink.reopen();
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 

@@ -3,9 +3,7 @@
 //! containerd, CRI-O or docker, systemd or cgroupfs driver). Read once, on an agent's
 //! first beat, from `/proc/<pid>/comm` and `/proc/<pid>/cgroup`.
 
-use std::fmt;
-
-use crate::sys::text::{LogValue, printable};
+use crate::sys::text::printable;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
@@ -91,27 +89,9 @@ impl Identity {
     }
 }
 
-/// `key=value` pairs for log lines, `-` for what is unknown, anything else quoted.
-impl fmt::Display for Identity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, (key, value)) in [
-            ("comm", &self.comm),
-            ("unit", &self.unit),
-            ("container_id", &self.container_id),
-            ("pod_uid", &self.pod_uid),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let sep = if i == 0 { "" } else { " " };
-            if value.is_empty() {
-                write!(f, "{sep}{key}=-")?;
-            } else {
-                write!(f, "{sep}{key}={}", LogValue(value))?;
-            }
-        }
-        Ok(())
-    }
+/// A name as a log value: `None` (written `-`) when it is not known.
+pub fn known(name: &str) -> Option<&str> {
+    (!name.is_empty()).then_some(name)
 }
 
 /// The cgroup v2 path (`0::/...`); on a hybrid host whose v2 hierarchy holds nobody, the
@@ -275,14 +255,9 @@ mod tests {
     }
 
     #[test]
-    fn log_fields_have_no_spaces_and_mark_unknowns() {
-        let id = Identity {
-            comm: "my worker".into(),
-            ..Identity::from_cgroup("/system.slice/w.service")
-        };
-        assert_eq!(
-            id.to_string(),
-            "comm=\"my worker\" unit=w.service container_id=- pod_uid=-"
-        );
+    fn unknown_names_are_absent_from_the_log() {
+        let id = Identity::from_cgroup("/system.slice/w.service");
+        assert_eq!(known(&id.unit), Some("w.service"));
+        assert_eq!(known(&id.container_id), None);
     }
 }

@@ -86,6 +86,7 @@ pub struct SignalLabel {
     pub signal: &'static str,
 }
 
+#[derive(Default)]
 pub struct Metrics {
     registry: Registry,
     pub beats: Family<PidLabel, Counter>,
@@ -118,6 +119,14 @@ pub struct Metrics {
     kernel_drops: Arc<Mutex<Option<KernelDrops>>>,
 }
 
+/// Registers each field of `Metrics` under its name and help: one row per metric, in
+/// exposition order.
+macro_rules! register {
+    ($m:ident; $($field:ident: $name:literal, $help:literal;)*) => {
+        $($m.registry.register($name, $help, $m.$field.clone());)*
+    };
+}
+
 impl Metrics {
     pub fn new(
         drops: Arc<DropCounters>,
@@ -125,149 +134,59 @@ impl Metrics {
         attest: &'static str,
         capacity: usize,
     ) -> Self {
-        let mut m = Metrics {
-            beats: Family::default(),
-            stalls: Family::default(),
-            status: Family::default(),
-            exits: Family::default(),
-            criticals: Family::default(),
-            agent_info: Family::default(),
-            agents: Family::default(),
-            agent_stalls: Counter::default(),
-            agent_exits: Counter::default(),
-            agent_series: Gauge::default(),
-            agent_series_overflow: Counter::default(),
-            recovery_outcomes: Family::default(),
-            recovery_refused: Family::default(),
-            recovery_suppressed: Family::default(),
-            prom_auth_failures: Counter::default(),
-            evicted: Counter::default(),
-            restarts: Counter::default(),
-            nonce_wraps: Counter::default(),
-            pids_tracked: Gauge::default(),
-            pid_max: Gauge::default(),
-            signals: Family::default(),
-            rcvbuf_bytes: Gauge::default(),
-            delivered: Counter::default(),
-            files: Default::default(),
-            kernel_drops: Arc::default(),
-            registry: Registry::default(),
-        };
-        m.registry
-            .register("varta_beats", "Accepted beats per agent", m.beats.clone());
-        m.registry.register(
-            "varta_stalls",
-            "Stalls surfaced per agent",
-            m.stalls.clone(),
-        );
-        m.registry.register(
-            "varta_status",
-            "Last status per agent (0 ok, 1 degraded, 2 critical, 3 stall)",
-            m.status.clone(),
-        );
-        m.registry.register(
-            "varta_exits",
-            "Panic-terminal frames (agent dying) per agent",
-            m.exits.clone(),
-        );
-        m.registry.register(
-            "varta_agent_info",
-            "One series per tracked agent: its command, systemd unit, container and pod",
-            m.agent_info.clone(),
-        );
+        let mut m = Metrics::default();
+        register! {
+            m;
+            beats: "varta_beats",
+                "Accepted beats per agent";
+            stalls: "varta_stalls",
+                "Stalls surfaced per agent";
+            status: "varta_status",
+                "Last status per agent (0 ok, 1 degraded, 2 critical, 3 stall)";
+            exits: "varta_exits",
+                "Panic-terminal frames (agent dying) per agent";
+            agent_info: "varta_agent_info",
+                "One series per tracked agent: its command, systemd unit, container and pod";
+            agents: "varta_agents",
+                "Agents tracked now, by state (live, stalled, dead: sent the panic-terminal frame); no pid, so it survives --agent-series-max";
+            agent_stalls: "varta_agent_stalls",
+                "Stalls surfaced, all agents together (counted also for agents beyond --agent-series-max)";
+            agent_exits: "varta_agent_exits",
+                "Panic-terminal frames, all agents together (counted also for agents beyond --agent-series-max)";
+            agent_series: "varta_agent_series",
+                "Agents with per-agent series (pid label) in this exposition now, at most --agent-series-max";
+            agent_series_overflow: "varta_agent_series_overflow",
+                "New agents given no per-agent series because --agent-series-max agents had them (counted in the aggregates only)";
+            criticals: "varta_criticals",
+                "Critical beats per agent";
+            recovery_outcomes: "varta_recovery_outcomes",
+                "Recovery commands by outcome";
+            recovery_refused: "varta_recovery_refused",
+                "Recoveries refused, by reason";
+            recovery_suppressed: "varta_recovery_suppressed",
+                "Recoveries not run: a limit bit (global: max_running, spawn_rate; the agent's uid: uid_max_running, uid_spawn_rate; one-shot agents: one_shot_max_running, one_shot_spawn_rate), or the agent was never seen beating (unknown_agent)";
+            prom_auth_failures: "varta_prom_auth_failures",
+                "Scrapes refused for a missing or wrong bearer token";
+            evicted: "varta_tracker_evicted",
+                "Agents evicted to make room for new ones";
+            restarts: "varta_agent_restarts",
+                "Agents that started a new session (nonce 1) under a known pid";
+            nonce_wraps: "varta_nonce_wrap",
+                "Agents whose nonce wrapped past u64::MAX";
+            pids_tracked: "varta_watch_pids_tracked",
+                "Agents tracked now";
+            pid_max: "varta_pid_max_current",
+                "The kernel's pid_max as last read";
+            signals: "varta_signals_received",
+                "Signals handled, by signal";
+            delivered: "varta_datapath_beats_delivered",
+                "Valid, attested frames the datapath handed to the daemon's pipeline";
+            rcvbuf_bytes: "varta_observer_uds_rcvbuf_bytes",
+                "SO_RCVBUF the kernel granted the observer socket";
+        }
         for state in ["live", "stalled", "dead"] {
             m.agents.get_or_create(&StateLabel { state }).set(0);
         }
-        m.registry.register(
-            "varta_agents",
-            "Agents tracked now, by state (live, stalled, dead: sent the panic-terminal frame); no pid, so it survives --agent-series-max",
-            m.agents.clone(),
-        );
-        m.registry.register(
-            "varta_agent_stalls",
-            "Stalls surfaced, all agents together (counted also for agents beyond --agent-series-max)",
-            m.agent_stalls.clone(),
-        );
-        m.registry.register(
-            "varta_agent_exits",
-            "Panic-terminal frames, all agents together (counted also for agents beyond --agent-series-max)",
-            m.agent_exits.clone(),
-        );
-        m.registry.register(
-            "varta_agent_series",
-            "Agents with per-agent series (pid label) in this exposition now, at most --agent-series-max",
-            m.agent_series.clone(),
-        );
-        m.registry.register(
-            "varta_agent_series_overflow",
-            "New agents given no per-agent series because --agent-series-max agents had them (counted in the aggregates only)",
-            m.agent_series_overflow.clone(),
-        );
-        m.registry.register(
-            "varta_criticals",
-            "Critical beats per agent",
-            m.criticals.clone(),
-        );
-        m.registry.register(
-            "varta_recovery_outcomes",
-            "Recovery commands by outcome",
-            m.recovery_outcomes.clone(),
-        );
-        m.registry.register(
-            "varta_recovery_refused",
-            "Recoveries refused, by reason",
-            m.recovery_refused.clone(),
-        );
-        m.registry.register(
-            "varta_recovery_suppressed",
-            "Recoveries not run: a limit bit (global: max_running, spawn_rate; the agent's uid: uid_max_running, uid_spawn_rate; one-shot agents: one_shot_max_running, one_shot_spawn_rate), or the agent was never seen beating (unknown_agent)",
-            m.recovery_suppressed.clone(),
-        );
-        m.registry.register(
-            "varta_prom_auth_failures",
-            "Scrapes refused for a missing or wrong bearer token",
-            m.prom_auth_failures.clone(),
-        );
-        m.registry.register(
-            "varta_tracker_evicted",
-            "Agents evicted to make room for new ones",
-            m.evicted.clone(),
-        );
-        m.registry.register(
-            "varta_agent_restarts",
-            "Agents that started a new session (nonce 1) under a known pid",
-            m.restarts.clone(),
-        );
-        m.registry.register(
-            "varta_nonce_wrap",
-            "Agents whose nonce wrapped past u64::MAX",
-            m.nonce_wraps.clone(),
-        );
-        m.registry.register(
-            "varta_watch_pids_tracked",
-            "Agents tracked now",
-            m.pids_tracked.clone(),
-        );
-        m.registry.register(
-            "varta_pid_max_current",
-            "The kernel's pid_max as last read",
-            m.pid_max.clone(),
-        );
-        m.registry.register(
-            "varta_signals_received",
-            "Signals handled, by signal",
-            m.signals.clone(),
-        );
-        m.registry.register(
-            "varta_datapath_beats_delivered",
-            "Valid, attested frames the datapath handed to the daemon's pipeline",
-            m.delivered.clone(),
-        );
-        m.registry.register(
-            "varta_observer_uds_rcvbuf_bytes",
-            "SO_RCVBUF the kernel granted the observer socket",
-            m.rcvbuf_bytes.clone(),
-        );
         m.files.register(&mut m.registry);
         let info = Family::<DatapathLabels, Gauge>::default();
         info.get_or_create(&DatapathLabels {

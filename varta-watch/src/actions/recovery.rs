@@ -61,6 +61,16 @@ impl Default for Who {
     }
 }
 
+/// What an admitted recovery takes: its spawn tokens (the buckets' clocks after the take)
+/// and when it was admitted.
+#[derive(Debug, Clone, Copy)]
+struct Admitted {
+    now: Instant,
+    spawn_tat: u64,
+    uid_budget: Option<Budget>,
+    one_shot_tat: u64,
+}
+
 /// A budget: commands running, and a spawn bucket's clock.
 #[derive(Debug, Default, Clone, Copy)]
 struct Budget {
@@ -151,7 +161,8 @@ impl Recovery {
         self.start_for(pid, origin, started, Who::default())
     }
 
-    /// [`Recovery::start`] within `who`'s budgets too.
+    /// [`Recovery::start`] within `who`'s budgets too: admitted by the policy, then
+    /// spawned.
     pub fn start_for(
         &mut self,
         pid: u32,
@@ -159,6 +170,22 @@ impl Recovery {
         started: Option<StartTime>,
         who: Who,
     ) -> Result<Option<u32>, NotRun> {
+        let admitted = self.admit(pid, origin, started, who)?;
+        self.take(pid, who, admitted);
+        Ok(self.spawn(pid, who))
+    }
+
+    /// The admission policy, in order: transport, shutdown, debounce, the running caps
+    /// (global, the uid's, one-shot agents'), the spawn rates (the same three), and last,
+    /// as close to the spawn as it gets, whether the pid is still the agent's. Budgets are
+    /// taken from copies: nothing changes unless the command is admitted.
+    fn admit(
+        &self,
+        pid: u32,
+        origin: Origin,
+        started: Option<StartTime>,
+        who: Who,
+    ) -> Result<Admitted, NotRun> {
         if matches!(origin, Origin::Udp { .. }) && !self.config.allow_udp {
             return Err(NotRun::Refused("unauthenticated_transport"));
         }
@@ -187,7 +214,7 @@ impl Recovery {
         if !who.established && one_shot.running >= half(self.config.max_running) {
             return Err(NotRun::Suppressed("one_shot_max_running"));
         }
-        // One second's burst. Taken from copies, kept only if the command starts.
+        // One second's burst.
         let now_ns = u64::try_from(now.duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
         let take = |rate: u32, tat: &mut u64| {
             Limit::new(rate, rate).is_none_or(|limit| limit.take(tat, now_ns))
@@ -205,25 +232,40 @@ impl Recovery {
         if !who.established && !take(one_shot_rate, &mut one_shot.tat) {
             return Err(NotRun::Suppressed("one_shot_spawn_rate"));
         }
-        // Last, as close to the spawn as it gets.
         if matches!(origin, Origin::Uds { .. })
             && Continuity::check(pid, started) == Continuity::Reused
         {
             return Err(NotRun::Suppressed("pid_reused"));
         }
-        self.spawn_tat = spawn_tat;
-        if let (Some(uid), Some(b)) = (who.uid, uid_budget) {
+        Ok(Admitted {
+            now,
+            spawn_tat,
+            uid_budget,
+            one_shot_tat: one_shot.tat,
+        })
+    }
+
+    /// Keeps what an admitted recovery took: the spawn tokens and its debounce time.
+    fn take(&mut self, pid: u32, who: Who, admitted: Admitted) {
+        self.spawn_tat = admitted.spawn_tat;
+        if let (Some(uid), Some(b)) = (who.uid, admitted.uid_budget) {
             self.per_uid.insert(uid, b);
         }
         if !who.established {
-            self.one_shot.tat = one_shot.tat;
+            self.one_shot.tat = admitted.one_shot_tat;
         }
+        let now = admitted.now;
         self.last_run.insert(pid, now);
         if self.last_run.len() > 4096 {
             let debounce = self.config.debounce;
             self.last_run
                 .retain(|_, t| now.duration_since(*t) < debounce);
         }
+    }
+
+    /// Spawns the command for `pid` and supervises it; the child's pid when it started (a
+    /// spawn that failed is reported as finished).
+    fn spawn(&mut self, pid: u32, who: Who) -> Option<u32> {
         let argv = Self::argv(&self.config.argv, pid);
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
@@ -244,9 +286,10 @@ impl Recovery {
                     pid,
                     outcome: Outcome::SpawnFailed,
                     detail: format!("{}: {e}", argv[0]),
+                    reason: None,
                     run: None,
                 });
-                return Ok(None);
+                return None;
             }
         };
         self.running += 1;
@@ -280,10 +323,11 @@ impl Recovery {
                 pid,
                 outcome,
                 detail,
+                reason: None,
                 run: Some(run),
             });
         });
-        Ok(Some(child_pid))
+        Some(child_pid)
     }
 
     /// Kills every running command's process group (shutdown, after the grace period);

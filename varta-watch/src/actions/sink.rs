@@ -1,7 +1,9 @@
 //! A durable append-only file written by a thread of its own, so that a slow disk, a full
 //! disk or fdatasync never holds up the receive path: the event loop hands over whole
 //! batches through a bounded channel and never waits. Shared by the export file and the
-//! recovery audit file.
+//! recovery audit file. The queue is bounded in batches and in bytes; records of low
+//! priority ([`Sink::write_spare`]) take at most half of either, so a flood of them never
+//! costs a record written with [`Sink::write`] its room.
 //!
 //! - Opened with `O_NOFOLLOW`, mode 0600, and only if it is a regular file.
 //! - Rotation at `max_bytes`: `path` -> `path.1` -> ... -> `path.5` (the oldest is removed).
@@ -14,7 +16,7 @@
 //!   one opened when possible: a deleted file is never kept open.
 //! - `reopen` (SIGHUP) closes and reopens; a failed reopen leaves no file open.
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{
     fs::File,
     io::{self, Write},
@@ -23,7 +25,7 @@ use std::{
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
-        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+        mpsc::{Receiver, SyncSender, sync_channel},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -35,7 +37,9 @@ use super::sink_metrics::{FileLabel, FileOpLabel};
 /// Rotated generations kept besides the current file.
 pub const GENERATIONS: u32 = 5;
 /// Batches queued for the writer before new ones are dropped (and counted).
-const QUEUE: usize = 1024;
+const QUEUE: u64 = 1024;
+/// Bytes queued for the writer before new batches are dropped (and counted).
+const QUEUE_BYTES: u64 = 8 << 20;
 /// How often the writer checks that its path still names its file, and retries an open.
 const RECHECK: Duration = Duration::from_secs(1);
 /// At most one log line per file and kind of failure in this long.
@@ -60,8 +64,37 @@ pub struct Sink {
     thread: Option<JoinHandle<()>>,
     metrics: FileMetrics,
     full_logged: Option<Instant>,
-    /// Records queued and not yet written.
-    pending: Arc<AtomicU64>,
+    /// Records, bytes and batches queued and not yet written.
+    pending: Arc<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    records: AtomicU64,
+    bytes: AtomicU64,
+    batches: AtomicU64,
+}
+
+impl Pending {
+    /// Takes a batch in while the queue stays within `batches` and `bytes`.
+    fn admit(&self, records: u64, bytes: u64, max_batches: u64, max_bytes: u64) -> bool {
+        // Only the event loop adds: the writer's concurrent removals only make room.
+        if self.batches.load(Ordering::Relaxed) >= max_batches
+            || self.bytes.load(Ordering::Relaxed) + bytes > max_bytes
+        {
+            return false;
+        }
+        self.records.fetch_add(records, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn remove(&self, records: u64, bytes: u64) {
+        self.records.fetch_sub(records, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.batches.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Opens `path` for appending (`sys::owned_file`: no symlink, FIFO or foreign file), mode
@@ -74,8 +107,9 @@ impl Sink {
     /// Opens the file now (so that an unusable path fails start-up) and starts its writer.
     pub fn open(name: &'static str, opts: SinkOptions, metrics: FileMetrics) -> io::Result<Sink> {
         let file = open_private(&opts.path)?;
-        let (tx, rx) = sync_channel(QUEUE);
-        let pending = Arc::new(AtomicU64::new(0));
+        // One more slot than the bound `Pending` keeps: a reopen always finds room.
+        let (tx, rx) = sync_channel(QUEUE as usize + 1);
+        let pending = Arc::new(Pending::default());
         let mut writer = Writer::new(name, opts, metrics.clone());
         writer.adopt(file)?;
         let written = pending.clone();
@@ -94,32 +128,50 @@ impl Sink {
 
     /// Queues whole records (lines); never waits. A full queue drops them, counted.
     pub fn write(&mut self, records: Vec<u8>) {
+        self.write_within(records, QUEUE, QUEUE_BYTES);
+    }
+
+    /// As [`Sink::write`], for records of low priority: queued only while the queue is at
+    /// most half full, so they never take the room of records written with `write`.
+    pub fn write_spare(&mut self, records: Vec<u8>) {
+        self.write_within(records, QUEUE / 2, QUEUE_BYTES / 2);
+    }
+
+    fn write_within(&mut self, records: Vec<u8>, max_batches: u64, max_bytes: u64) {
         if records.is_empty() {
             return;
         }
-        let n = count(&records);
-        self.send(Msg::Records(records), n);
+        let (n, bytes) = (count(&records), records.len() as u64);
+        if !self.pending.admit(n, bytes, max_batches, max_bytes) {
+            self.lost(n);
+            return;
+        }
+        let Some(tx) = &self.tx else { return };
+        if tx.try_send(Msg::Records(records)).is_err() {
+            self.pending.remove(n, bytes);
+            self.lost(n);
+        }
     }
 
     /// Closes the file and opens `path` again (after an external rotation).
     pub fn reopen(&mut self) {
-        self.send(Msg::Reopen, 0);
+        if let Some(tx) = &self.tx {
+            // Ignored only when the writer is gone or a reopen is queued already.
+            let _ = tx.try_send(Msg::Reopen);
+        }
     }
 
-    fn send(&mut self, msg: Msg, records: u64) {
-        let Some(tx) = &self.tx else { return };
-        self.pending.fetch_add(records, Ordering::Relaxed);
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(msg) {
-            self.pending.fetch_sub(records, Ordering::Relaxed);
-            let label = FileLabel { file: self.name };
-            self.metrics.lost.get_or_create(&label).inc_by(records);
-            if self.full_logged.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-                self.full_logged = Some(Instant::now());
-                log::warn!(
-                    "event=file_queue_full file={} records_lost={records}",
-                    self.name
-                );
-            }
+    fn lost(&mut self, records: u64) {
+        let label = FileLabel { file: self.name };
+        self.metrics.lost.get_or_create(&label).inc_by(records);
+        if self.full_logged.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            self.full_logged = Some(Instant::now());
+            event!(
+                warn,
+                "file_queue_full",
+                file = self.name,
+                records_lost = records,
+            );
         }
     }
 }
@@ -131,11 +183,15 @@ impl Drop for Sink {
         if let Some(thread) = self.thread.take()
             && !joined_within(thread, FLUSH_GUARD)
         {
-            log::warn!(
-                "event=file_flush_abandoned file={} records_unwritten={} reason=\"the writer did not finish within {} s (a hung disk?)\"",
-                self.name,
-                self.pending.load(Ordering::Relaxed),
-                FLUSH_GUARD.as_secs()
+            event!(
+                warn,
+                "file_flush_abandoned",
+                file = self.name,
+                records_unwritten = self.pending.records.load(Ordering::Relaxed),
+                reason = format!(
+                    "the writer did not finish within {} s (a hung disk?)",
+                    FLUSH_GUARD.as_secs()
+                ),
             );
         }
     }
@@ -189,12 +245,12 @@ impl Writer {
         }
     }
 
-    fn run(mut self, rx: Receiver<Msg>, pending: &AtomicU64) {
+    fn run(mut self, rx: Receiver<Msg>, pending: &Pending) {
         while let Ok(msg) = rx.recv() {
             match msg {
                 Msg::Records(bytes) => {
                     self.append_all(&bytes);
-                    pending.fetch_sub(count(&bytes), Ordering::Relaxed);
+                    pending.remove(count(&bytes), bytes.len() as u64);
                 }
                 Msg::Reopen => self.reopen(),
             }
@@ -226,11 +282,14 @@ impl Writer {
             .inc_by(lost);
         if self.logged[i].is_none_or(|t| t.elapsed() >= LOG_EVERY) {
             self.logged[i] = Some(Instant::now());
-            log::warn!(
-                "event=file_error file={} op={op} path={} error={} records_lost={lost}",
-                self.name,
-                q(self.opts.path.display()),
-                q(e)
+            event!(
+                warn,
+                "file_error",
+                file = self.name,
+                op = op,
+                path:% = self.opts.path.display(),
+                error:% = e,
+                records_lost = lost,
             );
         }
     }
@@ -256,14 +315,15 @@ impl Writer {
                 .is_ok_and(|m| (m.dev(), m.ino()) == self.ident);
         if !ours {
             if self.file.take().is_some() {
-                log::warn!(
-                    "event=file_vanished file={} path={}",
-                    self.name,
-                    q(self.opts.path.display())
+                event!(
+                    warn,
+                    "file_vanished",
+                    file = self.name,
+                    path:% = self.opts.path.display(),
                 );
             }
             if self.try_open() {
-                log::info!("event=file_reopened file={} reason=vanished", self.name);
+                event!(info, "file_reopened", file = self.name, reason = "vanished");
             }
         }
     }
@@ -363,12 +423,13 @@ impl Writer {
         self.sync();
         self.file = None;
         if self.try_open() {
-            log::info!("event={}_reopened", self.name);
+            event!(info, "file_reopened", file = self.name, reason = "sighup");
         } else {
-            log::warn!(
-                "event={}_reopen_failed path={}",
-                self.name,
-                q(self.opts.path.display())
+            event!(
+                warn,
+                "file_reopen_failed",
+                file = self.name,
+                path:% = self.opts.path.display(),
             );
         }
     }
@@ -384,6 +445,26 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spare_records_never_take_the_room_of_the_others() {
+        let p = Pending::default();
+        // Spare batches stop at half the bytes...
+        assert!(p.admit(1, QUEUE_BYTES / 2, QUEUE / 2, QUEUE_BYTES / 2));
+        assert!(!p.admit(1, 1, QUEUE / 2, QUEUE_BYTES / 2));
+        // ...where the others still find the other half.
+        assert!(p.admit(1, QUEUE_BYTES / 2, QUEUE, QUEUE_BYTES));
+        assert!(!p.admit(1, 1, QUEUE, QUEUE_BYTES));
+        p.remove(1, QUEUE_BYTES / 2);
+        p.remove(1, QUEUE_BYTES / 2);
+        // And at half the batches.
+        for _ in 0..QUEUE / 2 {
+            assert!(p.admit(1, 1, QUEUE / 2, QUEUE_BYTES / 2));
+        }
+        assert!(!p.admit(1, 1, QUEUE / 2, QUEUE_BYTES / 2));
+        assert!(p.admit(1, 1, QUEUE, QUEUE_BYTES));
+        assert_eq!(p.records.load(Ordering::Relaxed), QUEUE / 2 + 1);
+    }
 
     #[test]
     fn a_writer_that_does_not_finish_is_left_behind_after_the_guard() {

@@ -101,6 +101,15 @@ pub enum EvictionPolicy {
     Balanced,
 }
 
+/// `--after-handover`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AfterHandover {
+    /// Exit 0.
+    Exit,
+    /// Stay, idle and holding nothing, until SIGTERM.
+    Hold,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DatapathMode {
     /// eBPF when this process may load it, else the userspace datapath (one line says why).
@@ -302,13 +311,17 @@ pub struct RecoveryArgs {
     #[arg(long, value_name = "PATH")]
     pub recovery_audit_file: Option<PathBuf>,
     /// Rotate the audit file before it grows past this size, keeping 5 generations.
-    #[arg(long, value_name = "N", requires = "recovery_audit_file",
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_FILE_MAX_BYTES,
           value_parser = clap::value_parser!(u64).range(1..))]
-    pub recovery_audit_max_bytes: Option<u64>,
+    pub recovery_audit_max_bytes: u64,
     /// fdatasync the audit file every N records (0: only at shutdown), off the event loop.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub recovery_audit_sync_every: u64,
 }
+
+/// The export and audit files' size before rotation unless set (64 MiB; the incumbent has
+/// none): with 5 generations kept, a sender at its maximum rate cannot fill the disk.
+pub const DEFAULT_FILE_MAX_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Export and metrics")]
@@ -318,9 +331,9 @@ pub struct OutputArgs {
     #[arg(long)]
     pub export_file: Option<PathBuf>,
     /// Rotate the export file before it grows past this size, keeping 5 generations.
-    #[arg(long, value_name = "N", requires = "export_file",
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_FILE_MAX_BYTES,
           value_parser = clap::value_parser!(u64).range(1..))]
-    pub export_file_max_bytes: Option<u64>,
+    pub export_file_max_bytes: u64,
     /// fdatasync the export file every N lines (0: only at shutdown), off the event loop.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub export_file_sync_every: u64,
@@ -382,6 +395,19 @@ pub struct ObserverArgs {
     /// from it (its sockets and state, over `<socket>.ctl`; the default).
     #[arg(long)]
     pub no_takeover: bool,
+    /// What this observer does once a successor took over its sockets and state: exit 0,
+    /// or hold: keep none of the observer's sockets, do no work, answer only the probes of
+    /// --prom-addr when the successor did not take that address, and exit 0 on SIGTERM.
+    /// Hold is for a DaemonSet rolled with maxSurge: its kubelet restarts a container that
+    /// exits, and the restarted one would take the node back.
+    #[arg(long, value_enum, value_name = "WHAT", default_value = "exit")]
+    pub after_handover: AfterHandover,
+    /// With --after-handover hold: this file is written when the observer hands over, and
+    /// an observer started while it exists holds at once instead of taking over (a held
+    /// pod's container restarted by its kubelet). Put it where it lives exactly as long as
+    /// the pod (an emptyDir).
+    #[arg(long, value_name = "PATH")]
+    pub hold_marker: Option<PathBuf>,
     /// Abort (for a supervisor to restart the observer) when its event loop has made no
     /// progress for this many seconds.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]

@@ -18,7 +18,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
     config::cli::{
-        CommandLine, DaemonArgs, DatapathMode, EvictionPolicy, RecoveryArgs, SecureUdpArgs,
+        AfterHandover, CommandLine, DaemonArgs, DatapathMode, EvictionPolicy, RecoveryArgs,
+        SecureUdpArgs,
     },
     config::secure_keys::SecureKeys,
     signal::SignalHandlerMode,
@@ -163,6 +164,8 @@ pub struct Config {
     pub fresh_state: bool,
     /// `--no-takeover`.
     pub no_takeover: bool,
+    /// `--after-handover hold`, with its `--hold-marker`: `None` exits after a handover.
+    pub hold: Option<HoldConfig>,
     pub config_file: Option<PathBuf>,
     pub liveness: LivenessConfig,
     /// Every setting as given, for the reload diff.
@@ -247,7 +250,7 @@ impl Config {
             shutdown_grace: Duration::from_millis(a.recovery.shutdown_grace_ms),
             export_file: a.output.export_file.clone().map(|path| SinkOptions {
                 path,
-                max_bytes: a.output.export_file_max_bytes,
+                max_bytes: Some(a.output.export_file_max_bytes),
                 sync_every: a.output.export_file_sync_every,
             }),
             audit_file: a
@@ -256,7 +259,7 @@ impl Config {
                 .clone()
                 .map(|path| SinkOptions {
                     path,
-                    max_bytes: a.recovery.recovery_audit_max_bytes,
+                    max_bytes: Some(a.recovery.recovery_audit_max_bytes),
                     sync_every: a.recovery.recovery_audit_sync_every,
                 }),
             prom_addr: a.output.prom_addr,
@@ -271,6 +274,7 @@ impl Config {
             pin_root: a.observer.bpf_pin_dir.clone(),
             fresh_state: a.observer.fresh_state,
             no_takeover: a.observer.no_takeover,
+            hold: hold_config(a)?,
             config_file: a.observer.config.clone(),
             liveness: LivenessConfig {
                 self_watchdog: a.observer.self_watchdog_secs.map(Duration::from_secs),
@@ -280,6 +284,26 @@ impl Config {
             },
             settings: Settings::from_matches(&line.matches),
         })
+    }
+}
+
+/// What `--after-handover hold` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldConfig {
+    /// `--hold-marker`.
+    pub marker: Option<PathBuf>,
+}
+
+fn hold_config(a: &DaemonArgs) -> Result<Option<HoldConfig>, ConfigError> {
+    match (a.observer.after_handover, &a.observer.hold_marker) {
+        (AfterHandover::Hold, marker) => Ok(Some(HoldConfig {
+            marker: marker.clone(),
+        })),
+        (AfterHandover::Exit, None) => Ok(None),
+        (AfterHandover::Exit, Some(_)) => Err(bad(
+            "--hold-marker",
+            "only with --after-handover hold (an observer that exits after a handover holds nothing)",
+        )),
     }
 }
 

@@ -1,13 +1,13 @@
 //! The daemon's event loop, the same for both datapaths: wait for something to happen, run
 //! what arrived through the observer, act on the events, repeat.
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{sync::Arc, time::Instant};
 
 use anyhow::{Context, Result};
 
 use super::{
-    health::{Health, Probes},
+    health::Health,
     takeover::{self, Control, Handed, Request},
 };
 use crate::{
@@ -30,17 +30,22 @@ use crate::{
     },
 };
 
-/// How long scrapes already accepted have at most to be answered before a handover.
+/// How long the scrapes accepted before a handover have, at most, to be answered after it.
 const SCRAPE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How the loop ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Ended {
     /// Asked to stop (a signal, `--shutdown-after-secs`).
     Stopped,
-    /// A successor took over this observer's sockets and state: it exits without touching
-    /// either (the socket file, the state file, the pins are the successor's now).
-    HandedOver,
+    /// A successor took over this observer's sockets and state: it exits (or holds) without
+    /// touching either (the socket file, the state file, the pins are the successor's now).
+    HandedOver {
+        peer_pid: u32,
+        /// This observer's metrics listener when the successor, in another network
+        /// namespace, did not take it: a held observer answers the probes there.
+        metrics: Option<std::os::fd::OwnedFd>,
+    },
 }
 
 /// What a successor may take over: the control socket it asks on, and this observer's
@@ -52,20 +57,34 @@ pub struct Succession {
     pub metrics: Option<std::net::TcpListener>,
 }
 
+/// What start-up prepared for the loop, whichever datapath runs it.
+pub struct Run<'s> {
+    /// Borrowed: a held observer (`daemon::hold`) keeps waiting for them after the loop.
+    pub signals: &'s mut Signals,
+    pub drops: Arc<DropCounters>,
+    /// The receive buffer the kernel granted the UDS.
+    pub rcvbuf: u32,
+    pub resume: super::state::Resume,
+    pub state_path: std::path::PathBuf,
+    pub succession: Succession,
+}
+
 /// Sets up metrics, the metrics endpoint and the export file, then runs the loop until a
 /// shutdown is asked for, and shuts down.
-#[allow(clippy::too_many_arguments)]
 pub async fn serve<D: Datapath>(
     datapath: D,
     kernel_drops: Option<KernelDrops>,
     config: &mut Config,
-    signals: Signals,
-    drops: Arc<DropCounters>,
-    rcvbuf: u32,
-    resume: super::state::Resume,
-    state_path: std::path::PathBuf,
-    mut succession: Succession,
+    run: Run<'_>,
 ) -> Result<Ended> {
+    let Run {
+        signals,
+        drops,
+        rcvbuf,
+        resume,
+        state_path,
+        mut succession,
+    } = run;
     let metrics = Arc::new(Metrics::new(
         drops.clone(),
         datapath.mode(),
@@ -85,7 +104,7 @@ pub async fn serve<D: Datapath>(
                 metrics.clone(),
                 config.prom_token.clone(),
                 config.prom_rate_limit,
-                probes.clone(),
+                probes,
             )
             .await
             .with_context(|| format!("--prom-addr {addr}"))?,
@@ -135,17 +154,18 @@ pub async fn serve<D: Datapath>(
     }
     datapath.set_watching(observer.next_deadline().is_some());
     metrics.pids_tracked.set(observer.tracker().len() as i64);
-    log::info!("{}", resume.line);
+    resume.said.log();
     metrics.pid_max.set(observer.pid_max() as i64);
-    log::info!(
-        "event=ready pid={} datapath={} attest={} socket={} udp={} metrics={} threshold_ms={}",
-        std::process::id(),
-        datapath.mode(),
-        datapath.attest(),
-        q(config.socket.display()),
-        config.udp.map_or("-".to_owned(), |a| a.to_string()),
-        prom.as_ref().map_or("-".to_owned(), |p| p.addr.to_string()),
-        config.limits.threshold_ms,
+    event!(
+        info,
+        "ready",
+        pid = std::process::id(),
+        datapath = datapath.mode(),
+        attest = datapath.attest(),
+        socket:% = config.socket.display(),
+        udp = config.udp.map(|a| a.to_string()),
+        metrics = prom.as_ref().map(|p| p.addr.to_string()),
+        threshold_ms = config.limits.threshold_ms,
     );
     health.set_ready();
     let mut event_loop = EventLoop {
@@ -163,10 +183,10 @@ pub async fn serve<D: Datapath>(
         events: Vec::with_capacity(256),
         state_path,
         checkpointed: Instant::now(),
+        checkpoint_waiting: Vec::new(),
         succession,
         takeover: None,
         prom,
-        probes,
     };
     let result = event_loop.run().await;
     event_loop.liveness.disarm();
@@ -176,7 +196,7 @@ pub async fn serve<D: Datapath>(
     let ended = result?;
     event_loop.finish_recoveries().await;
     event_loop.actions.flush();
-    if ended == Ended::Stopped {
+    if matches!(ended, Ended::Stopped) {
         event_loop.checkpoint();
     }
     event_loop.liveness.finish();
@@ -187,7 +207,7 @@ struct EventLoop<'c, D> {
     health: Health,
     datapath: D,
     config: &'c mut Config,
-    signals: Signals,
+    signals: &'c mut Signals,
     metrics: Arc<Metrics>,
     observer: Observer,
     actions: Actions,
@@ -200,11 +220,12 @@ struct EventLoop<'c, D> {
     /// The state file (`daemon::state`) and when it was last written.
     state_path: std::path::PathBuf,
     checkpointed: Instant,
+    /// Scrapes waiting for the state file to hold their counters (`Probes::checkpoint`).
+    checkpoint_waiting: Vec<tokio::sync::oneshot::Sender<()>>,
     succession: Succession,
     /// A successor asked to take over: handed over at the end of this round.
     takeover: Option<Request>,
     prom: Option<crate::daemon::http::Served>,
-    probes: Probes,
 }
 
 impl<D: Datapath> EventLoop<'_, D> {
@@ -230,8 +251,13 @@ impl<D: Datapath> EventLoop<'_, D> {
                 let Some(request) = self.takeover.take() else {
                     return Ok(Ended::Stopped);
                 };
+                let (peer_pid, shares_network) = (request.peer_pid, request.shares_network);
                 if self.hand_over(request).await {
-                    return Ok(Ended::HandedOver);
+                    let metrics = self.succession.fds.metrics.take();
+                    return Ok(Ended::HandedOver {
+                        peer_pid,
+                        metrics: metrics.filter(|_| !shares_network),
+                    });
                 }
                 self.health.set_ready();
             }
@@ -245,54 +271,41 @@ impl<D: Datapath> EventLoop<'_, D> {
     async fn hand_over(&mut self, request: Request) -> bool {
         let peer = request.peer_pid;
         if let Some(prom) = &self.prom {
-            // No new connection is accepted here (the successor takes the ones queued);
-            // those accepted already are answered, within a bound.
-            prom.task.abort();
-            let end = tokio::time::Instant::now() + SCRAPE_GRACE;
-            while prom.held.pending() > 0 && tokio::time::Instant::now() < end {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
+            // No new connection is accepted here: the successor takes the ones queued.
+            prom.held.stop_accepting();
         }
         let state = super::state::State::capture(
             self.clock,
             self.observer.tracker().agents(),
             |pid| self.actions.identity_of(pid),
             &self.metrics,
+            self.datapath.secure_sessions(),
         );
         match takeover::hand_over(request, &self.succession.fds, &state) {
             Ok(()) => {
-                log::info!(
-                    "event=handed_over peer_pid={peer} agents={}",
-                    state.agents.len()
+                event!(
+                    info,
+                    "handed_over",
+                    peer_pid = peer,
+                    agents = state.agents.len(),
                 );
+                // Those accepted here are answered (with the counters as handed over, which
+                // the successor's only grow from), then closed.
+                if let Some(prom) = self.prom.take() {
+                    prom.finish(SCRAPE_GRACE).await;
+                }
                 true
             }
             Err(e) => {
-                log::warn!(
-                    "event=takeover_failed peer_pid={peer} error={} action=carry_on",
-                    crate::sys::text::LogValue(&e.to_string())
+                event!(
+                    warn,
+                    "takeover_failed",
+                    peer_pid = peer,
+                    error:% = e,
+                    action = "carry_on",
                 );
-                if let Some(prom) = self.prom.take() {
-                    let listener = prom.listener.try_clone().map(std::net::TcpListener::from);
-                    let served = match listener {
-                        Ok(listener) => crate::daemon::http::serve(
-                            prom.addr,
-                            Some(listener),
-                            self.metrics.clone(),
-                            self.config.prom_token.clone(),
-                            self.config.prom_rate_limit,
-                            self.probes.clone(),
-                        )
-                        .await
-                        .ok(),
-                        Err(_) => None,
-                    };
-                    if served.is_none() {
-                        log::error!(
-                            "event=metrics_server_failed error=\"serving again after the failed takeover\""
-                        );
-                    }
-                    self.prom = served;
+                if let Some(prom) = &self.prom {
+                    prom.held.resume_accepting();
                 }
                 false
             }
@@ -314,9 +327,11 @@ impl<D: Datapath> EventLoop<'_, D> {
         let has_control = control.is_some();
         tokio::select! {
             request = async { control.expect("guarded").next().await }, if has_control => {
-                log::info!(
-                    "event=takeover_requested peer_pid={} version={}",
-                    request.peer_pid, request.version
+                event!(
+                    info,
+                    "takeover_requested",
+                    peer_pid = request.peer_pid,
+                    version = request.version,
                 );
                 self.takeover = Some(request);
                 Ok(true)
@@ -356,9 +371,9 @@ impl<D: Datapath> EventLoop<'_, D> {
             // Gone agents' series are dropped when their retention ends.
             () = tokio::time::sleep(sweep.unwrap_or_default()), if sweep.is_some() => Ok(false),
             // /healthz probes and systemd's watchdog, answered only while this loop turns.
-            () = self.health.answer_next() => Ok(false),
+            () = self.health.answer_next(&mut self.checkpoint_waiting) => Ok(false),
             () = tokio::time::sleep_until(shutdown_at.unwrap_or_else(tokio::time::Instant::now)), if shutdown_at.is_some() => {
-                log::info!("event=shutdown reason=shutdown_after_secs");
+                event!(info, "shutdown", reason = "shutdown_after_secs");
                 Ok(true)
             }
         }
@@ -372,7 +387,7 @@ impl<D: Datapath> EventLoop<'_, D> {
             .inc();
         match sig {
             Signal::Term | Signal::Int => {
-                log::info!("event=shutdown signal={}", sig.name());
+                event!(info, "shutdown", signal = sig.name());
                 return true;
             }
             Signal::Hup => {
@@ -434,6 +449,7 @@ impl<D: Datapath> EventLoop<'_, D> {
         let since = self.checkpointed.elapsed().as_millis() as u64;
         if since >= super::state::CHECKPOINT_MS
             || (stalled && since >= super::state::STALL_CHECKPOINT_MS)
+            || !self.checkpoint_waiting.is_empty()
         {
             self.checkpoint();
         }
@@ -451,13 +467,18 @@ impl<D: Datapath> EventLoop<'_, D> {
             self.observer.tracker().agents(),
             |pid| self.actions.identity_of(pid),
             &self.metrics,
+            self.datapath.secure_sessions(),
         );
         if let Err(e) = state.save(&self.state_path) {
-            log::warn!(
-                "event=state_save_failed path={} error={}",
-                q(self.state_path.display()),
-                q(e)
+            event!(
+                warn,
+                "state_save_failed",
+                path:% = self.state_path.display(),
+                error:% = e,
             );
+        }
+        for waiting in self.checkpoint_waiting.drain(..) {
+            let _ = waiting.send(());
         }
     }
 
@@ -466,16 +487,20 @@ impl<D: Datapath> EventLoop<'_, D> {
         let new = match crate::config::reload(self.config) {
             Ok(new) => new,
             Err(e) => {
-                log::warn!("event=reload_rejected reason=\"{}\"", e.replace('"', "'"));
+                event!(warn, "reload_rejected", reason:% = e);
                 return;
             }
         };
         for key in self.config.settings.restart_only_changes(&new.settings) {
-            log::warn!("event=reload_needs_restart key={key}");
+            event!(warn, "reload_needs_restart", key = key);
         }
         let changed = self.config.settings.live_changes(&new.settings);
         if let Err(e) = self.datapath.set_limits(&new.limits) {
-            log::warn!("event=reload_rejected reason=\"updating the eBPF configuration: {e}\"");
+            event!(
+                warn,
+                "reload_rejected",
+                reason = format!("updating the eBPF configuration: {e}"),
+            );
             return;
         }
         self.observer.set_limits(&new.limits);
@@ -486,13 +511,14 @@ impl<D: Datapath> EventLoop<'_, D> {
         self.config.limits = new.limits;
         self.config.recovery = new.recovery;
         self.config.settings.adopt_live(&new.settings);
-        log::info!(
-            "event=reload changed={}",
-            if changed.is_empty() {
+        event!(
+            info,
+            "reload",
+            changed = if changed.is_empty() {
                 "none".to_owned()
             } else {
                 changed.join(",")
-            }
+            },
         );
     }
 
@@ -513,10 +539,11 @@ impl<D: Datapath> EventLoop<'_, D> {
                 Err(_) if deadline_passed => break,
                 Err(_) => {
                     // Past the grace period: killed, then reaped (their outcomes recorded).
-                    log::warn!(
-                        "event=shutdown_recoveries_killed running={} grace_ms={}",
-                        recovery.kill_all(),
-                        grace.as_millis()
+                    event!(
+                        warn,
+                        "shutdown_recoveries_killed",
+                        running = recovery.kill_all(),
+                        grace_ms = grace.as_millis(),
                     );
                     deadline_passed = true;
                     deadline = Instant::now() + KILL_REAP_GUARD;
@@ -529,17 +556,19 @@ impl<D: Datapath> EventLoop<'_, D> {
     fn snapshot(&self) {
         let now_ns = self.clock.now_ns();
         let tracker = self.observer.tracker();
-        log::info!("event=snapshot agents={}", tracker.len());
+        event!(info, "snapshot", agents = tracker.len());
         for (pid, agent) in tracker.agents() {
-            log::info!(
-                "event=snapshot_agent pid={pid} frame_pid={} last_beat_age_ms={} status={} stalled={} dead={} last_nonce={} transport={}",
-                agent.frame_pid,
-                now_ns.saturating_sub(agent.last_beat_ns) / 1_000_000,
-                agent.status.name(),
-                agent.stalled,
-                agent.dead,
-                agent.last_nonce,
-                agent.origin.transport()
+            event!(
+                info,
+                "snapshot_agent",
+                pid = pid,
+                frame_pid = agent.frame_pid,
+                last_beat_age_ms = now_ns.saturating_sub(agent.last_beat_ns) / 1_000_000,
+                status = agent.status.name(),
+                stalled = agent.stalled,
+                dead = agent.dead,
+                last_nonce = agent.last_nonce,
+                transport = agent.origin.transport(),
             );
         }
     }

@@ -24,6 +24,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct Probes {
     ready: Arc<AtomicBool>,
     ping: mpsc::Sender<oneshot::Sender<()>>,
+    checkpoint: mpsc::Sender<oneshot::Sender<()>>,
 }
 
 impl Probes {
@@ -40,12 +41,34 @@ impl Probes {
         }
         matches!(tokio::time::timeout(PROBE_TIMEOUT, rx).await, Ok(Ok(())))
     }
+
+    /// Has the event loop write its state file after a scrape is encoded and before it is
+    /// answered, so no answered scrape shows a counter the state file does not hold: an
+    /// observer restarted after a crash carries on from at least what Prometheus last saw
+    /// (a counter going down would read as a reset). Requests queued together share one
+    /// write. Gives up after [`PROBE_TIMEOUT`] (a stuck loop must not stop scrapes), and at
+    /// once while the loop is not running (starting, or stopping: its counters no longer
+    /// move then).
+    pub async fn checkpoint(&self) {
+        if !self.ready() {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        let asked = async {
+            if self.checkpoint.send(tx).await.is_ok() {
+                let _ = rx.await;
+            }
+        };
+        // Timed out or not, the scrape is answered: the wait only orders the two.
+        let _ = tokio::time::timeout(PROBE_TIMEOUT, asked).await;
+    }
 }
 
 /// What the event loop holds.
 pub struct Health {
     ready: Arc<AtomicBool>,
     pings: mpsc::Receiver<oneshot::Sender<()>>,
+    checkpoints: mpsc::Receiver<oneshot::Sender<()>>,
     watchdog: Option<tokio::time::Interval>,
 }
 
@@ -53,6 +76,8 @@ impl Health {
     pub fn new() -> (Health, Probes) {
         let ready = Arc::new(AtomicBool::new(false));
         let (ping, pings) = mpsc::channel(8);
+        // Scrapes beyond these wait for room: a connection holds at most one.
+        let (checkpoint, checkpoints) = mpsc::channel(64);
         let watchdog = notify::watchdog_period().map(|period| {
             let mut interval = tokio::time::interval(period);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -62,9 +87,14 @@ impl Health {
             Health {
                 ready: ready.clone(),
                 pings,
+                checkpoints,
                 watchdog,
             },
-            Probes { ready, ping },
+            Probes {
+                ready,
+                ping,
+                checkpoint,
+            },
         )
     }
 
@@ -81,14 +111,22 @@ impl Health {
         notify::send(notify::NotifyState::Stopping);
     }
 
-    /// Waits for the next probe or watchdog tick and answers it. Cancel-safe (a `select!`
-    /// arm of the event loop): both waits are, and the answer is given without awaiting.
-    pub async fn answer_next(&mut self) {
+    /// Waits for the next probe or watchdog tick and answers it, or for checkpoint requests
+    /// (all those queued), which go to `checkpoint` for the loop to answer once it has
+    /// written the state. Cancel-safe (a `select!` arm of the event loop): every wait is,
+    /// and the rest is done without awaiting.
+    pub async fn answer_next(&mut self, checkpoint: &mut Vec<oneshot::Sender<()>>) {
         let watchdog = self.watchdog.as_mut();
         let has_watchdog = watchdog.is_some();
         tokio::select! {
             Some(reply) = self.pings.recv() => {
                 let _ = reply.send(());
+            }
+            Some(first) = self.checkpoints.recv() => {
+                checkpoint.push(first);
+                while let Ok(more) = self.checkpoints.try_recv() {
+                    checkpoint.push(more);
+                }
             }
             _ = async { watchdog.expect("guarded").tick().await }, if has_watchdog => {
                 notify::send(notify::NotifyState::Watchdog);

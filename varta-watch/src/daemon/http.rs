@@ -2,7 +2,7 @@
 //! loop answers) and /readyz (socket bound, datapath attached), which need no token.
 //! Connections are bounded in number and time (`http_conn`).
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -33,6 +33,7 @@ struct Scrape {
     metrics: Arc<Metrics>,
     token: Option<Arc<str>>,
     limiter: Option<Arc<ScrapeLimiter>>,
+    probes: Probes,
 }
 
 /// Scrapes per source address (`--prom-rate-limit-per-sec`, `--prom-rate-limit-burst`), on
@@ -74,13 +75,36 @@ impl Connected<IncomingStream<'_, LimitedListener>> for Peer {
 }
 
 /// The metrics endpoint being served: its address, its listening socket (kept to be handed
-/// over) and the task accepting on it (stopped before a handover).
+/// over) and its connections.
 pub struct Served {
     pub addr: SocketAddr,
     pub listener: std::os::fd::OwnedFd,
-    pub task: tokio::task::AbortHandle,
-    /// Its connections: a handover stops accepting, then waits for the requests in flight.
+    /// Its connections: a handover stops accepting first.
     pub held: Held,
+    /// Asks the server to end gracefully: requests read are answered, then it closes.
+    end: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    /// After a handover (accepting stopped): answers every connection this server accepted,
+    /// then closes them all; returns when done, or after `grace` at most. A connection not
+    /// read from yet is waited for first: hyper's graceful shutdown would close it unanswered.
+    pub async fn finish(self, grace: std::time::Duration) {
+        let end = tokio::time::Instant::now() + grace;
+        while self.held.unread() > 0 && tokio::time::Instant::now() < end {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // The server may have ended on its own (it logged why): nothing left to answer.
+        let _ = self.end.send(());
+        if tokio::time::timeout_at(end, self.task).await.is_err() {
+            event!(
+                warn,
+                "metrics_connections_cut",
+                grace_ms = grace.as_millis() as u64
+            );
+        }
+    }
 }
 
 /// Binds now (so a taken port fails start-up), or serves on `listener` (handed over by a
@@ -121,6 +145,7 @@ pub async fn serve(
                 clocks: Mutex::new(HashMap::new()),
             })
         }),
+        probes: probes.clone(),
     };
     let app = Router::new()
         .route("/metrics", get(scrape))
@@ -133,19 +158,65 @@ pub async fn serve(
         );
     let held = Held::default();
     let connections = held.clone();
+    let (end, ended) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let listener = LimitedListener::new(listener, connections);
         let service = app.into_make_service_with_connect_info::<Peer>();
-        if let Err(e) = axum::serve(listener, service).await {
-            log::error!("event=metrics_server_failed error={}", q(e));
+        let graceful = axum::serve(listener, service).with_graceful_shutdown(async move {
+            // Dropped unsent: the process is ending anyway, serve on until then.
+            if ended.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        });
+        if let Err(e) = graceful.await {
+            event!(error, "metrics_server_failed", error:% = e);
         }
     });
     Ok(Served {
         addr: bound,
         listener: kept,
-        task: task.abort_handle(),
         held,
+        end,
+        task,
     })
+}
+
+/// The probes of a held observer (`daemon::hold`), on its own listener: alive (`/healthz`
+/// 200), not ready (`/readyz` 503: it receives nothing), and a `/metrics` with no samples
+/// (its agents are counted by the observer that took over, under that one's target).
+pub fn serve_held(listener: std::net::TcpListener) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { (StatusCode::OK, "held\n") }))
+        .route(
+            "/readyz",
+            get(|| async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "held: another observer took over\n",
+                )
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    "# EOF\n",
+                )
+            }),
+        );
+    tokio::spawn(async move {
+        let listener = LimitedListener::new(listener, Held::default());
+        if let Err(e) = axum::serve(listener, app.into_make_service()).await {
+            event!(error, "metrics_server_failed", error:% = e);
+        }
+    });
+    Ok(())
 }
 
 async fn healthz(State(p): State<Probes>) -> (StatusCode, &'static str) {
@@ -203,6 +274,8 @@ async fn scrape(
     let Ok(body) = tokio::task::spawn_blocking(move || metrics.encode()).await else {
         return (StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n").into_response();
     };
+    // Answered only once the state file holds counters at least as high as these.
+    s.probes.checkpoint().await;
     (
         [(
             header::CONTENT_TYPE,

@@ -12,7 +12,7 @@
 //!   for [`IDLE_TIMEOUT`] between requests, or lives longer than [`MAX_LIFETIME`] (a client
 //!   that does not read), is closed.
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{
     io,
     net::{IpAddr, SocketAddr},
@@ -25,6 +25,7 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
+    sync::watch,
     time::{Instant, Sleep, sleep},
 };
 
@@ -43,7 +44,10 @@ struct Slot {
 
 #[derive(Debug)]
 struct SlotState {
-    /// A request was (partly) read and its response not yet written.
+    /// Bytes were read since hyper last flushed. Hyper flushes as soon as it has taken in
+    /// what arrived (before answering), so this is true only while a read is being taken
+    /// in: eviction in effect takes the connection whose last activity is oldest, and a
+    /// handover waits on `unread`, not on this.
     busy: bool,
     /// Since when `busy` has been what it is.
     idle_since: Instant,
@@ -60,21 +64,48 @@ pub struct LimitedListener {
 }
 
 /// The connections a listener holds, shared with whoever must know when they are done (a
-/// handover waits for the requests in flight before the process exits).
-#[derive(Clone, Debug, Default)]
-pub struct Held(Arc<Mutex<Vec<Weak<Slot>>>>);
+/// handover waits for the requests in flight before the process exits), and whether the
+/// listener accepts.
+#[derive(Clone, Debug)]
+pub struct Held {
+    slots: Arc<Mutex<Vec<Weak<Slot>>>>,
+    accepting: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Held {
+    fn default() -> Self {
+        Held {
+            slots: Arc::default(),
+            accepting: Arc::new(watch::Sender::new(true)),
+        }
+    }
+}
 
 impl Held {
-    /// Connections with a request in flight, or accepted less than
-    /// [`FIRST_BYTE_TIMEOUT`] ago and not read from yet.
-    pub fn pending(&self) -> usize {
-        let Ok(held) = self.0.lock() else { return 0 };
+    /// Accepts nothing more until [`Held::resume_accepting`]: the connections queued in the
+    /// kernel stay there for whoever holds the listening socket next. The held connections
+    /// are served on: stopping the server task instead would shut down the ones whose
+    /// request is not read yet without an answer (hyper's graceful shutdown closes a
+    /// connection it counts as idle).
+    pub fn stop_accepting(&self) {
+        self.accepting.send_replace(false);
+    }
+
+    pub fn resume_accepting(&self) {
+        self.accepting.send_replace(true);
+    }
+
+    /// Connections accepted less than [`FIRST_BYTE_TIMEOUT`] ago and not read from yet.
+    pub fn unread(&self) -> usize {
+        let Ok(held) = self.slots.lock() else {
+            return 0;
+        };
         held.iter()
             .filter_map(Weak::upgrade)
             .filter(|s| {
-                s.state.lock().is_ok_and(|st| {
-                    st.busy || (st.unread && st.idle_since.elapsed() < FIRST_BYTE_TIMEOUT)
-                })
+                s.state
+                    .lock()
+                    .is_ok_and(|st| st.unread && st.idle_since.elapsed() < FIRST_BYTE_TIMEOUT)
             })
             .count()
     }
@@ -87,7 +118,7 @@ impl LimitedListener {
 
     /// Makes room for a connection from `source`: `false` when none can be made.
     fn admit(&mut self, source: IpAddr) -> bool {
-        let Ok(mut registry) = self.held.0.lock() else {
+        let Ok(mut registry) = self.held.slots.lock() else {
             return false;
         };
         registry.retain(|w| w.strong_count() > 0);
@@ -143,8 +174,19 @@ impl axum::serve::Listener for LimitedListener {
 
     async fn accept(&mut self) -> (Conn, SocketAddr) {
         let mut failures = 0u64;
+        // The sender lives in `self.held`: the waits below end only by a change of value.
+        let mut accepting = self.held.accepting.subscribe();
         loop {
-            match self.inner.accept().await {
+            if accepting.wait_for(|on| *on).await.is_err() {
+                // Unreachable while `self.held` holds the sender; never spin.
+                std::future::pending::<()>().await;
+            }
+            let accepted = tokio::select! {
+                biased;
+                _ = accepting.wait_for(|on| !*on) => continue,
+                accepted = self.inner.accept() => accepted,
+            };
+            match accepted {
                 Ok((stream, addr)) => {
                     if !self.admit(addr.ip()) {
                         // Every held connection is serving a request: this one waits for
@@ -161,7 +203,7 @@ impl axum::serve::Listener for LimitedListener {
                             waker: None,
                         }),
                     });
-                    if let Ok(mut registry) = self.held.0.lock() {
+                    if let Ok(mut registry) = self.held.slots.lock() {
                         registry.push(Arc::downgrade(&slot));
                     }
                     return (Conn::new(stream, slot), addr);
@@ -170,7 +212,7 @@ impl axum::serve::Listener for LimitedListener {
                     // EMFILE and the like: back off instead of spinning; log once per
                     // thousand.
                     if failures.is_multiple_of(1000) {
-                        log::warn!("event=metrics_accept_failed error={}", q(e));
+                        event!(warn, "metrics_accept_failed", error:% = e);
                     }
                     failures += 1;
                     sleep(Duration::from_millis(100)).await;

@@ -11,6 +11,7 @@ use crate::{
     config::LivenessConfig,
     sys::{
         heartbeat::HeartbeatFile,
+        logger::event,
         watchdog::{HwWatchdog, Progress, SelfWatchdog},
     },
 };
@@ -77,7 +78,7 @@ impl Liveness {
     /// One round of the loop done; `took_beats` when it processed any.
     pub fn round(&mut self, took_beats: bool) {
         if took_beats && let Some(wedge) = self.wedge.take() {
-            log::warn!("event=inject_wedge ms={}", wedge.as_millis());
+            event!(warn, "inject_wedge", ms = wedge.as_millis());
             // The test hook: block the loop, as a bug would.
             std::thread::sleep(wedge);
         }

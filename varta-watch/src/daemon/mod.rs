@@ -3,6 +3,7 @@
 
 mod event_loop;
 mod health;
+mod hold;
 mod http;
 mod http_conn;
 mod liveness;
@@ -11,7 +12,7 @@ mod takeover;
 
 pub use health::Probes;
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{net::UdpSocket, os::unix::net::UnixDatagram, process::ExitCode, sync::Arc};
 
 use anyhow::{Context, Result};
@@ -38,20 +39,27 @@ pub fn run(line: &CommandLine) -> ExitCode {
         }
     };
     for (flag, why) in crate::config::warnings(&line.matches) {
-        log::warn!("event=flag_ignored flag={flag} reason=\"{why}\"");
+        event!(warn, "flag_ignored", flag = flag, reason:% = why);
     }
     if config.plaintext_udp {
-        log::warn!(
-            "event=plaintext_udp_unauthenticated addr={} reason=\"plaintext UDP frames are unauthenticated: anyone who can reach this port can claim any pid; use --key-file for secure UDP\"",
-            config.udp.map_or("-".to_owned(), |a| a.to_string())
+        event!(
+            warn,
+            "plaintext_udp_unauthenticated",
+            addr = config.udp.map(|a| a.to_string()),
+            reason = "plaintext UDP frames are unauthenticated: anyone who can reach this port \
+                      can claim any pid; use --key-file for secure UDP",
         );
     }
     if let Some(addr) = config.udp
         && !config.secure.is_empty()
         && !addr.ip().is_loopback()
     {
-        log::warn!(
-            "event=secure_udp_non_loopback addr={addr} reason=\"secure UDP listens beyond this host: any key holder on the network may claim any pid\""
+        event!(
+            warn,
+            "secure_udp_non_loopback",
+            addr:% = addr,
+            reason = "secure UDP listens beyond this host: any key holder on the network may \
+                      claim any pid",
         );
     }
     // Before any thread starts: they inherit it.
@@ -64,13 +72,19 @@ pub fn run(line: &CommandLine) -> ExitCode {
         .enable_all()
         .max_blocking_threads(2)
         .build();
-    let result = runtime
-        .context("starting the runtime")
-        .and_then(|rt| rt.block_on(start(config, passed)));
+    let result = runtime.context("starting the runtime").and_then(|rt| {
+        rt.block_on(async {
+            // Held (`--after-handover hold`): everything of the observer is gone by now.
+            match start(config, passed).await? {
+                Some(held) => held.run().await,
+                None => Ok(()),
+            }
+        })
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("event=fatal error={}", q(format!("{e:#}")));
+            event!(error, "fatal", error = format!("{e:#}"));
             ExitCode::FAILURE
         }
     }
@@ -92,16 +106,25 @@ struct Sockets {
     metrics: Option<std::net::TcpListener>,
 }
 
-async fn start(mut config: Config, passed: Vec<crate::sys::listen_fds::Passed>) -> Result<()> {
+/// Runs the observer; `Some` when it handed over and holds (`daemon::hold`).
+async fn start(
+    mut config: Config,
+    passed: Vec<crate::sys::listen_fds::Passed>,
+) -> Result<Option<hold::Held>> {
     let fds = crate::sys::fdlimit::raise().context("raising RLIMIT_NOFILE")?;
-    log::info!(
-        "event=fd_limit soft={} hard={} reserve={} watcher_budget={}",
-        fds.soft,
-        fds.hard,
-        crate::sys::fdlimit::RESERVE,
-        fds.watch_budget
+    event!(
+        info,
+        "fd_limit",
+        soft = fds.soft,
+        hard = fds.hard,
+        reserve = crate::sys::fdlimit::RESERVE,
+        watcher_budget = fds.watch_budget,
     );
-    let signals = install_signals(&config)?;
+    let mut signals = install_signals(&config)?;
+    // A container restarted in a pod that handed over: it must not take the node back.
+    if hold::marked(&config) {
+        return Ok(Some(hold::from_start(&config, signals)));
+    }
     let activated = sys_activated(&config, passed)?;
     // An observer running on this socket hands over its sockets and state, then exits
     // (unless the service manager passed the socket: it holds it between runs).
@@ -128,81 +151,75 @@ async fn start(mut config: Config, passed: Vec<crate::sys::listen_fds::Passed>) 
     } else {
         state::State::load(&state_path)
     };
-    let result = match start_ebpf(&config, &sockets, &drops) {
-        Ok(Some((mut datapath, kernel_drops, pins))) => {
-            // The filter passes secure-length datagrams up; they are read (or counted) here.
-            if let Some(udp) = &sockets.udp {
-                let receiver = udp_receiver(&config, udp.try_clone()?, &drops)?;
-                datapath.set_secure_udp(receiver);
-            }
-            let kernel = if pins.resume {
-                datapath.kernel_agents()
-            } else {
-                Vec::new()
-            };
-            let (resume, dropped) =
-                state::plan(Some(&pins), &kernel, saved, config.clock, handover);
-            for key in dropped {
-                datapath.restored(key, None);
-            }
-            let succession = succession(&config.socket, received, &sockets)?;
-            event_loop::serve(
-                datapath,
-                Some(kernel_drops),
-                &mut config,
-                signals,
-                drops,
-                sockets.rcvbuf,
-                resume,
-                state_path,
-                succession,
-            )
-            .await
-        }
-        Ok(None) => {
-            if config.fresh_state {
-                let _ = crate::datapath::ebpf::pins::remove(&config.pin_root, &config.socket);
-            }
-            let (resume, _) = state::plan(None, &[], saved, config.clock, handover);
-            let succession = succession(&config.socket, received, &sockets)?;
-            let udp = sockets
-                .udp
-                .as_ref()
-                .map(|udp| udp_receiver(&config, udp.try_clone()?, &drops))
-                .transpose()?;
-            let datapath = UserspaceDatapath::new(
-                sockets.uds.try_clone()?,
-                udp,
-                config.clock,
-                config.allow_cross_namespace,
-                config.junk_sample_one_in,
-                drops.clone(),
-            )?;
-            event_loop::serve(
-                datapath,
-                None,
-                &mut config,
-                signals,
-                drops,
-                sockets.rcvbuf,
-                resume,
-                state_path,
-                succession,
-            )
-            .await
-        }
-        Err(e) => Err(e),
+    // The secure UDP replay sessions go on with the sockets, whatever else is resumed.
+    let sessions = match &saved {
+        Ok(Some(state)) => state.secure.clone(),
+        _ => Vec::new(),
     };
+    let result = async {
+        let mut ebpf = start_ebpf(&config, &sockets, &drops)?;
+        let kernel = match &mut ebpf {
+            Some((datapath, _, pins)) if pins.resume => datapath.kernel_agents(),
+            _ => Vec::new(),
+        };
+        if ebpf.is_none() && config.fresh_state {
+            let _ = crate::datapath::ebpf::pins::remove(&config.pin_root, &config.socket);
+        }
+        let pins = ebpf.as_ref().map(|(_, _, pins)| pins);
+        let (resume, dropped) = state::plan(pins, &kernel, saved, config.clock, handover);
+        let run = event_loop::Run {
+            signals: &mut signals,
+            drops: drops.clone(),
+            rcvbuf: sockets.rcvbuf,
+            resume,
+            state_path,
+            succession: succession(&config.socket, received, &sockets)?,
+        };
+        let udp = sockets
+            .udp
+            .as_ref()
+            .map(|udp| udp_receiver(&config, udp.try_clone()?, &drops, &sessions))
+            .transpose()?;
+        match ebpf {
+            Some((mut datapath, kernel_drops, _)) => {
+                for key in dropped {
+                    datapath.restored(key, None);
+                }
+                // The filter passes secure-length datagrams up; they are read (or counted) here.
+                if let Some(receiver) = udp {
+                    datapath.set_secure_udp(receiver);
+                }
+                event_loop::serve(datapath, Some(kernel_drops), &mut config, run).await
+            }
+            None => {
+                let datapath = UserspaceDatapath::new(
+                    sockets.uds.try_clone()?,
+                    udp,
+                    config.clock,
+                    config.allow_cross_namespace,
+                    config.junk_sample_one_in,
+                    drops.clone(),
+                )?;
+                event_loop::serve(datapath, None, &mut config, run).await
+            }
+        }
+    }
+    .await;
     match result {
         // The successor receives on this socket now: its file stays.
-        Ok(event_loop::Ended::HandedOver) => Ok(()),
+        Ok(event_loop::Ended::HandedOver { peer_pid, metrics }) => {
+            Ok(config.hold.as_ref().map(|hold| {
+                let probes = metrics.map(std::net::TcpListener::from);
+                hold::after_handover(hold, signals, peer_pid, probes)
+            }))
+        }
         // The service manager's file stays; so does the file of an observer that was to
         // hand over (it carries on when this one fails before confirming).
-        _ if sockets.activated => result.map(drop),
+        _ if sockets.activated => result.map(|_| None),
         Err(e) if sockets.handed => Err(e),
         _ => {
             remove_socket_file(&sockets.file);
-            result.map(drop)
+            result.map(|_| None)
         }
     }
 }
@@ -220,10 +237,7 @@ fn succession(
     let control = match takeover::Control::listen(socket) {
         Ok(control) => Some(control),
         Err(e) => {
-            log::warn!(
-                "event=takeover_unavailable reason={}",
-                crate::sys::text::LogValue(&format!("{e:#}"))
-            );
+            event!(warn, "takeover_unavailable", reason = format!("{e:#}"));
             None
         }
     };
@@ -249,31 +263,41 @@ fn succession(
 /// At exit: the socket file goes, unless another observer's (or anyone's) replaced it.
 fn remove_socket_file(file: &crate::sys::sock::SocketFile) {
     if !file.remove() {
-        log::warn!(
-            "event=socket_file_kept path={} reason=\"it is not the socket this observer bound\"",
-            crate::sys::text::LogValue(&file.path().display().to_string())
+        event!(
+            warn,
+            "socket_file_kept",
+            path:% = file.path().display(),
+            reason = "it is not the socket this observer bound",
         );
     }
 }
 
 /// The daemon's reader of the UDP socket (secure frames; plaintext ones too on the
 /// userspace datapath).
-fn udp_receiver(config: &Config, udp: UdpSocket, drops: &Arc<DropCounters>) -> Result<UdpReceiver> {
-    let frames = UdpFrames::new(config.plaintext_udp, config.secure.clone());
+fn udp_receiver(
+    config: &Config,
+    udp: UdpSocket,
+    drops: &Arc<DropCounters>,
+    sessions: &[crate::datapath::secure::SavedSession],
+) -> Result<UdpReceiver> {
+    let mut frames = UdpFrames::new(config.plaintext_udp, config.secure.clone());
+    frames.restore_sessions(sessions);
     Ok(UdpReceiver::new(udp, frames, config.clock, drops.clone())?)
 }
 
 fn install_signals(config: &Config) -> Result<Signals> {
     let (signals, installed) =
         signal::install(config.signal_mode).context("installing signal handlers")?;
-    log::info!(
-        "event=signals_installed mode={} flags={:#x} restorer={} self_test=passed rseq_size={}",
-        if installed.direct { "direct" } else { "libc" },
-        installed.flags,
-        installed
+    event!(
+        info,
+        "signals_installed",
+        mode = if installed.direct { "direct" } else { "libc" },
+        flags = format!("{:#x}", installed.flags),
+        restorer = installed
             .restorer
             .map_or("none".to_owned(), |r| format!("{r:#x}")),
-        signal::rseq_size()
+        self_test = "passed",
+        rseq_size = signal::rseq_size(),
     );
     Ok(signals)
 }
@@ -370,7 +394,7 @@ fn sys_activated(
     let mut taken = Vec::new();
     for p in passed {
         let kind = crate::sys::fdpass::socket_kind(p.fd.as_fd())?;
-        let name = crate::sys::text::LogValue(&p.name).to_string();
+        let name = &p.name;
         match kind {
             (libc::AF_UNIX, libc::SOCK_DGRAM, _) if out.uds.is_none() => {
                 let uds = UnixDatagram::from(p.fd);
@@ -396,12 +420,15 @@ fn sys_activated(
                 taken.push(format!("metrics:{name}"));
                 out.metrics = Some(std::net::TcpListener::from(p.fd));
             }
-            _ => log::warn!(
-                "event=listen_fd_ignored name={name} reason=\"not a socket this observer uses\""
+            _ => event!(
+                warn,
+                "listen_fd_ignored",
+                name = name,
+                reason = "not a socket this observer uses",
             ),
         }
     }
-    log::info!("event=socket_activation sockets={}", taken.join(","));
+    event!(info, "socket_activation", sockets = taken.join(","));
     Ok(out)
 }
 
@@ -439,7 +466,7 @@ fn start_ebpf(
             anyhow::bail!("--datapath ebpf: {e}");
         }
         Err(e) => {
-            log::warn!("event=datapath_fallback datapath=userspace reason={}", q(e));
+            event!(warn, "datapath_fallback", datapath = "userspace", reason:% = e);
             crate::datapath::ebpf::detach(&sockets.uds, sockets.udp.as_ref());
             Ok(None)
         }

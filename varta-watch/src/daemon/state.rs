@@ -6,7 +6,8 @@
 //! this boot (`boot_id`), by this user, not writable by others.
 //!
 //! One line per item, tab-separated `key=value` fields, values percent-escaped:
-//! `varta-state 1`, `boot_id=..`, `clock=..`, `agent\t...`, `counter\t<sample>\t<value>`.
+//! `varta-state 1`, `boot_id=..`, `clock=..`, `agent\t...`, `counter\t<sample>\t<value>`,
+//! `secure\tkey=<hex>\tpid=..\tiv=<hex>\tcounter=..` (the secure UDP replay sessions).
 
 use std::{
     collections::HashMap,
@@ -21,6 +22,7 @@ use varta_common::Status;
 use crate::{
     actions::identity::Identity,
     actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel, SignalLabel},
+    datapath::secure::SavedSession,
     observer::tracker::Restored,
     sys::{clock::ClockSource, process::StartTime},
     vocab::beat::Origin,
@@ -58,6 +60,9 @@ pub struct State {
     pub agents: Vec<SavedAgent>,
     /// `name{labels}` -> value, of every `varta_*_total` sample.
     pub counters: Vec<(String, f64)>,
+    /// Secure UDP replay sessions, least recently seen first: a capture replayed after a
+    /// restart is refused as it was before.
+    pub secure: Vec<SavedSession>,
 }
 
 fn clock_name(c: ClockSource) -> &'static str {
@@ -99,6 +104,21 @@ fn unesc(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+fn hex(bytes: &[u8; 8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<[u8; 8]> {
+    if text.len() != 16 {
+        return None;
+    }
+    let mut out = [0u8; 8];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 impl State {
     /// The state of a running observer.
     pub fn capture<'a>(
@@ -106,6 +126,7 @@ impl State {
         agents: impl Iterator<Item = (&'a u32, &'a crate::observer::tracker::Agent)>,
         identity_of: impl Fn(u32) -> Identity,
         metrics: &Metrics,
+        secure: Vec<SavedSession>,
     ) -> State {
         let agents = agents
             .map(|(&pid, a)| SavedAgent {
@@ -139,6 +160,7 @@ impl State {
             clock: clock_name(clock).to_owned(),
             agents,
             counters,
+            secure,
         }
     }
 
@@ -180,6 +202,15 @@ impl State {
         for (sample, value) in &self.counters {
             out.push_str(&format!("counter\t{}\t{value}\n", esc(sample)));
         }
+        for s in &self.secure {
+            out.push_str(&format!(
+                "secure\tkey={}\tpid={}\tiv={}\tcounter={}\n",
+                hex(&s.key),
+                s.pid,
+                hex(&s.iv_random),
+                s.counter
+            ));
+        }
         out
     }
 
@@ -200,6 +231,21 @@ impl State {
                     state
                         .agents
                         .push(agent_of(&kv).ok_or_else(|| format!("bad line: {line}"))?);
+                }
+                Some("secure") => {
+                    let kv: HashMap<&str, &str> =
+                        fields.filter_map(|f| f.split_once('=')).collect();
+                    let session = (|| {
+                        Some(SavedSession {
+                            key: unhex(kv.get("key")?)?,
+                            pid: kv.get("pid")?.parse().ok()?,
+                            iv_random: unhex(kv.get("iv")?)?,
+                            counter: kv.get("counter")?.parse().ok()?,
+                        })
+                    })();
+                    state
+                        .secure
+                        .push(session.ok_or_else(|| format!("bad line: {line}"))?);
                 }
                 Some("counter") => {
                     let (Some(sample), Some(value)) = (fields.next(), fields.next()) else {
@@ -372,11 +418,67 @@ impl State {
 }
 
 /// What a starting observer takes back, and the one line that says so.
-#[derive(Default)]
 pub struct Resume {
     pub agents: Vec<SavedAgent>,
     pub state: Option<State>,
-    pub line: String,
+    pub said: Said,
+}
+
+/// The line a starting observer says about what it took back.
+pub enum Said {
+    /// Agents came back from a running observer, the pins or the state file.
+    Resumed {
+        agents: usize,
+        from: &'static str,
+        /// The observer that handed over: its pid and the handover version.
+        handover: Option<(u32, u32)>,
+        stalled: usize,
+        from_kernel_only: usize,
+        queued_beats: u64,
+        state_file: String,
+        pins: Option<String>,
+    },
+    /// Nothing to take back, and why.
+    Fresh {
+        reason: String,
+        pins: Option<String>,
+    },
+}
+
+impl Said {
+    pub fn log(&self) {
+        use crate::sys::logger::event;
+        match self {
+            Said::Resumed {
+                agents,
+                from,
+                handover,
+                stalled,
+                from_kernel_only,
+                queued_beats,
+                state_file,
+                pins,
+            } => event!(
+                info,
+                "resumed",
+                agents = agents,
+                from = from,
+                peer_pid = handover.map(|(pid, _)| pid),
+                version = handover.map(|(_, version)| version),
+                stalled = stalled,
+                from_kernel_only = from_kernel_only,
+                queued_beats = queued_beats,
+                state_file = state_file.as_str(),
+                pins = pins.as_deref(),
+            ),
+            Said::Fresh { reason, pins } => event!(
+                info,
+                "fresh",
+                reason = reason.as_str(),
+                pins = pins.as_deref(),
+            ),
+        }
+    }
 }
 
 /// Merges what the pinned maps know (`kernel`, when they were resumed) with the state file
@@ -479,34 +581,33 @@ pub fn plan(
     } else {
         None
     };
-    let line = match from {
-        Some(from) => format!(
-            "event=resumed agents={} from={from}{} stalled={stalled} from_kernel_only={from_kernel} queued_beats={} state_file=\"{}\" pins={}",
-            agents.len(),
-            handover.map_or(String::new(), |(pid, version)| format!(
-                " peer_pid={pid} version={version}"
-            )),
-            pins.and_then(|p| p.queued).unwrap_or(0),
-            state_note.replace('"', "'"),
-            pins.and_then(|p| p.dir.as_deref())
-                .map_or("-".to_owned(), |d| d.display().to_string()),
-        ),
-        None => format!(
-            "event=fresh reason=\"{}; state file: {}\" pins={}",
-            pins.map_or("the userspace datapath pins nothing".to_owned(), |p| p
-                .fresh_reason
-                .clone())
-                .replace('"', "'"),
-            state_note.replace('"', "'"),
-            pins.and_then(|p| p.dir.as_deref())
-                .map_or("-".to_owned(), |d| d.display().to_string()),
-        ),
+    let pins_dir = pins
+        .and_then(|p| p.dir.as_deref())
+        .map(|d| d.display().to_string());
+    let said = match from {
+        Some(from) => Said::Resumed {
+            agents: agents.len(),
+            from,
+            handover,
+            stalled,
+            from_kernel_only: from_kernel,
+            queued_beats: pins.and_then(|p| p.queued).unwrap_or(0),
+            state_file: state_note,
+            pins: pins_dir,
+        },
+        None => Said::Fresh {
+            reason: format!(
+                "{}; state file: {state_note}",
+                pins.map_or("the userspace datapath pins nothing", |p| &p.fresh_reason)
+            ),
+            pins: pins_dir,
+        },
     };
     (
         Resume {
             agents,
             state,
-            line,
+            said,
         },
         dropped,
     )
@@ -598,6 +699,12 @@ mod tests {
                 },
             }],
             counters: vec![("varta_beats_total{pid=\"42\"}".into(), 17.0)],
+            secure: vec![SavedSession {
+                key: [0xfe, 1, 2, 3, 4, 5, 6, 0x80],
+                pid: 9,
+                iv_random: [0, 0xff, 7, 7, 7, 7, 7, 1],
+                counter: u32::MAX,
+            }],
         };
         state.save(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().mode() & 0o777;
@@ -613,6 +720,7 @@ mod tests {
         assert!(a.agent.stalled && !a.agent.dead);
         assert_eq!(a.agent.started, Some(StartTime(77)));
         assert_eq!(back.counters, state.counters);
+        assert_eq!(back.secure, state.secure);
         // Another boot's file is refused.
         let other = State {
             boot_id: "another".into(),

@@ -2,8 +2,9 @@
 //! the way Envoy and HAProxy reload. The running one listens on a control socket next to
 //! its socket (`<socket>.ctl`, mode 0600, peers of another uid refused by `SO_PEERCRED`).
 //!
-//! 1. The newcomer connects and says which handover versions it speaks:
-//!    `varta-takeover versions=MIN-MAX pid=PID\n`.
+//! 1. The newcomer connects and says which handover versions it speaks, and its network
+//!    namespace (a field older builds ignore):
+//!    `varta-takeover versions=MIN-MAX pid=PID netns=DEV:INO\n`.
 //! 2. The running one picks the highest version both speak (or answers
 //!    `refused reason=...\n` and carries on), stops receiving, takes in and processes what
 //!    is already queued, then answers `ok version=V uds=1 udp=0|1 metrics=0|1 state_bytes=N
@@ -18,7 +19,6 @@
 //! Whatever arrives between 2 and 3 waits in the sockets' queues (and on eBPF in the pinned
 //! ring buffer): nothing the kernel accepted is lost.
 
-use crate::sys::text::q;
 use std::{
     io::{self, Read, Write},
     net::{TcpListener, UdpSocket},
@@ -33,7 +33,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use super::state::State;
-use crate::sys::{fdpass, sock::SocketFile, text::LogValue};
+use crate::sys::{fdpass, logger::event, sock::SocketFile};
 
 /// The handover versions this build speaks. Version 1: the exchange above, with the state
 /// as `daemon::state` encodes it (`varta-state 1`).
@@ -67,9 +67,14 @@ pub fn ctl_path(socket: &Path) -> PathBuf {
 /// This process's network namespace (`/proc/self/ns/net`'s device and inode): a metrics or
 /// UDP socket from another one (a pod of its own, hostNetwork false) is unreachable here.
 fn netns() -> String {
+    netns_of("self").unwrap_or_else(|| "-".to_owned())
+}
+
+/// A process's network namespace, as [`netns`] names it; `None` when unreadable.
+fn netns_of(pid: &str) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self/ns/net")
-        .map_or("-".to_owned(), |m| format!("{}:{}", m.dev(), m.ino()))
+    let m = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?;
+    Some(format!("{}:{}", m.dev(), m.ino()))
 }
 
 fn euid() -> u32 {
@@ -93,10 +98,11 @@ impl Received {
     /// Tells the previous observer this one receives now: it exits.
     pub fn confirm(mut self) {
         if let Err(e) = self.stream.write_all(b"taken\n") {
-            log::warn!(
-                "event=takeover_confirm_failed peer_pid={} error={}",
-                self.peer_pid,
-                q(e)
+            event!(
+                warn,
+                "takeover_confirm_failed",
+                peer_pid = self.peer_pid,
+                error:% = e,
             );
         }
     }
@@ -140,8 +146,9 @@ pub fn request(socket: &Path, refuse: bool) -> Result<Option<Received>> {
     let (min, max) = versions();
     writeln!(
         stream,
-        "varta-takeover versions={min}-{max} pid={}",
-        std::process::id()
+        "varta-takeover versions={min}-{max} pid={} netns={}",
+        std::process::id(),
+        netns()
     )?;
     // The header line, with the sockets attached to its first bytes.
     let mut buf = vec![0u8; 4096];
@@ -216,8 +223,11 @@ pub fn request(socket: &Path, refuse: bool) -> Result<Option<Received>> {
         .unwrap_or("-");
     if theirs != netns() && (udp.is_some() || metrics.is_some()) {
         // Another network namespace (a pod of its own): its IP sockets serve only there.
-        log::info!(
-            "event=takeover_network_sockets_not_taken reason=\"the running observer is in another network namespace: UDP and metrics are bound here anew\""
+        event!(
+            info,
+            "takeover_network_sockets_not_taken",
+            reason = "the running observer is in another network namespace: UDP and metrics \
+                      are bound here anew",
         );
         udp = None;
         metrics = None;
@@ -252,6 +262,8 @@ fn expect_kind(fd: BorrowedFd<'_>, ty: i32, listening: bool, what: &str) -> Resu
 pub struct Request {
     pub peer_pid: u32,
     pub version: u32,
+    /// It runs in this observer's network namespace, so it takes the metrics listener.
+    pub shares_network: bool,
     stream: UnixStream,
 }
 
@@ -324,9 +336,11 @@ async fn hello(stream: tokio::net::UnixStream) -> Option<Request> {
     let peer_pid = cred.pid().unwrap_or(0) as u32;
     let mut stream = tokio::io::BufReader::new(stream);
     let refuse = async |stream: &mut tokio::io::BufReader<tokio::net::UnixStream>, why: String| {
-        log::warn!(
-            "event=takeover_refused peer_pid={peer_pid} reason={}",
-            LogValue(&why)
+        event!(
+            warn,
+            "takeover_refused",
+            peer_pid = peer_pid,
+            reason = why.as_str()
         );
         let _ = stream
             .get_mut()
@@ -346,16 +360,21 @@ async fn hello(stream: tokio::net::UnixStream) -> Option<Request> {
         Ok(Ok(n)) if n > 0 && n < 512 => {}
         _ => return None,
     }
-    let theirs = line
-        .strip_prefix("varta-takeover ")
-        .and_then(|l| {
-            l.split_whitespace()
-                .find_map(|kv| kv.strip_prefix("versions="))
-        })
-        .and_then(|v| {
-            let (a, b) = v.split_once('-')?;
-            Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?))
-        });
+    let field = |key: &str| {
+        line.strip_prefix("varta-takeover ")?
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    };
+    // A newcomer of an older build does not say: its namespace is read from /proc (this
+    // observer sees its pid: the same pid namespace, or the newcomer could not reach it).
+    let shares_network = match field("netns") {
+        Some(theirs) => theirs == netns(),
+        None => netns_of(&peer_pid.to_string()).is_none_or(|theirs| theirs == netns()),
+    };
+    let theirs = field("versions").and_then(|v| {
+        let (a, b) = v.split_once('-')?;
+        Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?))
+    });
     let (min, max) = versions();
     let Some((their_min, their_max)) = theirs else {
         refuse(&mut stream, "not a takeover request".to_owned()).await;
@@ -377,6 +396,7 @@ async fn hello(stream: tokio::net::UnixStream) -> Option<Request> {
     Some(Request {
         peer_pid,
         version,
+        shares_network,
         stream,
     })
 }
@@ -395,6 +415,7 @@ pub fn hand_over(request: Request, fds: &Handed, state: &State) -> io::Result<()
         peer_pid,
         version,
         mut stream,
+        ..
     } = request;
     let text = state.encode();
     let header = format!(

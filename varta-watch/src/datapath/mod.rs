@@ -46,6 +46,9 @@ pub trait Datapath {
     /// The tracker evicted the agent `pid`: it is charged to the global bucket again.
     fn agent_untracked(&mut self, _pid: u32) {}
 
+    /// The secure UDP replay sessions, for the next instance (state file, handover).
+    fn secure_sessions(&self) -> Vec<secure::SavedSession>;
+
     /// New rate limits (SIGHUP reload).
     fn set_limits(&mut self, limits: &crate::config::Limits) -> anyhow::Result<()>;
 }

@@ -10,17 +10,41 @@
 //! `iv_counter` must strictly increase. At most [`SESSIONS`] sessions are remembered; when
 //! full, the session seen least recently is forgotten. A frame replayed from a forgotten
 //! session authenticates again, and is then refused by the tracker's per-agent nonce check
-//! while its agent is tracked.
+//! while its agent is tracked. The sessions outlive the observer ([`SavedSession`], in the
+//! state file and the takeover handover): the client's frame timestamp counts from its own
+//! start, so no freshness window could refuse a capture replayed after a restart.
 
 use std::collections::{HashMap, VecDeque};
 
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag, aead::AeadInPlace};
 use varta_common::{DropReason, FRAME_LEN, Frame, SECURE_FRAME_LEN, SECURE_MASTER_FRAME_LEN};
 
-use crate::config::secure_keys::SecureKeys;
+use crate::{config::secure_keys::SecureKeys, sys::logger::event};
 
 /// Sessions whose last counter is remembered.
 pub const SESSIONS: usize = 65_536;
+
+/// A session as the next instance takes it over: its key by fingerprint (the key files may
+/// list the keys in another order by then, and a key no longer configured opens nothing),
+/// the agent pid for a master-derived key (0 for a shared one), the sender's `iv_random`
+/// and the last counter accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SavedSession {
+    pub key: [u8; 8],
+    pub pid: u32,
+    pub iv_random: [u8; 8],
+    pub counter: u32,
+}
+
+/// A key's name in the state file: the start of a hash of it, never the key.
+fn fingerprint(key: &[u8; 32]) -> [u8; 8] {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"varta-session-key\0")
+        .chain_update(key)
+        .finalize();
+    digest[..8].try_into().expect("8 bytes")
+}
 
 /// What the UDP socket accepts: secure frames when keys are configured, plaintext ones
 /// with `--i-accept-plaintext-udp`; any other datagram is counted by why it was refused.
@@ -38,12 +62,26 @@ impl UdpFrames {
         }
     }
 
+    /// The replay sessions, least recently seen first.
+    pub fn sessions(&self) -> Vec<SavedSession> {
+        self.secure
+            .as_ref()
+            .map_or(Vec::new(), SecureDecoder::sessions)
+    }
+
+    /// Takes over a previous instance's sessions (those of keys still configured).
+    pub fn restore_sessions(&mut self, saved: &[SavedSession]) {
+        if let Some(secure) = &mut self.secure {
+            secure.restore_sessions(saved);
+        }
+    }
+
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Frame, DropReason> {
         match (bytes.len(), &mut self.secure) {
             (FRAME_LEN, _) if self.plaintext => {
                 let raw = bytes.try_into().expect("FRAME_LEN bytes");
                 Frame::decode(raw).map_err(|e| {
-                    log::debug!("event=decode_error transport=udp kind={}", e.name());
+                    event!(debug, "decode_error", transport = "udp", kind = e.name());
                     DropReason::from_decode(e)
                 })
             }
@@ -138,6 +176,46 @@ impl SecureDecoder {
         }
         self.fresh((slot.0, slot.1, iv_random), counter)?;
         Ok(frame)
+    }
+
+    fn fingerprint_of(&self, slot: u32) -> Option<[u8; 8]> {
+        match slot {
+            MASTER => self.keys.master.as_ref().map(|k| fingerprint(k)),
+            i => self.keys.shared.get(i as usize).map(|k| fingerprint(k)),
+        }
+    }
+
+    fn sessions(&self) -> Vec<SavedSession> {
+        let fingerprints: Vec<_> = (0..self.keys.shared.len() as u32)
+            .chain([MASTER])
+            .map(|slot| (slot, self.fingerprint_of(slot)))
+            .collect();
+        let key = |slot| fingerprints.iter().find(|(s, _)| *s == slot)?.1;
+        self.order
+            .iter()
+            .filter(|(session, tick)| self.seen.get(session) == Some(tick))
+            .filter_map(|(session @ (slot, pid, iv_random), _)| {
+                Some(SavedSession {
+                    key: key(*slot)?,
+                    pid: *pid,
+                    iv_random: *iv_random,
+                    counter: *self.last_counter.get(session)?,
+                })
+            })
+            .collect()
+    }
+
+    fn restore_sessions(&mut self, saved: &[SavedSession]) {
+        let slots: Vec<_> = (0..self.keys.shared.len() as u32)
+            .chain([MASTER])
+            .filter_map(|slot| Some((self.fingerprint_of(slot)?, slot)))
+            .collect();
+        for s in saved {
+            if let Some(&(_, slot)) = slots.iter().find(|(key, _)| *key == s.key) {
+                // Oldest first: the least recently seen stay first to be forgotten.
+                let _ = self.fresh((slot, s.pid, s.iv_random), s.counter);
+            }
+        }
     }
 
     /// Accepts a counter above its session's last one, remembering it.

@@ -147,3 +147,30 @@ fn session_state_is_bounded_and_forgets_the_least_recent() {
     assert!(!decoder.last_counter.contains_key(&first));
     assert_eq!(decoder.fresh((0, 1, [0; 8]), 1), Err(DropReason::Replay));
 }
+
+/// L7: a frame accepted before a restart is a replay after it, when the next instance took
+/// over the sessions; by key, whatever slot the key holds then, and only keys still held.
+#[test]
+fn sessions_outlive_the_decoder() {
+    for v in seal_vectors() {
+        let wire = hex(&v["expected_wire_hex"]);
+        let mut before = decoder_for(&v);
+        before.open(&wire).unwrap();
+        let saved = before.sessions();
+        assert_eq!(saved.len(), 1);
+
+        let mut after = decoder_for(&v);
+        // Another key first: the session's key moved to another slot.
+        after.keys.shared.insert(0, Zeroizing::new([0x11; 32]));
+        after.restore_sessions(&saved);
+        assert_eq!(after.open(&wire), Err(DropReason::Replay), "{}", v["id"]);
+
+        // A decoder without the session's key takes nothing over.
+        let mut other = SecureDecoder::new(SecureKeys {
+            shared: vec![Zeroizing::new([0x11; 32])],
+            master: Some(Zeroizing::new([0x22; 32])),
+        });
+        other.restore_sessions(&saved);
+        assert!(other.sessions().is_empty());
+    }
+}

@@ -13,7 +13,7 @@ use crate::{
     sys::readiness::Switchable,
     sys::recv::RecvBatch,
     vocab::{
-        beat::{Beat, Origin},
+        beat::{Beat, Origin, SenderStart},
         drops::DropCounters,
     },
 };
@@ -45,6 +45,11 @@ impl UdpReceiver {
             drops,
             more: false,
         })
+    }
+
+    /// The secure frames' replay sessions, for the next instance.
+    pub fn sessions(&self) -> Vec<super::secure::SavedSession> {
+        self.frames.sessions()
     }
 
     pub fn socket(&self) -> &UdpSocket {
@@ -107,6 +112,7 @@ impl UdpReceiver {
                         origin: Origin::Udp { source },
                         recv_ns: at,
                         rate_limited: false,
+                        sender: SenderStart::Unknown,
                     }),
                     // What the classic filter may sample (userspace datapath).
                     Err(reason @ DropReason::Decode(_)) => drops.add_junk(reason),

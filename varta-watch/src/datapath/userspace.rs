@@ -7,11 +7,14 @@
 //! beats are urgent or few, on a drain timer while they come in routine batches. Each beat
 //! carries its arrival time from the kernel, never the time it was drained.
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{
     collections::HashMap,
     io,
-    os::{fd::AsFd, unix::net::UnixDatagram},
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::net::UnixDatagram,
+    },
     sync::Arc,
 };
 
@@ -31,11 +34,12 @@ use crate::{
     sys::clock::ClockSource,
     sys::deadline::DeadlineTimer,
     sys::pidfd::ExitWatcher,
+    sys::process::StartTime,
     sys::procfs::{self, Sender},
     sys::readiness::Switchable,
     sys::recv::RecvBatch,
     sys::sock,
-    vocab::beat::{Beat, Origin},
+    vocab::beat::{Beat, Origin, SenderStart},
     vocab::drops::DropCounters,
 };
 
@@ -190,14 +194,15 @@ impl UserspaceDatapath {
             udp.stamp_arrivals()?;
             queue_limit = queue_limit.min(udp.queue_limit()?.max(1));
         }
-        log::info!("event=receive_pace queue_limit={queue_limit}");
+        event!(info, "receive_pace", queue_limit = queue_limit);
+        let pidfds = sock::passes_pidfds(&uds);
         Ok(UserspaceDatapath {
             uds: Switchable::new(uds)?,
             udp,
             batch: RecvBatch::new(BATCH),
             clock,
             drops,
-            attest: Attestor::new(Attestation::new(allow_cross_namespace)),
+            attest: Attestor::new(Attestation::new(allow_cross_namespace), pidfds),
             uds_more: false,
             junk,
             pace: Pace::new(queue_limit),
@@ -231,10 +236,12 @@ impl UserspaceDatapath {
             j.attach(self.uds.get_ref(), self.udp.as_ref(), sampling);
             self.drops
                 .set_junk_scale(if sampling { j.sample_one_in } else { 1 });
-            log::info!(
-                "event=junk_counting mode={} junk_per_s={per_window} sample_one_in={}",
-                if sampling { "sampled" } else { "exact" },
-                self.drops.junk_scale()
+            event!(
+                info,
+                "junk_counting",
+                mode = if sampling { "sampled" } else { "exact" },
+                junk_per_s = per_window,
+                sample_one_in = self.drops.junk_scale(),
             );
         }
     }
@@ -248,16 +255,20 @@ impl UserspaceDatapath {
             self.batch
                 .drain(self.uds.get_ref().as_fd(), self.clock, budget, |d, at| {
                     let beat = decode_plain(d.bytes, d.truncated).and_then(|frame| {
-                        attest.check(d.sender_pid, &frame).map(
-                            |Attested {
-                                 pid,
-                                 cross_namespace,
-                             }| Beat {
+                        attest.check(d.sender_pid, d.sender_pidfd, &frame).map(
+                            |(
+                                Attested {
+                                    pid,
+                                    cross_namespace,
+                                },
+                                sender,
+                            )| Beat {
                                 pid,
                                 frame,
                                 origin: Origin::Uds { cross_namespace },
                                 recv_ns: at,
                                 rate_limited: false,
+                                sender,
                             },
                         )
                     });
@@ -362,7 +373,7 @@ impl Datapath for UserspaceDatapath {
 
     fn drain(&mut self, out: &mut Vec<Beat>) {
         if let Err(e) = self.drain_both(out, super::DRAIN_BUDGET) {
-            log::warn!("event=receive_error error={}", q(e));
+            event!(warn, "receive_error", error:% = e);
         }
     }
 
@@ -372,6 +383,10 @@ impl Datapath for UserspaceDatapath {
 
     fn agent_untracked(&mut self, pid: u32) {
         self.seen.remove(&pid);
+    }
+
+    fn secure_sessions(&self) -> Vec<super::secure::SavedSession> {
+        self.udp.as_ref().map_or(Vec::new(), UdpReceiver::sessions)
     }
 
     fn set_limits(&mut self, _limits: &Limits) -> anyhow::Result<()> {
@@ -388,7 +403,7 @@ fn decode_plain(bytes: &[u8], truncated: bool) -> Result<Frame, DropReason> {
     };
     let raw = raw.ok_or(DropReason::Length)?;
     Frame::decode(raw).map_err(|e| {
-        log::debug!("event=decode_error transport=uds kind={}", e.name());
+        event!(debug, "decode_error", transport = "uds", kind = e.name());
         DropReason::from_decode(e)
     })
 }
@@ -427,11 +442,14 @@ impl JunkCounting {
         for (name, fd, filter) in sockets {
             let Some(fd) = fd else { continue };
             match sock::attach_classic_filter(fd, filter) {
-                Ok(()) => log::info!(
-                    "event=classic_filter_attached socket={name} instructions={} sample_one_in={one_in}",
-                    filter.len(),
+                Ok(()) => event!(
+                    info,
+                    "classic_filter_attached",
+                    socket = name,
+                    instructions = filter.len(),
+                    sample_one_in = one_in,
                 ),
-                Err(e) => log::warn!("event=classic_filter_failed socket={name} error={}", q(e)),
+                Err(e) => event!(warn, "classic_filter_failed", socket = name, error:% = e),
             }
         }
     }
@@ -463,39 +481,69 @@ impl Filters {
 /// Caches what /proc says of each sender for the shared [`Attestation`] decision.
 struct Attestor {
     decision: Attestation,
-    /// What /proc said of each sender, forgotten when its process exits.
-    senders: HashMap<u32, Sender>,
+    /// The socket hands over each sender's pidfd (Linux 6.5 and later).
+    pidfds: bool,
+    /// What /proc said of each sender (and when it started, read through its own pidfd),
+    /// forgotten when its process exits.
+    senders: HashMap<u32, (Sender, SenderStart)>,
     exits: ExitWatcher,
 }
 
 impl Attestor {
-    fn new(decision: Attestation) -> Self {
+    fn new(decision: Attestation, pidfds: bool) -> Self {
         Attestor {
             decision,
+            pidfds,
             senders: HashMap::new(),
             exits: ExitWatcher::new(),
         }
     }
 
-    /// The attested sender, or why the frame is refused.
-    fn check(&mut self, sender_pid: Option<u32>, frame: &Frame) -> Result<Attested, DropReason> {
+    /// The attested sender and when it started, or why the frame is refused.
+    fn check(
+        &mut self,
+        sender_pid: Option<u32>,
+        sender_pidfd: Option<OwnedFd>,
+        frame: &Frame,
+    ) -> Result<(Attested, SenderStart), DropReason> {
         // Without credentials nothing can be attested.
         let pid = sender_pid.ok_or(DropReason::Spoof)?;
-        let sender = match self.senders.get(&pid) {
-            Some(sender) => Some(*sender),
-            None => self.learn(pid),
+        let (sender, start) = match self.senders.get(&pid) {
+            Some(&(sender, start)) => (Some(sender), start),
+            None => self.learn(pid, sender_pidfd),
         };
-        self.decision.check(pid, sender.as_ref(), frame.pid)
+        let attested = self.decision.check(pid, sender.as_ref(), frame.pid)?;
+        Ok((attested, start))
     }
 
-    /// Reads a sender's namespace and `NSpid` and caches them until it exits.
-    fn learn(&mut self, pid: u32) -> Option<Sender> {
-        let pidfd = ExitWatcher::open(pid).ok()?;
-        let sender = procfs::sender(pid).ok()?;
+    /// Reads a sender's namespace and `NSpid` and caches them until it exits. Through the
+    /// sender's own pidfd (SCM_PIDFD) the read is bound to it: what /proc shows under its
+    /// pid is its until it is reaped, so a sender still holding its pid after the read gets
+    /// its start time attested, and one reaped by then (or before the datagram was
+    /// received: the kernel then hands over no pidfd) is known as gone. Without one, the pid is opened here, after the pid may have been
+    /// reused.
+    fn learn(&mut self, pid: u32, sender_pidfd: Option<OwnedFd>) -> (Option<Sender>, SenderStart) {
+        let (pidfd, bound) = match sender_pidfd {
+            Some(pidfd) => (pidfd, true),
+            None if self.pidfds => return (None, SenderStart::Exited),
+            None => match ExitWatcher::open(pid) {
+                Ok(pidfd) => (pidfd, false),
+                Err(_) => return (None, SenderStart::Unknown),
+            },
+        };
+        let read = procfs::sender(pid).ok().zip(StartTime::of(pid));
+        let start = match (bound, &read) {
+            (true, _) if !ExitWatcher::holds_pid(&pidfd) => return (None, SenderStart::Exited),
+            (true, Some((_, started))) => SenderStart::from_record(started.0 as u32),
+            _ => SenderStart::Unknown,
+        };
+        let Some((sender, _)) = read else {
+            return (None, start);
+        };
         if self.senders.len() < SENDER_CACHE && self.exits.watch(pid, pidfd).is_ok() {
-            self.senders.insert(pid, sender);
+            self.senders.insert(pid, (sender, start));
         }
-        Some(sender)
+        (Some(sender), start)
     }
 
     fn forget(&mut self, pid: u32) {

@@ -77,8 +77,13 @@ impl Observer {
     pub fn admit(&mut self, beat: &Beat, events: &mut Vec<Event>) {
         let admitted = self.gates.check(beat).and_then(|()| self.rate_limit(beat));
         let accepted = admitted.and_then(|()| {
-            self.tracker
-                .record(beat.pid, &beat.frame, beat.origin, beat.recv_ns)
+            self.tracker.record_attested(
+                beat.pid,
+                &beat.frame,
+                beat.origin,
+                beat.recv_ns,
+                beat.sender,
+            )
         });
         let accepted = match accepted {
             Ok(a) => a,
@@ -89,11 +94,13 @@ impl Observer {
         };
         let (pid, frame) = (beat.pid, beat.frame);
         let known = !matches!(accepted, Accepted::New { .. } | Accepted::Replaced);
+        let started = self.tracker.get(pid).and_then(|a| a.started);
         let new_agent = |evicted| Event::NewAgent {
             pid,
             frame_pid: frame.pid,
             origin: beat.origin,
             evicted,
+            started,
         };
         match accepted {
             Accepted::New { evicted } => events.push(new_agent(evicted)),

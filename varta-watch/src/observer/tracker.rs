@@ -25,7 +25,7 @@ use crate::{
     config::cli::EvictionPolicy,
     observer::stall::{Entry, StallQueue},
     sys::process::{Continuity, StartTime},
-    vocab::beat::Origin,
+    vocab::beat::{Origin, SenderStart},
 };
 
 /// Below this the nonce counts as wrapped around rather than replayed, when the last one
@@ -371,12 +371,25 @@ impl Tracker {
         }
     }
 
+    #[cfg(test)]
     pub fn record(
         &mut self,
         pid: u32,
         frame: &Frame,
         origin: Origin,
         now_ns: u64,
+    ) -> Result<Accepted, DropReason> {
+        self.record_attested(pid, frame, origin, now_ns, SenderStart::Unknown)
+    }
+
+    /// A beat of `pid`, whose sender started at `sender` (`Beat::sender`).
+    pub fn record_attested(
+        &mut self,
+        pid: u32,
+        frame: &Frame,
+        origin: Origin,
+        now_ns: u64,
+        sender: SenderStart,
     ) -> Result<Accepted, DropReason> {
         let before = self.agents.get(&pid).map(AgentState::of);
         let known = self.agents.get(&pid).map(|agent| {
@@ -390,13 +403,13 @@ impl Tracker {
             Some((outcome, started, false))
                 if self.another_process(pid, started, outcome, frame) =>
             {
-                self.insert_new(pid, origin);
+                self.insert_new(pid, origin, sender);
                 Accepted::Replaced
             }
             // A pid only claimed over UDP gives way to the process the kernel attests under
             // it: else a UDP claim could keep a local agent from ever being tracked (M7).
             Some((_, _, true)) => {
-                self.insert_new(pid, origin);
+                self.insert_new(pid, origin, sender);
                 Accepted::Replaced
             }
             Some((outcome, ..)) => outcome?,
@@ -406,7 +419,7 @@ impl Tracker {
                     Origin::Udp { .. } => None,
                 };
                 let evicted = self.make_room(uid)?;
-                self.insert_new(pid, origin);
+                self.insert_new(pid, origin, sender);
                 Accepted::New { evicted }
             }
         };
@@ -440,11 +453,11 @@ impl Tracker {
     }
 
     /// A new agent under `pid` (in place of the one there, if any).
-    fn insert_new(&mut self, pid: u32, origin: Origin) {
+    fn insert_new(&mut self, pid: u32, origin: Origin, sender: SenderStart) {
         let generation = self.next_generation;
         self.next_generation += 1;
         let (started, uid) = match origin {
-            Origin::Uds { .. } => ((self.start_time_of)(pid), (self.uid_of)(pid)),
+            Origin::Uds { .. } => self.read_sender(pid, sender),
             Origin::Udp { .. } => (None, None),
         };
         let mut agent = Agent::new(generation, origin, started);
@@ -455,6 +468,30 @@ impl Tracker {
         if let Some(old) = self.agents.insert(pid, agent) {
             self.uncount_uid(old.uid);
         }
+    }
+
+    /// The start time and uid of the process that beat as `pid`, from /proc, which shows
+    /// whoever holds the pid now: the sender may have exited and its pid been reused since
+    /// the beat. With the sender's start time known (`sender`), a process that started at
+    /// another time is not the sender, and with the sender known to have exited none is
+    /// (start time and uid unknown: the agent is never recovered while another process
+    /// holds the pid, `Continuity::Reused`); the uid counts only when the pid still holds
+    /// the same process after it was read.
+    fn read_sender(&mut self, pid: u32, sender: SenderStart) -> (Option<StartTime>, Option<u32>) {
+        let started = (self.start_time_of)(pid);
+        let theirs = match sender {
+            SenderStart::Exited => false,
+            SenderStart::Unknown => true,
+            SenderStart::Ticks(ticks) => started.is_some_and(|now| now.is_attested(ticks)),
+        };
+        if !theirs {
+            return (None, None);
+        }
+        let uid = (self.uid_of)(pid);
+        if (self.start_time_of)(pid) != started {
+            return (started, None);
+        }
+        (started, uid)
     }
 
     /// Takes back an agent a previous instance tracked: watched from its last beat (due at

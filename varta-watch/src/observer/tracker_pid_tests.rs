@@ -61,3 +61,60 @@ fn a_restart_from_another_process_is_a_new_agent() {
         Ok(Accepted::Restarted)
     );
 }
+
+/// L4: the pid of a first beat reused before /proc is read. With the start time the kernel
+/// attested, the process /proc shows is not taken for the sender: neither its start time
+/// nor its uid becomes the agent's (so it is never recovered, nor charged to that uid).
+#[test]
+fn a_pid_reused_before_the_first_read_never_lends_its_process() {
+    let mut t = Tracker::new(8, EvictionPolicy::Strict, T);
+    // Whoever holds the pid now started at tick 0x1_0000_0200 and belongs to uid 0.
+    t.read_start_times(|_| Some(StartTime(0x1_0000_0200)));
+    t.read_uids(8, |_| Some(0));
+    // The sender started at another tick: the pid was reused since its beat.
+    t.record_attested(10, &frame(10, 1), UDS, 0, SenderStart::Ticks(0x100))
+        .unwrap();
+    let agent = t.get(10).unwrap();
+    assert_eq!((agent.started, agent.uid), (None, None));
+    assert_eq!(t.of_uid(0), 0);
+    assert_eq!(
+        Continuity::of(agent.started, Some(StartTime(0x1_0000_0200))),
+        Continuity::Reused,
+        "recovery refuses it"
+    );
+    // A sender known to have exited before it was read: whatever holds the pid is not it.
+    t.record_attested(12, &frame(12, 1), UDS, 0, SenderStart::Exited)
+        .unwrap();
+    assert_eq!(t.get(12).map(|a| (a.started, a.uid)), Some((None, None)));
+    // The sender itself (the low 32 bits of its start time attested): known as it is.
+    t.record_attested(11, &frame(11, 1), UDS, 0, SenderStart::Ticks(0x200))
+        .unwrap();
+    let agent = t.get(11).unwrap();
+    assert_eq!(
+        (agent.started, agent.uid),
+        (Some(StartTime(0x1_0000_0200)), Some(0))
+    );
+}
+
+/// Without an attested start time, the uid read counts only if the pid held the same
+/// process before and after it.
+#[test]
+fn a_pid_reused_during_the_read_lends_no_uid() {
+    let reads = Arc::new(AtomicU64::new(0));
+    let mut t = Tracker::new(8, EvictionPolicy::Strict, T);
+    // The first read shows the sender (tick 100), every later one another process.
+    let n = reads.clone();
+    t.read_start_times(move |_| {
+        let ticks = if n.fetch_add(1, Ordering::Relaxed) == 0 {
+            100
+        } else {
+            200
+        };
+        Some(StartTime(ticks))
+    });
+    t.read_uids(8, |_| Some(0));
+    t.record(10, &frame(10, 1), UDS, 0).unwrap();
+    let agent = t.get(10).unwrap();
+    assert_eq!((agent.started, agent.uid), (Some(StartTime(100)), None));
+    assert_eq!(t.of_uid(0), 0);
+}

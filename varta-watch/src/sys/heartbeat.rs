@@ -2,7 +2,7 @@
 //! `ts=<unix seconds.ms> progress=<loop iterations>` rewritten in place at most once per
 //! [`EVERY`]. A checker compares two reads: a moving `progress` means the event loop runs.
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{
     fs::File,
     io,
@@ -51,10 +51,11 @@ impl HeartbeatFile {
             .and_then(|()| self.file.set_len(line.len() as u64));
         if let Err(e) = written {
             if self.failures.is_multiple_of(1000) {
-                log::warn!(
-                    "event=heartbeat_file_failed error={} failures={}",
-                    q(e),
-                    self.failures + 1
+                event!(
+                    warn,
+                    "heartbeat_file_failed",
+                    error:% = e,
+                    failures = self.failures + 1,
                 );
             }
             self.failures += 1;

@@ -1,18 +1,46 @@
-//! One line per event on stderr. Text: `ts=<unix seconds> level=<level> <key=value ...>`.
-//! JSON (`--log-format json`): the same fields as one object per line,
-//! `{"ts":1764012345.120,"level":"warn","event":"stall","pid":42,...}`: integers stay
-//! numbers, every other value is a string, a word without `=` goes to `"msg"`.
+//! One line per event on stderr, from typed fields. A call site names its event with a
+//! literal and gives each field once, typed ([`event!`], over `log`'s key-values):
+//!
+//! ```ignore
+//! event!(warn, "stall", pid = pid, silent_ms = ms, path:% = path.display(), error:% = e);
+//! ```
+//!
+//! and one encoder per format writes the record: text (`--log-format text`,
+//! `ts=1764012345.120 level=warn event=stall pid=42 path="/run/my dir"`) or JSON (one object
+//! per line, `{"ts":1764012345.120,"level":"warn","event":"stall","pid":42,...}`). Integers
+//! and bools stay typed in JSON, an absent value (`None`) is `-` in text and `null` in JSON,
+//! everything else is a string. A string is made printable (a control character becomes
+//! `\xNN`, as `sys::text::printable` does), then text writes it bare when it is one plain
+//! word and quoted otherwise, with `\"` and `\\` its only escapes; JSON escapes it as JSON.
+//! Call sites never quote: a path, an io error or a process name is just a value.
+//!
+//! Lines of other crates (aya, aya-log: free text) become `event=ebpf_log msg="..."`.
 
 use std::{
-    borrow::Cow,
     collections::HashMap,
     fmt::Write as _,
     io::Write,
     sync::{LazyLock, Mutex},
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use log::kv::{self, VisitSource, VisitValue};
 use varta_common::ratelimit::Limit;
+
+use crate::sys::text::push_printable;
+
+/// One event line: `event!(level, "name", key = value, key:% = display, ...)`. The name is
+/// a literal, so every event is found by grepping its name; `:%` takes a value by its
+/// `Display` (paths, errors, addresses), `:?` by its `Debug`.
+macro_rules! event {
+    ($level:ident, $name:literal $(,)?) => {
+        ::log::$level!($name)
+    };
+    ($level:ident, $name:literal, $($key:tt $(:$capture:tt)? = $value:expr),+ $(,)?) => {
+        ::log::$level!($($key $(:$capture)? = $value),+; $name)
+    };
+}
+pub(crate) use event;
 
 /// `--log-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -21,6 +49,223 @@ pub enum LogFormat {
     Text,
     /// `{"ts":...,"level":"...","event":"...",...}`
     Json,
+}
+
+/// A field's value, as the record typed it.
+#[derive(Debug, Clone, PartialEq)]
+enum Value {
+    /// `None`: `-` in text, `null` in JSON.
+    Absent,
+    /// An integer or a finite float, written as it is.
+    Number(String),
+    Bool(bool),
+    Str(String),
+}
+
+/// One event, ready for either encoder.
+#[derive(Debug)]
+struct Line<'a> {
+    ts: Duration,
+    level: &'a str,
+    event: &'a str,
+    fields: Vec<(String, Value)>,
+}
+
+/// The fields reserved for the line itself: a record's own field of that name is dropped.
+const RESERVED: [&str; 3] = ["ts", "level", "event"];
+
+impl<'a> Line<'a> {
+    /// What the rate limit counts it under: its event, and its outcome where it has one, so
+    /// a flood of recoveries that did not run (suppressed, refused) never silences the
+    /// lines of those that did.
+    fn kind(&self) -> String {
+        match self.fields.iter().find(|(key, _)| key == "outcome") {
+            Some((_, Value::Str(outcome))) => format!("{}:{outcome}", self.event),
+            _ => self.event.to_owned(),
+        }
+    }
+
+    /// The line of `record`: its literal message is the event name (ours), or it is another
+    /// crate's free text, kept as `msg`.
+    fn of(record: &'a log::Record<'a>, ts: Duration, level: &'a str) -> Line<'a> {
+        let ours = record.target().starts_with("varta_watch");
+        let (event, msg) = match record.args().as_str() {
+            Some(name) if ours => (name, None),
+            _ if ours => ("-", Some(record.args().to_string())),
+            _ => ("ebpf_log", Some(record.args().to_string())),
+        };
+        let mut line = Line {
+            ts,
+            level,
+            event,
+            fields: Vec::new(),
+        };
+        if let Some(msg) = msg {
+            line.push("msg", Value::Str(msg));
+        }
+        let _ = record.key_values().visit(&mut Fields(&mut line));
+        line
+    }
+
+    /// Adds a field unless its key is already there (each key once).
+    fn push(&mut self, key: &str, value: Value) {
+        if !RESERVED.contains(&key) && !self.fields.iter().any(|(k, _)| k == key) {
+            self.fields.push((key.to_owned(), value));
+        }
+    }
+
+    /// The text encoder.
+    fn text(&self, out: &mut String) {
+        let _ = write!(
+            out,
+            "ts={}.{:03} level={} event=",
+            self.ts.as_secs(),
+            self.ts.subsec_millis(),
+            self.level
+        );
+        text_value(out, &Value::Str(self.event.to_owned()));
+        for (key, value) in &self.fields {
+            out.push(' ');
+            text_value(out, &Value::Str(key.clone()));
+            out.push('=');
+            text_value(out, value);
+        }
+        out.push('\n');
+    }
+
+    /// The JSON encoder.
+    fn json(&self, out: &mut String) {
+        let _ = write!(
+            out,
+            "{{\"ts\":{}.{:03},\"level\":",
+            self.ts.as_secs(),
+            self.ts.subsec_millis()
+        );
+        json_string(out, self.level);
+        out.push_str(",\"event\":");
+        json_string(out, self.event);
+        for (key, value) in &self.fields {
+            out.push(',');
+            json_string(out, key);
+            out.push(':');
+            match value {
+                Value::Absent => out.push_str("null"),
+                Value::Number(n) => out.push_str(n),
+                Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+                Value::Str(s) => json_string(out, s),
+            }
+        }
+        out.push_str("}\n");
+    }
+}
+
+/// Collects a record's key-values as typed fields.
+struct Fields<'l, 'a>(&'l mut Line<'a>);
+
+impl<'kvs> VisitSource<'kvs> for Fields<'_, '_> {
+    fn visit_pair(&mut self, key: kv::Key<'kvs>, value: kv::Value<'kvs>) -> Result<(), kv::Error> {
+        let mut typed = Typed(None);
+        value.visit(&mut typed)?;
+        let value = typed.0.unwrap_or_else(|| Value::Str(value.to_string()));
+        self.0.push(key.as_str(), value);
+        Ok(())
+    }
+}
+
+/// One value's type, as `log` hands it over.
+struct Typed(Option<Value>);
+
+impl<'v> VisitValue<'v> for Typed {
+    fn visit_any(&mut self, value: kv::Value) -> Result<(), kv::Error> {
+        self.0 = Some(Value::Str(value.to_string()));
+        Ok(())
+    }
+    fn visit_null(&mut self) -> Result<(), kv::Error> {
+        self.0 = Some(Value::Absent);
+        Ok(())
+    }
+    fn visit_u64(&mut self, value: u64) -> Result<(), kv::Error> {
+        self.0 = Some(Value::Number(value.to_string()));
+        Ok(())
+    }
+    fn visit_i64(&mut self, value: i64) -> Result<(), kv::Error> {
+        self.0 = Some(Value::Number(value.to_string()));
+        Ok(())
+    }
+    fn visit_u128(&mut self, value: u128) -> Result<(), kv::Error> {
+        self.0 = Some(Value::Number(value.to_string()));
+        Ok(())
+    }
+    fn visit_i128(&mut self, value: i128) -> Result<(), kv::Error> {
+        self.0 = Some(Value::Number(value.to_string()));
+        Ok(())
+    }
+    fn visit_f64(&mut self, value: f64) -> Result<(), kv::Error> {
+        // JSON has no NaN or infinity: those stay words.
+        self.0 = Some(if value.is_finite() {
+            Value::Number(value.to_string())
+        } else {
+            Value::Str(value.to_string())
+        });
+        Ok(())
+    }
+    fn visit_bool(&mut self, value: bool) -> Result<(), kv::Error> {
+        self.0 = Some(Value::Bool(value));
+        Ok(())
+    }
+    fn visit_str(&mut self, value: &str) -> Result<(), kv::Error> {
+        self.0 = Some(Value::Str(value.to_owned()));
+        Ok(())
+    }
+    fn visit_char(&mut self, value: char) -> Result<(), kv::Error> {
+        self.0 = Some(Value::Str(value.to_string()));
+        Ok(())
+    }
+}
+
+/// Each character of `s` made printable (`sys::text::push_printable`) through `put`, which
+/// escapes for its format.
+fn printable_chars(s: &str, mut put: impl FnMut(char)) {
+    let mut shown = String::new();
+    for c in s.chars() {
+        shown.clear();
+        push_printable(&mut shown, c);
+        shown.chars().for_each(&mut put);
+    }
+}
+
+/// A text value: bare when it is one plain word, else quoted with `\"` and `\\`.
+fn text_value(out: &mut String, value: &Value) {
+    let s = match value {
+        Value::Absent => return out.push('-'),
+        Value::Number(n) => return out.push_str(n),
+        Value::Bool(b) => return out.push_str(if *b { "true" } else { "false" }),
+        Value::Str(s) => s,
+    };
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| !c.is_whitespace() && !c.is_control() && !matches!(c, '"' | '\\' | '='));
+    if plain {
+        return out.push_str(s);
+    }
+    out.push('"');
+    printable_chars(s, |c| match c {
+        '"' => out.push_str("\\\""),
+        '\\' => out.push_str("\\\\"),
+        c => out.push(c),
+    });
+    out.push('"');
+}
+
+/// A JSON string of `s`, made printable first (so it holds what the text line holds).
+fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    printable_chars(s, |c| match c {
+        '"' => out.push_str("\\\""),
+        '\\' => out.push_str("\\\\"),
+        c => out.push(c),
+    });
+    out.push('"');
 }
 
 struct LineLogger {
@@ -79,14 +324,6 @@ pub fn suppressed() -> Vec<(String, u64)> {
     SUPPRESSED.lock().map(|all| all.clone()).unwrap_or_default()
 }
 
-/// The `event=` of a line's fields, `-` when it has none.
-fn event_kind(fields: &str) -> &str {
-    fields
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("event="))
-        .unwrap_or("-")
-}
-
 impl log::Log for LineLogger {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
         metadata.level() <= self.level
@@ -99,27 +336,25 @@ impl log::Log for LineLogger {
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        let ts = format!("{}.{:03}", ts.as_secs(), ts.subsec_millis());
         let level = record.level().as_str().to_ascii_lowercase();
-        // Kernel-side diagnostics (aya-log) arrive as free text: keep them one line too.
-        let fields = if record.target().starts_with("varta_watch") {
-            record.args().to_string()
-        } else {
-            format!(
-                "event=ebpf_log msg=\"{}\"",
-                record.args().to_string().replace('"', "'")
-            )
-        };
-        let kind = event_kind(&fields);
-        let Some(suppressed) = self.quota.lock().ok().and_then(|mut q| q.admit(kind)) else {
+        let line = Line::of(record, ts, &level);
+        let kind = line.kind();
+        let Some(suppressed) = self.quota.lock().ok().and_then(|mut q| q.admit(&kind)) else {
             return;
         };
         let mut out = String::new();
         if suppressed > 0 {
-            let note = format!("event=log_suppressed kind={kind} lines={suppressed}");
-            self.push_line(&mut out, &ts, "warn", &note);
+            let mut note = Line {
+                ts,
+                level: "warn",
+                event: "log_suppressed",
+                fields: Vec::new(),
+            };
+            note.push("kind", Value::Str(kind));
+            note.push("lines", Value::Number(suppressed.to_string()));
+            self.encode(&note, &mut out);
         }
-        self.push_line(&mut out, &ts, &level, &fields);
+        self.encode(&line, &mut out);
         let _ = std::io::stderr().lock().write_all(out.as_bytes());
     }
 
@@ -127,14 +362,11 @@ impl log::Log for LineLogger {
 }
 
 impl LineLogger {
-    fn push_line(&self, out: &mut String, ts: &str, level: &str, fields: &str) {
+    fn encode(&self, line: &Line<'_>, out: &mut String) {
         match self.format {
-            LogFormat::Text => {
-                let _ = write!(out, "ts={ts} level={level} {fields}");
-            }
-            LogFormat::Json => out.push_str(&json_line(ts, level, fields)),
+            LogFormat::Text => line.text(out),
+            LogFormat::Json => line.json(out),
         }
-        out.push('\n');
     }
 }
 
@@ -154,109 +386,192 @@ pub fn init(format: LogFormat) {
     }
 }
 
-/// The `key=value` fields of a text line. A value may be `"quoted"`, with `\"` and `\\`
-/// inside (`sys::text::Quoted` writes them); its escapes are read back here.
-fn fields(text: &str) -> Vec<(&str, Cow<'_, str>)> {
-    let mut out = Vec::new();
-    let mut rest = text.trim_start();
-    while !rest.is_empty() {
-        let word_end = rest.find(' ').unwrap_or(rest.len());
-        match rest[..word_end].split_once('=') {
-            Some((key, _)) if !key.is_empty() => {
-                let value_start = key.len() + 1;
-                let after = &rest[value_start..];
-                let (value, used) = match after.strip_prefix('"') {
-                    Some(quoted) => unquote(quoted),
-                    None => {
-                        let end = after.find(' ').unwrap_or(after.len());
-                        (Cow::Borrowed(&after[..end]), end)
-                    }
-                };
-                out.push((key, value));
-                rest = after[used..].trim_start();
-            }
-            _ => {
-                out.push(("msg", Cow::Borrowed(&rest[..word_end])));
-                rest = rest[word_end..].trim_start();
-            }
-        }
-    }
-    out
-}
-
-/// A quoted value's text (after its opening quote) up to the closing quote, unescaped, and
-/// the bytes it took with both quotes; unterminated: the rest of the line.
-fn unquote(quoted: &str) -> (Cow<'_, str>, usize) {
-    let mut value = String::new();
-    let mut chars = quoted.char_indices();
-    while let Some((i, c)) = chars.next() {
-        match c {
-            '"' => {
-                return (
-                    if value.len() == i {
-                        Cow::Borrowed(&quoted[..i])
-                    } else {
-                        Cow::Owned(value)
-                    },
-                    i + 2,
-                );
-            }
-            '\\' => match chars.next() {
-                Some((_, next @ ('"' | '\\'))) => value.push(next),
-                Some((_, other)) => {
-                    value.push('\\');
-                    value.push(other);
-                }
-                None => value.push('\\'),
-            },
-            c => value.push(c),
-        }
-    }
-    (Cow::Owned(value), quoted.len() + 1)
-}
-
-fn json_line(ts: &str, level: &str, text: &str) -> String {
-    let mut line = format!("{{\"ts\":{ts},\"level\":\"{level}\"");
-    for (key, value) in fields(text) {
-        line.push_str(",\"");
-        escape_into(&mut line, key);
-        line.push_str("\":");
-        let value = value.as_ref();
-        let integer = !value.is_empty()
-            && value.len() < 19
-            && value
-                .trim_start_matches('-')
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-            && value != "-";
-        if integer {
-            line.push_str(value);
-        } else {
-            line.push('"');
-            escape_into(&mut line, value);
-            line.push('"');
-        }
-    }
-    line.push('}');
-    line
-}
-
-fn escape_into(out: &mut String, s: &str) {
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::{ffi::OsStr, os::unix::ffi::OsStrExt, path::Path};
+
+    use log::kv::Value as V;
+
     use super::*;
+
+    /// Both lines of a record with `kvs`, from target `target`.
+    fn encode(target: &str, args: std::fmt::Arguments<'_>, kvs: &[(&str, V<'_>)]) -> [String; 2] {
+        let record = log::Record::builder()
+            .args(args)
+            .target(target)
+            .level(log::Level::Warn)
+            .key_values(&kvs)
+            .build();
+        let line = Line::of(&record, Duration::from_millis(1_500), "warn");
+        let (mut text, mut json) = (String::new(), String::new());
+        line.text(&mut text);
+        line.json(&mut json);
+        [text, json]
+    }
+
+    #[test]
+    fn typed_fields_in_both_formats() {
+        let path = Path::new("/run/my dir/\"x\".sock");
+        let [text, json] = encode(
+            "varta_watch::actions",
+            format_args!("stall"),
+            &[
+                ("pid", V::from(42u32)),
+                ("delta", V::from(-3i64)),
+                ("known", V::from(true)),
+                ("child", log::kv::ToValue::to_value(&None::<u32>)),
+                ("path", V::from_display(&path.display())),
+                ("error", V::from("Permission denied (os error 13)")),
+                ("unit", V::from("w.service")),
+                ("pid", V::from(7u32)),
+                ("event", V::from("forged")),
+            ],
+        );
+        assert_eq!(
+            text,
+            "ts=1.500 level=warn event=stall pid=42 delta=-3 known=true child=- \
+             path=\"/run/my dir/\\\"x\\\".sock\" error=\"Permission denied (os error 13)\" \
+             unit=w.service\n"
+        );
+        assert_eq!(
+            json,
+            "{\"ts\":1.500,\"level\":\"warn\",\"event\":\"stall\",\"pid\":42,\"delta\":-3,\
+             \"known\":true,\"child\":null,\"path\":\"/run/my dir/\\\"x\\\".sock\",\
+             \"error\":\"Permission denied (os error 13)\",\"unit\":\"w.service\"}\n"
+        );
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["path"], "/run/my dir/\"x\".sock");
+        assert_eq!(v["pid"], 42);
+    }
+
+    #[test]
+    fn hostile_strings_stay_one_printable_value() {
+        let non_utf8 = Path::new(OsStr::from_bytes(b"/tmp/a\xffb"));
+        for (hostile, text_form, value) in [
+            ("a\"pid=1", r#""a\"pid=1""#, "a\"pid=1"),
+            ("back\\slash", r#""back\\slash""#, "back\\slash"),
+            ("a=b c", r#""a=b c""#, "a=b c"),
+            (
+                "nl\nevent=stall",
+                r#""nl\\x0aevent=stall""#,
+                "nl\\x0aevent=stall",
+            ),
+            ("esc\x1b[2J", r#""esc\\x1b[2J""#, "esc\\x1b[2J"),
+            ("nel\u{85}", r#""nel\\x85""#, "nel\\x85"),
+            ("", r#""""#, ""),
+            ("-", "-", "-"),
+        ] {
+            let [text, json] = encode(
+                "varta_watch::x",
+                format_args!("agent_new"),
+                &[("comm", V::from(hostile)), ("pid", V::from(1u32))],
+            );
+            assert_eq!(
+                text,
+                format!("ts=1.500 level=warn event=agent_new comm={text_form} pid=1\n")
+            );
+            assert!(
+                !text.trim_end().contains(|c: char| c.is_control()),
+                "{text:?}"
+            );
+            assert!(
+                !json.trim_end().contains(|c: char| c.is_control()),
+                "{json:?}"
+            );
+            let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(v["comm"], value, "{json}");
+            assert_eq!(v["pid"], 1);
+        }
+        let [text, json] = encode(
+            "varta_watch::x",
+            format_args!("file_error"),
+            &[("path", V::from_display(&non_utf8.display()))],
+        );
+        assert!(text.contains("path=/tmp/a\u{fffd}b\n"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["path"], "/tmp/a\u{fffd}b");
+    }
+
+    #[test]
+    fn other_crates_lines_are_kept_as_a_message() {
+        let [text, json] = encode("aya_log", format_args!("sender {} \"spoofed\"\n", 12), &[]);
+        assert_eq!(
+            text,
+            "ts=1.500 level=warn event=ebpf_log msg=\"sender 12 \\\"spoofed\\\"\\\\x0a\"\n"
+        );
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["event"], "ebpf_log");
+        assert_eq!(v["msg"], "sender 12 \"spoofed\"\\x0a");
+    }
+
+    /// Encodes what this thread logs through `log` (the macro's real path), as text.
+    struct Capture;
+
+    thread_local! {
+        static CAPTURED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            let mut out = String::new();
+            Line::of(record, Duration::ZERO, "info").text(&mut out);
+            CAPTURED.with(|c| c.borrow_mut().push(out));
+        }
+        fn flush(&self) {}
+    }
+
+    #[test]
+    fn the_macro_names_the_event_with_its_literal_and_types_its_fields() {
+        let _ = log::set_logger(&Capture);
+        log::set_max_level(log::LevelFilter::Trace);
+        let path = Path::new("/a b");
+        let e = std::io::Error::from_raw_os_error(2);
+        event!(info, "ready");
+        event!(
+            warn,
+            "file_error",
+            pid = 3u32,
+            child = None::<u32>,
+            known = false,
+            path:% = path.display(),
+            error:% = e,
+            kind:? = "q",
+        );
+        let lines = CAPTURED.with(|c| std::mem::take(&mut *c.borrow_mut()));
+        assert_eq!(
+            lines,
+            [
+                "ts=0.000 level=info event=ready\n",
+                "ts=0.000 level=info event=file_error pid=3 child=- known=false path=\"/a b\" \
+                 error=\"No such file or directory (os error 2)\" kind=\"\\\"q\\\"\"\n",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_outcome_is_a_kind_of_its_own() {
+        let line = |outcome: &str| Line {
+            ts: Duration::ZERO,
+            level: "info",
+            event: "recovery",
+            fields: vec![
+                ("pid".into(), Value::Number("7".into())),
+                ("outcome".into(), Value::Str(outcome.into())),
+            ],
+        };
+        assert_eq!(line("suppressed").kind(), "recovery:suppressed");
+        assert_ne!(line("suppressed").kind(), line("success").kind());
+        let stall = Line {
+            ts: Duration::ZERO,
+            level: "warn",
+            event: "stall",
+            fields: vec![("pid".into(), Value::Number("7".into()))],
+        };
+        assert_eq!(stall.kind(), "stall");
+    }
 
     #[test]
     fn a_flood_of_one_kind_is_counted_and_leaves_the_others_alone() {
@@ -275,62 +590,5 @@ mod tests {
                 .iter()
                 .any(|(k, n)| k == "critical" && *n == total)
         );
-        assert_eq!(event_kind("event=stall pid=1"), "stall");
-        assert_eq!(event_kind("msg=x"), "-");
-    }
-
-    #[test]
-    fn text_fields_become_one_json_object() {
-        let line = json_line(
-            "1.500",
-            "warn",
-            "event=recovery pid=42 outcome=failure detail=\"exit status: 3\" path=a\\b x=-",
-        );
-        assert_eq!(
-            line,
-            "{\"ts\":1.500,\"level\":\"warn\",\"event\":\"recovery\",\"pid\":42,\
-             \"outcome\":\"failure\",\"detail\":\"exit status: 3\",\"path\":\"a\\\\b\",\"x\":\"-\"}"
-        );
-    }
-
-    #[test]
-    fn words_without_a_key_and_odd_quotes_are_kept() {
-        assert_eq!(
-            fields("event=x free word=\"unterminated"),
-            vec![
-                ("event", "x".into()),
-                ("msg", "free".into()),
-                ("word", "unterminated".into())
-            ]
-        );
-    }
-
-    #[test]
-    fn a_quoted_hostile_value_stays_one_field() {
-        use crate::sys::text::Quoted;
-        for hostile in [
-            "a\"pid=1",
-            "\"x\"event=\"stall\"pid=\"1\".service",
-            "b\\",
-            "q\\\"",
-            "a b=c",
-        ] {
-            let text = format!("event=agent_new pid=7 comm={} unit=-", Quoted(hostile));
-            let got = fields(&text);
-            assert_eq!(
-                got,
-                vec![
-                    ("event", "agent_new".into()),
-                    ("pid", "7".into()),
-                    ("comm", hostile.into()),
-                    ("unit", "-".into())
-                ],
-                "{text}"
-            );
-            let json: serde_json::Value =
-                serde_json::from_str(&json_line("1.000", "info", &text)).unwrap();
-            assert_eq!(json["comm"], hostile);
-            assert_eq!(json["pid"], 7);
-        }
     }
 }

@@ -3,7 +3,7 @@
 //! datapath attached, `WATCHDOG=1` from the event loop at half of `$WATCHDOG_USEC`, and
 //! `STOPPING=1` when a shutdown begins. Without `$NOTIFY_SOCKET` every call does nothing.
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{io, os::unix::net::UnixDatagram, time::Duration};
 
 pub use sd_notify::NotifyState;
@@ -21,11 +21,12 @@ pub fn send(state: NotifyState<'_>) {
         None => sd_notify::notify(std::slice::from_ref(&state)),
     };
     if let Err(e) = result {
-        log::warn!(
-            "event=notify_failed state={} socket={} error={}",
-            q(state.to_string().trim_end()),
-            q(target.to_string_lossy()),
-            q(e)
+        event!(
+            warn,
+            "notify_failed",
+            state = state.to_string().trim_end(),
+            socket = target.to_string_lossy(),
+            error:% = e,
         );
     }
 }

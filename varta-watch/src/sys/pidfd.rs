@@ -3,7 +3,7 @@
 
 use std::{
     io,
-    os::fd::{FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
 use tokio::sync::mpsc;
@@ -28,8 +28,26 @@ impl ExitWatcher {
         ExitWatcher { tx, rx }
     }
 
+    /// Whether the process behind `pidfd` still holds its pid (running, or exited and not
+    /// yet reaped): then /proc/<pid> shows that process, nobody else. Signal 0 only checks;
+    /// EPERM (another user's process) says it exists too.
+    pub fn holds_pid(pidfd: &OwnedFd) -> bool {
+        // SAFETY: pidfd_send_signal with signal 0, no siginfo and no flags sends nothing.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                0,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+
     /// Opens a pidfd for `pid` now. Call it before reading anything about the process from
-    /// /proc: if the pid is reused between the two, both refer to the same new process.
+    /// /proc: if the pid is reused before this call, both refer to the new process (a
+    /// pidfd the sender itself passed, SCM_PIDFD, has no such gap).
     pub fn open(pid: u32) -> io::Result<OwnedFd> {
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };

@@ -4,6 +4,8 @@
 
 use std::io;
 
+use crate::sys::logger::event;
+
 /// Sets this process's nice value (threads started later inherit it). Lowering it below the
 /// current value needs CAP_SYS_NICE: without it the daemon says so in one line and goes on.
 pub fn set_nice(nice: i32) {
@@ -14,11 +16,14 @@ pub fn set_nice(nice: i32) {
     // starts every other thread of the daemon afterwards.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
     if rc == 0 {
-        log::info!("event=priority nice={nice}");
+        event!(info, "priority", nice = nice);
     } else {
         let e = io::Error::last_os_error();
-        log::warn!(
-            "event=priority_unchanged nice={nice} reason=\"{e}: lowering the nice value needs CAP_SYS_NICE\""
+        event!(
+            warn,
+            "priority_unchanged",
+            nice = nice,
+            reason = format!("{e}: lowering the nice value needs CAP_SYS_NICE"),
         );
     }
 }

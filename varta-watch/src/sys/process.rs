@@ -15,15 +15,25 @@ impl StartTime {
     /// The start time of the process holding `pid` now; `None` when there is none (or it
     /// cannot be read).
     pub fn of(pid: u32) -> Option<StartTime> {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Bytes: the command name may be any bytes, not UTF-8.
+        let stat = fs::read(format!("/proc/{pid}/stat")).ok()?;
         parse_stat(&stat)
+    }
+}
+
+impl StartTime {
+    /// Whether this is the start time the kernel attested for a beat's sender
+    /// (`BeatRecord::start_ticks`: the low 32 bits, 0 never matching).
+    pub fn is_attested(self, attested: u32) -> bool {
+        attested != 0 && self.0 as u32 == attested
     }
 }
 
 /// Field 22 of a `/proc/<pid>/stat` line. The command name (field 2) is in parentheses and
 /// may hold spaces and parentheses itself, so fields are counted after the last `)`.
-fn parse_stat(stat: &str) -> Option<StartTime> {
-    let rest = &stat[stat.rfind(')')? + 1..];
+fn parse_stat(stat: &[u8]) -> Option<StartTime> {
+    let close = stat.iter().rposition(|b| *b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
     // Field 3 (state) is the first after `)`: field 22 is the 20th.
     rest.split_whitespace().nth(19)?.parse().ok().map(StartTime)
 }
@@ -71,8 +81,12 @@ mod tests {
     fn the_start_time_is_field_22_whatever_the_command_name() {
         let fields: String = (3..=21).map(|f| format!(" {f}")).collect();
         let stat = format!("42 (a) b (c){fields} 777 23 24\n");
-        assert_eq!(parse_stat(&stat), Some(StartTime(777)));
-        assert_eq!(parse_stat("42 (short) S 1"), None);
+        assert_eq!(parse_stat(stat.as_bytes()), Some(StartTime(777)));
+        assert_eq!(parse_stat(b"42 (short) S 1"), None);
+        let mut name = b"42 (\xff\xfe)".to_vec();
+        name.extend_from_slice(fields.as_bytes());
+        name.extend_from_slice(b" 778 1\n");
+        assert_eq!(parse_stat(&name), Some(StartTime(778)), "a name not UTF-8");
     }
 
     #[test]

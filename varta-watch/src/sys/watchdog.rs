@@ -7,7 +7,7 @@
 //!   loop writes a byte on every kick, so a wedged loop stops kicking and the machine's
 //!   watchdog fires; a clean shutdown writes the magic `V` before closing, so it does not.
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{
     fs::{File, OpenOptions},
     io::{self, Write},
@@ -81,9 +81,11 @@ fn watch(progress: &Progress, period: Duration, stop: &AtomicBool) {
             seen = now;
             since = Instant::now();
         } else if since.elapsed() >= period && !stop.load(Ordering::Relaxed) {
-            log::error!(
-                "event=self_watchdog_abort stuck_ms={} progress={now}",
-                since.elapsed().as_millis()
+            event!(
+                error,
+                "self_watchdog_abort",
+                stuck_ms = since.elapsed().as_millis(),
+                progress = now,
             );
             std::process::abort();
         }
@@ -115,10 +117,11 @@ impl HwWatchdog {
         let Some(file) = &mut self.file else { return };
         if let Err(e) = file.write_all(b"k") {
             if self.failures.is_multiple_of(1000) {
-                log::warn!(
-                    "event=hw_watchdog_kick_failed error={} failures={}",
-                    q(e),
-                    self.failures + 1
+                event!(
+                    warn,
+                    "hw_watchdog_kick_failed",
+                    error:% = e,
+                    failures = self.failures + 1,
                 );
             }
             self.failures += 1;
@@ -129,8 +132,8 @@ impl HwWatchdog {
     pub fn close(&mut self) {
         if let Some(mut file) = self.file.take() {
             match file.write_all(b"V") {
-                Ok(()) => log::info!("event=hw_watchdog_closed magic=V"),
-                Err(e) => log::warn!("event=hw_watchdog_close_failed error={}", q(e)),
+                Ok(()) => event!(info, "hw_watchdog_closed", magic = "V"),
+                Err(e) => event!(warn, "hw_watchdog_close_failed", error:% = e),
             }
         }
     }

@@ -65,6 +65,32 @@ pub struct Beat {
     pub recv_ns: u64,
     /// The rate limits were applied already (in the kernel); else the observer applies them.
     pub rate_limited: bool,
+    /// What binds the pid to the process that beat when /proc is read later, after the pid
+    /// may have been reused.
+    pub sender: SenderStart,
+}
+
+/// When the sender of a beat started, as far as its datapath knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SenderStart {
+    /// Not known: /proc is taken at its word (UDP, a kernel without BTF or SCM_PIDFD).
+    Unknown,
+    /// At these clock ticks since boot, low 32 bits (`BeatRecord::start_ticks`; the
+    /// kernel's task on the eBPF datapath, /proc read through the sender's own pidfd on
+    /// the userspace one).
+    Ticks(u32),
+    /// The sender had exited before it could be read: nothing /proc shows is its.
+    Exited,
+}
+
+impl SenderStart {
+    /// From a ring record's `start_ticks` (0: the kernel did not read it).
+    pub fn from_record(start_ticks: u32) -> Self {
+        match start_ticks {
+            0 => SenderStart::Unknown,
+            t => SenderStart::Ticks(t),
+        }
+    }
 }
 
 impl Beat {

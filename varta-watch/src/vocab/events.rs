@@ -22,6 +22,9 @@ pub enum Event {
         frame_pid: u32,
         origin: Origin,
         evicted: Option<u32>,
+        /// When its process started (`None`: unknown, or the pid was reused before /proc
+        /// was read): what its identity, read later, must still match.
+        started: Option<StartTime>,
     },
     /// A Critical beat: surfaced at once.
     Critical {

@@ -36,6 +36,9 @@ pub struct Finished {
     pub pid: u32,
     pub outcome: Outcome,
     pub detail: String,
+    /// Why it did not run, for a refused or suppressed recovery: the `reason` label of
+    /// `varta_recovery_refused_total` or `varta_recovery_suppressed_total`.
+    pub reason: Option<&'static str>,
     /// The command's run, when it started (for the audit record).
     pub run: Option<Run>,
 }

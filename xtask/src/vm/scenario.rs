@@ -2,7 +2,12 @@
 //! judgement of what it printed. Expectations that depend on the kernel (attestation
 //! method, datapath) come from the daemon's own lines, never from a table here.
 
+use std::collections::HashMap;
+
 use super::guest::{Guest, event, fields, get};
+
+/// One parsed daemon log line.
+type Fields = HashMap<String, String>;
 
 const SPOOF: u64 = 50;
 const JUNK: u64 = 40;
@@ -44,7 +49,23 @@ pub fn judge(serial: &[String]) -> Report {
         release: get(g.mark("begin", None).as_ref(), "kernel"),
         ..Report::default()
     };
-    let p = &mut r.problems;
+    steps(&g, &mut r.problems);
+    let main = g.log("main");
+    datapath(&g, &main, &mut r);
+    let agent = get(g.mark("agent", None).as_ref(), "pid");
+    kernel_drops(&g, &agent, &mut r);
+    cross_namespace(&main, &mut r.problems);
+    stall_and_exit(&g, &main, &agent, &mut r);
+    restart(&g, &mut r.problems);
+    least_privilege(&g, &mut r);
+    if !g.marks.iter().any(|(t, _)| *t == "end") {
+        r.problems.push("the scenario did not finish".into());
+    }
+    r
+}
+
+/// Every step `/init` ran exited 0 within its time.
+fn steps(g: &Guest<'_>, p: &mut Vec<String>) {
     for (_, text) in g.marks.iter().filter(|(t, _)| *t == "step") {
         let f = fields(text);
         if f.get("rc").map(String::as_str) != Some("0") {
@@ -54,18 +75,21 @@ pub fn judge(serial: &[String]) -> Report {
             ));
         }
     }
+}
 
-    let main = g.log("main");
-    let ready = event(&main, "ready");
+/// The eBPF datapath loaded, with an attestation method, and the metric says what the ready
+/// line says.
+fn datapath(g: &Guest<'_>, main: &[Fields], r: &mut Report) {
+    let ready = event(main, "ready");
     r.datapath = get(ready, "datapath");
     r.attest = get(ready, "attest");
+    let p = &mut r.problems;
     if r.datapath != "ebpf" {
-        let why = get(event(&main, "datapath_fallback"), "reason");
+        let why = get(event(main, "datapath_fallback"), "reason");
         p.push(format!("datapath={} (reason: {why})", r.datapath));
     } else if r.attest == "-" {
         p.push("the ready line names no attest= method".into());
     }
-    // The metric says what the ready line says.
     let info = g.labels("varta_datapath_info");
     for (key, said) in [("mode", &r.datapath), ("attest", &r.attest)] {
         let exported = get(info.as_ref(), key);
@@ -75,8 +99,12 @@ pub fn judge(serial: &[String]) -> Report {
             ));
         }
     }
+}
 
-    let agent = get(g.mark("agent", None).as_ref(), "pid");
+/// The unprivileged agent is tracked, and every spoofed, junk, short and over-rate frame was
+/// counted and dropped in the kernel.
+fn kernel_drops(g: &Guest<'_>, agent: &str, r: &mut Report) {
+    let p = &mut r.problems;
     r.beats = g.metric(&format!("varta_beats_total{{pid=\"{agent}\"}}"));
     if r.beats.unwrap_or(0.0) < 1.0 {
         p.push(format!(
@@ -138,7 +166,10 @@ pub fn judge(serial: &[String]) -> Report {
             delivered - accepted
         ));
     }
+}
 
+/// The agent in a child pid namespace is tracked under its host pid, and said so.
+fn cross_namespace(main: &[Fields], p: &mut Vec<String>) {
     let cross = main.iter().find(|f| {
         f.get("event").map(String::as_str) == Some("agent_new")
             && f.get("cross_namespace").map(String::as_str) == Some("true")
@@ -151,25 +182,33 @@ pub fn judge(serial: &[String]) -> Report {
             "cross-namespace agent not tracked under its host pid: {other:?}"
         )),
     }
-    if event(&main, "cross_namespace_sender").is_none() {
+    if event(main, "cross_namespace_sender").is_none() {
         p.push("no event=cross_namespace_sender line".into());
     }
+}
 
+/// The wedged agent's stall was surfaced and SIGTERM ended the daemon with status 0.
+fn stall_and_exit(g: &Guest<'_>, main: &[Fields], agent: &str, r: &mut Report) {
     r.stall = main.iter().any(|f| {
-        f.get("event").map(String::as_str) == Some("stall") && f.get("pid") == Some(&agent)
+        f.get("event").map(String::as_str) == Some("stall")
+            && f.get("pid").map(String::as_str) == Some(agent)
     });
     if !r.stall {
-        p.push(format!("no stall surfaced for pid {agent}"));
+        r.problems
+            .push(format!("no stall surfaced for pid {agent}"));
     }
     r.sigterm = g
         .mark("sigterm", None)
         .and_then(|f| f.get("rc")?.parse().ok());
     if r.sigterm != Some(0) {
-        p.push(format!("SIGTERM exit status {:?}", r.sigterm));
+        r.problems
+            .push(format!("SIGTERM exit status {:?}", r.sigterm));
     }
+}
 
-    // The restart: the second instance resumed the pins and ran to a clean exit (its
-    // steps, resumed and the agent's stall, are judged with the others above).
+/// The second instance resumed the pins and ran to a clean exit (its steps, resumed and the
+/// agent's stall, are judged with the others).
+fn restart(g: &Guest<'_>, p: &mut Vec<String>) {
     let restart = g.log("restart");
     let resumed = event(&restart, "resumed");
     if get(resumed, "from") != "pins" {
@@ -186,13 +225,6 @@ pub fn judge(serial: &[String]) -> Report {
             "SIGTERM exit status after the restart {restart_sigterm:?}"
         ));
     }
-
-    least_privilege(&g, &mut r);
-    let p = &mut r.problems;
-    if !g.marks.iter().any(|(t, _)| *t == "end") {
-        p.push("the scenario did not finish".into());
-    }
-    r
 }
 
 fn expect(p: &mut Vec<String>, what: &str, got: Option<f64>, want: Option<f64>) {

@@ -286,14 +286,19 @@ fn bench(args: &[String]) {
         });
     }
     for o in &observers {
-        for takeover in [false, true] {
-            if takeover && o.incumbent {
-                continue;
+        for load in [
+            scenarios::RestartLoad::Light,
+            scenarios::RestartLoad::Rate20k,
+        ] {
+            for takeover in [false, true] {
+                if takeover && o.incumbent {
+                    continue;
+                }
+                eprintln!("varta-bench: {}: restart (takeover: {takeover})", o.name);
+                guarded(o, "restart", &mut notes, || {
+                    scenarios::restart(o, &opts, takeover, load, &mut figs)
+                });
             }
-            eprintln!("varta-bench: {}: restart (takeover: {takeover})", o.name);
-            guarded(o, "restart", &mut notes, || {
-                scenarios::restart(o, &opts, takeover, &mut figs)
-            });
         }
     }
     eprintln!("varta-bench: the floor: a null receiver");

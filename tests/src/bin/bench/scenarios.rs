@@ -433,26 +433,40 @@ pub fn sweep(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) -> (Vec<Step>, Opt
     (steps, stopped)
 }
 
-/// A restart in the middle: 16 agents connected once (as the upstream clients are) beat 20
-/// times a second, one more beats once 300 ms before and stays silent; the observer is
-/// stopped and started again (or, `takeover`, a second one is started on the same socket).
+/// The load a restart happens under.
+#[derive(Clone, Copy)]
+pub enum RestartLoad {
+    /// 16 agents at 20 beats/s.
+    Light,
+    /// The rate scenario's 20k beats/s: 64 agents at 312 beats/s.
+    Rate20k,
+}
+
+/// A restart in the middle: agents connected once (as the upstream clients are) beat at
+/// `load`, one more beats once 300 ms before and stays silent; the observer is stopped and
+/// started again (or, `takeover`, a second one is started on the same socket).
 /// Figures: beats the agents sent that no instance counted, and how late the silent agent's
 /// stall came beyond its deadline (or that it never came).
-pub fn restart(obs: &Observer, opts: &Opts, takeover: bool, out: &mut Vec<Fig>) {
+pub fn restart(obs: &Observer, opts: &Opts, takeover: bool, load: RestartLoad, out: &mut Vec<Fig>) {
     const THRESHOLD_MS: u64 = 1000;
-    const AGENTS: usize = 16;
-    let scenario = if takeover {
-        "restart_takeover"
-    } else {
-        "restart_stop_start"
+    let (agents, per_agent, suffix) = match load {
+        RestartLoad::Light => (16, 20, ""),
+        RestartLoad::Rate20k => (64, 20_000 / 64, "_20k"),
     };
+    let scenario = if takeover {
+        format!("restart_takeover{suffix}")
+    } else {
+        format!("restart_stop_start{suffix}")
+    };
+    let scenario = scenario.as_str();
     let run = obs.start(&opts.dir, THRESHOLD_MS, &[]);
     // Ours carries its counters from the scenarios before (the state file): start from here.
     let baseline = run.family_sum("varta_beats_total").unwrap_or(0.0);
     let socket = run.socket.display().to_string();
-    let pacers: Vec<Child> = (0..AGENTS)
+    let per_agent = per_agent.to_string();
+    let pacers: Vec<Child> = (0..agents)
         .map(|_| {
-            helper(opts, &["pace", &socket, "20", "4000", "connected"])
+            helper(opts, &["pace", &socket, &per_agent, "4000", "connected"])
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap()

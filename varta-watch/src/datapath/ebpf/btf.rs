@@ -29,6 +29,8 @@ pub fn task_offsets() -> Result<TaskOffsets, BtfError> {
         task_tgid: member_offset(&btf, "task_struct", "tgid")?,
         task_thread_pid: member_offset(&btf, "task_struct", "thread_pid")?,
         pid_level: member_offset(&btf, "pid", "level")?,
+        task_group_leader: member_offset(&btf, "task_struct", "group_leader")?,
+        task_start_boottime: member_offset(&btf, "task_struct", "start_boottime")?,
         _pad: 0,
     })
 }

@@ -11,7 +11,7 @@ use aya::{
 use varta_common::filter::{Attest, FilterConfig, map, program};
 
 use super::{btf, caps};
-use crate::sys::procfs;
+use crate::sys::{logger::event, procfs};
 
 /// The object `cargo xtask build` embedded (empty in a plain `cargo build`).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/varta-ebpf.o"));
@@ -125,9 +125,11 @@ pub fn attach_uds(
         match prepare(method, config_map, config).and_then(|()| load(ebpf, method.uds_program())) {
             Ok(()) => {
                 for (earlier, reason) in &refused {
-                    log::info!(
-                        "event=ebpf_attest_skipped attest={} reason=\"{reason}\"",
-                        Attest::name(*earlier)
+                    event!(
+                        info,
+                        "ebpf_attest_skipped",
+                        attest = Attest::name(*earlier),
+                        reason:% = reason,
                     );
                 }
                 attach(ebpf, method.uds_program(), uds)?;
@@ -158,10 +160,13 @@ fn prepare(
     config_map: &mut Array<MapData, FilterConfig>,
     config: &mut FilterConfig,
 ) -> Result<(), String> {
-    config.task = Default::default();
-    if method == Attest::TaskRead {
-        config.task = btf::task_offsets().map_err(|e| e.to_string())?;
-    }
+    // Task_read needs the kernel's layout; the helper method reads only the sender's start
+    // time with it, and does without when the kernel publishes no BTF.
+    config.task = match (method, btf::task_offsets()) {
+        (_, Ok(offsets)) => offsets,
+        (Attest::TaskRead, Err(e)) => return Err(e.to_string()),
+        (Attest::PidTgidHelper, Err(_)) => Default::default(),
+    };
     config_map
         .set(0, *config, 0)
         .map_err(|e| format!("configuring the filter: {e}"))

@@ -9,7 +9,7 @@ mod load;
 pub mod pins;
 mod ring;
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{
     collections::{HashMap, HashSet},
     io,
@@ -80,6 +80,10 @@ pub struct EbpfDatapath {
     tracked_keys: HashMap<u32, u64>,
     /// Some agent is watched for a stall: ordinary beats are drained on the timer.
     watching: bool,
+    /// When the drain timer (rule 2) fires: kept here, not in `recv`'s future, which is
+    /// dropped whenever another arm of the main loop fires first (a probe, a scrape, a
+    /// signal): recreated each time, a frequent wake-up would keep putting it off.
+    drain_at: Option<tokio::time::Instant>,
     /// The records of one drain, reused.
     records: Vec<varta_common::filter::BeatRecord>,
     /// Reads the secure UDP frames the filter passes up unopened.
@@ -136,8 +140,12 @@ impl EbpfDatapath {
             .and_then(pins::pinned_ring_bytes)
             && pinned != ring_bytes
         {
-            log::info!(
-                "event=ebpf_ring_resumed bytes={pinned} wanted={ring_bytes} reason=\"the pinned ring keeps its size; --fresh-state resizes it\""
+            event!(
+                info,
+                "ebpf_ring_resumed",
+                bytes = pinned,
+                wanted = ring_bytes,
+                reason = "the pinned ring keeps its size; --fresh-state resizes it",
             );
             ring_bytes = pinned;
         }
@@ -145,14 +153,11 @@ impl EbpfDatapath {
             Ok(ebpf) => ebpf,
             Err(e) if pins.dir.is_some() => {
                 // Pins this process may not open or create: run without them, and say so.
-                log::warn!(
-                    "event=pins_unavailable dir={} reason={}",
-                    q(pins
-                        .dir
-                        .as_deref()
-                        .map(|d| d.display().to_string())
-                        .unwrap_or_default()),
-                    q(&e)
+                event!(
+                    warn,
+                    "pins_unavailable",
+                    dir = pins.dir.as_deref().map(|d| d.display().to_string()),
+                    reason:% = e,
                 );
                 pins = pins::Pins {
                     dir: None,
@@ -164,7 +169,12 @@ impl EbpfDatapath {
             }
             Err(e) => return Err(e),
         };
-        log::info!("event=ebpf_ring bytes={ring_bytes} tracker_capacity={tracker_capacity}");
+        event!(
+            info,
+            "ebpf_ring",
+            bytes = ring_bytes,
+            tracker_capacity = tracker_capacity,
+        );
         let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, log::logger())
             .ok()
             .and_then(|l| crate::sys::readiness::readable(l).ok());
@@ -207,6 +217,7 @@ impl EbpfDatapath {
                 tracked: maps.tracked,
                 tracked_keys: HashMap::new(),
                 watching: false,
+                drain_at: None,
                 records: Vec::new(),
                 secure_udp: None,
             },
@@ -330,7 +341,11 @@ impl Datapath for EbpfDatapath {
     }
 
     async fn recv(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
-        let armed = self.watching;
+        let drain_at = self.watching.then(|| {
+            *self
+                .drain_at
+                .get_or_insert_with(|| tokio::time::Instant::now() + DRAIN_INTERVAL)
+        });
         tokio::select! {
             tgid = self.exits.exited() => {
                 self.forget(tgid);
@@ -344,7 +359,7 @@ impl Datapath for EbpfDatapath {
                 return Ok(());
             }
             // Rule 2 of `varta_common::wakeup`: the drain timer runs only while watching.
-            () = tokio::time::sleep(DRAIN_INTERVAL), if armed => {}
+            () = tokio::time::sleep_until(drain_at.unwrap_or_else(tokio::time::Instant::now)), if drain_at.is_some() => {}
             ready = async { self.secure_udp.as_ref().expect("guarded").readable().await }, if self.secure_udp.is_some() => ready?,
         }
         self.drain(out);
@@ -353,18 +368,22 @@ impl Datapath for EbpfDatapath {
 
     /// Rule 3 of `varta_common::wakeup`: called before every stall decision.
     fn drain(&mut self, out: &mut Vec<Beat>) {
+        self.drain_at = None;
         if let Some(Err(e)) = self
             .secure_udp
             .as_mut()
             .map(|udp| udp.drain(out, super::DRAIN_BUDGET))
         {
-            log::warn!("event=receive_error transport=udp error={}", q(e));
+            event!(warn, "receive_error", transport = "udp", error:% = e);
         }
         self.drain_ring(out);
     }
 
     fn set_watching(&mut self, watching: bool) {
         self.watching = watching;
+        if !watching {
+            self.drain_at = None;
+        }
     }
 
     fn agent_silent(&mut self, pid: u32, origin: &Origin) {
@@ -380,7 +399,7 @@ impl Datapath for EbpfDatapath {
             }
             // Full (a tracker above TRACKED_ENTRIES): charged to the global bucket like a
             // new sender, which only costs it beats under a flood.
-            Err(e) => log::debug!("event=ebpf_tracked_failed pid={pid} error={}", q(e)),
+            Err(e) => event!(debug, "ebpf_tracked_failed", pid = pid, error:% = e),
         }
     }
 
@@ -388,6 +407,12 @@ impl Datapath for EbpfDatapath {
         if let Some(key) = self.tracked_keys.remove(&pid) {
             let _ = self.tracked.remove(&key);
         }
+    }
+
+    fn secure_sessions(&self) -> Vec<super::secure::SavedSession> {
+        self.secure_udp
+            .as_ref()
+            .map_or(Vec::new(), super::udp::UdpReceiver::sessions)
     }
 
     fn set_limits(&mut self, limits: &Limits) -> anyhow::Result<()> {

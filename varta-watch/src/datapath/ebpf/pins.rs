@@ -4,7 +4,7 @@
 //! socket's filter, alive while connected clients hold that socket, keeps feeding them; a
 //! successor on the same socket path opens the same maps and drains the same ring.
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::{
     ffi::CString,
     io,
@@ -273,9 +273,11 @@ fn mount_bpffs(at: &Path) -> io::Result<()> {
     }
     // Only root may look inside (the maps hold every agent's pid and beat times).
     let _ = std::fs::set_permissions(at, std::os::unix::fs::PermissionsExt::from_mode(0o700));
-    log::info!(
-        "event=bpffs_mounted path={} reason=\"no bpffs was mounted there; the filter's maps are pinned under it\"",
-        q(at.display())
+    event!(
+        info,
+        "bpffs_mounted",
+        path:% = at.display(),
+        reason = "no bpffs was mounted there; the filter's maps are pinned under it",
     );
     Ok(())
 }

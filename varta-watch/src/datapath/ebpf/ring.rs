@@ -2,7 +2,7 @@
 //! beat's origin, and a cross-namespace sender the kernel asked about is verified here once
 //! (its verdict goes back to the kernel for its next frames).
 
-use crate::sys::text::q;
+use crate::sys::logger::event;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use varta_common::{
@@ -16,7 +16,7 @@ use varta_common::{
 use super::EbpfDatapath;
 use crate::{
     sys::{pidfd::ExitWatcher, procfs},
-    vocab::beat::{Beat, Origin},
+    vocab::beat::{Beat, Origin, SenderStart},
 };
 
 impl EbpfDatapath {
@@ -28,7 +28,7 @@ impl EbpfDatapath {
             let ring = self.ring.get_mut();
             while let Some(item) = ring.next() {
                 if item.len() < size_of::<BeatRecord>() {
-                    log::error!("event=ebpf_record_short len={}", item.len());
+                    event!(error, "ebpf_record_short", len = item.len());
                 } else {
                     // SAFETY: the item holds at least one BeatRecord, written by the
                     // program as a whole; the read copes with any alignment.
@@ -47,7 +47,7 @@ impl EbpfDatapath {
     fn handle(&mut self, rec: &BeatRecord, out: &mut Vec<Beat>) {
         let Ok(frame) = Frame::decode(&rec.frame) else {
             // The kernel validated it with the same decoder: this cannot happen.
-            log::error!("event=ebpf_record_invalid transport={}", rec.transport);
+            event!(error, "ebpf_record_invalid", transport = rec.transport);
             return;
         };
         let origin = match rec.transport {
@@ -87,7 +87,7 @@ impl EbpfDatapath {
                 }
             }
             other => {
-                log::error!("event=ebpf_record_invalid transport={other}");
+                event!(error, "ebpf_record_invalid", transport = other);
                 return;
             }
         };
@@ -106,6 +106,7 @@ impl EbpfDatapath {
             origin,
             recv_ns: rec.recv_ns,
             rate_limited: true,
+            sender: SenderStart::from_record(rec.start_ticks),
         });
     }
 
@@ -145,19 +146,21 @@ impl EbpfDatapath {
                 .map(drop);
         }
         if let Err(e) = self.verdicts.insert(tgid, verdict, 0) {
-            log::warn!("event=ebpf_verdict_failed tgid={tgid} error={}", q(e));
+            event!(warn, "ebpf_verdict_failed", tgid = tgid, error:% = e);
         } else {
             self.foreign.insert(tgid);
         }
-        log::info!(
-            "event=cross_namespace_sender tgid={tgid} own_pid={} frame_pid={} verdict={}",
-            sender.own_pid,
-            frame.pid,
-            if state == VERDICT_ALLOW {
+        event!(
+            info,
+            "cross_namespace_sender",
+            tgid = tgid,
+            own_pid = sender.own_pid,
+            frame_pid = frame.pid,
+            verdict = if state == VERDICT_ALLOW {
                 "allow"
             } else {
                 "deny_namespace"
-            }
+            },
         );
         self.attestation
             .check(tgid, Some(&sender), frame.pid)
