@@ -74,28 +74,30 @@ struct Pace {
     since_ns: u64,
     /// Routine datagrams received since `since_ns`, while waiting on readiness.
     routine: u64,
-    /// Beats the last wake-up delivered, and the rate-limit drops counted by then: when most
-    /// of them were refused over-rate, the queue is full of a flood.
-    delivered: u64,
+    /// Datagrams the last wake-up took, and the frames refused by then: when most of what
+    /// came in since was refused (over a rate, the tracker full...), the queue is full of a
+    /// flood.
+    taken: u64,
     refused: u64,
-    /// The last decision found a flood: drained at the longest interval, a little at each
-    /// tick ([`Pace::flood_budget`]).
+    /// The last decision found a flood: drained at the longest interval, a bounded part at
+    /// each tick ([`Pace::flood_budget`]).
     flood: bool,
 }
 
-/// The drops that say a beat was over its agent's or the global rate.
-fn refused_over_rate(drops: &DropCounters) -> u64 {
-    let all = drops.snapshot();
-    all[DropReason::RatePerPid.index()] + all[DropReason::RateGlobal.index()]
+/// Frames refused so far, for any reason (over a rate, the tracker full, a spoof...).
+fn refused(drops: &DropCounters) -> u64 {
+    drops.snapshot().iter().sum()
 }
 
 impl Pace {
-    /// What a tick takes under a flood: half the queue, at most one `recvmmsg` batch. The
-    /// flooders wait for room (each datagram read wakes every sender waiting on the full
-    /// queue, which the reader pays: ~10 us a datagram with 256 waiting), honest senders
-    /// win their share of the room each tick frees.
+    /// What a tick takes under a flood: two `recvmmsg` batches, whatever the queue holds
+    /// (the flooders refill it while it is read). Each datagram read from a full queue wakes
+    /// every sender waiting on it, at the reader's cost (~10 us a datagram with 256 waiting):
+    /// 12,800 datagrams a second bound that cost, and honest senders waiting among the
+    /// flooders still win their share of the room each tick frees (~50 frames a second
+    /// each with 256 flooders; half a queue of 10, 500 a second for all, left them behind).
     fn flood_budget(&self) -> usize {
-        (self.queue_limit / 2).clamp(1, BATCH as u64) as usize
+        2 * BATCH
     }
 
     fn new(queue_limit: u64) -> Self {
@@ -104,21 +106,20 @@ impl Pace {
             next_drain_ns: None,
             since_ns: 0,
             routine: 0,
-            delivered: 0,
+            taken: 0,
             refused: 0,
             flood: false,
         }
     }
 
     /// After a wake-up took `taken` datagrams (`urgent`: among them a beat that changes an
-    /// agent's state) and delivered `delivered` beats: how the next one comes.
-    fn after_drain(&mut self, now: u64, taken: u64, urgent: bool, delivered: u64, refused: u64) {
+    /// agent's state), `refused` frames refused so far: how the next one comes.
+    fn after_drain(&mut self, now: u64, taken: u64, urgent: bool, refused: u64) {
         // A flood lasts while its ticks find the queue still full (they take only part of
-        // it), or while most of what a drain delivered was refused over-rate.
+        // it), or while most of what the last drain took was refused.
         let flood = (self.flood && taken >= self.flood_budget() as u64)
-            || (self.delivered >= wakeup::BATCH_MIN_BEATS
-                && (refused - self.refused) * 2 > self.delivered);
-        (self.delivered, self.refused) = (delivered, refused);
+            || (self.taken >= wakeup::BATCH_MIN_BEATS && (refused - self.refused) * 2 > self.taken);
+        (self.taken, self.refused) = (taken, refused);
         let elapsed = now.saturating_sub(self.since_ns);
         let batched = match self.next_drain_ns {
             _ if urgent => None,
@@ -287,8 +288,8 @@ impl UserspaceDatapath {
     /// UDP first, the UDS last: the stall decisions after this round see every local beat
     /// queued until just before them, however long the UDP drain took. Returns how many
     /// datagrams it took, and whether a beat among them needs the daemon at once (rule 5).
-    /// `budget` per socket: [`super::DRAIN_BUDGET`], or under a flood a little
-    /// ([`Pace::flood_budget`], not what the flooders refill while it is drained).
+    /// `budget` per socket: [`super::DRAIN_BUDGET`], or under a flood a bounded part
+    /// ([`Pace::flood_budget`], not all the flooders refill while it is drained).
     fn drain_both(&mut self, out: &mut Vec<Beat>, budget: usize) -> io::Result<(u64, bool)> {
         let first = out.len();
         let mut taken = 0;
@@ -352,21 +353,14 @@ impl Datapath for UserspaceDatapath {
             ready = async { self.udp.as_ref().expect("guarded").readable().await }, if on_timer.is_none() && !more && self.udp.is_some() => ready?,
         }
         // Readiness was cleared before receiving: a datagram arriving meanwhile re-arms it.
-        let first = out.len();
         let budget = if self.pace.flood {
             self.pace.flood_budget()
         } else {
             super::DRAIN_BUDGET
         };
         let (taken, urgent) = self.drain_both(out, budget)?;
-        let delivered = (out.len() - first) as u64;
-        self.pace.after_drain(
-            self.clock.now_ns(),
-            taken,
-            urgent,
-            delivered,
-            refused_over_rate(&self.drops),
-        );
+        self.pace
+            .after_drain(self.clock.now_ns(), taken, urgent, refused(&self.drops));
         self.adapt_junk_counting();
         Ok(())
     }
@@ -563,7 +557,7 @@ mod tests {
         let mut pace = Pace::new(512);
         // One routine beat every 5 ms: never 4 within 10 ms.
         for i in 1..20 {
-            pace.after_drain(i * 5 * MS, 1, false, 1, 0);
+            pace.after_drain(i * 5 * MS, 1, false, 0);
             assert_eq!(pace.next_drain_ns, None, "beat {i}");
         }
     }
@@ -571,61 +565,61 @@ mod tests {
     #[test]
     fn routine_batches_go_on_the_timer_until_they_thin_out() {
         let mut pace = Pace::new(11);
-        pace.after_drain(100 * MS, 2, false, 2, 0);
+        pace.after_drain(100 * MS, 2, false, 0);
         assert_eq!(pace.next_drain_ns, None);
         // 4 routine in 1 ms (4k/s): 5 of the 11 queued take 1.25 ms.
-        pace.after_drain(101 * MS, 2, false, 2, 0);
+        pace.after_drain(101 * MS, 2, false, 0);
         assert_eq!(pace.next_drain_ns, Some(101 * MS + 1_250_000));
         // A full queue a millisecond later (11k/s): 5 datagrams take 455 us.
-        pace.after_drain(102 * MS, 11, false, 11, 0);
+        pace.after_drain(102 * MS, 11, false, 0);
         assert_eq!(pace.next_drain_ns, Some(102 * MS + 454_545));
         // At 20k/s: the shortest interval.
         let at = 102 * MS + 550_000;
-        pace.after_drain(at, 11, false, 11, 0);
+        pace.after_drain(at, 11, false, 0);
         assert_eq!(pace.next_drain_ns, Some(at + USERSPACE_MIN_INTERVAL_NS));
         // One datagram in a tick: waking for it costs no more.
-        pace.after_drain(at + MS, 1, false, 1, 0);
+        pace.after_drain(at + MS, 1, false, 0);
         assert_eq!(pace.next_drain_ns, None);
         // Faster than the shortest interval can hold (11 in 250 us, 44k/s): the timer would
         // let the queue fill and the senders wait.
-        pace.after_drain(at + 2 * MS, 4, false, 4, 0);
-        pace.after_drain(at + 2 * MS + 250_000, 11, false, 11, 0);
+        pace.after_drain(at + 2 * MS, 4, false, 0);
+        pace.after_drain(at + 2 * MS + 250_000, 11, false, 0);
         assert_eq!(pace.next_drain_ns, None);
     }
 
     #[test]
     fn an_urgent_beat_goes_back_to_readiness() {
         let mut pace = Pace::new(512);
-        pace.after_drain(MS, 8, false, 8, 0);
+        pace.after_drain(MS, 8, false, 0);
         assert!(pace.next_drain_ns.is_some());
-        pace.after_drain(2 * MS, 8, true, 8, 0);
+        pace.after_drain(2 * MS, 8, true, 0);
         assert_eq!(pace.next_drain_ns, None);
         // The next routine batch starts a fresh count.
-        pace.after_drain(3 * MS, 3, false, 3, 0);
+        pace.after_drain(3 * MS, 3, false, 0);
         assert_eq!(pace.next_drain_ns, None);
     }
 
     #[test]
-    fn a_flood_refused_over_rate_is_drained_at_the_longest_interval() {
+    fn a_flood_mostly_refused_is_drained_at_the_longest_interval() {
         let mut pace = Pace::new(11);
-        pace.after_drain(MS, 11, false, 11, 0);
+        pace.after_drain(MS, 11, false, 0);
         assert_eq!(pace.next_drain_ns, Some(MS + 454_545));
-        // 8 of the 11 delivered were refused over their rate: the longest interval, though
+        // 8 of the 11 taken were refused (over a rate, the tracker full): the longest interval, though
         // the rate alone (11 in 1 ms) would have the daemon wake on each datagram.
-        pace.after_drain(2 * MS, 11, false, 11, 8);
+        pace.after_drain(2 * MS, 11, false, 8);
         assert_eq!(pace.next_drain_ns, Some(2 * MS + USERSPACE_MAX_INTERVAL_NS));
         assert!(pace.flood);
-        // A tick that takes its whole budget (half the queue) finds the flood still there.
-        pace.after_drain(12 * MS, 5, false, 5, 8);
+        // A tick that takes its whole budget finds the flood still there.
+        pace.after_drain(12 * MS, 128, false, 8);
         assert!(pace.flood);
         assert_eq!(
             pace.next_drain_ns,
             Some(12 * MS + USERSPACE_MAX_INTERVAL_NS)
         );
         // Less than that, none refused: over, back to the rate's interval (8 in 1 ms).
-        pace.after_drain(13 * MS, 4, false, 4, 8);
+        pace.after_drain(13 * MS, 4, false, 8);
         assert!(!pace.flood);
-        pace.after_drain(14 * MS, 8, false, 8, 8);
+        pace.after_drain(14 * MS, 8, false, 8);
         assert_eq!(pace.next_drain_ns, Some(14 * MS + 625_000));
     }
 }
