@@ -55,6 +55,51 @@ impl Observer {
     pub fn start(&self, dir: &Path, threshold_ms: u64, extra: &[String]) -> Running {
         let socket = dir.join(format!("{}.sock", self.name));
         let _ = std::fs::remove_file(&socket);
+        let mut run = self.spawn(dir, socket, free_port(), threshold_ms, extra);
+        let end = Instant::now() + Duration::from_secs(30);
+        while !(run.socket.exists() && run.try_metrics().is_some()) {
+            if let Some(st) = run.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("{} {:?} exited at start: {st}", self.name, self.args);
+            }
+            assert!(Instant::now() < end, "{} did not start", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        run
+    }
+
+    /// Starts a second instance with the same socket and metrics address while `old` runs
+    /// (a restart by takeover, as an operator runs it: the same command line again); returns
+    /// once `old` has exited, having handed over, and the new one answers /metrics.
+    pub fn start_beside(
+        &self,
+        old: &mut Running,
+        dir: &Path,
+        threshold_ms: u64,
+        extra: &[String],
+    ) -> Running {
+        let mut run = self.spawn(dir, old.socket.clone(), old.prom, threshold_ms, extra);
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = run.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("{} {:?} exited at a takeover: {st}", self.name, self.args);
+            }
+            let old_gone = old.child.as_mut().unwrap().try_wait().unwrap().is_some();
+            if old_gone && run.try_metrics().is_some() {
+                return run;
+            }
+            assert!(Instant::now() < end, "{} did not take over", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn spawn(
+        &self,
+        dir: &Path,
+        socket: PathBuf,
+        prom: SocketAddr,
+        threshold_ms: u64,
+        extra: &[String],
+    ) -> Running {
         let token_file = dir.join("token");
         let token = "0123456789abcdef".repeat(4);
         if !token_file.exists() {
@@ -65,7 +110,6 @@ impl Observer {
             )
             .unwrap();
         }
-        let prom = free_port();
         let child = Command::new(&self.bin)
             .arg("--socket")
             .arg(&socket)
@@ -80,22 +124,13 @@ impl Observer {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
-        let mut run = Running {
+        Running {
             child: Some(child),
             socket,
             prom,
             token,
             name: self.name,
-        };
-        let end = Instant::now() + Duration::from_secs(30);
-        while !(run.socket.exists() && run.try_metrics().is_some()) {
-            if let Some(st) = run.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("{} {:?} exited at start: {st}", self.name, self.args);
-            }
-            assert!(Instant::now() < end, "{} did not start", self.name);
-            std::thread::sleep(Duration::from_millis(20));
         }
-        run
     }
 }
 

@@ -459,7 +459,9 @@ pub fn restart(obs: &Observer, opts: &Opts, takeover: bool, load: RestartLoad, o
         format!("restart_stop_start{suffix}")
     };
     let scenario = scenario.as_str();
-    let run = obs.start(&opts.dir, THRESHOLD_MS, &[]);
+    // Every beat sent is one the observer should count: no rate limit at 312 beats/s.
+    let extra = ["--max-beat-rate", "0", "--global-beat-rate", "0"].map(String::from);
+    let mut run = obs.start(&opts.dir, THRESHOLD_MS, &extra);
     // Ours carries its counters from the scenarios before (the state file): start from here.
     let baseline = run.family_sum("varta_beats_total").unwrap_or(0.0);
     let socket = run.socket.display().to_string();
@@ -487,12 +489,10 @@ pub fn restart(obs: &Observer, opts: &Opts, takeover: bool, load: RestartLoad, o
     std::thread::sleep(Duration::from_millis(300));
     let before = run.family_sum("varta_beats_total").unwrap_or(0.0);
     let run = if takeover {
-        let new = obs.start(&opts.dir, THRESHOLD_MS, &[]);
-        drop(run);
-        new
+        obs.start_beside(&mut run, &opts.dir, THRESHOLD_MS, &extra)
     } else {
         run.stop();
-        obs.start(&opts.dir, THRESHOLD_MS, &[])
+        obs.start(&opts.dir, THRESHOLD_MS, &extra)
     };
     // The first instance's count carries over (ours) or starts again at 0 (the incumbent).
     let carried = run.family_sum("varta_beats_total").unwrap_or(0.0) >= before;
