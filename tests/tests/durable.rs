@@ -347,6 +347,9 @@ fn a_flood_of_suppressed_recoveries_never_loses_a_real_audit_record() {
             }
         })
     };
+    // The writer is held still (on a quiet machine it keeps up with the flood): the
+    // queue fills with the flood's records and the rest are lost, as on a slow disk.
+    let writer = StoppedThread::named(d.pid(), "varta-audit");
     let lost = "varta_file_records_lost_total{file=\"audit\"}";
     d.wait_metric(lost, 1.0, WAIT);
     // The real ones: each beats once and exits; at its stall its recovery runs.
@@ -371,6 +374,7 @@ fn a_flood_of_suppressed_recoveries_never_loses_a_real_audit_record() {
         WAIT,
     );
     // Every record was queued (or lost) by now; the file's own thread writes them.
+    drop(writer);
     stop.store(true, Ordering::Relaxed);
     flood.join().unwrap();
     assert!(
@@ -395,4 +399,43 @@ fn a_flood_of_suppressed_recoveries_never_loses_a_real_audit_record() {
             Err(format!("missing: {missing:?}"))
         }
     });
+}
+
+/// One thread of a process stopped by ptrace (only that thread: the rest runs on), resumed
+/// when dropped. Dropped on the thread that made it (the tracer).
+struct StoppedThread(i32);
+
+impl StoppedThread {
+    fn named(pid: u32, comm: &str) -> StoppedThread {
+        let tid = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .find(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == comm)
+            })
+            .and_then(|t| t.file_name().to_str()?.parse::<i32>().ok())
+            .unwrap_or_else(|| panic!("no thread named {comm} in {pid}"));
+        // SAFETY: ptrace requests that take no pointers, on a thread id just read; waitpid
+        // writes the status into a local.
+        unsafe {
+            let seized = libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0);
+            assert_eq!(
+                seized,
+                0,
+                "ptrace seize: {}",
+                std::io::Error::last_os_error()
+            );
+            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0), 0);
+            let mut status = 0;
+            assert_eq!(libc::waitpid(tid, &mut status, libc::__WALL), tid);
+        }
+        StoppedThread(tid)
+    }
+}
+
+impl Drop for StoppedThread {
+    fn drop(&mut self) {
+        // SAFETY: as above; detaching resumes the thread.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.0, 0, 0) };
+    }
 }
