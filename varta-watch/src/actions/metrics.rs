@@ -164,7 +164,7 @@ impl Metrics {
             recovery_refused: "varta_recovery_refused",
                 "Recoveries refused, by reason";
             recovery_suppressed: "varta_recovery_suppressed",
-                "Recoveries not run: a limit bit (global: max_running, spawn_rate; the agent's uid: uid_max_running, uid_spawn_rate; one-shot agents: one_shot_max_running, one_shot_spawn_rate), or the agent was never seen beating (unknown_agent)";
+                "Recoveries not run: a limit bit (global: max_running, spawn_rate; the agent's uid, or its pod: uid_max_running, uid_spawn_rate; one-shot agents: one_shot_max_running, one_shot_spawn_rate), or the agent was never seen beating (unknown_agent)";
             prom_auth_failures: "varta_prom_auth_failures",
                 "Scrapes refused for a missing or wrong bearer token";
             evicted: "varta_tracker_evicted",

@@ -118,10 +118,20 @@ impl Actions {
         self.pending.retain(|p| p.pid != pid);
     }
 
-    /// Whose recovery it is: the agent's uid and whether it has a history.
+    /// Whose recovery it is: the agent's uid and pod, and whether it has a history.
     fn who(&self, pid: u32, beating_ns: u64) -> Who {
+        let pod = self
+            .identities
+            .get(&pid)
+            .filter(|id| !id.pod_uid.is_empty())
+            .map(|id| {
+                let mut h = std::hash::DefaultHasher::new();
+                std::hash::Hash::hash(&id.pod_uid, &mut h);
+                std::hash::Hasher::finish(&h)
+            });
         Who {
             uid: self.uids.get(&pid).copied(),
+            pod,
             established: self
                 .recovery
                 .as_ref()

@@ -43,11 +43,13 @@ use crate::{
     },
 };
 
-/// Whose recovery it is, for the budgets per uid and for one-shot agents.
+/// Whose recovery it is, for the budgets per uid (or pod) and for one-shot agents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Who {
     /// The agent's process uid (None: unknown, a UDP agent).
     pub uid: Option<u32>,
+    /// A key of the agent's pod (a hash of its pod uid), when it runs in one.
+    pub pod: Option<u64>,
     /// Beat for at least `established_after`.
     pub established: bool,
 }
@@ -56,8 +58,23 @@ impl Default for Who {
     fn default() -> Self {
         Who {
             uid: None,
+            pod: None,
             established: true,
         }
+    }
+}
+
+/// Whose budget a recovery is charged to: the agent's pod when it runs in one, so pods that
+/// run as one uid (often root) do not share one; else its uid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Tenant {
+    Pod(u64),
+    Uid(u32),
+}
+
+impl Who {
+    fn tenant(&self) -> Option<Tenant> {
+        self.pod.map(Tenant::Pod).or(self.uid.map(Tenant::Uid))
     }
 }
 
@@ -80,8 +97,9 @@ struct Budget {
 
 pub struct Recovery {
     config: RecoveryConfig,
-    /// Budgets per uid (entries with nothing running and a full bucket are dropped).
-    per_uid: HashMap<u32, Budget>,
+    /// Budgets per tenant, pod or uid (entries with nothing running and a full bucket are
+    /// dropped).
+    per_tenant: HashMap<Tenant, Budget>,
     /// The one-shot agents' shared budget.
     one_shot: Budget,
     /// Whose each running command is (by child pid), to give its slot back.
@@ -107,7 +125,7 @@ impl Recovery {
         Recovery {
             spawn_tat: 0,
             config,
-            per_uid: HashMap::new(),
+            per_tenant: HashMap::new(),
             one_shot: Budget::default(),
             owners: HashMap::new(),
             last_run: HashMap::new(),
@@ -205,8 +223,8 @@ impl Recovery {
         }
         let half = |n: usize| n.div_ceil(2).max(1);
         let mut uid_budget = who
-            .uid
-            .map(|uid| self.per_uid.get(&uid).copied().unwrap_or_default());
+            .tenant()
+            .map(|t| self.per_tenant.get(&t).copied().unwrap_or_default());
         if uid_budget.is_some_and(|b| b.running >= self.config.max_running_per_uid) {
             return Err(NotRun::Suppressed("uid_max_running"));
         }
@@ -248,8 +266,8 @@ impl Recovery {
     /// Keeps what an admitted recovery took: the spawn tokens and its debounce time.
     fn take(&mut self, pid: u32, who: Who, admitted: Admitted) {
         self.spawn_tat = admitted.spawn_tat;
-        if let (Some(uid), Some(b)) = (who.uid, admitted.uid_budget) {
-            self.per_uid.insert(uid, b);
+        if let (Some(tenant), Some(b)) = (who.tenant(), admitted.uid_budget) {
+            self.per_tenant.insert(tenant, b);
         }
         if !who.established {
             self.one_shot.tat = admitted.one_shot_tat;
@@ -293,8 +311,8 @@ impl Recovery {
             }
         };
         self.running += 1;
-        if let Some(uid) = who.uid {
-            self.per_uid.entry(uid).or_default().running += 1;
+        if let Some(tenant) = who.tenant() {
+            self.per_tenant.entry(tenant).or_default().running += 1;
         }
         if !who.established {
             self.one_shot.running += 1;
@@ -347,16 +365,17 @@ impl Recovery {
             self.running -= 1;
         }
         if let Some(who) = (finished.run.as_ref()).and_then(|run| self.owners.remove(&run.child)) {
-            if let Some(b) = who.uid.and_then(|uid| self.per_uid.get_mut(&uid)) {
+            if let Some(b) = who.tenant().and_then(|t| self.per_tenant.get_mut(&t)) {
                 b.running -= 1;
             }
             if !who.established {
                 self.one_shot.running -= 1;
             }
         }
-        if self.per_uid.len() > 1024 {
+        if self.per_tenant.len() > 1024 {
             let now_ns = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.per_uid.retain(|_, b| b.running > 0 || b.tat > now_ns);
+            self.per_tenant
+                .retain(|_, b| b.running > 0 || b.tat > now_ns);
         }
         finished
     }
@@ -492,6 +511,31 @@ mod tests {
             // Shutdown began: nothing new starts, whatever the limits.
             r.stop_starting();
             assert_eq!(start(&mut r, 4), Err(NotRun::Suppressed("shutdown")));
+        });
+    }
+
+    #[test]
+    fn pods_of_one_uid_have_budgets_of_their_own() {
+        on_runtime(async || {
+            let mut cfg = config(10, 100);
+            cfg.max_running_per_uid = 1;
+            let mut r = Recovery::new(cfg);
+            let who = |pod| Who {
+                uid: Some(0),
+                pod,
+                established: true,
+            };
+            let go = |r: &mut Recovery, pid: u32, w| r.start_for(pid, UDS, StartTime::of(pid), w);
+            assert!(matches!(go(&mut r, 1, who(Some(7))), Ok(Some(_))));
+            // Another pod of the same uid: a budget of its own.
+            assert!(matches!(go(&mut r, 2, who(Some(8))), Ok(Some(_))));
+            // The same pod again: its budget is spent.
+            let spent = Err(NotRun::Suppressed("uid_max_running"));
+            assert_eq!(go(&mut r, 3, who(Some(7))), spent);
+            // Outside any pod the uid's budget is apart from its pods'.
+            assert!(matches!(go(&mut r, 4, who(None)), Ok(Some(_))));
+            assert_eq!(go(&mut r, 5, who(None)), spent);
+            end_all(&mut r).await;
         });
     }
 

@@ -269,11 +269,12 @@ pub struct RecoveryArgs {
     #[arg(long, group = LIVE, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub recovery_spawn_rate: u32,
     /// Most recovery commands running at once for the agents of one uid (the agent's
-    /// process uid), so that one user's agents cannot take every slot.
+    /// process uid; of one pod, for agents in a Kubernetes pod), so that one user's agents
+    /// cannot take every slot.
     #[arg(long, group = LIVE, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     pub recovery_max_concurrent_per_uid: u32,
-    /// Most recovery commands started per second for the agents of one uid (bursts of one
-    /// second's worth).
+    /// Most recovery commands started per second for the agents of one uid (of one pod, for
+    /// agents in a Kubernetes pod; bursts of one second's worth).
     #[arg(long, group = LIVE, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub recovery_spawn_rate_per_uid: u32,
     /// An agent that beat for less than this many ms before its stall or exit is one-shot:
