@@ -136,6 +136,17 @@ impl DaemonBuilder {
         d
     }
 
+    /// Starts the daemon on the datapath it was built for, and for eBPF checks that is the
+    /// one it runs ([`Self::start_ebpf`]): no fallback to userspace passes unseen.
+    #[track_caller]
+    pub fn start_checked(self) -> Daemon {
+        if self.datapath == "ebpf" {
+            self.start_ebpf()
+        } else {
+            self.start()
+        }
+    }
+
     /// Starts the daemon on the eBPF datapath and checks that is the one it runs.
     #[track_caller]
     pub fn start_ebpf(self) -> Daemon {

@@ -20,7 +20,7 @@ use std::{
 };
 
 pub use daemon::{Daemon, DaemonBuilder};
-pub use process::Proc;
+pub use process::{Proc, context_switches};
 pub use vectors::{decode_error_vectors, hex_decode, hex_encode};
 
 use varta_common::{Frame, Status};

@@ -148,21 +148,6 @@ fn ring_buffer_overflow_is_counted() {
     );
 }
 
-fn context_switches(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .map(|t| {
-            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches"))
-                .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
-                .sum::<u64>()
-        })
-        .sum()
-}
-
 /// The daemon's drain timer while an agent is watched (`datapath/ebpf.rs`).
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -179,9 +164,9 @@ fn batched_drain_idle_sleep_and_prompt_resume() {
     d.wait_metric(&beats, 10.0, Duration::from_secs(5));
     // Measurement windows: nothing may scrape (wake) the daemon during them.
     let window = Duration::from_secs(1);
-    let (b0, s0) = (d.metric(&beats), context_switches(d.pid()));
+    let (b0, s0) = (d.metric(&beats), varta_e2e::context_switches(d.pid()));
     std::thread::sleep(window);
-    let (b1, s1) = (d.metric(&beats), context_switches(d.pid()));
+    let (b1, s1) = (d.metric(&beats), varta_e2e::context_switches(d.pid()));
     println!(
         "watching: {} beats, {} context switches in {window:?}",
         b1 - b0,
@@ -200,9 +185,9 @@ fn batched_drain_idle_sleep_and_prompt_resume() {
         &["event=stall", &format!("pid={pid}")],
         Duration::from_secs(5),
     );
-    let s2 = context_switches(d.pid());
+    let s2 = varta_e2e::context_switches(d.pid());
     std::thread::sleep(window);
-    let s3 = context_switches(d.pid());
+    let s3 = varta_e2e::context_switches(d.pid());
     let ticks = (window.as_millis() / DRAIN_INTERVAL.as_millis()) as u64;
     println!("idle: {} context switches in {window:?}", s3 - s2);
     assert!(

@@ -61,21 +61,6 @@ fn beats_are_dated_by_their_arrival(datapath: &str) {
     );
 }
 
-fn context_switches(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .map(|t| {
-            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches"))
-                .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
-                .sum::<u64>()
-        })
-        .sum()
-}
-
 /// Under a steady load of routine beats the userspace datapath drains on its timer (fewer
 /// wake-ups than beats, none lost), and a new agent or a panic-terminal frame arriving
 /// meanwhile is still handled within the timer's longest interval (10 ms; measured in
@@ -111,9 +96,9 @@ fn routine_beats_are_batched_and_urgent_ones_are_not_kept_waiting() {
             .map(|p| d.metric(&format!("varta_beats_total{{pid=\"{p}\"}}")))
             .sum()
     };
-    let (beats0, switches0) = (counted(&d), context_switches(d.pid()));
+    let (beats0, switches0) = (counted(&d), varta_e2e::context_switches(d.pid()));
     std::thread::sleep(Duration::from_millis(1000));
-    let (beats1, switches1) = (counted(&d), context_switches(d.pid()));
+    let (beats1, switches1) = (counted(&d), varta_e2e::context_switches(d.pid()));
     let (beats, switches) = (beats1 - beats0, switches1 - switches0);
     println!("under load: {beats} beats, {switches} daemon context switches in 1 s");
     assert!(beats > 1000.0, "the load ran: {beats} beats");

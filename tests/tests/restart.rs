@@ -335,14 +335,9 @@ fn the_pypi_client_keeps_being_counted_across_a_restart_needs_root() {
 /// (else Prometheus reads a reset and rate() spikes).
 fn a_scraped_counter_never_goes_down_across_a_sigkill(datapath: &str) {
     let args = ["--threshold-ms", "60000"];
-    let start = |b: varta_e2e::DaemonBuilder| {
-        if datapath == "ebpf" {
-            b.start_ebpf()
-        } else {
-            b.start()
-        }
-    };
-    let mut d1 = start(Daemon::builder("restart-scraped", datapath).args(args));
+    let mut d1 = Daemon::builder("restart-scraped", datapath)
+        .args(args)
+        .start_checked();
     let agent = upstream_agent(&d1, 20);
     wait_new(&d1, agent.pid());
     // Past the first periodic checkpoint (a second after the start).
@@ -358,11 +353,10 @@ fn a_scraped_counter_never_goes_down_across_a_sigkill(datapath: &str) {
     let scraped = beats(&d1, agent.pid());
     d1.signal(libc::SIGKILL);
     d1.wait_exit(WAIT);
-    let d2 = start(
-        Daemon::builder("restart-scraped", datapath)
-            .args(args)
-            .in_dir(d1.into_dir()),
-    );
+    let d2 = Daemon::builder("restart-scraped", datapath)
+        .args(args)
+        .in_dir(d1.into_dir())
+        .start_checked();
     let resumed = d2.wait_log("event=resumed", Duration::ZERO);
     let restored = beats(&d2, agent.pid());
     assert!(

@@ -32,11 +32,7 @@ fn daemon(name: &str, datapath: &str, keys: impl Fn(&Path) -> Vec<String>) -> (D
     let b = Daemon::builder(name, datapath)
         .args(["--threshold-ms", "5000", "--udp-port", "0"])
         .args(keys(&dir));
-    let d = if datapath == "ebpf" {
-        b.start_ebpf()
-    } else {
-        b.start()
-    };
+    let d = b.start_checked();
     // The key files were read (once) at start.
     drop(dir);
     let ready = d.wait_log("event=ready", WAIT);
@@ -262,14 +258,7 @@ fn a_capture_replayed_after_a_restart_is_refused(datapath: &str) {
         "--key-file".into(),
         key_file(&dir, "key", &[KEY_A]),
     ];
-    let start = |b: varta_e2e::DaemonBuilder| {
-        let b = b.args(args.clone());
-        if datapath == "ebpf" {
-            b.start_ebpf()
-        } else {
-            b.start()
-        }
-    };
+    let start = |b: varta_e2e::DaemonBuilder| b.args(args.clone()).start_checked();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // The capture: the client beats to a tap, which passes each frame on.
     let tap = UdpSocket::bind("127.0.0.1:0").unwrap();

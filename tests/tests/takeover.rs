@@ -120,14 +120,9 @@ fn try_scrape(addr: std::net::SocketAddr) -> Result<String, String> {
 /// The scenario, as a takeover: 3 live agents and one SIGSTOPped 300 ms before.
 fn takeover_keeps_agents_counters_and_the_wedged_stall(datapath: &str) {
     let args = ["--threshold-ms", "1500"];
-    let start = |b: varta_e2e::DaemonBuilder| {
-        if datapath == "ebpf" {
-            b.start_ebpf()
-        } else {
-            b.start()
-        }
-    };
-    let mut d1 = start(Daemon::builder("takeover", datapath).args(args));
+    let mut d1 = Daemon::builder("takeover", datapath)
+        .args(args)
+        .start_checked();
     let d1_pid = d1.pid();
     let live: Vec<Proc> = (0..3).map(|_| upstream_agent(&d1.socket, 100)).collect();
     let wedged = upstream_agent(&d1.socket, 100);
@@ -139,7 +134,10 @@ fn takeover_keeps_agents_counters_and_the_wedged_stall(datapath: &str) {
     wedged.signal(libc::SIGSTOP);
     // The scenario: wedged 300 ms before the takeover (setup, not an assertion).
     std::thread::sleep(Duration::from_millis(300));
-    let d2 = start(Daemon::builder("takeover", datapath).args(args).beside(&d1));
+    let d2 = Daemon::builder("takeover", datapath)
+        .args(args)
+        .beside(&d1)
+        .start_checked();
     // The first exits 0, after saying to whom it handed over.
     assert!(d1.wait_exit(WAIT).success(), "{}", d1.log_text());
     let handed = d1.wait_log("event=handed_over", WAIT);

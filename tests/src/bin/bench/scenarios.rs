@@ -184,6 +184,16 @@ fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
     Some(sorted[i])
 }
 
+/// `--max-beat-rate 0 --global-beat-rate 0`: no rate limit, so every beat sent is one the
+/// observer must count; then `more` flags.
+fn unlimited(more: &[&str]) -> Vec<String> {
+    ["--max-beat-rate", "0", "--global-beat-rate", "0"]
+        .iter()
+        .chain(more)
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// What rule 5 of `varta_common::wakeup` costs: a new agent's first beat while 64 agents
 /// send 20k routine beats a second (rate limits off), from its send to its beat counted in
 /// /metrics (polled every millisecond), 16 trials. Ours only: the figure compares our two
@@ -192,16 +202,7 @@ fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
 pub fn urgent_under_load(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) {
     const TRIALS: usize = 16;
     // Without the agents the sweep left in the state file (they would fill the tracker).
-    let extra = [
-        "--max-beat-rate",
-        "0",
-        "--global-beat-rate",
-        "0",
-        "--tracker-capacity",
-        "8192",
-        "--fresh-state",
-    ]
-    .map(String::from);
+    let extra = unlimited(&["--tracker-capacity", "8192", "--fresh-state"]);
     let run = obs.start(&opts.dir, 600_000, &extra);
     let socket = run.socket.display().to_string();
     let pacers = start_pacers(opts, &socket, 20_000);
@@ -310,15 +311,7 @@ fn sent_by(pacers: Vec<Child>) -> u64 {
 }
 
 pub fn sweep(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) -> (Vec<Step>, Option<String>) {
-    let extra = [
-        "--max-beat-rate",
-        "0",
-        "--global-beat-rate",
-        "0",
-        "--tracker-capacity",
-        "8192",
-    ]
-    .map(String::from);
+    let extra = unlimited(&["--tracker-capacity", "8192"]);
     let run = obs.start(&opts.dir, 600_000, &extra);
     let socket = run.socket.display().to_string();
     let mut steps = Vec::new();
@@ -459,8 +452,8 @@ pub fn restart(obs: &Observer, opts: &Opts, takeover: bool, load: RestartLoad, o
         format!("restart_stop_start{suffix}")
     };
     let scenario = scenario.as_str();
-    // Every beat sent is one the observer should count: no rate limit at 312 beats/s.
-    let extra = ["--max-beat-rate", "0", "--global-beat-rate", "0"].map(String::from);
+    // No rate limit at 312 beats/s.
+    let extra = unlimited(&[]);
     let mut run = obs.start(&opts.dir, THRESHOLD_MS, &extra);
     // Ours carries its counters from the scenarios before (the state file): start from here.
     let baseline = run.family_sum("varta_beats_total").unwrap_or(0.0);
@@ -594,7 +587,7 @@ pub fn rss(obs: &Observer, opts: &Opts, n: u32, out: &mut Vec<Fig>) -> Option<f6
         .local_addr()
         .unwrap()
         .port();
-    let extra = [
+    let extra = unlimited(&[
         "--udp-port",
         &port.to_string(),
         "--udp-bind-addr",
@@ -602,12 +595,7 @@ pub fn rss(obs: &Observer, opts: &Opts, n: u32, out: &mut Vec<Fig>) -> Option<f6
         "--i-accept-plaintext-udp",
         "--tracker-capacity",
         &(n + 64).to_string(),
-        "--max-beat-rate",
-        "0",
-        "--global-beat-rate",
-        "0",
-    ]
-    .map(String::from);
+    ]);
     let run = obs.start(&opts.dir, 600_000, &extra);
     let empty = run.rss_bytes();
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
