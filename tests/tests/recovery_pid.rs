@@ -204,8 +204,8 @@ fn a_restart_from_another_process_is_a_new_agent(datapath: &str) {
 /// The pid of an agent's first beat reused before the daemon read /proc for it (L4): the
 /// agent beats once and exits while the daemon is stopped (its frame waits in the ring or
 /// the socket), and another process takes the pid. The kernel attested the sender's start
-/// time with the frame (eBPF), or handed over no pidfd of a sender gone (userspace,
-/// SCM_PIDFD), so that process is never named as the agent, nor recovered.
+/// time with the frame (eBPF), or that process started after the frame arrived (userspace,
+/// the kernel's arrival stamp), so it is never named as the agent, nor recovered.
 fn a_pid_reused_before_the_first_read_lends_nothing() {
     a_pid_reused_before_the_first_read_lends_nothing_on("ebpf");
 }

@@ -11,15 +11,13 @@ use crate::sys::logger::event;
 use std::{
     collections::HashMap,
     io,
-    os::{
-        fd::{AsFd, OwnedFd},
-        unix::net::UnixDatagram,
-    },
+    os::{fd::AsFd, unix::net::UnixDatagram},
     sync::Arc,
 };
 
 use varta_common::{
     DropReason, FRAME_LEN, Frame, cbpf,
+    filter::NS_PER_CLOCK_TICK,
     frame::{SECURE_FRAME_LENS, Status, UDP_HEADER_LEN},
     wakeup,
 };
@@ -196,14 +194,13 @@ impl UserspaceDatapath {
             queue_limit = queue_limit.min(udp.queue_limit()?.max(1));
         }
         event!(info, "receive_pace", queue_limit = queue_limit);
-        let pidfds = sock::passes_pidfds(&uds);
         Ok(UserspaceDatapath {
             uds: Switchable::new(uds)?,
             udp,
             batch: RecvBatch::new(BATCH),
             clock,
             drops,
-            attest: Attestor::new(Attestation::new(allow_cross_namespace), pidfds),
+            attest: Attestor::new(Attestation::new(allow_cross_namespace), clock),
             uds_more: false,
             junk,
             pace: Pace::new(queue_limit),
@@ -256,7 +253,7 @@ impl UserspaceDatapath {
             self.batch
                 .drain(self.uds.get_ref().as_fd(), self.clock, budget, |d, at| {
                     let beat = decode_plain(d.bytes, d.truncated).and_then(|frame| {
-                        attest.check(d.sender_pid, d.sender_pidfd, &frame).map(
+                        attest.check(d.sender_pid, at, &frame).map(
                             |(
                                 Attested {
                                     pid,
@@ -472,68 +469,76 @@ impl Filters {
     }
 }
 
+/// An arrival time is the kernel's realtime stamp moved onto the boot clock, off by
+/// microseconds: this much slack keeps a sender that started in the tick of its frame's
+/// arrival from looking younger than the frame.
+const ARRIVAL_SLACK_NS: u64 = 1_000_000;
+
 /// Caches what /proc says of each sender for the shared [`Attestation`] decision.
 struct Attestor {
     decision: Attestation,
-    /// The socket hands over each sender's pidfd (Linux 6.5 and later).
-    pidfds: bool,
-    /// What /proc said of each sender (and when it started, read through its own pidfd),
-    /// forgotten when its process exits.
+    /// The clock of the beats' arrival times.
+    clock: ClockSource,
+    /// What /proc said of each sender and when it started, forgotten when its process exits.
     senders: HashMap<u32, (Sender, SenderStart)>,
     exits: ExitWatcher,
 }
 
 impl Attestor {
-    fn new(decision: Attestation, pidfds: bool) -> Self {
+    fn new(decision: Attestation, clock: ClockSource) -> Self {
         Attestor {
             decision,
-            pidfds,
+            clock,
             senders: HashMap::new(),
             exits: ExitWatcher::new(),
         }
     }
 
-    /// The attested sender and when it started, or why the frame is refused.
+    /// The attested sender of a frame that arrived at `arrived_ns` and when it started, or
+    /// why the frame is refused.
     fn check(
         &mut self,
         sender_pid: Option<u32>,
-        sender_pidfd: Option<OwnedFd>,
+        arrived_ns: u64,
         frame: &Frame,
     ) -> Result<(Attested, SenderStart), DropReason> {
         // Without credentials nothing can be attested.
         let pid = sender_pid.ok_or(DropReason::Spoof)?;
         let (sender, start) = match self.senders.get(&pid) {
             Some(&(sender, start)) => (Some(sender), start),
-            None => self.learn(pid, sender_pidfd),
+            None => self.learn(pid, arrived_ns),
         };
         let attested = self.decision.check(pid, sender.as_ref(), frame.pid)?;
         Ok((attested, start))
     }
 
-    /// Reads a sender's namespace and `NSpid` and caches them until it exits. Through the
-    /// sender's own pidfd (SCM_PIDFD) the read is bound to it: what /proc shows under its
-    /// pid is its until it is reaped, so a sender still holding its pid after the read gets
-    /// its start time attested, and one reaped by then (or before the datagram was
-    /// received: the kernel then hands over no pidfd) is known as gone. Without one, the pid is opened here, after the pid may have been
-    /// reused.
-    fn learn(&mut self, pid: u32, sender_pidfd: Option<OwnedFd>) -> (Option<Sender>, SenderStart) {
-        let (pidfd, bound) = match sender_pidfd {
-            Some(pidfd) => (pidfd, true),
-            None if self.pidfds => return (None, SenderStart::Exited),
-            None => match ExitWatcher::open(pid) {
-                Ok(pidfd) => (pidfd, false),
-                Err(_) => return (None, SenderStart::Unknown),
-            },
+    /// Reads a sender's namespace, `NSpid` and start time, bound to the process that sent a
+    /// frame arriving at `arrived_ns`, and caches them until it exits. A pidfd opened first
+    /// and still holding the pid after the read says the read was of one process; that
+    /// process sent the frame unless it started after the frame arrived (the sender exited
+    /// and its pid was taken since: any process that takes a pid starts after the exit of
+    /// the one that held it, and that one had sent the frame). Start times count clock
+    /// ticks, so a pid taken within the tick of the arrival is not told apart (as on the
+    /// eBPF datapath). One pidfd per new sender, none per datagram (`sys::recv`).
+    fn learn(&mut self, pid: u32, arrived_ns: u64) -> (Option<Sender>, SenderStart) {
+        let pidfd = match ExitWatcher::open(pid) {
+            Ok(pidfd) => pidfd,
+            // Nobody holds the pid: the sender is gone.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return (None, SenderStart::Exited),
+            Err(_) => return (None, SenderStart::Unknown),
         };
         let read = procfs::sender(pid).ok().zip(StartTime::of(pid));
-        let start = match (bound, &read) {
-            (true, _) if !ExitWatcher::holds_pid(&pidfd) => return (None, SenderStart::Exited),
-            (true, Some((_, started))) => SenderStart::from_record(started.0 as u32),
-            _ => SenderStart::Unknown,
+        if !ExitWatcher::holds_pid(&pidfd) {
+            return (None, SenderStart::Exited);
+        }
+        let Some((sender, started)) = read else {
+            return (None, SenderStart::Unknown);
         };
-        let Some((sender, _)) = read else {
-            return (None, start);
-        };
+        let arrived_boot_ns = self.clock.to_boottime_ns(arrived_ns);
+        if started.0 > arrived_boot_ns.saturating_add(ARRIVAL_SLACK_NS) / NS_PER_CLOCK_TICK {
+            return (None, SenderStart::Exited);
+        }
+        let start = SenderStart::from_record(started.0 as u32);
         if self.senders.len() < SENDER_CACHE && self.exits.watch(pid, pidfd).is_ok() {
             self.senders.insert(pid, (sender, start));
         }
@@ -551,6 +556,31 @@ mod tests {
     use varta_common::wakeup::{USERSPACE_MAX_INTERVAL_NS, USERSPACE_MIN_INTERVAL_NS};
 
     const MS: u64 = 1_000_000;
+
+    /// The rule that binds a frame's sender to what /proc shows under its pid, without a
+    /// pidfd per datagram: a process that started after the frame arrived is not its sender.
+    #[tokio::test]
+    async fn a_process_younger_than_the_frame_is_not_its_sender() {
+        let clock = ClockSource::Monotonic;
+        let arrived_before = clock.now_ns();
+        // Past the tick of that arrival and its slack.
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        let mut attest = Attestor::new(Attestation::new(false), clock);
+        let (sender, start) = attest.learn(pid, arrived_before);
+        assert!(sender.is_none() && start == SenderStart::Exited, "{start:?}");
+        assert!(attest.senders.is_empty());
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let (sender, start) = attest.learn(pid, clock.now_ns());
+        let started = StartTime::of(pid).unwrap().0 as u32;
+        assert!(sender.is_some() && start == SenderStart::Ticks(started), "{start:?}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Reaped, nobody holds the pid: gone.
+        let (sender, start) = attest.learn(pid, clock.now_ns());
+        assert!(sender.is_none() && start == SenderStart::Exited, "{start:?}");
+    }
 
     #[test]
     fn few_beats_wake_the_daemon_each() {

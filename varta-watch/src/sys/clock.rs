@@ -29,4 +29,18 @@ impl ClockSource {
         unsafe { libc::clock_gettime(self.clock_id(), &mut ts) };
         ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
     }
+
+    /// `at` (nanoseconds on this clock, in the past) on CLOCK_BOOTTIME, the clock of
+    /// process start times: the two clocks differ by the time the host slept.
+    pub fn to_boottime_ns(self, at: u64) -> u64 {
+        match self {
+            ClockSource::Boottime => at,
+            ClockSource::Monotonic => {
+                let slept = ClockSource::Boottime
+                    .now_ns()
+                    .saturating_sub(ClockSource::Monotonic.now_ns());
+                at.saturating_add(slept)
+            }
+        }
+    }
 }

@@ -46,8 +46,8 @@ impl ExitWatcher {
     }
 
     /// Opens a pidfd for `pid` now. Call it before reading anything about the process from
-    /// /proc: if the pid is reused before this call, both refer to the new process (a
-    /// pidfd the sender itself passed, SCM_PIDFD, has no such gap).
+    /// /proc: if the pid is reused before this call, both refer to the new process, so
+    /// compare its start time with what it is read for (`datapath::userspace`).
     pub fn open(pid: u32) -> io::Result<OwnedFd> {
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };

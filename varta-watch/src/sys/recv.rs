@@ -1,28 +1,28 @@
 //! Batched receive: `recvmmsg(2)` takes a socket's whole queue in few system calls, with each
-//! datagram's sender credentials (SCM_CREDENTIALS) and pidfd (SCM_PIDFD), source address and
-//! the time the kernel queued it (SCM_TIMESTAMPNS, asked for with `sock::stamp_arrivals`).
-//! All of this module's unsafe code is FFI over buffers it owns, and the CMSG_* walk of the
-//! control buffers the kernel filled.
+//! datagram's sender credentials (SCM_CREDENTIALS), source address and the time the kernel
+//! queued it (SCM_TIMESTAMPNS, asked for with `sock::stamp_arrivals`). All of this module's
+//! unsafe code is FFI over buffers it owns, and the CMSG_* walk of the control buffers the
+//! kernel filled.
 
 use std::{
     io,
     mem::{size_of, zeroed},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, BorrowedFd},
 };
 
 use crate::sys::clock::ClockSource;
 
 /// Datagrams longer than a frame are still read whole enough to know they are too long.
 const SLOT_BYTES: usize = 64;
-/// Room for exactly an arrival time, SCM_CREDENTIALS and SCM_PIDFD (CMSG_SPACE of a
-/// `timespec`, a `ucred` and an int), in the order the kernel writes them: descriptors a
-/// sender attaches (SCM_RIGHTS, written last) find no room, so the kernel closes them
-/// instead of installing them in the daemon. Where no pidfd comes (a kernel before 6.5, a
-/// sender gone) one such descriptor fits: it is closed here (`RecvBatch::recv`).
-const CMSG_BYTES: usize = 88;
-/// `SCM_PIDFD` (include/linux/socket.h; not in the libc crate).
-const SCM_PIDFD: i32 = 4;
+/// Room for exactly an arrival time and SCM_CREDENTIALS (CMSG_SPACE of a `timespec` and a
+/// `ucred`), in the order the kernel writes them. The socket always stamps arrivals
+/// (`sock::stamp_arrivals` is required), so descriptors a sender attaches (SCM_RIGHTS,
+/// written last) find no room and the kernel closes them instead of installing them in the
+/// daemon. No room for a pidfd (SO_PASSPIDFD) either: one per datagram cost a third of the
+/// daemon's CPU at 20k beats/s; the sender is bound to /proc by its arrival time instead
+/// (`datapath::userspace`).
+const CMSG_BYTES: usize = 64;
 
 /// One received datagram.
 #[derive(Debug)]
@@ -32,9 +32,6 @@ pub struct Datagram<'a> {
     pub truncated: bool,
     /// The sender's pid as the kernel attests it (Unix sockets with SO_PASSCRED).
     pub sender_pid: Option<u32>,
-    /// A pidfd of the sending process itself (SO_PASSPIDFD, Linux 6.5 and later), whatever
-    /// holds its pid by now; `None` before 6.5, or when the sender had exited.
-    pub sender_pidfd: Option<OwnedFd>,
     /// The source address (UDP).
     pub source: Option<SocketAddr>,
 }
@@ -54,8 +51,6 @@ pub struct RecvBatch {
     names: Vec<libc::sockaddr_storage>,
     iov: Vec<libc::iovec>,
     headers: Vec<libc::mmsghdr>,
-    /// The pidfd each received datagram came with, until `get` hands it over.
-    pidfds: Vec<Option<OwnedFd>>,
     received: usize,
     /// No datagram still queued arrived before this (on the daemon's clock): the last arrival
     /// handed out, or the last time the queue was seen empty.
@@ -82,7 +77,6 @@ impl RecvBatch {
                 capacity
             ],
             headers,
-            pidfds: (0..capacity).map(|_| None).collect(),
             received: 0,
             floor_ns: 0,
         }
@@ -168,54 +162,19 @@ impl RecvBatch {
             return Err(io::Error::last_os_error());
         }
         self.received = rc as usize;
-        for i in 0..self.received {
-            self.pidfds[i] = self.take_descriptors(i);
-        }
         Ok(self.received)
     }
 
-    fn get(&mut self, i: usize, sender_pid: Option<u32>) -> Datagram<'_> {
+    fn get(&self, i: usize, sender_pid: Option<u32>) -> Datagram<'_> {
         assert!(i < self.received);
-        let sender_pidfd = self.pidfds[i].take();
         let hdr = &self.headers[i];
         let len = (hdr.msg_len as usize).min(SLOT_BYTES);
         Datagram {
             bytes: &self.data[i][..len],
             truncated: hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
             sender_pid,
-            sender_pidfd,
             source: self.source(i),
         }
-    }
-
-    /// The descriptors the kernel installed for datagram `i`: its sender's pidfd, kept;
-    /// any a sender attached (SCM_RIGHTS), closed.
-    fn take_descriptors(&self, i: usize) -> Option<OwnedFd> {
-        let hdr = &self.headers[i].msg_hdr;
-        let mut pidfd = None;
-        // SAFETY: the CMSG_* macros walk the control buffer the kernel filled for this
-        // header, within `msg_controllen`; each fd in an SCM_PIDFD or SCM_RIGHTS payload was
-        // just installed in this process for us (CLOEXEC) and nothing else owns it.
-        unsafe {
-            let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
-            while !cmsg.is_null() {
-                let data = libc::CMSG_DATA(cmsg);
-                let bytes =
-                    ((*cmsg).cmsg_len as usize).saturating_sub(data as usize - cmsg as usize);
-                let fds = (0..bytes / size_of::<i32>()).map(|k| {
-                    let fd = std::ptr::read_unaligned((data as *const i32).add(k));
-                    OwnedFd::from_raw_fd(fd)
-                });
-                match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
-                    // One descriptor; any before the last would be closed.
-                    (libc::SOL_SOCKET, SCM_PIDFD) => fds.for_each(|fd| pidfd = Some(fd)),
-                    (libc::SOL_SOCKET, libc::SCM_RIGHTS) => fds.for_each(drop),
-                    _ => {}
-                }
-                cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
-            }
-        }
-        pidfd
     }
 
     fn control_of(&self, i: usize) -> Control {
@@ -333,7 +292,10 @@ pub fn arrival_ns(queued_real_ns: Option<u64>, offset: i128, floor: u64, now: u6
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::os::{fd::AsFd, unix::net::UnixDatagram};
+    use std::os::{
+        fd::{AsFd, FromRawFd, OwnedFd},
+        unix::net::UnixDatagram,
+    };
 
     fn space(payload: usize) -> usize {
         // SAFETY: CMSG_SPACE only computes a size.
@@ -341,12 +303,10 @@ mod tests {
     }
 
     #[test]
-    fn control_room_is_a_time_credentials_and_a_pidfd_only() {
+    fn control_room_is_a_time_and_credentials_only() {
         assert_eq!(
             CMSG_BYTES,
-            space(size_of::<libc::timespec>())
-                + space(size_of::<libc::ucred>())
-                + space(size_of::<i32>())
+            space(size_of::<libc::timespec>()) + space(size_of::<libc::ucred>())
         );
     }
 
@@ -354,7 +314,7 @@ mod tests {
         let (a, b) = UnixDatagram::pair().unwrap();
         b.set_nonblocking(true).unwrap();
         let one = 1i32;
-        for opt in [libc::SO_PASSCRED, libc::SO_TIMESTAMPNS, libc::SO_PASSPIDFD] {
+        for opt in [libc::SO_PASSCRED, libc::SO_TIMESTAMPNS] {
             // SAFETY: `one` is a live i32 and the length passed is its size.
             let rc = unsafe {
                 libc::setsockopt(
@@ -365,8 +325,7 @@ mod tests {
                     size_of::<i32>() as libc::socklen_t,
                 )
             };
-            // SO_PASSPIDFD only from Linux 6.5 on.
-            assert!(rc == 0 || opt == libc::SO_PASSPIDFD);
+            assert_eq!(rc, 0);
         }
         (a, b)
     }
@@ -382,14 +341,8 @@ mod tests {
         let mut batch = RecvBatch::new(8);
         let mut got = Vec::new();
         let drained_at = clock.now_ns();
-        let pidfds = crate::sys::sock::passes_pidfds(&sock);
         let (more, n) = batch
             .drain(sock.as_fd(), clock, 64, |d, at| {
-                // Linux 6.5 and later: the sender's own pidfd, of a live process (this one).
-                assert_eq!(d.sender_pidfd.is_some(), pidfds);
-                if let Some(pidfd) = &d.sender_pidfd {
-                    assert!(crate::sys::pidfd::ExitWatcher::holds_pid(pidfd));
-                }
                 got.push((d.bytes.len(), d.truncated, d.sender_pid, at))
             })
             .unwrap();
@@ -431,8 +384,8 @@ mod tests {
 
     #[test]
     fn descriptors_a_sender_attaches_are_never_kept() {
-        // Without SO_PASSPIDFD (before 6.5, or a sender gone) one attached descriptor fits
-        // in the control room: it is closed; with it, none fits.
+        // The arrival time and the credentials fill the control room: the kernel closes
+        // what a sender attaches rather than install it here.
         let (client, sock) = pair();
         let (read_end, write_end) = pipe();
         let fds = [write_end.as_raw_fd()];
@@ -463,7 +416,7 @@ mod tests {
         let control = batch.control_of(0);
         assert_eq!(control.sender_pid, Some(std::process::id()));
         assert!(control.queued_real_ns.is_some());
-        drop(batch.get(0, control.sender_pid));
+        assert_ne!(batch.headers[0].msg_hdr.msg_flags & libc::MSG_CTRUNC, 0);
         // The write end's last copy is gone: the read end sees the end of the pipe.
         let mut byte = [0u8; 1];
         // SAFETY: a 1-byte read into our buffer from the pipe we own (non-blocking).
@@ -524,7 +477,7 @@ mod tests {
     proptest! {
         #[test]
         fn any_control_bytes_parse_without_reading_past_them(
-            words in proptest::array::uniform11(any::<u64>()),
+            words in proptest::array::uniform8(any::<u64>()),
             len in 0usize..=CMSG_BYTES,
         ) {
             // Whatever the lengths claim, the walk stays inside `len` (a payload cut off by

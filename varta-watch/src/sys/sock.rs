@@ -1,5 +1,5 @@
-//! Socket system calls std does not offer: a Unix datagram socket with SO_PASSCRED (and
-//! SO_PASSPIDFD) and a chosen receive buffer, a classic BPF filter, and arrival timestamps
+//! Socket system calls std does not offer: a Unix datagram socket with SO_PASSCRED and a
+//! chosen receive buffer, a classic BPF filter, and arrival timestamps
 //! (batched receive is `sys::recv`).
 //! All of this module's unsafe code is plain FFI over buffers it owns.
 
@@ -108,9 +108,9 @@ pub fn bind_uds(
 pub fn prepare_uds(sock: &UnixDatagram, rcvbuf: u32) -> io::Result<u32> {
     sock.set_nonblocking(true)?;
     setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PASSCRED, 1)?;
-    // Linux 6.5 and later: a pidfd of each sender too (`Datagram::sender_pidfd`); before,
-    // ENOPROTOOPT, and the credentials alone name the sender.
-    let _ = setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PASSPIDFD, 1);
+    // No pidfd per datagram (`sys::recv`): off, in case an observer that asked for them
+    // handed this socket over. ENOPROTOOPT before Linux 6.5: never on there.
+    let _ = setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PASSPIDFD, 0);
     if rcvbuf > 0 {
         let want = rcvbuf.min(i32::MAX as u32) as i32;
         // SO_RCVBUFFORCE passes rmem_max when we hold CAP_NET_ADMIN; otherwise fall back.
@@ -143,12 +143,6 @@ fn bind_with_mode(path: &Path, mode: u32) -> io::Result<UnixDatagram> {
 
 /// Attaches a classic BPF program (`SO_ATTACH_FILTER`) to a socket: any process may do
 /// that to its own socket, without a capability, on every kernel.
-/// Whether the socket hands each datagram's sender a pidfd (SO_PASSPIDFD took): then a
-/// datagram without one comes from a sender that had exited.
-pub fn passes_pidfds(sock: &UnixDatagram) -> bool {
-    getsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PASSPIDFD).is_ok_and(|v| v != 0)
-}
-
 pub fn attach_classic_filter(fd: BorrowedFd<'_>, insns: &[SockFilter]) -> io::Result<()> {
     let prog = libc::sock_fprog {
         len: insns.len() as u16,

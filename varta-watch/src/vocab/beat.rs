@@ -73,11 +73,11 @@ pub struct Beat {
 /// When the sender of a beat started, as far as its datapath knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SenderStart {
-    /// Not known: /proc is taken at its word (UDP, a kernel without BTF or SCM_PIDFD).
+    /// Not known: /proc is taken at its word (UDP, a kernel without BTF).
     Unknown,
     /// At these clock ticks since boot, low 32 bits (`BeatRecord::start_ticks`; the
-    /// kernel's task on the eBPF datapath, /proc read through the sender's own pidfd on
-    /// the userspace one).
+    /// kernel's task on the eBPF datapath, /proc read through a pidfd and checked against the
+    /// frame's arrival on the userspace one).
     Ticks(u32),
     /// The sender had exited before it could be read: nothing /proc shows is its.
     Exited,
