@@ -95,3 +95,45 @@ fn rare_junk_is_counted_exactly(datapath: &str) {
 }
 
 varta_e2e::on_both_datapaths!(rare_junk_is_counted_exactly);
+
+/// UDP datagrams the kernel drops because the daemon's socket queue is full (the daemon
+/// stopped here; on the userspace datapath it drains on a timer under load) are counted as
+/// `queue_full`: every frame sent is either a beat or such a drop.
+#[test]
+fn a_full_udp_queue_is_counted_on_the_userspace_datapath() {
+    let d = Daemon::builder("udp-queue-full", "userspace")
+        .args(["--threshold-ms", "60000", "--udp-port", "0"])
+        .args(["--i-accept-plaintext-udp", "--max-beat-rate", "0"])
+        .args(["--global-beat-rate", "0"])
+        .start();
+    let ready = d.wait_log("event=ready", Duration::from_secs(5));
+    let udp: std::net::SocketAddr = varta_e2e::log_field(&ready, "udp").parse().unwrap();
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let pid = std::process::id();
+    let beats = format!("varta_beats_total{{pid=\"{pid}\"}}");
+    let full = "varta_frames_dropped_total{reason=\"queue_full\"}";
+    sock.send_to(&frame(pid, 1), udp).unwrap();
+    d.wait_metric(&beats, 1.0, Duration::from_secs(5));
+    assert_eq!(d.metric(full), 0.0);
+
+    // Far more than the socket's receive buffer holds, while nothing reads it.
+    const SENT: u64 = 5_000;
+    d.signal(libc::SIGSTOP);
+    for nonce in 2..2 + SENT {
+        sock.send_to(&frame(pid, nonce), udp).unwrap();
+    }
+    d.signal(libc::SIGCONT);
+    let sent = 1 + SENT;
+    let settled = d.wait_metrics(
+        "every frame a beat or a queue_full drop",
+        Duration::from_secs(10),
+        |m| {
+            let (b, f) = (m.get(&beats).copied(), m.get(full).copied());
+            match (b, f) {
+                (Some(b), Some(f)) if b + f == sent as f64 => Ok((b, f)),
+                _ => Err(format!("beats {b:?}, queue_full {f:?}, of {sent}")),
+            }
+        },
+    );
+    assert!(settled.1 > 0.0 && settled.0 > 1.0, "{settled:?}");
+}

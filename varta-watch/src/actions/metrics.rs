@@ -294,6 +294,7 @@ impl Collector for DropCollector {
                 None => by_reason.push((r.name(), count(r))),
             }
         }
+        by_reason.push(("queue_full", self.drops.queue_full()));
         for (reason, n) in by_reason {
             ConstCounter::new(n).encode(family.encode_family(&[("reason", reason)])?)?;
         }

@@ -28,6 +28,23 @@ pub struct UdpReceiver {
     drops: Arc<DropCounters>,
     /// The last drain stopped at its budget: more may be queued.
     more: bool,
+    /// Set on the userspace datapath only: the eBPF filter consumes plaintext frames, and
+    /// the kernel counts those as drops too.
+    overflow: Option<Overflow>,
+}
+
+/// Turns the kernel's count of datagrams dropped at the socket (`sock::kernel_drops`, read
+/// after each drain that took any: the queue overflows only while full, and the drain that
+/// follows takes what filled it) into `queue_full` drops: what it dropped, less what the
+/// classic filter refused meanwhile (nothing while junk is counted exactly; while it is
+/// sampled, each junk sample drained stands for `junk_scale - 1` refused: an estimate then,
+/// as the junk counts are). SO_RXQ_OVFL would carry the count with the datagrams, but
+/// Linux 6.18 sends no such message for UDP.
+struct Overflow {
+    /// The count when last read.
+    last: u32,
+    /// Junk samples drained since.
+    junk_since: u64,
 }
 
 impl UdpReceiver {
@@ -44,7 +61,18 @@ impl UdpReceiver {
             clock,
             drops,
             more: false,
+            overflow: None,
         })
+    }
+
+    /// Counts datagrams the kernel drops at the socket from now on (`queue_full`).
+    pub fn count_overflow(&mut self) -> io::Result<()> {
+        let last = crate::sys::sock::kernel_drops(self.socket().as_fd())?;
+        self.overflow = Some(Overflow {
+            last,
+            junk_since: 0,
+        });
+        Ok(())
     }
 
     /// The secure frames' replay sessions, for the next instance.
@@ -92,7 +120,7 @@ impl UdpReceiver {
     /// Receives until the socket would block or `budget` datagrams were taken, appending
     /// every accepted beat; returns how many datagrams it took.
     pub fn drain(&mut self, out: &mut Vec<Beat>, budget: usize) -> io::Result<usize> {
-        let (frames, drops) = (&mut self.frames, &self.drops);
+        let (frames, drops, overflow) = (&mut self.frames, &self.drops, &mut self.overflow);
         let taken;
         (self.more, taken) = self.batch.drain(
             self.socket.get_ref().as_fd(),
@@ -115,11 +143,26 @@ impl UdpReceiver {
                         sender: SenderStart::Unknown,
                     }),
                     // What the classic filter may sample (userspace datapath).
-                    Err(reason @ DropReason::Decode(_)) => drops.add_junk(reason),
+                    Err(reason @ DropReason::Decode(_)) => {
+                        drops.add_junk(reason);
+                        if let Some(o) = overflow.as_mut() {
+                            o.junk_since += 1;
+                        }
+                    }
                     Err(reason) => drops.add(reason),
                 }
             },
         )?;
+        if taken > 0
+            && let Some(o) = overflow
+            && let Ok(count) = crate::sys::sock::kernel_drops(self.socket.get_ref().as_fd())
+        {
+            let dropped = u64::from(count.wrapping_sub(o.last));
+            let refused =
+                std::mem::take(&mut o.junk_since) * self.drops.junk_scale().saturating_sub(1);
+            o.last = count;
+            self.drops.add_queue_full(dropped.saturating_sub(refused));
+        }
         Ok(taken)
     }
 }

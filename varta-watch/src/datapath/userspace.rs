@@ -175,7 +175,7 @@ const QUIET_WINDOWS: u32 = 10;
 impl UserspaceDatapath {
     pub fn new(
         uds: UnixDatagram,
-        udp: Option<UdpReceiver>,
+        mut udp: Option<UdpReceiver>,
         clock: ClockSource,
         allow_cross_namespace: bool,
         junk_sample_one_in: u32,
@@ -189,8 +189,9 @@ impl UserspaceDatapath {
         // sender attaches when the time is not there (`sys::recv`).
         sock::stamp_arrivals(uds.as_fd())?;
         let mut queue_limit = sock::uds_queue_limit();
-        if let Some(udp) = &udp {
+        if let Some(udp) = &mut udp {
             udp.stamp_arrivals()?;
+            udp.count_overflow()?;
             queue_limit = queue_limit.min(udp.queue_limit()?.max(1));
         }
         event!(info, "receive_pace", queue_limit = queue_limit);
@@ -565,21 +566,33 @@ mod tests {
         let arrived_before = clock.now_ns();
         // Past the tick of that arrival and its slack.
         std::thread::sleep(std::time::Duration::from_millis(30));
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let pid = child.id();
         let mut attest = Attestor::new(Attestation::new(false), clock);
         let (sender, start) = attest.learn(pid, arrived_before);
-        assert!(sender.is_none() && start == SenderStart::Exited, "{start:?}");
+        assert!(
+            sender.is_none() && start == SenderStart::Exited,
+            "{start:?}"
+        );
         assert!(attest.senders.is_empty());
         std::thread::sleep(std::time::Duration::from_millis(30));
         let (sender, start) = attest.learn(pid, clock.now_ns());
         let started = StartTime::of(pid).unwrap().0 as u32;
-        assert!(sender.is_some() && start == SenderStart::Ticks(started), "{start:?}");
+        assert!(
+            sender.is_some() && start == SenderStart::Ticks(started),
+            "{start:?}"
+        );
         child.kill().unwrap();
         child.wait().unwrap();
         // Reaped, nobody holds the pid: gone.
         let (sender, start) = attest.learn(pid, clock.now_ns());
-        assert!(sender.is_none() && start == SenderStart::Exited, "{start:?}");
+        assert!(
+            sender.is_none() && start == SenderStart::Exited,
+            "{start:?}"
+        );
     }
 
     #[test]

@@ -208,6 +208,30 @@ fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> 
     }
 }
 
+/// How many datagrams the kernel dropped at this socket (`SO_MEMINFO`'s
+/// `SK_MEMINFO_DROPS`, 32 bits that wrap): its receive queue full, its filter refusing
+/// them, a bad checksum.
+pub fn kernel_drops(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // SK_MEMINFO_VARS (include/uapi/linux/sock_diag.h; not in the libc crate).
+    let mut info = [0u32; 9];
+    let mut len = size_of_val(&info) as libc::socklen_t;
+    // SAFETY: `info` and `len` are live and writable, `len` holds the size of `info`; the
+    // kernel writes at most that much.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info[libc::SK_MEMINFO_DROPS as usize])
+}
+
 fn getsockopt_int(fd: i32, level: i32, name: i32) -> io::Result<i32> {
     let mut value = 0i32;
     let mut len = size_of::<i32>() as libc::socklen_t;

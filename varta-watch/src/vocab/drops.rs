@@ -55,6 +55,9 @@ pub struct DropCounters {
     junk_scale: AtomicU64,
     /// Junk frames that reached the daemon, for the datapath to measure the junk rate.
     junk_seen: AtomicU64,
+    /// UDP datagrams the kernel dropped with the socket's receive queue full (userspace
+    /// datapath): `varta_frames_dropped_total{reason="queue_full"}`.
+    queue_full: AtomicU64,
 }
 
 impl Default for DropCounters {
@@ -63,6 +66,7 @@ impl Default for DropCounters {
             counts: std::array::from_fn(|_| AtomicU64::new(0)),
             junk_scale: AtomicU64::new(1),
             junk_seen: AtomicU64::new(0),
+            queue_full: AtomicU64::new(0),
         }
     }
 }
@@ -78,6 +82,14 @@ impl DropCounters {
         let scale = self.junk_scale.load(Ordering::Relaxed);
         self.counts[reason.index()].fetch_add(scale, Ordering::Relaxed);
         self.junk_seen.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add_queue_full(&self, n: u64) {
+        self.queue_full.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn queue_full(&self) -> u64 {
+        self.queue_full.load(Ordering::Relaxed)
     }
 
     pub fn set_junk_scale(&self, one_in: u32) {
