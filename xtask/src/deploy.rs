@@ -109,14 +109,15 @@ pub fn ensure_musl_target() -> Result<()> {
 /// The image's name in local container storage.
 pub const IMAGE: &str = "localhost/varta-watch:dev";
 
-/// Builds the static release binary (musl, eBPF object embedded).
+/// Builds the static binary as shipped (musl, profile `dist`, eBPF object embedded).
 pub fn static_binary(object: &Path) -> Result<std::path::PathBuf> {
     ensure_musl_target()?;
-    eprintln!("xtask: building the static varta-watch ({MUSL_TARGET}, release)");
+    eprintln!("xtask: building the static varta-watch ({MUSL_TARGET}, profile dist)");
     crate::status(crate::cargo(object).args([
         "build",
         "--quiet",
-        "--release",
+        "--profile",
+        "dist",
         "--package",
         "varta-watch",
         "--target",
@@ -124,7 +125,7 @@ pub fn static_binary(object: &Path) -> Result<std::path::PathBuf> {
     ]))?;
     let bin = crate::target_dir()
         .join(MUSL_TARGET)
-        .join("release")
+        .join("dist")
         .join("varta-watch");
     // A static binary has no program interpreter (PT_INTERP) to resolve at exec.
     let elf = std::fs::read(&bin)?;

@@ -87,7 +87,11 @@ enum Task {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Task::BuildEbpf => ebpf::build().map(drop),
-        Task::Build { release } => build(release).map(drop),
+        Task::Build { release } => {
+            let bin = build(release)?;
+            eprintln!("xtask: built {}", bin.display());
+            Ok(())
+        }
         Task::Run {
             release,
             demo,
@@ -136,16 +140,34 @@ fn status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The daemon with the eBPF object embedded: a debug build, or with `release` the binary
+/// as shipped: profile `dist` and statically linked (glibc's `crt-static`: no shared C
+/// library pages in its RSS, no loader at start; the image's is musl,
+/// `deploy::static_binary`).
 pub fn build(release: bool) -> Result<PathBuf> {
     let object = ebpf::build()?;
     let mut cmd = cargo(&object);
     cmd.args(["build", "--package", "varta-watch"]);
     if release {
-        cmd.arg("--release");
+        let host = host_target();
+        // The flag for the target only: build scripts and proc macros stay dynamic.
+        let flags = format!(
+            "CARGO_TARGET_{}_RUSTFLAGS",
+            host.to_uppercase().replace('-', "_")
+        );
+        status(
+            cmd.args(["--profile", "dist", "--target", &host])
+                .env(flags, "-C target-feature=+crt-static"),
+        )?;
+        return Ok(target_dir().join(host).join("dist").join("varta-watch"));
     }
     status(&mut cmd)?;
-    let profile = if release { "release" } else { "debug" };
-    Ok(target_dir().join(profile).join("varta-watch"))
+    Ok(target_dir().join("debug").join("varta-watch"))
+}
+
+/// This machine's target (the daemon is built on Linux with glibc).
+fn host_target() -> String {
+    format!("{}-unknown-linux-gnu", std::env::consts::ARCH)
 }
 
 pub fn target_dir() -> PathBuf {
