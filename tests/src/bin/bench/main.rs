@@ -25,7 +25,7 @@ use serde_json::json;
 /// a helper could not start) is recorded in `notes` and the bench goes on with the next, so
 /// every other figure is still produced.
 fn guarded<T>(
-    o: &Observer,
+    name: &str,
     scenario: &str,
     notes: &mut Vec<String>,
     f: impl FnOnce() -> T,
@@ -38,8 +38,8 @@ fn guarded<T>(
                 .cloned()
                 .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "a panic".into());
-            eprintln!("varta-bench: {}: {scenario} failed: {why}", o.name);
-            notes.push(format!("{}: {scenario} failed: {why}", o.name));
+            eprintln!("varta-bench: {name}: {scenario} failed: {why}");
+            notes.push(format!("{name}: {scenario} failed: {why}"));
             None
         }
     }
@@ -255,7 +255,7 @@ fn bench(args: &[String]) {
     let mut plots = report::Plots::default();
     for o in &observers {
         eprintln!("varta-bench: {}: idle", o.name);
-        guarded(o, "idle", &mut notes, || {
+        guarded(o.name, "idle", &mut notes, || {
             scenarios::idle(o, &opts, &mut figs)
         });
     }
@@ -264,7 +264,7 @@ fn bench(args: &[String]) {
             "varta-bench: {}: stall latency, {} trials",
             o.name, opts.trials
         );
-        if let Some((rec, met)) = guarded(o, "stall", &mut notes, || {
+        if let Some((rec, met)) = guarded(o.name, "stall", &mut notes, || {
             scenarios::stall(o, &opts, &mut figs)
         }) {
             plots.stall.push((o.name, rec, met));
@@ -272,7 +272,7 @@ fn bench(args: &[String]) {
     }
     for o in &observers {
         eprintln!("varta-bench: {}: rate sweep, 64 agents", o.name);
-        if let Some((steps, stopped)) = guarded(o, "sweep", &mut notes, || {
+        if let Some((steps, stopped)) = guarded(o.name, "sweep", &mut notes, || {
             scenarios::sweep(o, &opts, &mut figs)
         }) {
             notes.extend(stopped.map(|why| format!("{}: the rate sweep stopped: {why}", o.name)));
@@ -281,7 +281,7 @@ fn bench(args: &[String]) {
     }
     for o in observers.iter().filter(|o| !o.incumbent) {
         eprintln!("varta-bench: {}: a new agent under 20k beats/s", o.name);
-        guarded(o, "urgent", &mut notes, || {
+        guarded(o.name, "urgent", &mut notes, || {
             scenarios::urgent_under_load(o, &opts, &mut figs)
         });
     }
@@ -295,17 +295,20 @@ fn bench(args: &[String]) {
                     continue;
                 }
                 eprintln!("varta-bench: {}: restart (takeover: {takeover})", o.name);
-                guarded(o, "restart", &mut notes, || {
+                guarded(o.name, "restart", &mut notes, || {
                     scenarios::restart(o, &opts, takeover, load, &mut figs)
                 });
             }
         }
     }
-    eprintln!("varta-bench: the floor: a null receiver");
-    scenarios::floor(&opts, &mut figs);
+    eprintln!("varta-bench: the floor: a null receiver and ours, in turns");
+    let ours: Vec<&Observer> = observers.iter().filter(|o| !o.incumbent).collect();
+    guarded("the floor", "taking turns", &mut notes, || {
+        scenarios::floor(&ours, &opts, &mut figs)
+    });
     for o in &observers {
         eprintln!("varta-bench: {}: floods while 4 honest agents beat", o.name);
-        guarded(o, "floods", &mut notes, || {
+        guarded(o.name, "floods", &mut notes, || {
             scenarios::floods(o, &opts, &mut figs)
         });
     }
@@ -314,7 +317,7 @@ fn bench(args: &[String]) {
         let mut points = Vec::new();
         for n in [1_000, opts.many] {
             eprintln!("varta-bench: {}: rss with {n} agents", o.name);
-            if let Some(Some(mib)) = guarded(o, "rss", &mut notes, || {
+            if let Some(Some(mib)) = guarded(o.name, "rss", &mut notes, || {
                 scenarios::rss(o, &opts, n, &mut figs)
             }) {
                 points.push((n, mib));
