@@ -218,6 +218,7 @@ fn export_file_and_metrics_after_a_scripted_scenario(datapath: &str) {
         "plaintext",
         "auth",
         "decrypt",
+        "queue_full",
     ] {
         expected.push(format!(
             "varta_frames_dropped_total{{reason=\"{reason}\"}} 0"
