@@ -31,6 +31,7 @@ use crate::{
 
 /// Runs the daemon to its end; the exit code says how it ended.
 pub fn run(line: &CommandLine) -> ExitCode {
+    crate::sys::memory::map_large_allocations();
     let config = match Config::from_command_line(line) {
         Ok(config) => config,
         Err(e) => {
