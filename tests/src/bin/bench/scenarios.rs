@@ -205,7 +205,7 @@ pub fn urgent_under_load(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) {
     let extra = unlimited(&["--tracker-capacity", "8192", "--fresh-state"]);
     let run = obs.start(&opts.dir, 600_000, &extra);
     let socket = run.socket.display().to_string();
-    let pacers = start_pacers(opts, &socket, 20_000);
+    let pacers = start_pacers(opts, &socket, 20_000, Sends::Connected);
     std::thread::sleep(WARM_UP);
     let mut waited = Vec::new();
     let mut agents = Vec::new();
@@ -278,17 +278,29 @@ pub struct Step {
 /// beat, identity, log line) is a once-per-agent cost, not a cost of each beat.
 const WARM_UP: Duration = Duration::from_millis(500);
 
-/// 64 agents (helper processes) beat at a total rate stepped up until beats are lost or
-/// the senders cannot offer the rate; rate limits off.
-/// The rate sweep; the steps measured, and why it stopped where it did (a loss, the
-/// generators falling short of the offered rate, or the observer no longer answering).
+/// How pacing agents address their frames.
+#[derive(Clone, Copy)]
+enum Sends {
+    /// Connected once, as the upstream clients are.
+    Connected,
+    /// To the socket's path with every frame.
+    ToPath,
+}
+
 /// 64 pacing agents sharing `rate` beats a second on `socket`, for the warm-up and one step.
-fn start_pacers(opts: &Opts, socket: &str, rate: u64) -> Vec<Child> {
+/// `Connected`: each connects its socket once, as the upstream clients do, and a send skips
+/// the path lookup (a third to a half of an unconnected `sendto` here): the generators offer
+/// more. The floor comparison keeps the unconnected sends it was first measured with.
+fn start_pacers(opts: &Opts, socket: &str, rate: u64, sends: Sends) -> Vec<Child> {
     let per = format!("{}", rate / 64);
     let ms = (WARM_UP + opts.step).as_millis().to_string();
+    let mode = match sends {
+        Sends::Connected => "connected",
+        Sends::ToPath => "to_path",
+    };
     (0..64)
         .map(|_| {
-            helper(opts, &["pace", socket, &per, &ms])
+            helper(opts, &["pace", socket, &per, &ms, mode])
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap()
@@ -310,6 +322,10 @@ fn sent_by(pacers: Vec<Child>) -> u64 {
         .sum()
 }
 
+/// 64 agents (helper processes) beat at a total rate stepped up until beats are lost or
+/// the senders cannot offer the rate; rate limits off. The steps measured, and why the
+/// sweep stopped where it did (a loss, the generators falling short of the offered rate,
+/// or the observer no longer answering).
 pub fn sweep(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) -> (Vec<Step>, Option<String>) {
     let extra = unlimited(&["--tracker-capacity", "8192"]);
     let run = obs.start(&opts.dir, 600_000, &extra);
@@ -325,7 +341,7 @@ pub fn sweep(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) -> (Vec<Step>, Opt
                 break;
             }
         };
-        let pacers = start_pacers(opts, &socket, rate);
+        let pacers = start_pacers(opts, &socket, rate, Sends::Connected);
         // The costs are measured from here: every agent has started and been registered.
         std::thread::sleep(WARM_UP);
         let beats0 = run.family_sum("varta_beats_total");
@@ -568,7 +584,7 @@ pub fn floor(ours: &[&Observer], opts: &Opts, out: &mut Vec<Fig>) {
         let mut turns = vec![Vec::new(); receivers.len()];
         for _ in 0..FLOOR_ROUNDS {
             for (i, (name, socket)) in receivers.iter().enumerate() {
-                let pacers = start_pacers(opts, socket, rate);
+                let pacers = start_pacers(opts, socket, rate, Sends::ToPath);
                 std::thread::sleep(WARM_UP);
                 let busy0 = machine_busy();
                 let sent = sent_by(pacers);
