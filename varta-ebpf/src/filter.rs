@@ -184,8 +184,11 @@ fn try_receive<A: Attest>(
     // A question to the daemon is admitted like a beat: it is an untracked sender's frame,
     // so the global bucket applies (fork churn in a container buys no more records, wake-ups
     // and /proc reads than any other flood), and a sender asked again pays its own bucket.
+    let mut buckets = KernelBuckets {
+        found: core::ptr::null_mut(),
+    };
     let new_agent = ratelimit::admit(
-        &mut KernelBuckets,
+        &mut buckets,
         agent_key(transport, host_tgid, frame.pid),
         Limit::new(cfg.per_pid_rate, cfg.per_pid_burst),
         Limit::new(cfg.global_rate, cfg.global_burst),
@@ -236,6 +239,7 @@ fn try_receive<A: Attest>(
             _ => frame.pid,
         };
         note_last_beat(
+            &buckets,
             agent_key(transport, host_tgid, frame.pid),
             now,
             pid,
@@ -247,22 +251,33 @@ fn try_receive<A: Attest>(
 
 /// The agent's last queued beat, in its bucket: a daemon starting on the pinned maps learns
 /// from it every agent the kernel saw and when it last beat (`Bucket::last_ns`).
+/// The bucket admission found, else (a first beat: admission created it) looked up.
 #[inline(always)]
-fn note_last_beat(key: u64, now: u64, pid: u32, frame_pid: u32) {
-    if let Some(bucket) = VARTA_BUCKETS.get_ptr_mut(key) {
-        // SAFETY: a map value pointer stays valid for the whole program run.
-        unsafe {
-            (*bucket).last_ns = now;
-            (*bucket).pid = pid;
-            (*bucket).frame_pid = frame_pid;
+fn note_last_beat(buckets: &KernelBuckets, key: u64, now: u64, pid: u32, frame_pid: u32) {
+    let bucket = if buckets.found.is_null() {
+        match VARTA_BUCKETS.get_ptr_mut(key) {
+            Some(bucket) => bucket,
+            None => return,
         }
+    } else {
+        buckets.found
+    };
+    // SAFETY: a map value pointer stays valid for the whole program run.
+    unsafe {
+        (*bucket).last_ns = now;
+        (*bucket).pid = pid;
+        (*bucket).frame_pid = frame_pid;
     }
 }
 
 /// The buckets of `ratelimit::admit` in the kernel's maps: per agent in `VARTA_BUCKETS`
 /// (created with its first beat), the global one in `VARTA_GLOBAL`, tracked agents in
 /// `VARTA_TRACKED` (written by the daemon).
-struct KernelBuckets;
+struct KernelBuckets {
+    /// The agent's bucket as `agent` found it: its last beat is noted there without a
+    /// second lookup.
+    found: *mut Bucket,
+}
 
 impl ratelimit::Buckets for KernelBuckets {
     type Cell<'a> = MapCell;
@@ -270,6 +285,7 @@ impl ratelimit::Buckets for KernelBuckets {
     #[inline(always)]
     fn agent(&mut self, key: u64) -> Option<MapCell> {
         let bucket = VARTA_BUCKETS.get_ptr_mut(key)?;
+        self.found = bucket;
         // SAFETY: a map value pointer stays valid for the whole program run and `Bucket`'s
         // clock is a naturally aligned u64.
         Some(unsafe { MapCell::new(&raw mut (*bucket).tat_ns) })
