@@ -368,6 +368,16 @@ class Pod:
             time.sleep(0.1)
         return None
 
+    def probe_until(self, name, kind, seconds):
+        """Runs a probe until it passes (as the kubelet keeps probing), for at most `seconds`:
+        whether it passed, and its last answer."""
+        end, ok, answer = time.time() + seconds, False, ""
+        while time.time() < end and not ok:
+            ok, answer = self.probe(name, kind)
+            if not ok:
+                time.sleep(0.2)
+        return ok, answer
+
     def probe(self, name, kind):
         """The kubelet's HTTP prober: GET http://<pod ip>:<port><path>, success for 200-399."""
         c = self.container(name)
@@ -493,11 +503,7 @@ def main():
         v.check("the eBPF datapath attaches in the DaemonSet's pod", ready is not None and "datapath=ebpf" in ready,
                 ready or "no event=ready line; the pod's log:\n" + "\n".join(observer.logs(name)))
         # Probes as the kubelet runs them: readiness until it passes, then liveness.
-        end, ok, answer = time.time() + 30, False, ""
-        while time.time() < end and not ok:
-            ok, answer = observer.probe(name, "readinessProbe")
-            if not ok:
-                time.sleep(0.2)
+        ok, answer = observer.probe_until(name, "readinessProbe", 30)
         live, live_answer = observer.probe(name, "livenessProbe")
         rp, lp = (observer.container(name)[k]["httpGet"]["path"] for k in ("readinessProbe", "livenessProbe"))
         v.check("the readiness and liveness probes answer on the pod's address", ok and live,
@@ -653,11 +659,7 @@ def rollout(v, kubelet, args, template, ds, old, name, workload, aname, apid, po
     v.check("the old container holds once it handed over", held is not None and f"peer_pid={new_pid}" in held and ":9100" in held,
             held or "no event=held; the old pod's log:\n" + "\n".join(old.logs(name)))
     # Probes as the kubelet runs them on each pod's address.
-    end, ready, answer = time.time() + 30, False, ""
-    while time.time() < end and not ready:
-        ready, answer = new.probe(name, "readinessProbe")
-        if not ready:
-            time.sleep(0.2)
+    ready, answer = new.probe_until(name, "readinessProbe", 30)
     live, live_answer = new.probe(name, "livenessProbe")
     v.check("the new pod's probes answer", ready and live, f"{new.ip}: readiness {answer}; liveness {live_answer}")
     old_ready, old_ready_answer = old.probe(name, "readinessProbe")
