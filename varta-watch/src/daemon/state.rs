@@ -332,13 +332,12 @@ impl State {
         if self.clock == want {
             return;
         }
-        let boot = ClockSource::Boottime.now_ns() as i128;
-        let mono = ClockSource::Monotonic.now_ns() as i128;
         // boottime = monotonic + time suspended.
+        let slept = i128::from(crate::sys::clock::slept_ns());
         let delta = if clock == ClockSource::Boottime {
-            boot - mono
+            slept
         } else {
-            mono - boot
+            -slept
         };
         for a in &mut self.agents {
             a.agent.last_beat_ns = (a.agent.last_beat_ns as i128 + delta).max(0) as u64;

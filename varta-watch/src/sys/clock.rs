@@ -35,12 +35,15 @@ impl ClockSource {
     pub fn to_boottime_ns(self, at: u64) -> u64 {
         match self {
             ClockSource::Boottime => at,
-            ClockSource::Monotonic => {
-                let slept = ClockSource::Boottime
-                    .now_ns()
-                    .saturating_sub(ClockSource::Monotonic.now_ns());
-                at.saturating_add(slept)
-            }
+            ClockSource::Monotonic => at.saturating_add(slept_ns()),
         }
     }
+}
+
+/// How long the host has slept since boot: CLOCK_BOOTTIME minus CLOCK_MONOTONIC, the
+/// difference between the two stall clocks.
+pub fn slept_ns() -> u64 {
+    ClockSource::Boottime
+        .now_ns()
+        .saturating_sub(ClockSource::Monotonic.now_ns())
 }

@@ -308,6 +308,15 @@ fn start_pacers(opts: &Opts, socket: &str, rate: u64, sends: Sends) -> Vec<Child
         .collect()
 }
 
+/// The whole machine's busy CPU over a step's window (`busy` seconds) per frame sent in it,
+/// in microseconds. The frames sent in the window: its share of the pacers' run, which
+/// began with the warm-up.
+fn machine_cpu_per_frame_us(busy: f64, sent: u64, opts: &Opts) -> f64 {
+    let run_s = (WARM_UP + opts.step).as_secs_f64();
+    let sent_in_window = sent as f64 * opts.step.as_secs_f64() / run_s;
+    busy / sent_in_window.max(1.0) * 1e6
+}
+
 /// Waits for pacing agents to finish; the beats they sent.
 fn sent_by(pacers: Vec<Child>) -> u64 {
     pacers
@@ -374,14 +383,12 @@ pub fn sweep(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) -> (Vec<Step>, Opt
         let busy1 = machine_busy();
         let total = counted + beats0 - beats_start;
         let run_s = (WARM_UP + opts.step).as_secs_f64();
-        // Frames sent in the window: its share of the pacers' run.
-        let sent_in_window = sent as f64 * opts.step.as_secs_f64() / run_s;
         let step = Step {
             offered: rate as f64,
             achieved: sent as f64 / run_s,
             loss: (sent as f64 - total).max(0.0) / (sent as f64).max(1.0),
             cpu_per_beat_us: (cpu1 - cpu0) / counted.max(1.0) * 1e6,
-            machine_cpu_per_frame_us: (busy1 - busy0) / sent_in_window.max(1.0) * 1e6,
+            machine_cpu_per_frame_us: machine_cpu_per_frame_us(busy1 - busy0, sent, opts),
             wakeups_per_s: (sw1 - sw0) as f64 / wall,
         };
         eprintln!(
@@ -588,10 +595,7 @@ pub fn floor(ours: &[&Observer], opts: &Opts, out: &mut Vec<Fig>) {
                 std::thread::sleep(WARM_UP);
                 let busy0 = machine_busy();
                 let sent = sent_by(pacers);
-                let busy1 = machine_busy();
-                let run_s = (WARM_UP + opts.step).as_secs_f64();
-                let sent_in_window = sent as f64 * opts.step.as_secs_f64() / run_s;
-                let per_frame = (busy1 - busy0) / sent_in_window.max(1.0) * 1e6;
+                let per_frame = machine_cpu_per_frame_us(machine_busy() - busy0, sent, opts);
                 eprintln!(
                     "varta-bench: floor {rate}/s {name}: sent {sent}, {per_frame:.2} us per frame"
                 );
