@@ -2,13 +2,13 @@
 //! send runs the receiver's filter), so the current task is the sender. Two ways to learn its
 //! identity, one per UDS program; `varta_common::filter::Attest` says which the daemon loaded.
 
-use core::mem::size_of;
+use core::mem::{MaybeUninit, size_of};
 
 use aya_ebpf::{
     bindings::bpf_pidns_info,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_ns_current_pid_tgid,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        bpf_probe_read_kernel, generated,
     },
 };
 use varta_common::{
@@ -35,36 +35,35 @@ fn start_ticks(cfg: &FilterConfig, is_leader: bool) -> u32 {
     if cfg.task.task_start_boottime == 0 {
         return 0;
     }
-    // Into zeroed buffers, not `bpf_probe_read_kernel::<T>`: its value is undefined after a
-    // failed read, and LLVM then spills a register the verifier of Linux 6.12 sees unset
-    // (`R2 !read_ok`). A failed read leaves zeros: unknown.
-    let (mut leader, mut started) = ([0u8; 8], [0u8; 8]);
     // SAFETY: helper without arguments.
     let task = unsafe { bpf_get_current_task() } as *const u8;
     let leader = if is_leader {
         task
     } else {
-        // SAFETY: bpf_probe_read_kernel copies from any kernel address into our buffer and
-        // fails cleanly on a bad one; the offsets are the running kernel's, from its BTF.
-        let _ = unsafe {
-            bpf_probe_read_kernel_buf(
-                task.wrapping_add(cfg.task.task_group_leader as usize),
-                &mut leader,
-            )
-        };
-        u64::from_ne_bytes(leader) as usize as *const u8
+        read_u64(task.wrapping_add(cfg.task.task_group_leader as usize)) as usize as *const u8
     };
     if leader.is_null() {
         return 0;
     }
-    // SAFETY: as above.
-    let _ = unsafe {
-        bpf_probe_read_kernel_buf(
-            leader.wrapping_add(cfg.task.task_start_boottime as usize),
-            &mut started,
-        )
-    };
-    filter::start_ticks(u64::from_ne_bytes(started))
+    filter::start_ticks(read_u64(
+        leader.wrapping_add(cfg.task.task_start_boottime as usize),
+    ))
+}
+
+/// A kernel u64 at `at`; 0 when it cannot be read. Into an uninitialised word, not
+/// `bpf_probe_read_kernel::<T>` (its value is undefined after a failed read, and LLVM then
+/// spills a register the verifier of Linux 6.12 sees unset, `R2 !read_ok`) nor a zeroed
+/// byte array (zeroed by a call to a byte-at-a-time memset subprogram).
+#[inline(always)]
+fn read_u64(at: *const u8) -> u64 {
+    let mut value = MaybeUninit::<u64>::uninit();
+    // SAFETY: bpf_probe_read_kernel copies from any kernel address into our 8-byte buffer
+    // and fails cleanly on a bad one, zeroing the buffer then: either way all 8 bytes are
+    // written. The offsets are the running kernel's, from its BTF.
+    unsafe {
+        generated::bpf_probe_read_kernel(value.as_mut_ptr() as *mut _, 8, at as *const _);
+        value.assume_init()
+    }
 }
 
 pub trait Attest {

@@ -2,6 +2,8 @@
 //! decode, sender attestation (UDS only), per-agent and global token buckets, then a record in
 //! the ring buffer. `try_receive` says why a datagram is refused; `finish` counts it.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{
         BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
@@ -63,6 +65,12 @@ static VARTA_TRACKED: HashMap<u64, u8> =
     HashMap::with_max_entries(TRACKED_ENTRIES, BPF_F_NO_PREALLOC);
 
 const ETH_P_IPV6: u32 = 0x86DD;
+
+// The record's source address is zeroed a word at a time.
+const _: () = assert!(
+    core::mem::offset_of!(BeatRecord, src_addr) % 8 == 0
+        && core::mem::align_of::<BeatRecord>() == 8
+);
 
 #[socket_filter]
 pub fn varta_uds(ctx: SkBuffContext) -> i64 {
@@ -139,20 +147,19 @@ fn try_receive<A: Attest>(
     if ctx.len() != payload_offset + FRAME_LEN as u32 {
         return Err(DropReason::Length);
     }
-    let mut raw = [0u8; FRAME_LEN];
-    // SAFETY: `raw` is a FRAME_LEN-byte stack buffer and the length is the constant
-    // FRAME_LEN, which the check above proved is present in the packet.
-    let loaded = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb as *const _,
-            payload_offset,
-            raw.as_mut_ptr() as *mut _,
-            FRAME_LEN as u32,
-        )
-    };
-    if loaded != 0 {
+    // Not zeroed first (a zeroed byte array is zeroed by a call to a byte-at-a-time memset
+    // subprogram); the helper fills it. Bytes, not words: from words LLVM extracts the CRC's
+    // bytes with shifts and reorders its table index so that the verifiers of Linux 5.10
+    // and 6.1 lose the index's bound.
+    let mut raw = MaybeUninit::<[u8; FRAME_LEN]>::uninit();
+    // SAFETY: `raw` is a FRAME_LEN-byte stack buffer the helper may write uninitialised
+    // (ARG_PTR_TO_UNINIT_MEM), and the length is the constant FRAME_LEN, which the check
+    // above proved is present in the packet.
+    if unsafe { load_frame(ctx, payload_offset, raw.as_mut_ptr()) } != 0 {
         return Err(DropReason::Length);
     }
+    // SAFETY: the helper succeeded, so it wrote all FRAME_LEN bytes.
+    let raw = unsafe { raw.assume_init() };
     let frame = Frame::decode(&raw)?;
     let now = if cfg.clock == CLOCK_BOOTTIME {
         // SAFETY: helper without arguments.
@@ -206,21 +213,30 @@ fn try_receive<A: Attest>(
     let Some(mut entry) = VARTA_EVENTS.reserve::<BeatRecord>(0) else {
         return Err(DropReason::RingbufFull);
     };
-    let mut record = BeatRecord {
-        frame: raw,
-        recv_ns: now,
-        host_tgid,
-        observer_tgid,
-        kind: record_kind,
-        transport,
-        src_port: 0,
-        start_ticks,
-        src_addr: [0; 16],
-    };
-    if transport != TRANSPORT_UDS {
-        load_udp_source(ctx, transport, &mut record);
+    let record = entry.as_mut_ptr();
+    // SAFETY: `record` is the reserved BeatRecord: every field is written here, once, by
+    // plain stores, the frame by the load helper straight from the packet again (a
+    // whole-struct write, or a copy of `raw`, is a call to a byte-at-a-time memcpy).
+    unsafe {
+        if load_frame(ctx, payload_offset, &raw mut (*record).frame) != 0 {
+            entry.discard(0);
+            return Err(DropReason::Length);
+        }
+        (*record).recv_ns = now;
+        (*record).host_tgid = host_tgid;
+        (*record).observer_tgid = observer_tgid;
+        (*record).kind = record_kind;
+        (*record).transport = transport;
+        (*record).src_port = 0;
+        (*record).start_ticks = start_ticks;
+        // Volatile: two plain zero stores would be merged back into a memset call.
+        let addr_words = &raw mut (*record).src_addr as *mut u64;
+        addr_words.write_volatile(0);
+        addr_words.add(1).write_volatile(0);
+        if transport != TRANSPORT_UDS {
+            load_udp_source(ctx, transport, &mut *record);
+        }
     }
-    entry.write(record);
     let wake = wakeup::wake_now(record_kind == KIND_VERIFY, frame.status, new_agent, || {
         (
             VARTA_EVENTS.query(BPF_RB_AVAIL_DATA as u64),
@@ -356,6 +372,17 @@ fn attest_foreign(host_tgid: u32, frame_pid: u32, now: u64) -> Result<bool, Drop
             }
         }
     }
+}
+
+/// Copies the frame, `FRAME_LEN` bytes from `offset` of the packet, into `to`; 0 on success.
+///
+/// # Safety
+/// `to` is FRAME_LEN writable bytes (the verifier checks it too), and the caller checked
+/// that the packet holds FRAME_LEN bytes from `offset`.
+#[inline(always)]
+unsafe fn load_frame(ctx: &SkBuffContext, offset: u32, to: *mut [u8; FRAME_LEN]) -> i64 {
+    // SAFETY: the caller's contract.
+    unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, offset, to as *mut _, FRAME_LEN as u32) }
 }
 
 #[inline(always)]
