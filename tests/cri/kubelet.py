@@ -188,6 +188,9 @@ class Kubelet:
                 # cgroupfs driver: /kubepods/<qos>/pod<uid> (guaranteed pods directly under kubepods)
                 cgroup_parent=f"/kubepods/pod{uid}" if pod_qos == "guaranteed" else f"/kubepods/{pod_qos}/pod{uid}",
                 security_context=sandbox_sc,
+                # As the kubelet passes them (once its allow-list admits them): set by the
+                # runtime in the sandbox's namespaces.
+                sysctls={s["name"]: str(s["value"]) for s in psc.get("sysctls", [])},
             ),
         )
         sandbox = self.cri.rt("RunPodSandbox", self.cri.msg("RunPodSandboxRequest", config=config)).pod_sandbox_id
@@ -471,6 +474,7 @@ def main():
     ap.add_argument("--containerd", default="/usr/bin/containerd")
     ap.add_argument("--manifest", required=True, help="kubectl kustomize deploy/kubernetes")
     ap.add_argument("--workload", required=True, help="deploy/kubernetes/examples/workload-pod.yaml")
+    ap.add_argument("--userspace-manifest", required=True, help="kubectl kustomize deploy/kubernetes-userspace")
     ap.add_argument("--node-root", required=True)
     ap.add_argument("--token", required=True)
     args = ap.parse_args()
@@ -565,6 +569,10 @@ def main():
         v.check("SIGTERM within terminationGracePeriodSeconds exits 0",
                 st.exit_code == 0 and took[name] < grace,
                 f"exit code {st.exit_code} ({st.reason}) {took[name]:.2f} s after StopContainer (grace {grace} s); last log line: {(observer.logs(name) or [''])[-1]}")
+        observer.remove()
+        pods.remove(observer)
+
+        userspace_overlay(v, kubelet, args, workload, aname, pods)
     finally:
         for p in reversed(pods):
             try:
@@ -725,6 +733,44 @@ def rollout(v, kubelet, args, template, ds, old, name, workload, aname, apid, po
     wedged.remove()
     pods.remove(wedged)
     return new
+
+
+def userspace_overlay(v, kubelet, args, workload, aname, pods):
+    """deploy/kubernetes-userspace on the same node: the userspace datapath with no added
+    capability, and the socket queue its sysctl sets in the pod's network namespace."""
+    ds = next(d for d in yaml.safe_load_all(open(args.userspace_manifest)) if d and d["kind"] == "DaemonSet")
+    template = ds["spec"]["template"]
+    name = template["spec"]["containers"][0]["name"]
+    observer = kubelet.run_pod({"metadata": dict(template["metadata"], name=f"{ds['metadata']['name']}-u4x8d"), "spec": template["spec"]},
+                               ds["metadata"]["namespace"])
+    pods.append(observer)
+    ready = observer.wait_log(name, ["event=ready"], 60)
+    pace = observer.wait_log(name, ["event=receive_pace"], 5)
+    v.check("the userspace overlay's pod runs the userspace datapath with a 513-datagram queue (its sysctl, in the pod's network namespace)",
+            ready is not None and "datapath=userspace" in ready and pace is not None and "queue_limit=513" in pace,
+            f"{ready}; {pace}" if ready else "no event=ready line; the pod's log:\n" + "\n".join(observer.logs(name)))
+    opid = agent_pid(observer, name)
+    caps = {k: v_.strip() for k, v_ in (l.split(":", 1) for l in open(f"/proc/{opid}/status") if ":" in l)}
+    v.check("the userspace overlay's container has no capability", caps.get("CapEff") == "0" * 16 and caps.get("CapBnd") == "0" * 16,
+            f"CapEff={caps.get('CapEff')} CapBnd={caps.get('CapBnd')}")
+    agent = kubelet.run_pod(dict(workload, metadata=dict(workload["metadata"], name=workload["metadata"]["name"] + "-userspace")),
+                            workload["metadata"].get("namespace", "default"))
+    pods.append(agent)
+    acid = agent.containers[aname]
+    line = observer.wait_log(name, ["event=agent_new", f"container_id={acid}"], 30)
+    apid = line.split(" pid=", 1)[1].split()[0] if line else "?"
+    beats = wait_counter(observer, name, args.token, f'varta_beats_total{{pid="{apid}"}}', 3, 15)
+    v.check("an agent in the example workload pod is tracked and counted on the userspace datapath",
+            line is not None and f"pod_uid={agent.uid}" in line and beats >= 3,
+            (line or "no event=agent_new for the agent's container; the observer's log:\n" + "\n".join(observer.logs(name))) + f"; beats {beats}")
+    agent.stop()
+    agent.remove()
+    pods.remove(agent)
+    grace, took = observer.stop()
+    v.check("the userspace overlay's pod exits 0 on SIGTERM", observer.status(name).exit_code == 0 and took[name] < grace,
+            f"{took[name]:.2f} s after StopContainer (grace {grace} s)")
+    observer.remove()
+    pods.remove(observer)
 
 
 def agent_pid(pod, name):

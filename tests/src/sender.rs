@@ -17,7 +17,8 @@ pub fn sender(target: &str, args: &[&str]) -> Proc {
 /// Waits for a sender to finish: (frames sent, its pid, elapsed seconds).
 #[track_caller]
 pub fn summary(sender: Proc) -> (u64, u32, f64) {
-    let out = sender.output();
+    let out = sender.wait_with_output();
+    assert!(out.status.success(), "varta-sender: {}", out.status);
     let line = String::from_utf8_lossy(&out.stdout).into_owned();
     (
         log_field(&line, "sent").parse().unwrap(),

@@ -226,6 +226,14 @@ fn the_daemonset_pod_runs_on_containerd_cri_as_a_kubelet_runs_it_needs_root() {
     assert!(ok, "kubectl kustomize deploy/kubernetes:\n{rendered}");
     let manifest = scratch_dir.join("rendered.yaml");
     std::fs::write(&manifest, &rendered).unwrap();
+    let (ok, userspace) = deploy::run(
+        Command::new("kubectl")
+            .arg("kustomize")
+            .arg(repo().join("deploy/kubernetes-userspace")),
+    );
+    assert!(ok, "kubectl kustomize deploy/kubernetes-userspace:\n{userspace}");
+    let userspace_manifest = scratch_dir.join("rendered-userspace.yaml");
+    std::fs::write(&userspace_manifest, &userspace).unwrap();
     let workload = repo().join("deploy/kubernetes/examples/workload-pod.yaml");
     let names = image_names(&format!(
         "{rendered}\n{}",
@@ -330,13 +338,15 @@ state = "{d}/state"
             .arg(&manifest)
             .arg("--workload")
             .arg(&workload)
+            .arg("--userspace-manifest")
+            .arg(&userspace_manifest)
             .arg("--node-root")
             .arg(dir.join("node"))
             .args(["--token", &token])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
     );
-    let out = driver.output();
+    let out = driver.wait_with_output();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

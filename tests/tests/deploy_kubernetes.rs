@@ -10,10 +10,11 @@ use varta_e2e::{
     deploy::{self, deploy_file, repo, require_tool},
 };
 
-const KUSTOMIZATIONS: [&str; 3] = [
+const KUSTOMIZATIONS: [&str; 4] = [
     "kubernetes",
     "kubernetes-scrape-annotations",
     "kubernetes-privileged",
+    "kubernetes-userspace",
 ];
 
 /// The list under `key:` in a kustomization (`- item` lines, or `- path: item` for patches).
@@ -117,7 +118,7 @@ fn every_manifest_passes_the_kubernetes_schema() {
         return;
     }
     let out_dir = varta_e2e::scratch("kustomize");
-    for (k, kinds) in KUSTOMIZATIONS.iter().zip([6, 6, 6]) {
+    for (k, kinds) in KUSTOMIZATIONS.iter().zip([6, 6, 6, 6]) {
         let (ok, rendered) = deploy::run(
             Command::new("kubectl")
                 .arg("kustomize")
@@ -129,6 +130,11 @@ fn every_manifest_passes_the_kubernetes_schema() {
         assert_eq!(validate(&[file], &["ServiceMonitor"]), kinds, "{k}");
         match *k {
             "kubernetes-privileged" => assert!(rendered.contains("privileged: true")),
+            "kubernetes-userspace" => {
+                assert!(rendered.contains("- --datapath\n        - userspace"));
+                assert!(rendered.contains("add: []"));
+                assert!(rendered.contains("name: net.unix.max_dgram_qlen\n          value: \"512\""));
+            }
             "kubernetes-scrape-annotations" => {
                 assert!(rendered.contains("prometheus.io/scrape: \"true\""));
                 assert!(!rendered.contains("kind: ServiceMonitor"));
