@@ -231,7 +231,10 @@ fn the_daemonset_pod_runs_on_containerd_cri_as_a_kubelet_runs_it_needs_root() {
             .arg("kustomize")
             .arg(repo().join("deploy/kubernetes-userspace")),
     );
-    assert!(ok, "kubectl kustomize deploy/kubernetes-userspace:\n{userspace}");
+    assert!(
+        ok,
+        "kubectl kustomize deploy/kubernetes-userspace:\n{userspace}"
+    );
     let userspace_manifest = scratch_dir.join("rendered-userspace.yaml");
     std::fs::write(&userspace_manifest, &userspace).unwrap();
     let workload = repo().join("deploy/kubernetes/examples/workload-pod.yaml");

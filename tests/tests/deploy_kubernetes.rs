@@ -133,7 +133,9 @@ fn every_manifest_passes_the_kubernetes_schema() {
             "kubernetes-userspace" => {
                 assert!(rendered.contains("- --datapath\n        - userspace"));
                 assert!(rendered.contains("add: []"));
-                assert!(rendered.contains("name: net.unix.max_dgram_qlen\n          value: \"512\""));
+                assert!(
+                    rendered.contains("name: net.unix.max_dgram_qlen\n          value: \"512\"")
+                );
             }
             "kubernetes-scrape-annotations" => {
                 assert!(rendered.contains("prometheus.io/scrape: \"true\""));

@@ -382,7 +382,14 @@ fn attest_foreign(host_tgid: u32, frame_pid: u32, now: u64) -> Result<bool, Drop
 #[inline(always)]
 unsafe fn load_frame(ctx: &SkBuffContext, offset: u32, to: *mut [u8; FRAME_LEN]) -> i64 {
     // SAFETY: the caller's contract.
-    unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, offset, to as *mut _, FRAME_LEN as u32) }
+    unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            offset,
+            to as *mut _,
+            FRAME_LEN as u32,
+        )
+    }
 }
 
 #[inline(always)]
