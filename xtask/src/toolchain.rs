@@ -271,10 +271,15 @@ pub fn install_missing(wanted: &[(&str, &str)]) -> Result<()> {
 
 /// The font the benchmark's plots are labelled with.
 pub fn ensure_bench_packages() -> Result<()> {
-    install_missing(&[(
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "fonts-dejavu-core",
-    )])
+    install_missing(&[
+        (
+            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+            "fonts-dejavu-core",
+        ),
+        // The bench's network namespace (`unshare`, `ip link set lo up`).
+        ("/usr/bin/unshare", "util-linux"),
+        ("/usr/sbin/ip", "iproute2"),
+    ])
 }
 
 /// A cross target for the signal tests: (rust target, C linker, qemu-user, its sysroot).

@@ -279,6 +279,17 @@ fn bench(args: &[String]) {
             plots.sweep.push((o.name, steps));
         }
     }
+    // The eBPF datapath queues nothing on its socket: the queue's depth does not matter.
+    for o in observers.iter().filter(|o| o.name != "ours-ebpf") {
+        eprintln!(
+            "varta-bench: {}: 20k beats/s into a socket queue of {} datagrams",
+            o.name,
+            scenarios::SHALLOW_QLEN + 1
+        );
+        guarded(o.name, "shallow queue", &mut notes, || {
+            scenarios::shallow_queue(o, &opts, &mut figs)
+        });
+    }
     for o in observers.iter().filter(|o| !o.incumbent) {
         eprintln!("varta-bench: {}: a new agent under 20k beats/s", o.name);
         guarded(o.name, "urgent", &mut notes, || {

@@ -11,7 +11,7 @@ use std::{
 
 use crate::{
     Fig, Opts,
-    observer::{Observer, machine_busy},
+    observer::{Observer, Running, machine_busy},
     realtime_ns,
 };
 
@@ -331,6 +331,110 @@ fn sent_by(pacers: Vec<Child>) -> u64 {
         .sum()
 }
 
+/// One step of 64 agents beating at `rate` a second in total into a running observer: what
+/// it cost the observer and the machine, and how many beats it counted. `Err`: the observer
+/// stopped answering (why, naming the step).
+fn measure_step(run: &Running, opts: &Opts, rate: u64) -> Result<Step, String> {
+    let beats_start = run
+        .family_sum("varta_beats_total")
+        .map_err(|e| format!("{e} before the {rate}/s step"))?;
+    let socket = run.socket.display().to_string();
+    let pacers = start_pacers(opts, &socket, rate, Sends::Connected);
+    // The costs are measured from here: every agent has started and been registered.
+    std::thread::sleep(WARM_UP);
+    let beats0 = run.family_sum("varta_beats_total");
+    let (cpu0, sw0) = run.cost();
+    let busy0 = machine_busy();
+    let t = Instant::now();
+    let sent = sent_by(pacers);
+    let wall = t.elapsed().as_secs_f64();
+    // Drained when the count stops moving.
+    let drained = beats0.and_then(|beats0| {
+        let mut counted = run.family_sum("varta_beats_total")? - beats0;
+        let end = Instant::now() + Duration::from_secs(3);
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = run.family_sum("varta_beats_total")? - beats0;
+            if now == counted || Instant::now() > end {
+                return Ok((counted, beats0));
+            }
+            counted = now;
+        }
+    });
+    let (counted, beats0) = drained.map_err(|e| format!("{e} at the {rate}/s step"))?;
+    let (cpu1, sw1) = run.cost();
+    let busy1 = machine_busy();
+    let total = counted + beats0 - beats_start;
+    let run_s = (WARM_UP + opts.step).as_secs_f64();
+    Ok(Step {
+        offered: rate as f64,
+        achieved: sent as f64 / run_s,
+        loss: (sent as f64 - total).max(0.0) / (sent as f64).max(1.0),
+        cpu_per_beat_us: (cpu1 - cpu0) / counted.max(1.0) * 1e6,
+        machine_cpu_per_frame_us: machine_cpu_per_frame_us(busy1 - busy0, sent, opts),
+        wakeups_per_s: (sw1 - sw0) as f64 / wall,
+    })
+}
+
+/// A step's figures under `scenario`.
+fn push_step(obs: &Observer, scenario: &str, step: &Step, out: &mut Vec<Fig>) {
+    for (fig, v, unit) in [
+        ("cpu_per_beat", step.cpu_per_beat_us, "us"),
+        ("machine_cpu_per_frame", step.machine_cpu_per_frame_us, "us"),
+        ("wakeups_per_s", step.wakeups_per_s, "1/s"),
+        // Batched draining: the suite once asserted at most one per 3 beats.
+        (
+            "wakeups_per_beat",
+            step.wakeups_per_s / step.achieved.max(1.0),
+            "",
+        ),
+        ("loss", step.loss, "fraction"),
+    ] {
+        out.push(Fig::new(obs, scenario, fig, v, unit));
+    }
+}
+
+/// The kernel's default Unix datagram queue (`net.unix.max_dgram_qlen`), as in a pod's own
+/// network namespace or on a host without systemd.
+pub const SHALLOW_QLEN: u32 = 10;
+
+/// The 20k step with the observer's socket made under `net.unix.max_dgram_qlen` 10 (the
+/// sysctl is read when a socket is created: it is set for the start and put back), beside
+/// the bench's own queue (the machine line says which): what batching the userspace
+/// datapath keeps in a pod without the kubelet's sysctl (deploy/kubernetes-userspace).
+pub fn shallow_queue(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) {
+    let run = {
+        let _qlen = Qlen::set(SHALLOW_QLEN);
+        obs.start(
+            &opts.dir,
+            600_000,
+            &unlimited(&["--tracker-capacity", "8192"]),
+        )
+    };
+    let step = measure_step(&run, opts, 20_000).unwrap_or_else(|why| panic!("{why}"));
+    push_step(obs, &format!("rate_20k_qlen_{SHALLOW_QLEN}"), &step, out);
+}
+
+/// `net.unix.max_dgram_qlen` of this network namespace set, and put back on drop.
+struct Qlen(String);
+
+impl Qlen {
+    const PATH: &str = "/proc/sys/net/unix/max_dgram_qlen";
+
+    fn set(value: u32) -> Qlen {
+        let old = std::fs::read_to_string(Self::PATH).expect("reading net.unix.max_dgram_qlen");
+        std::fs::write(Self::PATH, value.to_string())
+            .unwrap_or_else(|e| panic!("setting net.unix.max_dgram_qlen to {value}: {e}"));
+        Qlen(old)
+    }
+}
+
+impl Drop for Qlen {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, self.0.trim());
+    }
+}
+
 /// 64 agents (helper processes) beat at a total rate stepped up until beats are lost or
 /// the senders cannot offer the rate; rate limits off. The steps measured, and why the
 /// sweep stopped where it did (a loss, the generators falling short of the offered rate,
@@ -338,79 +442,24 @@ fn sent_by(pacers: Vec<Child>) -> u64 {
 pub fn sweep(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) -> (Vec<Step>, Option<String>) {
     let extra = unlimited(&["--tracker-capacity", "8192"]);
     let run = obs.start(&opts.dir, 600_000, &extra);
-    let socket = run.socket.display().to_string();
     let mut steps = Vec::new();
     let mut best = 0.0f64;
     let mut stopped = None;
     for &rate in &opts.rates {
-        let beats_start = match run.family_sum("varta_beats_total") {
-            Ok(n) => n,
-            Err(e) => {
-                stopped = Some(format!("{e} before the {rate}/s step"));
+        let step = match measure_step(&run, opts, rate) {
+            Ok(step) => step,
+            Err(why) => {
+                stopped = Some(why);
                 break;
             }
-        };
-        let pacers = start_pacers(opts, &socket, rate, Sends::Connected);
-        // The costs are measured from here: every agent has started and been registered.
-        std::thread::sleep(WARM_UP);
-        let beats0 = run.family_sum("varta_beats_total");
-        let (cpu0, sw0) = run.cost();
-        let busy0 = machine_busy();
-        let t = Instant::now();
-        let sent = sent_by(pacers);
-        let wall = t.elapsed().as_secs_f64();
-        // Drained when the count stops moving.
-        let drained = beats0.and_then(|beats0| {
-            let mut counted = run.family_sum("varta_beats_total")? - beats0;
-            let end = Instant::now() + Duration::from_secs(3);
-            loop {
-                std::thread::sleep(Duration::from_millis(200));
-                let now = run.family_sum("varta_beats_total")? - beats0;
-                if now == counted || Instant::now() > end {
-                    return Ok((counted, beats0));
-                }
-                counted = now;
-            }
-        });
-        let (counted, beats0) = match drained {
-            Ok(drained) => drained,
-            Err(e) => {
-                stopped = Some(format!("{e} at the {rate}/s step"));
-                break;
-            }
-        };
-        let (cpu1, sw1) = run.cost();
-        let busy1 = machine_busy();
-        let total = counted + beats0 - beats_start;
-        let run_s = (WARM_UP + opts.step).as_secs_f64();
-        let step = Step {
-            offered: rate as f64,
-            achieved: sent as f64 / run_s,
-            loss: (sent as f64 - total).max(0.0) / (sent as f64).max(1.0),
-            cpu_per_beat_us: (cpu1 - cpu0) / counted.max(1.0) * 1e6,
-            machine_cpu_per_frame_us: machine_cpu_per_frame_us(busy1 - busy0, sent, opts),
-            wakeups_per_s: (sw1 - sw0) as f64 / wall,
         };
         eprintln!(
-            "varta-bench: {} {rate}/s offered: sent {sent} counted {total} loss {:.4} cpu/beat {:.2}us",
+            "varta-bench: {} {rate}/s offered: loss {:.4} cpu/beat {:.2}us",
             obs.name, step.loss, step.cpu_per_beat_us
         );
         let sustained = step.loss == 0.0 && step.achieved >= 0.95 * step.offered;
         if rate == 20_000 {
-            for (fig, v, unit) in [
-                ("cpu_per_beat", step.cpu_per_beat_us, "us"),
-                ("machine_cpu_per_frame", step.machine_cpu_per_frame_us, "us"),
-                ("wakeups_per_s", step.wakeups_per_s, "1/s"),
-                // Batched draining: the suite once asserted at most one per 3 beats.
-                (
-                    "wakeups_per_beat",
-                    step.wakeups_per_s / step.achieved.max(1.0),
-                    "",
-                ),
-                ("loss", step.loss, "fraction"),
-            ] {
-                out.push(Fig::new(obs, "rate_20k_64_agents", fig, v, unit));
-            }
+            push_step(obs, "rate_20k_64_agents", &step, out);
         }
         let (loss, achieved) = (step.loss, step.achieved);
         steps.push(step);
@@ -558,8 +607,13 @@ fn floor_scenario(rate: u64) -> String {
     format!("floor_{}k_64_agents", rate / 1000)
 }
 
-/// Turns each receiver takes at each floor rate; the median is reported.
-const FLOOR_ROUNDS: usize = 3;
+/// Turns each receiver takes at each floor rate; the medians are reported.
+pub const FLOOR_ROUNDS: usize = 5;
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
 
 /// Whole-machine CPU per frame with a null receiver on the socket path (the physical floor
 /// of sending a datagram) and with each of `ours`, at the floor rates. The receivers take
@@ -602,15 +656,28 @@ pub fn floor(ours: &[&Observer], opts: &Opts, out: &mut Vec<Fig>) {
                 turns[i].push(per_frame);
             }
         }
-        for ((name, _), mut values) in receivers.iter().zip(turns) {
-            values.sort_by(f64::total_cmp);
-            out.push(Fig {
-                observer: name,
-                scenario: floor_scenario(rate),
-                figure: "machine_cpu_per_frame".into(),
-                value: values[values.len() / 2],
-                unit: "us",
-            });
+        // Each round's ratio is of turns taken seconds apart: the machine's drift between
+        // rounds (the floor itself moves by a third) cancels out of it.
+        let floor_turns = turns[0].clone();
+        for ((name, _), values) in receivers.iter().zip(turns) {
+            let ratios: Vec<f64> = values
+                .iter()
+                .zip(&floor_turns)
+                .map(|(v, f)| v / f)
+                .collect();
+            let mut figures = vec![("machine_cpu_per_frame", median(values), "us")];
+            if *name != crate::report::FLOOR {
+                figures.push(("ratio_to_floor", median(ratios), "x"));
+            }
+            for (figure, value, unit) in figures {
+                out.push(Fig {
+                    observer: name,
+                    scenario: floor_scenario(rate),
+                    figure: figure.into(),
+                    value,
+                    unit,
+                });
+            }
         }
     }
     drop(runs);
