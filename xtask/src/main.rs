@@ -55,7 +55,7 @@ enum Task {
         args: Vec<String>,
     },
     /// Benchmark our observer (eBPF and userspace) against the incumbent 0.2.0: figures in
-    /// target/bench/ (results.json, PNG plots) and BENCHMARKS.md. About 3 minutes.
+    /// target/bench/ (results.json, PNG plots) and BENCHMARKS.md. About 5 minutes, as root in a network namespace of its own.
     Bench {
         /// More trials, rates and longer steps.
         #[arg(long)]
