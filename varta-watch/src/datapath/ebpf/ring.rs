@@ -45,7 +45,8 @@ impl EbpfDatapath {
     }
 
     fn handle(&mut self, rec: &BeatRecord, out: &mut Vec<Beat>) {
-        let Ok(frame) = Frame::decode(&rec.frame) else {
+        // The filter decoded these bytes, CRC included: not computed again.
+        let Ok(frame) = Frame::decode_accepted(&rec.frame) else {
             // The kernel validated it with the same decoder: this cannot happen.
             event!(error, "ebpf_record_invalid", transport = rec.transport);
             return;
