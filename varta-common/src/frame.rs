@@ -261,16 +261,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn decode_accepted_skips_only_the_crc() {
-        let mut buf = Frame {
+    /// A valid Ok frame of pid 9, encoded.
+    fn ok_frame() -> [u8; FRAME_LEN] {
+        Frame {
             status: Status::Ok,
             pid: 9,
             timestamp: 1,
             nonce: 1,
             payload: 0,
         }
-        .encode();
+        .encode()
+    }
+
+    #[test]
+    fn decode_accepted_skips_only_the_crc() {
+        let mut buf = ok_frame();
         buf[31] ^= 1;
         assert_eq!(Frame::decode(&buf), Err(DecodeError::BadCrc));
         assert!(Frame::decode_accepted(&buf).is_ok());
@@ -281,14 +286,7 @@ mod tests {
     #[test]
     fn first_failure_wins() {
         // Bad magic and bad CRC together: magic is checked first.
-        let mut buf = Frame {
-            status: Status::Ok,
-            pid: 9,
-            timestamp: 1,
-            nonce: 1,
-            payload: 0,
-        }
-        .encode();
+        let mut buf = ok_frame();
         buf[0] = 0;
         buf[31] ^= 1;
         assert_eq!(Frame::decode(&buf), Err(DecodeError::BadMagic));
