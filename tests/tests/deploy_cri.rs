@@ -79,22 +79,55 @@ impl Drop for Containerd {
             let _ = p.wait();
         }
         // Shims exit with their containers; what containerd mounted under its root goes.
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let dir = self.dir.display().to_string();
-        let mut points: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|p| p.starts_with(&dir))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for p in points {
-            let _ = Command::new("umount").args(["-l", p]).output();
-        }
+        remove_run_dir(&self.dir);
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .output();
         let _ = Command::new("podman").args(["rmi", &self.pause]).output();
-        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A run's directory under /run, with what is mounted below it (deepest first).
+fn remove_run_dir(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let dir_s = dir.display().to_string();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&dir_s))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = Command::new("umount").args(["-l", p]).output();
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// What an earlier run killed before its cleanup left (its directory, mounts and pause
+/// image are named by its pid): removed when that process is gone.
+fn remove_stale_runs() {
+    let Ok(entries) = std::fs::read_dir("/run") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("varta-cri-") else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        eprintln!("deploy_cri: removing /run/{name}, left by an interrupted run");
+        remove_run_dir(&entry.path());
+        let _ = Command::new("podman")
+            .args(["rmi", &format!("localhost/varta-pause:test-{pid}")])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("vcri{}", pid % 100_000)])
+            .output();
     }
 }
 
@@ -200,6 +233,7 @@ fn the_daemonset_pod_runs_on_containerd_cri_as_a_kubelet_runs_it_needs_root() {
     let scratch_dir = scratch("cri");
     // containerd's socket paths must stay short; a directory of its own under /run.
     let id = std::process::id();
+    remove_stale_runs();
     let dir = PathBuf::from(format!("/run/varta-cri-{id}"));
     let _ = std::fs::remove_dir_all(&dir);
     for d in ["cni", "node/sys/fs/bpf"] {
