@@ -280,7 +280,7 @@ fn bench(args: &[String]) {
         }
     }
     // The eBPF datapath queues nothing on its socket: the queue's depth does not matter.
-    for o in observers.iter().filter(|o| o.name != "ours-ebpf") {
+    for o in observers.iter().filter(|o| o.name != report::OURS_EBPF) {
         eprintln!(
             "varta-bench: {}: 20k beats/s into a socket queue of {} datagrams",
             o.name,
@@ -323,7 +323,7 @@ fn bench(args: &[String]) {
             scenarios::floods(o, &opts, &mut figs)
         });
     }
-    let pid_max = report::PidMax::raise(opts.many + 1000);
+    let pid_max = report::raise_pid_max(opts.many + 1000);
     for o in &observers {
         let mut points = Vec::new();
         for n in [1_000, opts.many] {

@@ -24,9 +24,9 @@ impl Observer {
     pub fn ours(bin: &Path, datapath: &'static str) -> Observer {
         Observer {
             name: if datapath == "ebpf" {
-                "ours-ebpf"
+                crate::report::OURS_EBPF
             } else {
-                "ours-userspace"
+                crate::report::OURS_USERSPACE
             },
             bin: bin.to_owned(),
             args: vec!["--datapath".into(), datapath.into()],

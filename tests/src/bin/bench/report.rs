@@ -1,5 +1,5 @@
 //! The run's output: a markdown table with ours/incumbent ratios, PNG plots (plotters),
-//! and the kernel's pid_max raised for the many-agents run and put back.
+//! and kernel settings changed for part of the run and put back (`Sysctl`).
 
 use std::{fmt::Write as _, path::Path, time::Duration};
 
@@ -10,40 +10,47 @@ use crate::{
     scenarios::{FLOOR_ROUNDS, Step},
 };
 
-const OURS_EBPF: &str = "ours-ebpf";
-const OURS_USERSPACE: &str = "ours-userspace";
+pub const OURS_EBPF: &str = "ours-ebpf";
+pub const OURS_USERSPACE: &str = "ours-userspace";
 const INCUMBENT: &str = "incumbent-0.2.0";
 /// The null receiver: what sending a datagram costs the machine with nobody reading it.
 pub const FLOOR: &str = "floor-null-receiver";
 
-/// Raises kernel.pid_max (frames with a pid above it are refused) and restores it on drop.
-pub struct PidMax(Option<String>);
+/// A kernel setting under /proc/sys changed for part of the run, put back on drop.
+pub struct Sysctl {
+    path: &'static str,
+    old: String,
+}
 
-impl PidMax {
-    pub fn raise(at_least: u32) -> PidMax {
-        const PATH: &str = "/proc/sys/kernel/pid_max";
-        let old = std::fs::read_to_string(PATH).unwrap_or_default();
-        if old.trim().parse::<u32>().unwrap_or(0) >= at_least {
-            return PidMax(None);
-        }
-        match std::fs::write(PATH, at_least.to_string()) {
-            Ok(()) => PidMax(Some(old)),
-            Err(e) => {
-                eprintln!(
-                    "varta-bench: cannot raise pid_max to {at_least} ({e}): the many-agents run will fall short"
-                );
-                PidMax(None)
-            }
-        }
+impl Sysctl {
+    pub fn set(path: &'static str, value: u32) -> std::io::Result<Sysctl> {
+        let old = std::fs::read_to_string(path)?;
+        std::fs::write(path, value.to_string())?;
+        Ok(Sysctl { path, old })
     }
 }
 
-impl Drop for PidMax {
+impl Drop for Sysctl {
     fn drop(&mut self) {
-        if let Some(old) = self.0.take() {
-            let _ = std::fs::write("/proc/sys/kernel/pid_max", old.trim());
-        }
+        let _ = std::fs::write(self.path, self.old.trim());
     }
+}
+
+/// Raises kernel.pid_max (frames with a pid above it are refused) to `at_least` until the
+/// guard is dropped; `None` when it is that high already, or cannot be raised (said why).
+pub fn raise_pid_max(at_least: u32) -> Option<Sysctl> {
+    const PATH: &str = "/proc/sys/kernel/pid_max";
+    let now = std::fs::read_to_string(PATH).unwrap_or_default();
+    if now.trim().parse::<u32>().unwrap_or(0) >= at_least {
+        return None;
+    }
+    Sysctl::set(PATH, at_least)
+        .inspect_err(|e| {
+            eprintln!(
+                "varta-bench: cannot raise pid_max to {at_least} ({e}): the many-agents run will fall short"
+            )
+        })
+        .ok()
 }
 
 fn machine() -> String {

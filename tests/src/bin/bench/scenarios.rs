@@ -404,7 +404,9 @@ pub const SHALLOW_QLEN: u32 = 10;
 /// datapath keeps in a pod without the kubelet's sysctl (deploy/kubernetes-userspace).
 pub fn shallow_queue(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) {
     let run = {
-        let _qlen = Qlen::set(SHALLOW_QLEN);
+        const QLEN: &str = "/proc/sys/net/unix/max_dgram_qlen";
+        let _qlen = crate::report::Sysctl::set(QLEN, SHALLOW_QLEN)
+            .unwrap_or_else(|e| panic!("setting net.unix.max_dgram_qlen to {SHALLOW_QLEN}: {e}"));
         obs.start(
             &opts.dir,
             600_000,
@@ -413,26 +415,6 @@ pub fn shallow_queue(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) {
     };
     let step = measure_step(&run, opts, 20_000).unwrap_or_else(|why| panic!("{why}"));
     push_step(obs, &format!("rate_20k_qlen_{SHALLOW_QLEN}"), &step, out);
-}
-
-/// `net.unix.max_dgram_qlen` of this network namespace set, and put back on drop.
-struct Qlen(String);
-
-impl Qlen {
-    const PATH: &str = "/proc/sys/net/unix/max_dgram_qlen";
-
-    fn set(value: u32) -> Qlen {
-        let old = std::fs::read_to_string(Self::PATH).expect("reading net.unix.max_dgram_qlen");
-        std::fs::write(Self::PATH, value.to_string())
-            .unwrap_or_else(|e| panic!("setting net.unix.max_dgram_qlen to {value}: {e}"));
-        Qlen(old)
-    }
-}
-
-impl Drop for Qlen {
-    fn drop(&mut self) {
-        let _ = std::fs::write(Self::PATH, self.0.trim());
-    }
 }
 
 /// 64 agents (helper processes) beat at a total rate stepped up until beats are lost or
