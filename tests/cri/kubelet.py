@@ -494,11 +494,9 @@ def main():
 
     v = Verdicts()
     template = ds["spec"]["template"]
-    # The DaemonSet controller names its pods <name>-<random> and gives them the template.
-    observer_pod = {"metadata": dict(template["metadata"], name=f"{ds['metadata']['name']}-x7k2p"), "spec": template["spec"]}
     ns = ds["metadata"]["namespace"]
     t0 = time.time()
-    observer = kubelet.run_pod(observer_pod, ns)
+    observer = kubelet.run_pod(daemonset_pod(ds, "x7k2p"), ns)
     name = template["spec"]["containers"][0]["name"]
     print(f"cri: observer pod {observer.uid} ip {observer.ip}, container {observer.containers[name][:12]} started in {time.time() - t0:.1f} s", flush=True)
     pods = [observer]
@@ -521,11 +519,11 @@ def main():
                 f"without token {anon[0]}, with it {authed[0]}: {info}")
         # The container as the runtime made it from the security context.
         opid = agent_pid(observer, name)
-        status = dict(l.split(":", 1) for l in open(f"/proc/{opid}/status") if ":" in l)
+        status = proc_status(opid)
         want_caps = {"BPF": 39, "PERFMON": 38, "SYS_RESOURCE": 24, "NET_ADMIN": 12, "SYS_ADMIN": 21}
         added = observer.container(name)["securityContext"]["capabilities"]["add"]
         mask = f"{sum(1 << want_caps[c] for c in added):016x}"
-        got = {k: status.get(k, "").strip() for k in ("CapEff", "CapBnd", "NoNewPrivs", "Seccomp", "Uid")}
+        got = {k: status.get(k, "") for k in ("CapEff", "CapBnd", "NoNewPrivs", "Seccomp", "Uid")}
         root_ro = any(l.split()[4] == "/" and "ro" in l.split()[5].split(",") for l in open(f"/proc/{opid}/mountinfo"))
         v.check("the pod's security context is applied (capabilities, no new privileges, RuntimeDefault seccomp, read-only root)",
                 got["CapEff"] == mask and got["CapBnd"] == mask and got["NoNewPrivs"] == "1" and got["Seccomp"] == "2" and root_ro
@@ -553,7 +551,7 @@ def main():
         v.check("liveness still answers while the agent beats", live, live_answer)
         apid = line.split(" pid=", 1)[1].split()[0] if line else "?"
 
-        observer = rollout(v, kubelet, args, template, ds, observer, name, workload, aname, apid, pods)
+        observer = rollout(v, kubelet, args, ds, observer, name, workload, aname, apid, pods)
 
         # The workload deleted as the kubelet does it: its silence is a stall naming it.
         agent.stop()
@@ -631,7 +629,7 @@ def fds(pid):
     return out
 
 
-def rollout(v, kubelet, args, template, ds, old, name, workload, aname, apid, pods):
+def rollout(v, kubelet, args, ds, old, name, workload, aname, apid, pods):
     """A DaemonSet rollout with maxSurge: 1, maxUnavailable: 0 on this node: a pod of the
     same template beside the old one; once it is ready the controller deletes the old pod.
     Returns the new pod."""
@@ -656,7 +654,7 @@ def rollout(v, kubelet, args, template, ds, old, name, workload, aname, apid, po
     old_cid = old.containers[name]
     before = counters(old, name, args.token)
     t0 = time.time()
-    new = kubelet.run_pod({"metadata": dict(template["metadata"], name=f"{ds['metadata']['name']}-q9m4r"), "spec": template["spec"]}, ns)
+    new = kubelet.run_pod(daemonset_pod(ds, "q9m4r"), ns)
     pods.append(new)
     resumed = new.wait_log(name, ["event=resumed"], 60)
     new_pid = agent_pid(new, name)
@@ -739,10 +737,8 @@ def userspace_overlay(v, kubelet, args, workload, aname, pods):
     """deploy/kubernetes-userspace on the same node: the userspace datapath with no added
     capability, and the socket queue its sysctl sets in the pod's network namespace."""
     ds = next(d for d in yaml.safe_load_all(open(args.userspace_manifest)) if d and d["kind"] == "DaemonSet")
-    template = ds["spec"]["template"]
-    name = template["spec"]["containers"][0]["name"]
-    observer = kubelet.run_pod({"metadata": dict(template["metadata"], name=f"{ds['metadata']['name']}-u4x8d"), "spec": template["spec"]},
-                               ds["metadata"]["namespace"])
+    name = ds["spec"]["template"]["spec"]["containers"][0]["name"]
+    observer = kubelet.run_pod(daemonset_pod(ds, "u4x8d"), ds["metadata"]["namespace"])
     pods.append(observer)
     ready = observer.wait_log(name, ["event=ready"], 60)
     pace = observer.wait_log(name, ["event=receive_pace"], 5)
@@ -750,7 +746,7 @@ def userspace_overlay(v, kubelet, args, workload, aname, pods):
             ready is not None and "datapath=userspace" in ready and pace is not None and "queue_limit=513" in pace,
             f"{ready}; {pace}" if ready else "no event=ready line; the pod's log:\n" + "\n".join(observer.logs(name)))
     opid = agent_pid(observer, name)
-    caps = {k: v_.strip() for k, v_ in (l.split(":", 1) for l in open(f"/proc/{opid}/status") if ":" in l)}
+    caps = proc_status(opid)
     v.check("the userspace overlay's container has no capability", caps.get("CapEff") == "0" * 16 and caps.get("CapBnd") == "0" * 16,
             f"CapEff={caps.get('CapEff')} CapBnd={caps.get('CapBnd')}")
     agent = kubelet.run_pod(dict(workload, metadata=dict(workload["metadata"], name=workload["metadata"]["name"] + "-userspace")),
@@ -771,6 +767,19 @@ def userspace_overlay(v, kubelet, args, workload, aname, pods):
             f"{took[name]:.2f} s after StopContainer (grace {grace} s)")
     observer.remove()
     pods.remove(observer)
+
+
+def daemonset_pod(ds, suffix):
+    """A pod of the DaemonSet as its controller makes one: named <name>-<suffix>, the template's
+    metadata and spec."""
+    template = ds["spec"]["template"]
+    return {"metadata": dict(template["metadata"], name=f"{ds['metadata']['name']}-{suffix}"), "spec": template["spec"]}
+
+
+def proc_status(pid):
+    """/proc/<pid>/status as {field: value}, values stripped."""
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.strip() for k, v in (l.split(":", 1) for l in f if ":" in l)}
 
 
 def agent_pid(pod, name):
