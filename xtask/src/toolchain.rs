@@ -269,14 +269,14 @@ pub fn install_missing(wanted: &[(&str, &str)]) -> Result<()> {
     )
 }
 
-/// The font the benchmark's plots are labelled with.
+/// What the benchmark needs beyond the build: the font its plots are labelled with, and
+/// the tools of its network namespace.
 pub fn ensure_bench_packages() -> Result<()> {
     install_missing(&[
         (
             "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
             "fonts-dejavu-core",
         ),
-        // The bench's network namespace (`unshare`, `ip link set lo up`).
         ("/usr/bin/unshare", "util-linux"),
         ("/usr/sbin/ip", "iproute2"),
     ])
