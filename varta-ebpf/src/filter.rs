@@ -133,6 +133,11 @@ fn finish(outcome: Result<Accepted, DropReason>) -> i64 {
 /// A datagram handed to the daemon through the ring buffer.
 struct Accepted;
 
+/// The frame on the stack, aligned so that the CRC's four-byte words are single loads (BPF
+/// has no unaligned loads: from a byte array each word is assembled from four).
+#[repr(C, align(8))]
+struct WordAligned([u8; FRAME_LEN]);
+
 #[inline(always)]
 fn try_receive<A: Attest>(
     ctx: &SkBuffContext,
@@ -151,16 +156,16 @@ fn try_receive<A: Attest>(
     // subprogram); the helper fills it. Bytes, not words: from words LLVM extracts the CRC's
     // bytes with shifts and reorders its table index so that the verifiers of Linux 5.10
     // and 6.1 lose the index's bound.
-    let mut raw = MaybeUninit::<[u8; FRAME_LEN]>::uninit();
+    let mut raw = MaybeUninit::<WordAligned>::uninit();
     // SAFETY: `raw` is a FRAME_LEN-byte stack buffer the helper may write uninitialised
     // (ARG_PTR_TO_UNINIT_MEM), and the length is the constant FRAME_LEN, which the check
     // above proved is present in the packet.
-    if unsafe { load_frame(ctx, payload_offset, raw.as_mut_ptr()) } != 0 {
+    if unsafe { load_frame(ctx, payload_offset, &raw mut (*raw.as_mut_ptr()).0) } != 0 {
         return Err(DropReason::Length);
     }
     // SAFETY: the helper succeeded, so it wrote all FRAME_LEN bytes.
     let raw = unsafe { raw.assume_init() };
-    let frame = Frame::decode(&raw)?;
+    let frame = Frame::decode(&raw.0)?;
     let now = if cfg.clock == CLOCK_BOOTTIME {
         // SAFETY: helper without arguments.
         unsafe { bpf_ktime_get_boot_ns() }
