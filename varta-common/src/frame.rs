@@ -197,7 +197,7 @@ pub fn seal(buf: &mut [u8; FRAME_LEN]) {
 fn crc_of(buf: &[u8; FRAME_LEN]) -> u32 {
     // A fixed trip count over a fixed-size array: the verifier sees a bounded loop and every
     // table index is masked to 0..256. Four bytes a step (`crc32c::step4`).
-    const _: () = assert!(CRC_OFFSET % 4 == 0);
+    const _: () = assert!(CRC_OFFSET.is_multiple_of(4));
     let mut state = !0u32;
     let mut i = 0;
     while i < CRC_OFFSET {

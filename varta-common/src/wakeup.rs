@@ -24,8 +24,11 @@
 //!    daemon stops waiting on readiness and drains on a timer ([`userspace_interval_ns`]): at
 //!    most [`USERSPACE_MAX_INTERVAL_NS`], which bounds how late an urgent beat is seen under
 //!    load, and short enough that the socket's queue fills at most halfway at the measured
-//!    rate (the kernel makes senders wait, or refuses their frames, when it is full). Rule 3
-//!    holds: the socket is drained before every stall decision.
+//!    rate (the kernel makes senders wait, or refuses their frames, when it is full), and
+//!    within [`BurstCap`]: beats that come in bursts fill the queue faster than their average
+//!    rate says, so a drain that finds it more than half full shortens the interval (below
+//!    the shortest, every datagram wakes the daemon again). Rule 3 holds: the socket is
+//!    drained before every stall decision.
 //!
 //! The filter applies rule 1 through [`wake_now`]; `varta-watch`'s eBPF datapath applies rules
 //! 2 to 4, driven by the main loop's `set_watching`, `drain` and `agent_silent` calls; its
@@ -90,6 +93,58 @@ pub fn userspace_interval_ns(rate_per_s: u64, queue_limit: u64, flood: bool) -> 
         .then(|| fills_half_in.min(USERSPACE_MAX_INTERVAL_NS))
 }
 
+/// Rule 5 under bursts: how long a burst-shortened interval stays before it is lengthened by
+/// a quarter (and again each such period while no drain finds the queue over half full).
+pub const BURST_RELAX_NS: u64 = 1_000_000_000;
+
+/// Rule 5 under bursts: the longest drain interval the bursts seen allow. Senders that beat
+/// together (started together, woken by one timer) fill the queue in a burst, and a
+/// nonblocking client's frame is refused (lost) while it is full: a drain on the timer that
+/// took more than half the queue caps the interval in proportion, so that a burst of the
+/// same size fills a quarter of it (the rest is room for the daemon's wake-up latency on a
+/// busy machine). The cap lengthens by a quarter each [`BURST_RELAX_NS`] without
+/// such a drain, up to [`USERSPACE_MAX_INTERVAL_NS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BurstCap {
+    cap_ns: u64,
+    changed_ns: u64,
+}
+
+impl Default for BurstCap {
+    fn default() -> Self {
+        BurstCap {
+            cap_ns: USERSPACE_MAX_INTERVAL_NS,
+            changed_ns: 0,
+        }
+    }
+}
+
+impl BurstCap {
+    /// After a drain on the timer, `waited_ns` after the one before, that took `taken`
+    /// datagrams from sockets whose smallest queue holds `queue_limit`.
+    pub fn after_timer_drain(&mut self, now_ns: u64, waited_ns: u64, taken: u64, queue_limit: u64) {
+        let (half, quarter) = ((queue_limit / 2).max(1), (queue_limit / 4).max(1));
+        if taken > half {
+            self.cap_ns = waited_ns.min(self.cap_ns).saturating_mul(quarter) / taken;
+            self.changed_ns = now_ns;
+        }
+    }
+
+    /// The interval rule 5 allows at the measured rate (`userspace_interval_ns`), within
+    /// the cap; `None` (wake on each datagram) while the cap is below the shortest interval.
+    pub fn apply(&mut self, now_ns: u64, interval_ns: Option<u64>) -> Option<u64> {
+        if now_ns.saturating_sub(self.changed_ns) >= BURST_RELAX_NS
+            && self.cap_ns < USERSPACE_MAX_INTERVAL_NS
+        {
+            self.cap_ns = (self.cap_ns + self.cap_ns / 4 + 1).min(USERSPACE_MAX_INTERVAL_NS);
+            self.changed_ns = now_ns;
+        }
+        interval_ns
+            .map(|i| i.min(self.cap_ns))
+            .filter(|&i| i >= USERSPACE_MIN_INTERVAL_NS)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +177,45 @@ mod tests {
         assert_eq!(userspace_interval_ns(20_001, 11, false), None);
         assert_eq!(userspace_interval_ns(0, 513, false), max);
         assert_eq!(userspace_interval_ns(1_000_000, 11, true), max);
+    }
+
+    #[test]
+    fn a_burst_over_half_the_queue_shortens_the_interval_until_it_fits() {
+        const MS: u64 = 1_000_000;
+        let mut cap = BurstCap::default();
+        // Below half the queue: the rate's interval stands.
+        cap.after_timer_drain(100 * MS, 10 * MS, 256, 513);
+        assert_eq!(cap.apply(100 * MS, Some(10 * MS)), Some(10 * MS));
+        // 800 taken after 1.6 ms: the next burst of that size fills a quarter in 256 us.
+        cap.after_timer_drain(200 * MS, 1_600_000, 800, 513);
+        assert_eq!(cap.apply(200 * MS, Some(1_600_000)), Some(256_000));
+        // The rate's interval, when shorter, still applies.
+        assert_eq!(cap.apply(200 * MS, Some(250_000)), Some(250_000));
+        // A queue of 11 overflowing within the shortest interval: every datagram wakes.
+        let mut small = BurstCap::default();
+        small.after_timer_drain(MS, 250_000, 11, 11);
+        assert_eq!(small.apply(MS, Some(250_000)), None);
+    }
+
+    #[test]
+    fn the_cap_lengthens_a_quarter_a_second_without_bursts() {
+        const MS: u64 = 1_000_000;
+        let mut cap = BurstCap::default();
+        cap.after_timer_drain(0, 4 * MS, 512, 513);
+        assert_eq!(cap.apply(0, Some(10 * MS)), Some(MS));
+        assert_eq!(cap.apply(999 * MS, Some(10 * MS)), Some(MS));
+        assert_eq!(cap.apply(1000 * MS, Some(10 * MS)), Some(1_250_001));
+        let mut t = 1000 * MS;
+        while cap.apply(t, Some(10 * MS)) != Some(10 * MS) {
+            t += 1000 * MS;
+            assert!(
+                t < 20_000 * MS,
+                "the cap never came back to the longest interval"
+            );
+        }
+        // A burst meanwhile shortens it again at once.
+        cap.after_timer_drain(t, 10 * MS, 513, 513);
+        assert_eq!(cap.apply(t, Some(10 * MS)), Some(10 * MS * 128 / 513));
     }
 
     #[test]

@@ -80,6 +80,8 @@ struct Pace {
     /// The last decision found a flood: drained at the longest interval, a bounded part at
     /// each tick ([`Pace::flood_budget`]).
     flood: bool,
+    /// The longest interval the bursts seen allow.
+    burst: wakeup::BurstCap,
 }
 
 /// Frames refused so far, for any reason (over a rate, the tracker full, a spoof...).
@@ -107,6 +109,7 @@ impl Pace {
             taken: 0,
             refused: 0,
             flood: false,
+            burst: wakeup::BurstCap::default(),
         }
     }
 
@@ -119,6 +122,11 @@ impl Pace {
             || (self.taken >= wakeup::BATCH_MIN_BEATS && (refused - self.refused) * 2 > self.taken);
         (self.taken, self.refused) = (taken, refused);
         let elapsed = now.saturating_sub(self.since_ns);
+        // A flood is meant to fill the queue (its senders wait); anything else must fit.
+        if self.next_drain_ns.is_some() && !flood {
+            self.burst
+                .after_timer_drain(now, elapsed, taken, self.queue_limit);
+        }
         let batched = match self.next_drain_ns {
             _ if urgent => None,
             // On the timer: go on while a drain still takes a batch.
@@ -136,7 +144,13 @@ impl Pace {
         self.next_drain_ns = batched.and_then(|n| {
             let elapsed = now.saturating_sub(self.since_ns).max(1);
             let rate = n.saturating_mul(1_000_000_000) / elapsed;
-            Some(now + wakeup::userspace_interval_ns(rate, self.queue_limit, flood)?)
+            let interval = wakeup::userspace_interval_ns(rate, self.queue_limit, flood);
+            let interval = if flood {
+                interval
+            } else {
+                self.burst.apply(now, interval)
+            };
+            Some(now + interval?)
         });
         if batched.is_some() || urgent {
             (self.since_ns, self.routine) = (now, 0);
@@ -554,7 +568,7 @@ impl Attestor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use varta_common::wakeup::{USERSPACE_MAX_INTERVAL_NS, USERSPACE_MIN_INTERVAL_NS};
+    use varta_common::wakeup::USERSPACE_MAX_INTERVAL_NS;
 
     const MS: u64 = 1_000_000;
 
@@ -606,28 +620,35 @@ mod tests {
     }
 
     #[test]
-    fn routine_batches_go_on_the_timer_until_they_thin_out() {
+    fn routine_batches_go_on_the_timer_until_the_queue_fills() {
         let mut pace = Pace::new(11);
         pace.after_drain(100 * MS, 2, false, 0);
         assert_eq!(pace.next_drain_ns, None);
         // 4 routine in 1 ms (4k/s): 5 of the 11 queued take 1.25 ms.
         pace.after_drain(101 * MS, 2, false, 0);
         assert_eq!(pace.next_drain_ns, Some(101 * MS + 1_250_000));
-        // A full queue a millisecond later (11k/s): 5 datagrams take 455 us.
-        pace.after_drain(102 * MS, 11, false, 0);
-        assert_eq!(pace.next_drain_ns, Some(102 * MS + 454_545));
-        // At 20k/s: the shortest interval.
-        let at = 102 * MS + 550_000;
-        pace.after_drain(at, 11, false, 0);
-        assert_eq!(pace.next_drain_ns, Some(at + USERSPACE_MIN_INTERVAL_NS));
-        // One datagram in a tick: waking for it costs no more.
-        pace.after_drain(at + MS, 1, false, 0);
+        // The tick finds the queue full (11 in 1.25 ms): it may have overflowed (a
+        // nonblocking client's frame refused), and a quarter of it fills faster than the
+        // shortest interval: every datagram wakes the daemon.
+        pace.after_drain(101 * MS + 1_250_000, 11, false, 0);
         assert_eq!(pace.next_drain_ns, None);
-        // Faster than the shortest interval can hold (11 in 250 us, 44k/s): the timer would
-        // let the queue fill and the senders wait.
-        pace.after_drain(at + 2 * MS, 4, false, 0);
-        pace.after_drain(at + 2 * MS + 250_000, 11, false, 0);
-        assert_eq!(pace.next_drain_ns, None);
+    }
+
+    #[test]
+    fn a_burst_keeps_the_timer_shorter_than_the_average_rate_would() {
+        let mut pace = Pace::new(513);
+        // 8 routine in 1 ms: 256 at 8k/s take 32 ms, capped at the longest interval.
+        pace.after_drain(MS, 8, false, 0);
+        assert_eq!(pace.next_drain_ns, Some(MS + USERSPACE_MAX_INTERVAL_NS));
+        // The tick finds 400 queued, over half the queue: a burst of 400 in 10 ms fills a
+        // quarter in 3.2 ms (the rate alone, 40k/s, would allow 6.4).
+        pace.after_drain(11 * MS, 400, false, 0);
+        assert_eq!(pace.next_drain_ns, Some(11 * MS + 3_200_000));
+        // Quieter on average (100 in 3.2 ms: the rate alone allows 8.2 ms), the burst's
+        // interval holds.
+        let at = 11 * MS + 3_200_000;
+        pace.after_drain(at, 100, false, 0);
+        assert_eq!(pace.next_drain_ns, Some(at + 3_200_000));
     }
 
     #[test]
@@ -659,10 +680,10 @@ mod tests {
             pace.next_drain_ns,
             Some(12 * MS + USERSPACE_MAX_INTERVAL_NS)
         );
-        // Less than that, none refused: over, back to the rate's interval (8 in 1 ms).
+        // Less than that, none refused: over, back to the rate's interval (5 in 1 ms).
         pace.after_drain(13 * MS, 4, false, 8);
         assert!(!pace.flood);
-        pace.after_drain(14 * MS, 8, false, 8);
-        assert_eq!(pace.next_drain_ns, Some(14 * MS + 625_000));
+        pace.after_drain(14 * MS, 5, false, 8);
+        assert_eq!(pace.next_drain_ns, Some(15 * MS));
     }
 }
