@@ -162,8 +162,12 @@ fn stamp(dir: &str, pid: &str) {
 /// Beats of our own pid at `rate`/s for `ms` milliseconds (0: until stdin is closed); prints
 /// how many were sent. `connected`: the socket is connected once, as the upstream clients
 /// do (so a restarted observer's new socket is not reached unless it took the old one over).
+/// Nonblocking, as the upstream clients' sockets are: a frame the observer's full queue
+/// refuses is lost (varta-client 0.2.0's `KernelQueueFull`), not waited for, so it counts
+/// as sent and not counted.
 fn pace(socket: &str, rate: u64, ms: u64, connected: bool) {
     let s = UnixDatagram::unbound().unwrap();
+    s.set_nonblocking(true).unwrap();
     if connected {
         s.connect(socket).unwrap();
     }
