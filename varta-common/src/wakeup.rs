@@ -131,7 +131,10 @@ impl BurstCap {
     }
 
     /// The interval rule 5 allows at the measured rate (`userspace_interval_ns`), within
-    /// the cap; `None` (wake on each datagram) while the cap is below the shortest interval.
+    /// the cap, and at least the shortest interval while a burst then fills at most three
+    /// quarters of the queue (the cap is at least a third of it: waking on each datagram
+    /// at a high rate costs far more than the timer); below that, `None`: every datagram
+    /// wakes the daemon.
     pub fn apply(&mut self, now_ns: u64, interval_ns: Option<u64>) -> Option<u64> {
         if now_ns.saturating_sub(self.changed_ns) >= BURST_RELAX_NS
             && self.cap_ns < USERSPACE_MAX_INTERVAL_NS
@@ -139,9 +142,10 @@ impl BurstCap {
             self.cap_ns = (self.cap_ns + self.cap_ns / 4 + 1).min(USERSPACE_MAX_INTERVAL_NS);
             self.changed_ns = now_ns;
         }
-        interval_ns
-            .map(|i| i.min(self.cap_ns))
-            .filter(|&i| i >= USERSPACE_MIN_INTERVAL_NS)
+        if self.cap_ns < USERSPACE_MIN_INTERVAL_NS / 3 {
+            return None;
+        }
+        interval_ns.map(|i| i.min(self.cap_ns).max(USERSPACE_MIN_INTERVAL_NS))
     }
 }
 
@@ -191,6 +195,13 @@ mod tests {
         assert_eq!(cap.apply(200 * MS, Some(1_600_000)), Some(256_000));
         // The rate's interval, when shorter, still applies.
         assert_eq!(cap.apply(200 * MS, Some(250_000)), Some(250_000));
+        // 380 more in 256 us: a quarter fills in 86 us, three quarters in the shortest
+        // interval, which stays.
+        cap.after_timer_drain(201 * MS, 256_000, 380, 513);
+        assert_eq!(
+            cap.apply(201 * MS, Some(1_600_000)),
+            Some(USERSPACE_MIN_INTERVAL_NS)
+        );
         // A queue of 11 overflowing within the shortest interval: every datagram wakes.
         let mut small = BurstCap::default();
         small.after_timer_drain(MS, 250_000, 11, 11);

@@ -225,13 +225,22 @@ impl UserspaceDatapath {
     }
 
     /// Once a window: switches between exact and sampled junk counting by the junk rate.
+    /// A flood is caught as soon as its window's count passes [`JUNK_FLOOD`], not at the
+    /// window's end: counted exactly, every junk frame takes a place in the queue, and a
+    /// full queue refuses the honest senders' frames (lost, from nonblocking clients).
     fn adapt_junk_counting(&mut self) {
         let j = &mut self.junk;
-        if j.window_start.elapsed() < JUNK_WINDOW || j.sample_one_in <= 1 {
+        if j.sample_one_in <= 1 {
             return;
         }
         let seen = self.drops.junk_seen();
         let per_window = (seen - j.seen_at_start) * self.drops.junk_scale();
+        let flooding = !j.sampling && per_window > JUNK_FLOOD;
+        let elapsed = j.window_start.elapsed();
+        if elapsed < JUNK_WINDOW && !flooding {
+            return;
+        }
+        let per_s = per_window * 1000 / (elapsed.as_millis() as u64).max(1);
         j.window_start = std::time::Instant::now();
         j.seen_at_start = seen;
         let switch = if j.sampling {
@@ -253,7 +262,7 @@ impl UserspaceDatapath {
                 info,
                 "junk_counting",
                 mode = if sampling { "sampled" } else { "exact" },
-                junk_per_s = per_window,
+                junk_per_s = per_s,
                 sample_one_in = self.drops.junk_scale(),
             );
         }
@@ -568,7 +577,7 @@ impl Attestor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use varta_common::wakeup::USERSPACE_MAX_INTERVAL_NS;
+    use varta_common::wakeup::{USERSPACE_MAX_INTERVAL_NS, USERSPACE_MIN_INTERVAL_NS};
 
     const MS: u64 = 1_000_000;
 
@@ -628,9 +637,14 @@ mod tests {
         pace.after_drain(101 * MS, 2, false, 0);
         assert_eq!(pace.next_drain_ns, Some(101 * MS + 1_250_000));
         // The tick finds the queue full (11 in 1.25 ms): it may have overflowed (a
-        // nonblocking client's frame refused), and a quarter of it fills faster than the
-        // shortest interval: every datagram wakes the daemon.
-        pace.after_drain(101 * MS + 1_250_000, 11, false, 0);
+        // nonblocking client's frame refused). At that pace three quarters of it fill in the
+        // shortest interval: the timer goes on at that.
+        let at = 101 * MS + 1_250_000;
+        pace.after_drain(at, 11, false, 0);
+        assert_eq!(pace.next_drain_ns, Some(at + USERSPACE_MIN_INTERVAL_NS));
+        // Full again within it: every datagram wakes the daemon.
+        let at = at + USERSPACE_MIN_INTERVAL_NS;
+        pace.after_drain(at, 11, false, 0);
         assert_eq!(pace.next_drain_ns, None);
     }
 
