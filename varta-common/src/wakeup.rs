@@ -94,16 +94,18 @@ pub fn userspace_interval_ns(rate_per_s: u64, queue_limit: u64, flood: bool) -> 
 }
 
 /// Rule 5 under bursts: how long a burst-shortened interval stays before it is lengthened by
-/// a quarter (and again each such period while no drain finds the queue over half full).
+/// a quarter (and again each such period while no drain finds the queue near full).
 pub const BURST_RELAX_NS: u64 = 1_000_000_000;
 
 /// Rule 5 under bursts: the longest drain interval the bursts seen allow. Senders that beat
-/// together (started together, woken by one timer) fill the queue in a burst, and a
-/// nonblocking client's frame is refused (lost) while it is full: a drain on the timer that
-/// took more than half the queue caps the interval in proportion, so that a burst of the
-/// same size fills a quarter of it (the rest is room for the daemon's wake-up latency on a
-/// busy machine). The cap lengthens by a quarter each [`BURST_RELAX_NS`] without
-/// such a drain, up to [`USERSPACE_MAX_INTERVAL_NS`].
+/// together (started together, woken by one timer) fill the queue in a burst faster than
+/// their average rate says, and a nonblocking client's frame is refused (lost) while it is
+/// full: a drain on the timer that took more than three quarters of the queue (it may have
+/// overflowed) caps the interval in proportion, so that a burst of the same size fills half
+/// of it, as the average rate does. Not more than three quarters: the arrivals of a tick at
+/// the rate's interval scatter around half, and each outlier would shorten the interval.
+/// The cap lengthens by a quarter each [`BURST_RELAX_NS`] without such a drain, up to
+/// [`USERSPACE_MAX_INTERVAL_NS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BurstCap {
     cap_ns: u64,
@@ -123,18 +125,18 @@ impl BurstCap {
     /// After a drain on the timer, `waited_ns` after the one before, that took `taken`
     /// datagrams from sockets whose smallest queue holds `queue_limit`.
     pub fn after_timer_drain(&mut self, now_ns: u64, waited_ns: u64, taken: u64, queue_limit: u64) {
-        let (half, quarter) = ((queue_limit / 2).max(1), (queue_limit / 4).max(1));
-        if taken > half {
-            self.cap_ns = waited_ns.min(self.cap_ns).saturating_mul(quarter) / taken;
+        let half = (queue_limit / 2).max(1);
+        if taken * 4 > queue_limit * 3 {
+            self.cap_ns = waited_ns.min(self.cap_ns).saturating_mul(half) / taken;
             self.changed_ns = now_ns;
         }
     }
 
     /// The interval rule 5 allows at the measured rate (`userspace_interval_ns`), within
     /// the cap, and at least the shortest interval while a burst then fills at most three
-    /// quarters of the queue (the cap is at least a third of it: waking on each datagram
-    /// at a high rate costs far more than the timer); below that, `None`: every datagram
-    /// wakes the daemon.
+    /// quarters of the queue (the cap is at least two thirds of it: waking on each
+    /// datagram at a high rate costs far more than the timer); below that, `None`: every
+    /// datagram wakes the daemon.
     pub fn apply(&mut self, now_ns: u64, interval_ns: Option<u64>) -> Option<u64> {
         if now_ns.saturating_sub(self.changed_ns) >= BURST_RELAX_NS
             && self.cap_ns < USERSPACE_MAX_INTERVAL_NS
@@ -142,7 +144,7 @@ impl BurstCap {
             self.cap_ns = (self.cap_ns + self.cap_ns / 4 + 1).min(USERSPACE_MAX_INTERVAL_NS);
             self.changed_ns = now_ns;
         }
-        if self.cap_ns < USERSPACE_MIN_INTERVAL_NS / 3 {
+        if self.cap_ns * 3 < USERSPACE_MIN_INTERVAL_NS * 2 {
             return None;
         }
         interval_ns.map(|i| i.min(self.cap_ns).max(USERSPACE_MIN_INTERVAL_NS))
@@ -184,25 +186,25 @@ mod tests {
     }
 
     #[test]
-    fn a_burst_over_half_the_queue_shortens_the_interval_until_it_fits() {
+    fn a_burst_near_a_full_queue_shortens_the_interval_until_it_fits() {
         const MS: u64 = 1_000_000;
         let mut cap = BurstCap::default();
-        // Below half the queue: the rate's interval stands.
-        cap.after_timer_drain(100 * MS, 10 * MS, 256, 513);
+        // Up to three quarters of the queue: the rate's interval stands.
+        cap.after_timer_drain(100 * MS, 10 * MS, 384, 513);
         assert_eq!(cap.apply(100 * MS, Some(10 * MS)), Some(10 * MS));
-        // 800 taken after 1.6 ms: the next burst of that size fills a quarter in 256 us.
+        // 800 taken after 1.6 ms: the next burst of that size fills half in 512 us.
         cap.after_timer_drain(200 * MS, 1_600_000, 800, 513);
-        assert_eq!(cap.apply(200 * MS, Some(1_600_000)), Some(256_000));
+        assert_eq!(cap.apply(200 * MS, Some(1_600_000)), Some(512_000));
         // The rate's interval, when shorter, still applies.
-        assert_eq!(cap.apply(200 * MS, Some(250_000)), Some(250_000));
-        // 380 more in 256 us: a quarter fills in 86 us, three quarters in the shortest
+        assert_eq!(cap.apply(200 * MS, Some(300_000)), Some(300_000));
+        // 600 more in 512 us: half fills in 218 us, three quarters in the shortest
         // interval, which stays.
-        cap.after_timer_drain(201 * MS, 256_000, 380, 513);
+        cap.after_timer_drain(201 * MS, 512_000, 600, 513);
         assert_eq!(
             cap.apply(201 * MS, Some(1_600_000)),
             Some(USERSPACE_MIN_INTERVAL_NS)
         );
-        // A queue of 11 overflowing within the shortest interval: every datagram wakes.
+        // A queue of 11 full within the shortest interval: every datagram wakes.
         let mut small = BurstCap::default();
         small.after_timer_drain(MS, 250_000, 11, 11);
         assert_eq!(small.apply(MS, Some(250_000)), None);
@@ -213,9 +215,9 @@ mod tests {
         const MS: u64 = 1_000_000;
         let mut cap = BurstCap::default();
         cap.after_timer_drain(0, 4 * MS, 512, 513);
-        assert_eq!(cap.apply(0, Some(10 * MS)), Some(MS));
-        assert_eq!(cap.apply(999 * MS, Some(10 * MS)), Some(MS));
-        assert_eq!(cap.apply(1000 * MS, Some(10 * MS)), Some(1_250_001));
+        assert_eq!(cap.apply(0, Some(10 * MS)), Some(2 * MS));
+        assert_eq!(cap.apply(999 * MS, Some(10 * MS)), Some(2 * MS));
+        assert_eq!(cap.apply(1000 * MS, Some(10 * MS)), Some(2_500_001));
         let mut t = 1000 * MS;
         while cap.apply(t, Some(10 * MS)) != Some(10 * MS) {
             t += 1000 * MS;
@@ -226,7 +228,7 @@ mod tests {
         }
         // A burst meanwhile shortens it again at once.
         cap.after_timer_drain(t, 10 * MS, 513, 513);
-        assert_eq!(cap.apply(t, Some(10 * MS)), Some(10 * MS * 128 / 513));
+        assert_eq!(cap.apply(t, Some(10 * MS)), Some(10 * MS * 256 / 513));
     }
 
     #[test]

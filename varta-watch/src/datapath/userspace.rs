@@ -577,7 +577,7 @@ impl Attestor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use varta_common::wakeup::{USERSPACE_MAX_INTERVAL_NS, USERSPACE_MIN_INTERVAL_NS};
+    use varta_common::wakeup::USERSPACE_MAX_INTERVAL_NS;
 
     const MS: u64 = 1_000_000;
 
@@ -637,13 +637,17 @@ mod tests {
         pace.after_drain(101 * MS, 2, false, 0);
         assert_eq!(pace.next_drain_ns, Some(101 * MS + 1_250_000));
         // The tick finds the queue full (11 in 1.25 ms): it may have overflowed (a
-        // nonblocking client's frame refused). At that pace three quarters of it fill in the
-        // shortest interval: the timer goes on at that.
+        // nonblocking client's frame refused). A burst of 11 in 1.25 ms fills half in 568 us.
         let at = 101 * MS + 1_250_000;
         pace.after_drain(at, 11, false, 0);
-        assert_eq!(pace.next_drain_ns, Some(at + USERSPACE_MIN_INTERVAL_NS));
-        // Full again within it: every datagram wakes the daemon.
-        let at = at + USERSPACE_MIN_INTERVAL_NS;
+        assert_eq!(pace.next_drain_ns, Some(at + 568_181));
+        // Full again within it: half in 258 us.
+        let at = at + 568_181;
+        pace.after_drain(at, 11, false, 0);
+        assert_eq!(pace.next_drain_ns, Some(at + 258_264));
+        // And again: at the shortest interval a burst would fill the queue; every datagram
+        // wakes the daemon.
+        let at = at + 258_264;
         pace.after_drain(at, 11, false, 0);
         assert_eq!(pace.next_drain_ns, None);
     }
@@ -654,15 +658,15 @@ mod tests {
         // 8 routine in 1 ms: 256 at 8k/s take 32 ms, capped at the longest interval.
         pace.after_drain(MS, 8, false, 0);
         assert_eq!(pace.next_drain_ns, Some(MS + USERSPACE_MAX_INTERVAL_NS));
-        // The tick finds 400 queued, over half the queue: a burst of 400 in 10 ms fills a
-        // quarter in 3.2 ms (the rate alone, 40k/s, would allow 6.4).
+        // The tick finds 400 queued, over three quarters of the queue: a burst of 400 in
+        // 10 ms fills half in 6.4 ms.
         pace.after_drain(11 * MS, 400, false, 0);
-        assert_eq!(pace.next_drain_ns, Some(11 * MS + 3_200_000));
-        // Quieter on average (100 in 3.2 ms: the rate alone allows 8.2 ms), the burst's
-        // interval holds.
-        let at = 11 * MS + 3_200_000;
+        assert_eq!(pace.next_drain_ns, Some(11 * MS + 6_400_000));
+        // Quieter on average (100 in 6.4 ms: the rate alone allows the longest interval),
+        // the burst's interval holds.
+        let at = 11 * MS + 6_400_000;
         pace.after_drain(at, 100, false, 0);
-        assert_eq!(pace.next_drain_ns, Some(at + 3_200_000));
+        assert_eq!(pace.next_drain_ns, Some(at + 6_400_000));
     }
 
     #[test]
