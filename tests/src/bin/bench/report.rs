@@ -128,15 +128,27 @@ pub fn markdown(figs: &[Fig], notes: &[String], took: Duration, full: bool) -> S
             ratio(u, i)
         );
     }
-    let floor_rows: Vec<&Fig> = figs
-        .iter()
-        .filter(|f| f.observer == FLOOR && f.figure == "machine_cpu_per_frame")
-        .collect();
-    if !floor_rows.is_empty() {
-        let _ = writeln!(
-            md,
-            "\nWhole-machine CPU per frame against the floor (a null receiver on the same socket path, 64 senders; medians of {FLOOR_ROUNDS} rounds in turns, each ratio the median of the rounds' ratios):\n"
-        );
+    for (figure, ratio, heading) in [
+        (
+            "machine_cpu_per_frame",
+            "ratio_to_floor",
+            "Whole-machine CPU per frame against the floor (a null receiver on the same socket path, 64 senders; medians of {rounds} rounds in turns, each ratio the median of the rounds' ratios):",
+        ),
+        (
+            "involved_cpu_per_frame",
+            "involved_ratio_to_floor",
+            "The same turns, the CPU of the senders and the receiver only (their threads' on-CPU time, /proc/<pid>/schedstat, read over the same window: other tenants' load on the machine is left out):",
+        ),
+    ] {
+        let floor_rows: Vec<&Fig> = figs
+            .iter()
+            .filter(|f| f.observer == FLOOR && f.figure == figure)
+            .collect();
+        if floor_rows.is_empty() {
+            continue;
+        }
+        let heading = heading.replace("{rounds}", &FLOOR_ROUNDS.to_string());
+        let _ = writeln!(md, "\n{heading}\n");
         let _ = writeln!(
             md,
             "| scenario | floor us | ours eBPF us | eBPF / floor | ours userspace us | userspace / floor |"
@@ -146,7 +158,7 @@ pub fn markdown(figs: &[Fig], notes: &[String], took: Duration, full: bool) -> S
             let medians = |o: &str| {
                 (
                     num(get(o, &f.scenario, &f.figure)),
-                    num(get(o, &f.scenario, "ratio_to_floor")),
+                    num(get(o, &f.scenario, ratio)),
                 )
             };
             let ((e, e_ratio), (u, u_ratio)) = (medians(OURS_EBPF), medians(OURS_USERSPACE));

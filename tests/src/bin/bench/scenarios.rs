@@ -11,7 +11,7 @@ use std::{
 
 use crate::{
     Fig, Opts,
-    observer::{Observer, Running, machine_busy},
+    observer::{Observer, Running, machine_busy, proc_cost},
     realtime_ns,
 };
 
@@ -619,37 +619,67 @@ pub fn floor(ours: &[&Observer], opts: &Opts, out: &mut Vec<Fig>) {
         .iter()
         .map(|o| o.start(&opts.dir, 600_000, &extra))
         .collect();
-    let mut receivers = vec![(crate::report::FLOOR, socket_s)];
+    let mut receivers = vec![(crate::report::FLOOR, socket_s, null.id())];
     for (o, run) in ours.iter().zip(&runs) {
-        receivers.push((o.name, run.socket.display().to_string()));
+        receivers.push((o.name, run.socket.display().to_string(), run.pid()));
     }
     for rate in FLOOR_RATES {
+        // Per receiver, per round: (whole machine, senders and receiver only) us a frame.
         let mut turns = vec![Vec::new(); receivers.len()];
         for _ in 0..FLOOR_ROUNDS {
-            for (i, (name, socket)) in receivers.iter().enumerate() {
+            for (i, (name, socket, receiver)) in receivers.iter().enumerate() {
                 let pacers = start_pacers(opts, socket, rate, Sends::ToPath);
                 std::thread::sleep(WARM_UP);
-                let busy0 = machine_busy();
+                let involved = || {
+                    let senders: f64 = pacers.iter().map(|p| proc_cost(p.id()).0).sum();
+                    senders + proc_cost(*receiver).0
+                };
+                let (busy0, involved0, t0) = (machine_busy(), involved(), Instant::now());
+                // Read before the senders exit (they would take their CPU time with them).
+                std::thread::sleep(opts.step.saturating_sub(Duration::from_millis(100)));
+                let (involved1, window) = (involved(), t0.elapsed());
                 let sent = sent_by(pacers);
                 let per_frame = machine_cpu_per_frame_us(machine_busy() - busy0, sent, opts);
+                let run_s = (WARM_UP + opts.step).as_secs_f64();
+                let sent_in_window = sent as f64 * window.as_secs_f64() / run_s;
+                let involved_per_frame = (involved1 - involved0) / sent_in_window.max(1.0) * 1e6;
                 eprintln!(
-                    "varta-bench: floor {rate}/s {name}: sent {sent}, {per_frame:.2} us per frame"
+                    "varta-bench: floor {rate}/s {name}: sent {sent}, {per_frame:.2} us per frame, \
+                     senders and receiver {involved_per_frame:.2}"
                 );
-                turns[i].push(per_frame);
+                turns[i].push((per_frame, involved_per_frame));
             }
         }
         // Each round's ratio is of turns taken seconds apart: the machine's drift between
         // rounds (the floor itself moves by a third) cancels out of it.
         let floor_turns = turns[0].clone();
-        for ((name, _), values) in receivers.iter().zip(turns) {
-            let ratios: Vec<f64> = values
-                .iter()
-                .zip(&floor_turns)
-                .map(|(v, f)| v / f)
-                .collect();
-            let mut figures = vec![("machine_cpu_per_frame", median(values), "us")];
+        for ((name, _, _), values) in receivers.iter().zip(turns) {
+            let ratios = |pick: fn(&(f64, f64)) -> f64| -> f64 {
+                median(
+                    values
+                        .iter()
+                        .zip(&floor_turns)
+                        .map(|(v, f)| pick(v) / pick(f))
+                        .collect(),
+                )
+            };
+            let machine = |v: &(f64, f64)| v.0;
+            let involved = |v: &(f64, f64)| v.1;
+            let mut figures = vec![
+                (
+                    "machine_cpu_per_frame",
+                    median(values.iter().map(machine).collect()),
+                    "us",
+                ),
+                (
+                    "involved_cpu_per_frame",
+                    median(values.iter().map(involved).collect()),
+                    "us",
+                ),
+            ];
             if *name != crate::report::FLOOR {
-                figures.push(("ratio_to_floor", median(ratios), "x"));
+                figures.push(("ratio_to_floor", ratios(machine), "x"));
+                figures.push(("involved_ratio_to_floor", ratios(involved), "x"));
             }
             for (figure, value, unit) in figures {
                 out.push(Fig {
