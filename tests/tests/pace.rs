@@ -10,7 +10,7 @@ use std::{
 };
 
 use varta_e2e::{
-    Daemon, frame, log_field, on_both_datapaths,
+    Daemon, Sysctl, frame, log_field, on_both_datapaths,
     sender::{sender, summary},
     target_bin,
 };
@@ -65,18 +65,32 @@ fn beats_are_dated_by_their_arrival(datapath: &str) {
 /// wake-ups than beats, none lost), and a new agent or a panic-terminal frame arriving
 /// meanwhile is still handled within the timer's longest interval (10 ms; measured in
 /// `cargo xtask bench`: here a generous bound only catches one that waits for the load).
+/// The daemon's socket is made under systemd's `net.unix.max_dgram_qlen` 512, as on the
+/// hosts it is deployed on (and in `deploy/kubernetes-userspace`'s pods): in the kernel's
+/// 11-datagram queue a machine busy with other tests fills it between ticks, and rule 5
+/// then wakes on most datagrams by design (`cargo xtask bench`, `rate_20k_qlen_10`).
 #[test]
-fn routine_beats_are_batched_and_urgent_ones_are_not_kept_waiting() {
-    let d = Daemon::builder("pace", "userspace")
-        .args([
-            "--threshold-ms",
-            "2000",
-            "--max-beat-rate",
-            "0",
-            "--global-beat-rate",
-            "0",
-        ])
-        .start();
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
+fn routine_beats_are_batched_and_urgent_ones_are_not_kept_waiting_needs_root() {
+    varta_e2e::require_root!("sets net.unix.max_dgram_qlen for the daemon's socket");
+    let d = {
+        // Read by the kernel when the socket is made; put back once the daemon runs.
+        let _qlen = Sysctl::set("/proc/sys/net/unix/max_dgram_qlen", 512).unwrap();
+        Daemon::builder("pace", "userspace")
+            .args([
+                "--threshold-ms",
+                "2000",
+                "--max-beat-rate",
+                "0",
+                "--global-beat-rate",
+                "0",
+            ])
+            .start()
+    };
+    d.wait_log_all(
+        &["event=receive_pace", "queue_limit=513"],
+        Duration::from_secs(5),
+    );
     let socket = d.socket.to_str().unwrap().to_owned();
     const SENDERS: usize = 8;
     const BEATS: u64 = 3000;

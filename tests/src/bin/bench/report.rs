@@ -1,9 +1,11 @@
 //! The run's output: a markdown table with ours/incumbent ratios, PNG plots (plotters),
-//! and kernel settings changed for part of the run and put back (`Sysctl`).
+//! and `kernel.pid_max` raised for part of the run (`varta_e2e::Sysctl`).
 
 use std::{fmt::Write as _, path::Path, time::Duration};
 
 use plotters::prelude::*;
+
+use varta_e2e::Sysctl;
 
 use crate::{
     Fig,
@@ -15,26 +17,6 @@ pub const OURS_USERSPACE: &str = "ours-userspace";
 const INCUMBENT: &str = "incumbent-0.2.0";
 /// The null receiver: what sending a datagram costs the machine with nobody reading it.
 pub const FLOOR: &str = "floor-null-receiver";
-
-/// A kernel setting under /proc/sys changed for part of the run, put back on drop.
-pub struct Sysctl {
-    path: &'static str,
-    old: String,
-}
-
-impl Sysctl {
-    pub fn set(path: &'static str, value: u32) -> std::io::Result<Sysctl> {
-        let old = std::fs::read_to_string(path)?;
-        std::fs::write(path, value.to_string())?;
-        Ok(Sysctl { path, old })
-    }
-}
-
-impl Drop for Sysctl {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.path, self.old.trim());
-    }
-}
 
 /// Raises kernel.pid_max (frames with a pid above it are refused) to `at_least` until the
 /// guard is dropped; `None` when it is that high already, or cannot be raised (said why).

@@ -405,7 +405,7 @@ pub const SHALLOW_QLEN: u32 = 10;
 pub fn shallow_queue(obs: &Observer, opts: &Opts, out: &mut Vec<Fig>) {
     let run = {
         const QLEN: &str = "/proc/sys/net/unix/max_dgram_qlen";
-        let _qlen = crate::report::Sysctl::set(QLEN, SHALLOW_QLEN)
+        let _qlen = varta_e2e::Sysctl::set(QLEN, SHALLOW_QLEN)
             .unwrap_or_else(|e| panic!("setting net.unix.max_dgram_qlen to {SHALLOW_QLEN}: {e}"));
         obs.start(
             &opts.dir,
