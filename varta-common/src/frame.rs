@@ -201,6 +201,8 @@ fn crc_of(buf: &[u8; FRAME_LEN]) -> u32 {
     let mut state = !0u32;
     let mut i = 0;
     while i < CRC_OFFSET {
+        // One load, not `read_u32`'s four bytes: in the eBPF filter, whose copy of the frame
+        // is 8-aligned, LLVM keeps a word assembled from bytes as four loads and shifts.
         // SAFETY: i + 4 <= CRC_OFFSET < FRAME_LEN: four bytes inside `buf`, read unaligned.
         let word = unsafe { buf.as_ptr().add(i).cast::<u32>().read_unaligned() };
         state = crc32c::step4(state, u32::from_le(word));

@@ -26,8 +26,8 @@
 //!    load, and short enough that the socket's queue fills at most halfway at the measured
 //!    rate (the kernel makes senders wait, or refuses their frames, when it is full), and
 //!    within [`BurstCap`]: beats that come in bursts fill the queue faster than their average
-//!    rate says, so a drain that finds it more than half full shortens the interval (below
-//!    the shortest, every datagram wakes the daemon again). Rule 3 holds: the socket is
+//!    rate says, so a drain that finds it more than three quarters full shortens the
+//!    interval (below two thirds of the shortest, every datagram wakes the daemon again). Rule 3 holds: the socket is
 //!    drained before every stall decision.
 //!
 //! The filter applies rule 1 through [`wake_now`]; `varta-watch`'s eBPF datapath applies rules

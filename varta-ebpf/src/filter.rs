@@ -153,7 +153,8 @@ fn try_receive<A: Attest>(
         return Err(DropReason::Length);
     }
     // Not zeroed first (a zeroed byte array is zeroed by a call to a byte-at-a-time memset
-    // subprogram); the helper fills it. Bytes, not words: from words LLVM extracts the CRC's
+    // subprogram); the helper fills it. Decoded as bytes, the CRC's four-byte words read as
+    // single loads (`WordAligned`); not as u64 words: from those LLVM extracts the CRC's
     // bytes with shifts and reorders its table index so that the verifiers of Linux 5.10
     // and 6.1 lose the index's bound.
     let mut raw = MaybeUninit::<WordAligned>::uninit();
