@@ -308,12 +308,11 @@ fn start_pacers(opts: &Opts, socket: &str, rate: u64, sends: Sends) -> Vec<Child
         .collect()
 }
 
-/// The whole machine's busy CPU over a step's window (`busy` seconds) per frame sent in it,
-/// in microseconds. The frames sent in the window: its share of the pacers' run, which
-/// began with the warm-up.
-fn machine_cpu_per_frame_us(busy: f64, sent: u64, opts: &Opts) -> f64 {
+/// CPU seconds `busy` over a window of `window` per frame sent in it, in microseconds. The
+/// frames sent in the window: its share of the pacers' run, which began with the warm-up.
+fn cpu_per_frame_us(busy: f64, window: Duration, sent: u64, opts: &Opts) -> f64 {
     let run_s = (WARM_UP + opts.step).as_secs_f64();
-    let sent_in_window = sent as f64 * opts.step.as_secs_f64() / run_s;
+    let sent_in_window = sent as f64 * window.as_secs_f64() / run_s;
     busy / sent_in_window.max(1.0) * 1e6
 }
 
@@ -371,7 +370,7 @@ fn measure_step(run: &Running, opts: &Opts, rate: u64) -> Result<Step, String> {
         achieved: sent as f64 / run_s,
         loss: (sent as f64 - total).max(0.0) / (sent as f64).max(1.0),
         cpu_per_beat_us: (cpu1 - cpu0) / counted.max(1.0) * 1e6,
-        machine_cpu_per_frame_us: machine_cpu_per_frame_us(busy1 - busy0, sent, opts),
+        machine_cpu_per_frame_us: cpu_per_frame_us(busy1 - busy0, opts.step, sent, opts),
         wakeups_per_s: (sw1 - sw0) as f64 / wall,
     })
 }
@@ -639,10 +638,9 @@ pub fn floor(ours: &[&Observer], opts: &Opts, out: &mut Vec<Fig>) {
                 std::thread::sleep(opts.step.saturating_sub(Duration::from_millis(100)));
                 let (involved1, window) = (involved(), t0.elapsed());
                 let sent = sent_by(pacers);
-                let per_frame = machine_cpu_per_frame_us(machine_busy() - busy0, sent, opts);
-                let run_s = (WARM_UP + opts.step).as_secs_f64();
-                let sent_in_window = sent as f64 * window.as_secs_f64() / run_s;
-                let involved_per_frame = (involved1 - involved0) / sent_in_window.max(1.0) * 1e6;
+                let per_frame = cpu_per_frame_us(machine_busy() - busy0, opts.step, sent, opts);
+                let involved_per_frame =
+                    cpu_per_frame_us(involved1 - involved0, window, sent, opts);
                 eprintln!(
                     "varta-bench: floor {rate}/s {name}: sent {sent}, {per_frame:.2} us per frame, \
                      senders and receiver {involved_per_frame:.2}"
