@@ -11,6 +11,12 @@
 //!
 //! The CRC is computed bit by bit, unrolled (five instructions a bit, 28 bytes): about 1,300
 //! instructions of the 4,096 the kernel allows.
+//!
+//! A program may also deny frames by their pid ([`Layout::deny`]): the userspace datapath's
+//! senders far over their rate, kept out of a queue they would otherwise fill for everyone
+//! (a Unix datagram queue has no share per sender). One denied frame in
+//! [`DENIED_SAMPLE_ONE_IN`] goes on to the checks: the daemon sees that the sender still
+//! floods, and the sender stays alive to it.
 
 use crate::frame::{FRAME_LEN, MAGIC, VERSION};
 #[cfg(test)]
@@ -26,8 +32,21 @@ pub struct SockFilter {
     pub k: u32,
 }
 
-/// The longest program this module builds.
-pub const MAX_INSNS: usize = 1400;
+/// Most pids a program denies.
+pub const MAX_DENIED: usize = 1024;
+
+/// One frame of a denied pid in this many is let through (a power of two).
+pub const DENIED_SAMPLE_ONE_IN: u32 = 1024;
+
+/// How many times its rate a sender beats when the userspace datapath denies it.
+pub const DENY_OVER_RATE: u32 = 10;
+
+/// Pids compared in one run of the deny list: its conditional jumps reach at most 255 on.
+const DENY_CHUNK: usize = 250;
+
+/// The longest program this module builds: the checks, and the deny list in chunks of
+/// [`DENY_CHUNK`] (each with a load, a jump over its tail, and a four-instruction tail).
+pub const MAX_INSNS: usize = 1400 + MAX_DENIED + MAX_DENIED.div_ceil(DENY_CHUNK) * 6;
 
 // Opcode parts, as in <linux/filter.h>.
 const LD: u16 = 0x00;
@@ -69,25 +88,17 @@ pub struct Layout<'a> {
     /// One junk datagram in this many reaches the daemon, to be counted by reason: a power
     /// of two (1: all of them).
     pub sample_one_in: u32,
+    /// Frame pids whose frames are dropped but one in [`DENIED_SAMPLE_ONE_IN`] (at most
+    /// [`MAX_DENIED`]; more are ignored).
+    pub deny: &'a [u32],
 }
 
-/// A built program.
-pub struct Program {
-    insns: [SockFilter; MAX_INSNS],
-    len: usize,
-}
-
-impl Program {
-    pub fn insns(&self) -> &[SockFilter] {
-        &self.insns[..self.len]
-    }
-}
-
-/// The program for `layout`. Every failing check jumps to one shared "reject" tail that
-/// samples; jumps in classic BPF only go forward and conditional ones at most 255
-/// instructions, so a failing check takes a long `ja` to it.
-pub fn program(layout: &Layout<'_>) -> Program {
-    let mut p = Builder::new();
+/// Writes the program for `layout` into `out` (room for [`MAX_INSNS`]: a program is built
+/// where its caller keeps it, not on a stack) and returns it. Every failing check jumps to
+/// one shared "reject" tail that samples; jumps in classic BPF only go forward and
+/// conditional ones at most 255 instructions, so a failing check takes a long `ja` to it.
+pub fn build<'o>(layout: &Layout<'_>, out: &'o mut [SockFilter]) -> &'o [SockFilter] {
+    let mut p = Builder::new(out);
     let off = layout.offset;
     // Length: the plaintext frame, or one of the unchecked lengths (accepted at once).
     p.op(LD | W | LEN, 0);
@@ -95,6 +106,11 @@ pub fn program(layout: &Layout<'_>) -> Program {
         p.jump_if(JEQ, off + len, Target::Accept);
     }
     p.reject_unless(JEQ, off + FRAME_LEN as u32);
+    deny(
+        &mut p,
+        off,
+        &layout.deny[..layout.deny.len().min(MAX_DENIED)],
+    );
     // Magic, version (network-order loads: the bytes as they are on the wire).
     p.op(LD | H | ABS, off);
     p.reject_unless(JEQ, u16::from_be_bytes(MAGIC) as u32);
@@ -115,6 +131,24 @@ pub fn program(layout: &Layout<'_>) -> Program {
     all_ones_rejected(&mut p, off + 16, Some(off + 3));
     p.op(RET, KEEP_ALL);
     p.finish(layout.sample_one_in)
+}
+
+/// Drops frames whose pid is in `pids`, but one in [`DENIED_SAMPLE_ONE_IN`], which goes on
+/// to the checks. The pid is compared as the big-endian load sees its little-endian bytes.
+fn deny(p: &mut Builder, off: u32, pids: &[u32]) {
+    for chunk in pids.chunks(DENY_CHUNK) {
+        p.op(LD | W | ABS, off + 4);
+        let n = chunk.len();
+        for (i, pid) in chunk.iter().enumerate() {
+            // To the tail, past the rest of the chunk and its `ja`.
+            p.raw(JMP | JEQ, pid.swap_bytes(), (n - i) as u8, 0);
+        }
+        p.op(JMP | JA, 4);
+        p.op(LD | W | ABS, AD_RANDOM);
+        p.op(ALU | AND, DENIED_SAMPLE_ONE_IN - 1);
+        p.raw(JMP | JEQ, 0, 1, 0);
+        p.op(RET, 0);
+    }
 }
 
 /// Rejects when the 8 bytes at `at` are all 0xFF, unless `unless_critical_at` holds status
@@ -169,18 +203,18 @@ enum Target {
     Reject,
 }
 
-struct Builder {
-    insns: [SockFilter; MAX_INSNS],
+struct Builder<'o> {
+    insns: &'o mut [SockFilter],
     len: usize,
     /// Indices of `ja` instructions to the accept and reject tails, resolved by `finish`.
     fixups: [(usize, Target); 64],
     nfixups: usize,
 }
 
-impl Builder {
-    fn new() -> Self {
+impl<'o> Builder<'o> {
+    fn new(insns: &'o mut [SockFilter]) -> Self {
         Builder {
-            insns: [SockFilter::default(); MAX_INSNS],
+            insns,
             len: 0,
             fixups: [(0, Target::Reject); 64],
             nfixups: 0,
@@ -222,7 +256,7 @@ impl Builder {
 
     /// Appends the reject tail (sample one in `sample_one_in`, else drop) and the accept
     /// tail, and points the long jumps at them.
-    fn finish(mut self, sample_one_in: u32) -> Program {
+    fn finish(mut self, sample_one_in: u32) -> &'o [SockFilter] {
         let reject = self.len;
         self.op(LD | W | ABS, AD_RANDOM);
         self.op(
@@ -241,10 +275,7 @@ impl Builder {
             };
             self.insns[at].k = (to - at - 1) as u32;
         }
-        Program {
-            insns: self.insns,
-            len: self.len,
-        }
+        &self.insns[..self.len]
     }
 }
 
@@ -311,13 +342,15 @@ mod tests {
     }
 
     fn kept(layout: &Layout<'_>, datagram: &[u8], random: u32) -> bool {
-        run(program(layout).insns(), datagram, random) != 0
+        let mut out = std::vec![SockFilter::default(); MAX_INSNS];
+        run(build(layout, &mut out), datagram, random) != 0
     }
 
     const UDS: Layout<'static> = Layout {
         offset: 0,
         also_accept: &[],
         sample_one_in: 1024,
+        deny: &[],
     };
 
     fn frame() -> Frame {
@@ -332,26 +365,59 @@ mod tests {
 
     #[test]
     fn fits_the_kernel_limit_and_jumps_stay_in_range() {
-        let p = program(&Layout {
-            offset: UDP_HEADER_LEN,
-            also_accept: &SECURE_FRAME_LENS,
-            sample_one_in: 1024,
-        });
-        assert!(p.insns().len() <= 4096 && p.insns().len() < MAX_INSNS);
-        for (at, i) in p
-            .insns()
-            .iter()
-            .enumerate()
-            .filter(|(_, i)| i.code & 0x07 == JMP)
-        {
-            let longest = if i.code == JMP | JA {
-                i.k as usize
-            } else {
-                i.jt.max(i.jf) as usize
-            };
+        let many: std::vec::Vec<u32> = (2..2 + MAX_DENIED as u32 + 10).collect();
+        let mut out = std::vec![SockFilter::default(); MAX_INSNS];
+        for deny in [&[][..], &many[..]] {
+            let p = build(
+                &Layout {
+                    offset: UDP_HEADER_LEN,
+                    also_accept: &SECURE_FRAME_LENS,
+                    sample_one_in: 1024,
+                    deny,
+                },
+                &mut out,
+            );
+            assert!(p.len() <= 4096 && p.len() <= MAX_INSNS);
+            for (at, i) in p.iter().enumerate().filter(|(_, i)| i.code & 0x07 == JMP) {
+                let longest = if i.code == JMP | JA {
+                    i.k as usize
+                } else {
+                    i.jt.max(i.jf) as usize
+                };
+                assert!(at + 1 + longest < p.len(), "jump out of program at {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn denied_pids_are_dropped_but_a_sample_that_still_passes_the_checks() {
+        let many: std::vec::Vec<u32> = (100..100 + MAX_DENIED as u32).collect();
+        // Junk sampled one in 2,048: a denied sample that fails a check is still dropped.
+        let deny = Layout {
+            deny: &many,
+            sample_one_in: 2048,
+            ..UDS
+        };
+        for pid in [100, 100 + DENY_CHUNK as u32, 100 + MAX_DENIED as u32 - 1] {
+            let raw = Frame { pid, ..frame() }.encode();
+            assert!(!kept(&deny, &raw, 1), "pid {pid}");
+            assert!(!kept(&deny, &raw, DENIED_SAMPLE_ONE_IN - 1), "pid {pid}");
+            assert!(kept(&deny, &raw, 0), "pid {pid}: the sample");
             assert!(
-                at + 1 + longest < p.insns().len(),
-                "jump out of program at {at}"
+                kept(&deny, &raw, DENIED_SAMPLE_ONE_IN),
+                "pid {pid}: the sample"
+            );
+            let mut bad = raw;
+            bad[31] ^= 1;
+            assert!(
+                !kept(&deny, &bad, DENIED_SAMPLE_ONE_IN),
+                "pid {pid}: a sample is checked"
+            );
+        }
+        for pid in [99, 100 + MAX_DENIED as u32, 4242] {
+            assert!(
+                kept(&deny, &Frame { pid, ..frame() }.encode(), 1),
+                "pid {pid}"
             );
         }
     }
@@ -408,6 +474,7 @@ mod tests {
             offset: UDP_HEADER_LEN,
             also_accept: &SECURE_FRAME_LENS,
             sample_one_in: 1024,
+            deny: &[],
         };
         let mut dgram = [0u8; 8 + 32];
         dgram[8..].copy_from_slice(&frame().encode());

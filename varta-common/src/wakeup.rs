@@ -121,12 +121,18 @@ impl Default for BurstCap {
     }
 }
 
+/// A drain that took this many of a queue of `queue_limit` found it mostly full (over three
+/// quarters): room for a burst is running out.
+pub fn mostly_full(taken: u64, queue_limit: u64) -> bool {
+    taken * 4 > queue_limit * 3
+}
+
 impl BurstCap {
     /// After a drain on the timer, `waited_ns` after the one before, that took `taken`
     /// datagrams from sockets whose smallest queue holds `queue_limit`.
     pub fn after_timer_drain(&mut self, now_ns: u64, waited_ns: u64, taken: u64, queue_limit: u64) {
         let half = (queue_limit / 2).max(1);
-        if taken * 4 > queue_limit * 3 {
+        if mostly_full(taken, queue_limit) {
             self.cap_ns = waited_ns.min(self.cap_ns).saturating_mul(half) / taken;
             self.changed_ns = now_ns;
         }

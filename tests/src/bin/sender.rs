@@ -3,6 +3,8 @@
 //! with rising nonces, COUNT of them, or for ARG milliseconds when COUNT is 0), `forge PID`
 //! (one valid frame claiming PID), `dying` (one beat, then the panic-terminal frame),
 //! `pace MS` (COUNT beats of our own pid, one every MS milliseconds: an honest agent),
+//! `beat MS` (the same from a nonblocking socket, as the real clients send: a beat the full
+//! queue refuses is lost),
 //! `churn MS` (for MS milliseconds, fork children that each send one beat of their own pid
 //! and exit), `rotate` (COUNT frames claiming pids that rotate through 300..30000).
 //! Prints what it sent (successfully) and for how long.
@@ -15,6 +17,14 @@ enum Out {
 }
 
 impl Out {
+    fn set_nonblocking(&self) {
+        match self {
+            Out::Uds(s, _) => s.set_nonblocking(true),
+            Out::Udp(s) => s.set_nonblocking(true),
+        }
+        .unwrap();
+    }
+
     /// Whether the datagram was sent.
     fn send(&self, b: &[u8]) -> bool {
         match self {
@@ -70,7 +80,10 @@ fn main() {
             out.send(&varta_e2e::panic_terminal_frame(pid));
             sent = 2;
         }
-        "pace" => {
+        "pace" | "beat" => {
+            if args[2] == "beat" {
+                out.set_nonblocking();
+            }
             let interval = std::time::Duration::from_millis(args[4].parse().unwrap());
             for nonce in 1..=count {
                 sent += out.send(&varta_e2e::frame(pid, nonce)) as u64;

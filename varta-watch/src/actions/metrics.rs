@@ -20,7 +20,7 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use varta_common::{DecodeError, DropReason};
+use varta_common::{DecodeError, DropReason, cbpf};
 
 use crate::vocab::drops::{DropCounters, INCUMBENT_DROPS, KernelDrops};
 
@@ -306,6 +306,15 @@ impl Collector for DropCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(self.drops.junk_scale() as i64).encode(gauge)?;
+
+        let help = format!(
+            "Senders beating over {over} times the per-agent rate whose frames the userspace datapath's classic filter keeps out of its queue; one in {n} is let through and counts as {n} in frames_dropped{{reason=\"rate_per_pid\"}} (estimates)",
+            over = cbpf::DENY_OVER_RATE,
+            n = cbpf::DENIED_SAMPLE_ONE_IN,
+        );
+        let gauge =
+            encoder.encode_descriptor("varta_denied_senders", &help, None, MetricType::Gauge)?;
+        ConstGauge::new(self.drops.denied() as i64).encode(gauge)?;
 
         let mut family = encoder.encode_descriptor(
             "varta_rate_limited",

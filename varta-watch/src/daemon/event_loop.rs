@@ -5,6 +5,7 @@ use crate::sys::logger::event;
 use std::{sync::Arc, time::Instant};
 
 use anyhow::{Context, Result};
+use varta_common::DropReason;
 
 use super::{
     health::Health,
@@ -406,7 +407,9 @@ impl<D: Datapath> EventLoop<'_, D> {
     fn process(&mut self) {
         self.metrics.delivered.inc_by(self.beats.len() as u64);
         for beat in self.beats.drain(..) {
-            self.observer.admit(&beat, &mut self.events);
+            if let Err(DropReason::RatePerPid) = self.observer.admit(&beat, &mut self.events) {
+                self.datapath.over_rate(&beat);
+            }
         }
         let now = self.clock.now_ns();
         self.observer.expire(now, &mut self.events);

@@ -199,6 +199,7 @@ async fn start(
                     config.clock,
                     config.allow_cross_namespace,
                     config.junk_sample_one_in,
+                    config.limits.per_pid_rate,
                     drops.clone(),
                 )?;
                 event_loop::serve(datapath, None, &mut config, run).await

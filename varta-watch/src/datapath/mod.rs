@@ -3,6 +3,7 @@
 //! userspace fallback that receives and validates every datagram itself.
 
 pub mod attest;
+pub mod deny;
 pub mod ebpf;
 pub mod secure;
 pub mod udp;
@@ -45,6 +46,10 @@ pub trait Datapath {
 
     /// The tracker evicted the agent `pid`: it is charged to the global bucket again.
     fn agent_untracked(&mut self, _pid: u32) {}
+
+    /// The observer refused `beat` over its agent's rate: a datapath that can keep such a
+    /// sender's frames out of its queue may (the userspace one, [`deny`]).
+    fn over_rate(&mut self, _beat: &Beat) {}
 
     /// The secure UDP replay sessions, for the next instance (state file, handover).
     fn secure_sessions(&self) -> Vec<secure::SavedSession>;

@@ -5,7 +5,9 @@
 //! the event loop. The UDS is drained last, right before the stall decisions that follow.
 //! When it wakes is rule 5 of `varta_common::wakeup` ([`Pace`]): on each datagram while
 //! beats are urgent or few, on a drain timer while they come in routine batches. Each beat
-//! carries its arrival time from the kernel, never the time it was drained.
+//! carries its arrival time from the kernel, never the time it was drained. Senders far
+//! over their rate are kept out of the Unix socket's queue by its classic filter
+//! ([`DenyList`]), so a valid flood does not fill it for the honest agents.
 
 use crate::sys::logger::event;
 use std::{
@@ -25,6 +27,7 @@ use varta_common::{
 use super::{
     Datapath,
     attest::{Attestation, Attested},
+    deny::{DenyList, Sample},
     udp::UdpReceiver,
 };
 use crate::{
@@ -53,6 +56,9 @@ pub struct UserspaceDatapath {
     /// The last UDS drain stopped at its budget: more may be queued.
     uds_more: bool,
     junk: JunkCounting,
+    deny: DenyList,
+    /// The pids the Unix socket's filter denies now.
+    denied: Vec<u32>,
     pace: Pace,
     /// The senders whose beats are routine, with the status of their last beat (the
     /// userspace counterpart of the kernel's buckets in rule 1): a pid's first beat is
@@ -164,21 +170,11 @@ impl Pace {
 /// daemon no wake-ups. Above [`JUNK_FLOOD`] frames a second the filter samples; below
 /// [`JUNK_QUIET`] (estimated) for [`QUIET_WINDOWS`] seconds in a row it counts exactly again.
 struct JunkCounting {
-    exact: Filters,
-    sampled: Filters,
     sample_one_in: u32,
     sampling: bool,
     window_start: std::time::Instant,
     seen_at_start: u64,
     quiet_windows: u32,
-}
-
-/// The classic programs for the two sockets in one mode: their instructions only (a
-/// `cbpf::Program` is 11 KB of fixed room; four of them moved through the start-up left
-/// hundreds of kilobytes of stack resident for the daemon's whole life).
-struct Filters {
-    uds: Vec<cbpf::SockFilter>,
-    udp: Vec<cbpf::SockFilter>,
 }
 
 const JUNK_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
@@ -193,11 +189,12 @@ impl UserspaceDatapath {
         clock: ClockSource,
         allow_cross_namespace: bool,
         junk_sample_one_in: u32,
+        per_agent_rate: u32,
         drops: Arc<DropCounters>,
     ) -> io::Result<Self> {
-        let mut junk = JunkCounting::new(junk_sample_one_in);
         // Exact until junk floods (an operator chasing one broken client sees each frame).
-        junk.attach(&uds, udp.as_ref(), false);
+        let junk = JunkCounting::new(junk_sample_one_in);
+        attach_filters(&uds, udp.as_ref(), &junk, &[]);
         drops.set_junk_scale(1);
         // Required, not best effort: the control buffer leaves room for a descriptor a
         // sender attaches when the time is not there (`sys::recv`).
@@ -218,6 +215,8 @@ impl UserspaceDatapath {
             attest: Attestor::new(Attestation::new(allow_cross_namespace), clock),
             uds_more: false,
             junk,
+            deny: DenyList::new(per_agent_rate),
+            denied: Vec::new(),
             pace: Pace::new(queue_limit),
             seen: HashMap::new(),
             timer: DeadlineTimer::new(clock)?,
@@ -255,7 +254,9 @@ impl UserspaceDatapath {
         };
         if switch {
             let sampling = !j.sampling;
-            j.attach(self.uds.get_ref(), self.udp.as_ref(), sampling);
+            j.sampling = sampling;
+            j.quiet_windows = 0;
+            attach_filters(self.uds.get_ref(), self.udp.as_ref(), j, &self.denied);
             self.drops
                 .set_junk_scale(if sampling { j.sample_one_in } else { 1 });
             event!(
@@ -271,7 +272,7 @@ impl UserspaceDatapath {
     /// Receives from the Unix socket until it would block or `budget` datagrams were taken;
     /// returns how many it took.
     fn drain_uds(&mut self, out: &mut Vec<Beat>, budget: usize) -> io::Result<usize> {
-        let (attest, drops) = (&mut self.attest, &self.drops);
+        let (attest, drops, deny) = (&mut self.attest, &self.drops, &mut self.deny);
         let taken;
         (self.uds_more, taken) =
             self.batch
@@ -295,7 +296,16 @@ impl UserspaceDatapath {
                         )
                     });
                     match beat {
-                        Ok(beat) => out.push(beat),
+                        Ok(beat) => {
+                            if deny.sample(beat.frame.pid, beat.pid) == Sample::Yes {
+                                // It stands for the frames the filter dropped meanwhile.
+                                drops.add_n(
+                                    DropReason::RatePerPid,
+                                    u64::from(cbpf::DENIED_SAMPLE_ONE_IN - 1),
+                                );
+                            }
+                            out.push(beat)
+                        }
                         // What the classic filter may sample.
                         Err(reason @ (DropReason::Length | DropReason::Decode(_))) => {
                             drops.add_junk(reason)
@@ -318,6 +328,13 @@ impl UserspaceDatapath {
             taken += udp.drain(out, budget)?;
         }
         taken += self.drain_uds(out, budget)?;
+        if wakeup::mostly_full(taken as u64, self.pace.queue_limit) {
+            for beat in &out[first..] {
+                if let Some(pid) = own_pid(beat) {
+                    self.deny.crowded(pid, beat.recv_ns);
+                }
+            }
+        }
         let mut urgent = false;
         for beat in &out[first..] {
             let status = beat.frame.status;
@@ -338,6 +355,18 @@ impl UserspaceDatapath {
         Ok((taken as u64, urgent))
     }
 
+    /// Judges the denied senders, and rebuilds the Unix socket's filter when who is denied
+    /// changed (once for all the refusals of a round).
+    fn apply_denials(&mut self) {
+        self.deny.judge(self.clock.now_ns());
+        let Some(denied) = self.deny.take_change() else {
+            return;
+        };
+        self.denied = denied;
+        self.drops.set_denied(self.denied.len());
+        attach_filters(self.uds.get_ref(), None, &self.junk, &self.denied);
+    }
+
     /// Whether a socket still holds what its last drain's budget left.
     fn more_queued(&self) -> bool {
         self.uds_more || self.udp.as_ref().is_some_and(UdpReceiver::has_more)
@@ -354,6 +383,7 @@ impl Datapath for UserspaceDatapath {
     }
 
     async fn recv(&mut self, out: &mut Vec<Beat>) -> io::Result<()> {
+        self.apply_denials();
         let on_timer = self.pace.next_drain_ns;
         // On the timer, what a drain left queued waits for the next tick.
         let more = self.more_queued() && on_timer.is_none();
@@ -366,6 +396,7 @@ impl Datapath for UserspaceDatapath {
             exited = self.attest.exits.exited() => {
                 self.attest.forget(exited);
                 self.seen.remove(&exited);
+                self.deny.forget(exited);
                 return Ok(());
             }
             () = tokio::task::yield_now(), if more => {}
@@ -380,8 +411,10 @@ impl Datapath for UserspaceDatapath {
             super::DRAIN_BUDGET
         };
         let (taken, urgent) = self.drain_both(out, budget)?;
+        // What the deny list answers is not a flood to pace against.
+        let refused = refused(&self.drops) - self.deny.handled();
         self.pace
-            .after_drain(self.clock.now_ns(), taken, urgent, refused(&self.drops));
+            .after_drain(self.clock.now_ns(), taken, urgent, refused);
         self.adapt_junk_counting();
         Ok(())
     }
@@ -404,9 +437,26 @@ impl Datapath for UserspaceDatapath {
         self.udp.as_ref().map_or(Vec::new(), UdpReceiver::sessions)
     }
 
-    fn set_limits(&mut self, _limits: &Limits) -> anyhow::Result<()> {
+    fn over_rate(&mut self, beat: &Beat) {
+        if let Some(pid) = own_pid(beat) {
+            self.deny.refused(pid, beat.recv_ns);
+        }
+    }
+
+    fn set_limits(&mut self, limits: &Limits) -> anyhow::Result<()> {
+        self.deny.set_rate(limits.per_pid_rate);
         Ok(())
     }
+}
+
+/// The pid a Unix socket beat claims, when it is its sender's own (in the daemon's pid
+/// namespace): the one the classic filter may deny.
+fn own_pid(beat: &Beat) -> Option<u32> {
+    let own = beat.origin
+        == Origin::Uds {
+            cross_namespace: false,
+        };
+    (own && beat.pid == beat.frame.pid).then_some(beat.pid)
 }
 
 /// A plaintext frame, or why it is refused.
@@ -429,8 +479,6 @@ const SENDER_CACHE: usize = 65_536;
 impl JunkCounting {
     fn new(sample_one_in: u32) -> Self {
         JunkCounting {
-            exact: Filters::new(1),
-            sampled: Filters::new(sample_one_in),
             sample_one_in,
             sampling: false,
             window_start: std::time::Instant::now(),
@@ -439,56 +487,55 @@ impl JunkCounting {
         }
     }
 
-    /// Attaches the frame rules as classic BPF to both sockets, so junk is dropped (or
-    /// sampled) before it wakes the daemon. Without it the datapath still works, at the cost
-    /// of a wake-up per datagram: a failure is logged, not fatal.
-    fn attach(&mut self, uds: &UnixDatagram, udp: Option<&UdpReceiver>, sampling: bool) {
-        self.sampling = sampling;
-        self.quiet_windows = 0;
-        let (filters, one_in) = if sampling {
-            (&self.sampled, self.sample_one_in)
-        } else {
-            (&self.exact, 1)
-        };
-        let sockets = [
-            ("uds", Some(uds.as_fd()), &filters.uds),
-            ("udp", udp.map(|s| s.socket().as_fd()), &filters.udp),
-        ];
-        for (name, fd, filter) in sockets {
-            let Some(fd) = fd else { continue };
-            match sock::attach_classic_filter(fd, filter) {
-                Ok(()) => event!(
-                    info,
-                    "classic_filter_attached",
-                    socket = name,
-                    instructions = filter.len(),
-                    sample_one_in = one_in,
-                ),
-                Err(e) => event!(warn, "classic_filter_failed", socket = name, error:% = e),
-            }
-        }
+    /// One junk datagram in this many reaches the daemon now.
+    fn one_in(&self) -> u32 {
+        if self.sampling { self.sample_one_in } else { 1 }
     }
 }
 
-impl Filters {
-    fn new(sample_one_in: u32) -> Self {
-        Filters {
-            uds: cbpf::program(&cbpf::Layout {
-                offset: 0,
-                also_accept: &[],
-                sample_one_in,
-            })
-            .insns()
-            .to_vec(),
-            // On UDP the filter sees the 8-byte UDP header first; secure frames pass
-            // unchecked (they are authenticated here).
-            udp: cbpf::program(&cbpf::Layout {
-                offset: UDP_HEADER_LEN,
-                also_accept: &SECURE_FRAME_LENS,
-                sample_one_in,
-            })
-            .insns()
-            .to_vec(),
+/// Attaches the frame rules as classic BPF to both sockets, so junk is dropped (or sampled)
+/// before it wakes the daemon, and the Unix socket's to deny `denied`. Without them the
+/// datapath still works, at the cost of a wake-up per datagram: a failure is logged, not
+/// fatal. Built on the heap: a program has room for `cbpf::MAX_INSNS` instructions.
+fn attach_filters(
+    uds: &UnixDatagram,
+    udp: Option<&UdpReceiver>,
+    junk: &JunkCounting,
+    denied: &[u32],
+) {
+    let sample_one_in = junk.one_in();
+    let mut room = vec![cbpf::SockFilter::default(); cbpf::MAX_INSNS];
+    let sockets = [
+        // On UDP the filter sees the 8-byte UDP header first; secure frames pass unchecked
+        // (they are authenticated here).
+        (
+            "udp",
+            udp.map(|s| s.socket().as_fd()),
+            UDP_HEADER_LEN,
+            &SECURE_FRAME_LENS[..],
+            &[][..],
+        ),
+        ("uds", Some(uds.as_fd()), 0, &[][..], denied),
+    ];
+    for (name, fd, offset, also_accept, deny) in sockets {
+        let Some(fd) = fd else { continue };
+        let layout = cbpf::Layout {
+            offset,
+            also_accept,
+            sample_one_in,
+            deny,
+        };
+        let filter = cbpf::build(&layout, &mut room);
+        match sock::attach_classic_filter(fd, filter) {
+            Ok(()) => event!(
+                info,
+                "classic_filter_attached",
+                socket = name,
+                instructions = filter.len(),
+                sample_one_in = sample_one_in,
+                denied = deny.len(),
+            ),
+            Err(e) => event!(warn, "classic_filter_failed", socket = name, error:% = e),
         }
     }
 }

@@ -73,8 +73,9 @@ impl Observer {
         self.limiter.check(beat.agent_key(), tracked, beat.recv_ns)
     }
 
-    /// Runs one beat through the gates, the rate limits and the tracker.
-    pub fn admit(&mut self, beat: &Beat, events: &mut Vec<Event>) {
+    /// Runs one beat through the gates, the rate limits and the tracker; a refused beat is
+    /// counted, and why returned.
+    pub fn admit(&mut self, beat: &Beat, events: &mut Vec<Event>) -> Result<(), DropReason> {
         let admitted = self.gates.check(beat).and_then(|()| self.rate_limit(beat));
         let accepted = admitted.and_then(|()| {
             self.tracker.record_attested(
@@ -89,7 +90,7 @@ impl Observer {
             Ok(a) => a,
             Err(reason) => {
                 self.drops.add(reason);
-                return;
+                return Err(reason);
             }
         };
         let (pid, frame) = (beat.pid, beat.frame);
@@ -133,6 +134,7 @@ impl Observer {
         } else if frame.status == Status::Critical {
             events.push(Event::Critical { pid, frame });
         }
+        Ok(())
     }
 
     /// Takes back an agent of a previous instance (see [`Tracker::restore`]).

@@ -58,6 +58,8 @@ pub struct DropCounters {
     /// UDP datagrams the kernel dropped with the socket's receive queue full (userspace
     /// datapath): `varta_frames_dropped_total{reason="queue_full"}`.
     queue_full: AtomicU64,
+    /// Senders the userspace datapath's classic filter denies (`datapath::deny`).
+    denied: AtomicU64,
 }
 
 impl Default for DropCounters {
@@ -67,6 +69,7 @@ impl Default for DropCounters {
             junk_scale: AtomicU64::new(1),
             junk_seen: AtomicU64::new(0),
             queue_full: AtomicU64::new(0),
+            denied: AtomicU64::new(0),
         }
     }
 }
@@ -74,6 +77,19 @@ impl Default for DropCounters {
 impl DropCounters {
     pub fn add(&self, reason: DropReason) {
         self.counts[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `n` frames dropped for `reason`: estimates of what a sample stands for.
+    pub fn add_n(&self, reason: DropReason, n: u64) {
+        self.counts[reason.index()].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn set_denied(&self, senders: usize) {
+        self.denied.store(senders as u64, Ordering::Relaxed);
+    }
+
+    pub fn denied(&self) -> u64 {
+        self.denied.load(Ordering::Relaxed)
     }
 
     /// A frame the classic filter (userspace datapath) lets up only as a sample when it
