@@ -48,6 +48,8 @@ pub struct DenyList {
     /// Refusals and estimated drops this list accounts for: not a flood the daemon must
     /// pace itself against (`Pace`).
     handled: u64,
+    /// When the denials are next judged (they are judged a window apart at most).
+    next_judge_ns: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -77,6 +79,7 @@ impl DenyList {
             denied: HashMap::new(),
             changed: false,
             handled: 0,
+            next_judge_ns: 0,
         }
     }
 
@@ -154,6 +157,11 @@ impl DenyList {
     /// Lifts the denials whose samples over a window say the sender slowed below [`OVER`]
     /// times the rate.
     pub fn judge(&mut self, now_ns: u64) {
+        if now_ns < self.next_judge_ns {
+            return;
+        }
+        // Each denial a window after it began, within a tenth of one.
+        self.next_judge_ns = now_ns + WINDOW_NS / 10;
         // Frames a window at that rate (WINDOW_NS is a second).
         let over = u64::from(self.rate) * u64::from(OVER);
         let before = self.denied.len();

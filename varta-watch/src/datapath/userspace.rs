@@ -78,9 +78,9 @@ struct Pace {
     since_ns: u64,
     /// Routine datagrams received since `since_ns`, while waiting on readiness.
     routine: u64,
-    /// Datagrams the last wake-up took, and the frames refused by then: when most of what
-    /// came in since was refused (over a rate, the tracker full...), the queue is full of a
-    /// flood.
+    /// Datagrams the last wake-up took, and the frames refused by then (but those the deny
+    /// list answers): when most of what came in since was refused (the tracker full, a
+    /// spoof...), the queue is full of a flood.
     taken: u64,
     refused: u64,
     /// The last decision found a flood: drained at the longest interval, a bounded part at
@@ -412,7 +412,7 @@ impl Datapath for UserspaceDatapath {
         };
         let (taken, urgent) = self.drain_both(out, budget)?;
         // What the deny list answers is not a flood to pace against.
-        let refused = refused(&self.drops) - self.deny.handled();
+        let refused = refused(&self.drops).saturating_sub(self.deny.handled());
         self.pace
             .after_drain(self.clock.now_ns(), taken, urgent, refused);
         self.adapt_junk_counting();
