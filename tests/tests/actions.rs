@@ -181,6 +181,7 @@ fn export_file_and_metrics_after_a_scripted_scenario(datapath: &str) {
         "varta_watch_pids_tracked 1".into(),
         // Exact counts: no junk flood sampled.
         "varta_junk_sample_one_in 1".into(),
+        "varta_denied_senders 0".into(),
         "varta_agent_restarts_total 0".into(),
         "varta_nonce_wrap_total 0".into(),
         // The aggregates every agent counts in, whatever --agent-series-max.

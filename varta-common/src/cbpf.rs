@@ -14,9 +14,11 @@
 //!
 //! A program may also deny frames by their pid ([`Layout::deny`]): the userspace datapath's
 //! senders far over their rate, kept out of a queue they would otherwise fill for everyone
-//! (a Unix datagram queue has no share per sender). One denied frame in
-//! [`DENIED_SAMPLE_ONE_IN`] goes on to the checks: the daemon sees that the sender still
-//! floods, and the sender stays alive to it.
+//! (a Unix datagram queue has no share per sender). The frames whose nonce is a multiple of
+//! [`DENIED_SAMPLE_ONE_IN`] go on to the checks: the daemon sees that the sender still
+//! floods, and the sender stays alive to it. By nonce, not at random: a client counts its
+//! nonce up by one a beat, so the samples come evenly spaced, and a sender at 10,000 frames
+//! a second is heard every ~0.1 s, never silent by chance for a stall threshold.
 
 use crate::frame::{FRAME_LEN, MAGIC, VERSION};
 #[cfg(test)]
@@ -35,7 +37,8 @@ pub struct SockFilter {
 /// Most pids a program denies.
 pub const MAX_DENIED: usize = 1024;
 
-/// One frame of a denied pid in this many is let through (a power of two).
+/// One frame of a denied pid in this many (by nonce) is let through: a power of two, at
+/// most 65,536.
 pub const DENIED_SAMPLE_ONE_IN: u32 = 1024;
 
 /// How many times its rate a sender beats when the userspace datapath denies it.
@@ -133,8 +136,9 @@ pub fn build<'o>(layout: &Layout<'_>, out: &'o mut [SockFilter]) -> &'o [SockFil
     p.finish(layout.sample_one_in)
 }
 
-/// Drops frames whose pid is in `pids`, but one in [`DENIED_SAMPLE_ONE_IN`], which goes on
-/// to the checks. The pid is compared as the big-endian load sees its little-endian bytes.
+/// Drops frames whose pid is in `pids`, but those whose nonce is a multiple of
+/// [`DENIED_SAMPLE_ONE_IN`], which go on to the checks. Fields are compared as the
+/// big-endian loads see their little-endian bytes.
 fn deny(p: &mut Builder, off: u32, pids: &[u32]) {
     for chunk in pids.chunks(DENY_CHUNK) {
         p.op(LD | W | ABS, off + 4);
@@ -144,8 +148,10 @@ fn deny(p: &mut Builder, off: u32, pids: &[u32]) {
             p.raw(JMP | JEQ, pid.swap_bytes(), (n - i) as u8, 0);
         }
         p.op(JMP | JA, 4);
-        p.op(LD | W | ABS, AD_RANDOM);
-        p.op(ALU | AND, DENIED_SAMPLE_ONE_IN - 1);
+        // The nonce's two low bytes (16, 17), loaded as one big-endian halfword.
+        p.op(LD | H | ABS, off + 16);
+        let low_bits = (DENIED_SAMPLE_ONE_IN - 1) as u16;
+        p.op(ALU | AND, u32::from(low_bits.swap_bytes()));
         p.raw(JMP | JEQ, 0, 1, 0);
         p.op(RET, 0);
     }
@@ -392,27 +398,32 @@ mod tests {
     #[test]
     fn denied_pids_are_dropped_but_a_sample_that_still_passes_the_checks() {
         let many: std::vec::Vec<u32> = (100..100 + MAX_DENIED as u32).collect();
-        // Junk sampled one in 2,048: a denied sample that fails a check is still dropped.
-        let deny = Layout {
-            deny: &many,
-            sample_one_in: 2048,
-            ..UDS
-        };
+        let deny = Layout { deny: &many, ..UDS };
+        let one_in = u64::from(DENIED_SAMPLE_ONE_IN);
         for pid in [100, 100 + DENY_CHUNK as u32, 100 + MAX_DENIED as u32 - 1] {
-            let raw = Frame { pid, ..frame() }.encode();
-            assert!(!kept(&deny, &raw, 1), "pid {pid}");
-            assert!(!kept(&deny, &raw, DENIED_SAMPLE_ONE_IN - 1), "pid {pid}");
-            assert!(kept(&deny, &raw, 0), "pid {pid}: the sample");
-            assert!(
-                kept(&deny, &raw, DENIED_SAMPLE_ONE_IN),
-                "pid {pid}: the sample"
-            );
-            let mut bad = raw;
+            let with_nonce = |nonce| {
+                Frame {
+                    pid,
+                    nonce,
+                    ..frame()
+                }
+                .encode()
+            };
+            for nonce in [1, one_in - 1, one_in + 1, 5 * one_in + 256, 1 << 40 | 7] {
+                assert!(
+                    !kept(&deny, &with_nonce(nonce), 0),
+                    "pid {pid} nonce {nonce}"
+                );
+            }
+            for nonce in [one_in, 3 * one_in, 1 << 40] {
+                assert!(
+                    kept(&deny, &with_nonce(nonce), 1),
+                    "pid {pid}: the sample {nonce}"
+                );
+            }
+            let mut bad = with_nonce(one_in);
             bad[31] ^= 1;
-            assert!(
-                !kept(&deny, &bad, DENIED_SAMPLE_ONE_IN),
-                "pid {pid}: a sample is checked"
-            );
+            assert!(!kept(&deny, &bad, 1), "pid {pid}: a sample is checked");
         }
         for pid in [99, 100 + MAX_DENIED as u32, 4242] {
             assert!(
