@@ -10,7 +10,8 @@
 //!
 //! The filter sees the pid a frame claims, not its sender: only senders in the daemon's pid
 //! namespace are denied (there the claimed pid is the sender's own; a container's agents
-//! claim namespace pids another container's agents share), and a sample from another
+//! claim namespace pids another container's agents share), never a pid a known container
+//! process claims too (the datapath asks its attestation cache), and a sample from another
 //! sender claiming a denied pid lifts the denial at once.
 
 use std::collections::HashMap;

@@ -330,7 +330,7 @@ impl UserspaceDatapath {
         taken += self.drain_uds(out, budget)?;
         if wakeup::mostly_full(taken as u64, self.pace.queue_limit) {
             for beat in &out[first..] {
-                if let Some(pid) = own_pid(beat) {
+                if let Some(pid) = deniable(beat, &self.attest) {
                     self.deny.crowded(pid, beat.recv_ns);
                 }
             }
@@ -438,7 +438,7 @@ impl Datapath for UserspaceDatapath {
     }
 
     fn over_rate(&mut self, beat: &Beat) {
-        if let Some(pid) = own_pid(beat) {
+        if let Some(pid) = deniable(beat, &self.attest) {
             self.deny.refused(pid, beat.recv_ns);
         }
     }
@@ -449,14 +449,15 @@ impl Datapath for UserspaceDatapath {
     }
 }
 
-/// The pid a Unix socket beat claims, when it is its sender's own (in the daemon's pid
-/// namespace): the one the classic filter may deny.
-fn own_pid(beat: &Beat) -> Option<u32> {
+/// The pid a Unix socket beat claims, when the classic filter may deny it: the sender's own
+/// (in the daemon's pid namespace), and no container's process known to claim it too.
+fn deniable(beat: &Beat, attest: &Attestor) -> Option<u32> {
     let own = beat.origin
         == Origin::Uds {
             cross_namespace: false,
         };
-    (own && beat.pid == beat.frame.pid).then_some(beat.pid)
+    let pid = beat.frame.pid;
+    (own && beat.pid == pid && !attest.claimed_in_a_container(pid)).then_some(pid)
 }
 
 /// A plaintext frame, or why it is refused.
@@ -552,6 +553,8 @@ struct Attestor {
     clock: ClockSource,
     /// What /proc said of each sender and when it started, forgotten when its process exits.
     senders: HashMap<u32, (Sender, SenderStart)>,
+    /// How many of those senders live in a container with each pid of their own there.
+    container_pids: HashMap<u32, u32>,
     exits: ExitWatcher,
 }
 
@@ -561,6 +564,7 @@ impl Attestor {
             decision,
             clock,
             senders: HashMap::new(),
+            container_pids: HashMap::new(),
             exits: ExitWatcher::new(),
         }
     }
@@ -611,13 +615,41 @@ impl Attestor {
         }
         let start = SenderStart::from_record(started.0 as u32);
         if self.senders.len() < SENDER_CACHE && self.exits.watch(pid, pidfd).is_ok() {
-            self.senders.insert(pid, (sender, start));
+            self.remember(pid, sender, start);
         }
         (Some(sender), start)
     }
 
+    fn remember(&mut self, pid: u32, sender: Sender, start: SenderStart) {
+        if sender.cross_namespace {
+            *self.container_pids.entry(sender.own_pid).or_default() += 1;
+        }
+        if let Some((old, _)) = self.senders.insert(pid, (sender, start)) {
+            self.uncount(old);
+        }
+    }
+
     fn forget(&mut self, pid: u32) {
-        self.senders.remove(&pid);
+        if let Some((sender, _)) = self.senders.remove(&pid) {
+            self.uncount(sender);
+        }
+    }
+
+    fn uncount(&mut self, sender: Sender) {
+        if sender.cross_namespace
+            && let Some(n) = self.container_pids.get_mut(&sender.own_pid)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.container_pids.remove(&sender.own_pid);
+            }
+        }
+    }
+
+    /// Whether a container's process known here has `pid` as its own there (frames from it
+    /// claim `pid`).
+    fn claimed_in_a_container(&self, pid: u32) -> bool {
+        self.container_pids.contains_key(&pid)
     }
 }
 
@@ -663,6 +695,36 @@ mod tests {
             sender.is_none() && start == SenderStart::Exited,
             "{start:?}"
         );
+    }
+
+    /// A container's pid 7 claims frames of pid 7 as a host process 7 would: while one is
+    /// known, pid 7 is never denied (its frames would be dropped too).
+    #[tokio::test]
+    async fn pids_claimed_in_containers_are_counted_until_their_senders_exit() {
+        let mut attest = Attestor::new(Attestation::new(true), ClockSource::Monotonic);
+        let in_container = |own_pid| Sender {
+            cross_namespace: true,
+            own_pid,
+        };
+        let start = SenderStart::Unknown;
+        attest.remember(1001, in_container(7), start);
+        attest.remember(1002, in_container(7), start);
+        attest.remember(
+            1003,
+            Sender {
+                cross_namespace: false,
+                own_pid: 1003,
+            },
+            start,
+        );
+        assert!(attest.claimed_in_a_container(7));
+        assert!(!attest.claimed_in_a_container(1003));
+        attest.forget(1001);
+        assert!(attest.claimed_in_a_container(7));
+        attest.forget(1002);
+        attest.forget(1002);
+        assert!(!attest.claimed_in_a_container(7));
+        assert!(attest.container_pids.is_empty());
     }
 
     #[test]
