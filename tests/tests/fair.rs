@@ -137,7 +137,7 @@ on_both_datapaths!(
 /// userspace datapath under `net.unix.max_dgram_qlen` 512 (the systemd unit's and the
 /// overlay's). Its queue is shared, and a flooder blocked on it takes each place a read
 /// frees: the classic filter keeps out the flooders beating at ten times their rate, so
-/// at least 95 % of the honest beats are queued (19-34 % were before), none stalls, and the
+/// at least 90 % of the honest beats are queued (19-34 % were before), none stalls, and the
 /// flooders are let back as they exit.
 #[test]
 #[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
@@ -177,7 +177,7 @@ fn nonblocking_agents_keep_their_beats_through_a_valid_flood_userspace_needs_roo
         .unwrap();
     println!("{queued} of {attempted} honest beats queued; {denied_most} flooders denied at most");
     assert!(
-        queued * 100 >= attempted * 95,
+        queued * 100 >= attempted * 90,
         "{queued} of {attempted} honest beats queued; {denied_most} flooders denied at most; drops: {}",
         drops(&d)
     );

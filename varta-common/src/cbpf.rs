@@ -7,7 +7,9 @@
 //! Classic BPF cannot count, so drops would be invisible: instead one junk datagram in
 //! [`Layout::sample_one_in`] (chosen by the kernel's `SKF_AD_RANDOM`) is let through, and
 //! the daemon decodes and counts it by reason like any other. The counters then count
-//! samples; with 1 every datagram reaches the daemon and they are exact.
+//! samples; with 1 every datagram reaches the daemon and they are exact, and the program
+//! checks nothing (its verdict would be "keep" whatever the checks said: they would only
+//! cost each sender their ~1,300 instructions).
 //!
 //! The CRC is computed bit by bit, unrolled (five instructions a bit, 28 bytes): about 1,300
 //! instructions of the 4,096 the kernel allows.
@@ -103,17 +105,25 @@ pub struct Layout<'a> {
 pub fn build<'o>(layout: &Layout<'_>, out: &'o mut [SockFilter]) -> &'o [SockFilter] {
     let mut p = Builder::new(out);
     let off = layout.offset;
+    let denied = &layout.deny[..layout.deny.len().min(MAX_DENIED)];
+    if layout.sample_one_in <= 1 {
+        // Every datagram is kept but the denied pids' frames (only frames carry a pid).
+        if !denied.is_empty() {
+            p.op(LD | W | LEN, 0);
+            p.raw(JMP | JEQ, off + FRAME_LEN as u32, 1, 0);
+            p.op(RET, KEEP_ALL);
+            deny(&mut p, off, denied);
+        }
+        p.op(RET, KEEP_ALL);
+        return p.done();
+    }
     // Length: the plaintext frame, or one of the unchecked lengths (accepted at once).
     p.op(LD | W | LEN, 0);
     for &len in layout.also_accept {
         p.jump_if(JEQ, off + len, Target::Accept);
     }
     p.reject_unless(JEQ, off + FRAME_LEN as u32);
-    deny(
-        &mut p,
-        off,
-        &layout.deny[..layout.deny.len().min(MAX_DENIED)],
-    );
+    deny(&mut p, off, denied);
     // Magic, version (network-order loads: the bytes as they are on the wire).
     p.op(LD | H | ABS, off);
     p.reject_unless(JEQ, u16::from_be_bytes(MAGIC) as u32);
@@ -281,6 +291,10 @@ impl<'o> Builder<'o> {
             };
             self.insns[at].k = (to - at - 1) as u32;
         }
+        self.done()
+    }
+
+    fn done(self) -> &'o [SockFilter] {
         &self.insns[..self.len]
     }
 }
@@ -373,12 +387,12 @@ mod tests {
     fn fits_the_kernel_limit_and_jumps_stay_in_range() {
         let many: std::vec::Vec<u32> = (2..2 + MAX_DENIED as u32 + 10).collect();
         let mut out = std::vec![SockFilter::default(); MAX_INSNS];
-        for deny in [&[][..], &many[..]] {
+        for (deny, sample_one_in) in [(&[][..], 1024), (&many[..], 1024), (&many[..], 1)] {
             let p = build(
                 &Layout {
                     offset: UDP_HEADER_LEN,
                     also_accept: &SECURE_FRAME_LENS,
-                    sample_one_in: 1024,
+                    sample_one_in,
                     deny,
                 },
                 &mut out,
@@ -477,6 +491,43 @@ mod tests {
             kept(&all, &crc, 1023),
             "one in one: every datagram is sampled"
         );
+    }
+
+    /// Counting exactly, every datagram reaches the daemon: nothing is checked, but denied
+    /// pids are still dropped (but their samples).
+    #[test]
+    fn exact_counting_keeps_everything_but_denied_frames() {
+        let exact = Layout {
+            sample_one_in: 1,
+            ..UDS
+        };
+        let mut out = std::vec![SockFilter::default(); MAX_INSNS];
+        assert_eq!(build(&exact, &mut out).len(), 1);
+        let mut crc = frame().encode();
+        crc[31] ^= 0x80;
+        for junk in [&crc[..], &crc[..5], &[][..], &[0u8; 40][..]] {
+            assert!(kept(&exact, junk, 7), "{junk:?}");
+        }
+        let denied = Layout {
+            deny: &[4242],
+            ..exact
+        };
+        assert!(kept(&denied, &crc[..5], 7), "too short to carry a pid");
+        assert!(!kept(&denied, &frame().encode(), 0));
+        let sample = Frame {
+            nonce: u64::from(DENIED_SAMPLE_ONE_IN),
+            ..frame()
+        };
+        assert!(kept(&denied, &sample.encode(), 7));
+        assert!(kept(
+            &denied,
+            &Frame {
+                pid: 4243,
+                ..frame()
+            }
+            .encode(),
+            7
+        ));
     }
 
     #[test]
