@@ -27,8 +27,8 @@
 //!    rate (the kernel makes senders wait, or refuses their frames, when it is full), and
 //!    within [`BurstCap`]: beats that come in bursts fill the queue faster than their average
 //!    rate says, so a drain that finds it more than three quarters full shortens the
-//!    interval (below two thirds of the shortest, every datagram wakes the daemon again). Rule 3 holds: the socket is
-//!    drained before every stall decision.
+//!    interval (below two thirds of the shortest, every datagram wakes the daemon again).
+//!    Rule 3 holds: the socket is drained before every stall decision.
 //!
 //! The filter applies rule 1 through [`wake_now`]; `varta-watch`'s eBPF datapath applies rules
 //! 2 to 4, driven by the main loop's `set_watching`, `drain` and `agent_silent` calls; its

@@ -3,10 +3,11 @@
 //! (blocking) take every place the daemon frees, and an honest agent's nonblocking send
 //! finds it full. The eBPF datapath drops such a sender's surplus before it is queued; here
 //! the classic filter denies its pid (`varta_common::cbpf`, `cbpf::Layout::deny`) once its
-//! beats come faster than [`OVER`] times its rate: the beats the observer refused over that
-//! rate, and while the queue is mostly full every beat (the senders filling it are the ones
-//! to deny, before each has spent its burst there). It lets one back when the samples the filter still lets up ([`DENIED_SAMPLE_ONE_IN`]) say it
-//! has slowed below that for a [`WINDOW_NS`].
+//! beats come faster than [`DENY_OVER_RATE`] times its rate: the beats the observer refused
+//! over that rate, and while the queue is mostly full every beat (the senders filling it are
+//! the ones to deny, before each has spent its burst there). It lets one back when the
+//! samples the filter still lets up ([`DENIED_SAMPLE_ONE_IN`]) say it has slowed below that
+//! for a [`WINDOW_NS`].
 //!
 //! The filter sees the pid a frame claims, not its sender: only senders in the daemon's pid
 //! namespace are denied (there the claimed pid is the sender's own; a container's agents
@@ -17,18 +18,18 @@
 use std::collections::HashMap;
 
 use varta_common::{
+    DropReason,
     cbpf::{DENIED_SAMPLE_ONE_IN, DENY_OVER_RATE, MAX_DENIED},
     ratelimit::{Limit, is_full},
 };
 
-/// How much faster than its rate a sender's beats must come to be denied.
-const OVER: u32 = DENY_OVER_RATE;
+use crate::vocab::drops::DropCounters;
 
-/// Refusals at more than [`OVER`] times the rate, in a row, that deny.
+/// Refusals at more than [`DENY_OVER_RATE`] times the rate, in a row, that deny.
 const DENY_AFTER: u32 = 10;
 
 /// How long a denied sender's samples are counted before it is judged again.
-pub const WINDOW_NS: u64 = 1_000_000_000;
+const WINDOW_NS: u64 = 1_000_000_000;
 
 /// Most senders whose refusals are followed at once (past it, the ones whose refusals have
 /// slowed are forgotten first).
@@ -38,7 +39,7 @@ const MAX_FOLLOWED: usize = 4 * MAX_DENIED;
 pub struct DenyList {
     /// The per-agent rate, beats a second.
     rate: u32,
-    /// The refusals a sender may have: [`OVER`] times the per-agent rate, [`DENY_AFTER`]
+    /// The refusals a sender may have: [`DENY_OVER_RATE`] times the per-agent rate, [`DENY_AFTER`]
     /// deep. `None`: no per-agent rate, nobody refused over it.
     refusals: Option<Limit>,
     /// Each followed sender's refusal bucket clock, by pid.
@@ -65,7 +66,8 @@ struct Denied {
 pub enum Sample {
     /// Not denied.
     No,
-    /// A sample: it stands for [`DENIED_SAMPLE_ONE_IN`] frames, one of them this one.
+    /// A sample: it stands for [`DENIED_SAMPLE_ONE_IN`] frames, one of them this one (the
+    /// others are counted dropped over the rate, estimates).
     Yes,
     /// From a sender other than the denied one (another pid namespace): the denial is lifted.
     OtherSender,
@@ -87,7 +89,7 @@ impl DenyList {
     fn limit(per_agent_rate: u32) -> Option<Limit> {
         match per_agent_rate {
             0 => None,
-            rate => Limit::new(rate.saturating_mul(OVER), DENY_AFTER),
+            rate => Limit::new(rate.saturating_mul(DENY_OVER_RATE), DENY_AFTER),
         }
     }
 
@@ -141,7 +143,7 @@ impl DenyList {
     }
 
     /// A frame claiming `frame_pid`, sent by `sender`, reached the daemon.
-    pub fn sample(&mut self, frame_pid: u32, sender: u32) -> Sample {
+    pub fn sample(&mut self, frame_pid: u32, sender: u32, drops: &DropCounters) -> Sample {
         let Some(denied) = self.denied.get_mut(&frame_pid) else {
             return Sample::No;
         };
@@ -151,12 +153,14 @@ impl DenyList {
             return Sample::OtherSender;
         }
         denied.samples += 1;
-        self.handled += u64::from(DENIED_SAMPLE_ONE_IN - 1);
+        let dropped = u64::from(DENIED_SAMPLE_ONE_IN - 1);
+        drops.add_n(DropReason::RatePerPid, dropped);
+        self.handled += dropped;
         Sample::Yes
     }
 
-    /// Lifts the denials whose samples over a window say the sender slowed below [`OVER`]
-    /// times the rate.
+    /// Lifts the denials whose samples over a window say the sender slowed below
+    /// [`DENY_OVER_RATE`] times the rate.
     pub fn judge(&mut self, now_ns: u64) {
         if now_ns < self.next_judge_ns {
             return;
@@ -164,7 +168,7 @@ impl DenyList {
         // Each denial a window after it began, within a tenth of one.
         self.next_judge_ns = now_ns + WINDOW_NS / 10;
         // Frames a window at that rate (WINDOW_NS is a second).
-        let over = u64::from(self.rate) * u64::from(OVER);
+        let over = u64::from(self.rate) * u64::from(DENY_OVER_RATE);
         let before = self.denied.len();
         self.denied.retain(|_, d| {
             if now_ns.saturating_sub(d.since_ns) < WINDOW_NS {
@@ -186,14 +190,16 @@ impl DenyList {
         self.changed |= self.denied.remove(&pid).is_some();
     }
 
-    /// The denied pids, if they changed since the last call.
-    pub fn take_change(&mut self) -> Option<Vec<u32>> {
-        if !std::mem::take(&mut self.changed) {
-            return None;
-        }
+    /// Whether the denied pids changed since the last call.
+    pub fn take_change(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// The denied pids, in order.
+    pub fn pids(&self) -> Vec<u32> {
         let mut pids: Vec<u32> = self.denied.keys().copied().collect();
         pids.sort_unstable();
-        Some(pids)
+        pids
     }
 
     /// Refusals and estimated drops so far that the list accounts for.
@@ -208,6 +214,11 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
+    /// The denied pids, if they changed since the last call.
+    fn change(list: &mut DenyList) -> Option<Vec<u32>> {
+        list.take_change().then(|| list.pids())
+    }
+
     #[test]
     fn refusals_at_ten_times_the_rate_deny() {
         let mut list = DenyList::new(100);
@@ -215,53 +226,55 @@ mod tests {
         for i in 0..1000 {
             list.refused(7, i * 2 * MS);
         }
-        assert_eq!(list.take_change(), None);
+        assert_eq!(change(&mut list), None);
         // Faster: denied past the bucket's depth.
         let t = 3000 * MS;
         for i in 0..=DENY_AFTER as u64 {
             list.refused(8, t + i * 10_000);
         }
-        assert_eq!(list.take_change(), Some(vec![8]));
-        assert_eq!(list.take_change(), None);
+        assert_eq!(change(&mut list), Some(vec![8]));
+        assert_eq!(change(&mut list), None);
         assert_eq!(list.handled(), 1000 + u64::from(DENY_AFTER) + 1);
     }
 
     #[test]
     fn a_denied_sender_is_let_back_when_its_samples_slow() {
-        let mut list = DenyList::new(100);
+        let (mut list, drops) = (DenyList::new(100), DropCounters::default());
         for i in 0..=DENY_AFTER as u64 {
             list.refused(8, i * 10_000);
         }
-        let _ = list.take_change();
+        let _ = change(&mut list);
         // Samples standing for 1,000 frames in the window (10x) keep it denied...
-        let keep = u64::from(100 * OVER).div_ceil(u64::from(DENIED_SAMPLE_ONE_IN));
+        let keep = u64::from(100 * DENY_OVER_RATE).div_ceil(u64::from(DENIED_SAMPLE_ONE_IN));
         for _ in 0..keep {
-            assert_eq!(list.sample(8, 8), Sample::Yes);
+            assert_eq!(list.sample(8, 8, &drops), Sample::Yes);
         }
+        let dropped = drops.snapshot()[DropReason::RatePerPid.index()];
+        assert_eq!(dropped, keep * u64::from(DENIED_SAMPLE_ONE_IN - 1));
         list.judge(WINDOW_NS / 2);
         list.judge(WINDOW_NS + 10 * MS);
-        assert_eq!(list.take_change(), None);
+        assert_eq!(change(&mut list), None);
         // ...one fewer in the next window does not.
         for _ in 1..keep {
-            list.sample(8, 8);
+            list.sample(8, 8, &drops);
         }
         list.judge(2 * WINDOW_NS + 10 * MS);
-        assert_eq!(list.take_change(), Some(vec![]));
-        assert_eq!(list.sample(8, 8), Sample::No);
+        assert_eq!(change(&mut list), Some(vec![]));
+        assert_eq!(list.sample(8, 8, &drops), Sample::No);
     }
 
     #[test]
     fn another_sender_claiming_the_pid_or_its_exit_lifts_the_denial() {
-        let mut list = DenyList::new(100);
+        let (mut list, drops) = (DenyList::new(100), DropCounters::default());
         for pid in [8, 9] {
             for i in 0..=DENY_AFTER as u64 {
                 list.refused(pid, i * 10_000);
             }
         }
-        assert_eq!(list.take_change(), Some(vec![8, 9]));
-        assert_eq!(list.sample(8, 4321), Sample::OtherSender);
+        assert_eq!(change(&mut list), Some(vec![8, 9]));
+        assert_eq!(list.sample(8, 4321, &drops), Sample::OtherSender);
         list.forget(9);
-        assert_eq!(list.take_change(), Some(vec![]));
+        assert_eq!(change(&mut list), Some(vec![]));
     }
 
     #[test]
@@ -270,7 +283,7 @@ mod tests {
         for i in 0..10_000 {
             list.refused(8, i);
         }
-        assert_eq!(list.take_change(), None);
+        assert_eq!(change(&mut list), None);
         assert_eq!(list.handled(), 0);
     }
 }

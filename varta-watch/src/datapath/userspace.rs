@@ -27,7 +27,7 @@ use varta_common::{
 use super::{
     Datapath,
     attest::{Attestation, Attested},
-    deny::{DenyList, Sample},
+    deny::DenyList,
     udp::UdpReceiver,
 };
 use crate::{
@@ -57,8 +57,6 @@ pub struct UserspaceDatapath {
     uds_more: bool,
     junk: JunkCounting,
     deny: DenyList,
-    /// The pids the Unix socket's filter denies now.
-    denied: Vec<u32>,
     pace: Pace,
     /// The senders whose beats are routine, with the status of their last beat (the
     /// userspace counterpart of the kernel's buckets in rule 1): a pid's first beat is
@@ -195,7 +193,7 @@ impl UserspaceDatapath {
         // Exact until junk floods (an operator chasing one broken client sees each frame).
         let junk = JunkCounting::new(junk_sample_one_in);
         attach_filters(&uds, udp.as_ref(), &junk, &[]);
-        drops.set_junk_scale(1);
+        drops.set_junk_scale(junk.one_in());
         // Required, not best effort: the control buffer leaves room for a descriptor a
         // sender attaches when the time is not there (`sys::recv`).
         sock::stamp_arrivals(uds.as_fd())?;
@@ -216,7 +214,6 @@ impl UserspaceDatapath {
             uds_more: false,
             junk,
             deny: DenyList::new(per_agent_rate),
-            denied: Vec::new(),
             pace: Pace::new(queue_limit),
             seen: HashMap::new(),
             timer: DeadlineTimer::new(clock)?,
@@ -256,9 +253,8 @@ impl UserspaceDatapath {
             let sampling = !j.sampling;
             j.sampling = sampling;
             j.quiet_windows = 0;
-            attach_filters(self.uds.get_ref(), self.udp.as_ref(), j, &self.denied);
-            self.drops
-                .set_junk_scale(if sampling { j.sample_one_in } else { 1 });
+            attach_filters(self.uds.get_ref(), self.udp.as_ref(), j, &self.deny.pids());
+            self.drops.set_junk_scale(j.one_in());
             event!(
                 info,
                 "junk_counting",
@@ -297,13 +293,7 @@ impl UserspaceDatapath {
                     });
                     match beat {
                         Ok(beat) => {
-                            if deny.sample(beat.frame.pid, beat.pid) == Sample::Yes {
-                                // It stands for the frames the filter dropped meanwhile.
-                                drops.add_n(
-                                    DropReason::RatePerPid,
-                                    u64::from(cbpf::DENIED_SAMPLE_ONE_IN - 1),
-                                );
-                            }
+                            deny.sample(beat.frame.pid, beat.pid, drops);
                             out.push(beat)
                         }
                         // What the classic filter may sample.
@@ -359,12 +349,12 @@ impl UserspaceDatapath {
     /// changed (once for all the refusals of a round).
     fn apply_denials(&mut self) {
         self.deny.judge(self.clock.now_ns());
-        let Some(denied) = self.deny.take_change() else {
+        if !self.deny.take_change() {
             return;
-        };
-        self.denied = denied;
-        self.drops.set_denied(self.denied.len());
-        attach_filters(self.uds.get_ref(), None, &self.junk, &self.denied);
+        }
+        let denied = self.deny.pids();
+        self.drops.set_denied(denied.len());
+        attach_filters(self.uds.get_ref(), None, &self.junk, &denied);
     }
 
     /// Whether a socket still holds what its last drain's budget left.

@@ -76,7 +76,7 @@ impl Default for DropCounters {
 
 impl DropCounters {
     pub fn add(&self, reason: DropReason) {
-        self.counts[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.add_n(reason, 1);
     }
 
     /// `n` frames dropped for `reason`: estimates of what a sample stands for.
@@ -95,8 +95,7 @@ impl DropCounters {
     /// A frame the classic filter (userspace datapath) lets up only as a sample when it
     /// samples: counted as the frames it stands for.
     pub fn add_junk(&self, reason: DropReason) {
-        let scale = self.junk_scale.load(Ordering::Relaxed);
-        self.counts[reason.index()].fetch_add(scale, Ordering::Relaxed);
+        self.add_n(reason, self.junk_scale.load(Ordering::Relaxed));
         self.junk_seen.fetch_add(1, Ordering::Relaxed);
     }
 
