@@ -129,11 +129,15 @@ pub fn mostly_full(taken: u64, queue_limit: u64) -> bool {
 
 impl BurstCap {
     /// After a drain on the timer, `waited_ns` after the one before, that took `taken`
-    /// datagrams from sockets whose smallest queue holds `queue_limit`.
+    /// datagrams from sockets whose smallest queue holds `queue_limit`. The burst is sized
+    /// over the time the drain really waited, never just the interval it asked for: a
+    /// drain that ran late (the daemon waiting for a busy core) or long (datagrams keep
+    /// coming while it reads) took more because it waited longer, and shortening the cap
+    /// for that only ratcheted it down, to waking the daemon on every datagram.
     pub fn after_timer_drain(&mut self, now_ns: u64, waited_ns: u64, taken: u64, queue_limit: u64) {
         let half = (queue_limit / 2).max(1);
         if mostly_full(taken, queue_limit) {
-            self.cap_ns = waited_ns.min(self.cap_ns).saturating_mul(half) / taken;
+            self.cap_ns = self.cap_ns.min(waited_ns.saturating_mul(half) / taken);
             self.changed_ns = now_ns;
         }
     }
@@ -214,6 +218,25 @@ mod tests {
         let mut small = BurstCap::default();
         small.after_timer_drain(MS, 250_000, 11, 11);
         assert_eq!(small.apply(MS, Some(250_000)), None);
+    }
+
+    #[test]
+    fn a_late_drain_does_not_shorten_the_cap() {
+        const MS: u64 = 1_000_000;
+        let mut cap = BurstCap::default();
+        cap.after_timer_drain(100 * MS, 1_600_000, 1_436, 513);
+        assert_eq!(cap.apply(100 * MS, Some(1_600_000)), Some(285_236));
+        // Asked for 285 us, drained 1.09 ms later: 557 taken is 130k a second, a burst
+        // that fills half in 500 us. The cap stands; sized by the 285 us asked for, it
+        // would have fallen to 131 us, below which every datagram wakes the daemon.
+        cap.after_timer_drain(101 * MS, 1_092_540, 557, 513);
+        assert_eq!(cap.apply(101 * MS, Some(1_600_000)), Some(285_236));
+        // A burst that does come faster still shortens it.
+        cap.after_timer_drain(102 * MS, 400_000, 557, 513);
+        assert_eq!(
+            cap.apply(102 * MS, Some(1_600_000)),
+            Some(USERSPACE_MIN_INTERVAL_NS)
+        );
     }
 
     #[test]
