@@ -39,18 +39,9 @@ fn honest_agents_keep_every_beat(datapath: &str, flood: Flood) {
         builder.start()
     };
     let socket = d.socket.to_str().unwrap().to_owned();
-    let honest: Vec<Proc> = (0..HONEST)
-        .map(|_| sender(&socket, &["pace", HONEST_BEATS, "100"]))
-        .collect();
-    let beats = |pid: u32| format!("varta_beats_total{{pid=\"{pid}\"}}");
-    // Tracked before the flood starts: established agents.
-    for h in &honest {
-        d.wait_metric(&beats(h.pid()), 1.0, Duration::from_secs(10));
-    }
+    let honest = established_agents(&d, "pace");
     let flooders: Vec<Proc> = match flood {
-        Flood::Processes => (0..256)
-            .map(|_| sender(&socket, &["flood", "0", "2000"]))
-            .collect(),
+        Flood::Processes => flood_of_256(&socket),
         Flood::Churn => (0..4)
             .map(|_| sender(&socket, &["churn", "0", "2000"]))
             .collect(),
@@ -77,6 +68,28 @@ fn honest_agents_keep_every_beat(datapath: &str, flood: Flood) {
         + m["varta_frames_dropped_total{reason=\"rate_per_pid\"}"]
         + m["varta_frames_dropped_total{reason=\"capacity\"}"];
     assert!(limited > 0.0, "the flood of {flood_sent} was never limited");
+}
+
+/// [`HONEST`] agents sending [`HONEST_BEATS`] beats 100 ms apart in `mode` (`pace` blocks
+/// on a full queue, `beat` does not, as the upstream clients), each tracked before the flood
+/// starts: established agents.
+fn established_agents(d: &Daemon, mode: &str) -> Vec<Proc> {
+    let socket = d.socket.to_str().unwrap();
+    let honest: Vec<Proc> = (0..HONEST)
+        .map(|_| sender(socket, &[mode, HONEST_BEATS, "100"]))
+        .collect();
+    for h in &honest {
+        let beats = format!("varta_beats_total{{pid=\"{}\"}}", h.pid());
+        d.wait_metric(&beats, 1.0, Duration::from_secs(10));
+    }
+    honest
+}
+
+/// 256 processes beating valid frames of their own pids as fast as they can for 2 s.
+fn flood_of_256(socket: &str) -> Vec<Proc> {
+    (0..256)
+        .map(|_| sender(socket, &["flood", "0", "2000"]))
+        .collect()
 }
 
 /// Every beat the honest agent `pid` sent (`sent`, queued) is counted, and it stalled only
@@ -151,17 +164,8 @@ fn nonblocking_agents_keep_their_beats_through_a_valid_flood_userspace_needs_roo
             .args(["--threshold-ms", "1000"])
             .start()
     };
-    let socket = d.socket.to_str().unwrap().to_owned();
-    let honest: Vec<Proc> = (0..HONEST)
-        .map(|_| sender(&socket, &["beat", HONEST_BEATS, "100"]))
-        .collect();
-    let beats = |pid: u32| format!("varta_beats_total{{pid=\"{pid}\"}}");
-    for h in &honest {
-        d.wait_metric(&beats(h.pid()), 1.0, Duration::from_secs(10));
-    }
-    let flooders: Vec<Proc> = (0..256)
-        .map(|_| sender(&socket, &["flood", "0", "2000"]))
-        .collect();
+    let honest = established_agents(&d, "beat");
+    let flooders = flood_of_256(d.socket.to_str().unwrap());
     let attempted = HONEST as u64 * HONEST_BEATS.parse::<u64>().unwrap();
     let mut queued = 0;
     for h in honest {
