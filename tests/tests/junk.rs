@@ -14,9 +14,17 @@ use varta_e2e::{
 
 #[test]
 fn junk_flood_is_dropped_in_the_kernel_and_sampled_on_the_userspace_datapath() {
-    let d = Daemon::builder("junk-classic", "userspace")
-        .args(["--threshold-ms", "1000"])
-        .start();
+    // As root, the queue of 513 the systemd unit and the overlay give the socket (read by
+    // the kernel when the socket is made; put back once the daemon runs): what the exact
+    // filter let up is still queued when the flood switches it to sampling, each frame
+    // then counted as one, not as a sample.
+    let d = {
+        let _qlen = varta_e2e::is_root()
+            .then(|| varta_e2e::Sysctl::set("/proc/sys/net/unix/max_dgram_qlen", 512).unwrap());
+        Daemon::builder("junk-classic", "userspace")
+            .args(["--threshold-ms", "1000"])
+            .start()
+    };
     d.wait_log_all(
         &[
             "event=classic_filter_attached",
@@ -52,9 +60,11 @@ fn junk_flood_is_dropped_in_the_kernel_and_sampled_on_the_userspace_datapath() {
     );
     assert_eq!(d.metric("varta_junk_sample_one_in"), 1024.0);
     // Exact until the switch, then each sample counts for 1,024: an estimate of the flood.
+    // ~195 samples of 1,024 (a standard deviation of ~7 %) and the exact count before.
     let estimate = d.metric("varta_decode_errors_total{kind=\"bad_crc\"}");
+    println!("{estimate} bad-CRC frames estimated out of {sent}");
     assert!(
-        estimate > sent as f64 / 3.0 && estimate < sent as f64 * 3.0,
+        estimate > sent as f64 * 0.6 && estimate < sent as f64 * 1.4,
         "{estimate} bad-CRC frames estimated out of {sent}"
     );
     assert_eq!(d.count_logs(&["event=stall"]), 0, "{}", d.log_text());

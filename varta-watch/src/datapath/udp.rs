@@ -37,14 +37,14 @@ pub struct UdpReceiver {
 /// after each drain that took any: the queue overflows only while full, and the drain that
 /// follows takes what filled it) into `queue_full` drops: what it dropped, less what the
 /// classic filter refused meanwhile (nothing while junk is counted exactly; while it is
-/// sampled, each junk sample drained stands for `junk_scale - 1` refused: an estimate then,
-/// as the junk counts are). SO_RXQ_OVFL would carry the count with the datagrams, but
+/// sampled, each junk sample drained stands for its scale less one refused: an estimate
+/// then, as the junk counts are). SO_RXQ_OVFL would carry the count with the datagrams, but
 /// Linux 6.18 sends no such message for UDP.
 struct Overflow {
     /// The count when last read.
     last: u32,
-    /// Junk samples drained since.
-    junk_since: u64,
+    /// Junk frames the classic filter refused since, as the samples drained estimate them.
+    junk_refused: u64,
 }
 
 impl UdpReceiver {
@@ -70,7 +70,7 @@ impl UdpReceiver {
         let last = crate::sys::sock::kernel_drops(self.socket().as_fd())?;
         self.overflow = Some(Overflow {
             last,
-            junk_since: 0,
+            junk_refused: 0,
         });
         Ok(())
     }
@@ -144,9 +144,9 @@ impl UdpReceiver {
                     }),
                     // What the classic filter may sample (userspace datapath).
                     Err(reason @ DropReason::Decode(_)) => {
-                        drops.add_junk(reason);
+                        let scale = drops.add_junk(reason, at);
                         if let Some(o) = overflow.as_mut() {
-                            o.junk_since += 1;
+                            o.junk_refused += scale - 1;
                         }
                     }
                     Err(reason) => drops.add(reason),
@@ -158,8 +158,7 @@ impl UdpReceiver {
             && let Ok(count) = crate::sys::sock::kernel_drops(self.socket.get_ref().as_fd())
         {
             let dropped = u64::from(count.wrapping_sub(o.last));
-            let refused =
-                std::mem::take(&mut o.junk_since) * self.drops.junk_scale().saturating_sub(1);
+            let refused = std::mem::take(&mut o.junk_refused);
             o.last = count;
             self.drops.add_queue_full(dropped.saturating_sub(refused));
         }

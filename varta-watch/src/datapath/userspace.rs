@@ -171,7 +171,7 @@ struct JunkCounting {
     sample_one_in: u32,
     sampling: bool,
     window_start: std::time::Instant,
-    seen_at_start: u64,
+    counted_at_start: u64,
     quiet_windows: u32,
 }
 
@@ -193,7 +193,7 @@ impl UserspaceDatapath {
         // Exact until junk floods (an operator chasing one broken client sees each frame).
         let junk = JunkCounting::new(junk_sample_one_in);
         attach_filters(&uds, udp.as_ref(), &junk, &[]);
-        drops.set_junk_scale(junk.one_in());
+        drops.set_junk_scale(junk.one_in(), clock.now_ns());
         // Required, not best effort: the control buffer leaves room for a descriptor a
         // sender attaches when the time is not there (`sys::recv`).
         sock::stamp_arrivals(uds.as_fd())?;
@@ -229,8 +229,8 @@ impl UserspaceDatapath {
         if j.sample_one_in <= 1 {
             return;
         }
-        let seen = self.drops.junk_seen();
-        let per_window = (seen - j.seen_at_start) * self.drops.junk_scale();
+        let counted = self.drops.junk_counted();
+        let per_window = counted - j.counted_at_start;
         let flooding = !j.sampling && per_window > JUNK_FLOOD;
         let elapsed = j.window_start.elapsed();
         if elapsed < JUNK_WINDOW && !flooding {
@@ -238,7 +238,7 @@ impl UserspaceDatapath {
         }
         let per_s = per_window * 1000 / (elapsed.as_millis() as u64).max(1);
         j.window_start = std::time::Instant::now();
-        j.seen_at_start = seen;
+        j.counted_at_start = counted;
         let switch = if j.sampling {
             j.quiet_windows = if per_window < JUNK_QUIET {
                 j.quiet_windows + 1
@@ -254,7 +254,7 @@ impl UserspaceDatapath {
             j.sampling = sampling;
             j.quiet_windows = 0;
             attach_filters(self.uds.get_ref(), self.udp.as_ref(), j, &self.deny.pids());
-            self.drops.set_junk_scale(j.one_in());
+            self.drops.set_junk_scale(j.one_in(), self.clock.now_ns());
             event!(
                 info,
                 "junk_counting",
@@ -298,7 +298,7 @@ impl UserspaceDatapath {
                         }
                         // What the classic filter may sample.
                         Err(reason @ (DropReason::Length | DropReason::Decode(_))) => {
-                            drops.add_junk(reason)
+                            drops.add_junk(reason, at);
                         }
                         Err(reason) => drops.add(reason),
                     }
@@ -473,7 +473,7 @@ impl JunkCounting {
             sample_one_in,
             sampling: false,
             window_start: std::time::Instant::now(),
-            seen_at_start: 0,
+            counted_at_start: 0,
             quiet_windows: 0,
         }
     }

@@ -53,8 +53,14 @@ pub struct DropCounters {
     /// filter lets every junk frame up (exact counts), its sample rate while it samples
     /// (the counts are then estimates; `varta_junk_sample_one_in` says which).
     junk_scale: AtomicU64,
-    /// Junk frames that reached the daemon, for the datapath to measure the junk rate.
-    junk_seen: AtomicU64,
+    /// The scale before the last switch, and when the switch took effect (the datapath's
+    /// clock): the frames the previous filter let up may still be queued then, and each
+    /// stands for what that filter said (one frame, exact; or a sample of `one_in`).
+    junk_scale_before: AtomicU64,
+    junk_scale_since_ns: AtomicU64,
+    /// Junk frames counted, samples as what they stand for: the datapath measures the junk
+    /// rate with it.
+    junk_counted: AtomicU64,
     /// UDP datagrams the kernel dropped with the socket's receive queue full (userspace
     /// datapath): `varta_frames_dropped_total{reason="queue_full"}`.
     queue_full: AtomicU64,
@@ -67,7 +73,9 @@ impl Default for DropCounters {
         DropCounters {
             counts: std::array::from_fn(|_| AtomicU64::new(0)),
             junk_scale: AtomicU64::new(1),
-            junk_seen: AtomicU64::new(0),
+            junk_scale_before: AtomicU64::new(1),
+            junk_scale_since_ns: AtomicU64::new(0),
+            junk_counted: AtomicU64::new(0),
             queue_full: AtomicU64::new(0),
             denied: AtomicU64::new(0),
         }
@@ -93,10 +101,18 @@ impl DropCounters {
     }
 
     /// A frame the classic filter (userspace datapath) lets up only as a sample when it
-    /// samples: counted as the frames it stands for.
-    pub fn add_junk(&self, reason: DropReason) {
-        self.add_n(reason, self.junk_scale.load(Ordering::Relaxed));
-        self.junk_seen.fetch_add(1, Ordering::Relaxed);
+    /// samples, queued by the kernel at `arrived_ns`: counted as the frames it stands for
+    /// under the filter that let it up (the one before the last switch if it arrived
+    /// before), which this returns.
+    pub fn add_junk(&self, reason: DropReason, arrived_ns: u64) -> u64 {
+        let scale = if arrived_ns < self.junk_scale_since_ns.load(Ordering::Relaxed) {
+            self.junk_scale_before.load(Ordering::Relaxed)
+        } else {
+            self.junk_scale.load(Ordering::Relaxed)
+        };
+        self.add_n(reason, scale);
+        self.junk_counted.fetch_add(scale, Ordering::Relaxed);
+        scale
     }
 
     pub fn add_queue_full(&self, n: u64) {
@@ -107,21 +123,52 @@ impl DropCounters {
         self.queue_full.load(Ordering::Relaxed)
     }
 
-    pub fn set_junk_scale(&self, one_in: u32) {
-        self.junk_scale
-            .store(u64::from(one_in.max(1)), Ordering::Relaxed);
+    /// The classic filter lets one junk frame in `one_in` up from `since_ns` on (the
+    /// datapath's clock, read once the filter is attached).
+    pub fn set_junk_scale(&self, one_in: u32, since_ns: u64) {
+        let before = self
+            .junk_scale
+            .swap(u64::from(one_in.max(1)), Ordering::Relaxed);
+        self.junk_scale_before.store(before, Ordering::Relaxed);
+        self.junk_scale_since_ns.store(since_ns, Ordering::Relaxed);
     }
 
     pub fn junk_scale(&self) -> u64 {
         self.junk_scale.load(Ordering::Relaxed)
     }
 
-    /// Junk frames that reached the daemon so far.
-    pub fn junk_seen(&self) -> u64 {
-        self.junk_seen.load(Ordering::Relaxed)
+    /// Junk frames counted so far, samples as what they stand for.
+    pub fn junk_counted(&self) -> u64 {
+        self.junk_counted.load(Ordering::Relaxed)
     }
 
     pub fn snapshot(&self) -> [u64; DropReason::COUNT] {
         std::array::from_fn(|i| self.counts[i].load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use varta_common::DecodeError;
+
+    use super::*;
+
+    const BAD_CRC: DropReason = DropReason::Decode(DecodeError::BadCrc);
+
+    #[test]
+    fn junk_is_counted_as_the_filter_that_let_it_up_said() {
+        let drops = DropCounters::default();
+        assert_eq!(drops.add_junk(BAD_CRC, 10), 1, "exact from the start");
+        // The filter samples from 100 on; what the exact one let up is still queued.
+        drops.set_junk_scale(1024, 100);
+        assert_eq!(drops.junk_scale(), 1024);
+        assert_eq!(drops.add_junk(BAD_CRC, 99), 1, "queued before the switch");
+        assert_eq!(drops.add_junk(BAD_CRC, 100), 1024, "a sample");
+        // Exact again from 200 on: a sample queued before still stands for 1,024.
+        drops.set_junk_scale(1, 200);
+        assert_eq!(drops.add_junk(BAD_CRC, 150), 1024);
+        assert_eq!(drops.add_junk(BAD_CRC, 201), 1);
+        assert_eq!(drops.snapshot()[BAD_CRC.index()], 1 + 1 + 1024 + 1024 + 1);
+        assert_eq!(drops.junk_counted(), 2051);
     }
 }
