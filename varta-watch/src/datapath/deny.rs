@@ -56,8 +56,9 @@ pub struct DenyList {
 
 #[derive(Debug, Clone, Copy)]
 struct Denied {
-    /// Since when its samples are counted.
-    since_ns: u64,
+    /// Since when its samples are counted: from when its filter was attached, `None` until
+    /// then (what it sent before was queued as any frame is, and is not a sample).
+    since_ns: Option<u64>,
     samples: u64,
 }
 
@@ -134,7 +135,7 @@ impl DenyList {
             self.denied.insert(
                 pid,
                 Denied {
-                    since_ns: now_ns,
+                    since_ns: None,
                     samples: 0,
                 },
             );
@@ -142,8 +143,23 @@ impl DenyList {
         }
     }
 
-    /// A frame claiming `frame_pid`, sent by `sender`, reached the daemon.
-    pub fn sample(&mut self, frame_pid: u32, sender: u32, drops: &DropCounters) -> Sample {
+    /// The classic filter denying [`Self::pids`] was attached at `now_ns`: the samples of
+    /// the pids it denies for the first time count from then on.
+    pub fn attached(&mut self, now_ns: u64) {
+        for denied in self.denied.values_mut() {
+            denied.since_ns.get_or_insert(now_ns);
+        }
+    }
+
+    /// A frame claiming `frame_pid`, sent by `sender`, queued by the kernel at
+    /// `arrived_ns`, reached the daemon.
+    pub fn sample(
+        &mut self,
+        frame_pid: u32,
+        sender: u32,
+        arrived_ns: u64,
+        drops: &DropCounters,
+    ) -> Sample {
         let Some(denied) = self.denied.get_mut(&frame_pid) else {
             return Sample::No;
         };
@@ -151,6 +167,11 @@ impl DenyList {
             self.denied.remove(&frame_pid);
             self.changed = true;
             return Sample::OtherSender;
+        }
+        // Queued before its filter was attached: any frame, not one standing for 1,024 (a
+        // queue of 513 such frames counted as samples added half a million drops).
+        if denied.since_ns.is_none_or(|since| arrived_ns < since) {
+            return Sample::No;
         }
         denied.samples += 1;
         let dropped = u64::from(DENIED_SAMPLE_ONE_IN - 1);
@@ -171,12 +192,15 @@ impl DenyList {
         let over = u64::from(self.rate) * u64::from(DENY_OVER_RATE);
         let before = self.denied.len();
         self.denied.retain(|_, d| {
-            if now_ns.saturating_sub(d.since_ns) < WINDOW_NS {
+            let Some(since_ns) = d.since_ns else {
+                return true;
+            };
+            if now_ns.saturating_sub(since_ns) < WINDOW_NS {
                 return true;
             }
             let flooding = d.samples * u64::from(DENIED_SAMPLE_ONE_IN) >= over;
             *d = Denied {
-                since_ns: now_ns,
+                since_ns: Some(now_ns),
                 samples: 0,
             };
             flooding
@@ -244,23 +268,51 @@ mod tests {
             list.refused(8, i * 10_000);
         }
         let _ = change(&mut list);
+        list.attached(MS);
         // Samples standing for 1,000 frames in the window (10x) keep it denied...
         let keep = u64::from(100 * DENY_OVER_RATE).div_ceil(u64::from(DENIED_SAMPLE_ONE_IN));
         for _ in 0..keep {
-            assert_eq!(list.sample(8, 8, &drops), Sample::Yes);
+            assert_eq!(list.sample(8, 8, 2 * MS, &drops), Sample::Yes);
         }
         let dropped = drops.snapshot()[DropReason::RatePerPid.index()];
         assert_eq!(dropped, keep * u64::from(DENIED_SAMPLE_ONE_IN - 1));
         list.judge(WINDOW_NS / 2);
         list.judge(WINDOW_NS + 10 * MS);
+        let t = WINDOW_NS + 20 * MS;
         assert_eq!(change(&mut list), None);
         // ...one fewer in the next window does not.
         for _ in 1..keep {
-            list.sample(8, 8, &drops);
+            list.sample(8, 8, t, &drops);
         }
         list.judge(2 * WINDOW_NS + 10 * MS);
         assert_eq!(change(&mut list), Some(vec![]));
-        assert_eq!(list.sample(8, 8, &drops), Sample::No);
+        assert_eq!(list.sample(8, 8, t, &drops), Sample::No);
+    }
+
+    #[test]
+    fn what_a_denied_sender_queued_before_its_filter_is_no_sample() {
+        let (mut list, drops) = (DenyList::new(100), DropCounters::default());
+        for i in 0..=DENY_AFTER as u64 {
+            list.refused(8, i * 10_000);
+        }
+        let _ = change(&mut list);
+        assert_eq!(list.sample(8, 8, MS, &drops), Sample::No, "no filter yet");
+        list.attached(5 * MS);
+        assert_eq!(
+            list.sample(8, 8, 4 * MS, &drops),
+            Sample::No,
+            "queued before"
+        );
+        assert_eq!(list.sample(8, 8, 5 * MS, &drops), Sample::Yes);
+        let dropped = drops.snapshot()[DropReason::RatePerPid.index()];
+        assert_eq!(dropped, u64::from(DENIED_SAMPLE_ONE_IN - 1));
+        // Another denial later leaves the first one's start as it was.
+        for i in 0..=DENY_AFTER as u64 {
+            list.refused(9, 6 * MS + i * 10_000);
+        }
+        list.attached(7 * MS);
+        assert_eq!(list.sample(8, 8, 6 * MS, &drops), Sample::Yes);
+        assert_eq!(list.sample(9, 9, 6 * MS, &drops), Sample::No);
     }
 
     #[test]
@@ -272,7 +324,7 @@ mod tests {
             }
         }
         assert_eq!(change(&mut list), Some(vec![8, 9]));
-        assert_eq!(list.sample(8, 4321, &drops), Sample::OtherSender);
+        assert_eq!(list.sample(8, 4321, 0, &drops), Sample::OtherSender);
         list.forget(9);
         assert_eq!(change(&mut list), Some(vec![]));
     }

@@ -254,6 +254,7 @@ impl UserspaceDatapath {
             j.sampling = sampling;
             j.quiet_windows = 0;
             attach_filters(self.uds.get_ref(), self.udp.as_ref(), j, &self.deny.pids());
+            self.deny.attached(self.clock.now_ns());
             self.drops.set_junk_scale(j.one_in(), self.clock.now_ns());
             event!(
                 info,
@@ -293,7 +294,7 @@ impl UserspaceDatapath {
                     });
                     match beat {
                         Ok(beat) => {
-                            deny.sample(beat.frame.pid, beat.pid, drops);
+                            deny.sample(beat.frame.pid, beat.pid, at, drops);
                             out.push(beat)
                         }
                         // What the classic filter may sample.
@@ -355,6 +356,7 @@ impl UserspaceDatapath {
         let denied = self.deny.pids();
         self.drops.set_denied(denied.len());
         attach_filters(self.uds.get_ref(), None, &self.junk, &denied);
+        self.deny.attached(self.clock.now_ns());
     }
 
     /// Whether a socket still holds what its last drain's budget left.
