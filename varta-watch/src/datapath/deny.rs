@@ -238,6 +238,13 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
+    /// `pid` refused at 100,000 a second from `from_ns` on, past the bucket's depth.
+    fn refused_past_the_limit(list: &mut DenyList, pid: u32, from_ns: u64) {
+        for i in 0..=u64::from(DENY_AFTER) {
+            list.refused(pid, from_ns + i * 10_000);
+        }
+    }
+
     /// The denied pids, if they changed since the last call.
     fn change(list: &mut DenyList) -> Option<Vec<u32>> {
         list.take_change().then(|| list.pids())
@@ -253,9 +260,7 @@ mod tests {
         assert_eq!(change(&mut list), None);
         // Faster: denied past the bucket's depth.
         let t = 3000 * MS;
-        for i in 0..=DENY_AFTER as u64 {
-            list.refused(8, t + i * 10_000);
-        }
+        refused_past_the_limit(&mut list, 8, t);
         assert_eq!(change(&mut list), Some(vec![8]));
         assert_eq!(change(&mut list), None);
         assert_eq!(list.handled(), 1000 + u64::from(DENY_AFTER) + 1);
@@ -264,9 +269,7 @@ mod tests {
     #[test]
     fn a_denied_sender_is_let_back_when_its_samples_slow() {
         let (mut list, drops) = (DenyList::new(100), DropCounters::default());
-        for i in 0..=DENY_AFTER as u64 {
-            list.refused(8, i * 10_000);
-        }
+        refused_past_the_limit(&mut list, 8, 0);
         let _ = change(&mut list);
         list.attached(MS);
         // Samples standing for 1,000 frames in the window (10x) keep it denied...
@@ -292,9 +295,7 @@ mod tests {
     #[test]
     fn what_a_denied_sender_queued_before_its_filter_is_no_sample() {
         let (mut list, drops) = (DenyList::new(100), DropCounters::default());
-        for i in 0..=DENY_AFTER as u64 {
-            list.refused(8, i * 10_000);
-        }
+        refused_past_the_limit(&mut list, 8, 0);
         let _ = change(&mut list);
         assert_eq!(list.sample(8, 8, MS, &drops), Sample::No, "no filter yet");
         list.attached(5 * MS);
@@ -307,9 +308,7 @@ mod tests {
         let dropped = drops.snapshot()[DropReason::RatePerPid.index()];
         assert_eq!(dropped, u64::from(DENIED_SAMPLE_ONE_IN - 1));
         // Another denial later leaves the first one's start as it was.
-        for i in 0..=DENY_AFTER as u64 {
-            list.refused(9, 6 * MS + i * 10_000);
-        }
+        refused_past_the_limit(&mut list, 9, 6 * MS);
         list.attached(7 * MS);
         assert_eq!(list.sample(8, 8, 6 * MS, &drops), Sample::Yes);
         assert_eq!(list.sample(9, 9, 6 * MS, &drops), Sample::No);
@@ -319,9 +318,7 @@ mod tests {
     fn another_sender_claiming_the_pid_or_its_exit_lifts_the_denial() {
         let (mut list, drops) = (DenyList::new(100), DropCounters::default());
         for pid in [8, 9] {
-            for i in 0..=DENY_AFTER as u64 {
-                list.refused(pid, i * 10_000);
-            }
+            refused_past_the_limit(&mut list, pid, 0);
         }
         assert_eq!(change(&mut list), Some(vec![8, 9]));
         assert_eq!(list.sample(8, 4321, 0, &drops), Sample::OtherSender);
