@@ -253,9 +253,8 @@ impl UserspaceDatapath {
             let sampling = !j.sampling;
             j.sampling = sampling;
             j.quiet_windows = 0;
-            attach_filters(self.uds.get_ref(), self.udp.as_ref(), j, &self.deny.pids());
-            self.deny.attached(self.clock.now_ns());
-            self.drops.set_junk_scale(j.one_in(), self.clock.now_ns());
+            let since = self.refilter(true);
+            self.drops.set_junk_scale(self.junk.one_in(), since);
             event!(
                 info,
                 "junk_counting",
@@ -350,13 +349,22 @@ impl UserspaceDatapath {
     /// changed (once for all the refusals of a round).
     fn apply_denials(&mut self) {
         self.deny.judge(self.clock.now_ns());
-        if !self.deny.take_change() {
-            return;
+        if self.deny.take_change() {
+            self.refilter(false);
         }
+    }
+
+    /// Attaches the Unix socket's classic filter (and with `udp` the UDP socket's) for the
+    /// junk counting and the denials now in force; returns when it took effect: a frame
+    /// queued before was let up by the filter before.
+    fn refilter(&mut self, udp: bool) -> u64 {
         let denied = self.deny.pids();
         self.drops.set_denied(denied.len());
-        attach_filters(self.uds.get_ref(), None, &self.junk, &denied);
-        self.deny.attached(self.clock.now_ns());
+        let udp = if udp { self.udp.as_ref() } else { None };
+        attach_filters(self.uds.get_ref(), udp, &self.junk, &denied);
+        let since = self.clock.now_ns();
+        self.deny.attached(since);
+        since
     }
 
     /// Whether a socket still holds what its last drain's budget left.
