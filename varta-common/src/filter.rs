@@ -64,8 +64,9 @@ pub mod map {
     pub const BUCKETS: &str = "VARTA_BUCKETS";
     /// `Array<Bucket>`, one entry: the global bucket.
     pub const GLOBAL: &str = "VARTA_GLOBAL";
-    /// `HashMap<u64 agent key, u8>`: agents the daemon tracks, written only by the daemon;
-    /// the global bucket does not apply to them (`ratelimit::global_applies`).
+    /// `HashMap<u64 agent key, Tracked>`: agents the daemon tracks, written by the daemon
+    /// (the kernel counts held beats in entries it marked so); the global bucket does not
+    /// apply to them (`ratelimit::global_applies`).
     pub const TRACKED: &str = "VARTA_TRACKED";
     pub const ALL: [&str; 7] = [CONFIG, DROPS, EVENTS, VERDICTS, BUCKETS, GLOBAL, TRACKED];
 }
@@ -78,7 +79,9 @@ pub mod map {
 /// 4: `DropReason::Auth` and `DropReason::Decrypt` (two more drop counters).
 /// 5: [`BeatRecord::start_ticks`] (the sender's start time, was padding), two more
 /// [`TaskOffsets`].
-pub const LAYOUT_VERSION: u32 = 5;
+/// 6: [`map::TRACKED`] holds a [`Tracked`] (routine beats kept out of the ring, `wakeup` rule
+/// 6), [`FilterConfig::hold_routine`].
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Where the maps are pinned unless `--bpf-pin-dir` says otherwise (a bpffs, mounted by the
 /// daemon when absent).
@@ -115,6 +118,42 @@ pub const BUCKET_ENTRIES: u32 = 16384;
 /// Most tracked agents the kernel knows as such (the daemon's `--tracker-capacity` above
 /// this: the agents beyond it are charged to the global bucket like new senders).
 pub const TRACKED_ENTRIES: u32 = 65536;
+/// [`Tracked::state`]: the daemon tracks the agent.
+pub const TRACKED: u8 = 1;
+/// [`Tracked::state`]: the daemon tracks the agent, watches its process's exit (upon which it
+/// sets [`TRACKED`] again: a pid is reused only after its process exited), and wrote the
+/// entry from a beat the kernel attested after the watch began: the kernel holds the
+/// agent's routine beats (`wakeup` rule 6) without attesting each again.
+pub const TRACKED_EXIT_WATCHED: u8 = 2;
+
+/// An agent the daemon tracks, in [`map::TRACKED`]. The daemon writes whole entries; the
+/// kernel writes into an entry only in state [`TRACKED_EXIT_WATCHED`]: the last beat's
+/// nonce and status (any beat it accepts) and the routine beats it holds (`wakeup` rule 6),
+/// which the daemon folds in from here. A flood cannot push an entry out (the map is no
+/// LRU: only the daemon adds and removes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tracked {
+    /// [`TRACKED`] or [`TRACKED_EXIT_WATCHED`].
+    pub state: u8,
+    /// The last accepted beat's status (`Status` as on the wire).
+    pub status: u8,
+    /// The attested sender lives in another pid namespace than the observer.
+    pub cross_namespace: u8,
+    pub _pad: u8,
+    /// The pid the attested sender frames (for its key, its host tgid, the only one
+    /// `attest::decide` lets it frame).
+    pub frame_pid: u32,
+    /// The last accepted beat's nonce.
+    pub nonce: u64,
+    /// Receive time (`FilterConfig::clock`) of the last held beat (0: none).
+    pub last_ns: u64,
+    /// Routine beats held since the daemon wrote the entry.
+    pub held: u64,
+    /// When the daemon wrote the entry (its clock): tells an entry written again (`held`
+    /// restarted) from the one it read before.
+    pub since_ns: u64,
+}
 /// A pending verification that got no verdict is asked again after this long.
 pub const VERIFY_RETRY_NS: u64 = 1_000_000_000;
 
@@ -193,6 +232,10 @@ pub struct FilterConfig {
     pub clock: u32,
     /// What the UDP program accepts: [`UDP_PLAINTEXT`] and [`UDP_SECURE`] bits (0: no UDP).
     pub udp_accept: u32,
+    /// Non-zero: routine beats of exit-watched agents stay in their buckets (`wakeup` rule
+    /// 6); zero when every beat must reach the daemon (the export file has a line per beat).
+    pub hold_routine: u32,
+    pub _pad: u32,
     /// Where [`Attest::TaskRead`] finds the sender's identity (zero with the other method).
     pub task: TaskOffsets,
 }
@@ -236,7 +279,8 @@ pub struct Verdict {
 /// Per-agent and global token bucket state: the virtual clock of
 /// [`crate::ratelimit::Limit`] (zero is a full bucket). A per-agent bucket also holds the
 /// agent's last beat the program handed to the daemon (`last_ns` zero: none yet), so that a
-/// daemon starting on pinned maps knows every agent's last beat even when it never saw it.
+/// daemon starting on pinned maps knows every agent's last beat even when it never saw it
+/// (a held beat's is in [`Tracked::last_ns`]).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Bucket {
@@ -270,6 +314,8 @@ mod pod {
     unsafe impl aya::Pod for super::Verdict {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Bucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Tracked {}
 }
 
 #[cfg(test)]

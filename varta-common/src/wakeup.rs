@@ -11,8 +11,9 @@
 //! 2. **Daemon, drain timer** ([`DRAIN_INTERVAL_MS`]): ordinary beats wait in the ring at most
 //!    this long, and only while some agent is watched for a stall; with none watched the
 //!    timer is off and an idle daemon sleeps until an urgent record.
-//! 3. **Daemon, before every stall decision**: the ring is drained first, so a beat waiting in
-//!    it never causes a false stall.
+//! 3. **Daemon, before every stall decision**: the ring is drained first and the beats held
+//!    in the kernel (rule 6) folded in, so a beat waiting in either never causes a false
+//!    stall.
 //! 4. **Feedback**: when an agent stalls or exits, the daemon removes its bucket from the
 //!    kernel, so that agent's next beat is a first beat again (rule 1) and ends the stall
 //!    without waiting for the timer.
@@ -30,9 +31,22 @@
 //!    interval (below two thirds of the shortest, every datagram wakes the daemon again).
 //!    Rule 3 holds: the socket is drained before every stall decision.
 //!
-//! The filter applies rule 1 through [`wake_now`]; `varta-watch`'s eBPF datapath applies rules
-//! 2 to 4, driven by the main loop's `set_watching`, `drain` and `agent_silent` calls; its
-//! userspace datapath applies rule 5 (and 3).
+//! 6. **Kernel, routine beats of a watched agent** ([`hold`]): not put in the ring at all. A
+//!    beat whose status is its agent's last and not Critical, with a later nonce, from the
+//!    sender attested before (its host tgid and frame pid), of an agent the daemon tracks
+//!    and whose exit it watches (`filter::TRACKED_EXIT_WATCHED`, set by the daemon from a
+//!    beat the kernel attested after the watch began, taken back when the process exits or
+//!    the agent stalls, so a reused pid never inherits it and a resume comes through the
+//!    ring), is counted in the agent's `filter::Tracked` entry with its nonce and receive
+//!    time. The daemon folds them in (reads the entries and takes their beats as one) every
+//!    [`FOLD_INTERVAL_MS`] and before every stall decision (rule 3); anything else about a
+//!    beat goes through the ring as before. Not while the export file is written (a line
+//!    per beat) and not for UDP senders (nothing attested to keep).
+//!
+//! The filter applies rules 1 and 6 through [`wake_now`] and [`hold`]; `varta-watch`'s eBPF
+//! datapath applies rules 2 to 4 and folds rule 6's beats, driven by the main loop's
+//! `set_watching`, `drain` and `agent_silent` calls; its userspace datapath applies rule 5
+//! (and 3).
 
 use crate::frame::Status;
 
@@ -55,6 +69,18 @@ pub fn wake_now(
         unread > size / 4
     }
 }
+
+/// Rule 6: whether a beat of an agent the kernel knows (its last beat's status and nonce) is
+/// routine, so that it may stay in the kernel: the same status, not Critical, and a later
+/// nonce (anything the tracker would take as more than a beat goes through the ring).
+#[inline(always)]
+pub fn hold(status: Status, nonce: u64, last_status: u8, last_nonce: u64) -> bool {
+    !matches!(status, Status::Critical) && status as u8 == last_status && nonce > last_nonce
+}
+
+/// Rule 6: how often the daemon folds in the beats the kernel holds, for the metrics (stall
+/// decisions fold them in first anyway).
+pub const FOLD_INTERVAL_MS: u64 = 1000;
 
 /// Rule 5: whether a beat the userspace datapath received needs the daemon at once.
 /// `known` is the status of the sender's last beat when it was seen since it last went
@@ -164,6 +190,23 @@ impl BurstCap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_later_beat_of_the_same_quiet_status_is_held() {
+        assert!(hold(Status::Ok, 8, Status::Ok as u8, 7));
+        assert!(hold(Status::Degraded, 8, Status::Degraded as u8, 7));
+        assert!(!hold(Status::Degraded, 8, Status::Ok as u8, 7), "a change");
+        assert!(
+            !hold(Status::Critical, 8, Status::Critical as u8, 7),
+            "a panic frame"
+        );
+        assert!(!hold(Status::Ok, 7, Status::Ok as u8, 7), "a replay");
+        assert!(!hold(Status::Ok, 1, Status::Ok as u8, 9), "a restart");
+        assert!(
+            !hold(Status::Ok, 2, Status::Ok as u8, u64::MAX - 1),
+            "a wrap"
+        );
+    }
 
     #[test]
     fn urgent_beats_are_new_critical_or_a_status_change() {

@@ -68,6 +68,9 @@ fn read_u64(at: *const u8) -> u64 {
 
 pub trait Attest {
     fn sender(cfg: &FilterConfig) -> Result<Sender, DropReason>;
+    /// The sender's host tgid alone, cheaper than [`Attest::sender`]: its agent's key, under
+    /// which the daemon may have recorded it as attested (`wakeup` rule 6).
+    fn host_tgid(cfg: &FilterConfig) -> Option<u32>;
 }
 
 /// Linux 6.10 and later: the pid helpers, which know pid namespaces themselves (the task is
@@ -94,6 +97,11 @@ impl Attest for PidTgidHelper {
             observer_tgid: same_ns.then_some(ns.tgid),
             start_ticks: start_ticks(cfg, pid_tgid as u32 == host_tgid),
         })
+    }
+
+    #[inline(always)]
+    fn host_tgid(_cfg: &FilterConfig) -> Option<u32> {
+        Some((bpf_get_current_pid_tgid() >> 32) as u32)
     }
 }
 
@@ -131,6 +139,17 @@ impl Attest for TaskRead {
             start_ticks: start_ticks(cfg, false),
         })
     }
+
+    #[inline(always)]
+    fn host_tgid(cfg: &FilterConfig) -> Option<u32> {
+        // SAFETY: helper without arguments.
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        // SAFETY: as in `sender`.
+        unsafe {
+            bpf_probe_read_kernel(task.wrapping_add(cfg.task.task_tgid as usize) as *const u32)
+        }
+        .ok()
+    }
 }
 
 /// The UDP program: its senders are known only by the pid they frame; never asked.
@@ -140,5 +159,10 @@ impl Attest for Unattested {
     #[inline(always)]
     fn sender(_cfg: &FilterConfig) -> Result<Sender, DropReason> {
         Err(DropReason::Spoof)
+    }
+
+    #[inline(always)]
+    fn host_tgid(_cfg: &FilterConfig) -> Option<u32> {
+        None
     }
 }

@@ -1,6 +1,8 @@
 //! One program per transport, both in this order (first failure wins): length, VLP v0.2
 //! decode, sender attestation (UDS only), per-agent and global token buckets, then a record in
-//! the ring buffer. `try_receive` says why a datagram is refused; `finish` counts it.
+//! the ring buffer. A routine beat of a known UDS agent takes a shorter way (`hold`): counted
+//! in its `Tracked` entry, not the ring. `try_receive` says why a datagram is refused;
+//! `finish` counts it.
 
 use core::mem::MaybeUninit;
 
@@ -21,12 +23,12 @@ use varta_common::{
     DropReason, FRAME_LEN, Frame, SECURE_FRAME_LEN, SECURE_MASTER_FRAME_LEN, attest,
     filter::{
         BUCKET_ENTRIES, BeatRecord, Bucket, CLOCK_BOOTTIME, FilterConfig, KIND_BEAT, KIND_VERIFY,
-        RING_BYTES, TRACKED_ENTRIES, TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, UDP_PLAINTEXT,
-        UDP_SECURE, VERDICT_ALLOW, VERDICT_DENY_NAMESPACE, VERDICT_ENTRIES, VERDICT_PENDING,
-        VERIFY_RETRY_NS, Verdict, agent_key,
+        RING_BYTES, TRACKED_ENTRIES, TRACKED_EXIT_WATCHED, TRANSPORT_UDP4, TRANSPORT_UDP6,
+        TRANSPORT_UDS, Tracked, UDP_PLAINTEXT, UDP_SECURE, VERDICT_ALLOW, VERDICT_DENY_NAMESPACE,
+        VERDICT_ENTRIES, VERDICT_PENDING, VERIFY_RETRY_NS, Verdict, agent_key,
     },
     frame::UDP_HEADER_LEN,
-    ratelimit::{self, Limit},
+    ratelimit::{self, Limit, TatCell},
     wakeup,
 };
 
@@ -58,10 +60,10 @@ static VARTA_BUCKETS: LruHashMap<u64, Bucket> = LruHashMap::with_max_entries(BUC
 #[map]
 static VARTA_GLOBAL: Array<Bucket> = Array::with_max_entries(1, 0);
 
-/// Agents the daemon tracks (written only by the daemon). Not preallocated: it holds as many
-/// entries as the tracker, not its maximum.
+/// Agents the daemon tracks (entries written by the daemon; see `Tracked`). Not
+/// preallocated: it holds as many entries as the tracker, not its maximum.
 #[map]
-static VARTA_TRACKED: HashMap<u64, u8> =
+static VARTA_TRACKED: HashMap<u64, Tracked> =
     HashMap::with_max_entries(TRACKED_ENTRIES, BPF_F_NO_PREALLOC);
 
 const ETH_P_IPV6: u32 = 0x86DD;
@@ -175,6 +177,22 @@ fn try_receive<A: Attest>(
         unsafe { bpf_ktime_get_ns() }
     };
 
+    let per_agent = Limit::new(cfg.per_pid_rate, cfg.per_pid_burst);
+    let global = Limit::new(cfg.global_rate, cfg.global_burst);
+    if transport == TRANSPORT_UDS
+        && cfg.hold_routine != 0
+        && let Some(host_tgid) = A::host_tgid(cfg)
+        && hold(
+            agent_key(transport, host_tgid, frame.pid),
+            &frame,
+            per_agent,
+            global,
+            now,
+        )?
+    {
+        return Ok(Accepted);
+    }
+
     let mut record_kind = KIND_BEAT;
     let (mut host_tgid, mut observer_tgid, mut start_ticks) = (0u32, 0u32, 0u32);
     if transport == TRANSPORT_UDS {
@@ -199,12 +217,13 @@ fn try_receive<A: Attest>(
     // and /proc reads than any other flood), and a sender asked again pays its own bucket.
     let mut buckets = KernelBuckets {
         found: core::ptr::null_mut(),
+        tracked: None,
     };
     let new_agent = ratelimit::admit(
         &mut buckets,
         agent_key(transport, host_tgid, frame.pid),
-        Limit::new(cfg.per_pid_rate, cfg.per_pid_burst),
-        Limit::new(cfg.global_rate, cfg.global_burst),
+        per_agent,
+        global,
         now,
     )?;
     if record_kind == KIND_VERIFY {
@@ -260,15 +279,79 @@ fn try_receive<A: Attest>(
             (TRANSPORT_UDS, tgid) => tgid,
             _ => frame.pid,
         };
-        note_last_beat(
-            &buckets,
-            agent_key(transport, host_tgid, frame.pid),
-            now,
-            pid,
-            frame.pid,
-        );
+        let key = agent_key(transport, host_tgid, frame.pid);
+        note_last_beat(&buckets, key, now, pid, frame.pid);
+        if transport == TRANSPORT_UDS {
+            note_watched_beat(key, &frame);
+        }
     }
     Ok(Accepted)
+}
+
+/// Rule 6 of `varta_common::wakeup`: a routine beat of an agent whose exit the daemon
+/// watches, from the sender attested before, is admitted and counted in the agent's
+/// `Tracked` entry, never put in the ring. `Ok(false)`: not such a beat, it takes the full
+/// path.
+#[inline(always)]
+fn hold(
+    key: u64,
+    frame: &Frame,
+    per_agent: Option<Limit>,
+    global: Option<Limit>,
+    now: u64,
+) -> Result<bool, DropReason> {
+    let Some(tracked) = VARTA_TRACKED.get_ptr_mut(key) else {
+        return Ok(false);
+    };
+    // SAFETY: a map value pointer stays valid for the whole program run; the fields are
+    // plain integers other CPUs may write meanwhile (a torn read only sends a beat the full
+    // way).
+    let (state, frame_pid, status, nonce) = unsafe {
+        (
+            (*tracked).state,
+            (*tracked).frame_pid,
+            (*tracked).status,
+            (*tracked).nonce,
+        )
+    };
+    if state != TRACKED_EXIT_WATCHED
+        || frame_pid != frame.pid
+        || !wakeup::hold(frame.status, frame.nonce, status, nonce)
+    {
+        return Ok(false);
+    }
+    // Without limits there is no bucket to charge (nor to create: held beats need none).
+    if per_agent.is_some() || global.is_some() {
+        let mut buckets = KernelBuckets {
+            found: core::ptr::null_mut(),
+            tracked: Some(true),
+        };
+        ratelimit::admit(&mut buckets, key, per_agent, global, now)?;
+    }
+    // SAFETY: as above; `held` is a naturally aligned u64, counted with an atomic add (one
+    // agent's threads may beat on several CPUs at once).
+    unsafe {
+        (*tracked).last_ns = now;
+        (*tracked).nonce = frame.nonce;
+        MapCell::new(&raw mut (*tracked).held).fetch_add(1);
+    }
+    Ok(true)
+}
+
+/// A beat of a watched agent that went through the ring: its nonce and status are what
+/// rule 6 (`hold`) compares the agent's next beats with.
+#[inline(always)]
+fn note_watched_beat(key: u64, frame: &Frame) {
+    let Some(tracked) = VARTA_TRACKED.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: a map value pointer stays valid for the whole program run.
+    unsafe {
+        if (*tracked).state == TRACKED_EXIT_WATCHED {
+            (*tracked).nonce = frame.nonce;
+            (*tracked).status = frame.status as u8;
+        }
+    }
 }
 
 /// The agent's last queued beat, in its bucket: a daemon starting on the pinned maps learns
@@ -299,6 +382,8 @@ struct KernelBuckets {
     /// The agent's bucket as `agent` found it: its last beat is noted there without a
     /// second lookup.
     found: *mut Bucket,
+    /// Whether the daemon tracks the agent, when already known.
+    tracked: Option<bool>,
 }
 
 impl ratelimit::Buckets for KernelBuckets {
@@ -326,8 +411,13 @@ impl ratelimit::Buckets for KernelBuckets {
 
     #[inline(always)]
     fn tracked(&mut self, key: u64) -> bool {
+        if let Some(tracked) = self.tracked {
+            return tracked;
+        }
         // SAFETY: a lookup whose value is only tested for presence.
-        unsafe { VARTA_TRACKED.get(&key) }.is_some()
+        let tracked = unsafe { VARTA_TRACKED.get(&key) }.is_some();
+        self.tracked = Some(tracked);
+        tracked
     }
 
     #[inline(always)]

@@ -19,9 +19,9 @@ pub struct BeatCounts {
 }
 
 impl BeatCounts {
-    pub fn add(&mut self, pid: u32, status: i64) {
+    pub fn add(&mut self, pid: u32, status: i64, count: u64) {
         let entry = self.pending.entry(pid).or_insert((0, status));
-        entry.0 += 1;
+        entry.0 += count;
         entry.1 = status;
     }
 
@@ -44,14 +44,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_run_counts_every_beat_and_keeps_the_latest_status() {
+    fn a_run_counts_every_beat_folded_or_not_and_keeps_the_latest_status() {
         let metrics = Metrics::new(Default::default(), "ebpf", "none", 16);
         let mut counts = BeatCounts::default();
         let mut series = AgentSeries::new(Default::default());
         series.admit(7, None, &metrics);
         series.admit(8, None, &metrics);
-        for (pid, status) in [(7, 0), (8, 1), (7, 2), (7, 1)] {
-            counts.add(pid, status);
+        for (pid, status, count) in [(7, 0, 1), (8, 1, 1), (7, 2, 1), (7, 1, 3)] {
+            counts.add(pid, status, count);
         }
         counts.flush(&metrics, &series);
         let get = |pid| {
@@ -61,9 +61,13 @@ mod tests {
                 metrics.status.get_or_create(&label).get(),
             )
         };
-        assert_eq!(get(7), (3, 1));
+        assert_eq!(
+            get(7),
+            (5, 1),
+            "three of them held by the kernel, folded into one"
+        );
         assert_eq!(get(8), (1, 1));
         counts.flush(&metrics, &series);
-        assert_eq!(get(7), (3, 1), "a flushed run is not counted twice");
+        assert_eq!(get(7), (5, 1), "a flushed run is not counted twice");
     }
 }

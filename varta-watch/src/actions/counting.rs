@@ -19,11 +19,14 @@ impl Actions {
     /// other event).
     pub(super) fn count(&mut self, event: &Event, now_ns: u64) {
         let m = &self.metrics;
-        let Event::Beat { pid, frame, .. } = event else {
+        let Event::Beat {
+            pid, frame, count, ..
+        } = event
+        else {
             self.beat_counts.flush(m, &self.series);
             return self.count_other(event, now_ns);
         };
-        self.beat_counts.add(*pid, frame.status as i64);
+        self.beat_counts.add(*pid, frame.status as i64, *count);
     }
 
     fn count_other(&mut self, event: &Event, now_ns: u64) {

@@ -114,6 +114,7 @@ pub struct Metrics {
     pub signals: Family<SignalLabel, Counter>,
     pub rcvbuf_bytes: Gauge,
     pub delivered: Counter,
+    pub held: Counter,
     /// The export and audit files (`sink`).
     pub files: crate::actions::sink::FileMetrics,
     kernel_drops: Arc<Mutex<Option<KernelDrops>>>,
@@ -181,6 +182,8 @@ impl Metrics {
                 "Signals handled, by signal";
             delivered: "varta_datapath_beats_delivered",
                 "Valid, attested frames the datapath handed to the daemon's pipeline";
+            held: "varta_datapath_beats_held",
+                "Of those, routine beats the eBPF filter counted in the kernel instead of queueing each";
             rcvbuf_bytes: "varta_observer_uds_rcvbuf_bytes",
                 "SO_RCVBUF the kernel granted the observer socket";
         }

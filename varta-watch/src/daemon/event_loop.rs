@@ -146,6 +146,7 @@ pub async fn serve<D: Datapath>(
     if let Some(state) = &resume.state {
         state.restore_counters(&metrics);
     }
+    datapath.restore_held_seen(resume.state.as_ref().map_or(&[], |s| &s.held));
     for saved in resume.agents {
         let (pid, origin) = (saved.agent.pid, saved.agent.origin);
         if observer.restore(saved.agent) {
@@ -281,6 +282,7 @@ impl<D: Datapath> EventLoop<'_, D> {
             |pid| self.actions.identity_of(pid),
             &self.metrics,
             self.datapath.secure_sessions(),
+            self.datapath.held_seen(),
         );
         match takeover::hand_over(request, &self.succession.fds, &state) {
             Ok(()) => {
@@ -351,16 +353,7 @@ impl<D: Datapath> EventLoop<'_, D> {
             }
             fired = self.stall_timer.wait_until(deadline.unwrap_or(0)), if deadline.is_some() => {
                 fired.context("waiting for the stall timer")?;
-                // Beats still queued count before any stall is decided; none is when the
-                // agents due beat since (their deadlines move on, nothing drained).
-                self.observer.settle(self.clock.now_ns());
-                if self
-                    .observer
-                    .next_deadline()
-                    .is_some_and(|at| at <= self.clock.now_ns())
-                {
-                    self.datapath.drain(&mut self.beats);
-                }
+                // Decided in `process`, after what the datapath holds is taken.
                 Ok(false)
             }
             finished = async { recovery.expect("guarded").finished().await }, if has_recovery => {
@@ -402,16 +395,34 @@ impl<D: Datapath> EventLoop<'_, D> {
         false
     }
 
-    /// Runs what arrived through the observer, tells the datapath what that changed, and
-    /// acts on the events.
-    fn process(&mut self) {
-        self.metrics.delivered.inc_by(self.beats.len() as u64);
+    /// Runs the beats that arrived through the observer.
+    fn admit_beats(&mut self) {
+        self.metrics
+            .delivered
+            .inc_by(self.beats.iter().map(Beat::count).sum());
+        self.metrics
+            .held
+            .inc_by(self.beats.iter().map(|b| b.held).sum());
         for beat in self.beats.drain(..) {
             if let Err(DropReason::RatePerPid) = self.observer.admit(&beat, &mut self.events) {
                 self.datapath.over_rate(&beat);
             }
         }
+    }
+
+    /// Runs what arrived through the observer, tells the datapath what that changed, and
+    /// acts on the events.
+    fn process(&mut self) {
+        self.admit_beats();
         let now = self.clock.now_ns();
+        // Rule 3 of `varta_common::wakeup`, whichever arm woke this round: what the datapath
+        // still holds (queued, or held in the kernel) is taken before any stall is decided;
+        // nothing is when the agents due beat since (their deadlines move on).
+        self.observer.settle(now);
+        if self.observer.next_deadline().is_some_and(|at| at <= now) {
+            self.datapath.drain(&mut self.beats);
+            self.admit_beats();
+        }
         self.observer.expire(now, &mut self.events);
         for event in &self.events {
             match event {
@@ -471,6 +482,7 @@ impl<D: Datapath> EventLoop<'_, D> {
             |pid| self.actions.identity_of(pid),
             &self.metrics,
             self.datapath.secure_sessions(),
+            self.datapath.held_seen(),
         );
         if let Err(e) = state.save(&self.state_path) {
             event!(

@@ -22,7 +22,7 @@ use varta_common::Status;
 use crate::{
     actions::identity::Identity,
     actions::metrics::{Metrics, OutcomeLabel, PidLabel, ReasonLabel, SignalLabel},
-    datapath::secure::SavedSession,
+    datapath::{HeldSeen, secure::SavedSession},
     observer::tracker::Restored,
     sys::{clock::ClockSource, process::StartTime},
     vocab::beat::Origin,
@@ -60,6 +60,8 @@ pub struct State {
     pub agents: Vec<SavedAgent>,
     /// `name{labels}` -> value, of every `varta_*_total` sample.
     pub counters: Vec<(String, f64)>,
+    /// How far the beats the kernel holds were counted in those counters.
+    pub held: Vec<HeldSeen>,
     /// Secure UDP replay sessions, least recently seen first: a capture replayed after a
     /// restart is refused as it was before.
     pub secure: Vec<SavedSession>,
@@ -127,6 +129,7 @@ impl State {
         identity_of: impl Fn(u32) -> Identity,
         metrics: &Metrics,
         secure: Vec<SavedSession>,
+        held: Vec<HeldSeen>,
     ) -> State {
         let agents = agents
             .map(|(&pid, a)| SavedAgent {
@@ -160,6 +163,7 @@ impl State {
             clock: clock_name(clock).to_owned(),
             agents,
             counters,
+            held,
             secure,
         }
     }
@@ -201,6 +205,12 @@ impl State {
         }
         for (sample, value) in &self.counters {
             out.push_str(&format!("counter\t{}\t{value}\n", esc(sample)));
+        }
+        for h in &self.held {
+            out.push_str(&format!(
+                "held\tkey={}\tsince_ns={}\tcount={}\n",
+                h.key, h.since_ns, h.held
+            ));
         }
         for s in &self.secure {
             out.push_str(&format!(
@@ -246,6 +256,21 @@ impl State {
                     state
                         .secure
                         .push(session.ok_or_else(|| format!("bad line: {line}"))?);
+                }
+                Some("held") => {
+                    let kv: HashMap<&str, &str> =
+                        fields.filter_map(|f| f.split_once('=')).collect();
+                    let num = |k: &str| kv.get(k)?.parse::<u64>().ok();
+                    let seen = (|| {
+                        Some(HeldSeen {
+                            key: num("key")?,
+                            since_ns: num("since_ns")?,
+                            held: num("count")?,
+                        })
+                    })();
+                    state
+                        .held
+                        .push(seen.ok_or_else(|| format!("bad line: {line}"))?);
                 }
                 Some("counter") => {
                     let (Some(sample), Some(value)) = (fields.next(), fields.next()) else {
@@ -434,6 +459,9 @@ pub enum Said {
         stalled: usize,
         from_kernel_only: usize,
         queued_beats: u64,
+        /// Routine beats the kernel held for them meanwhile (`wakeup` rule 6), not yet
+        /// counted.
+        held_beats: u64,
         state_file: String,
         pins: Option<String>,
     },
@@ -455,6 +483,7 @@ impl Said {
                 stalled,
                 from_kernel_only,
                 queued_beats,
+                held_beats,
                 state_file,
                 pins,
             } => event!(
@@ -467,6 +496,7 @@ impl Said {
                 stalled = stalled,
                 from_kernel_only = from_kernel_only,
                 queued_beats = queued_beats,
+                held_beats = held_beats,
                 state_file = state_file.as_str(),
                 pins = pins.as_deref(),
             ),
@@ -504,6 +534,12 @@ pub fn plan(
         Ok(None) => (None, "none".to_owned()),
         Err(why) => (None, format!("refused ({why})")),
     };
+    let seen: &[HeldSeen] = state.as_ref().map_or(&[], |s| &s.held);
+    let held_beats = kernel
+        .iter()
+        .filter_map(|k| k.held)
+        .map(|now| now.since(seen.iter().find(|s| s.key == now.key)))
+        .sum();
     let mut agents: Vec<SavedAgent> = state
         .as_mut()
         .map(|s| std::mem::take(&mut s.agents))
@@ -591,6 +627,7 @@ pub fn plan(
             stalled,
             from_kernel_only: from_kernel,
             queued_beats: pins.and_then(|p| p.queued).unwrap_or(0),
+            held_beats,
             state_file: state_note,
             pins: pins_dir,
         },
@@ -629,6 +666,7 @@ fn counter_carried(name: &str) -> bool {
             | "varta_agent_restarts_total"
             | "varta_nonce_wrap_total"
             | "varta_datapath_beats_delivered_total"
+            | "varta_datapath_beats_held_total"
     )
 }
 
@@ -698,6 +736,11 @@ mod tests {
                 },
             }],
             counters: vec![("varta_beats_total{pid=\"42\"}".into(), 17.0)],
+            held: vec![HeldSeen {
+                key: 42,
+                since_ns: u64::MAX,
+                held: 3,
+            }],
             secure: vec![SavedSession {
                 key: [0xfe, 1, 2, 3, 4, 5, 6, 0x80],
                 pid: 9,
@@ -720,6 +763,7 @@ mod tests {
         assert_eq!(a.agent.started, Some(StartTime(77)));
         assert_eq!(back.counters, state.counters);
         assert_eq!(back.secure, state.secure);
+        assert_eq!(back.held, state.held);
         // Another boot's file is refused.
         let other = State {
             boot_id: "another".into(),

@@ -16,6 +16,27 @@ use crate::vocab::beat::{Beat, Origin};
 /// review: a sender keeping a socket full must not hold the single event loop).
 pub const DRAIN_BUDGET: usize = 4096;
 
+/// How many of the routine beats the kernel held for one agent (`varta_common::wakeup` rule
+/// 6) were folded in: when the daemon wrote the agent's entry (`filter::Tracked::since_ns`:
+/// written again, its count starts from zero) and the entry's held count then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldSeen {
+    pub key: u64,
+    pub since_ns: u64,
+    pub held: u64,
+}
+
+impl HeldSeen {
+    /// The beats held now that `before` (an earlier reading of the same key) had not seen: an
+    /// entry written since counts from zero.
+    pub fn since(&self, before: Option<&HeldSeen>) -> u64 {
+        match before {
+            Some(b) if b.since_ns == self.since_ns => self.held.saturating_sub(b.held),
+            _ => self.held,
+        }
+    }
+}
+
 /// A receive path. `recv` waits for traffic and appends what it accepted; datagrams it
 /// refused are counted in the shared drop counters, never returned.
 pub trait Datapath {
@@ -54,6 +75,37 @@ pub trait Datapath {
     /// The secure UDP replay sessions, for the next instance (state file, handover).
     fn secure_sessions(&self) -> Vec<secure::SavedSession>;
 
+    /// How far the beats the kernel holds (`varta_common::wakeup` rule 6) were folded in,
+    /// for the next instance: it goes on from there, counting none twice.
+    fn held_seen(&self) -> Vec<HeldSeen> {
+        Vec::new()
+    }
+
+    /// What a previous instance folded in ([`Self::held_seen`]).
+    fn restore_held_seen(&mut self, _seen: &[HeldSeen]) {}
+
     /// New rate limits (SIGHUP reload).
     fn set_limits(&mut self, limits: &crate::config::Limits) -> anyhow::Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeldSeen;
+
+    #[test]
+    fn held_beats_count_from_the_last_reading_of_the_same_entry() {
+        let seen = |since_ns, held| HeldSeen {
+            key: 7,
+            since_ns,
+            held,
+        };
+        assert_eq!(seen(100, 12).since(None), 12, "never read: all of them");
+        assert_eq!(seen(100, 12).since(Some(&seen(100, 5))), 7);
+        assert_eq!(seen(100, 12).since(Some(&seen(100, 12))), 0);
+        assert_eq!(
+            seen(300, 4).since(Some(&seen(100, 12))),
+            4,
+            "written again: from zero"
+        );
+    }
 }

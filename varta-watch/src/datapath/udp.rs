@@ -141,6 +141,7 @@ impl UdpReceiver {
                         recv_ns: at,
                         rate_limited: false,
                         sender: SenderStart::Unknown,
+                        held: 0,
                     }),
                     // What the classic filter may sample (userspace datapath).
                     Err(reason @ DropReason::Decode(_)) => {

@@ -288,6 +288,7 @@ impl UserspaceDatapath {
                                 recv_ns: at,
                                 rate_limited: false,
                                 sender,
+                                held: 0,
                             },
                         )
                     });

@@ -76,6 +76,16 @@ impl Observer {
     /// Runs one beat through the gates, the rate limits and the tracker; a refused beat is
     /// counted, and why returned.
     pub fn admit(&mut self, beat: &Beat, events: &mut Vec<Event>) -> Result<(), DropReason> {
+        // Beats the kernel held for a live agent: admitted there, one by one, already.
+        if beat.held > 0 && self.tracker.fold(beat.pid, &beat.frame, beat.recv_ns) {
+            events.push(Event::Beat {
+                pid: beat.pid,
+                frame: beat.frame,
+                recv_ns: beat.recv_ns,
+                count: beat.held,
+            });
+            return Ok(());
+        }
         let admitted = self.gates.check(beat).and_then(|()| self.rate_limit(beat));
         let accepted = admitted.and_then(|()| {
             self.tracker.record_attested(
@@ -118,6 +128,7 @@ impl Observer {
             pid,
             frame,
             recv_ns: beat.recv_ns,
+            count: beat.count(),
         });
         if frame.is_panic_terminal() {
             events.push(Event::Exit {

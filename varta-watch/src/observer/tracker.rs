@@ -452,6 +452,25 @@ impl Tracker {
         Ok(outcome)
     }
 
+    /// Beats the kernel held for `pid` (`varta_common::wakeup` rule 6), `frame` the latest:
+    /// taken where they are later than what the ring brought (folded in after it, they may
+    /// not be). `false` when the agent is not live here (unknown, stalled, dead): they are
+    /// then taken like any beat.
+    pub fn fold(&mut self, pid: u32, frame: &Frame, now_ns: u64) -> bool {
+        let Some(agent) = self.agents.get_mut(&pid) else {
+            return false;
+        };
+        if agent.stalled || agent.dead {
+            return false;
+        }
+        if frame.nonce > agent.last_nonce {
+            agent.last_nonce = frame.nonce;
+            agent.status = frame.status;
+        }
+        agent.last_beat_ns = agent.last_beat_ns.max(now_ns);
+        true
+    }
+
     /// A new agent under `pid` (in place of the one there, if any).
     fn insert_new(&mut self, pid: u32, origin: Origin, sender: SenderStart) {
         let generation = self.next_generation;

@@ -235,3 +235,30 @@ fn a_full_tracker_takes_room_from_the_largest_tenant_first() {
     let by_state: Vec<_> = t.counts().iter().map(|(_, n)| *n).collect();
     assert_eq!(by_state, [3, 1, 0]);
 }
+
+#[test]
+fn beats_the_kernel_held_move_the_deadline_and_never_go_back() {
+    let mut t = Tracker::new(8, EvictionPolicy::Strict, T);
+    t.record(10, &frame(10, 5), UDS, 0).unwrap();
+    assert!(t.fold(10, &frame(10, 9), 600), "a live agent");
+    assert_eq!(stalls(&mut t, T), Vec::<u32>::new(), "its held beat at 600");
+    assert_eq!(
+        t.get(10).map(|a| (a.last_nonce, a.last_beat_ns)),
+        Some((9, 600))
+    );
+    // The ring brought a later beat before the fold was taken: nothing goes back, and the
+    // next beat of the ring is no replay.
+    t.record(10, &frame(10, 12), UDS, 900).unwrap();
+    assert!(t.fold(10, &frame(10, 11), 800));
+    assert_eq!(
+        t.get(10).map(|a| (a.last_nonce, a.last_beat_ns)),
+        Some((12, 900))
+    );
+    assert_eq!(t.record(10, &frame(10, 13), UDS, 950), Ok(Accepted::Beat));
+    assert_eq!(stalls(&mut t, 950 + T), vec![10]);
+    assert!(
+        !t.fold(10, &frame(10, 14), 2500),
+        "stalled: taken as a beat"
+    );
+    assert!(!t.fold(11, &frame(11, 2), 2500), "unknown: taken as a beat");
+}

@@ -68,6 +68,9 @@ pub struct Beat {
     /// What binds the pid to the process that beat when /proc is read later, after the pid
     /// may have been reused.
     pub sender: SenderStart,
+    /// 0: one beat. Else this many routine beats the kernel held (`varta_common::wakeup`
+    /// rule 6), folded into one: the latest's nonce, status and receive time.
+    pub held: u64,
 }
 
 /// When the sender of a beat started, as far as its datapath knows it.
@@ -94,6 +97,11 @@ impl SenderStart {
 }
 
 impl Beat {
+    /// How many beats this is.
+    pub fn count(&self) -> u64 {
+        self.held.max(1)
+    }
+
     /// The agent's key for rate limits ([`Origin::agent_key`]).
     pub fn agent_key(&self) -> u64 {
         self.origin.agent_key(self.pid)

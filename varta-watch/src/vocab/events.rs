@@ -10,11 +10,13 @@ use crate::{
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// An accepted beat, received at `recv_ns` (on the observer's clock).
+    /// An accepted beat, received at `recv_ns` (on the observer's clock); `count` beats when
+    /// the kernel held routine ones (`varta_common::wakeup` rule 6), the latest as `frame`.
     Beat {
         pid: u32,
         frame: Frame,
         recv_ns: u64,
+        count: u64,
     },
     /// An agent seen for the first time (it may have replaced an evicted one).
     NewAgent {

@@ -149,6 +149,11 @@ fn kernel_drops(g: &Guest<'_>, agent: &str, r: &mut Report) {
         }
         None => p.push("the over-rate sender did not report".into()),
     }
+    // Rule 6 of `varta_common::wakeup` on this kernel's verifier and helpers: the tracked
+    // agents' routine beats were held in the kernel, and counted when folded in.
+    if g.metric("varta_datapath_beats_held_total").unwrap_or(0.0) < 1.0 {
+        p.push("no routine beat was held in the kernel (varta_datapath_beats_held_total)".into());
+    }
     // Dropped in the kernel: every beat delivered to the daemon was accepted there, so none
     // of the spoofed, junk or over-rate frames reached it.
     let accepted: f64 = g
@@ -350,6 +355,11 @@ mod tests {
         assert!(
             spoof.problems.iter().any(|p| p.contains("spoof")),
             "{spoof:?}"
+        );
+        let none_held = judged(|l| l.replace("beats_held_total 20", "beats_held_total 0"));
+        assert!(
+            none_held.problems.iter().any(|p| p.contains("held")),
+            "{none_held:?}"
         );
         let stall = judged(|l| l.replace("event=stall pid=206", "event=stall pid=1"));
         assert!(!stall.stall && !stall.problems.is_empty());

@@ -1,10 +1,11 @@
 //! The eBPF datapath: loads the socket filters, attaches them to the observer's sockets,
 //! configures them through a map, and drains accepted beats from the ring buffer in
 //! batches. When the daemon wakes for them is `varta_common::wakeup`'s policy; rules 2 to 4
-//! of it are applied here.
+//! of it are applied here, and the routine beats the kernel holds (rule 6) folded in.
 
 mod btf;
 mod caps;
+mod held;
 mod load;
 pub mod pins;
 mod ring;
@@ -27,8 +28,8 @@ use tokio::io::unix::AsyncFd;
 use varta_common::{
     DropReason,
     filter::{
-        Attest, Bucket, CLOCK_BOOTTIME, CLOCK_MONOTONIC, FilterConfig, UDP_PLAINTEXT, UDP_SECURE,
-        Verdict, map, ring_bytes,
+        Attest, Bucket, CLOCK_BOOTTIME, CLOCK_MONOTONIC, FilterConfig, Tracked, UDP_PLAINTEXT,
+        UDP_SECURE, Verdict, map, ring_bytes,
     },
     wakeup,
 };
@@ -51,6 +52,8 @@ use crate::{
 
 /// Rule 2 of `varta_common::wakeup`.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(wakeup::DRAIN_INTERVAL_MS);
+/// Rule 6 of `varta_common::wakeup`.
+const FOLD_INTERVAL: Duration = Duration::from_millis(wakeup::FOLD_INTERVAL_MS);
 
 type Logger = AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>;
 
@@ -68,16 +71,29 @@ pub struct EbpfDatapath {
     logger: Option<Logger>,
     drops: Arc<DropCounters>,
     attestation: Attestation,
-    /// Verified senders in other pid namespaces (host tgids), until they exit.
-    foreign: HashSet<u32>,
+    /// Processes (host tgids) whose exit is watched, one watch each: verified senders in
+    /// other pid namespaces, and tracked agents whose routine beats the kernel holds.
+    watched: HashSet<u32>,
     exits: ExitWatcher,
     /// Per-agent token buckets; an agent without one is new to the kernel, and its next
     /// beat wakes the daemon.
     buckets: BpfHashMap<MapData, u64, Bucket>,
     /// The agents the tracker holds, as the kernel knows them (exempt from the global
     /// bucket), and their keys by tracked pid.
-    tracked: BpfHashMap<MapData, u64, u8>,
+    tracked: BpfHashMap<MapData, u64, Tracked>,
     tracked_keys: HashMap<u32, u64>,
+    /// Per tracked key, how far its held beats were folded in.
+    folded: HashMap<u64, super::HeldSeen>,
+    /// Held beats folded in outside a drain (a previous instance's, or an entry's about to
+    /// be written), for the next one.
+    pending: Vec<Beat>,
+    /// The daemon's clock (`Tracked::since_ns`).
+    clock: ClockSource,
+    /// Exit-watched agents whose last attested beat came before the watch began: the kernel
+    /// holds none of their beats until one came through the ring, attested since.
+    unconfirmed: HashSet<u64>,
+    /// When the beats the kernel holds are next folded in (rule 6): while any agent's are.
+    fold_at: Option<tokio::time::Instant>,
     /// Some agent is watched for a stall: ordinary beats are drained on the timer.
     watching: bool,
     /// When the drain timer (rule 2) fires: kept here, not in `recv`'s future, which is
@@ -95,7 +111,7 @@ struct Maps {
     ring: AsyncFd<RingBuf<MapData>>,
     verdicts: BpfHashMap<MapData, u32, Verdict>,
     buckets: BpfHashMap<MapData, u64, Bucket>,
-    tracked: BpfHashMap<MapData, u64, u8>,
+    tracked: BpfHashMap<MapData, u64, Tracked>,
     kernel_drops: KernelDrops,
 }
 
@@ -115,6 +131,8 @@ pub struct KernelAgent {
     /// Its last beat the kernel queued, and the pids of that beat; `None` when the kernel
     /// holds no bucket for it (its stall or exit was surfaced, or none was ever written).
     pub last: Option<(u64, u32, u32)>,
+    /// The routine beats held in its entry (rule 6), and since when.
+    pub held: Option<super::HeldSeen>,
 }
 
 impl EbpfDatapath {
@@ -182,6 +200,8 @@ impl EbpfDatapath {
             .map_err(|e| Unavailable(format!("reading /proc/self/ns/pid: {e}")))?;
         let mut filter_config = FilterConfig {
             udp_accept: udp_accept(settings),
+            // The export file has a line per beat: every beat must come up.
+            hold_routine: settings.export_file.is_none() as u32,
             ..initial_config(own_ns, clock, limits)
         };
         let mut config: Array<MapData, FilterConfig> = take_map(&mut ebpf, map::CONFIG)?;
@@ -211,11 +231,16 @@ impl EbpfDatapath {
                 logger,
                 drops,
                 attestation: Attestation::new(settings.allow_cross_namespace),
-                foreign: HashSet::new(),
+                watched: HashSet::new(),
                 exits: ExitWatcher::new(),
                 buckets: maps.buckets,
                 tracked: maps.tracked,
                 tracked_keys: HashMap::new(),
+                folded: HashMap::new(),
+                pending: Vec::new(),
+                clock,
+                unconfirmed: HashSet::new(),
+                fold_at: None,
                 watching: false,
                 drain_at: None,
                 records: Vec::new(),
@@ -224,24 +249,6 @@ impl EbpfDatapath {
             maps.kernel_drops,
             pins,
         ))
-    }
-
-    /// Every agent the pinned maps say the previous instance tracked.
-    pub fn kernel_agents(&self) -> Vec<KernelAgent> {
-        self.tracked
-            .keys()
-            .filter_map(Result::ok)
-            .map(|key| KernelAgent {
-                key,
-                transport: (key >> 32) as u8,
-                last: self
-                    .buckets
-                    .get(&key, 0)
-                    .ok()
-                    .filter(|b| b.last_ns != 0)
-                    .map(|b| (b.last_ns, b.pid, b.frame_pid)),
-            })
-            .collect()
     }
 
     /// The tracker took back `pid` (known to the kernel under `key`), or did not (`None`):
@@ -255,6 +262,21 @@ impl EbpfDatapath {
                 let _ = self.tracked.remove(&key);
             }
         }
+    }
+
+    /// Everything queued (ring, secure UDP socket, and held beats folded in already), without
+    /// what the kernel holds now.
+    fn drain_queued(&mut self, out: &mut Vec<Beat>) {
+        self.drain_at = None;
+        out.append(&mut self.pending);
+        if let Some(Err(e)) = self
+            .secure_udp
+            .as_mut()
+            .map(|udp| udp.drain(out, super::DRAIN_BUDGET))
+        {
+            event!(warn, "receive_error", transport = "udp", error:% = e);
+        }
+        self.drain_ring(out);
     }
 
     /// Secure UDP frames are read from the socket, not the ring buffer.
@@ -346,9 +368,19 @@ impl Datapath for EbpfDatapath {
                 .drain_at
                 .get_or_insert_with(|| tokio::time::Instant::now() + DRAIN_INTERVAL)
         });
+        let fold_at =
+            (self.filter_config.hold_routine != 0 && !self.watched.is_empty()).then(|| {
+                *self
+                    .fold_at
+                    .get_or_insert_with(|| tokio::time::Instant::now() + FOLD_INTERVAL)
+            });
         tokio::select! {
             tgid = self.exits.exited() => {
-                self.forget(tgid);
+                self.forget(tgid, out);
+                return Ok(());
+            }
+            () = tokio::time::sleep_until(fold_at.unwrap_or_else(tokio::time::Instant::now)), if fold_at.is_some() => {
+                self.drain(out);
                 return Ok(());
             }
             guard = self.ring.readable_mut() => guard?.clear_ready(),
@@ -362,21 +394,18 @@ impl Datapath for EbpfDatapath {
             () = tokio::time::sleep_until(drain_at.unwrap_or_else(tokio::time::Instant::now)), if drain_at.is_some() => {}
             ready = async { self.secure_udp.as_ref().expect("guarded").readable().await }, if self.secure_udp.is_some() => ready?,
         }
-        self.drain(out);
+        self.drain_queued(out);
         Ok(())
     }
 
-    /// Rule 3 of `varta_common::wakeup`: called before every stall decision.
+    /// Rule 3 of `varta_common::wakeup`: called before every stall decision. The buckets are
+    /// read before the ring: a beat they count came after every ring record of its agent's
+    /// earlier beats, so those are in this drain, and taken first.
     fn drain(&mut self, out: &mut Vec<Beat>) {
-        self.drain_at = None;
-        if let Some(Err(e)) = self
-            .secure_udp
-            .as_mut()
-            .map(|udp| udp.drain(out, super::DRAIN_BUDGET))
-        {
-            event!(warn, "receive_error", transport = "udp", error:% = e);
-        }
-        self.drain_ring(out);
+        self.fold_at = None;
+        let held = self.held_beats();
+        self.drain_queued(out);
+        out.extend(held);
     }
 
     fn set_watching(&mut self, watching: bool) {
@@ -387,15 +416,27 @@ impl Datapath for EbpfDatapath {
     }
 
     fn agent_silent(&mut self, pid: u32, origin: &Origin) {
-        // Rule 4 of `varta_common::wakeup`: its next beat is a first beat again.
-        let _ = self.buckets.remove(&origin.agent_key(pid));
+        // Rule 4 of `varta_common::wakeup`: its next beat is a first beat again, through
+        // the ring (rule 6 holds none until then).
+        let key = origin.agent_key(pid);
+        let _ = self.buckets.remove(&key);
+        if self.tracked_keys.get(&pid) == Some(&key) && self.watched.contains(&pid) {
+            let _ = self.write_tracked(pid, key, None);
+            self.unconfirmed.insert(key);
+        }
     }
 
     fn agent_tracked(&mut self, pid: u32, origin: &Origin) {
         let key = origin.agent_key(pid);
-        match self.tracked.insert(key, 1, 0) {
+        // Rule 6 of `varta_common::wakeup`, for attested agents whose exit can be watched:
+        // from their next beat through the ring on (`ring::handle`).
+        let watched = matches!(origin, Origin::Uds { .. }) && self.watch_exit(pid);
+        match self.write_tracked(pid, key, None) {
             Ok(()) => {
                 self.tracked_keys.insert(pid, key);
+                if watched {
+                    self.unconfirmed.insert(key);
+                }
             }
             // Full (a tracker above TRACKED_ENTRIES): charged to the global bucket like a
             // new sender, which only costs it beats under a flood.
@@ -406,7 +447,17 @@ impl Datapath for EbpfDatapath {
     fn agent_untracked(&mut self, pid: u32) {
         if let Some(key) = self.tracked_keys.remove(&pid) {
             let _ = self.tracked.remove(&key);
+            self.folded.remove(&key);
+            self.unconfirmed.remove(&key);
         }
+    }
+
+    fn held_seen(&self) -> Vec<super::HeldSeen> {
+        self.folded.values().copied().collect()
+    }
+
+    fn restore_held_seen(&mut self, seen: &[super::HeldSeen]) {
+        self.restore_held(seen);
     }
 
     fn secure_sessions(&self) -> Vec<super::secure::SavedSession> {

@@ -9,7 +9,7 @@ use varta_common::{
     DropReason, Frame,
     filter::{
         BeatRecord, KIND_VERIFY, TRANSPORT_UDP4, TRANSPORT_UDP6, TRANSPORT_UDS, UDP_PLAINTEXT,
-        VERDICT_ALLOW, VERDICT_DENY_NAMESPACE, Verdict,
+        VERDICT_ALLOW, VERDICT_DENY_NAMESPACE, Verdict, agent_key,
     },
 };
 
@@ -101,6 +101,10 @@ impl EbpfDatapath {
             } => rec.host_tgid,
             Origin::Udp { .. } => frame.pid,
         };
+        if rec.transport == TRANSPORT_UDS {
+            let key = agent_key(rec.transport, rec.host_tgid, frame.pid);
+            self.confirm(pid, key, &frame, &origin);
+        }
         out.push(Beat {
             pid,
             frame,
@@ -108,6 +112,7 @@ impl EbpfDatapath {
             recv_ns: rec.recv_ns,
             rate_limited: true,
             sender: SenderStart::from_record(rec.start_ticks),
+            held: 0,
         });
     }
 
@@ -140,16 +145,17 @@ impl EbpfDatapath {
         // watcher (the descriptor budget is spent) none is stored, and the sender's next
         // frame is attested here again. A sender verified before (its verdict fell out of
         // the kernel's LRU) is watched already: one watch per process.
-        if !self.foreign.contains(&tgid) && self.exits.watch(tgid, pidfd).is_err() {
-            return self
-                .attestation
-                .check(tgid, Some(&sender), frame.pid)
-                .map(drop);
+        if !self.watched.contains(&tgid) {
+            if self.exits.watch(tgid, pidfd).is_err() {
+                return self
+                    .attestation
+                    .check(tgid, Some(&sender), frame.pid)
+                    .map(drop);
+            }
+            self.watched.insert(tgid);
         }
         if let Err(e) = self.verdicts.insert(tgid, verdict, 0) {
             event!(warn, "ebpf_verdict_failed", tgid = tgid, error:% = e);
-        } else {
-            self.foreign.insert(tgid);
         }
         event!(
             info,
@@ -168,9 +174,17 @@ impl EbpfDatapath {
             .map(drop)
     }
 
-    /// The process behind a verdict exited: its pid may be reused by anyone.
-    pub(super) fn forget(&mut self, tgid: u32) {
-        self.foreign.remove(&tgid);
+    /// A watched process exited: its pid may be reused by anyone, so its verdict goes, and
+    /// the kernel holds no more beats under it (those held are folded in first).
+    pub(super) fn forget(&mut self, tgid: u32, out: &mut Vec<Beat>) {
+        self.watched.remove(&tgid);
         let _ = self.verdicts.remove(&tgid);
+        let key = agent_key(TRANSPORT_UDS, tgid, tgid);
+        if self.tracked_keys.get(&tgid) == Some(&key) {
+            // The write folds in what the entry held; those beats follow the queued ones.
+            let _ = self.write_tracked(tgid, key, None);
+            self.drain_queued(out);
+        }
+        self.unconfirmed.remove(&key);
     }
 }

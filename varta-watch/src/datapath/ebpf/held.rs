@@ -1,0 +1,183 @@
+//! Rule 6 of `varta_common::wakeup`, the daemon's side: which tracked agents the kernel holds
+//! routine beats for (their `Tracked` entries), and folding those beats in.
+
+use varta_common::{
+    Frame, Status,
+    filter::{TRACKED, TRACKED_EXIT_WATCHED, Tracked},
+};
+
+use super::{EbpfDatapath, KernelAgent};
+use crate::{
+    datapath::HeldSeen,
+    sys::pidfd::ExitWatcher,
+    vocab::beat::{Beat, Origin, SenderStart},
+};
+
+impl EbpfDatapath {
+    /// Writes the entry of `pid` (under `key`), its held count from zero: watched with what
+    /// `confirmed` says (the beat the kernel attested after the agent's exit watch began, and
+    /// its origin), else tracked only. What the entry held until now is folded in first (a
+    /// beat the kernel holds between that read and the write is lost: microseconds, at a
+    /// change of the agent's state).
+    pub(super) fn write_tracked(
+        &mut self,
+        pid: u32,
+        key: u64,
+        confirmed: Option<(&Frame, &Origin)>,
+    ) -> Result<(), aya::maps::MapError> {
+        if let Ok(old) = self.tracked.get(&key, 0) {
+            let held = self.take_held(key, &old);
+            self.pending.extend(folded_beat(pid, &old, held));
+        }
+        let since_ns = self.clock.now_ns();
+        let entry = match confirmed {
+            Some((frame, origin)) => Tracked {
+                state: TRACKED_EXIT_WATCHED,
+                status: frame.status as u8,
+                cross_namespace: origin.is_cross_namespace() as u8,
+                frame_pid: frame.pid,
+                nonce: frame.nonce,
+                since_ns,
+                ..Tracked::default()
+            },
+            None => Tracked {
+                state: TRACKED,
+                since_ns,
+                ..Tracked::default()
+            },
+        };
+        self.tracked.insert(key, entry, 0)?;
+        self.folded.insert(
+            key,
+            HeldSeen {
+                key,
+                since_ns,
+                held: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// A beat of `key` came through the ring: if the agent's exit watch began before the
+    /// kernel attested it, the kernel may hold its routine beats from now on.
+    pub(super) fn confirm(&mut self, pid: u32, key: u64, frame: &Frame, origin: &Origin) {
+        if self.unconfirmed.remove(&key) {
+            let _ = self.write_tracked(pid, key, Some((frame, origin)));
+        }
+    }
+
+    /// Watches `tgid`'s exit unless that is done already; `false` when it cannot be (gone,
+    /// or the descriptor budget is spent), or rule 6 is off.
+    pub(super) fn watch_exit(&mut self, tgid: u32) -> bool {
+        if self.filter_config.hold_routine == 0 {
+            return false;
+        }
+        if self.watched.contains(&tgid) {
+            return true;
+        }
+        let watching = ExitWatcher::open(tgid).and_then(|pidfd| self.exits.watch(tgid, pidfd));
+        if watching.is_ok() {
+            self.watched.insert(tgid);
+        }
+        watching.is_ok()
+    }
+
+    /// The routine beats the kernel held for each tracked agent since they were last folded
+    /// in, one folded beat per agent.
+    pub(super) fn held_beats(&mut self) -> Vec<Beat> {
+        let agents: Vec<(u32, u64)> = self
+            .tracked_keys
+            .iter()
+            .filter(|(pid, _)| self.watched.contains(pid))
+            .map(|(&pid, &key)| (pid, key))
+            .collect();
+        agents
+            .into_iter()
+            .filter_map(|(pid, key)| self.fold(pid, key))
+            .collect()
+    }
+
+    /// The beats the kernel held in `key`'s entry that were not folded in yet, as one beat
+    /// of `pid`.
+    fn fold(&mut self, pid: u32, key: u64) -> Option<Beat> {
+        let entry = self.tracked.get(&key, 0).ok()?;
+        let held = self.take_held(key, &entry);
+        folded_beat(pid, &entry, held)
+    }
+
+    fn take_held(&mut self, key: u64, entry: &Tracked) -> u64 {
+        let now = seen(key, entry);
+        let held = now.since(self.folded.get(&key));
+        self.folded.insert(key, now);
+        held
+    }
+
+    /// Every agent the pinned maps say the previous instance tracked.
+    pub fn kernel_agents(&self) -> Vec<KernelAgent> {
+        self.tracked
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, entry)| {
+                let bucket = self.buckets.get(&key, 0).ok().filter(|b| b.last_ns != 0);
+                // A held beat is later than the last one through the ring.
+                let last = match bucket {
+                    Some(b) => Some((b.last_ns.max(entry.last_ns), b.pid, b.frame_pid)),
+                    None if entry.last_ns != 0 => {
+                        Some((entry.last_ns, key as u32, entry.frame_pid))
+                    }
+                    None => None,
+                };
+                KernelAgent {
+                    key,
+                    transport: (key >> 32) as u8,
+                    last,
+                    held: Some(seen(key, &entry)),
+                }
+            })
+            .collect()
+    }
+
+    /// What a previous instance folded in (from its state): the beats held since wait for the
+    /// next drain, and count from there.
+    pub(super) fn restore_held(&mut self, before: &[HeldSeen]) {
+        self.folded.extend(before.iter().map(|s| (s.key, *s)));
+        let entries: Vec<(u64, Tracked)> = self.tracked.iter().filter_map(Result::ok).collect();
+        for (key, entry) in entries {
+            let held = self.take_held(key, &entry);
+            // Restored agents are tracked under their key's pid (`Origin::agent_key`).
+            self.pending.extend(folded_beat(key as u32, &entry, held));
+        }
+    }
+}
+
+fn seen(key: u64, entry: &Tracked) -> HeldSeen {
+    HeldSeen {
+        key,
+        since_ns: entry.since_ns,
+        held: entry.held,
+    }
+}
+
+/// `held` beats of `pid` as one: the latest's nonce, status and receive time.
+fn folded_beat(pid: u32, entry: &Tracked, held: u64) -> Option<Beat> {
+    if held == 0 {
+        return None;
+    }
+    Some(Beat {
+        pid,
+        frame: Frame {
+            status: Status::from_u8(entry.status)?,
+            pid: entry.frame_pid,
+            timestamp: 0,
+            nonce: entry.nonce,
+            payload: 0,
+        },
+        origin: Origin::Uds {
+            cross_namespace: entry.cross_namespace != 0,
+        },
+        recv_ns: entry.last_ns,
+        rate_limited: true,
+        sender: SenderStart::Unknown,
+        held,
+    })
+}
