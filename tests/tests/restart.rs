@@ -399,3 +399,44 @@ fn held_beats_are_counted_once_across_a_restart_needs_root() {
     assert_eq!(replays(&d2), 0.0);
     assert_eq!(stalls_of(&d2, pid), 1, "{}", d2.log_text());
 }
+
+/// (g) A sender that addresses the path with each beat (no `connect`) reaches the next
+/// instance's socket as soon as it is bound, before the filter is attached to it: what it
+/// sent meanwhile was queued on the socket itself, where the eBPF datapath never reads.
+/// Those are taken once after the attach: every beat sent is counted.
+#[test]
+#[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
+fn beats_sent_to_the_path_across_a_restart_are_all_counted_needs_root() {
+    varta_e2e::require_root!(varta_e2e::EBPF);
+    let args = ["--threshold-ms", "2000", "--max-beat-rate", "0"];
+    let mut d1 = Daemon::builder("restart-to-path", "ebpf")
+        .args(args)
+        .start_ebpf();
+    // 100 beats, 40 ms apart: 4 s, across both instances and the start of the second.
+    let agent = varta_e2e::sender::sender(d1.socket.to_str().unwrap(), &["pace", "100", "40"]);
+    let pid = agent.pid();
+    d1.wait_metric(&format!("varta_beats_total{{pid=\"{pid}\"}}"), 10.0, WAIT);
+    assert!(d1.stop().success(), "{}", d1.log_text());
+    let d2 = Daemon::builder("restart-to-path", "ebpf")
+        .args(args)
+        .in_dir(d1.into_dir())
+        .start_ebpf();
+    let (sent, ..) = varta_e2e::sender::summary(agent);
+    d2.wait_metric(
+        &format!("varta_beats_total{{pid=\"{pid}\"}}"),
+        sent as f64,
+        WAIT,
+    );
+    // A beat counted twice would show once the rest is folded in: a fold interval later.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(beats(&d2, pid), sent as f64, "{}", d2.log_text());
+    let early = d2.wait_log("event=queued_before_filter", Duration::ZERO);
+    assert!(
+        varta_e2e::log_field(&early, "beats")
+            .parse::<u64>()
+            .unwrap()
+            > 0,
+        "{early}"
+    );
+    assert_eq!(replays(&d2), 0.0);
+}

@@ -462,7 +462,7 @@ fn deniable(beat: &Beat, attest: &Attestor) -> Option<u32> {
 }
 
 /// A plaintext frame, or why it is refused.
-fn decode_plain(bytes: &[u8], truncated: bool) -> Result<Frame, DropReason> {
+pub(super) fn decode_plain(bytes: &[u8], truncated: bool) -> Result<Frame, DropReason> {
     let raw: Option<&[u8; FRAME_LEN]> = if truncated {
         None
     } else {

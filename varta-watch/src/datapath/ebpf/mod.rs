@@ -5,6 +5,7 @@
 
 mod btf;
 mod caps;
+mod early;
 mod held;
 mod load;
 pub mod pins;
@@ -66,7 +67,7 @@ pub struct EbpfDatapath {
     filter_config: FilterConfig,
     verdicts: BpfHashMap<MapData, u32, Verdict>,
     /// The sockets the programs are attached to.
-    _uds: UnixDatagram,
+    uds: UnixDatagram,
     _udp: Option<UdpSocket>,
     logger: Option<Logger>,
     drops: Arc<DropCounters>,
@@ -218,37 +219,35 @@ impl EbpfDatapath {
                 let _ = maps.verdicts.remove(&tgid);
             }
         }
-        Ok((
-            EbpfDatapath {
-                _ebpf: ebpf,
-                attest,
-                ring: maps.ring,
-                config,
-                filter_config,
-                verdicts: maps.verdicts,
-                _uds: uds,
-                _udp: udp,
-                logger,
-                drops,
-                attestation: Attestation::new(settings.allow_cross_namespace),
-                watched: HashSet::new(),
-                exits: ExitWatcher::new(),
-                buckets: maps.buckets,
-                tracked: maps.tracked,
-                tracked_keys: HashMap::new(),
-                folded: HashMap::new(),
-                pending: Vec::new(),
-                clock,
-                unconfirmed: HashSet::new(),
-                fold_at: None,
-                watching: false,
-                drain_at: None,
-                records: Vec::new(),
-                secure_udp: None,
-            },
-            maps.kernel_drops,
-            pins,
-        ))
+        let mut datapath = EbpfDatapath {
+            _ebpf: ebpf,
+            attest,
+            ring: maps.ring,
+            config,
+            filter_config,
+            verdicts: maps.verdicts,
+            uds,
+            _udp: udp,
+            logger,
+            drops,
+            attestation: Attestation::new(settings.allow_cross_namespace),
+            watched: HashSet::new(),
+            exits: ExitWatcher::new(),
+            buckets: maps.buckets,
+            tracked: maps.tracked,
+            tracked_keys: HashMap::new(),
+            folded: HashMap::new(),
+            pending: Vec::new(),
+            clock,
+            unconfirmed: HashSet::new(),
+            fold_at: None,
+            watching: false,
+            drain_at: None,
+            records: Vec::new(),
+            secure_udp: None,
+        };
+        datapath.take_queued_before_attach();
+        Ok((datapath, maps.kernel_drops, pins))
     }
 
     /// The tracker took back `pid` (known to the kernel under `key`), or did not (`None`):
