@@ -25,10 +25,8 @@ impl EbpfDatapath {
         key: u64,
         confirmed: Option<(&Frame, &Origin)>,
     ) -> Result<(), aya::maps::MapError> {
-        if let Ok(old) = self.tracked.get(&key, 0) {
-            let held = self.take_held(key, &old);
-            self.pending.extend(folded_beat(pid, &old, held));
-        }
+        let folded = self.fold(pid, key);
+        self.pending.extend(folded);
         let since_ns = self.clock.now_ns();
         let entry = match confirmed {
             Some((frame, origin)) => Tracked {
@@ -72,14 +70,22 @@ impl EbpfDatapath {
         if self.filter_config.hold_routine == 0 {
             return false;
         }
+        self.watched.contains(&tgid)
+            || ExitWatcher::open(tgid).is_ok_and(|pidfd| self.keep_watch(tgid, pidfd))
+    }
+
+    /// Watches `tgid`'s exit through `pidfd` unless it is watched already (one watch per
+    /// process, whatever it is kept for: a verdict, held beats); `false` when the descriptor
+    /// budget is spent.
+    pub(super) fn keep_watch(&mut self, tgid: u32, pidfd: std::os::fd::OwnedFd) -> bool {
         if self.watched.contains(&tgid) {
             return true;
         }
-        let watching = ExitWatcher::open(tgid).and_then(|pidfd| self.exits.watch(tgid, pidfd));
-        if watching.is_ok() {
+        let watching = self.exits.watch(tgid, pidfd).is_ok();
+        if watching {
             self.watched.insert(tgid);
         }
-        watching.is_ok()
+        watching
     }
 
     /// The routine beats the kernel held for each tracked agent since they were last folded
@@ -101,15 +107,10 @@ impl EbpfDatapath {
     /// of `pid`.
     fn fold(&mut self, pid: u32, key: u64) -> Option<Beat> {
         let entry = self.tracked.get(&key, 0).ok()?;
-        let held = self.take_held(key, &entry);
-        folded_beat(pid, &entry, held)
-    }
-
-    fn take_held(&mut self, key: u64, entry: &Tracked) -> u64 {
-        let now = seen(key, entry);
+        let now = seen(key, &entry);
         let held = now.since(self.folded.get(&key));
         self.folded.insert(key, now);
-        held
+        folded_beat(pid, &entry, held)
     }
 
     /// Every agent the pinned maps say the previous instance tracked.
@@ -141,11 +142,11 @@ impl EbpfDatapath {
     /// next drain, and count from there.
     pub(super) fn restore_held(&mut self, before: &[HeldSeen]) {
         self.folded.extend(before.iter().map(|s| (s.key, *s)));
-        let entries: Vec<(u64, Tracked)> = self.tracked.iter().filter_map(Result::ok).collect();
-        for (key, entry) in entries {
-            let held = self.take_held(key, &entry);
+        let keys: Vec<u64> = self.tracked.keys().filter_map(Result::ok).collect();
+        for key in keys {
             // Restored agents are tracked under their key's pid (`Origin::agent_key`).
-            self.pending.extend(folded_beat(key as u32, &entry, held));
+            let folded = self.fold(key as u32, key);
+            self.pending.extend(folded);
         }
     }
 }

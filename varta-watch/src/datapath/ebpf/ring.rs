@@ -145,14 +145,11 @@ impl EbpfDatapath {
         // watcher (the descriptor budget is spent) none is stored, and the sender's next
         // frame is attested here again. A sender verified before (its verdict fell out of
         // the kernel's LRU) is watched already: one watch per process.
-        if !self.watched.contains(&tgid) {
-            if self.exits.watch(tgid, pidfd).is_err() {
-                return self
-                    .attestation
-                    .check(tgid, Some(&sender), frame.pid)
-                    .map(drop);
-            }
-            self.watched.insert(tgid);
+        if !self.keep_watch(tgid, pidfd) {
+            return self
+                .attestation
+                .check(tgid, Some(&sender), frame.pid)
+                .map(drop);
         }
         if let Err(e) = self.verdicts.insert(tgid, verdict, 0) {
             event!(warn, "ebpf_verdict_failed", tgid = tgid, error:% = e);
