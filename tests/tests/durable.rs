@@ -407,14 +407,19 @@ struct StoppedThread(i32);
 
 impl StoppedThread {
     fn named(pid: u32, comm: &str) -> StoppedThread {
-        let tid = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .flatten()
-            .find(|t| {
-                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == comm)
-            })
-            .and_then(|t| t.file_name().to_str()?.parse::<i32>().ok())
-            .unwrap_or_else(|| panic!("no thread named {comm} in {pid}"));
+        // A new thread names itself once it first runs, which on a loaded machine can be
+        // after the daemon says it is ready.
+        let tid = wait_for(&format!("a thread named {comm} in {pid}"), WAIT, || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map_err(|e| e.to_string())?
+                .flatten()
+                .find(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.trim_end() == comm)
+                })
+                .and_then(|t| t.file_name().to_str()?.parse::<i32>().ok())
+                .ok_or_else(|| "not there yet".to_owned())
+        });
         // SAFETY: ptrace requests that take no pointers, on a thread id just read; waitpid
         // writes the status into a local.
         unsafe {
