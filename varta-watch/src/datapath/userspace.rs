@@ -10,6 +10,7 @@
 //! ([`DenyList`]), so a valid flood does not fill it for the honest agents.
 
 use crate::sys::logger::event;
+use foldhash::fast::RandomState;
 use std::{
     collections::HashMap,
     io,
@@ -61,7 +62,8 @@ pub struct UserspaceDatapath {
     /// The senders whose beats are routine, with the status of their last beat (the
     /// userspace counterpart of the kernel's buckets in rule 1): a pid's first beat is
     /// urgent, and its first after a stall or exit (rule 4), and any changing its status.
-    seen: HashMap<u32, Status>,
+    /// Looked up once per beat, as `Attestor::senders`: foldhash, seeded per process.
+    seen: HashMap<u32, Status, RandomState>,
     timer: DeadlineTimer,
 }
 
@@ -207,7 +209,7 @@ impl UserspaceDatapath {
         Ok(UserspaceDatapath {
             uds: Switchable::new(uds)?,
             udp,
-            batch: RecvBatch::new(BATCH),
+            batch: RecvBatch::without_sources(BATCH),
             clock,
             drops,
             attest: Attestor::new(Attestation::new(allow_cross_namespace), clock),
@@ -215,7 +217,7 @@ impl UserspaceDatapath {
             junk,
             deny: DenyList::new(per_agent_rate),
             pace: Pace::new(queue_limit),
-            seen: HashMap::new(),
+            seen: HashMap::default(),
             timer: DeadlineTimer::new(clock)?,
         })
     }
@@ -553,7 +555,7 @@ struct Attestor {
     /// The clock of the beats' arrival times.
     clock: ClockSource,
     /// What /proc said of each sender and when it started, forgotten when its process exits.
-    senders: HashMap<u32, (Sender, SenderStart)>,
+    senders: HashMap<u32, (Sender, SenderStart), RandomState>,
     /// How many of those senders live in a container with each pid of their own there.
     container_pids: HashMap<u32, u32>,
     exits: ExitWatcher,
@@ -564,7 +566,7 @@ impl Attestor {
         Attestor {
             decision,
             clock,
-            senders: HashMap::new(),
+            senders: HashMap::default(),
             container_pids: HashMap::new(),
             exits: ExitWatcher::new(),
         }

@@ -48,6 +48,8 @@ struct Control {
 pub struct RecvBatch {
     data: Vec<[u8; SLOT_BYTES]>,
     control: Vec<[u64; CMSG_BYTES / 8]>,
+    /// Where each datagram's source address goes; empty: not asked for (a Unix socket's
+    /// senders are known by their credentials, and the kernel then copies no address).
     names: Vec<libc::sockaddr_storage>,
     iov: Vec<libc::iovec>,
     headers: Vec<libc::mmsghdr>,
@@ -62,9 +64,20 @@ pub struct RecvBatch {
 unsafe impl Send for RecvBatch {}
 
 impl RecvBatch {
+    /// Buffers for `capacity` datagrams with their source addresses (UDP).
     pub fn new(capacity: usize) -> Self {
+        Self::with_sources(capacity, true)
+    }
+
+    /// Buffers for `capacity` datagrams without their source addresses (Unix sockets).
+    pub fn without_sources(capacity: usize) -> Self {
+        Self::with_sources(capacity, false)
+    }
+
+    fn with_sources(capacity: usize, sources: bool) -> Self {
+        let names = if sources { capacity } else { 0 };
         // SAFETY: sockaddr_storage and mmsghdr are plain C structs for which all-zero is valid.
-        let (names, headers) = unsafe { (vec![zeroed(); capacity], vec![zeroed(); capacity]) };
+        let (names, headers) = unsafe { (vec![zeroed(); names], vec![zeroed(); capacity]) };
         RecvBatch {
             data: vec![[0; SLOT_BYTES]; capacity],
             control: vec![[0; CMSG_BYTES / 8]; capacity],
@@ -135,8 +148,13 @@ impl RecvBatch {
                 iov_len: SLOT_BYTES,
             };
             let hdr = &mut self.headers[i].msg_hdr;
-            hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
-            hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            (hdr.msg_name, hdr.msg_namelen) = match self.names.get_mut(i) {
+                Some(name) => (
+                    (name as *mut libc::sockaddr_storage).cast(),
+                    size_of::<libc::sockaddr_storage>() as libc::socklen_t,
+                ),
+                None => (std::ptr::null_mut(), 0),
+            };
             hdr.msg_iov = &mut self.iov[i];
             hdr.msg_iovlen = 1;
             hdr.msg_control = self.control[i].as_mut_ptr().cast();
@@ -185,7 +203,7 @@ impl RecvBatch {
     }
 
     fn source(&self, i: usize) -> Option<SocketAddr> {
-        let name = &self.names[i];
+        let name = self.names.get(i)?;
         match name.ss_family as i32 {
             libc::AF_INET => {
                 // SAFETY: the family says the storage holds a sockaddr_in.
@@ -338,11 +356,12 @@ mod tests {
         client.send(&[1u8; 32]).unwrap();
         client.send(&[2u8; 100]).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let mut batch = RecvBatch::new(8);
+        let mut batch = RecvBatch::without_sources(8);
         let mut got = Vec::new();
         let drained_at = clock.now_ns();
         let (more, n) = batch
             .drain(sock.as_fd(), clock, 64, |d, at| {
+                assert_eq!(d.source, None);
                 got.push((d.bytes.len(), d.truncated, d.sender_pid, at))
             })
             .unwrap();
@@ -411,7 +430,7 @@ mod tests {
             assert_eq!(libc::sendmsg(client.as_raw_fd(), &msg, 0), 32);
         }
         drop(write_end);
-        let mut batch = RecvBatch::new(2);
+        let mut batch = RecvBatch::without_sources(2);
         assert_eq!(batch.recv(sock.as_fd(), 2).unwrap(), 1);
         let control = batch.control_of(0);
         assert_eq!(control.sender_pid, Some(std::process::id()));

@@ -17,7 +17,7 @@ use varta_common::DropReason;
 
 impl EbpfDatapath {
     pub(super) fn take_queued_before_attach(&mut self) {
-        let mut batch = RecvBatch::new(64);
+        let mut batch = RecvBatch::without_sources(64);
         let (attestation, drops, pending) = (&self.attestation, &self.drops, &mut self.pending);
         let before = pending.len();
         let mut refused = 0u64;
