@@ -14,7 +14,10 @@ use foldhash::fast::RandomState;
 use std::{
     collections::HashMap,
     io,
-    os::{fd::AsFd, unix::net::UnixDatagram},
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::net::UnixDatagram,
+    },
     sync::Arc,
 };
 
@@ -549,6 +552,63 @@ fn attach_filters(
 /// arrival from looking younger than the frame.
 const ARRIVAL_SLACK_NS: u64 = 1_000_000;
 
+/// What /proc says of the process that sent a frame ([`bound_sender`]).
+pub(super) enum Bound {
+    Sender {
+        sender: Sender,
+        start: SenderStart,
+        /// Opened before the read, still holding the pid after it.
+        pidfd: OwnedFd,
+    },
+    /// The sender is gone (its pid free, or taken by a younger process).
+    Exited,
+    /// /proc could not be read.
+    Unknown,
+}
+
+impl Bound {
+    /// What the attestation and the tracker take: the sender if known, its start.
+    pub(super) fn parts(&self) -> (Option<Sender>, SenderStart) {
+        match self {
+            Bound::Sender { sender, start, .. } => (Some(*sender), *start),
+            Bound::Exited => (None, SenderStart::Exited),
+            Bound::Unknown => (None, SenderStart::Unknown),
+        }
+    }
+}
+
+/// Reads a sender's namespace, `NSpid` and start time, bound to the process that sent a
+/// frame arriving at `arrived_ns` (on `clock`). A pidfd opened first and still holding the
+/// pid after the read says the read was of one process; that process sent the frame unless
+/// it started after the frame arrived (the sender exited and its pid was taken since: any
+/// process that takes a pid starts after the exit of the one that held it, and that one had
+/// sent the frame). Start times count clock ticks, so a pid taken within the tick of the
+/// arrival is not told apart (as on the eBPF datapath).
+pub(super) fn bound_sender(pid: u32, arrived_ns: u64, clock: ClockSource) -> Bound {
+    let pidfd = match ExitWatcher::open(pid) {
+        Ok(pidfd) => pidfd,
+        // Nobody holds the pid: the sender is gone.
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Bound::Exited,
+        Err(_) => return Bound::Unknown,
+    };
+    let read = procfs::sender(pid).ok().zip(StartTime::of(pid));
+    if !ExitWatcher::holds_pid(&pidfd) {
+        return Bound::Exited;
+    }
+    let Some((sender, started)) = read else {
+        return Bound::Unknown;
+    };
+    let arrived_boot_ns = clock.to_boottime_ns(arrived_ns);
+    if started.0 > arrived_boot_ns.saturating_add(ARRIVAL_SLACK_NS) / NS_PER_CLOCK_TICK {
+        return Bound::Exited;
+    }
+    Bound::Sender {
+        sender,
+        start: SenderStart::from_record(started.0 as u32),
+        pidfd,
+    }
+}
+
 /// Caches what /proc says of each sender for the shared [`Attestation`] decision.
 struct Attestor {
     decision: Attestation,
@@ -590,37 +650,18 @@ impl Attestor {
         Ok((attested, start))
     }
 
-    /// Reads a sender's namespace, `NSpid` and start time, bound to the process that sent a
-    /// frame arriving at `arrived_ns`, and caches them until it exits. A pidfd opened first
-    /// and still holding the pid after the read says the read was of one process; that
-    /// process sent the frame unless it started after the frame arrived (the sender exited
-    /// and its pid was taken since: any process that takes a pid starts after the exit of
-    /// the one that held it, and that one had sent the frame). Start times count clock
-    /// ticks, so a pid taken within the tick of the arrival is not told apart (as on the
-    /// eBPF datapath). One pidfd per new sender, none per datagram (`sys::recv`).
+    /// [`bound_sender`], cached until the sender exits (its pidfd then watches the exit).
+    /// One pidfd per new sender, none per datagram (`sys::recv`).
     fn learn(&mut self, pid: u32, arrived_ns: u64) -> (Option<Sender>, SenderStart) {
-        let pidfd = match ExitWatcher::open(pid) {
-            Ok(pidfd) => pidfd,
-            // Nobody holds the pid: the sender is gone.
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return (None, SenderStart::Exited),
-            Err(_) => return (None, SenderStart::Unknown),
-        };
-        let read = procfs::sender(pid).ok().zip(StartTime::of(pid));
-        if !ExitWatcher::holds_pid(&pidfd) {
-            return (None, SenderStart::Exited);
-        }
-        let Some((sender, started)) = read else {
-            return (None, SenderStart::Unknown);
-        };
-        let arrived_boot_ns = self.clock.to_boottime_ns(arrived_ns);
-        if started.0 > arrived_boot_ns.saturating_add(ARRIVAL_SLACK_NS) / NS_PER_CLOCK_TICK {
-            return (None, SenderStart::Exited);
-        }
-        let start = SenderStart::from_record(started.0 as u32);
-        if self.senders.len() < SENDER_CACHE && self.exits.watch(pid, pidfd).is_ok() {
+        let bound = bound_sender(pid, arrived_ns, self.clock);
+        let (sender, start) = bound.parts();
+        if let Bound::Sender { sender, pidfd, .. } = bound
+            && self.senders.len() < SENDER_CACHE
+            && self.exits.watch(pid, pidfd).is_ok()
+        {
             self.remember(pid, sender, start);
         }
-        (Some(sender), start)
+        (sender, start)
     }
 
     fn remember(&mut self, pid: u32, sender: Sender, start: SenderStart) {

@@ -7,9 +7,12 @@
 use std::os::fd::AsFd;
 
 use crate::{
-    datapath::{DRAIN_BUDGET, userspace::decode_plain},
-    sys::{logger::event, procfs, recv::RecvBatch},
-    vocab::beat::{Beat, Origin, SenderStart},
+    datapath::{
+        DRAIN_BUDGET,
+        userspace::{bound_sender, decode_plain},
+    },
+    sys::{logger::event, recv::RecvBatch},
+    vocab::beat::{Beat, Origin},
 };
 
 use super::EbpfDatapath;
@@ -18,14 +21,20 @@ use varta_common::DropReason;
 impl EbpfDatapath {
     pub(super) fn take_queued_before_attach(&mut self) {
         let mut batch = RecvBatch::without_sources(64);
-        let (attestation, drops, pending) = (&self.attestation, &self.drops, &mut self.pending);
+        let (attestation, drops, pending, clock) = (
+            &self.attestation,
+            &self.drops,
+            &mut self.pending,
+            self.clock,
+        );
         let before = pending.len();
         let mut refused = 0u64;
         let drained = batch.drain(self.uds.as_fd(), self.clock, DRAIN_BUDGET, |d, at| {
             let beat = decode_plain(d.bytes, d.truncated).and_then(|frame| {
                 // SO_PASSCRED is on (`sys::sock::prepare_uds`): the kernel always says who.
                 let pid = d.sender_pid.ok_or(DropReason::Spoof)?;
-                let sender = procfs::sender(pid).ok();
+                // Bound to the process that sent it, as the userspace datapath binds it.
+                let (sender, start) = bound_sender(pid, at, clock).parts();
                 let attested = attestation.check(pid, sender.as_ref(), frame.pid)?;
                 Ok(Beat {
                     pid: attested.pid,
@@ -35,7 +44,7 @@ impl EbpfDatapath {
                     },
                     recv_ns: at,
                     rate_limited: false,
-                    sender: SenderStart::Unknown,
+                    sender: start,
                     held: 0,
                 })
             });
