@@ -34,6 +34,16 @@ fn stalls_of(d: &Daemon, pid: u32) -> usize {
     d.count_logs(&["event=stall", &format!("pid={pid}")])
 }
 
+/// SIGTERM to `d1` (it must exit cleanly), then the same eBPF command line again in its
+/// directory (its state file, its pins).
+fn sigterm_then_start(mut d1: Daemon, name: &str, args: &[&str]) -> Daemon {
+    assert!(d1.stop().success(), "{}", d1.log_text());
+    Daemon::builder(name, "ebpf")
+        .args(args.iter().copied())
+        .in_dir(d1.into_dir())
+        .start_ebpf()
+}
+
 /// (a) SIGTERM, then the same command line again.
 #[test]
 #[ignore = "needs root (eBPF, setpriv, unshare...): run by `cargo xtask test` as root"]
@@ -158,7 +168,7 @@ fn sigkill_and_a_gap_loses_no_beat_needs_root() {
 fn a_stall_surfaced_before_the_restart_is_not_surfaced_again_needs_root() {
     varta_e2e::require_root!(varta_e2e::EBPF);
     let args = ["--threshold-ms", "500"];
-    let mut d1 = Daemon::builder("restart-stalled", "ebpf")
+    let d1 = Daemon::builder("restart-stalled", "ebpf")
         .args(args)
         .start_ebpf();
     let live = upstream_agent(&d1, 100);
@@ -167,11 +177,7 @@ fn a_stall_surfaced_before_the_restart_is_not_surfaced_again_needs_root() {
     wait_new(&d1, wedged.pid());
     wedged.signal(libc::SIGSTOP);
     d1.wait_log_all(&["event=stall", &format!("pid={}", wedged.pid())], WAIT);
-    assert!(d1.stop().success());
-    let mut d2 = Daemon::builder("restart-stalled", "ebpf")
-        .args(args)
-        .in_dir(d1.into_dir())
-        .start_ebpf();
+    let mut d2 = sigterm_then_start(d1, "restart-stalled", &args);
     let resumed = d2.wait_log("event=resumed", Duration::ZERO);
     assert!(varta_e2e::log_has(&resumed, "stalled=1"), "{resumed}");
     d2.wait_one_threshold();
@@ -293,7 +299,7 @@ fn the_pypi_client_keeps_being_counted_across_a_restart_needs_root() {
         "VARTA_TEST_PYTHON (a Python with the PyPI client `varta` 0.2.0) is unset: run it with `cargo xtask test`",
     );
     let args = ["--threshold-ms", "1500"];
-    let mut d1 = Daemon::builder("restart-pypi", "ebpf")
+    let d1 = Daemon::builder("restart-pypi", "ebpf")
         .args(args)
         .start_ebpf();
     let agent = Proc::spawn(
@@ -309,11 +315,7 @@ fn the_pypi_client_keeps_being_counted_across_a_restart_needs_root() {
     let pid = agent.pid();
     wait_new(&d1, pid);
     d1.wait_metric(&format!("varta_beats_total{{pid=\"{pid}\"}}"), 3.0, WAIT);
-    assert!(d1.stop().success(), "{}", d1.log_text());
-    let d2 = Daemon::builder("restart-pypi", "ebpf")
-        .args(args)
-        .in_dir(d1.into_dir())
-        .start_ebpf();
+    let d2 = sigterm_then_start(d1, "restart-pypi", &args);
     let carried = beats(&d2, pid);
     d2.wait_metric(
         &format!("varta_beats_total{{pid=\"{pid}\"}}"),
@@ -376,7 +378,7 @@ varta_e2e::on_both_datapaths!(a_scraped_counter_never_goes_down_across_a_sigkill
 fn held_beats_are_counted_once_across_a_restart_needs_root() {
     varta_e2e::require_root!(varta_e2e::EBPF);
     let args = ["--threshold-ms", "1000", "--max-beat-rate", "0"];
-    let mut d1 = Daemon::builder("restart-held", "ebpf")
+    let d1 = Daemon::builder("restart-held", "ebpf")
         .args(args)
         .start_ebpf();
     let held = "varta_datapath_beats_held_total";
@@ -384,11 +386,7 @@ fn held_beats_are_counted_once_across_a_restart_needs_root() {
     let pid = agent.pid();
     wait_new(&d1, pid);
     d1.wait_metric(held, 5.0, WAIT);
-    assert!(d1.stop().success(), "{}", d1.log_text());
-    let d2 = Daemon::builder("restart-held", "ebpf")
-        .args(args)
-        .in_dir(d1.into_dir())
-        .start_ebpf();
+    let d2 = sigterm_then_start(d1, "restart-held", &args);
     let held_before = d2.metric(held);
     d2.wait_metric(held, held_before + 20.0, WAIT);
     agent.signal(libc::SIGKILL);
@@ -409,18 +407,14 @@ fn held_beats_are_counted_once_across_a_restart_needs_root() {
 fn beats_sent_to_the_path_across_a_restart_are_all_counted_needs_root() {
     varta_e2e::require_root!(varta_e2e::EBPF);
     let args = ["--threshold-ms", "2000", "--max-beat-rate", "0"];
-    let mut d1 = Daemon::builder("restart-to-path", "ebpf")
+    let d1 = Daemon::builder("restart-to-path", "ebpf")
         .args(args)
         .start_ebpf();
     // 100 beats, 40 ms apart: 4 s, across both instances and the start of the second.
     let agent = varta_e2e::sender::sender(d1.socket.to_str().unwrap(), &["pace", "100", "40"]);
     let pid = agent.pid();
     d1.wait_metric(&format!("varta_beats_total{{pid=\"{pid}\"}}"), 10.0, WAIT);
-    assert!(d1.stop().success(), "{}", d1.log_text());
-    let d2 = Daemon::builder("restart-to-path", "ebpf")
-        .args(args)
-        .in_dir(d1.into_dir())
-        .start_ebpf();
+    let d2 = sigterm_then_start(d1, "restart-to-path", &args);
     let (sent, ..) = varta_e2e::sender::summary(agent);
     d2.wait_metric(
         &format!("varta_beats_total{{pid=\"{pid}\"}}"),
