@@ -613,7 +613,8 @@ pub fn floor(ours: &[&Observer], opts: &Opts, out: &mut Vec<Fig>) {
         &mut std::io::BufReader::new(null.stdout.as_mut().unwrap()),
         &mut ready,
     );
-    let extra = unlimited(&["--tracker-capacity", "8192"]);
+    // Without the agents and pins the scenarios before left (the restart's, last).
+    let extra = unlimited(&["--tracker-capacity", "8192", "--fresh-state"]);
     let runs: Vec<_> = ours
         .iter()
         .map(|o| o.start(&opts.dir, 600_000, &extra))
