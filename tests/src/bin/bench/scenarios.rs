@@ -347,6 +347,8 @@ fn measure_step(run: &Running, opts: &Opts, rate: u64) -> Result<Step, String> {
     let t = Instant::now();
     let sent = sent_by(pacers);
     let wall = t.elapsed().as_secs_f64();
+    // Over the senders' step only, the window `cpu_per_frame_us` divides by.
+    let busy1 = machine_busy();
     // Drained when the count stops moving.
     let drained = beats0.and_then(|beats0| {
         let mut counted = run.family_sum("varta_beats_total")? - beats0;
@@ -362,7 +364,6 @@ fn measure_step(run: &Running, opts: &Opts, rate: u64) -> Result<Step, String> {
     });
     let (counted, beats0) = drained.map_err(|e| format!("{e} at the {rate}/s step"))?;
     let (cpu1, sw1) = run.cost();
-    let busy1 = machine_busy();
     let total = counted + beats0 - beats_start;
     let run_s = (WARM_UP + opts.step).as_secs_f64();
     Ok(Step {
