@@ -14,23 +14,19 @@ use foldhash::fast::RandomState;
 use std::{
     collections::HashMap,
     io,
-    os::{
-        fd::{AsFd, OwnedFd},
-        unix::net::UnixDatagram,
-    },
+    os::{fd::AsFd, unix::net::UnixDatagram},
     sync::Arc,
 };
 
 use varta_common::{
     DropReason, FRAME_LEN, Frame, cbpf,
-    filter::NS_PER_CLOCK_TICK,
     frame::{SECURE_FRAME_LENS, Status, UDP_HEADER_LEN},
     wakeup,
 };
 
 use super::{
     Datapath,
-    attest::{Attestation, Attested},
+    attest::{Attestation, Attested, Bound, bound_sender},
     deny::DenyList,
     udp::UdpReceiver,
 };
@@ -39,8 +35,7 @@ use crate::{
     sys::clock::ClockSource,
     sys::deadline::DeadlineTimer,
     sys::pidfd::ExitWatcher,
-    sys::process::StartTime,
-    sys::procfs::{self, Sender},
+    sys::procfs::Sender,
     sys::readiness::Switchable,
     sys::recv::RecvBatch,
     sys::sock,
@@ -547,68 +542,6 @@ fn attach_filters(
     }
 }
 
-/// An arrival time is the kernel's realtime stamp moved onto the boot clock, off by
-/// microseconds: this much slack keeps a sender that started in the tick of its frame's
-/// arrival from looking younger than the frame.
-const ARRIVAL_SLACK_NS: u64 = 1_000_000;
-
-/// What /proc says of the process that sent a frame ([`bound_sender`]).
-pub(super) enum Bound {
-    Sender {
-        sender: Sender,
-        start: SenderStart,
-        /// Opened before the read, still holding the pid after it.
-        pidfd: OwnedFd,
-    },
-    /// The sender is gone (its pid free, or taken by a younger process).
-    Exited,
-    /// /proc could not be read.
-    Unknown,
-}
-
-impl Bound {
-    /// What the attestation and the tracker take: the sender if known, its start.
-    pub(super) fn parts(&self) -> (Option<Sender>, SenderStart) {
-        match self {
-            Bound::Sender { sender, start, .. } => (Some(*sender), *start),
-            Bound::Exited => (None, SenderStart::Exited),
-            Bound::Unknown => (None, SenderStart::Unknown),
-        }
-    }
-}
-
-/// Reads a sender's namespace, `NSpid` and start time, bound to the process that sent a
-/// frame arriving at `arrived_ns` (on `clock`). A pidfd opened first and still holding the
-/// pid after the read says the read was of one process; that process sent the frame unless
-/// it started after the frame arrived (the sender exited and its pid was taken since: any
-/// process that takes a pid starts after the exit of the one that held it, and that one had
-/// sent the frame). Start times count clock ticks, so a pid taken within the tick of the
-/// arrival is not told apart (as on the eBPF datapath).
-pub(super) fn bound_sender(pid: u32, arrived_ns: u64, clock: ClockSource) -> Bound {
-    let pidfd = match ExitWatcher::open(pid) {
-        Ok(pidfd) => pidfd,
-        // Nobody holds the pid: the sender is gone.
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Bound::Exited,
-        Err(_) => return Bound::Unknown,
-    };
-    let read = procfs::sender(pid).ok().zip(StartTime::of(pid));
-    if !ExitWatcher::holds_pid(&pidfd) {
-        return Bound::Exited;
-    }
-    let Some((sender, started)) = read else {
-        return Bound::Unknown;
-    };
-    let arrived_boot_ns = clock.to_boottime_ns(arrived_ns);
-    if started.0 > arrived_boot_ns.saturating_add(ARRIVAL_SLACK_NS) / NS_PER_CLOCK_TICK {
-        return Bound::Exited;
-    }
-    Bound::Sender {
-        sender,
-        start: SenderStart::from_record(started.0 as u32),
-        pidfd,
-    }
-}
-
 /// Caches what /proc says of each sender for the shared [`Attestation`] decision.
 struct Attestor {
     decision: Attestation,
@@ -700,6 +633,7 @@ impl Attestor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::process::StartTime;
     use varta_common::wakeup::USERSPACE_MAX_INTERVAL_NS;
 
     const MS: u64 = 1_000_000;

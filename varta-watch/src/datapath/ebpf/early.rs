@@ -7,10 +7,7 @@
 use std::os::fd::AsFd;
 
 use crate::{
-    datapath::{
-        DRAIN_BUDGET,
-        userspace::{bound_sender, decode_plain},
-    },
+    datapath::{DRAIN_BUDGET, attest::bound_sender, userspace::decode_plain},
     sys::{logger::event, recv::RecvBatch},
     vocab::beat::{Beat, Origin},
 };
