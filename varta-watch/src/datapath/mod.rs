@@ -9,12 +9,41 @@ pub mod secure;
 pub mod udp;
 pub mod userspace;
 
-use crate::vocab::beat::{Beat, Origin};
+use varta_common::{DropReason, FRAME_LEN, Frame};
+
+use crate::{
+    sys::logger::event,
+    vocab::beat::{Beat, Origin},
+};
 
 /// Datagrams one socket may hand over per wake-up before the event loop goes round (stall
 /// decisions, probes, the other sockets) and comes back for the rest (H5 of the hardening
 /// review: a sender keeping a socket full must not hold the single event loop).
 pub const DRAIN_BUDGET: usize = 4096;
+
+/// A plaintext frame received on a Unix socket (read whole unless `truncated`), or why it
+/// is refused.
+pub fn decode_plain(bytes: &[u8], truncated: bool) -> Result<Frame, DropReason> {
+    let raw: Option<&[u8; FRAME_LEN]> = if truncated {
+        None
+    } else {
+        bytes.try_into().ok()
+    };
+    decode(raw.ok_or(DropReason::Length)?, "uds")
+}
+
+/// A plaintext frame, or why it is refused; a refusal logged at debug level.
+pub fn decode(raw: &[u8; FRAME_LEN], transport: &'static str) -> Result<Frame, DropReason> {
+    Frame::decode(raw).map_err(|e| {
+        event!(
+            debug,
+            "decode_error",
+            transport = transport,
+            kind = e.name()
+        );
+        DropReason::from_decode(e)
+    })
+}
 
 /// How many of the routine beats the kernel held for one agent (`varta_common::wakeup` rule
 /// 6) were folded in: when the daemon wrote the agent's entry (`filter::Tracked::since_ns`:

@@ -19,7 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag, aead::AeadInPlace};
 use varta_common::{DropReason, FRAME_LEN, Frame, SECURE_FRAME_LEN, SECURE_MASTER_FRAME_LEN};
 
-use crate::{config::secure_keys::SecureKeys, sys::logger::event};
+use crate::config::secure_keys::SecureKeys;
 
 /// Sessions whose last counter is remembered.
 pub const SESSIONS: usize = 65_536;
@@ -79,11 +79,7 @@ impl UdpFrames {
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Frame, DropReason> {
         match (bytes.len(), &mut self.secure) {
             (FRAME_LEN, _) if self.plaintext => {
-                let raw = bytes.try_into().expect("FRAME_LEN bytes");
-                Frame::decode(raw).map_err(|e| {
-                    event!(debug, "decode_error", transport = "udp", kind = e.name());
-                    DropReason::from_decode(e)
-                })
+                super::decode(bytes.try_into().expect("FRAME_LEN bytes"), "udp")
             }
             // A secure-only port: the frame is well-formed perhaps, but nobody vouches for it.
             (FRAME_LEN, _) => Err(DropReason::Plaintext),

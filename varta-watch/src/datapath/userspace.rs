@@ -19,7 +19,7 @@ use std::{
 };
 
 use varta_common::{
-    DropReason, FRAME_LEN, Frame, cbpf,
+    DropReason, Frame, cbpf,
     frame::{SECURE_FRAME_LENS, Status, UDP_HEADER_LEN},
     wakeup,
 };
@@ -27,6 +27,7 @@ use varta_common::{
 use super::{
     Datapath,
     attest::{Attestation, Attested, Bound, bound_sender},
+    decode_plain,
     deny::DenyList,
     udp::UdpReceiver,
 };
@@ -459,20 +460,6 @@ fn deniable(beat: &Beat, attest: &Attestor) -> Option<u32> {
         };
     let pid = beat.frame.pid;
     (own && beat.pid == pid && !attest.claimed_in_a_container(pid)).then_some(pid)
-}
-
-/// A plaintext frame, or why it is refused.
-pub(super) fn decode_plain(bytes: &[u8], truncated: bool) -> Result<Frame, DropReason> {
-    let raw: Option<&[u8; FRAME_LEN]> = if truncated {
-        None
-    } else {
-        bytes.try_into().ok()
-    };
-    let raw = raw.ok_or(DropReason::Length)?;
-    Frame::decode(raw).map_err(|e| {
-        event!(debug, "decode_error", transport = "uds", kind = e.name());
-        DropReason::from_decode(e)
-    })
 }
 
 /// Most senders whose namespace is cached at once (each holds a pidfd until it exits).

@@ -7,7 +7,7 @@
 use std::os::fd::AsFd;
 
 use crate::{
-    datapath::{DRAIN_BUDGET, attest::bound_sender, userspace::decode_plain},
+    datapath::{DRAIN_BUDGET, attest::bound_sender, decode_plain},
     sys::{logger::event, recv::RecvBatch},
     vocab::beat::{Beat, Origin},
 };
