@@ -285,7 +285,8 @@ fn hz() -> f64 {
 /// entry to and exit from idle on a tickless kernel, but its busy fields are sampled at the
 /// tick, which misses work done in bursts between idle periods: a pacing sender's. Summed,
 /// those fields said 1.8 us a frame for the floor at 160k beats/s while the senders'
-/// threads alone were on a CPU 2.5 us a frame (their schedstat); this says 2.8.
+/// threads alone were on a CPU 2.5 us a frame (their schedstat); this says 2.9-3.2 (all
+/// else that ran meanwhile included).
 pub fn machine_busy() -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap();
     let mut lines = stat.lines();
