@@ -537,8 +537,7 @@ pub fn plan(
     let seen: &[HeldSeen] = state.as_ref().map_or(&[], |s| &s.held);
     let held_beats = kernel
         .iter()
-        .filter_map(|k| k.held)
-        .map(|now| now.since(seen.iter().find(|s| s.key == now.key)))
+        .map(|k| k.held.since(seen.iter().find(|s| s.key == k.key)))
         .sum();
     let mut agents: Vec<SavedAgent> = state
         .as_mut()

@@ -12,11 +12,9 @@
 //! bound to the process that sent it, is [`bound_sender`] (the userspace datapath's, and
 //! the eBPF datapath's for what reached its socket before the filter).
 
-use varta_common::{DropReason, attest};
-
 use std::os::fd::OwnedFd;
 
-use varta_common::filter::NS_PER_CLOCK_TICK;
+use varta_common::{DropReason, attest, filter::NS_PER_CLOCK_TICK};
 
 use crate::{
     sys::{

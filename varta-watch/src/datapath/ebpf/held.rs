@@ -132,7 +132,7 @@ impl EbpfDatapath {
                     key,
                     transport: (key >> 32) as u8,
                     last,
-                    held: Some(seen(key, &entry)),
+                    held: seen(key, &entry),
                 }
             })
             .collect()

@@ -133,7 +133,7 @@ pub struct KernelAgent {
     /// holds no bucket for it (its stall or exit was surfaced, or none was ever written).
     pub last: Option<(u64, u32, u32)>,
     /// The routine beats held in its entry (rule 6), and since when.
-    pub held: Option<super::HeldSeen>,
+    pub held: super::HeldSeen,
 }
 
 impl EbpfDatapath {
