@@ -234,49 +234,23 @@ impl State {
             let mut fields = line.split('\t');
             match fields.next() {
                 Some("agent") => {
-                    let kv: HashMap<&str, String> = fields
-                        .filter_map(|f| f.split_once('='))
+                    let kv: HashMap<&str, String> = pairs(fields)
+                        .into_iter()
                         .map(|(k, v)| (k, unesc(v)))
                         .collect();
-                    state
-                        .agents
-                        .push(agent_of(&kv).ok_or_else(|| format!("bad line: {line}"))?);
+                    state.agents.push(agent_of(&kv).ok_or_else(|| bad(line))?);
                 }
-                Some("secure") => {
-                    let kv: HashMap<&str, &str> =
-                        fields.filter_map(|f| f.split_once('=')).collect();
-                    let session = (|| {
-                        Some(SavedSession {
-                            key: unhex(kv.get("key")?)?,
-                            pid: kv.get("pid")?.parse().ok()?,
-                            iv_random: unhex(kv.get("iv")?)?,
-                            counter: kv.get("counter")?.parse().ok()?,
-                        })
-                    })();
-                    state
-                        .secure
-                        .push(session.ok_or_else(|| format!("bad line: {line}"))?);
-                }
-                Some("held") => {
-                    let kv: HashMap<&str, &str> =
-                        fields.filter_map(|f| f.split_once('=')).collect();
-                    let num = |k: &str| kv.get(k)?.parse::<u64>().ok();
-                    let seen = (|| {
-                        Some(HeldSeen {
-                            key: num("key")?,
-                            since_ns: num("since_ns")?,
-                            held: num("count")?,
-                        })
-                    })();
-                    state
-                        .held
-                        .push(seen.ok_or_else(|| format!("bad line: {line}"))?);
-                }
+                Some("secure") => state
+                    .secure
+                    .push(session_of(&pairs(fields)).ok_or_else(|| bad(line))?),
+                Some("held") => state
+                    .held
+                    .push(held_of(&pairs(fields)).ok_or_else(|| bad(line))?),
                 Some("counter") => {
                     let (Some(sample), Some(value)) = (fields.next(), fields.next()) else {
-                        return Err(format!("bad line: {line}"));
+                        return Err(bad(line));
                     };
-                    let value = value.parse().map_err(|_| format!("bad line: {line}"))?;
+                    let value = value.parse().map_err(|_| bad(line))?;
                     state.counters.push((unesc(sample), value));
                 }
                 Some(other) => {
@@ -669,6 +643,33 @@ fn counter_carried(name: &str) -> bool {
     )
 }
 
+/// A line's `key=value` fields.
+fn pairs<'a>(fields: impl Iterator<Item = &'a str>) -> HashMap<&'a str, &'a str> {
+    fields.filter_map(|f| f.split_once('=')).collect()
+}
+
+fn bad(line: &str) -> String {
+    format!("bad line: {line}")
+}
+
+fn session_of(kv: &HashMap<&str, &str>) -> Option<SavedSession> {
+    Some(SavedSession {
+        key: unhex(kv.get("key")?)?,
+        pid: kv.get("pid")?.parse().ok()?,
+        iv_random: unhex(kv.get("iv")?)?,
+        counter: kv.get("counter")?.parse().ok()?,
+    })
+}
+
+fn held_of(kv: &HashMap<&str, &str>) -> Option<HeldSeen> {
+    let num = |k: &str| kv.get(k)?.parse::<u64>().ok();
+    Some(HeldSeen {
+        key: num("key")?,
+        since_ns: num("since_ns")?,
+        held: num("count")?,
+    })
+}
+
 fn agent_of(kv: &HashMap<&str, String>) -> Option<SavedAgent> {
     let num = |k: &str| kv.get(k)?.parse::<u64>().ok();
     let origin = match kv.get("transport")?.as_str() {
@@ -706,6 +707,24 @@ fn agent_of(kv: &HashMap<&str, String>) -> Option<SavedAgent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_malformed_line_refuses_the_file() {
+        let good = format!("{MAGIC}\nheld\tkey=1\tsince_ns=2\tcount=3\n");
+        assert_eq!(State::decode(&good).unwrap().held.len(), 1);
+        for line in [
+            "held\tkey=1\tsince_ns=2",
+            "held\tkey=1\tsince_ns=x\tcount=3",
+            "secure\tkey=zz\tpid=9\tiv=00\tcounter=1",
+            "counter\tvarta_beats_total",
+        ] {
+            let text = format!("{MAGIC}\n{line}\n");
+            assert_eq!(
+                State::decode(&text).unwrap_err(),
+                format!("bad line: {line}")
+            );
+        }
+    }
 
     #[test]
     fn a_state_round_trips_through_its_file() {
