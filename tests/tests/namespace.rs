@@ -123,64 +123,101 @@ fn cross_namespace_agents(datapath: &str) {
         1.0
     );
 
-    // After the agent exits, a new process that reuses its host pid is verified afresh.
-    drop(agent);
     if datapath == "ebpf" {
-        let asked =
-            |d: &Daemon| d.count_logs(&["event=cross_namespace_sender", &format!("tgid={host}")]);
-        assert_eq!(asked(&d), 1);
-        // The daemon forgets the verdict when the exit shows on its pidfd (no line says so);
-        // the agent's stall comes a whole threshold after that exit.
+        a_reused_host_pid_is_verified_afresh(&d, agent, host);
+    }
+}
+
+/// After a cross-namespace agent exits, a new process that reuses its host pid is verified
+/// afresh, not waved through on the old verdict. The daemon forgets the verdict when the exit
+/// shows on its pidfd (no line says so); the agent's stall comes a whole threshold after that.
+///
+/// unshare, its sh and then the beat process take consecutive pids (sometimes one more in
+/// between): the kernel's next pid is steered so the beat process gets `host`. A task created
+/// meanwhile (a kernel worker, a daemon thread) can land on `host` and keep it for minutes;
+/// then a new agent is started and its pid is the one reused.
+fn a_reused_host_pid_is_verified_afresh(d: &Daemon, mut agent: Proc, mut host: u32) {
+    let asked =
+        |host: u32| d.count_logs(&["event=cross_namespace_sender", &format!("tgid={host}")]);
+    // Every frame ends up delivered or dropped: each beat is waited for until handled.
+    let handled = || -> f64 {
+        d.metrics()
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("varta_frames_dropped_total{")
+                    || *k == "varta_datapath_beats_delivered_total"
+            })
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let beat = [
+        "beat".to_string(),
+        "--socket".into(),
+        d.socket.display().to_string(),
+    ];
+    let mut holders = Vec::new();
+    for _agent in 0..3 {
+        assert_eq!(asked(host), 1, "{}", d.log_text());
+        drop(agent);
         d.wait_log_all(
             &["event=stall", &format!("pid={host}")],
             Duration::from_secs(10),
         );
-        let beat = [
-            "beat".to_string(),
-            "--socket".into(),
-            d.socket.display().to_string(),
-        ];
         let beats = format!("varta_beats_total{{pid=\"{host}\"}}");
         let before = d.metric(&beats);
-        // unshare, its sh and then the beat process take consecutive pids (sometimes one
-        // more in between): steer the kernel's next pid so the beat process gets `host`.
-        // Every frame ends up delivered or dropped: wait for each to be handled.
-        let handled = |d: &Daemon| -> f64 {
-            d.metrics()
-                .iter()
-                .filter(|(k, _)| {
-                    k.starts_with("varta_frames_dropped_total{")
-                        || *k == "varta_datapath_beats_delivered_total"
-                })
-                .map(|(_, v)| v)
-                .sum()
-        };
-        let landed = (0..200).any(|i| {
+        for i in 0..200 {
+            if let Ok(holder) = std::fs::read_to_string(format!("/proc/{host}/comm")) {
+                holders.push(format!("{host}: {}", holder.trim()));
+                break;
+            }
+            let seen = handled();
             std::fs::write(
                 "/proc/sys/kernel/ns_last_pid",
                 (host - 3 - i % 2).to_string(),
             )
             .unwrap();
-            let seen = handled(&d);
             in_child_namespace(&beat).wait_success();
             varta_e2e::wait_for("the beat to be handled", Duration::from_secs(5), || {
-                let now = handled(&d);
+                let now = handled();
                 if now > seen {
                     Ok(())
                 } else {
                     Err(now.to_string())
                 }
             });
-            asked(&d) > 1 || d.metric(&beats) > before
-        });
-        assert!(landed, "could not steer a new process onto pid {host}");
-        assert_eq!(
-            asked(&d),
-            2,
-            "the new process was verified, not waved through:\n{}",
-            d.log_text()
+            if asked(host) > 1 || d.metric(&beats) > before {
+                assert_eq!(
+                    asked(host),
+                    2,
+                    "the new process was verified, not waved through:\n{}",
+                    d.log_text()
+                );
+                return;
+            }
+        }
+        // `host` is taken: a new agent, whose pid is the next one to reuse.
+        let known: Vec<String> = d
+            .matching_logs(&["event=agent_new", "cross_namespace=true"])
+            .iter()
+            .map(|l| log_field(l, "pid").to_string())
+            .collect();
+        agent = in_child_namespace(&agent_args(d));
+        host = varta_e2e::wait_for("the new agent", Duration::from_secs(5), || {
+            d.matching_logs(&["event=agent_new", "cross_namespace=true"])
+                .iter()
+                .map(|l| log_field(l, "pid").to_string())
+                .find(|pid| !known.contains(pid))
+                .ok_or_else(|| "no new agent yet".to_string())
+        })
+        .parse()
+        .unwrap();
+        d.wait_metric(
+            &format!("varta_beats_total{{pid=\"{host}\"}}"),
+            1.0,
+            Duration::from_secs(5),
         );
     }
+    panic!("could not steer a new process onto a reused pid; taken meanwhile: {holders:?}");
 }
 
 #[test]
