@@ -14,6 +14,7 @@ varta_e2e::on_both_attestations!(
     junk_flood_from_several_processes_is_counted_exactly_in_the_kernel,
     spoof_over_uds_is_dropped_in_the_kernel,
     plaintext_udp_junk_is_counted_in_the_kernel_and_beats_carry_the_source,
+    agents_sharing_a_hold_slot_are_both_counted_every_beat_once,
 );
 
 fn junk_flood_from_several_processes_is_counted_exactly_in_the_kernel() {
@@ -153,4 +154,76 @@ fn free_udp_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Rule 6 of `varta_common::wakeup`: a known agent's routine beats are counted in its hold
+/// slot (`filter::hold_slot`, its host tgid's low bits), not put in the ring. Of two agents
+/// whose tgids share a slot, the first owns it and the other's beats all go through the
+/// ring: both are counted, every beat once, and only the first's are held.
+fn agents_sharing_a_hold_slot_are_both_counted_every_beat_once() {
+    let d = Daemon::builder("hold-slot", "ebpf")
+        .args(["--threshold-ms", "2000", "--max-beat-rate", "0"])
+        .start_ebpf();
+    let socket = d.socket.to_str().unwrap().to_owned();
+    // 150 beats, 20 ms apart: 3 s each.
+    let pace = ["pace", "150", "20"];
+    let first = sender(&socket, &pace);
+    let pid = first.pid();
+    d.wait_log_all(
+        &["event=agent_new", &format!("pid={pid}")],
+        Duration::from_secs(10),
+    );
+    let second = same_slot_process(pid, || sender(&socket, &pace));
+    let other = second.pid();
+    assert_eq!(
+        varta_common::filter::hold_slot(pid),
+        varta_common::filter::hold_slot(other)
+    );
+    let (sent_first, ..) = summary(first);
+    let (sent_second, ..) = summary(second);
+    let beats = |pid: u32| format!("varta_beats_total{{pid=\"{pid}\"}}");
+    d.wait_metric(&beats(pid), sent_first as f64, Duration::from_secs(10));
+    d.wait_metric(&beats(other), sent_second as f64, Duration::from_secs(10));
+    // A beat counted twice would show once the rest is folded in: a fold interval later.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(d.metric(&beats(pid)), sent_first as f64, "{}", d.log_text());
+    assert_eq!(
+        d.metric(&beats(other)),
+        sent_second as f64,
+        "{}",
+        d.log_text()
+    );
+    let held = d.metric("varta_datapath_beats_held_total");
+    assert!(
+        held >= sent_first as f64 / 2.0 && held <= sent_first as f64,
+        "{held} beats held: the slot's owner's ({sent_first} sent), not the other's"
+    );
+}
+
+/// Spawns a process whose pid is `pid` plus or minus a multiple of `HOLD_SLOTS` (the kernel's
+/// next pid steered there), retrying where another task took the pid meanwhile.
+fn same_slot_process(pid: u32, spawn: impl Fn() -> varta_e2e::Proc) -> varta_e2e::Proc {
+    const NEXT_PID: &str = "/proc/sys/kernel/ns_last_pid";
+    let slots = varta_common::filter::HOLD_SLOTS;
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let targets = (1..64)
+        .flat_map(|k| [pid.checked_add(k * slots), pid.checked_sub(k * slots)])
+        .flatten()
+        .filter(|&t| t > 1000 && t < pid_max);
+    for target in targets {
+        if std::path::Path::new(&format!("/proc/{target}")).exists() {
+            continue;
+        }
+        std::fs::write(NEXT_PID, (target - 1).to_string()).unwrap();
+        let process = spawn();
+        if process.pid() == target {
+            return process;
+        }
+        drop(process);
+    }
+    panic!("no process could be started on the hold slot of pid {pid} (pid_max {pid_max})");
 }

@@ -64,11 +64,16 @@ pub mod map {
     pub const BUCKETS: &str = "VARTA_BUCKETS";
     /// `Array<Bucket>`, one entry: the global bucket.
     pub const GLOBAL: &str = "VARTA_GLOBAL";
-    /// `HashMap<u64 agent key, Tracked>`: agents the daemon tracks, written by the daemon
-    /// (the kernel counts held beats in entries it marked so); the global bucket does not
-    /// apply to them (`ratelimit::global_applies`).
+    /// `HashMap<u64 agent key, Tracked>`: agents the daemon tracks, written by the daemon;
+    /// the global bucket does not apply to them (`ratelimit::global_applies`).
     pub const TRACKED: &str = "VARTA_TRACKED";
-    pub const ALL: [&str; 7] = [CONFIG, DROPS, EVENTS, VERDICTS, BUCKETS, GLOBAL, TRACKED];
+    /// `Array<Tracked>` of [`super::HOLD_SLOTS`], indexed by [`super::hold_slot`]: the
+    /// entries of the UDS agents whose routine beats the kernel holds (`wakeup` rule 6),
+    /// each owned by its [`Tracked::tgid`](super::Tracked::tgid).
+    pub const HOLD: &str = "VARTA_HOLD";
+    pub const ALL: [&str; 8] = [
+        CONFIG, DROPS, EVENTS, VERDICTS, BUCKETS, GLOBAL, TRACKED, HOLD,
+    ];
 }
 
 /// The layout of the maps and of [`BeatRecord`] as a version: part of the directory the maps
@@ -81,7 +86,9 @@ pub mod map {
 /// [`TaskOffsets`].
 /// 6: [`map::TRACKED`] holds a [`Tracked`] (routine beats kept out of the ring, `wakeup` rule
 /// 6), [`FilterConfig::hold_routine`].
-pub const LAYOUT_VERSION: u32 = 6;
+/// 7: held beats are counted in [`map::HOLD`], found by index (an array slot: the hash
+/// lookup was a fifth of the filter's time per beat), [`Tracked::tgid`].
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Where the maps are pinned unless `--bpf-pin-dir` says otherwise (a bpffs, mounted by the
 /// daemon when absent).
@@ -118,6 +125,17 @@ pub const BUCKET_ENTRIES: u32 = 16384;
 /// Most tracked agents the kernel knows as such (the daemon's `--tracker-capacity` above
 /// this: the agents beyond it are charged to the global bucket like new senders).
 pub const TRACKED_ENTRIES: u32 = 65536;
+/// Slots of [`map::HOLD`] (a power of two; preallocated, 48 bytes each).
+pub const HOLD_SLOTS: u32 = 16384;
+
+/// The slot of [`map::HOLD`] a UDS agent's held beats go to. Pids are handed out in
+/// sequence, so the low bits spread live processes over the slots; two agents whose host
+/// tgids share them share a slot, which only the first owns (the other's beats all go
+/// through the ring, as before the kernel held any).
+pub const fn hold_slot(host_tgid: u32) -> u32 {
+    host_tgid & (HOLD_SLOTS - 1)
+}
+
 /// [`Tracked::state`]: the daemon tracks the agent.
 pub const TRACKED: u8 = 1;
 /// [`Tracked::state`]: the daemon tracks the agent, watches its process's exit (upon which it
@@ -126,11 +144,13 @@ pub const TRACKED: u8 = 1;
 /// agent's routine beats (`wakeup` rule 6) without attesting each again.
 pub const TRACKED_EXIT_WATCHED: u8 = 2;
 
-/// An agent the daemon tracks, in [`map::TRACKED`]. The daemon writes whole entries; the
-/// kernel writes into an entry only in state [`TRACKED_EXIT_WATCHED`]: the last beat's
-/// nonce and status (any beat it accepts) and the routine beats it holds (`wakeup` rule 6),
-/// which the daemon folds in from here. A flood cannot push an entry out (the map is no
-/// LRU: only the daemon adds and removes).
+/// An agent the daemon tracks, in [`map::TRACKED`] and, when the kernel may hold its beats,
+/// in its [`map::HOLD`] slot. The daemon writes whole entries; the kernel reads
+/// [`map::TRACKED`] for presence only, and writes into a slot only in state
+/// [`TRACKED_EXIT_WATCHED`] and owned by the sender: the last beat's nonce and status (any
+/// beat it accepts) and the routine beats it holds (`wakeup` rule 6), which the daemon
+/// folds in from there. A flood cannot push an entry out (neither map is an LRU: only the
+/// daemon adds and removes).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tracked {
@@ -144,6 +164,9 @@ pub struct Tracked {
     /// The pid the attested sender frames (for its key, its host tgid, the only one
     /// `attest::decide` lets it frame).
     pub frame_pid: u32,
+    /// The host tgid of the UDS agent owning the [`map::HOLD`] slot (0: a free slot).
+    pub tgid: u32,
+    pub _pad2: u32,
     /// The last accepted beat's nonce.
     pub nonce: u64,
     /// Receive time (`FilterConfig::clock`) of the last held beat (0: none).

@@ -37,8 +37,9 @@
 //!    and whose exit it watches (`filter::TRACKED_EXIT_WATCHED`, set by the daemon from a
 //!    beat the kernel attested after the watch began, taken back when the process exits or
 //!    the agent stalls, so a reused pid never inherits it and a resume comes through the
-//!    ring), is counted in the agent's `filter::Tracked` entry with its nonce and receive
-//!    time. The daemon folds them in (reads the entries and takes their beats as one) every
+//!    ring), is counted in the agent's `filter::Tracked` entry in its hold slot
+//!    (`filter::hold_slot`; of two agents sharing a slot, only the first owner's beats are
+//!    held) with its nonce and receive time. The daemon folds them in (reads the entries and takes their beats as one) every
 //!    [`FOLD_INTERVAL_MS`] and before every stall decision (rule 3); anything else about a
 //!    beat goes through the ring as before. Not while the export file is written (a line
 //!    per beat) and not for UDP senders (nothing attested to keep).

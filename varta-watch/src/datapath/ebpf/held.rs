@@ -1,14 +1,16 @@
 //! Rule 6 of `varta_common::wakeup`, the daemon's side: which tracked agents the kernel holds
-//! routine beats for (their `Tracked` entries), and folding those beats in.
+//! routine beats for (their `Tracked` entries in their hold slots), and folding those beats
+//! in.
 
 use varta_common::{
     Frame, Status,
-    filter::{TRACKED, TRACKED_EXIT_WATCHED, Tracked},
+    filter::{TRACKED, TRACKED_EXIT_WATCHED, TRANSPORT_UDS, Tracked, agent_key, hold_slot},
 };
 
 use super::{EbpfDatapath, KernelAgent};
 use crate::{
     datapath::HeldSeen,
+    sys::logger::event,
     sys::pidfd::ExitWatcher,
     vocab::beat::{Beat, Origin, SenderStart},
 };
@@ -45,6 +47,7 @@ impl EbpfDatapath {
             },
         };
         self.tracked.insert(key, entry, 0)?;
+        self.write_hold(key, confirmed.is_some().then_some(entry));
         self.folded.insert(
             key,
             HeldSeen {
@@ -54,6 +57,41 @@ impl EbpfDatapath {
             },
         );
         Ok(())
+    }
+
+    /// Gives `key`'s hold slot `entry` (the kernel holds the agent's routine beats from
+    /// there) when the slot is free or the agent's own; with no entry, frees the slot if it
+    /// is the agent's. A slot another agent owns stays that agent's: this one's beats all
+    /// go through the ring.
+    fn write_hold(&mut self, key: u64, entry: Option<Tracked>) {
+        let Some(tgid) = uds_tgid(key) else {
+            return;
+        };
+        let slot = hold_slot(tgid);
+        let owner = self.hold.get(&slot, 0).map_or(0, |e| e.tgid);
+        let write = match entry {
+            Some(entry) if owner == 0 || owner == tgid => Tracked { tgid, ..entry },
+            None if owner == tgid => Tracked::default(),
+            _ => return,
+        };
+        if let Err(e) = self.hold.set(slot, write, 0) {
+            event!(debug, "ebpf_hold_slot_failed", pid = tgid, error:% = e);
+        }
+    }
+
+    /// `key`'s entry in its hold slot, if the agent owns the slot.
+    fn held_entry(&self, key: u64) -> Option<Tracked> {
+        let tgid = uds_tgid(key)?;
+        self.hold
+            .get(&hold_slot(tgid), 0)
+            .ok()
+            .filter(|e| e.tgid == tgid)
+    }
+
+    /// `key` is no longer tracked: out of the kernel's tracked map and its hold slot.
+    pub(super) fn untrack(&mut self, key: u64) {
+        let _ = self.tracked.remove(&key);
+        self.write_hold(key, None);
     }
 
     /// A beat of `key` came through the ring: if the agent's exit watch began before the
@@ -106,7 +144,7 @@ impl EbpfDatapath {
     /// The beats the kernel held in `key`'s entry that were not folded in yet, as one beat
     /// of `pid`.
     fn fold(&mut self, pid: u32, key: u64) -> Option<Beat> {
-        let entry = self.tracked.get(&key, 0).ok()?;
+        let entry = self.held_entry(key)?;
         let now = seen(key, &entry);
         let held = now.since(self.folded.get(&key));
         self.folded.insert(key, now);
@@ -119,6 +157,7 @@ impl EbpfDatapath {
             .iter()
             .filter_map(Result::ok)
             .map(|(key, entry)| {
+                let entry = self.held_entry(key).unwrap_or(entry);
                 let bucket = self.buckets.get(&key, 0).ok().filter(|b| b.last_ns != 0);
                 // A held beat is later than the last one through the ring.
                 let last = match bucket {
@@ -149,6 +188,12 @@ impl EbpfDatapath {
             self.pending.extend(folded);
         }
     }
+}
+
+/// The host tgid of a UDS agent's key (the only agents whose beats the kernel holds).
+fn uds_tgid(key: u64) -> Option<u32> {
+    let tgid = key as u32;
+    (key == agent_key(TRANSPORT_UDS, tgid, tgid) && tgid != 0).then_some(tgid)
 }
 
 fn seen(key: u64, entry: &Tracked) -> HeldSeen {

@@ -82,6 +82,8 @@ pub struct EbpfDatapath {
     /// The agents the tracker holds, as the kernel knows them (exempt from the global
     /// bucket), and their keys by tracked pid.
     tracked: BpfHashMap<MapData, u64, Tracked>,
+    /// The entries of the agents whose routine beats the kernel holds, by slot.
+    hold: Array<MapData, Tracked>,
     tracked_keys: HashMap<u32, u64>,
     /// Per tracked key, how far its held beats were folded in.
     folded: HashMap<u64, super::HeldSeen>,
@@ -113,6 +115,7 @@ struct Maps {
     verdicts: BpfHashMap<MapData, u32, Verdict>,
     buckets: BpfHashMap<MapData, u64, Bucket>,
     tracked: BpfHashMap<MapData, u64, Tracked>,
+    hold: Array<MapData, Tracked>,
     kernel_drops: KernelDrops,
 }
 
@@ -235,6 +238,7 @@ impl EbpfDatapath {
             exits: ExitWatcher::new(),
             buckets: maps.buckets,
             tracked: maps.tracked,
+            hold: maps.hold,
             tracked_keys: HashMap::new(),
             folded: HashMap::new(),
             pending: Vec::new(),
@@ -257,9 +261,7 @@ impl EbpfDatapath {
             Some(pid) => {
                 self.tracked_keys.insert(pid, key);
             }
-            None => {
-                let _ = self.tracked.remove(&key);
-            }
+            None => self.untrack(key),
         }
     }
 
@@ -330,6 +332,7 @@ impl Maps {
             verdicts: take_map(ebpf, map::VERDICTS)?,
             buckets: take_map(ebpf, map::BUCKETS)?,
             tracked: take_map(ebpf, map::TRACKED)?,
+            hold: take_map(ebpf, map::HOLD)?,
             kernel_drops: Box::new(move || {
                 let map = kernel_drops.lock().ok()?;
                 let mut sums = [0u64; DropReason::COUNT];
@@ -445,7 +448,7 @@ impl Datapath for EbpfDatapath {
 
     fn agent_untracked(&mut self, pid: u32) {
         if let Some(key) = self.tracked_keys.remove(&pid) {
-            let _ = self.tracked.remove(&key);
+            self.untrack(key);
             self.folded.remove(&key);
             self.unconfirmed.remove(&key);
         }
