@@ -39,10 +39,11 @@
 //!    the agent stalls, so a reused pid never inherits it and a resume comes through the
 //!    ring), is counted in the agent's `filter::Tracked` entry in its hold slot
 //!    (`filter::hold_slot`; of two agents sharing a slot, only the first owner's beats are
-//!    held) with its nonce and receive time. The daemon folds them in (reads the entries and takes their beats as one) every
-//!    [`FOLD_INTERVAL_MS`] and before every stall decision (rule 3); anything else about a
-//!    beat goes through the ring as before. Not while the export file is written (a line
-//!    per beat) and not for UDP senders (nothing attested to keep).
+//!    held) with its nonce and receive time. The daemon folds them in (reads the entries
+//!    and takes their beats as one) every [`FOLD_INTERVAL_MS`] and before every stall
+//!    decision (rule 3); anything else about a beat goes through the ring as before. Not
+//!    while the export file is written (a line per beat) and not for UDP senders (nothing
+//!    attested to keep).
 //!
 //! The filter applies rules 1 and 6 through [`wake_now`] and [`hold`]; `varta-watch`'s eBPF
 //! datapath applies rules 2 to 4 and folds rule 6's beats, driven by the main loop's

@@ -10,8 +10,7 @@ use varta_common::{
 use super::{EbpfDatapath, KernelAgent};
 use crate::{
     datapath::HeldSeen,
-    sys::logger::event,
-    sys::pidfd::ExitWatcher,
+    sys::{logger::event, pidfd::ExitWatcher},
     vocab::beat::{Beat, Origin, SenderStart},
 };
 
@@ -88,10 +87,13 @@ impl EbpfDatapath {
             .filter(|e| e.tgid == tgid)
     }
 
-    /// `key` is no longer tracked: out of the kernel's tracked map and its hold slot.
+    /// `key` is no longer tracked: out of its hold slot, then out of the kernel's tracked
+    /// map. In that order (and the other way round in `write_tracked`), an owned slot always
+    /// belongs to a tracked agent, whatever step a crash interrupts: no slot keeps holding
+    /// beats that no instance folds in.
     pub(super) fn untrack(&mut self, key: u64) {
-        let _ = self.tracked.remove(&key);
         self.write_hold(key, None);
+        let _ = self.tracked.remove(&key);
     }
 
     /// A beat of `key` came through the ring: if the agent's exit watch began before the
