@@ -216,10 +216,7 @@ fn try_receive<A: Attest>(
     // A question to the daemon is admitted like a beat: it is an untracked sender's frame,
     // so the global bucket applies (fork churn in a container buys no more records, wake-ups
     // and /proc reads than any other flood), and a sender asked again pays its own bucket.
-    let mut buckets = KernelBuckets {
-        found: core::ptr::null_mut(),
-        tracked: None,
-    };
+    let mut buckets = KernelBuckets::new(None);
     let new_agent = ratelimit::admit(
         &mut buckets,
         agent_key(transport, host_tgid, frame.pid),
@@ -326,10 +323,7 @@ fn hold(
     }
     // Without limits there is no bucket to charge (nor to create: held beats need none).
     if per_agent.is_some() || global.is_some() {
-        let mut buckets = KernelBuckets {
-            found: core::ptr::null_mut(),
-            tracked: Some(true),
-        };
+        let mut buckets = KernelBuckets::new(Some(true));
         let key = agent_key(TRANSPORT_UDS, host_tgid, frame.pid);
         ratelimit::admit(&mut buckets, key, per_agent, global, now)?;
     }
@@ -389,6 +383,16 @@ struct KernelBuckets {
     found: *mut Bucket,
     /// Whether the daemon tracks the agent, when already known.
     tracked: Option<bool>,
+}
+
+impl KernelBuckets {
+    #[inline(always)]
+    fn new(tracked: Option<bool>) -> Self {
+        KernelBuckets {
+            found: core::ptr::null_mut(),
+            tracked,
+        }
+    }
 }
 
 impl ratelimit::Buckets for KernelBuckets {
