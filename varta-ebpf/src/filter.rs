@@ -1,8 +1,8 @@
 //! One program per transport, both in this order (first failure wins): length, VLP v0.2
 //! decode, sender attestation (UDS only), per-agent and global token buckets, then a record in
 //! the ring buffer. A routine beat of a known UDS agent takes a shorter way (`hold`): counted
-//! in its `Tracked` entry in its hold slot, not the ring. `try_receive` says why a datagram is refused;
-//! `finish` counts it.
+//! in its `Tracked` entry in its hold slot, not the ring. `try_receive` says why a datagram is
+//! refused; `finish` counts it.
 
 use core::mem::MaybeUninit;
 

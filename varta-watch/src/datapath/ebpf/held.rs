@@ -26,8 +26,12 @@ impl EbpfDatapath {
         key: u64,
         confirmed: Option<(&Frame, &Origin)>,
     ) -> Result<(), aya::maps::MapError> {
-        let folded = self.fold(pid, key);
-        self.pending.extend(folded);
+        // Read once: what it held is folded in, and who owns it decides the write below.
+        let slot = self.read_slot(key);
+        if let Some(mine) = slot.and_then(|s| s.mine()) {
+            let folded = self.fold(pid, key, &mine);
+            self.pending.extend(folded);
+        }
         let since_ns = self.clock.now_ns();
         let entry = match confirmed {
             Some((frame, origin)) => Tracked {
@@ -46,7 +50,9 @@ impl EbpfDatapath {
             },
         };
         self.tracked.insert(key, entry, 0)?;
-        self.write_hold(key, confirmed.is_some().then_some(entry));
+        if let Some(slot) = slot {
+            self.write_hold(slot, confirmed.is_some().then_some(entry));
+        }
         self.folded.insert(
             key,
             HeldSeen {
@@ -58,33 +64,32 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// Gives `key`'s hold slot `entry` (the kernel holds the agent's routine beats from
-    /// there) when the slot is free or the agent's own; with no entry, frees the slot if it
-    /// is the agent's. A slot another agent owns stays that agent's: this one's beats all
-    /// go through the ring.
-    fn write_hold(&mut self, key: u64, entry: Option<Tracked>) {
-        let Some(tgid) = uds_tgid(key) else {
-            return;
-        };
-        let slot = hold_slot(tgid);
-        let owner = self.hold.get(&slot, 0).map_or(0, |e| e.tgid);
+    /// The hold slot of `key` (a UDS agent's) as the kernel has it now, whoever owns it.
+    fn read_slot(&self, key: u64) -> Option<SlotRead> {
+        let tgid = uds_tgid(key)?;
+        let entry = self.hold.get(&hold_slot(tgid), 0).ok()?;
+        Some(SlotRead { tgid, entry })
+    }
+
+    /// Gives the agent's hold slot `entry` (the kernel holds its routine beats from there)
+    /// when the slot is free or the agent's own; with no entry, frees the slot if it is the
+    /// agent's. A slot another agent owns stays that agent's: this one's beats all go
+    /// through the ring.
+    fn write_hold(&mut self, slot: SlotRead, entry: Option<Tracked>) {
+        let (tgid, owner) = (slot.tgid, slot.entry.tgid);
         let write = match entry {
             Some(entry) if owner == 0 || owner == tgid => Tracked { tgid, ..entry },
             None if owner == tgid => Tracked::default(),
             _ => return,
         };
-        if let Err(e) = self.hold.set(slot, write, 0) {
+        if let Err(e) = self.hold.set(hold_slot(tgid), write, 0) {
             event!(debug, "ebpf_hold_slot_failed", pid = tgid, error:% = e);
         }
     }
 
     /// `key`'s entry in its hold slot, if the agent owns the slot.
     fn held_entry(&self, key: u64) -> Option<Tracked> {
-        let tgid = uds_tgid(key)?;
-        self.hold
-            .get(&hold_slot(tgid), 0)
-            .ok()
-            .filter(|e| e.tgid == tgid)
+        self.read_slot(key)?.mine()
     }
 
     /// `key` is no longer tracked: out of its hold slot, then out of the kernel's tracked
@@ -92,7 +97,9 @@ impl EbpfDatapath {
     /// belongs to a tracked agent, whatever step a crash interrupts: no slot keeps holding
     /// beats that no instance folds in.
     pub(super) fn untrack(&mut self, key: u64) {
-        self.write_hold(key, None);
+        if let Some(slot) = self.read_slot(key) {
+            self.write_hold(slot, None);
+        }
         let _ = self.tracked.remove(&key);
     }
 
@@ -139,18 +146,20 @@ impl EbpfDatapath {
             .collect();
         agents
             .into_iter()
-            .filter_map(|(pid, key)| self.fold(pid, key))
+            .filter_map(|(pid, key)| {
+                let entry = self.held_entry(key)?;
+                self.fold(pid, key, &entry)
+            })
             .collect()
     }
 
-    /// The beats the kernel held in `key`'s entry that were not folded in yet, as one beat
-    /// of `pid`.
-    fn fold(&mut self, pid: u32, key: u64) -> Option<Beat> {
-        let entry = self.held_entry(key)?;
-        let now = seen(key, &entry);
+    /// The beats the kernel held in `key`'s hold slot `entry` that were not folded in yet,
+    /// as one beat of `pid`.
+    fn fold(&mut self, pid: u32, key: u64, entry: &Tracked) -> Option<Beat> {
+        let now = seen(key, entry);
         let held = now.since(self.folded.get(&key));
         self.folded.insert(key, now);
-        folded_beat(pid, &entry, held)
+        folded_beat(pid, entry, held)
     }
 
     /// Every agent the pinned maps say the previous instance tracked.
@@ -186,9 +195,25 @@ impl EbpfDatapath {
         let keys: Vec<u64> = self.tracked.keys().filter_map(Result::ok).collect();
         for key in keys {
             // Restored agents are tracked under their key's pid (`Origin::agent_key`).
-            let folded = self.fold(key as u32, key);
-            self.pending.extend(folded);
+            if let Some(entry) = self.held_entry(key) {
+                let folded = self.fold(key as u32, key, &entry);
+                self.pending.extend(folded);
+            }
         }
+    }
+}
+
+/// A UDS agent's hold slot as read: the agent's host tgid and the slot's entry.
+#[derive(Clone, Copy)]
+struct SlotRead {
+    tgid: u32,
+    entry: Tracked,
+}
+
+impl SlotRead {
+    /// The entry, if the agent owns the slot.
+    fn mine(self) -> Option<Tracked> {
+        (self.entry.tgid == self.tgid).then_some(self.entry)
     }
 }
 
